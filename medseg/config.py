@@ -1,0 +1,120 @@
+"""One typed configuration for data, model, training and inference.
+
+The same :class:`MedsegConfig` is read by the CLI, the KFP components, the training entrypoint
+and the model server. It is saved next to the weights as ``model.yaml`` so that serving rebuilds
+exactly the preprocessing that training used. Storage connection settings live apart, in
+:mod:`medseg.settings`, because they carry secrets and never travel with a model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Canonical channel order of every image tensor in medseg.
+CHANNELS: tuple[str, ...] = ("t1", "t1gd", "t2", "flair")
+#: Output regions, in channel order of every label tensor and model output.
+REGIONS: tuple[str, ...] = ("TC", "WT", "ET")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DataConfig(_Frozen):
+    """Static preprocessing: what is done once per case and cached.
+
+    Attributes:
+        channels: Modality order of the image tensor.
+        orientation: Axis codes the volumes are reoriented to.
+        spacing: Target voxel spacing in mm.
+        crop_foreground: Crop to the bounding box of non-zero image voxels.
+        foreground_margin: Voxels kept around the foreground box.
+        normalize_nonzero: Per-channel z-score over non-zero voxels only.
+    """
+
+    channels: tuple[str, ...] = CHANNELS
+    orientation: str = "RAS"
+    spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    crop_foreground: bool = True
+    foreground_margin: int = Field(default=0, ge=0)
+    normalize_nonzero: bool = True
+
+    @field_validator("channels")
+    @classmethod
+    def _known_channels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if sorted(value) != sorted(CHANNELS):
+            raise ValueError(f"channels must be a permutation of {CHANNELS}, got {value}")
+        return value
+
+    def fingerprint(self) -> str:
+        """Short content hash that keys the cache of preprocessed cases."""
+        blob = json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class SplitConfig(_Frozen):
+    """Seeded train/validation split written into the dataset manifest."""
+
+    val_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
+    seed: int = 0
+
+
+class ModelConfig(_Frozen):
+    """MONAI SegResNet hyper-parameters."""
+
+    name: Literal["SegResNet"] = "SegResNet"
+    blocks_down: tuple[int, ...] = (1, 2, 2, 4)
+    blocks_up: tuple[int, ...] = (1, 1, 1)
+    init_filters: int = Field(default=16, gt=0)
+    in_channels: int = 4
+    out_channels: int = 3
+    dropout_prob: float = Field(default=0.2, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Frozen):
+    """Optimisation and the random (per-epoch) augmentation."""
+
+    epochs: int = Field(default=50, gt=0)
+    batch_size: int = Field(default=1, gt=0)
+    lr: float = Field(default=2.5e-4, gt=0)
+    weight_decay: float = Field(default=1e-5, ge=0)
+    roi_size: tuple[int, int, int] = (96, 96, 64)
+    num_workers: int = Field(default=2, ge=0)
+    val_every: int = Field(default=1, gt=0)
+    amp: bool = True
+    seed: int = 0
+
+
+class InferConfig(_Frozen):
+    """Sliding-window inference."""
+
+    roi_size: tuple[int, int, int] = (96, 96, 64)
+    overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
+    sw_batch_size: int = Field(default=1, gt=0)
+    threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+
+
+class MedsegConfig(_Frozen):
+    """The whole configuration, as saved in ``model.yaml``."""
+
+    data: DataConfig = DataConfig()
+    split: SplitConfig = SplitConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    infer: InferConfig = InferConfig()
+
+    @classmethod
+    def load(cls, path: str | Path) -> MedsegConfig:
+        """Read a YAML file; missing sections take their defaults."""
+        raw = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(raw)
+
+    def to_yaml(self) -> str:
+        """Serialise as YAML (tuples become lists)."""
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

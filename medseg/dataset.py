@@ -1,0 +1,105 @@
+"""Read preprocessed cases for training and evaluation, through a local disk cache.
+
+Objects are content-addressed: a case is fetched once, its sha256 verified on download, and
+kept as ``CACHE/ab/abcdef….npz``. Later epochs (and later runs on the same machine) read the local
+file. The cache folder is ``MEDSEG_CACHE_DIR`` or ``~/.cache/medseg/data``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from medseg.errors import DatasetError, ObjectNotFound
+from medseg.settings import StorageSettings
+from medseg.storage import Storage, join
+
+__all__ = ["PreprocessedDataset", "default_cache_dir", "load_case"]
+
+
+def default_cache_dir() -> Path:
+    """``MEDSEG_CACHE_DIR`` or ``~/.cache/medseg/data``."""
+    return Path(os.environ.get("MEDSEG_CACHE_DIR", Path.home() / ".cache" / "medseg" / "data"))
+
+
+def load_case(path: str | Path) -> dict[str, np.ndarray]:
+    """Load one preprocessed ``.npz`` into memory (``image``, ``label``, ``affine``)."""
+    with np.load(path) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+class PreprocessedDataset(Dataset[dict[str, Any]]):
+    """Map-style dataset over a preprocessed prefix.
+
+    Args:
+        prefix: The ``…/preprocessed/FINGERPRINT`` prefix (holds ``index.json``).
+        split: ``train``, ``validation``, or ``None`` for every case.
+        cache_dir: Local cache folder (see :func:`default_cache_dir`).
+        transform: Applied to each item (the random training chain, for instance).
+        settings: Storage settings; from the environment when omitted.
+
+    Items are dictionaries with ``image`` (float32 tensor ``[4, X, Y, Z]``), ``label`` (uint8
+    tensor ``[3, X, Y, Z]``), ``affine`` and ``case_id``, before ``transform``.
+    """
+
+    def __init__(
+        self,
+        prefix: str,
+        split: str | None = "train",
+        cache_dir: str | Path | None = None,
+        transform: Callable[[dict[str, Any]], Any] | None = None,
+        settings: StorageSettings | None = None,
+    ):
+        self.prefix = prefix
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.transform = transform
+        self._settings = settings or StorageSettings.from_env()
+        self._storage: Storage | None = None
+        try:
+            index = self.storage.get_json(join(prefix, "index.json"))
+        except ObjectNotFound:
+            raise DatasetError(
+                f"{prefix} is not a preprocessed dataset (no index.json): run `medseg preprocess`"
+            ) from None
+        self.index = index
+        self.cases = [c for c in index["cases"] if split is None or c["split"] == split]
+
+    @property
+    def storage(self) -> Storage:
+        """A storage client, created lazily (once per DataLoader worker process)."""
+        if self._storage is None:
+            self._storage = Storage(self._settings)
+        return self._storage
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_storage"] = None  # clients are per process
+        return state
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def local_path(self, i: int) -> Path:
+        """Fetch case ``i`` into the cache if needed; return its local path."""
+        case = self.cases[i]
+        sha = case["sha256"]
+        path = self.cache_dir / sha[:2] / f"{sha}.npz"
+        if not path.is_file():
+            self.storage.get_file(join(self.prefix, case["key"]), path)
+        return path
+
+    def __getitem__(self, i: int) -> Any:
+        arrays = load_case(self.local_path(i))
+        item: dict[str, Any] = {
+            "image": torch.from_numpy(arrays["image"].astype(np.float32)),
+            "label": torch.from_numpy(arrays["label"]),
+            "affine": torch.from_numpy(arrays["affine"]),
+            "case_id": self.cases[i]["case_id"],
+        }
+        return self.transform(item) if self.transform else item

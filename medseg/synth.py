@@ -1,0 +1,280 @@
+"""Deterministic synthetic BraTS-like MRI cases, written in the public layouts.
+
+Each case is a skull-stripped brain (zero outside, as BraTS releases are) with white and grey
+matter, ventricles, and a glioma of three sub-regions whose contrast differs per modality the way
+real MRI does:
+
+=============  ====  =====  ====  =====
+region         T1    T1Gd   T2    FLAIR
+=============  ====  =====  ====  =====
+oedema         dark  dark   bright bright
+enhancing rim  ~     bright ~     ~
+necrotic core  dark  dark   bright ~
+=============  ====  =====  ====  =====
+
+Tumour size, position, shape and contrast vary per case; Gaussian noise and a smooth
+multiplicative bias field are applied. Volumes have real NIfTI affines at 1 mm; every fifth case
+is stored in another orientation (LPS) and every fifth (offset) at 1.5 mm slice spacing, so that
+reorientation and resampling in preprocessing are exercised. A case depends only on
+``(seed, index, shape)``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from numpy.typing import NDArray
+from scipy import ndimage
+
+from medseg.config import CHANNELS
+from medseg.labels import get_convention
+from medseg.layouts import SUFFIXES
+
+__all__ = ["SynthCase", "make_case", "write_dataset"]
+
+# Tissue intensities per channel (t1, t1gd, t2, flair), relative to white matter on T1.
+_WM = np.array([0.80, 0.80, 0.45, 0.50])
+_GM = np.array([0.55, 0.57, 0.62, 0.62])
+_CSF = np.array([0.20, 0.22, 1.00, 0.12])
+_OEDEMA = np.array([0.45, 0.47, 0.95, 1.05])
+_ENHANCING = np.array([0.60, 1.35, 0.75, 0.85])
+_NECROSIS = np.array([0.30, 0.20, 1.10, 0.55])
+#: Identifying-looking header text, so that ingest's blanking has something to remove.
+SYNTH_DESCRIP = "medseg synth subject {case_id} DOB 1970-01-01"
+
+
+@dataclass
+class SynthCase:
+    """A case in canonical orientation before it is written.
+
+    Attributes:
+        case_id: Identifier used for file names.
+        image: ``[4, X, Y, Z]`` float32 in :data:`medseg.config.CHANNELS` order.
+        necrosis: Necrotic / non-enhancing core mask.
+        oedema: Oedema mask (whole tumour outside the core).
+        enhancing: Enhancing tumour mask.
+        affine: Voxel-to-world (RAS, mm) affine.
+    """
+
+    case_id: str
+    image: NDArray[np.float32]
+    necrosis: NDArray[np.bool_]
+    oedema: NDArray[np.bool_]
+    enhancing: NDArray[np.bool_]
+    affine: NDArray[np.float64]
+
+
+def _smooth_noise(
+    rng: np.random.Generator, shape: tuple[int, ...], cells: int
+) -> NDArray[np.float64]:
+    """Smooth random field in [-1, 1]: coarse noise upsampled to ``shape``."""
+    coarse = rng.standard_normal(tuple(max(2, min(cells, s)) for s in shape))
+    field = ndimage.zoom(coarse, [s / c for s, c in zip(shape, coarse.shape, strict=True)], order=1)
+    field = field[tuple(slice(0, s) for s in shape)]
+    return np.asarray(field / (np.abs(field).max() + 1e-8))
+
+
+def _ellipsoid(
+    grid: list[NDArray[np.float64]], center: NDArray[np.float64], radii: NDArray[np.float64]
+) -> NDArray[np.float64]:
+    """Normalised ellipsoid distance: < 1 inside."""
+    return np.asarray(sum(((g - c) / r) ** 2 for g, c, r in zip(grid, center, radii, strict=True)))
+
+
+def make_case(index: int, shape: tuple[int, int, int] = (96, 96, 64), seed: int = 0) -> SynthCase:
+    """Generate one case deterministically from ``(seed, index, shape)``."""
+    rng = np.random.default_rng([seed, index])
+    size = np.array(shape, dtype=np.float64)
+    grid = list(np.meshgrid(*[np.arange(s, dtype=np.float64) for s in shape], indexing="ij"))
+
+    # Brain: a jittered ellipsoid with a wobbly surface.
+    centre = size / 2 + rng.uniform(-0.03, 0.03, 3) * size
+    radii = size * rng.uniform(0.38, 0.44, 3)
+    wobble = _smooth_noise(rng, shape, 6)
+    brain = _ellipsoid(grid, centre, radii) < 1.0 + 0.08 * wobble
+    # Grey matter near the surface, white inside, with a textured boundary.
+    depth = _ellipsoid(grid, centre, radii)
+    texture = _smooth_noise(rng, shape, 10)
+    white = depth + 0.15 * texture < 0.55
+    vent_off = np.array([0.08 * size[0], 0, 0])
+    vent_r = size * np.array([0.05, 0.12, 0.06])
+    ventricles = (_ellipsoid(grid, centre + vent_off, vent_r) < 1) | (
+        _ellipsoid(grid, centre - vent_off, vent_r) < 1
+    )
+
+    # Tumour: whole tumour > core > necrosis, each a perturbed ellipsoid around one centre.
+    direction = rng.standard_normal(3)
+    direction /= np.linalg.norm(direction)
+    t_centre = centre + direction * radii * rng.uniform(0.0, 0.45)
+    r_wt = min(shape) * rng.uniform(0.12, 0.24) * rng.uniform(0.8, 1.2, 3)
+    r_tc = r_wt * rng.uniform(0.45, 0.7)
+    r_nc = r_tc * rng.uniform(0.45, 0.7)
+    bumps = _smooth_noise(rng, shape, 8)
+    whole = (_ellipsoid(grid, t_centre, r_wt) < 1.0 + 0.35 * bumps) & brain
+    core = (_ellipsoid(grid, t_centre, r_tc) < 1.0 + 0.25 * bumps) & whole
+    necrosis = (_ellipsoid(grid, t_centre, r_nc) < 1.0 + 0.2 * bumps) & core
+    enhancing = core & ~necrosis
+    oedema = whole & ~core
+
+    tissue = np.where(white[None], _WM[:, None, None, None], _GM[:, None, None, None])
+    tissue = np.where(ventricles[None], _CSF[:, None, None, None], tissue)
+    contrast = rng.uniform(0.7, 1.2)
+    image = tissue.copy()
+    for mask, values in ((oedema, _OEDEMA), (enhancing, _ENHANCING), (necrosis, _NECROSIS)):
+        target = values[:, None, None, None]
+        image = np.where(mask[None], tissue + contrast * (target - tissue), image)
+
+    bias = np.exp(0.25 * _smooth_noise(rng, shape, 3))
+    noise_sd = rng.uniform(0.03, 0.06)
+    image = image * bias[None] + rng.normal(0.0, noise_sd, image.shape)
+    image = np.clip(image, 0.01, None) * brain[None]
+    image *= rng.uniform(800, 1200)  # arbitrary scanner units, as real MRI has
+
+    affine = np.eye(4)
+    affine[:3, 3] = -size / 2  # origin near the centre, as scanners place it
+    return SynthCase(
+        case_id=f"{index:05d}",
+        image=image.astype(np.float32),
+        necrosis=necrosis,
+        oedema=oedema,
+        enhancing=enhancing,
+        affine=affine,
+    )
+
+
+def _variant(
+    case: SynthCase, index: int
+) -> tuple[NDArray[np.float32], NDArray[np.uint8], NDArray[np.float64]]:
+    """Apply the storage variant of case ``index``: another orientation or slice spacing.
+
+    Returns the image, a per-voxel region code (0 none, 1 necrosis, 2 oedema, 3 enhancing) and
+    the affine, all consistent with each other in world space.
+    """
+    code = np.zeros(case.necrosis.shape, dtype=np.uint8)
+    code[case.oedema] = 2
+    code[case.necrosis] = 1
+    code[case.enhancing] = 3
+    image, affine = case.image, case.affine.copy()
+    if index % 5 == 3:  # stored LPS: flip the first two axes, adjust the affine to match
+        image = image[:, ::-1, ::-1, :].copy()
+        code = code[::-1, ::-1, :].copy()
+        flip = np.diag([-1.0, -1.0, 1.0, 1.0])
+        nx, ny = case.necrosis.shape[:2]
+        flip[0, 3] = nx - 1
+        flip[1, 3] = ny - 1
+        affine = affine @ flip
+    elif index % 5 == 4:  # thick slices: 1.5 mm along the third axis
+        factor = 1.0 / 1.5
+        image = ndimage.zoom(image, (1, 1, 1, factor), order=1).astype(np.float32)
+        code = ndimage.zoom(code, (1, 1, factor), order=0)
+        affine = affine @ np.diag([1.0, 1.0, 1.5, 1.0])
+    return image, code, affine
+
+
+def _code_to_labels(code: NDArray[np.uint8], convention: str) -> NDArray[np.uint8]:
+    necrosis, oedema, enhancing = code == 1, code == 2, code == 3
+    regions = np.stack([necrosis | enhancing, necrosis | enhancing | oedema, enhancing])
+    return get_convention(convention).from_regions(regions)
+
+
+def _save(data: NDArray[np.generic], affine: NDArray[np.float64], path: Path, case_id: str) -> None:
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    img.header["descrip"] = SYNTH_DESCRIP.format(case_id=case_id).encode()[:79]
+    img.header["aux_file"] = b"synthetic"
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(img, path)
+
+
+def write_dataset(
+    out: str | Path,
+    layout: str = "brats2021",
+    n_cases: int = 8,
+    shape: tuple[int, int, int] = (96, 96, 64),
+    seed: int = 0,
+) -> list[str]:
+    """Write ``n_cases`` synthetic cases in a public layout.
+
+    Args:
+        out: Folder to write into (created).
+        layout: ``brats2021``, ``brats2023`` or ``msd``.
+        n_cases: Number of cases.
+        shape: Volume shape at 1 mm (before a case's storage variant).
+        seed: Dataset seed; the same seed gives byte-identical volumes.
+
+    Returns:
+        The case ids written.
+    """
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    ids = []
+    training = []
+    for i in range(n_cases):
+        case = make_case(i, shape, seed)
+        image, code, affine = _variant(case, i)
+        # MRI scanners store integers; keep that realism.
+        image_i16 = np.round(image).astype(np.int16)
+        if layout in SUFFIXES:
+            prefix = "BraTS2021_" if layout == "brats2021" else "BraTS-GLI-"
+            case_id = f"{prefix}{case.case_id}" + ("" if layout == "brats2021" else "-000")
+            suffixes = SUFFIXES[layout]
+            for c, channel in enumerate(CHANNELS):
+                _save(
+                    image_i16[c],
+                    affine,
+                    root / case_id / f"{case_id}{suffixes[channel]}.nii.gz",
+                    case_id,
+                )
+            _save(
+                _code_to_labels(code, layout),
+                affine,
+                root / case_id / f"{case_id}{suffixes['label']}.nii.gz",
+                case_id,
+            )
+        elif layout == "msd":
+            case_id = f"BRATS_{i + 1:03d}"
+            # MSD Task01 channel order: FLAIR, T1w, t1gd, T2w (channels last).
+            order = [CHANNELS.index(c) for c in ("flair", "t1", "t1gd", "t2")]
+            _save(
+                np.moveaxis(image[order], 0, -1).astype(np.float32),
+                affine,
+                root / "imagesTr" / f"{case_id}.nii.gz",
+                case_id,
+            )
+            _save(
+                _code_to_labels(code, "msd"),
+                affine,
+                root / "labelsTr" / f"{case_id}.nii.gz",
+                case_id,
+            )
+            training.append(
+                {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
+            )
+        else:
+            raise ValueError(f"unknown layout {layout!r}; known: brats2021, brats2023, msd")
+        ids.append(case_id)
+    if layout == "msd":
+        meta = {
+            "name": "BRATS",
+            "description": "medseg synthetic cases in the MSD Task01 layout",
+            "tensorImageSize": "4D",
+            "modality": {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"},
+            "labels": {
+                "0": "background",
+                "1": "edema",
+                "2": "non-enhancing tumor",
+                "3": "enhancing tumour",
+            },
+            "numTraining": n_cases,
+            "numTest": 0,
+            "training": training,
+            "test": [],
+        }
+        (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return ids

@@ -1,0 +1,149 @@
+"""Transform chains, defined once and built from the config.
+
+* :func:`static_transforms`: the deterministic chain that :mod:`medseg.preprocess` runs once
+  per case and caches (load, channel first, channel order, labels to TC/WT/ET, orientation,
+  spacing, foreground crop, per-channel normalisation).
+
+Training, evaluation and serving import the chains from here; nothing re-implements them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.data import MetaTensor
+from monai.transforms import (
+    Compose,
+    CropForegroundd,
+    LoadImaged,
+    MapTransform,
+    NormalizeIntensityd,
+    Orientationd,
+    Spacingd,
+    Transform,
+)
+
+from medseg.config import DataConfig
+from medseg.labels import get_convention
+
+__all__ = [
+    "ConvertToRegions",
+    "ConvertToRegionsd",
+    "SelectChannels",
+    "SelectChannelsd",
+    "static_transforms",
+]
+
+
+class ConvertToRegions(Transform):
+    """Label map ``[1, ...spatial]`` to overlapping regions ``[3, ...spatial]``: TC, WT, ET.
+
+    The mapping follows the dataset's label convention (see :mod:`medseg.labels`):
+    brats2021 TC = 1+4, WT = 1+2+4, ET = 4; brats2023 TC = 1+3, WT = 1+2+3, ET = 3;
+    msd TC = 2+3, WT = 1+2+3, ET = 3.
+
+    Args:
+        convention: Name of the label convention.
+    """
+
+    def __init__(self, convention: str):
+        self.convention = get_convention(convention)
+
+    def __call__(self, label: Any) -> Any:
+        arr = label[0] if label.ndim == 4 else label
+        is_tensor = isinstance(arr, torch.Tensor)
+        values = arr.detach().cpu().numpy() if is_tensor else np.asarray(arr)
+        regions = self.convention.to_regions(np.rint(values).astype(np.int64))
+        if isinstance(label, MetaTensor):
+            return MetaTensor(torch.as_tensor(regions), meta=dict(label.meta))
+        if is_tensor:
+            return torch.as_tensor(regions)
+        return regions
+
+
+class ConvertToRegionsd(MapTransform):
+    """Dictionary version of :class:`ConvertToRegions`."""
+
+    def __init__(self, keys: KeysCollection, convention: str, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.converter = ConvertToRegions(convention)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.converter(d[key])
+        return d
+
+
+class SelectChannels(Transform):
+    """Pick and reorder channels of a channel-first array.
+
+    Args:
+        indices: Source channel of each output channel.
+    """
+
+    def __init__(self, indices: Sequence[int]):
+        self.indices = list(indices)
+
+    def __call__(self, img: Any) -> Any:
+        return img[self.indices]
+
+
+class SelectChannelsd(MapTransform):
+    """Dictionary version of :class:`SelectChannels`."""
+
+    def __init__(
+        self, keys: KeysCollection, indices: Sequence[int], allow_missing_keys: bool = False
+    ):
+        super().__init__(keys, allow_missing_keys)
+        self.selector = SelectChannels(indices)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.selector(d[key])
+        return d
+
+
+def static_transforms(
+    cfg: DataConfig,
+    convention: str | None = None,
+    channel_index: Mapping[str, int] | None = None,
+) -> Compose:
+    """The static chain, on ``{"image": files, "label": file}`` dictionaries.
+
+    Args:
+        cfg: Data configuration (orientation, spacing, crop, normalisation).
+        convention: Label convention of ``label``; without it, no label is processed.
+        channel_index: For a 4D image, the index of each canonical channel in the file. Without
+            it, ``image`` is a list of one 3D file per channel, already in ``cfg.channels`` order.
+
+    Returns:
+        A MONAI ``Compose`` whose outputs are ``image`` ``[4, X, Y, Z]`` (float32, normalised)
+        and, with a convention, ``label`` ``[3, X, Y, Z]`` (TC, WT, ET).
+    """
+    keys = ["image", "label"] if convention else ["image"]
+    modes = ["bilinear", "nearest"] if convention else ["bilinear"]
+    chain: list[Any] = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)]
+    if channel_index is not None:
+        chain.append(SelectChannelsd("image", [channel_index[c] for c in cfg.channels]))
+    if convention:
+        chain.append(ConvertToRegionsd("label", convention))
+    chain += [
+        Orientationd(keys=keys, axcodes=cfg.orientation, labels=None),
+        Spacingd(keys=keys, pixdim=cfg.spacing, mode=modes),
+    ]
+    if cfg.crop_foreground:
+        chain.append(
+            CropForegroundd(
+                keys=keys, source_key="image", margin=cfg.foreground_margin, allow_smaller=True
+            )
+        )
+    chain.append(
+        NormalizeIntensityd(keys="image", nonzero=cfg.normalize_nonzero, channel_wise=True)
+    )
+    return Compose(chain)
