@@ -24,7 +24,7 @@ from medseg.errors import MedsegError
 app = typer.Typer(help="medseg: 3D medical image segmentation MLOps.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 P = ParamSpec("P")

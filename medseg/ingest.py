@@ -13,6 +13,7 @@ re-run uploads only what is missing.
 from __future__ import annotations
 
 import gzip
+import io
 import multiprocessing
 import tempfile
 import zlib
@@ -111,12 +112,14 @@ def _read_nifti(path: Path, role: str) -> _Loaded:
     except Exception as exc:
         raise CaseInvalid(path.name, f"{path.name}: voxel data unreadable ({exc})") from None
     header = img.header
+    # The image's header has vox_offset reset by nibabel: edit the header exactly as stored.
+    stored = type(header).from_fileobj(io.BytesIO(raw))
     sanitized = None
     present = [
-        f for f in BLANKED_FIELDS if f in header and bytes(header[f].tobytes()).strip(b"\0 ")
+        f for f in BLANKED_FIELDS if f in stored and bytes(stored[f].tobytes()).strip(b"\0 ")
     ]
     if present:
-        clean = header.copy()
+        clean = stored.copy()
         for f in present:
             clean[f] = b""
         block = clean.binaryblock
@@ -218,8 +221,10 @@ def _validate(
     staged: dict[str, Path] = {}
     files = []
     for item in loaded:
+        # MSD names image and label alike (imagesTr/X.nii.gz, labelsTr/X.nii.gz): keep the folder.
+        rel = f"{item.source.parent.name}/{item.name}" if case.image4d else item.name
         if item.sanitized is not None:
-            dest = staging / case.case_id / item.name
+            dest = staging / case.case_id / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
             dest.write_bytes(item.sanitized)
         else:
@@ -228,7 +233,7 @@ def _validate(
         files.append(
             FileEntry(
                 role=item.role,
-                key=f"raw/{case.case_id}/{item.name}",
+                key=f"raw/{case.case_id}/{rel}",
                 sha256=sha256_file(dest),
                 size=dest.stat().st_size,
             )

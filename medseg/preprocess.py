@@ -77,7 +77,7 @@ def preprocess_case(
 
     local: dict[str, str] = {}
     for f in case.files:
-        dest = workdir / case.case_id / Path(f.key).name
+        dest = workdir / case.case_id / f.role / Path(f.key).name  # MSD: same name twice
         fetch(f.key, dest)
         local[f.role] = str(dest)
     if "image" in local:

@@ -1,0 +1,230 @@
+"""Ingest against a real MinIO: validation and quarantine, versions, idempotence, sanitising."""
+
+from __future__ import annotations
+
+import gzip
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from medseg.config import SplitConfig
+from medseg.errors import DatasetError
+from medseg.ingest import ingest
+from medseg.manifest import DatasetRef
+from medseg.storage import Storage, join
+from medseg.synth import write_dataset
+
+from .conftest import SHAPE
+
+
+def _path(root: Path, i: int, suffix: str) -> Path:
+    case = f"BraTS2021_{i:05d}"
+    return root / case / f"{case}_{suffix}.nii.gz"
+
+
+def _rewrite(path: Path, data: np.ndarray, affine: np.ndarray | None = None) -> None:
+    img = nib.load(path)
+    nib.save(nib.Nifti1Image(data, img.affine if affine is None else affine), path)
+
+
+@pytest.fixture(scope="module")
+def broken_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Ten BraTS 2021 cases; cases 1-7 each broken in one way, 0, 8 and 9 good."""
+    root = tmp_path_factory.mktemp("broken")
+    write_dataset(root, "brats2021", n_cases=10, shape=SHAPE, seed=3)
+    _path(root, 1, "t1ce").unlink()
+    t2 = _path(root, 2, "t2")
+    _rewrite(t2, np.asarray(nib.load(t2).dataobj)[:-2])
+    flair = _path(root, 3, "flair")
+    shifted = nib.load(flair).affine.copy()
+    shifted[0, 3] += 5.0
+    _rewrite(flair, np.asarray(nib.load(flair).dataobj), shifted)
+    t1 = _path(root, 4, "t1")
+    t1.write_bytes(t1.read_bytes()[: t1.stat().st_size // 2])
+    t1 = _path(root, 5, "t1")
+    data = np.asarray(nib.load(t1).dataobj).astype(np.float32)
+    data[10, 10, 10:13] = np.nan
+    data[11, 11, 11] = np.inf
+    _rewrite(t1, data)
+    seg = _path(root, 6, "seg")
+    labels = np.asarray(nib.load(seg).dataobj).copy()
+    labels[0, 0, 0], labels[0, 0, 1] = 3, 7
+    _rewrite(seg, labels)
+    t1ce = _path(root, 7, "t1ce")
+    _rewrite(t1ce, np.zeros(nib.load(t1ce).shape, dtype=np.int16))
+    return root
+
+
+def test_broken_cases_are_quarantined_with_exact_reasons(
+    broken_root: Path, storage: Storage, bucket: str
+) -> None:
+    result = ingest(str(broken_root), "mixed", bucket, storage=storage)
+    m = result.manifest
+    assert sorted(c.case_id for c in m.cases) == [f"BraTS2021_{i:05d}" for i in (0, 8, 9)]
+    reasons = {q.case_id: (q.file, q.reason) for q in m.quarantined}
+    c = "BraTS2021_{:05d}".format
+    assert reasons[c(1)] == (
+        f"{c(1)}_t1ce.nii.gz",
+        f"missing modality t1gd: expected file {c(1)}_t1ce.nii.gz",
+    )
+    assert reasons[c(2)] == (
+        f"{c(2)}_t2.nii.gz",
+        f"shape mismatch: {c(2)}_t2.nii.gz is (46, 48, 32), {c(2)}_t1.nii.gz is (48, 48, 32)",
+    )
+    assert reasons[c(3)] == (
+        f"{c(3)}_flair.nii.gz",
+        f"affine mismatch: {c(3)}_flair.nii.gz differs from {c(3)}_t1.nii.gz by 5 mm",
+    )
+    file4, reason4 = reasons[c(4)]
+    assert file4 == f"{c(4)}_t1.nii.gz"
+    assert reason4.startswith(f"corrupt gzip in {c(4)}_t1.nii.gz: ")
+    assert reasons[c(5)] == (
+        f"{c(5)}_t1.nii.gz",
+        f"non-finite values in {c(5)}_t1.nii.gz: 3 NaN, 1 Inf",
+    )
+    assert reasons[c(6)] == (
+        f"{c(6)}_seg.nii.gz",
+        f"unknown label values [3, 7] in {c(6)}_seg.nii.gz "
+        "(convention brats2021 allows 0, 1, 2, 4)",
+    )
+    assert reasons[c(7)] == (
+        f"{c(7)}_t1ce.nii.gz",
+        f"empty volume: {c(7)}_t1ce.nii.gz has no non-zero voxel",
+    )
+    # Only the good cases were stored; the manifest commits the version.
+    stored = {
+        o.uri.split("/raw/")[1].split("/")[0] for o in storage.list(join(result.ref.prefix, "raw"))
+    }
+    assert stored == {c(0), c(8), c(9)}
+    assert storage.get_json(join(bucket, "datasets", "mixed", "latest.json")) == {
+        "version": result.ref.version
+    }
+
+
+def test_strict_fails_and_writes_nothing(broken_root: Path, storage: Storage, bucket: str) -> None:
+    with pytest.raises(DatasetError, match="7 invalid cases with --strict"):
+        ingest(str(broken_root), "strict", bucket, storage=storage, strict=True)
+    assert list(storage.list(join(bucket, "datasets"))) == []
+
+
+def test_reingest_is_a_noop(synth_root: Path, storage: Storage, bucket: str) -> None:
+    first = ingest(str(synth_root / "brats2021"), "b21", bucket, storage=storage)
+    assert first.created and first.uploaded == 6 * 5
+    objects = [(o.uri, o.size) for o in storage.list(bucket)]
+    second = ingest(str(synth_root / "brats2021"), "b21", bucket, storage=storage)
+    assert not second.created and second.uploaded == 0
+    assert second.ref.version == first.ref.version
+    assert second.manifest.created_at == first.manifest.created_at
+    assert [(o.uri, o.size) for o in storage.list(bucket)] == objects
+
+
+def test_manifest_records_facts_and_a_seeded_split(
+    synth_root: Path, storage: Storage, bucket: str
+) -> None:
+    result = ingest(str(synth_root / "brats2021"), "facts", bucket, storage=storage)
+    m = result.ref.load(storage)
+    assert m.version == result.ref.version == m.content_hash()
+    assert (m.layout, m.convention) == ("brats2021", "brats2021")
+    assert len(m.split_ids("validation")) == 1 and len(m.split_ids("train")) == 5
+    case3 = m.case("BraTS2021_00003")
+    assert case3.orientation == "LPS" and case3.shape == SHAPE
+    case4 = m.case("BraTS2021_00004")
+    assert case4.spacing == (1.0, 1.0, 1.5)
+    seg = np.asarray(
+        nib.load(
+            synth_root / "brats2021" / "BraTS2021_00000" / "BraTS2021_00000_seg.nii.gz"
+        ).dataobj
+    )
+    counts = m.case("BraTS2021_00000").label_counts
+    assert counts == {str(v): int((seg == v).sum()) for v in (1, 2, 4)}
+    for f in m.case("BraTS2021_00000").files:
+        assert storage.stat(join(result.ref.prefix, f.key)).sha256 == f.sha256
+    # Another seed, another split; the same data otherwise, so another version.
+    other = ingest(
+        str(synth_root / "brats2021"), "facts", bucket, storage=storage, split=SplitConfig(seed=5)
+    )
+    assert other.ref.version != result.ref.version
+
+
+def test_identifying_header_text_is_blanked(
+    synth_root: Path, storage: Storage, bucket: str
+) -> None:
+    src = synth_root / "brats2021" / "BraTS2021_00000" / "BraTS2021_00000_t1.nii.gz"
+    assert b"DOB" in nib.load(src).header["descrip"].tobytes()
+    result = ingest(str(synth_root / "brats2021"), "anon", bucket, storage=storage)
+    stored = storage.get_bytes(
+        join(result.ref.prefix, "raw/BraTS2021_00000/BraTS2021_00000_t1.nii.gz")
+    )
+    img = nib.Nifti1Image.from_bytes(gzip.decompress(stored))
+    for field in ("descrip", "aux_file", "db_name", "intent_name"):
+        assert img.header[field].tobytes().strip(b"\0 ") == b""
+    original = nib.load(src)
+    assert np.array_equal(np.asarray(img.dataobj), np.asarray(original.dataobj))
+    assert np.allclose(img.affine, original.affine)
+
+
+@pytest.mark.parametrize(("layout", "convention"), [("brats2023", "brats2023"), ("msd", "msd")])
+def test_other_layouts_detected(
+    synth_root: Path, storage: Storage, bucket: str, layout: str, convention: str
+) -> None:
+    result = ingest(str(synth_root / layout), layout, bucket, storage=storage)
+    m = result.manifest
+    assert (m.layout, m.convention, len(m.cases), m.quarantined) == (layout, convention, 6, [])
+    if layout == "msd":
+        assert m.cases[0].channel_index == {"flair": 0, "t1": 1, "t1gd": 2, "t2": 3}
+        assert [(f.role, f.key) for f in m.cases[0].files] == [
+            ("image", "raw/BRATS_001/imagesTr/BRATS_001.nii.gz"),
+            ("label", "raw/BRATS_001/labelsTr/BRATS_001.nii.gz"),
+        ]
+
+
+def test_labels_override_applies_the_named_convention(
+    synth_root: Path, storage: Storage, bucket: str
+) -> None:
+    # BraTS 2023 data read as BraTS 2021: label 3 is unknown there, so no case is valid.
+    with pytest.raises(DatasetError, match=r"no valid case among 6 .*unknown label values \[3\]"):
+        ingest(str(synth_root / "brats2023"), "x", bucket, storage=storage, labels="brats2021")
+
+
+def test_ingest_from_s3_source_gives_the_same_version(
+    synth_root: Path, storage: Storage, bucket: str
+) -> None:
+    src = synth_root / "msd"
+    for p in sorted(src.rglob("*")):
+        if p.is_file():
+            storage.put_file(join(bucket, "incoming", str(p.relative_to(src))), p)
+    from_s3 = ingest(join(bucket, "incoming"), "msd", bucket, storage=storage)
+    from_disk = ingest(str(src), "msd", bucket, storage=storage)
+    assert from_s3.ref.version == from_disk.ref.version and not from_disk.created
+
+
+def test_bad_sources(tmp_path: Path, storage: Storage, bucket: str) -> None:
+    with pytest.raises(DatasetError, match="is not a folder"):
+        ingest(str(tmp_path / "nope"), "x", bucket, storage=storage)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "readme.txt").write_text("hi")
+    with pytest.raises(DatasetError, match="no known layout"):
+        ingest(str(tmp_path / "junk"), "x", bucket, storage=storage)
+
+
+def test_resolve_versions(synth_root: Path, storage: Storage, bucket: str) -> None:
+    result = ingest(str(synth_root / "brats2021"), "res", bucket, storage=storage)
+    for spec in ("res", "res@latest", f"res@{result.ref.version}"):
+        assert DatasetRef.resolve(storage, bucket, spec).version == result.ref.version
+    with pytest.raises(DatasetError, match="does not exist"):
+        DatasetRef.resolve(storage, bucket, "res@0000000000000000")
+    with pytest.raises(DatasetError, match="has no versions"):
+        DatasetRef.resolve(storage, bucket, "never-ingested")
+
+
+def test_parallel_validation_matches_serial(
+    broken_root: Path, storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    serial = ingest(str(broken_root), "p", bucket, storage=storage)
+    local_store = str(tmp_path / "store")
+    parallel = ingest(str(broken_root), "p", local_store, storage=storage, workers=2)
+    assert parallel.ref.version == serial.ref.version
+    assert parallel.manifest.quarantined == serial.manifest.quarantined
+    assert (Path(local_store) / "datasets" / "p" / parallel.ref.version / "manifest.json").is_file()
