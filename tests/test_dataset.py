@@ -34,7 +34,7 @@ def test_reader_streams_through_the_cache(
     items = [train[i] for i in range(len(train))]
     for item, entry in zip(items, train.cases, strict=True):
         assert item["case_id"] == entry["case_id"]
-        assert item["image"].dtype == torch.float32 and item["label"].dtype == torch.uint8
+        assert item["image"].dtype == torch.float16 and item["label"].dtype == torch.uint8
         assert item["image"].shape[0] == 4 and item["label"].shape[0] == 3
         # The cache holds the object under its sha256, byte-identical to the stored one.
         cached = cache / entry["sha256"][:2] / f"{entry['sha256']}.npz"

@@ -1,0 +1,110 @@
+"""Per-case load time: cached preprocessed object vs decoding raw NIfTI + the static chain.
+
+At full BraTS size (240x240x155, four modalities), in one run:
+
+* baseline: MONAI ``LoadImaged`` on the raw ``.nii.gz`` set plus the same static chain
+  (orientation, spacing, labels to TC/WT/ET, foreground crop, normalisation), as a loader
+  without a cache would do every epoch;
+* cached, warm: :class:`medseg.dataset.PreprocessedDataset` reading the local disk cache;
+* cached, cold: the same, fetching the object from a real MinIO on loopback first.
+
+Prints the medians and the ratio baseline / cached (target: >= 20x).
+
+Usage: ``python benchmarks/bench_preprocess_cache.py [--cases 3] [--repeats 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from medseg.config import DataConfig
+from medseg.dataset import PreprocessedDataset
+from medseg.ingest import ingest
+from medseg.minio_server import MinioServer
+from medseg.preprocess import preprocess
+from medseg.storage import Storage
+from medseg.synth import write_dataset
+from medseg.transforms import static_transforms
+
+SUFFIXES = {"t1": "t1", "t1gd": "t1ce", "t2": "t2", "flair": "flair"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one loader worker's view: a DataLoader worker uses one thread
+
+    tmp = Path(tempfile.mkdtemp(prefix="medseg-bench-"))
+    try:
+        raw = tmp / "raw"
+        t0 = time.perf_counter()
+        ids = write_dataset(raw, "brats2021", args.cases, tuple(args.shape), seed=0)
+        print(
+            f"generated {len(ids)} cases of {tuple(args.shape)} in {time.perf_counter() - t0:.1f}s"
+        )
+        cfg = DataConfig()
+        chain = static_transforms(cfg, "brats2021")
+
+        baseline = []
+        for _ in range(args.repeats):
+            for cid in ids:
+                item = {
+                    "image": [str(raw / cid / f"{cid}_{SUFFIXES[c]}.nii.gz") for c in cfg.channels],
+                    "label": str(raw / cid / f"{cid}_seg.nii.gz"),
+                }
+                t = time.perf_counter()
+                chain(item)
+                baseline.append(time.perf_counter() - t)
+
+        with MinioServer(tmp / "minio") as server:
+            storage = Storage(server.settings())
+            storage.ensure_bucket("s3://bench")
+            ingest(str(raw), "bench", "s3://bench", storage=storage)
+            result = preprocess("bench", "s3://bench", cfg, storage=storage, progress=False)
+            ds = PreprocessedDataset(
+                result.prefix, None, cache_dir=tmp / "cache", settings=storage.settings
+            )
+            cold = []
+            for i in range(len(ds)):
+                t = time.perf_counter()
+                ds[i]
+                cold.append(time.perf_counter() - t)
+            warm = []
+            for _ in range(args.repeats):
+                for i in range(len(ds)):
+                    t = time.perf_counter()
+                    ds[i]
+                    warm.append(time.perf_counter() - t)
+            warm_cast = []
+            for _ in range(args.repeats):
+                for i in range(len(ds)):
+                    t = time.perf_counter()
+                    ds[i]["image"].float()
+                    warm_cast.append(time.perf_counter() - t)
+            size = sum(c["size"] for c in result.index["cases"]) / len(ds) / 2**20
+
+        b, w, c, wc = (statistics.median(x) for x in (baseline, warm, cold, warm_cast))
+        print(f"raw .nii.gz + LoadImaged + static chain : {b * 1000:8.1f} ms/case (median)")
+        print(f"cached object, cold (MinIO -> cache)    : {c * 1000:8.1f} ms/case ({size:.0f} MiB)")
+        print(f"cached object, warm (local disk cache)  : {w * 1000:8.1f} ms/case (median)")
+        print(f"  ... plus a float32 cast of the whole case: {wc * 1000:8.1f} ms/case (median)")
+        print(
+            f"speed-up warm: {b / w:.1f}x   warm+cast: {b / wc:.1f}x   cold: {b / c:.1f}x"
+            "   (target >= 20x, warm)"
+        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
