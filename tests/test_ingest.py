@@ -228,3 +228,18 @@ def test_parallel_validation_matches_serial(
     assert parallel.ref.version == serial.ref.version
     assert parallel.manifest.quarantined == serial.manifest.quarantined
     assert (Path(local_store) / "datasets" / "p" / parallel.ref.version / "manifest.json").is_file()
+
+
+def test_ingest_survives_a_minio_restart(synth_root: Path, own_minio, tmp_path: Path) -> None:
+    import threading
+    import time
+
+    storage = Storage(own_minio.settings(retry_seconds=60))
+    storage.ensure_bucket("s3://restart")
+    own_minio.kill()  # down when ingest starts uploading; back 2 s later
+    thread = threading.Thread(target=lambda: (time.sleep(2), own_minio.start()))
+    thread.start()
+    result = ingest(str(synth_root / "brats2021"), "r", "s3://restart", storage=storage)
+    thread.join()
+    assert result.created and result.uploaded == 30
+    assert DatasetRef.resolve(storage, "s3://restart", "r").version == result.ref.version
