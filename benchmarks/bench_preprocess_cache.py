@@ -20,7 +20,9 @@ import shutil
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,6 +36,18 @@ from medseg.synth import write_dataset
 from medseg.transforms import static_transforms
 
 SUFFIXES = {"t1": "t1", "t1gd": "t1ce", "t2": "t2", "flair": "flair"}
+
+
+def _timed(fn: Callable[[Any], Any], items: Iterable[Any], repeats: int) -> list[float]:
+    """Seconds per call of ``fn`` on each item, ``repeats`` times over."""
+    items = list(items)
+    times = []
+    for _ in range(repeats):
+        for item in items:
+            t = time.perf_counter()
+            fn(item)
+            times.append(time.perf_counter() - t)
+    return times
 
 
 def main() -> None:
@@ -55,16 +69,13 @@ def main() -> None:
         cfg = DataConfig()
         chain = static_transforms(cfg, "brats2021")
 
-        baseline = []
-        for _ in range(args.repeats):
-            for cid in ids:
-                item = {
-                    "image": [str(raw / cid / f"{cid}_{SUFFIXES[c]}.nii.gz") for c in cfg.channels],
-                    "label": str(raw / cid / f"{cid}_seg.nii.gz"),
-                }
-                t = time.perf_counter()
-                chain(item)
-                baseline.append(time.perf_counter() - t)
+        def raw_case(cid: str) -> dict[str, Any]:
+            return {
+                "image": [str(raw / cid / f"{cid}_{SUFFIXES[c]}.nii.gz") for c in cfg.channels],
+                "label": str(raw / cid / f"{cid}_seg.nii.gz"),
+            }
+
+        baseline = _timed(lambda cid: chain(raw_case(cid)), ids, args.repeats)
 
         with MinioServer(tmp / "minio") as server:
             storage = Storage(server.settings())
@@ -74,23 +85,9 @@ def main() -> None:
             ds = PreprocessedDataset(
                 result.prefix, None, cache_dir=tmp / "cache", settings=storage.settings
             )
-            cold = []
-            for i in range(len(ds)):
-                t = time.perf_counter()
-                ds[i]
-                cold.append(time.perf_counter() - t)
-            warm = []
-            for _ in range(args.repeats):
-                for i in range(len(ds)):
-                    t = time.perf_counter()
-                    ds[i]
-                    warm.append(time.perf_counter() - t)
-            warm_cast = []
-            for _ in range(args.repeats):
-                for i in range(len(ds)):
-                    t = time.perf_counter()
-                    ds[i]["image"].float()
-                    warm_cast.append(time.perf_counter() - t)
+            cold = _timed(ds.__getitem__, range(len(ds)), repeats=1)
+            warm = _timed(ds.__getitem__, range(len(ds)), args.repeats)
+            warm_cast = _timed(lambda i: ds[i]["image"].float(), range(len(ds)), args.repeats)
             size = sum(c["size"] for c in result.index["cases"]) / len(ds) / 2**20
 
         b, w, c, wc = (statistics.median(x) for x in (baseline, warm, cold, warm_cast))

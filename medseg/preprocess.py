@@ -191,6 +191,7 @@ def preprocess(
     )
     with Progress(*columns, disable=not progress, transient=False) as bar:
         task = bar.add_task(f"preprocess {ref}", total=len(manifest.cases), completed=len(done))
+        workers = min(workers, len(todo))  # a spawned worker costs seconds of imports
         if workers <= 1:
             for case_id in todo:
                 done[case_id] = _run_case(storage.settings, ref, manifest, case_id, cfg)
