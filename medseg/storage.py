@@ -378,7 +378,7 @@ class Storage:
     # -- listing and deletion -----------------------------------------------------------
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Every object under ``prefix`` (recursively), sorted by URI."""
+        """Every object under the folder ``prefix`` (recursively), sorted by URI."""
         if not is_s3(prefix):
             root = Path(prefix)
             if root.is_file():
@@ -391,6 +391,8 @@ class Storage:
                     yield ObjectInfo(str(p), p.stat().st_size)
             return
         bucket, key = split_s3(prefix)
+        if key and not key.endswith("/"):
+            key += "/"  # a prefix is a folder: runs/1 must not match runs/10
         client = self._s3()
         objects = self._retry(
             "list", prefix, lambda: list(client.list_objects(bucket, prefix=key, recursive=True))

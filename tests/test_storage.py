@@ -50,6 +50,7 @@ def test_bytes_round_trip_and_listing(any_storage: Storage, root: str) -> None:
     assert s.get_bytes(a) == b"hello"
     assert s.get_json(b) == {"k": [1, 2]}
     assert s.exists(a) and not s.exists(join(root, "x", "nope"))
+    s.put_bytes(join(root, "xy", "other"), b"not under x/")
     assert [o.uri for o in s.list(join(root, "x"))] == [a, b]
     assert s.stat(a).size == 5
     s.delete(a)
