@@ -263,10 +263,12 @@ def demo(
             DataConfig(),
             workers=max(1, min(2, os.cpu_count() or 1)),
         )
-        console.print(
-            f"{pre.processed} cases preprocessed in {time.perf_counter() - t0:.1f}s "
-            f"into {pre.prefix}"
+        done = (
+            f"{pre.processed} cases preprocessed in {time.perf_counter() - t0:.1f}s"
+            if pre.processed
+            else "already preprocessed with this config (no-op)"
         )
+        console.print(f"{done}: {pre.prefix}")
         console.rule("done")
         console.print(
             "synth → ingest → preprocess on a local MinIO in "
