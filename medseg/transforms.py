@@ -3,6 +3,9 @@
 * :func:`static_transforms`: the deterministic chain that :mod:`medseg.preprocess` runs once
   per case and caches (load, channel first, channel order, labels to TC/WT/ET, orientation,
   spacing, foreground crop, per-channel normalisation).
+* :func:`train_transforms`: the random chain that runs in the DataLoader workers on the cached
+  cases (pad to the ROI, random crop, flips on three axes, intensity scale and shift), casting
+  to float32 only after the crop.
 
 Training, evaluation and serving import the chains from here; nothing re-implements them.
 """
@@ -19,15 +22,21 @@ from monai.data import MetaTensor
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    EnsureTyped,
     LoadImaged,
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandFlipd,
+    RandScaleIntensityd,
+    RandShiftIntensityd,
+    RandSpatialCropd,
     Spacingd,
+    SpatialPadd,
     Transform,
 )
 
-from medseg.config import DataConfig
+from medseg.config import DataConfig, TrainConfig
 from medseg.labels import get_convention
 
 __all__ = [
@@ -36,6 +45,7 @@ __all__ = [
     "SelectChannels",
     "SelectChannelsd",
     "static_transforms",
+    "train_transforms",
 ]
 
 
@@ -147,3 +157,31 @@ def static_transforms(
         NormalizeIntensityd(keys="image", nonzero=cfg.normalize_nonzero, channel_wise=True)
     )
     return Compose(chain)
+
+
+def train_transforms(cfg: TrainConfig, seed: int | None = None) -> Compose:
+    """The random chain on cached cases ``{"image": float16, "label": uint8}``.
+
+    Args:
+        cfg: Training config (``roi_size``).
+        seed: Seeds the chain's random state (each DataLoader worker reseeds it too).
+
+    Returns:
+        A MONAI ``Compose`` giving float32 ``image`` and ``label`` of shape ``[C, *roi_size]``.
+    """
+    keys = ["image", "label"]
+    chain = Compose(
+        [
+            SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
+            RandSpatialCropd(keys=keys, roi_size=cfg.roi_size, random_size=False),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
+            RandFlipd(keys=keys, prob=0.5, spatial_axis=2),
+            EnsureTyped(keys=keys, dtype=torch.float32, track_meta=False),
+            RandScaleIntensityd(keys="image", factors=0.1, prob=1.0),
+            RandShiftIntensityd(keys="image", offsets=0.1, prob=1.0),
+        ]
+    )
+    if seed is not None:
+        chain.set_random_state(seed=seed)
+    return chain

@@ -1,0 +1,48 @@
+"""Transform chains: the random training chain and the region conversion."""
+
+from __future__ import annotations
+
+import torch
+
+from medseg.config import ModelConfig, TrainConfig
+from medseg.model import build_network
+from medseg.transforms import ConvertToRegionsd, train_transforms
+
+
+def _case(shape: tuple[int, int, int] = (40, 36, 20)) -> dict:
+    g = torch.Generator().manual_seed(0)
+    image = torch.randn((4, *shape), generator=g).half()
+    label = torch.zeros((3, *shape), dtype=torch.uint8)
+    label[:, 10:20, 10:20, 5:10] = 1
+    return {"image": image, "label": label}
+
+
+def test_train_chain_pads_crops_and_casts_after_the_crop() -> None:
+    cfg = TrainConfig(roi_size=(32, 32, 32))
+    out = train_transforms(cfg, seed=1)(_case())
+    assert out["image"].shape == (4, 32, 32, 32) and out["label"].shape == (3, 32, 32, 32)
+    assert out["image"].dtype == torch.float32 and out["label"].dtype == torch.float32
+    assert set(torch.unique(out["label"]).tolist()) <= {0.0, 1.0}  # intensity ops spare labels
+
+
+def test_train_chain_is_seeded() -> None:
+    cfg = TrainConfig(roi_size=(24, 24, 16))
+    a = train_transforms(cfg, seed=3)(_case())
+    b = train_transforms(cfg, seed=3)(_case())
+    c = train_transforms(cfg, seed=4)(_case())
+    assert torch.equal(a["image"], b["image"]) and not torch.equal(a["image"], c["image"])
+
+
+def test_regions_transform_keeps_inputs_untouched() -> None:
+    label = torch.tensor([[[[0, 1, 2, 4]]]])
+    data = {"label": label}
+    out = ConvertToRegionsd("label", "brats2021")(data)
+    assert data["label"] is label and out["label"].shape == (3, 1, 1, 4)
+    assert out["label"][:, 0, 0].tolist() == [[0, 1, 0, 1], [0, 1, 1, 1], [0, 0, 0, 1]]
+
+
+def test_network_from_config() -> None:
+    net = build_network(ModelConfig(init_filters=8)).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 4, 32, 32, 32))
+    assert out.shape == (1, 3, 32, 32, 32)
