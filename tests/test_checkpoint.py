@@ -1,0 +1,57 @@
+"""Checkpoints on a real MinIO: pruning, the latest pointer, fallback past corrupt ones."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+
+from medseg.checkpoint import CheckpointError, CheckpointStore
+from medseg.storage import Storage, join, split_s3
+
+
+def _state(epoch: int) -> dict:
+    return {"epoch": epoch, "weights": torch.full((3,), float(epoch)), "best": 0.5}
+
+
+def _corrupt(storage: Storage, uri: str) -> None:
+    """Replace an object's bytes but keep its recorded sha256 (as bit rot would)."""
+    sha = storage.stat(uri).sha256
+    bucket, key = split_s3(uri)
+    storage._s3().put_object(bucket, key, io.BytesIO(b"garbage"), 7, metadata={"sha256": sha})
+
+
+def test_save_prune_and_load(storage: Storage, bucket: str) -> None:
+    store = CheckpointStore(storage, join(bucket, "runs", "r1"), keep=2)
+    assert store.load_latest() is None  # a fresh run
+    for epoch in range(1, 5):
+        store.save(epoch, _state(epoch))
+    assert store.epochs() == [4, 3]
+    epoch, state = store.load_latest()
+    assert epoch == 4 and torch.equal(state["weights"], torch.full((3,), 4.0))
+
+
+def test_corrupt_or_missing_latest_falls_back_to_last_good(storage: Storage, bucket: str) -> None:
+    prefix = join(bucket, "runs", "r2")
+    store = CheckpointStore(storage, prefix)
+    for epoch in range(1, 4):
+        store.save(epoch, _state(epoch))
+    _corrupt(storage, join(prefix, "checkpoints/epoch-0003.pt"))
+    epoch, _ = store.load_latest()
+    assert epoch == 2
+    assert store.skipped[0][0] == "checkpoints/epoch-0003.pt"
+    assert "ChecksumMismatch" in store.skipped[0][1]
+    storage.delete(join(prefix, "checkpoints/epoch-0002.pt"))  # pointer names 3; 2 is gone
+    assert store.load_latest()[0] == 1
+
+
+def test_no_loadable_checkpoint_is_an_error_not_a_fresh_start(
+    storage: Storage, bucket: str
+) -> None:
+    prefix = join(bucket, "runs", "r3")
+    store = CheckpointStore(storage, prefix)
+    store.save(1, _state(1))
+    _corrupt(storage, join(prefix, "checkpoints/epoch-0001.pt"))
+    with pytest.raises(CheckpointError, match="refusing to restart from scratch"):
+        store.load_latest()
