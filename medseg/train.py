@@ -1,0 +1,292 @@
+"""Distributed training: the same entrypoint under ``torchrun`` and in a PyTorchJob pod.
+
+Reads the standard torch distributed environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR``, ``MASTER_PORT``), uses gloo on CPU and NCCL on GPU, trains MONAI SegResNet on the
+cached preprocessed cases with Dice loss, Adam and a cosine schedule, validates by sliding-window
+inference with Dice per region all-reduced across ranks, and checkpoints every epoch (rank 0,
+atomically). On start it resumes from the run's newest good checkpoint, so a preempted or killed
+worker (``torchrun --max-restarts``, PyTorchJob ``restartPolicy: OnFailure``) costs at most one
+epoch.
+
+Run prefix layout::
+
+    STORE/runs/RUN_ID/checkpoints/…      see medseg.checkpoint
+    STORE/runs/RUN_ID/metrics.jsonl      one JSON object per epoch
+    STORE/runs/RUN_ID/model/model.pt     best weights (state dict)
+    STORE/runs/RUN_ID/model/model.yaml   the full config the server rebuilds everything from
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from monai.data import DataLoader
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceLoss
+from monai.metrics import DiceMetric
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DistributedSampler
+
+from medseg.checkpoint import CheckpointStore
+from medseg.config import REGIONS, MedsegConfig
+from medseg.dataset import PreprocessedDataset
+from medseg.errors import DatasetError, MedsegError
+from medseg.manifest import DatasetRef
+from medseg.model import build_network
+from medseg.preprocess import preprocessed_prefix
+from medseg.storage import Storage, join
+from medseg.transforms import train_transforms
+
+__all__ = ["TrainResult", "train"]
+
+
+class NonFiniteLoss(MedsegError):
+    """The loss became NaN or Inf."""
+
+
+@dataclass
+class TrainResult:
+    """What a training run produced.
+
+    Attributes:
+        run_prefix: ``STORE/runs/RUN_ID``.
+        resumed_from: Epoch of the checkpoint this process resumed from (0: fresh).
+        history: One metrics record per epoch, resumed epochs included.
+    """
+
+    run_prefix: str
+    resumed_from: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def best(self) -> dict[str, Any]:
+        """The record with the best mean validation Dice."""
+        scored = [h for h in self.history if h.get("dice_mean") is not None]
+        return max(scored, key=lambda h: h["dice_mean"]) if scored else {}
+
+
+def _dist_env() -> tuple[int, int, int]:
+    return (
+        int(os.environ.get("RANK", "0")),
+        int(os.environ.get("WORLD_SIZE", "1")),
+        int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def _validate(
+    model: torch.nn.Module,
+    data: PreprocessedDataset,
+    cfg: MedsegConfig,
+    device: torch.device,
+    rank: int,
+    world: int,
+) -> list[float]:
+    """Dice per region over the validation split, each rank taking every world-th case."""
+    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
+    sums = torch.zeros(len(REGIONS) + 1, dtype=torch.float64)
+    model.eval()
+    with torch.no_grad():
+        for i in range(rank, len(data), world):
+            item = data[i]
+            image = item["image"].float().unsqueeze(0).to(device)
+            logits = sliding_window_inference(
+                image,
+                roi_size=cfg.infer.roi_size,
+                sw_batch_size=cfg.infer.sw_batch_size,
+                predictor=model,
+                overlap=cfg.infer.overlap,
+            )
+            assert isinstance(logits, torch.Tensor)
+            pred = (torch.sigmoid(logits) > cfg.infer.threshold).float()
+            dice = metric(pred.cpu(), item["label"].unsqueeze(0).float())
+            assert isinstance(dice, torch.Tensor)
+            sums[: len(REGIONS)] += dice[0].double()
+            sums[-1] += 1
+    if world > 1:
+        dist.all_reduce(sums)
+    n = max(float(sums[-1]), 1.0)
+    return [float(s) / n for s in sums[: len(REGIONS)]]
+
+
+def train(
+    spec: str, store: str, run_id: str, cfg: MedsegConfig, storage: Storage | None = None
+) -> TrainResult:
+    """Train (or resume) run ``run_id`` on dataset ``spec``; call once per rank.
+
+    Args:
+        spec: ``NAME``, ``NAME@latest`` or ``NAME@VERSION``, preprocessed with ``cfg.data``.
+        store: Root URI of the store.
+        run_id: Run identifier; rerunning the same id resumes it.
+        cfg: The full configuration.
+        storage: Storage to use; from the environment when omitted.
+
+    Returns:
+        The run prefix, where it resumed from, and the per-epoch history.
+
+    Raises:
+        DatasetError: If the dataset is missing or not preprocessed with ``cfg.data``.
+        NonFiniteLoss: If the loss becomes NaN or Inf (the epoch and batch are named).
+    """
+    storage = storage or Storage()
+    rank, world, local_rank = _dist_env()
+    ref = DatasetRef.resolve(storage, store, spec)
+    prefix = preprocessed_prefix(ref, cfg.data)
+    if not storage.exists(join(prefix, "index.json")):
+        raise DatasetError(
+            f"dataset {ref} is not preprocessed for this config (no {prefix}/index.json): "
+            f"run `medseg preprocess --dataset {ref}` with the same config first"
+        )
+    cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+
+    t = cfg.train
+    train_ds = PreprocessedDataset(
+        prefix, "train", transform=train_transforms(t, t.seed + rank), settings=storage.settings
+    )
+    val_ds = PreprocessedDataset(prefix, "validation", settings=storage.settings)
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed
+    )
+    loader = DataLoader(
+        train_ds,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        num_workers=t.num_workers,
+        persistent_workers=t.num_workers > 0,
+    )
+    net = build_network(cfg.model).to(device)
+    model: torch.nn.Module = (
+        DistributedDataParallel(net, device_ids=[local_rank] if cuda else None)
+        if world > 1
+        else net
+    )
+    loss_fn = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
+    optimizer = torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.amp)
+
+    run_prefix = join(store, "runs", run_id)
+    checkpoints = CheckpointStore(storage, run_prefix)
+    result = TrainResult(run_prefix, resumed_from=0)
+    best_state: dict[str, torch.Tensor] | None = None
+    loaded = checkpoints.load_latest(map_location=device)
+    if loaded is not None:
+        epoch, state = loaded
+        net.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        best_state = state["best_model"]
+        result.history = json.loads(state["history"])
+        result.resumed_from = epoch
+        if rank == 0:
+            for key, reason in checkpoints.skipped:
+                print(f"[medseg.train] skipped checkpoint {key}: {reason}", file=sys.stderr)
+            print(f"[medseg.train] resuming {run_id} after epoch {epoch}", file=sys.stderr)
+
+    for epoch in range(result.resumed_from, t.epochs):
+        started = time.perf_counter()
+        sampler.set_epoch(epoch)
+        torch.manual_seed(t.seed + 1000 * epoch + rank)  # dropout; same after a resume
+        model.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        for step, batch in enumerate(loader):
+            image, label = batch["image"].to(device), batch["label"].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, enabled=cuda and t.amp):
+                loss = loss_fn(model(image), label)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(
+                    f"run {run_id}: loss is {loss.item()} at epoch {epoch + 1}, batch {step} "
+                    f"(rank {rank}); lower the learning rate or check the data"
+                )
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            loss_sum += torch.tensor([loss.item() * len(image), len(image)], dtype=torch.float64)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        if world > 1:
+            dist.all_reduce(loss_sum)
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": float(loss_sum[0] / max(float(loss_sum[1]), 1.0)),
+            "lr": lr,
+            "samples": int(loss_sum[1]),
+        }
+        if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
+            dice = _validate(net, val_ds, cfg, device, rank, world)
+            record.update({f"dice_{r.lower()}": d for r, d in zip(REGIONS, dice, strict=True)})
+            record["dice_mean"] = sum(dice) / len(dice)
+        record["epoch_seconds"] = time.perf_counter() - started
+        record["samples_per_second"] = record["samples"] / record["epoch_seconds"]
+        best_before = result.best.get("dice_mean", -1.0)
+        result.history.append(record)
+        if record.get("dice_mean", -1.0) > best_before or best_state is None:
+            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        if rank == 0:
+            checkpoints.save(
+                epoch + 1,
+                {
+                    "model": net.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "best_model": best_state,
+                    "history": json.dumps(result.history),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
+            storage.put_bytes(
+                join(run_prefix, "metrics.jsonl"),
+                "".join(json.dumps(h) + "\n" for h in result.history).encode(),
+            )
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+            print(f"[medseg.train] {shown}", file=sys.stderr, flush=True)
+        if world > 1:
+            dist.barrier()  # nobody starts the next epoch before its checkpoint exists
+
+    if rank == 0:
+        import io
+
+        buf = io.BytesIO()
+        torch.save(best_state, buf)
+        storage.put_bytes(join(run_prefix, "model", "model.pt"), buf.getvalue())
+        storage.put_bytes(join(run_prefix, "model", "model.yaml"), cfg.to_yaml().encode())
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m medseg.train --dataset NAME@VERSION --run-id ID [--config F] [--store S]``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="medseg.train", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--run-id", required=True)
+    parser.add_argument("--store", default=os.environ.get("MEDSEG_STORE", "s3://medseg"))
+    parser.add_argument("--config", type=Path)
+    args = parser.parse_args(argv)
+    cfg = MedsegConfig.load(args.config) if args.config else MedsegConfig()
+    try:
+        train(args.dataset, args.store, args.run_id, cfg)
+    except MedsegError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()
