@@ -64,3 +64,106 @@ def test_unpreprocessed_dataset_fails_before_training(
         train("raw-only", bucket, "r", _cfg(1), storage=storage)
     with pytest.raises(DatasetError, match="has no versions"):
         train("absent", bucket, "r", _cfg(1), storage=storage)
+
+
+@pytest.mark.slow
+def test_two_workers_learn_and_survive_a_killed_worker(
+    minio_server, storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    """torchrun, 2 gloo workers; one is SIGKILLed mid-run; the run resumes and learns.
+
+    Threshold: in a 1-process run of the same data and settings (25 epochs) we measured WT Dice
+    0.91 (TC 0.52, ET 0.42); chance level for WT on these volumes is ~0.1. WT > 0.7 after 25
+    epochs (batch 1 per rank: the same optimiser steps per epoch as that run) leaves room for
+    the epoch the kill costs and for run-to-run variation.
+    """
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from medseg.synth import write_dataset
+
+    write_dataset(tmp_path / "raw", "brats2021", n_cases=10, shape=(48, 48, 32), seed=0)
+    ingest(str(tmp_path / "raw"), "ddp", bucket, storage=storage)
+    cfg = MedsegConfig.model_validate(
+        {
+            "model": {"init_filters": 8},
+            "train": {
+                "epochs": 25,
+                "lr": 5e-3,
+                "batch_size": 1,
+                "num_workers": 0,
+                "roi_size": [48, 48, 32],
+            },
+            "infer": {"roi_size": [48, 48, 32]},
+        }
+    )
+    preprocess("ddp", bucket, cfg.data, storage=storage, progress=False)
+    (tmp_path / "cfg.yaml").write_text(cfg.to_yaml())
+    env = {
+        **os.environ,
+        **minio_server.env(),
+        "MEDSEG_CACHE_DIR": str(tmp_path / "cache"),
+        "OMP_NUM_THREADS": "1",
+        "MEDSEG_ENV_FILE": str(tmp_path / "none.env"),
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "--max-restarts",
+        "2",
+        "-m",
+        "medseg.train",
+        "--dataset",
+        "ddp",
+        "--run-id",
+        "ddp-run",
+        "--store",
+        bucket,
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+    ]
+    log = open(tmp_path / "torchrun.log", "w+b")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    run_prefix = join(bucket, "runs", "ddp-run")
+    checkpoints = CheckpointStore(storage, run_prefix)
+    killed = None
+    try:
+        deadline = time.monotonic() + 300
+        while killed is None and time.monotonic() < deadline and proc.poll() is None:
+            if checkpoints.epochs() and checkpoints.epochs()[0] >= 3:
+                workers = [
+                    p
+                    for p in psutil.Process(proc.pid).children(recursive=True)
+                    if "medseg.train" in " ".join(p.cmdline())
+                ]
+                assert len(workers) == 2
+                killed = workers[-1].pid
+                os.kill(killed, signal.SIGKILL)  # as a preempted pod goes: no clean-up
+            time.sleep(0.2)
+        rc = proc.wait(timeout=400)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log.seek(0)
+    output = log.read().decode(errors="replace")
+    assert killed is not None, output[-3000:]
+    assert rc == 0, output[-3000:]
+    assert "resuming ddp-run after epoch" in output
+    import json
+
+    history = [
+        json.loads(line)
+        for line in storage.get_bytes(join(run_prefix, "metrics.jsonl")).decode().splitlines()
+    ]
+    assert [h["epoch"] for h in history] == list(range(1, 26))
+    assert history[-1]["samples"] == 8  # both ranks' samples counted in each epoch
+    assert max(h["dice_wt"] for h in history) > 0.7, history[-1]
