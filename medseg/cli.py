@@ -138,6 +138,60 @@ def preprocess(
         console.print(f"all {n} cases already preprocessed (no-op): {result.prefix}")
 
 
+@app.command("train")
+@_handles_errors
+def train_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="NAME[@VERSION], preprocessed.")],
+    run_id: Annotated[str, typer.Option(help="Run id; the same id resumes the run.")],
+    store: StoreOpt = "s3://medseg",
+    config: ConfigOpt = None,
+    nproc_per_node: Annotated[
+        int, typer.Option(min=1, help="Processes; above 1, torchrun starts them (gloo on CPU).")
+    ] = 1,
+    max_restarts: Annotated[
+        int, typer.Option(min=0, help="torchrun restarts after a failure.")
+    ] = 3,
+) -> None:
+    """Train SegResNet on a preprocessed dataset (resumes the run if it has checkpoints)."""
+    import subprocess
+    import sys
+
+    if nproc_per_node > 1:
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            str(nproc_per_node),
+            "--max-restarts",
+            str(max_restarts),
+            "-m",
+            "medseg.train",
+            "--dataset",
+            dataset,
+            "--run-id",
+            run_id,
+            "--store",
+            store,
+        ]
+        if config:
+            cmd += ["--config", str(config)]
+        rc = subprocess.call(cmd)
+        if rc:
+            raise MedsegError(f"training run {run_id} failed (torchrun exit code {rc})")
+        return
+    from medseg.train import train
+
+    result = train(dataset, store, run_id, _config(config))
+    best = result.best
+    console.print(
+        f"run {run_id}: {len(result.history)} epochs (resumed after {result.resumed_from}), "
+        f"best mean Dice {best.get('dice_mean', float('nan')):.3f} at epoch {best.get('epoch')}; "
+        f"model in {result.run_prefix}/model/"
+    )
+
+
 @datasets_app.command("list")
 @_handles_errors
 def datasets_list(store: StoreOpt = "s3://medseg") -> None:

@@ -167,3 +167,25 @@ def test_two_workers_learn_and_survive_a_killed_worker(
     assert [h["epoch"] for h in history] == list(range(1, 26))
     assert history[-1]["samples"] == 8  # both ranks' samples counted in each epoch
     assert max(h["dice_wt"] for h in history) > 0.7, history[-1]
+
+
+def test_train_command(dataset: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+
+    (tmp_path / "cfg.yaml").write_text(_cfg(1).to_yaml())
+    args = [
+        "train",
+        "-d",
+        "t",
+        "--run-id",
+        "cli-run",
+        "--store",
+        dataset,
+        "-c",
+        str(tmp_path / "cfg.yaml"),
+    ]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "run cli-run: 1 epochs (resumed after 0)" in " ".join(result.output.split())
