@@ -24,6 +24,8 @@ from medseg.errors import MedsegError
 app = typer.Typer(help="medseg: 3D medical image segmentation MLOps.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
+models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
@@ -190,6 +192,44 @@ def train_cmd(
         f"best mean Dice {best.get('dice_mean', float('nan')):.3f} at epoch {best.get('epoch')}; "
         f"model in {result.run_prefix}/model/"
     )
+
+
+@app.command("register")
+@_handles_errors
+def register_cmd(
+    run_id: Annotated[str, typer.Option(help="Finished training run.")],
+    name: Annotated[str, typer.Option(help="Model name in the registry.")],
+    store: StoreOpt = "s3://medseg",
+) -> None:
+    """Register a run's model as the next version of NAME, with its model card."""
+    from medseg.register import register
+    from medseg.storage import Storage
+
+    card = register(Storage(), store, run_id, name)
+    console.print(f"registered {card['name']}@{card['version']} from run {run_id}")
+
+
+@models_app.command("list")
+@_handles_errors
+def models_list(store: StoreOpt = "s3://medseg") -> None:
+    """List registered model versions."""
+    from medseg.register import list_models
+    from medseg.storage import Storage
+
+    table = Table()
+    for col in ("model", "version", "run", "dataset", "mean Dice", "created"):
+        table.add_column(col)
+    for c in list_models(Storage(), store):
+        dice = c["metrics"].get("dice_mean")
+        table.add_row(
+            c["name"],
+            c["version"],
+            c["run_id"],
+            f"{c['dataset']['name']}@{c['dataset']['version']}",
+            "" if dice is None else f"{dice:.3f}",
+            c["created_at"][:19],
+        )
+    console.print(table)
 
 
 @datasets_app.command("list")

@@ -264,6 +264,14 @@ def train(
         torch.save(best_state, buf)
         storage.put_bytes(join(run_prefix, "model", "model.pt"), buf.getvalue())
         storage.put_bytes(join(run_prefix, "model", "model.yaml"), cfg.to_yaml().encode())
+        lineage = {
+            "run_id": run_id,
+            "dataset": {"store": store, "name": ref.name, "version": ref.version},
+            "preprocessing": cfg.data.fingerprint(),
+            "best": result.best,
+            "epochs": len(result.history),
+        }
+        storage.put_json(join(run_prefix, "model", "lineage.json"), lineage)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

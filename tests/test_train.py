@@ -189,3 +189,30 @@ def test_train_command(dataset: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "run cli-run: 1 epochs (resumed after 0)" in " ".join(result.output.split())
+    result = CliRunner().invoke(
+        app, ["register", "--run-id", "cli-run", "--name", "m", "--store", dataset]
+    )
+    assert result.exit_code == 0 and "registered m@v1" in result.output, result.output
+    result = CliRunner().invoke(app, ["models", "list", "--store", dataset])
+    assert result.exit_code == 0 and "cli-run" in result.output
+
+
+def test_register_list_and_latest(dataset: str, storage: Storage) -> None:
+    from medseg.errors import MedsegError
+    from medseg.register import list_models, register, resolve_model
+
+    train("t", dataset, "reg-run", _cfg(1), storage=storage)
+    first = register(storage, dataset, "reg-run", "glioma")
+    second = register(storage, dataset, "reg-run", "glioma")
+    assert (first["version"], second["version"]) == ("v1", "v2")
+    assert first["dataset"]["name"] == "t" and first["preprocessing"] == _cfg(1).data.fingerprint()
+    assert "dice_mean" in first["metrics"] and len(first["code_version"]) >= 7
+    assert [c["version"] for c in list_models(storage, dataset)] == ["v1", "v2"]
+    assert resolve_model(storage, dataset, "glioma@latest") == join(dataset, "models/glioma/v2")
+    assert resolve_model(storage, dataset, "glioma@v1") == join(dataset, "models/glioma/v1")
+    weights = storage.get_bytes(join(dataset, "models/glioma/v1/model.pt"))
+    assert weights == storage.get_bytes(join(dataset, "runs/reg-run/model/model.pt"))
+    with pytest.raises(MedsegError, match="no version v9"):
+        resolve_model(storage, dataset, "glioma@v9")
+    with pytest.raises(MedsegError, match="no finished model"):
+        register(storage, dataset, "no-such-run", "glioma")
