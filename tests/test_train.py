@@ -108,26 +108,9 @@ def test_two_torchrun_workers_learn(
         "OMP_NUM_THREADS": "1",
         "MEDSEG_ENV_FILE": str(tmp_path / "none.env"),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "--max-restarts",
-        "2",
-        "-m",
-        "medseg.train",
-        "--dataset",
-        "ddp",
-        "--run-id",
-        "ddp-run",
-        "--store",
-        bucket,
-        "--config",
-        str(tmp_path / "cfg.yaml"),
-    ]
+    # Through the CLI, which starts the workers with torchrun (as a PyTorchJob container does).
+    cmd = [sys.executable, "-m", "medseg", "train", "-d", "ddp", "--run-id", "ddp-run"]
+    cmd += ["--store", bucket, "-c", str(tmp_path / "cfg.yaml"), "--nproc-per-node", "2"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=500)
     assert done.returncode == 0, done.stderr[-3000:]
     run_prefix = join(bucket, "runs", "ddp-run")
