@@ -271,10 +271,11 @@ def minio(
     Generated credentials and the endpoint are written to the local env file (.medseg/minio.env,
     or MEDSEG_ENV_FILE) that every other medseg command reads.
     """
+    # The handler comes first: a SIGTERM right after start-up must still stop MinIO cleanly.
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     server = _start_local_minio(data_dir, port or None, bucket)
     console.print(f"MinIO on {server.endpoint}, bucket s3://{bucket}; Ctrl-C stops it")
-    stop = []
-    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     try:
         while not stop:
             time.sleep(0.5)
