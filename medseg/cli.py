@@ -194,6 +194,65 @@ def train_cmd(
     )
 
 
+@app.command("evaluate")
+@_handles_errors
+def evaluate_cmd(
+    model: Annotated[
+        str, typer.Option(help="Run id, NAME@VERSION from the registry, or a model URI.")
+    ],
+    store: StoreOpt = "s3://medseg",
+    dataset: Annotated[
+        str | None, typer.Option(help="NAME@VERSION; default: the model's training dataset.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="validation, train or all.")] = "validation",
+    threshold: Annotated[
+        float | None, typer.Option(help="Quality gate on the mean Dice over TC/WT/ET.")
+    ] = None,
+    enforce: Annotated[bool, typer.Option(help="Exit with status 3 when the gate fails.")] = False,
+    out: Annotated[str | None, typer.Option(help="Output prefix; default: RUN/eval.")] = None,
+) -> None:
+    """Dice and HD95 per region on a split, an HTML report, and an optional quality gate."""
+    from medseg.evaluate import evaluate
+    from medseg.storage import Storage
+
+    storage = Storage()
+    uri = _model_uri(storage, store, model)
+    result = evaluate(
+        uri,
+        dataset=dataset,
+        store=store if dataset else None,
+        split=split,
+        threshold=threshold,
+        out=out,
+        storage=storage,
+    )
+    table = Table(title=f"{result.dataset} · {split} · {len(result.cases)} cases")
+    for col in ("region", "Dice", "HD95 (mm)"):
+        table.add_column(col, justify="right")
+    for region in result.dice:
+        table.add_row(region, f"{result.dice[region]:.4f}", f"{result.hd95[region]:.2f}")
+    table.add_row("mean", f"{result.dice_mean:.4f}", "")
+    console.print(table)
+    console.print(f"report: {result.out}/report.html")
+    if threshold is not None:
+        verdict = "passed" if result.passed else "FAILED"
+        console.print(f"quality gate (mean Dice ≥ {threshold}): {verdict}")
+        if enforce and not result.passed:
+            raise typer.Exit(3)
+
+
+def _model_uri(storage: Any, store: str, model: str) -> str:
+    """A run id, a registered NAME@VERSION, or a model URI, to the model's prefix."""
+    from medseg.register import resolve_model
+    from medseg.storage import is_s3, join
+
+    if is_s3(model) or Path(model).is_dir():
+        return model
+    if "@" in model:
+        return resolve_model(storage, store, model)
+    return join(store, "runs", model, "model")
+
+
 @app.command("register")
 @_handles_errors
 def register_cmd(

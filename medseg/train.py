@@ -29,7 +29,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from monai.data import DataLoader
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric
 from torch.nn.parallel import DistributedDataParallel
@@ -39,6 +38,7 @@ from medseg.checkpoint import CheckpointStore
 from medseg.config import REGIONS, MedsegConfig
 from medseg.dataset import PreprocessedDataset
 from medseg.errors import DatasetError, MedsegError
+from medseg.infer import Segmenter
 from medseg.manifest import DatasetRef
 from medseg.model import build_network
 from medseg.preprocess import preprocessed_prefix
@@ -93,23 +93,14 @@ def _validate(
     metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
     sums = torch.zeros(len(REGIONS) + 1, dtype=torch.float64)
     model.eval()
-    with torch.no_grad():
-        for i in range(rank, len(data), world):
-            item = data[i]
-            image = item["image"].float().unsqueeze(0).to(device)
-            logits = sliding_window_inference(
-                image,
-                roi_size=cfg.infer.roi_size,
-                sw_batch_size=cfg.infer.sw_batch_size,
-                predictor=model,
-                overlap=cfg.infer.overlap,
-            )
-            assert isinstance(logits, torch.Tensor)
-            pred = (torch.sigmoid(logits) > cfg.infer.threshold).float()
-            dice = metric(pred.cpu(), item["label"].unsqueeze(0).float())
-            assert isinstance(dice, torch.Tensor)
-            sums[: len(REGIONS)] += dice[0].double()
-            sums[-1] += 1
+    segmenter = Segmenter(cfg, model, device)
+    for i in range(rank, len(data), world):
+        item = data[i]
+        pred = segmenter.segment(item["image"]).unsqueeze(0)
+        dice = metric(pred, item["label"].unsqueeze(0))
+        assert isinstance(dice, torch.Tensor)
+        sums[: len(REGIONS)] += dice[0].double()
+        sums[-1] += 1
     if world > 1:
         dist.all_reduce(sums)
     n = max(float(sums[-1]), 1.0)

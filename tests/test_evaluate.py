@@ -1,0 +1,185 @@
+"""medseg evaluate on a tiny trained model: numbers, conventions, the HTML report, the gate."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from medseg.cli import app
+from medseg.config import REGIONS, MedsegConfig
+from medseg.dataset import PreprocessedDataset
+from medseg.errors import MedsegError
+from medseg.evaluate import HD95_EMPTY, evaluate, score_case
+from medseg.infer import load_model
+from medseg.ingest import ingest
+from medseg.manifest import DatasetRef
+from medseg.preprocess import preprocess, preprocessed_prefix
+from medseg.storage import Storage, join
+from medseg.train import train
+
+TINY = {
+    "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
+    "train": {"epochs": 4, "lr": 5e-3, "batch_size": 2, "num_workers": 0, "roi_size": [32] * 3},
+    "infer": {"roi_size": [32, 32, 32]},
+    "split": {"val_fraction": 0.34},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(
+    synth_root: Path, minio_server, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Storage, str, str]]:
+    """A model trained for a few epochs on the six synthetic cases (two for validation)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("MEDSEG_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    storage = Storage(minio_server.settings(retry_seconds=10))
+    bucket = "s3://t-evaluate"
+    storage.ensure_bucket(bucket)
+    cfg = MedsegConfig.model_validate(TINY)
+    ingest(str(synth_root / "brats2021"), "t", bucket, storage=storage, split=cfg.split)
+    preprocess("t", bucket, cfg.data, storage=storage, progress=False)
+    result = train("t", bucket, "run-e", cfg, storage=storage)
+    yield storage, bucket, join(result.run_prefix, "model")
+    patch.undo()
+
+
+def _dice(p: np.ndarray, t: np.ndarray) -> float:
+    if not p.any() and not t.any():
+        return 1.0
+    return float(2 * (p & t).sum() / (p.sum() + t.sum()))
+
+
+def test_numbers_match_a_direct_computation(trained: tuple[Storage, str, str]) -> None:
+    storage, bucket, model_uri = trained
+    result = evaluate(model_uri, storage=storage, threshold=0.0)
+    seg = load_model(model_uri, storage)
+    prefix = preprocessed_prefix(DatasetRef.resolve(storage, bucket, "t"), seg.cfg.data)
+    data = PreprocessedDataset(prefix, "validation", settings=storage.settings)
+    assert len(result.cases) == len(data) == 2
+    by_id = {c.case_id: c for c in result.cases}
+    for i in range(len(data)):
+        item = data[i]
+        pred = seg.segment(item["image"]).numpy().astype(bool)
+        truth = item["label"].numpy().astype(bool)
+        for r, region in enumerate(REGIONS):
+            assert by_id[item["case_id"]].dice[region] == pytest.approx(
+                _dice(pred[r], truth[r]), abs=1e-5
+            )
+            assert by_id[item["case_id"]].voxels_pred[region] == int(pred[r].sum())
+    for region in REGIONS:
+        assert result.dice[region] == pytest.approx(np.mean([c.dice[region] for c in result.cases]))
+    # worst first
+    assert [c.dice_mean for c in result.cases] == sorted(c.dice_mean for c in result.cases)
+    stored = storage.get_json(join(result.out, "metrics.json"))
+    assert stored["dice"] == pytest.approx(result.dice)
+    assert stored["gate"] == {"threshold": 0.0, "passed": True}
+    assert "373.12866" in stored["conventions"]
+    assert result.out == model_uri[: -len("model")] + "eval"
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.rows: list[list[str]] = []
+        self._row: list[str] | None = None
+        self._cell = False
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs)["src"] or "")
+        elif tag == "tr":
+            self._row = []
+        elif tag == "td":
+            self._cell = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "tr" and self._row:
+            self.rows.append(self._row)
+            self._row = None
+        elif tag == "td":
+            self._cell = False
+
+    def handle_data(self, data: str) -> None:
+        if self._cell and self._row is not None:
+            self._row.append(data)
+
+
+def test_report_is_self_contained_html(trained: tuple[Storage, str, str]) -> None:
+    storage, _, model_uri = trained
+    result = evaluate(model_uri, storage=storage, threshold=0.99, max_overlays=1)
+    assert not result.passed
+    page_text = storage.get_bytes(join(result.out, "report.html")).decode()
+    page = _Page()
+    page.feed(page_text)
+    # one row per case, worst first, then the mean; the numbers are the result's
+    assert [r[0] for r in page.rows] == [c.case_id for c in result.cases] + ["mean"]
+    assert float(page.rows[-1][1]) == pytest.approx(result.dice_mean, abs=1e-4)
+    assert float(page.rows[0][2]) == pytest.approx(result.cases[0].dice["TC"], abs=1e-4)
+    # curves + one overlay, embedded as PNG; nothing refers to another file
+    assert len(page.images) == 2
+    for src in page.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not re.search(r"(src|href)=['\"](?!data:)", page_text)
+    assert "FAILED" in page_text and "373.12866" in page_text
+    png = storage.get_bytes(result.overlays[0])
+    assert png[:4] == b"\x89PNG"
+
+
+def test_empty_region_conventions() -> None:
+    empty = torch.zeros(3, 16, 16, 16, dtype=torch.uint8)
+    cube = empty.clone()
+    cube[:, 4:10, 4:10, 4:10] = 1
+    both_empty = score_case("a", empty, empty, (1.0, 1.0, 1.0))
+    assert both_empty.dice == dict.fromkeys(REGIONS, 1.0)
+    assert both_empty.hd95 == dict.fromkeys(REGIONS, 0.0)
+    missed = score_case("b", empty, cube, (1.0, 1.0, 1.0))
+    assert missed.dice == dict.fromkeys(REGIONS, 0.0)
+    assert missed.hd95 == dict.fromkeys(REGIONS, HD95_EMPTY)
+    invented = score_case("c", cube, empty, (1.0, 1.0, 1.0))
+    assert invented.dice == dict.fromkeys(REGIONS, 0.0)
+    assert invented.hd95 == dict.fromkeys(REGIONS, HD95_EMPTY)
+
+
+def test_hd95_is_in_millimetres() -> None:
+    """A 6-voxel cube shifted by 2 voxels along x: the far faces are 2 voxels from the other
+    cube's surface, and more than 5% of surface points lie on them, so HD95 is 2 voxels."""
+    a = torch.zeros(3, 20, 20, 20, dtype=torch.uint8)
+    b = a.clone()
+    a[:, 4:10, 4:10, 4:10] = 1
+    b[:, 6:12, 4:10, 4:10] = 1
+    unit = score_case("u", a, b, (1.0, 1.0, 1.0))
+    assert unit.hd95["WT"] == pytest.approx(2.0)
+    assert unit.dice["WT"] == pytest.approx(2 * 4 / 12)
+    assert score_case("s", a, b, (2.5, 1.0, 1.0)).hd95["WT"] == pytest.approx(5.0)
+
+
+def test_cli_gate_and_errors(trained: tuple[Storage, str, str], minio_server, monkeypatch) -> None:
+    storage, bucket, _ = trained
+    for key, value in minio_server.env().items():
+        monkeypatch.setenv(key, value)
+    runner = CliRunner()
+    args = ["evaluate", "--model", "run-e", "--store", bucket, "--out", f"{bucket}/cli-eval"]
+    ok = runner.invoke(app, [*args, "--threshold", "0", "--enforce"])
+    assert ok.exit_code == 0, ok.output
+    assert "quality gate" in ok.output and "passed" in ok.output
+    failed = runner.invoke(app, [*args, "--threshold", "1.01", "--enforce"])
+    assert failed.exit_code == 3 and "FAILED" in failed.output
+    stored = json.loads(storage.get_bytes(f"{bucket}/cli-eval/metrics.json"))
+    assert stored["gate"]["passed"] is False
+    reported = runner.invoke(app, [*args, "--threshold", "1.01"])
+    assert reported.exit_code == 0  # without --enforce, the gate is reported only
+    missing = runner.invoke(app, ["evaluate", "--model", "no-such-run", "--store", bucket])
+    assert missing.exit_code == 1 and "is not a model artifact" in missing.output
+    with pytest.raises(MedsegError, match="no cases in split 'nope'"):
+        evaluate(join(bucket, "runs", "run-e", "model"), storage=storage, split="nope")
