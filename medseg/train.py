@@ -12,6 +12,7 @@ Run prefix layout::
 
     STORE/runs/RUN_ID/checkpoints/…      see medseg.checkpoint
     STORE/runs/RUN_ID/metrics.jsonl      one JSON object per epoch
+    STORE/runs/RUN_ID/tensorboard/…      TensorBoard event files (``tensorboard --logdir``)
     STORE/runs/RUN_ID/model/model.pt     best weights (state dict)
     STORE/runs/RUN_ID/model/model.yaml   the full config the server rebuilds everything from
 """
@@ -71,6 +72,50 @@ class TrainResult:
         """The record with the best mean validation Dice."""
         scored = [h for h in self.history if h.get("dice_mean") is not None]
         return max(scored, key=lambda h: h["dice_mean"]) if scored else {}
+
+
+class _Board:
+    """TensorBoard scalars, written locally by rank 0 and mirrored to ``RUN/tensorboard/``."""
+
+    def __init__(self, storage: Storage, run_prefix: str):
+        import tempfile
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.storage, self.prefix = storage, join(run_prefix, "tensorboard")
+        self.dir = Path(tempfile.mkdtemp(prefix="medseg-tb-"))
+        self.writer = SummaryWriter(log_dir=str(self.dir))
+
+    def log(self, record: dict[str, Any]) -> None:
+        for key, value in record.items():
+            if key != "epoch" and isinstance(value, int | float):
+                self.writer.add_scalar(key, value, record["epoch"])
+        self.writer.flush()
+        for path in self.dir.iterdir():
+            self.storage.put_file(join(self.prefix, path.name), path)
+
+    def close(self) -> None:
+        import shutil
+
+        self.writer.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _progress(rank: int) -> Any:
+    """A rich progress bar on rank 0 when stderr is a terminal (logs get one line per epoch)."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    return Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=rank != 0 or not console.is_terminal,
+        transient=True,
+    )
 
 
 def _dist_env() -> tuple[int, int, int]:
@@ -186,67 +231,82 @@ def train(
                 print(f"[medseg.train] skipped checkpoint {key}: {reason}", file=sys.stderr)
             print(f"[medseg.train] resuming {run_id} after epoch {epoch}", file=sys.stderr)
 
-    for epoch in range(result.resumed_from, t.epochs):
-        started = time.perf_counter()
-        sampler.set_epoch(epoch)
-        torch.manual_seed(t.seed + 1000 * epoch + rank)  # dropout; same after a resume
-        model.train()
-        loss_sum = torch.zeros(2, dtype=torch.float64)
-        for step, batch in enumerate(loader):
-            image, label = batch["image"].to(device), batch["label"].to(device)
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, enabled=cuda and t.amp):
-                loss = loss_fn(model(image), label)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(
-                    f"run {run_id}: loss is {loss.item()} at epoch {epoch + 1}, batch {step} "
-                    f"(rank {rank}); lower the learning rate or check the data"
+    board = _Board(storage, run_prefix) if rank == 0 else None
+    progress = _progress(rank)
+    progress.start()
+    try:
+        for epoch in range(result.resumed_from, t.epochs):
+            started = time.perf_counter()
+            sampler.set_epoch(epoch)
+            torch.manual_seed(t.seed + 1000 * epoch + rank)  # dropout; same after a resume
+            model.train()
+            loss_sum = torch.zeros(2, dtype=torch.float64)
+            batches = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(loader))
+            for step, batch in enumerate(loader):
+                image, label = batch["image"].to(device), batch["label"].to(device)
+                optimizer.zero_grad(set_to_none=True)
+                with torch.autocast(device.type, enabled=cuda and t.amp):
+                    loss = loss_fn(model(image), label)
+                if not torch.isfinite(loss):
+                    raise NonFiniteLoss(
+                        f"run {run_id}: loss is {loss.item()} at epoch {epoch + 1}, batch {step} "
+                        f"(rank {rank}); lower the learning rate or check the data"
+                    )
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                loss_sum += torch.tensor(
+                    [loss.item() * len(image), len(image)], dtype=torch.float64
                 )
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            loss_sum += torch.tensor([loss.item() * len(image), len(image)], dtype=torch.float64)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        if world > 1:
-            dist.all_reduce(loss_sum)
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": float(loss_sum[0] / max(float(loss_sum[1]), 1.0)),
-            "lr": lr,
-            "samples": int(loss_sum[1]),
-        }
-        if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
-            dice = _validate(net, val_ds, cfg, device, rank, world)
-            record.update({f"dice_{r.lower()}": d for r, d in zip(REGIONS, dice, strict=True)})
-            record["dice_mean"] = sum(dice) / len(dice)
-        record["epoch_seconds"] = time.perf_counter() - started
-        record["samples_per_second"] = record["samples"] / record["epoch_seconds"]
-        best_before = result.best.get("dice_mean", -1.0)
-        result.history.append(record)
-        if record.get("dice_mean", -1.0) > best_before or best_state is None:
-            best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-        if rank == 0:
-            checkpoints.save(
-                epoch + 1,
-                {
-                    "model": net.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "best_model": best_state,
-                    "history": json.dumps(result.history),
-                    "torch_rng": torch.get_rng_state(),
-                },
-            )
-            storage.put_bytes(
-                join(run_prefix, "metrics.jsonl"),
-                "".join(json.dumps(h) + "\n" for h in result.history).encode(),
-            )
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-            print(f"[medseg.train] {shown}", file=sys.stderr, flush=True)
-        if world > 1:
-            dist.barrier()  # nobody starts the next epoch before its checkpoint exists
+                progress.advance(batches)
+            progress.remove_task(batches)
+            lr = scheduler.get_last_lr()[0]
+            scheduler.step()
+            if world > 1:
+                dist.all_reduce(loss_sum)
+            record: dict[str, Any] = {
+                "epoch": epoch + 1,
+                "loss": float(loss_sum[0] / max(float(loss_sum[1]), 1.0)),
+                "lr": lr,
+                "samples": int(loss_sum[1]),
+            }
+            if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
+                dice = _validate(net, val_ds, cfg, device, rank, world)
+                record.update({f"dice_{r.lower()}": d for r, d in zip(REGIONS, dice, strict=True)})
+                record["dice_mean"] = sum(dice) / len(dice)
+            record["epoch_seconds"] = time.perf_counter() - started
+            record["samples_per_second"] = record["samples"] / record["epoch_seconds"]
+            best_before = result.best.get("dice_mean", -1.0)
+            result.history.append(record)
+            if record.get("dice_mean", -1.0) > best_before or best_state is None:
+                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+            if rank == 0:
+                checkpoints.save(
+                    epoch + 1,
+                    {
+                        "model": net.state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "best_model": best_state,
+                        "history": json.dumps(result.history),
+                        "torch_rng": torch.get_rng_state(),
+                    },
+                )
+                assert board is not None
+                board.log(record)
+                storage.put_bytes(
+                    join(run_prefix, "metrics.jsonl"),
+                    "".join(json.dumps(h) + "\n" for h in result.history).encode(),
+                )
+                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+                print(f"[medseg.train] {shown}", file=sys.stderr, flush=True)
+            if world > 1:
+                dist.barrier()  # nobody starts the next epoch before its checkpoint exists
+    finally:
+        progress.stop()
+        if board is not None:
+            board.close()
 
     if rank == 0:
         import io

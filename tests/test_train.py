@@ -33,7 +33,9 @@ def dataset(synth_root: Path, storage: Storage, bucket: str, s3_env: None) -> st
     return bucket
 
 
-def test_resume_continues_at_the_right_epoch(dataset: str, storage: Storage) -> None:
+def test_resume_continues_at_the_right_epoch(
+    dataset: str, storage: Storage, tmp_path: Path
+) -> None:
     first = train("t", dataset, "run-a", _cfg(2), storage=storage)
     assert first.resumed_from == 0 and [h["epoch"] for h in first.history] == [1, 2]
     epoch, state = CheckpointStore(storage, first.run_prefix).load_latest()
@@ -54,6 +56,20 @@ def test_resume_continues_at_the_right_epoch(dataset: str, storage: Storage) -> 
     assert MedsegConfig.model_validate(saved) == _cfg(3)
     lines = storage.get_bytes(join(first.run_prefix, "metrics.jsonl")).decode().splitlines()
     assert len(lines) == 3
+    _assert_tensorboard(storage, first.run_prefix, tmp_path, epochs=[1, 2, 3])
+
+
+def _assert_tensorboard(storage: Storage, run_prefix: str, tmp_path: Path, epochs: list[int]):
+    """TensorBoard reads the mirrored event files: one loss and Dice point per epoch."""
+    from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer
+
+    logdir = tmp_path / "tb"
+    for obj in storage.list(join(run_prefix, "tensorboard")):
+        storage.get_file(obj.uri, logdir / obj.uri.rsplit("/", 1)[1])
+    mux = EventMultiplexer().AddRunsFromDirectory(str(logdir)).Reload()
+    steps = sorted(e.step for run in mux.Runs() for e in mux.Scalars(run, "loss"))
+    assert steps == epochs
+    assert sorted(e.step for run in mux.Runs() for e in mux.Scalars(run, "dice_wt")) == epochs
 
 
 def test_unpreprocessed_dataset_fails_before_training(
