@@ -118,6 +118,33 @@ def _progress(rank: int) -> Any:
     )
 
 
+def _init_process_group(backend: str, rank: int, world: int) -> None:
+    """``init_process_group`` from the env; under torchrun, in a namespace of its own per restart.
+
+    torchrun's workers share the agent's TCPStore, which outlives a worker-group restart. Its
+    default process-group keys (gloo's listening addresses among them) are the same in every
+    round, so after a restart a rank may read the address of a peer killed in the previous
+    round and fail with ``connectFullMesh … Connection refused`` (seen here in one of two runs
+    that SIGKILLed a worker). Prefixing the keys with ``TORCHELASTIC_RESTART_COUNT`` keeps each
+    round to its own.
+    """
+    from datetime import timedelta
+
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" and restart is not None:
+        agent_store = dist.TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            world,
+            is_master=False,
+            timeout=timedelta(minutes=10),
+        )
+        store = dist.PrefixStore(f"medseg/restart_{restart}", agent_store)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world)
+    else:
+        dist.init_process_group(backend)
+
+
 def _dist_env() -> tuple[int, int, int]:
     return (
         int(os.environ.get("RANK", "0")),
@@ -183,7 +210,7 @@ def train(
     cuda = torch.cuda.is_available()
     device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
+        _init_process_group("nccl" if cuda else "gloo", rank, world)
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     t = cfg.train
