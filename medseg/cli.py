@@ -253,6 +253,90 @@ def _model_uri(storage: Any, store: str, model: str) -> str:
     return join(store, "runs", model, "model")
 
 
+@app.command()
+@_handles_errors
+def serve(
+    model: Annotated[
+        str, typer.Option(help="Run id, NAME@VERSION from the registry, or a model folder/URI.")
+    ],
+    store: StoreOpt = "s3://medseg",
+    name: Annotated[str, typer.Option(help="Model name in the URL.")] = "medseg",
+    http_port: Annotated[int, typer.Option(help="REST port.")] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8081,
+    max_request_mb: Annotated[int, typer.Option(help="Largest request accepted.")] = 256,
+    max_concurrency: Annotated[int, typer.Option(help="Cases segmented at once.")] = 1,
+) -> None:
+    """Serve a model with kserve's ModelServer (Open Inference Protocol v2, REST and gRPC)."""
+    from medseg.storage import Storage
+
+    uri = _model_uri(Storage(), store, model)
+    from model_server.server import serve as run_server
+
+    run_server(
+        [
+            "--model_dir",
+            uri,
+            "--model_name",
+            name,
+            "--http_port",
+            str(http_port),
+            "--grpc_port",
+            str(grpc_port),
+            "--max_request_mb",
+            str(max_request_mb),
+            "--max_concurrency",
+            str(max_concurrency),
+        ]
+    )
+
+
+@app.command()
+@_handles_errors
+def predict(
+    paths: Annotated[
+        list[Path], typer.Argument(help="A BraTS case folder, one 4D NIfTI, or four 3D files.")
+    ],
+    url: Annotated[
+        str, typer.Option(help="http://HOST:PORT (REST) or HOST:PORT with --grpc.")
+    ] = "http://127.0.0.1:8080",
+    grpc: Annotated[bool, typer.Option("--grpc", help="Use gRPC.")] = False,
+    model: Annotated[str, typer.Option(help="Model name on the server.")] = "medseg",
+    out: Annotated[Path, typer.Option(help="Where to write the mask NIfTI.")] = Path("mask.nii.gz"),
+    labels: Annotated[
+        str, typer.Option(help="Label convention of the mask: brats2021, brats2023, msd.")
+    ] = "brats2021",
+    channels: Annotated[
+        str | None, typer.Option(help="Channel order of the files, e.g. flair,t1,t1gd,t2.")
+    ] = None,
+    tensor: Annotated[
+        str | None, typer.Option(help="FP16 or FP32: send a raw tensor decoded here.")
+    ] = None,
+) -> None:
+    """Send a case to a medseg model server; write the mask and print the volumes."""
+    from medseg.client import predict as send
+
+    result = send(
+        url,
+        paths,
+        grpc=grpc,
+        model=model,
+        label_convention=labels,
+        channels=channels.split(",") if channels else None,
+        tensor=tensor,
+    )
+    out.write_bytes(result.mask)
+    table = Table(title=f"tumour volumes ({'gRPC' if grpc else 'REST'})")
+    table.add_column("region")
+    table.add_column("mL", justify="right")
+    for region, ml in result.volumes_ml.items():
+        table.add_row(region, f"{ml:.2f}")
+    console.print(table)
+    console.print(
+        f"mask ({result.label_convention} labels): {out}; latency {result.latency_s:.3f} s "
+        f"(server compute {result.compute_ms} ms)"
+    )
+
+
 @app.command("register")
 @_handles_errors
 def register_cmd(

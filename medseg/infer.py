@@ -12,16 +12,21 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import yaml
+from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
+from monai.transforms import Invertd
 
-from medseg.config import MedsegConfig
+from medseg.config import REGIONS, MedsegConfig
 from medseg.errors import MedsegError, ObjectNotFound
+from medseg.labels import get_convention
 from medseg.model import build_network
 from medseg.storage import Storage, join
+from medseg.transforms import static_transforms
 
-__all__ = ["Segmenter", "load_model"]
+__all__ = ["CaseSegmentation", "Segmenter", "load_model", "segment_case"]
 
 
 @dataclass
@@ -90,10 +95,64 @@ def load_model(
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         net.load_state_dict(state)
-    except (RuntimeError, ValueError, KeyError) as exc:
-        reason = str(exc).splitlines()[0]
+    except Exception as exc:
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise MedsegError(
             f"{uri}/model.pt does not fit the network of model.yaml: {reason}"
         ) from None
     net.to(dev).eval()
     return Segmenter(cfg, net, dev)
+
+
+@dataclass
+class CaseSegmentation:
+    """A segmentation in the input's own voxel grid.
+
+    Attributes:
+        regions: Binary masks ``[3, X, Y, Z]`` (TC, WT, ET), uint8.
+        probabilities: Sigmoid probabilities ``[3, X, Y, Z]``, float32.
+        affine: The input's voxel-to-world affine (mm).
+        volumes_ml: Volume of each region in millilitres.
+    """
+
+    regions: np.ndarray
+    probabilities: np.ndarray
+    affine: np.ndarray
+    volumes_ml: dict[str, float]
+
+    def label_map(self, convention: str = "brats2021") -> np.ndarray:
+        """The regions as one label map in ``convention`` (uint8 ``[X, Y, Z]``)."""
+        return get_convention(convention).from_regions(self.regions)
+
+
+def segment_case(seg: Segmenter, image: np.ndarray, affine: np.ndarray) -> CaseSegmentation:
+    """Segment a raw case: the training's static preprocessing, inference, and back.
+
+    Args:
+        seg: The loaded model.
+        image: ``[4, X, Y, Z]`` in ``seg.cfg.data.channels`` order, as acquired (any float).
+        affine: ``4×4`` voxel-to-world affine of ``image``.
+
+    Returns:
+        Masks and probabilities resampled back onto the input grid (MONAI ``Invertd`` undoes
+        the orientation, spacing and crop), and the region volumes in mL. The masks are nested
+        (ET ⊆ TC ⊆ WT: a voxel predicted ET counts in TC and WT too), so that the volumes are
+        exactly those of the returned label map.
+    """
+    pre = static_transforms(seg.cfg.data, load=False)
+    src = MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=torch.as_tensor(affine))
+    data = pre({"image": src})
+    prepared = data["image"]
+    probs = seg.probabilities(prepared.as_tensor())
+    pred = MetaTensor(
+        probs, meta=dict(prepared.meta), applied_operations=list(prepared.applied_operations)
+    )
+    invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
+    back = invert({"pred": pred, "image": prepared})["pred"]
+    probabilities = np.ascontiguousarray(torch.as_tensor(back).numpy(), dtype=np.float32)
+    # Nest the regions (ET in TC in WT) as a label map does, so the volumes match the mask.
+    nested = get_convention("brats2021")
+    regions = nested.to_regions(nested.from_regions(probabilities > seg.cfg.infer.threshold))
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
+    volumes = {r: float(regions[i].sum()) * voxel_ml for i, r in enumerate(REGIONS)}
+    return CaseSegmentation(regions, probabilities, np.asarray(affine, np.float64), volumes)

@@ -123,6 +123,7 @@ def static_transforms(
     cfg: DataConfig,
     convention: str | None = None,
     channel_index: Mapping[str, int] | None = None,
+    load: bool = True,
 ) -> Compose:
     """The static chain, on ``{"image": files, "label": file}`` dictionaries.
 
@@ -131,6 +132,8 @@ def static_transforms(
         convention: Label convention of ``label``; without it, no label is processed.
         channel_index: For a 4D image, the index of each canonical channel in the file. Without
             it, ``image`` is a list of one 3D file per channel, already in ``cfg.channels`` order.
+        load: Without loading, ``image`` is already a channel-first ``MetaTensor`` carrying its
+            affine (the model server's in-memory volumes).
 
     Returns:
         A MONAI ``Compose`` whose outputs are ``image`` ``[4, X, Y, Z]`` (float32, normalised)
@@ -138,7 +141,9 @@ def static_transforms(
     """
     keys = ["image", "label"] if convention else ["image"]
     modes = ["bilinear", "nearest"] if convention else ["bilinear"]
-    chain: list[Any] = [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)]
+    chain: list[Any] = (
+        [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)] if load else []
+    )
     if channel_index is not None:
         chain.append(SelectChannelsd("image", [channel_index[c] for c in cfg.channels]))
     if convention:

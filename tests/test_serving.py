@@ -1,0 +1,430 @@
+"""The model server on loopback: kserve's ModelServer with our predictor, REST and gRPC."""
+
+from __future__ import annotations
+
+import base64
+import gzip
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import nibabel as nib
+import numpy as np
+import orjson
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from medseg.client import predict, serialize_bytes
+from medseg.config import REGIONS, MedsegConfig
+from medseg.errors import MedsegError
+from medseg.infer import load_model, segment_case
+from medseg.minio_server import free_port
+from medseg.model import build_network
+from medseg.storage import Storage
+
+TINY = {
+    "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
+    "infer": {"roi_size": [32, 32, 32]},
+}
+HEADER = "inference-header-content-length"
+
+
+def write_model(folder: Path) -> Path:
+    """A tiny SegResNet with fixed random weights, as a model artifact."""
+    cfg = MedsegConfig.model_validate(TINY)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    torch.save(build_network(cfg.model).state_dict(), folder / "model.pt")
+    (folder / "model.yaml").write_text(cfg.to_yaml())
+    return folder
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_model(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """``python -m model_server`` (the container's entrypoint) on free loopback ports."""
+    http, grpc = free_port(), free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    cmd = [sys.executable, "-m", "model_server", "--model_dir", str(model_dir)]
+    cmd += ["--http_port", str(http), "--grpc_port", str(grpc), "--max_request_mb", "4"]
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+    rest = f"http://127.0.0.1:{http}"
+    deadline = time.monotonic() + 120
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{rest}/v2/health/ready", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"server not ready in 120 s: {log.read_text()[-3000:]}")
+        time.sleep(0.5)
+    yield {"rest": rest, "grpc": f"127.0.0.1:{grpc}"}
+    proc.terminate()
+    try:
+        proc.wait(30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+@pytest.fixture(scope="module")
+def case(synth_root: Path) -> Path:
+    """A BraTS 2021 case folder (48×48×32; stored LPS, to exercise the reorientation)."""
+    return sorted(p for p in (synth_root / "brats2021").iterdir() if p.is_dir())[0]
+
+
+def _case_array(case: Path) -> tuple[np.ndarray, np.ndarray]:
+    imgs = [nib.load(next(case.glob(f"*_{m}.nii.gz"))) for m in ("t1", "t1ce", "t2", "flair")]
+    return np.stack([i.get_fdata(dtype=np.float32) for i in imgs]), imgs[0].affine  # type: ignore[attr-defined]
+
+
+def _mask(data: bytes) -> nib.Nifti1Image:
+    return nib.Nifti1Image.from_bytes(gzip.decompress(data))
+
+
+def _assert_good(server: dict[str, str], case: Path) -> None:
+    """The server still answers a good request."""
+    assert predict(server["rest"], [case]).volumes_ml.keys() == set(REGIONS)
+
+
+def test_rest_and_grpc_agree_with_in_process_inference(
+    server: dict[str, str], case: Path, model_dir: Path
+) -> None:
+    image, affine = _case_array(case)
+    expected = segment_case(load_model(str(model_dir), Storage()), image, affine)
+    rest = predict(server["rest"], [case])
+    grpc = predict(server["grpc"], [case], grpc=True)
+    for answer in (rest, grpc):
+        mask = _mask(answer.mask)
+        assert mask.shape == image.shape[1:]
+        np.testing.assert_allclose(mask.affine, affine, atol=1e-5)
+        np.testing.assert_array_equal(np.asarray(mask.dataobj), expected.label_map("brats2021"))
+        for region in REGIONS:
+            assert answer.volumes_ml[region] == pytest.approx(expected.volumes_ml[region], 1e-5)
+        assert answer.compute_ms is not None and answer.compute_ms > 0
+    # the volumes are the mask's voxels times the voxel volume
+    voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
+    wt = np.isin(np.asarray(_mask(rest.mask).dataobj), (1, 2, 4)).sum()
+    assert rest.volumes_ml["WT"] == pytest.approx(wt * voxel_ml, 1e-5)
+
+
+def test_raw_tensors_and_label_conventions(server: dict[str, str], case: Path) -> None:
+    as_nifti = predict(server["rest"], [case], label_convention="msd")
+    for dtype in ("FP32", "FP16"):
+        for grpc in (False, True):
+            url = server["grpc"] if grpc else server["rest"]
+            got = predict(url, [case], grpc=grpc, tensor=dtype, label_convention="msd")
+            assert got.label_convention == "msd"
+            labels = np.asarray(_mask(got.mask).dataobj)
+            assert set(np.unique(labels)) <= {0, 1, 2, 3}
+            if dtype == "FP32":  # the same voxels as the NIfTI request
+                assert got.volumes_ml == pytest.approx(as_nifti.volumes_ml)
+    probs = predict(server["rest"], [case], probabilities=True)
+    assert probs.probabilities is not None
+    assert probs.probabilities.size == 3 * int(np.prod(_mask(probs.mask).shape))
+
+
+_TRITON_SCRIPT = """
+import gzip, hashlib, json, sys
+import nibabel as nib, numpy as np
+import tritonclient.grpc as tgrpc, tritonclient.http as thttp
+rest, grpc, case = sys.argv[1:4]
+x = np.load(case)
+params = {"affine": ",".join(map(str, np.load(case.replace(".npy", ".aff.npy")).ravel())),
+          "label_convention": "brats2023"}
+report = []
+for module, url in ((thttp, rest), (tgrpc, grpc)):
+    client = module.InferenceServerClient(url)
+    assert client.is_server_ready() and client.is_model_ready("medseg")
+    inp = module.InferInput("image", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    outs = [module.InferRequestedOutput("mask"), module.InferRequestedOutput("volumes_ml")]
+    result = client.infer("medseg", [inp], outputs=outs, parameters=params)
+    mask = nib.Nifti1Image.from_bytes(gzip.decompress(result.as_numpy("mask").ravel()[0]))
+    meta = client.get_model_metadata("medseg")
+    outputs = meta["outputs"] if isinstance(meta, dict) else meta.outputs
+    report.append({
+        "volumes": result.as_numpy("volumes_ml").tolist(),
+        "mask": hashlib.sha256(np.asarray(mask.dataobj).tobytes()).hexdigest(),
+        "labels": sorted(int(v) for v in np.unique(np.asarray(mask.dataobj))),
+        "outputs": [o["name"] if isinstance(o, dict) else o.name for o in outputs],
+    })
+print(json.dumps(report))
+"""
+
+
+def test_standard_oip_clients_work_unchanged(
+    server: dict[str, str], case: Path, tmp_path: Path
+) -> None:
+    """tritonclient (HTTP with binary data, and gRPC) against our server, no adaptation.
+
+    In a process of its own: tritonclient's and kserve's protobuf modules both define the
+    ``inference`` package and cannot be imported into one interpreter.
+    """
+    image, affine = _case_array(case)
+    np.save(tmp_path / "x.npy", image[None].astype(np.float32))
+    np.save(tmp_path / "x.aff.npy", affine)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            _TRITON_SCRIPT,
+            server["rest"][7:],
+            server["grpc"],
+            str(tmp_path / "x.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    http, grpc = orjson.loads(done.stdout.strip().splitlines()[-1])
+    assert http["volumes"] == pytest.approx(grpc["volumes"]) and len(http["volumes"]) == 3
+    assert http["mask"] == grpc["mask"]
+    assert set(http["labels"]) <= {0, 1, 2, 3}  # BraTS 2023 labels, as asked
+    assert http["outputs"] == grpc["outputs"] == ["mask", "volumes_ml", "probabilities"]
+    ours = predict(server["rest"], [case], label_convention="brats2023")
+    assert http["volumes"] == pytest.approx([ours.volumes_ml[r] for r in REGIONS], rel=1e-5)
+
+
+def test_json_and_v1_requests(server: dict[str, str], case: Path) -> None:
+    image, _ = _case_array(case)
+    small = image[:, :24, :24, :16]
+    body = {
+        "inputs": [
+            {
+                "name": "image",
+                "datatype": "FP32",
+                "shape": [1, *small.shape],
+                "data": small.ravel().tolist(),
+                "parameters": {"spacing": "1,1,1.5"},
+            }
+        ]
+    }
+    r = httpx.post(f"{server['rest']}/v2/models/medseg/infer", json=body, timeout=60)
+    assert r.status_code == 200, r.text
+    doc = r.json()
+    out = {o["name"]: o for o in doc["outputs"]}
+    assert out["mask"]["parameters"]["content_encoding"] == "base64"
+    mask = _mask(base64.b64decode(out["mask"]["data"][0]))
+    assert mask.shape == small.shape[1:]
+    assert mask.header.get_zooms() == (1.0, 1.0, 1.5)
+    assert len(out["volumes_ml"]["data"]) == 3
+
+    b64 = {
+        m: base64.b64encode(next(case.glob(f"*_{f}.nii.gz")).read_bytes()).decode()
+        for m, f in (("t1", "t1"), ("t1gd", "t1ce"), ("t2", "t2"), ("flair", "flair"))
+    }
+    r = httpx.post(
+        f"{server['rest']}/v1/models/medseg:predict",
+        json={"instances": [{"modalities": b64}]},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    pred = r.json()["predictions"][0]
+    assert set(pred["volumes_ml"]) == set(REGIONS)
+    assert _mask(base64.b64decode(pred["mask_b64"])).shape == image.shape[1:]
+
+
+def _binary_request(inputs: list[tuple[dict, bytes]], **extra: object) -> tuple[bytes, dict]:
+    specs = []
+    for spec, raw in inputs:
+        specs.append(
+            {**spec, "parameters": {**spec.get("parameters", {}), "binary_data_size": len(raw)}}
+        )
+    head = orjson.dumps({"inputs": specs, **extra})
+    return head + b"".join(r for _, r in inputs), {HEADER: str(len(head))}
+
+
+def _bad_requests(case: Path) -> dict[str, tuple[bytes, dict, int, str]]:
+    image, _ = _case_array(case)
+    nan = image.copy()
+    nan[0, 1, 2, 3] = np.nan
+    nifti = next(case.glob("*_flair.nii.gz")).read_bytes()
+
+    def tensor(arr: np.ndarray, dtype: str = "FP32") -> tuple[bytes, dict]:
+        return _binary_request(
+            [({"name": "image", "datatype": dtype, "shape": [1, *arr.shape]}, arr.tobytes())]
+        )
+
+    def niftis(blobs: list[bytes]) -> tuple[bytes, dict]:
+        spec = {"name": "nifti", "datatype": "BYTES", "shape": [len(blobs)]}
+        return _binary_request([(spec, serialize_bytes(blobs))])
+
+    wrong_size = _binary_request(
+        [({"name": "image", "datatype": "FP32", "shape": [1, 4, 8, 8, 8]}, b"\0" * 100)]
+    )
+    return {
+        "three channels": (*tensor(image[:3]), 400, "expected 4 channels"),
+        "integer dtype": (*tensor(image.astype(np.int32), "INT32"), 400, "FP32 or FP16"),
+        "size mismatch": (*wrong_size, 400, "do not hold FP32 of shape"),
+        "NaN voxel": (*tensor(nan), 400, "NaN or Inf"),
+        "corrupt NIfTI": (*niftis([nifti[:200]]), 400, "not a readable NIfTI"),
+        "3D NIfTI alone": (*niftis([nifti]), 400, "must be a 4D image"),
+        "two files": (*niftis([nifti, nifti]), 400, "holds 2 files"),
+        "empty body": (b"", {}, 400, "empty request body"),
+        "not JSON": (b"{nope", {}, 400, "malformed"),
+        "unknown input": (
+            orjson.dumps(
+                {"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]}
+            ),
+            {},
+            400,
+            "unknown input 'x'",
+        ),
+        "bad convention": (
+            *_binary_request(
+                [
+                    (
+                        {"name": "image", "datatype": "FP32", "shape": [1, *image.shape]},
+                        image.tobytes(),
+                    )
+                ],
+                parameters={"label_convention": "brats1999"},
+            ),
+            400,
+            "unknown label_convention",
+        ),
+        "too large": (b"{" + b" " * (5 * 1024 * 1024) + b"}", {}, 413, "exceeds the limit"),
+    }
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "three channels",
+        "integer dtype",
+        "size mismatch",
+        "NaN voxel",
+        "corrupt NIfTI",
+        "3D NIfTI alone",
+        "two files",
+        "empty body",
+        "not JSON",
+        "unknown input",
+        "bad convention",
+        "too large",
+    ],
+)
+def test_bad_rest_input_is_a_4xx_and_the_server_keeps_serving(
+    server: dict[str, str], case: Path, name: str
+) -> None:
+    body, headers, status, message = _bad_requests(case)[name]
+    r = httpx.post(
+        f"{server['rest']}/v2/models/medseg/infer", content=body, headers=headers, timeout=60
+    )
+    assert r.status_code == status, r.text
+    assert message in r.text
+    _assert_good(server, case)
+
+
+def test_bad_grpc_input_is_invalid_argument(server: dict[str, str], case: Path) -> None:
+    bad = case.parent / "not-a-case"
+    bad.mkdir(exist_ok=True)
+    (bad / "x.nii.gz").write_bytes(b"\x1f\x8bgarbage")
+    with pytest.raises(MedsegError, match=r"INVALID_ARGUMENT.*not a readable NIfTI"):
+        predict(server["grpc"], [bad / "x.nii.gz"], grpc=True)
+    with pytest.raises(MedsegError, match=r"INVALID_ARGUMENT.*unknown label_convention"):
+        predict(server["grpc"], [case], grpc=True, label_convention="nope")
+    assert predict(server["grpc"], [case], grpc=True).compute_ms is not None
+
+
+def test_concurrent_requests_queue_and_all_succeed(server: dict[str, str], case: Path) -> None:
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: predict(server["rest"], [case]), range(4)))
+    assert len({tuple(r.volumes_ml.values()) for r in results}) == 1
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        st.recursive(
+            st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+            lambda kids: (
+                st.lists(kids, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(
+                        [
+                            "inputs",
+                            "name",
+                            "datatype",
+                            "shape",
+                            "data",
+                            "parameters",
+                            "binary_data_size",
+                            "outputs",
+                            "id",
+                        ]
+                    ),
+                    kids,
+                    max_size=5,
+                )
+            ),
+            max_leaves=20,
+        ).map(lambda doc: json.dumps(doc).encode()),
+    ),
+    st.one_of(st.none(), st.integers(-5, 400).map(str), st.text(max_size=4)),
+)
+def test_fuzzed_rest_bodies_never_get_a_5xx(
+    server: dict[str, str], body: bytes, header: str | None
+) -> None:
+    headers = {HEADER: header} if header is not None and header.isascii() else {}
+    r = httpx.post(
+        f"{server['rest']}/v2/models/medseg/infer", content=body, headers=headers, timeout=60
+    )
+    assert r.status_code < 500, (body[:200], header, r.text)
+
+
+def test_model_from_s3_and_load_errors(
+    model_dir: Path, storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    from model_server.predictor import MedsegPredictor
+
+    for f in ("model.pt", "model.yaml"):
+        storage.put_file(f"{bucket}/models/m/v1/{f}", model_dir / f)
+    model = MedsegPredictor("m", f"{bucket}/models/m/v1", storage=storage)
+    assert model.load() and model.ready
+    with pytest.raises(RuntimeError, match="is not a model artifact"):
+        MedsegPredictor("m", str(tmp_path)).load()
+    (tmp_path / "model.yaml").write_text((model_dir / "model.yaml").read_text())
+    (tmp_path / "model.pt").write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="does not fit"):
+        MedsegPredictor("m", str(tmp_path)).load()
+
+
+def test_binary_response_framing(server: dict[str, str], case: Path) -> None:
+    """Outputs requested as binary come after the JSON header, in the order listed."""
+    blobs = [next(case.glob(f"*_{m}.nii.gz")).read_bytes() for m in ("t1", "t1ce", "t2", "flair")]
+    body, headers = _binary_request(
+        [({"name": "nifti", "datatype": "BYTES", "shape": [4]}, serialize_bytes(blobs))],
+        outputs=[{"name": "volumes_ml", "parameters": {"binary_data": True}}],
+    )
+    r = httpx.post(
+        f"{server['rest']}/v2/models/medseg/infer", content=body, headers=headers, timeout=60
+    )
+    assert r.status_code == 200, r.text
+    n = int(r.headers[HEADER])
+    doc = orjson.loads(r.content[:n])
+    assert [o["name"] for o in doc["outputs"]] == ["volumes_ml"]
+    assert doc["outputs"][0]["parameters"]["binary_data_size"] == 12 == len(r.content) - n
+    vols = struct.unpack("<3f", r.content[n:])
+    assert all(v >= 0 for v in vols)
