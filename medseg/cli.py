@@ -26,6 +26,8 @@ datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True
 app.add_typer(datasets_app, name="datasets")
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit.")
+app.add_typer(pipeline_app, name="pipeline")
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
@@ -398,6 +400,111 @@ def datasets_list(store: StoreOpt = "s3://medseg") -> None:
                 m.created_at[:19],
             )
     console.print(table)
+
+
+def _pipeline_arguments(
+    source: str,
+    store: str,
+    config: Path | None,
+    epochs: int,
+    workers: int,
+    launcher: str,
+    threshold: float,
+    model_name: str,
+    deploy_target: str,
+    extra: list[str] | None,
+) -> dict[str, Any]:
+    args: dict[str, Any] = {
+        "source": source,
+        "store": store,
+        "epochs": epochs,
+        "workers": workers,
+        "launcher": launcher,
+        "dice_threshold": threshold,
+        "model_name": model_name,
+        "deploy_target": deploy_target,
+    }
+    if config is not None:
+        args["config_yaml"] = _config(config).to_yaml()
+    for item in extra or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MedsegError(f"--param takes KEY=VALUE, got {item!r}")
+        args[key] = int(value) if value.lstrip("-").isdigit() else value
+    return args
+
+
+PipelineSource = Annotated[str, typer.Option(help="Raw dataset folder (or s3:// prefix).")]
+PipelineParams = Annotated[
+    list[str] | None, typer.Option("--param", help="Any other pipeline parameter, KEY=VALUE.")
+]
+
+
+@pipeline_app.command("compile")
+@_handles_errors
+def pipeline_compile(
+    out: Annotated[Path, typer.Option("--out", "-o", help="IR YAML to write.")] = Path(
+        "medseg-pipeline.yaml"
+    ),
+) -> None:
+    """Compile the pipeline to KFP IR YAML."""
+    from medseg.pipeline_cli import compile_pipeline
+
+    console.print(f"compiled pipeline: {compile_pipeline(out)}")
+
+
+@pipeline_app.command("run")
+@_handles_errors
+def pipeline_run(
+    source: PipelineSource,
+    local: Annotated[bool, typer.Option("--local", help="Run through kfp.local.")] = False,
+    store: StoreOpt = "s3://medseg",
+    config: ConfigOpt = None,
+    epochs: Annotated[int, typer.Option(help="Overrides train.epochs when above 0.")] = 0,
+    workers: Annotated[int, typer.Option(help="Training processes.")] = 2,
+    launcher: Annotated[str, typer.Option(help="local or pytorchjob.")] = "local",
+    threshold: Annotated[float, typer.Option(help="Quality gate on mean Dice.")] = 0.8,
+    model_name: Annotated[str, typer.Option(help="Registry name.")] = "brats-segresnet",
+    root: Annotated[Path, typer.Option(help="kfp.local pipeline root.")] = Path(
+        ".medseg/kfp-local"
+    ),
+    param: PipelineParams = None,
+) -> None:
+    """Run the whole pipeline on this machine through kfp.local."""
+    if not local:
+        raise MedsegError("only --local runs here; use `medseg pipeline submit` for a cluster")
+    from medseg.pipeline_cli import run_local
+
+    args = _pipeline_arguments(
+        source, store, config, epochs, workers, launcher, threshold, model_name, "local", param
+    )
+    run_local(args, root)
+    console.print(f"pipeline finished; local outputs under {root}")
+
+
+@pipeline_app.command("submit")
+@_handles_errors
+def pipeline_submit(
+    source: PipelineSource,
+    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline:8888.")],
+    store: StoreOpt = "s3://medseg",
+    config: ConfigOpt = None,
+    epochs: Annotated[int, typer.Option(help="Overrides train.epochs when above 0.")] = 0,
+    workers: Annotated[int, typer.Option(help="PyTorchJob pods.")] = 2,
+    launcher: Annotated[str, typer.Option(help="local or pytorchjob.")] = "pytorchjob",
+    threshold: Annotated[float, typer.Option(help="Quality gate on mean Dice.")] = 0.8,
+    model_name: Annotated[str, typer.Option(help="Registry name.")] = "brats-segresnet",
+    experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "medseg",
+    param: PipelineParams = None,
+) -> None:
+    """Compile and start the pipeline on a Kubeflow Pipelines backend."""
+    from medseg.pipeline_cli import submit
+
+    args = _pipeline_arguments(
+        source, store, config, epochs, workers, launcher, threshold, model_name, "kserve", param
+    )
+    run_id = submit(host, args, experiment, Path(".medseg/medseg-pipeline.yaml"))
+    console.print(f"submitted run {run_id} to {host}")
 
 
 @app.command()

@@ -64,8 +64,18 @@ def resolve_model(storage: Storage, store: str, spec: str) -> str:
     return join(store, "models", name, version)
 
 
-def register(storage: Storage, store: str, run_id: str, name: str) -> dict[str, Any]:
+def register(
+    storage: Storage, store: str, run_id: str, name: str, evaluation: str | None = None
+) -> dict[str, Any]:
     """Copy a finished run's model into the registry as the next version of ``name``.
+
+    Args:
+        storage: Storage to use.
+        store: Root URI of the store.
+        run_id: The finished training run.
+        name: Model name.
+        evaluation: ``metrics.json`` of a ``medseg evaluate`` run on this model; its means
+            and gate go into the card.
 
     Returns:
         The model card.
@@ -99,5 +109,16 @@ def register(storage: Storage, store: str, run_id: str, name: str) -> dict[str, 
         "code_version": _code_version(),
         "created_at": datetime.now(UTC).isoformat(),
     }
+    if evaluation is not None:
+        ev = storage.get_json(evaluation)
+        card["evaluation"] = {
+            "uri": evaluation,
+            "dataset": ev["dataset"],
+            "split": ev["split"],
+            "dice": ev["dice"],
+            "hd95": ev["hd95"],
+            "dice_mean": ev["dice_mean"],
+            "gate": ev["gate"],
+        }
     storage.put_json(join(prefix, "model_card.json"), card)
     return card

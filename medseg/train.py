@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import yaml
 from monai.data import DataLoader
 from monai.losses import DiceLoss
 from monai.metrics import DiceMetric
@@ -43,7 +44,7 @@ from medseg.infer import Segmenter
 from medseg.manifest import DatasetRef
 from medseg.model import build_network
 from medseg.preprocess import preprocessed_prefix
-from medseg.storage import Storage, join
+from medseg.storage import Storage, is_s3, join
 from medseg.transforms import train_transforms
 
 __all__ = ["TrainResult", "train"]
@@ -364,10 +365,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--run-id", required=True)
     parser.add_argument("--store", default=os.environ.get("MEDSEG_STORE", "s3://medseg"))
-    parser.add_argument("--config", type=Path)
+    parser.add_argument("--config", help="YAML config: a local path or an s3:// URI.")
     args = parser.parse_args(argv)
-    cfg = MedsegConfig.load(args.config) if args.config else MedsegConfig()
     try:
+        cfg = MedsegConfig()
+        if args.config and is_s3(args.config):
+            raw = yaml.safe_load(Storage().get_bytes(args.config)) or {}
+            cfg = MedsegConfig.model_validate(raw)
+        elif args.config:
+            cfg = MedsegConfig.load(args.config)
         train(args.dataset, args.store, args.run_id, cfg)
     except MedsegError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -1,0 +1,238 @@
+"""Model server latency at full BraTS size: protocol overhead, concurrency, inference settings.
+
+All in one run, on 127.0.0.1:
+
+A. Protocol layers alone (``benchmarks/echo_server.py``: a trivial model answering a
+   ``[1, 3, X, Y, Z]`` uint8 output): one FP32 ``[1, 4, X, Y, Z]`` request over REST with the
+   binary data extension both ways, through kserve's stock REST handling and through medseg's
+   route, and over gRPC. Ratio: REST / gRPC (target ≤ 1.5).
+B. The real predictor (SegResNet from the default config, fixed random weights; inference cost
+   does not depend on the weights) on a synthetic full-size case: in-process compute
+   (:func:`medseg.infer.segment_case`) against end to end (client send → mask received) over
+   REST-binary and gRPC, NIfTI and raw-tensor inputs. Overhead = (end to end − compute) /
+   compute (target ≤ 5 %). Then throughput with 1, 2 and 4 concurrent clients.
+C. Inference settings: CPU latency of the served default (``InferConfig``: ROI 96×96×64, overlap
+   0.25, Gaussian blending) against MONAI's common default (ROI 128³, overlap 0.5); with
+   ``--model`` (a trained model artifact) also their mean Dice on held-out synthetic cases.
+
+Usage: ``python benchmarks/bench_serving.py [--shape 240 240 155] [--repeats 2] [--model DIR]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import httpx
+import nibabel as nib
+import numpy as np
+import torch
+
+from medseg.client import _grpc_infer, _rest_infer, predict
+from medseg.config import MedsegConfig
+from medseg.infer import Segmenter, load_model, segment_case
+from medseg.minio_server import free_port
+from medseg.model import build_network
+from medseg.storage import Storage
+from medseg.synth import write_dataset
+
+HERE = Path(__file__).resolve().parent
+MODALITIES = ("t1", "t1ce", "t2", "flair")
+
+
+class Server:
+    """A server subprocess on free loopback ports, ready when constructed."""
+
+    def __init__(self, cmd: list[str], log: Path):
+        self.http, self.grpc = free_port(), free_port()
+        cmd = [c.format(http=self.http, grpc=self.grpc) for c in cmd]
+        self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+        self.rest = f"http://127.0.0.1:{self.http}"
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if httpx.get(f"{self.rest}/v2/health/ready", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def _median(fn: Any, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def _tensor_call(url: str, x: np.ndarray, grpc: bool, model: str, outputs: list[str]) -> Any:
+    inp = {"name": "image", "datatype": "FP32", "shape": list(x.shape), "parameters": {}}
+    send = _grpc_infer if grpc else _rest_infer
+    return lambda: send(url, model, inp, x.tobytes(), {}, outputs, 900)
+
+
+def part_a(x: np.ndarray, tmp: Path, repeats: int) -> None:
+    mib = x.nbytes / 2**20
+    print(
+        f"\nA. protocol layers alone (trivial model), FP32 input {list(x.shape)} "
+        f"= {mib:.0f} MiB, UINT8 output [1, 3, ...] = {mib * 3 / 16:.1f} MiB"
+    )
+    rows = {}
+    for mode in ("stock", "fast"):
+        cmd = [sys.executable, str(HERE / "echo_server.py"), "{http}", "{grpc}", mode]
+        server = Server(cmd, tmp / f"echo-{mode}.log")
+        try:
+            call = _tensor_call(server.rest, x, False, "echo", ["mask"])
+            rows[f"REST binary, kserve {mode}"] = _median(call, 1 if mode == "stock" else repeats)
+            if mode == "fast":
+                grpc_call = _tensor_call(f"127.0.0.1:{server.grpc}", x, True, "echo", ["mask"])
+                rows["gRPC (kserve)"] = _median(grpc_call, repeats)
+        finally:
+            server.stop()
+    for name, seconds in rows.items():
+        print(f"  {name:<28} {seconds:8.2f} s   ({seconds / rows['gRPC (kserve)']:.2f}x gRPC)")
+
+
+def part_b(case: Path, model_dir: Path, tmp: Path, repeats: int) -> None:
+    imgs = [nib.load(next(case.glob(f"*_{m}.nii.gz"))) for m in MODALITIES]
+    image = np.stack([i.get_fdata(dtype=np.float32) for i in imgs])  # type: ignore[attr-defined]
+    affine = imgs[0].affine  # type: ignore[attr-defined]
+    seg = load_model(str(model_dir), Storage())
+    segment_case(seg, image, affine)  # warm-up
+    compute = _median(lambda: segment_case(seg, image, affine), repeats)
+    print(
+        f"\nB. real predictor on a synthetic case {list(image.shape)}; torch threads "
+        f"{torch.get_num_threads()}\n  in-process compute            {compute:8.2f} s"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "model_server",
+        "--model_dir",
+        str(model_dir),
+        "--http_port",
+        "{http}",
+        "--grpc_port",
+        "{grpc}",
+        "--max_concurrency",
+        "1",
+    ]
+    server = Server(cmd, tmp / "server.log")
+    try:
+        grpc_url = f"127.0.0.1:{server.grpc}"
+        predict(server.rest, [case])  # warm-up
+        paths = {
+            "REST binary, NIfTI": lambda: predict(server.rest, [case]),
+            "REST binary, FP32 tensor": lambda: predict(server.rest, [case], tensor="FP32"),
+            "gRPC, NIfTI": lambda: predict(grpc_url, [case], grpc=True),
+            "gRPC, FP32 tensor": lambda: predict(grpc_url, [case], grpc=True, tensor="FP32"),
+        }
+        results = {name: _median(fn, repeats) for name, fn in paths.items()}
+        for name, seconds in results.items():
+            overhead = (seconds - compute) / compute
+            print(f"  {name:<28} {seconds:8.2f} s   overhead {100 * overhead:+6.1f} % of compute")
+        print(
+            f"  REST/gRPC (FP32 tensor)      "
+            f"{results['REST binary, FP32 tensor'] / results['gRPC, FP32 tensor']:8.2f}x"
+        )
+        print("  concurrency (REST, NIfTI; the server segments one case at a time, others queue):")
+        for clients in (1, 2, 4):
+            t = time.perf_counter()
+            with ThreadPoolExecutor(clients) as pool:
+                lat = list(
+                    pool.map(lambda _: predict(server.rest, [case]).latency_s, range(clients))
+                )
+            wall = time.perf_counter() - t
+            print(
+                f"    {clients} clients: {clients / wall:.3f} cases/s, latency median "
+                f"{statistics.median(lat):.2f} s, max {max(lat):.2f} s"
+            )
+    finally:
+        server.stop()
+
+
+def part_c(case_dirs: list[Path], model_dir: Path | None, shape_cfg: MedsegConfig) -> None:
+    settings = {
+        "served default (96x96x64, overlap 0.25, gaussian)": {},
+        "MONAI default (128^3, overlap 0.5)": {"roi_size": [128, 128, 128], "overlap": 0.5},
+    }
+    print("\nC. inference settings (in-process, CPU)")
+    for name, infer in settings.items():
+        if model_dir is not None:
+            base = load_model(str(model_dir), Storage())
+            cfg = base.cfg.model_copy(update={"infer": base.cfg.infer.model_copy(update=infer)})
+            seg = Segmenter(cfg, base.net, base.device)
+        else:
+            cfg = shape_cfg.model_copy(update={"infer": shape_cfg.infer.model_copy(update=infer)})
+            torch.manual_seed(0)
+            seg = Segmenter(cfg, build_network(cfg.model).eval(), torch.device("cpu"))
+        times, dices = [], []
+        for case in case_dirs:
+            imgs = [nib.load(next(case.glob(f"*_{m}.nii.gz"))) for m in MODALITIES]
+            image = np.stack([i.get_fdata(dtype=np.float32) for i in imgs])  # type: ignore[attr-defined]
+            t = time.perf_counter()
+            out = segment_case(seg, image, imgs[0].affine)  # type: ignore[attr-defined]
+            times.append(time.perf_counter() - t)
+            if model_dir is not None:
+                from medseg.labels import get_convention
+
+                truth_img = nib.load(next(case.glob("*_seg.nii.gz")))
+                truth = get_convention("brats2021").to_regions(
+                    np.asarray(truth_img.dataobj).astype(np.int64)  # type: ignore[attr-defined]
+                )
+                for r in range(3):
+                    p, g = out.regions[r].astype(bool), truth[r].astype(bool)
+                    denom = p.sum() + g.sum()
+                    dices.append(1.0 if denom == 0 else 2 * (p & g).sum() / denom)
+        dice = f", mean Dice {np.mean(dices):.4f}" if dices else ""
+        print(f"  {name:<50} {statistics.median(times):7.2f} s/case{dice}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", type=int, nargs=3, default=(240, 240, 155))
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", type=Path, help="A trained model artifact folder (for C).")
+    parser.add_argument("--cases", type=int, default=2, help="Held-out synthetic cases for C.")
+    parser.add_argument("--skip", default="", help="Parts to skip, e.g. 'A' or 'AC'.")
+    args = parser.parse_args()
+    shape = tuple(args.shape)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        write_dataset(tmp / "data", "brats2021", n_cases=args.cases, shape=shape, seed=1234)
+        cases = sorted(p for p in (tmp / "data").iterdir() if p.is_dir())
+        cfg = MedsegConfig()
+        model_dir = args.model
+        if model_dir is None:
+            model_dir = tmp / "model"
+            model_dir.mkdir()
+            torch.manual_seed(0)
+            torch.save(build_network(cfg.model).state_dict(), model_dir / "model.pt")
+            (model_dir / "model.yaml").write_text(cfg.to_yaml())
+        if "A" not in args.skip:
+            x = np.random.default_rng(0).random((1, 4, *shape), dtype=np.float32)
+            part_a(x, tmp, args.repeats)
+        if "B" not in args.skip:
+            part_b(cases[0], model_dir, tmp, args.repeats)
+        if "C" not in args.skip:
+            part_c(cases, args.model, cfg)
+    print("\ncommand: python " + " ".join(sys.argv))
+
+
+if __name__ == "__main__":
+    main()

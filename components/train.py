@@ -1,0 +1,74 @@
+"""Train: ``medseg.train`` through a launcher — torchrun here, or a PyTorchJob on the cluster."""
+
+from kfp.dsl import Metrics, Model, Output
+
+from components.base import component
+
+
+@component
+def train_op(
+    dataset_spec: str,
+    store: str,
+    config_yaml: str,
+    epochs: int,
+    run_id: str,
+    launcher: str,
+    workers: int,
+    gpus_per_worker: int,
+    image: str,
+    namespace: str,
+    s3_secret: str,
+    s3_endpoint: str,
+    wait_timeout: int,
+    model: Output[Model],
+    metrics: Output[Metrics],
+) -> str:
+    """Train run ``run_id`` (resuming it if it has checkpoints); returns its model URI."""
+    import os
+    import tempfile
+
+    import yaml
+
+    from medseg.config import MedsegConfig
+    from medseg.launchers import PyTorchJobSpec, S3Secret, run_local, submit_pytorchjob
+    from medseg.storage import Storage, join
+
+    cfg = MedsegConfig.model_validate(yaml.safe_load(config_yaml) or {})
+    if epochs > 0:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    storage = Storage()
+    run_prefix = join(store, "runs", run_id)
+    config_uri = join(run_prefix, "config.yaml")
+    storage.put_bytes(config_uri, cfg.to_yaml().encode())
+    if launcher == "local":
+        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
+            tmp.write(cfg.to_yaml())
+        try:
+            run_local(dataset_spec, store, run_id, tmp.name, nproc=workers, env=dict(os.environ))
+        finally:
+            os.unlink(tmp.name)
+    else:
+        spec = PyTorchJobSpec(
+            name=f"medseg-{run_id}"[:63].lower(),
+            namespace=namespace,
+            image=image,
+            dataset=dataset_spec,
+            store=store,
+            run_id=run_id,
+            config_uri=config_uri,
+            workers=workers,
+            gpus_per_worker=gpus_per_worker,
+            s3=S3Secret(name=s3_secret, endpoint=s3_endpoint),
+        )
+        submit_pytorchjob(spec, wait_timeout=wait_timeout)
+    model_uri = join(run_prefix, "model")
+    lineage = storage.get_json(join(model_uri, "lineage.json"))
+    best = lineage["best"]
+    for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean"):
+        if best.get(key) is not None:
+            metrics.log_metric(f"best_val_{key}", round(float(best[key]), 4))
+    metrics.log_metric("best_epoch", best.get("epoch", 0))
+    model.metadata.update({"uri": model_uri, "run_id": run_id, "dataset": dataset_spec})
+    with open(model.path, "w") as f:
+        f.write(model_uri)
+    return model_uri

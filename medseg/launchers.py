@@ -1,0 +1,289 @@
+"""Training launchers: ``local`` (torchrun here) and ``pytorchjob`` (Kubeflow Training Operator).
+
+Both run the same entrypoint, ``python -m medseg.train``, under ``torchrun``. On a cluster the
+PyTorchJob has one Master and ``workers - 1`` Worker pods; the operator sets ``PET_NNODES``,
+``PET_NPROC_PER_NODE``, ``PET_NODE_RANK``, ``PET_MASTER_ADDR`` and ``PET_MASTER_PORT`` in every pod
+(its own ``RANK``/``WORLD_SIZE`` count pods, not processes), and the container starts torchrun
+from those, so several GPUs per pod each get a process. Only this module and
+:mod:`medseg.deploy` know about Kubernetes.
+"""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+from medseg.errors import MedsegError
+
+__all__ = [
+    "LAUNCHERS",
+    "PyTorchJobSpec",
+    "S3Secret",
+    "build_pytorchjob",
+    "run_local",
+    "submit_pytorchjob",
+]
+
+LAUNCHERS = ("local", "pytorchjob")
+
+
+@dataclass(frozen=True)
+class S3Secret:
+    """Where pods find the object store: a Secret's keys plus the non-secret endpoint."""
+
+    name: str = "medseg-s3"
+    access_key_key: str = "AWS_ACCESS_KEY_ID"
+    secret_key_key: str = "AWS_SECRET_ACCESS_KEY"
+    endpoint: str = "http://medseg-minio:9000"
+    use_https: bool = False
+    region: str = "us-east-1"
+
+    def env(self) -> list[Any]:
+        """``V1EnvVar`` list: credentials by ``secretKeyRef``, never by value."""
+        from kubernetes.client import V1EnvVar, V1EnvVarSource, V1SecretKeySelector
+
+        def ref(key: str) -> V1EnvVarSource:
+            return V1EnvVarSource(secret_key_ref=V1SecretKeySelector(name=self.name, key=key))
+
+        return [
+            V1EnvVar(name="AWS_ACCESS_KEY_ID", value_from=ref(self.access_key_key)),
+            V1EnvVar(name="AWS_SECRET_ACCESS_KEY", value_from=ref(self.secret_key_key)),
+            V1EnvVar(name="S3_ENDPOINT", value=self.endpoint),
+            V1EnvVar(name="S3_USE_HTTPS", value="1" if self.use_https else "0"),
+            V1EnvVar(name="AWS_REGION", value=self.region),
+        ]
+
+
+@dataclass(frozen=True)
+class PyTorchJobSpec:
+    """Everything a training PyTorchJob needs.
+
+    Attributes:
+        name: Job name (also the run id's Kubernetes name).
+        namespace: Namespace of the job.
+        image: The project image (holds medseg and torch).
+        dataset: ``NAME@VERSION``, preprocessed.
+        store: ``s3://BUCKET``.
+        run_id: Training run id (resumes if it has checkpoints).
+        config_uri: ``s3://…/config.yaml`` of the run's :class:`~medseg.config.MedsegConfig`.
+        workers: Pods (1 Master + ``workers - 1`` Workers).
+        gpus_per_worker: GPUs per pod (0: CPU and gloo); one process per GPU.
+        cpu, memory: Requests (and limits) per pod.
+        shm_size: Size of the memory-backed ``/dev/shm`` (DataLoader workers share tensors there).
+        max_restarts: torchrun restarts inside a pod, before the pod fails.
+        backoff_limit: Pod restarts (``restartPolicy: OnFailure``) before the job fails.
+        ttl_seconds: How long a finished job is kept.
+        s3: Object-store access.
+        service_account: The pods' ServiceAccount.
+    """
+
+    name: str
+    image: str
+    dataset: str
+    store: str
+    run_id: str
+    config_uri: str
+    namespace: str = "kubeflow"
+    workers: int = 2
+    gpus_per_worker: int = 0
+    cpu: str = "2"
+    memory: str = "8Gi"
+    shm_size: str = "2Gi"
+    max_restarts: int = 3
+    backoff_limit: int = 3
+    ttl_seconds: int = 86400
+    s3: S3Secret = field(default_factory=S3Secret)
+    service_account: str = "medseg-pipeline"
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise MedsegError(f"PyTorchJob needs at least 1 worker, got {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise MedsegError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+
+    def command(self) -> list[str]:
+        """The container command: torchrun from the operator's ``PET_*`` variables."""
+        train = [
+            "-m", "medseg.train",
+            "--dataset", self.dataset,
+            "--run-id", self.run_id,
+            "--store", self.store,
+            "--config", self.config_uri,
+        ]  # fmt: skip
+        script = (
+            'exec torchrun --nnodes="$PET_NNODES" --nproc-per-node="$PET_NPROC_PER_NODE" '
+            '--node-rank="$PET_NODE_RANK" --master-addr="$PET_MASTER_ADDR" '
+            f'--master-port="$PET_MASTER_PORT" --max-restarts={self.max_restarts} '
+            + " ".join(shlex.quote(a) for a in train)
+        )
+        return ["/bin/sh", "-c", script]
+
+
+def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
+    """The ``KubeflowOrgV1PyTorchJob`` (kubeflow-training SDK model) for ``spec``."""
+    from kubeflow.training import (
+        KubeflowOrgV1PyTorchJob,
+        KubeflowOrgV1PyTorchJobSpec,
+        KubeflowOrgV1ReplicaSpec,
+        KubeflowOrgV1RunPolicy,
+    )
+    from kubernetes.client import (
+        V1Capabilities,
+        V1Container,
+        V1EmptyDirVolumeSource,
+        V1ObjectMeta,
+        V1PodSecurityContext,
+        V1PodSpec,
+        V1PodTemplateSpec,
+        V1ResourceRequirements,
+        V1SeccompProfile,
+        V1SecurityContext,
+        V1Volume,
+        V1VolumeMount,
+    )
+
+    resources = {"cpu": spec.cpu, "memory": spec.memory}
+    limits = dict(resources)
+    if spec.gpus_per_worker:
+        limits["nvidia.com/gpu"] = str(spec.gpus_per_worker)
+    container = V1Container(
+        name="pytorch",  # the operator looks for this container name
+        image=spec.image,
+        command=spec.command(),
+        env=spec.s3.env(),
+        resources=V1ResourceRequirements(requests=resources, limits=limits),
+        volume_mounts=[V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        security_context=V1SecurityContext(
+            allow_privilege_escalation=False,
+            capabilities=V1Capabilities(drop=["ALL"]),
+            run_as_non_root=True,
+        ),
+    )
+    template = V1PodTemplateSpec(
+        metadata=V1ObjectMeta(labels={"app.kubernetes.io/part-of": "medseg"}),
+        spec=V1PodSpec(
+            containers=[container],
+            service_account_name=spec.service_account,
+            volumes=[
+                V1Volume(
+                    name="dshm",
+                    empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size),
+                )
+            ],
+            security_context=V1PodSecurityContext(
+                run_as_non_root=True,
+                run_as_user=1000,
+                fs_group=1000,
+                seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
+            ),
+        ),
+    )
+    replicas = {
+        "Master": KubeflowOrgV1ReplicaSpec(
+            replicas=1, restart_policy="OnFailure", template=template
+        )
+    }
+    if spec.workers > 1:
+        replicas["Worker"] = KubeflowOrgV1ReplicaSpec(
+            replicas=spec.workers - 1, restart_policy="OnFailure", template=template
+        )
+    return KubeflowOrgV1PyTorchJob(
+        api_version="kubeflow.org/v1",
+        kind="PyTorchJob",
+        metadata=V1ObjectMeta(
+            name=spec.name,
+            namespace=spec.namespace,
+            labels={"app.kubernetes.io/part-of": "medseg", "medseg/run-id": spec.run_id},
+        ),
+        spec=KubeflowOrgV1PyTorchJobSpec(
+            nproc_per_node=str(max(spec.gpus_per_worker, 1)),
+            pytorch_replica_specs=replicas,
+            run_policy=KubeflowOrgV1RunPolicy(
+                backoff_limit=spec.backoff_limit,
+                clean_pod_policy="Running",
+                ttl_seconds_after_finished=spec.ttl_seconds,
+            ),
+        ),
+    )
+
+
+def _failure_reason(job: Any) -> str:
+    conditions = (job.status.conditions or []) if job is not None and job.status else []
+    failed = [c for c in conditions if c.type == "Failed" and c.status == "True"]
+    if failed:
+        return f"{failed[-1].reason}: {failed[-1].message}"
+    return "no Failed condition reported"
+
+
+def submit_pytorchjob(
+    spec: PyTorchJobSpec, wait_timeout: int, client: Any = None, stream_logs: bool = True
+) -> Any:
+    """Create the job, stream the Master's logs, wait for success.
+
+    Args:
+        spec: The job.
+        wait_timeout: Seconds to wait for ``Succeeded`` (the SDK's own default is 600).
+        client: A ``TrainingClient`` (created from the in-cluster or kube config otherwise).
+        stream_logs: Print the Master's log lines as they come.
+
+    Raises:
+        MedsegError: When the job fails (with the operator's reason) or times out.
+    """
+    from kubeflow.training import TrainingClient
+
+    client = client or TrainingClient(namespace=spec.namespace, job_kind="PyTorchJob")
+    job = build_pytorchjob(spec)
+    client.create_job(job=job, namespace=spec.namespace)
+    if stream_logs:
+
+        def follow() -> None:
+            try:
+                client.get_job_logs(spec.name, namespace=spec.namespace, is_master=True,
+                                    follow=True, timeout=wait_timeout)  # fmt: skip
+            except Exception as exc:
+                print(f"[medseg] log stream ended: {exc}", file=sys.stderr)
+
+        threading.Thread(target=follow, daemon=True).start()
+    try:
+        return client.wait_for_job_conditions(
+            spec.name,
+            namespace=spec.namespace,
+            expected_conditions={"Succeeded"},
+            wait_timeout=wait_timeout,
+            polling_interval=15,
+        )
+    except TimeoutError:
+        raise MedsegError(
+            f"PyTorchJob {spec.namespace}/{spec.name} did not succeed within {wait_timeout} s"
+        ) from None
+    except RuntimeError:
+        current = client.get_job(spec.name, namespace=spec.namespace)
+        raise MedsegError(
+            f"PyTorchJob {spec.namespace}/{spec.name} failed: {_failure_reason(current)}"
+        ) from None
+
+
+def run_local(
+    dataset: str,
+    store: str,
+    run_id: str,
+    config_path: str,
+    nproc: int,
+    max_restarts: int = 3,
+    env: dict[str, str] | None = None,
+) -> None:
+    """Train here: ``medseg train`` with ``nproc`` torchrun processes (gloo on CPU).
+
+    Raises:
+        MedsegError: If training fails.
+    """
+    cmd = [sys.executable, "-m", "medseg", "train", "--dataset", dataset, "--run-id", run_id]
+    cmd += ["--store", store, "--config", config_path, "--nproc-per-node", str(nproc)]
+    cmd += ["--max-restarts", str(max_restarts)]
+    done = subprocess.run(cmd, env=env, check=False)
+    if done.returncode:
+        raise MedsegError(f"local training run {run_id} failed (exit code {done.returncode})")

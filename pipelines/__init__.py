@@ -1,0 +1,1 @@
+"""Kubeflow pipeline definitions (wiring only; the steps live in :mod:`components`)."""
