@@ -22,7 +22,6 @@ from components import (
     train_op,
 )
 from components.base import IMAGE
-from medseg.config import MedsegConfig
 
 __all__ = ["PIPELINE_NAME", "medseg_pipeline"]
 
@@ -69,7 +68,7 @@ def medseg_pipeline(
     dataset_name: str = "brats",
     store: str = "s3://medseg",
     labels: str = "",
-    config_yaml: str = MedsegConfig().to_yaml(),
+    config_yaml: str = "",
     epochs: int = 0,
     launcher: str = "local",
     workers: int = 2,
@@ -97,7 +96,8 @@ def medseg_pipeline(
         dataset_name: Dataset name in the store.
         store: ``s3://BUCKET`` for datasets, runs and models.
         labels: Label convention override (default: detected from the layout).
-        config_yaml: The full :class:`medseg.config.MedsegConfig` as YAML.
+        config_yaml: The full :class:`medseg.config.MedsegConfig` as YAML (empty: defaults).
+            One line of YAML flow style is safest: KFP copies defaults into a YAML comment.
         epochs: Overrides ``train.epochs`` when above 0.
         launcher: ``local`` (torchrun in the step) or ``pytorchjob``.
         workers: torchrun processes (local) or PyTorchJob pods.
