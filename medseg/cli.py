@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from medseg.config import DataConfig, MedsegConfig
+from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
 
 app = typer.Typer(help="medseg: 3D medical image segmentation MLOps.", no_args_is_help=True)
@@ -568,60 +568,49 @@ def demo(
     workdir: Annotated[Path, typer.Option(help="Scratch folder for the demo.")] = Path(
         ".medseg/demo"
     ),
-    cases: Annotated[int, typer.Option(min=2, help="Synthetic cases to generate.")] = 12,
+    cases: Annotated[int, typer.Option(min=4, help="Synthetic cases to generate.")] = 20,
+    epochs: Annotated[int, typer.Option(help="Override the demo's training epochs.")] = 0,
     source: Annotated[
         Path | None, typer.Option(help="Your own BraTS/MSD folder instead of synthetic data.")
     ] = None,
 ) -> None:
-    """The main job: local MinIO, synthetic data, ingest, preprocess, and a summary."""
-    from medseg.ingest import ingest as run_ingest
-    from medseg.preprocess import preprocess as run_preprocess
-    from medseg.synth import write_dataset
+    """The main job: the whole platform end to end on this machine (see medseg.demo)."""
+    import shutil
+
+    from medseg.demo import run_demo
 
     started = time.perf_counter()
+    shutil.rmtree(workdir / "minio-data", ignore_errors=True)  # a fresh store every run
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MEDSEG_ENV_FILE", str(workdir / "minio.env"))
+    os.environ.setdefault("MEDSEG_CACHE_DIR", str(workdir / "cache"))
     server = _start_local_minio(workdir / "minio-data", None, "medseg")
-    store = "s3://medseg"
     try:
-        console.rule("1. MinIO")
+        console.rule("medseg demo")
         console.print(f"real MinIO server on {server.endpoint} (data in {server.data_dir})")
-        console.rule("2. synthetic data")
-        if source is None:
-            source = workdir / "raw"
-            write_dataset(source, "brats2021", cases)
-            console.print(f"{cases} synthetic BraTS 2021 cases in {source}")
-        else:
-            console.print(f"using your dataset at {source}")
-        console.rule("3. ingest")
-        result = run_ingest(str(source), "demo", store)
-        m = result.manifest
-        console.print(
-            f"dataset {result.ref}: {len(m.cases)} valid, {len(m.quarantined)} quarantined, "
-            f"{'new version' if result.created else 'identical version already stored'}"
-        )
-        console.rule("4. preprocess")
-        t0 = time.perf_counter()
-        pre = run_preprocess(
-            f"demo@{result.ref.version}",
-            store,
-            DataConfig(),
-            workers=max(1, min(2, os.cpu_count() or 1)),
-        )
-        done = (
-            f"{pre.processed} cases preprocessed in {time.perf_counter() - t0:.1f}s"
-            if pre.processed
-            else "already preprocessed with this config (no-op)"
-        )
-        console.print(f"{done}: {pre.prefix}")
-        console.rule("done")
-        console.print(
-            "synth → ingest → preprocess on a local MinIO in "
-            f"{time.perf_counter() - started:.0f}s. Training, evaluation and serving "
-            "join this demo as they land."
-        )
+        result = run_demo(workdir, "s3://medseg", cases, source, epochs, say=console.print)
     finally:
         server.stop()
+    console.rule("results")
+    table = Table(title=f"model {result.model_uri}")
+    for col in ("region", "validation Dice", f"Dice on {result.case_id}", "volume (mL)"):
+        table.add_column(col, justify="right")
+    for region in result.dice_case:
+        table.add_row(
+            region,
+            f"{result.dice_validation[region]:.4f}",
+            f"{result.dice_case[region]:.4f}",
+            f"{result.volumes_ml[region]:.2f}",
+        )
+    mean = sum(result.dice_validation.values()) / len(result.dice_validation)
+    table.add_row("mean", f"{mean:.4f}", "", "")
+    console.print(table)
+    console.print(
+        f"latency of {result.case_id} end to end: REST {result.latency_rest_s:.2f} s, "
+        f"gRPC {result.latency_grpc_s:.2f} s"
+    )
+    console.print(f"HTML report: {result.report}\noverlay PNG: {result.overlay}")
+    console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
 
 
 def main() -> None:

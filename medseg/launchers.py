@@ -108,12 +108,17 @@ class PyTorchJobSpec:
     def command(self) -> list[str]:
         """The container command: torchrun from the operator's ``PET_*`` variables."""
         train = [
-            "-m", "medseg.train",
-            "--dataset", self.dataset,
-            "--run-id", self.run_id,
-            "--store", self.store,
-            "--config", self.config_uri,
-        ]  # fmt: skip
+            "-m",
+            "medseg.train",
+            "--dataset",
+            self.dataset,
+            "--run-id",
+            self.run_id,
+            "--store",
+            self.store,
+            "--config",
+            self.config_uri,
+        ]
         script = (
             'exec torchrun --nnodes="$PET_NNODES" --nproc-per-node="$PET_NPROC_PER_NODE" '
             '--node-rank="$PET_NODE_RANK" --master-addr="$PET_MASTER_ADDR" '
@@ -242,8 +247,13 @@ def submit_pytorchjob(
 
         def follow() -> None:
             try:
-                client.get_job_logs(spec.name, namespace=spec.namespace, is_master=True,
-                                    follow=True, timeout=wait_timeout)  # fmt: skip
+                client.get_job_logs(
+                    spec.name,
+                    namespace=spec.namespace,
+                    is_master=True,
+                    follow=True,
+                    timeout=wait_timeout,
+                )
             except Exception as exc:
                 print(f"[medseg] log stream ended: {exc}", file=sys.stderr)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -35,12 +36,22 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
     assert sorted(tasks) == sorted(f"{s}-op" for s in STEPS)
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     # each step waits for the one before it
-    for before, after in zip(STEPS, STEPS[1:], strict=False):
+    for before, after in itertools.pairwise(STEPS):
         assert f"{before}-op" in deps[f"{after}-op"], (before, after, deps[f"{after}-op"])
     assert deps["ingest-op"] == set()
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name in ("source", "epochs", "workers", "gpus_per_worker", "launcher", "dice_threshold",
-                 "min_replicas", "max_replicas", "deploy_target", "s3_secret"):  # fmt: skip
+    for name in (
+        "source",
+        "epochs",
+        "workers",
+        "gpus_per_worker",
+        "launcher",
+        "dice_threshold",
+        "min_replicas",
+        "max_replicas",
+        "deploy_target",
+        "s3_secret",
+    ):
         assert name in params
     assert params["launcher"]["defaultValue"] == "local"
     assert params["dice_threshold"]["defaultValue"] == 0.8
@@ -100,8 +111,13 @@ def test_pytorchjob_roundtrips_through_the_training_sdk() -> None:
         (container,) = pod["containers"]
         assert container["name"] == "pytorch" and container["image"] == spec.image
         script = container["command"][-1]
-        for var in ("PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR",
-                    "PET_MASTER_PORT"):  # fmt: skip
+        for var in (
+            "PET_NNODES",
+            "PET_NPROC_PER_NODE",
+            "PET_NODE_RANK",
+            "PET_MASTER_ADDR",
+            "PET_MASTER_PORT",
+        ):
             assert f'"${var}"' in script
         assert "-m medseg.train --dataset brats@abc --run-id run-1" in script
         assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
@@ -204,8 +220,9 @@ def test_inference_service_roundtrips_through_the_kserve_sdk() -> None:
     assert container["args"][container["args"].index("--model_dir") + 1] == "/mnt/models"
     assert data["metadata"]["annotations"]["serving.kserve.io/deploymentMode"] == "Standard"
     with pytest.raises(MedsegError, match="min_replicas <= max_replicas"):
-        InferenceServiceSpec(name="b", storage_uri="s3://m/x", image="i", min_replicas=4,
-                             max_replicas=2)  # fmt: skip
+        InferenceServiceSpec(
+            name="b", storage_uri="s3://m/x", image="i", min_replicas=4, max_replicas=2
+        )
     with pytest.raises(MedsegError, match="does not apply to Knative"):
         InferenceServiceSpec(name="b", storage_uri="s3://m/x", image="i", scale_metric="cpu")
 
@@ -222,8 +239,12 @@ class _FakeKServeClient:
         return {
             "status": {
                 "conditions": [
-                    {"type": "PredictorReady", "status": "False", "reason": "ImagePullBackOff",
-                     "message": "image not found"},  # fmt: skip
+                    {
+                        "type": "PredictorReady",
+                        "status": "False",
+                        "reason": "ImagePullBackOff",
+                        "message": "image not found",
+                    },
                 ]
             }
         }
@@ -239,7 +260,7 @@ class _FakeKServeClient:
 def test_inference_service_never_ready_reports_kserve_reason() -> None:
     client = _FakeKServeClient()
     spec = InferenceServiceSpec(name="b", storage_uri="s3://m/models/b/v1", image="i")
-    with pytest.raises(MedsegError, match="not Ready after 42 s.*ImagePullBackOff"):
+    with pytest.raises(MedsegError, match=r"not Ready after 42 s.*ImagePullBackOff"):
         deploy(spec, timeout=42, client=client)
     assert client.timeout == 42 and client.created
 
@@ -278,9 +299,25 @@ def test_local_pipeline_run_end_to_end(
     synth_root: Path, pipeline_env: dict[str, str], bucket: str, storage: Storage, tmp_path: Path
 ) -> None:
     (tmp_path / "cfg.yaml").write_text(MedsegConfig.model_validate(TINY).to_yaml())
-    args = ["pipeline", "run", "--local", "--source", str(synth_root / "brats2021"),
-            "--store", bucket, "--config", str(tmp_path / "cfg.yaml"), "--threshold", "0",
-            "--workers", "2", "--model-name", "tiny", "--root", str(tmp_path / "root")]  # fmt: skip
+    args = [
+        "pipeline",
+        "run",
+        "--local",
+        "--source",
+        str(synth_root / "brats2021"),
+        "--store",
+        bucket,
+        "--config",
+        str(tmp_path / "cfg.yaml"),
+        "--threshold",
+        "0",
+        "--workers",
+        "2",
+        "--model-name",
+        "tiny",
+        "--root",
+        str(tmp_path / "root"),
+    ]
     done = _cli(args, pipeline_env, tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
     card = storage.get_json(join(bucket, "models", "tiny", "v1", "model_card.json"))
@@ -299,16 +336,36 @@ def test_local_pipeline_run_end_to_end(
 def test_bad_pipeline_parameter_fails_in_the_first_step(
     synth_root: Path, pipeline_env: dict[str, str], bucket: str, tmp_path: Path
 ) -> None:
-    args = ["pipeline", "run", "--local", "--source", str(synth_root / "brats2021"),
-            "--store", bucket, "--launcher", "slurm", "--root", str(tmp_path / "root")]  # fmt: skip
+    args = [
+        "pipeline",
+        "run",
+        "--local",
+        "--source",
+        str(synth_root / "brats2021"),
+        "--store",
+        bucket,
+        "--launcher",
+        "slurm",
+        "--root",
+        str(tmp_path / "root"),
+    ]
     done = _cli(args, pipeline_env, tmp_path)
     out = done.stdout + done.stderr
     assert done.returncode != 0
     assert "launcher must be one of local, pytorchjob, got 'slurm'" in out
     assert "ingest-op" in out and "preprocess-op" not in out.split("launcher must be")[1]
     missing = _cli(
-        ["pipeline", "run", "--local", "--source", str(tmp_path / "nope"), "--store", bucket,
-         "--root", str(tmp_path / "root2")],  # fmt: skip
+        [
+            "pipeline",
+            "run",
+            "--local",
+            "--source",
+            str(tmp_path / "nope"),
+            "--store",
+            bucket,
+            "--root",
+            str(tmp_path / "root2"),
+        ],
         pipeline_env,
         tmp_path,
     )
