@@ -4,7 +4,7 @@ VENV := .venv/bin
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 export MYPY_CACHE_DIR ?= $(HOME)/.cache/medseg/mypy
 
-.PHONY: setup run demo test lint unit bench minio clean
+.PHONY: setup run demo test lint unit bench minio clean manifests images
 
 setup:
 	@bash scripts/setup.sh
@@ -19,8 +19,8 @@ demo: run
 test: setup lint unit
 
 lint:
-	$(VENV)/ruff check medseg tests benchmarks components pipelines model_server
-	$(VENV)/ruff format --check medseg tests benchmarks components pipelines model_server
+	$(VENV)/ruff check medseg tests benchmarks components pipelines model_server scripts
+	$(VENV)/ruff format --check medseg tests benchmarks components pipelines model_server scripts
 	$(VENV)/mypy
 
 unit:
@@ -29,6 +29,22 @@ unit:
 ## Benchmarks: each prints a ratio against a baseline measured in the same run.
 bench: setup
 	$(VENV)/python benchmarks/bench_preprocess_cache.py
+	$(VENV)/python benchmarks/bench_train_throughput.py
+	$(VENV)/python benchmarks/bench_serving.py
+
+## Regenerate manifests/ (kustomize) from the Helm chart; tests fail when they drift.
+manifests: setup
+	$(VENV)/python scripts/render_manifests.py
+
+## Container images (needs a Docker engine, which the development machines lack).
+IMAGE ?= ghcr.io/medseg/medseg
+SERVER_IMAGE ?= ghcr.io/medseg/medseg-server
+TAG ?= 0.1.0
+VARIANT ?= cpu
+images:
+	@command -v docker >/dev/null || { echo "make images needs a Docker engine (none here)"; exit 1; }
+	docker build -f images/Dockerfile --build-arg VARIANT=$(VARIANT) -t $(IMAGE):$(TAG) .
+	docker build -f images/Dockerfile.server --build-arg VARIANT=$(VARIANT) -t $(SERVER_IMAGE):$(TAG) .
 
 ## A local MinIO for interactive use; credentials go to .medseg/minio.env.
 minio: setup

@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--cases", type=int, default=12)
     parser.add_argument("--shape", type=int, nargs=3, default=(96, 96, 64))
     parser.add_argument("--epochs", type=int, default=3, help="Timed epochs (plus one warm-up).")
+    parser.add_argument("--roi", type=int, nargs=3, default=(64, 64, 48))
+    parser.add_argument("--init-filters", type=int, default=16)
     args = parser.parse_args()
     epochs = args.epochs + 2  # + warm-up + the last (validated) epoch
     cfg = MedsegConfig.model_validate(
@@ -107,9 +109,10 @@ def main() -> None:
                 "num_workers": 0,
                 "val_every": 1000,
                 "lr": 1e-3,
-                "roi_size": [64, 64, 48],
+                "roi_size": list(args.roi),
             },
-            "infer": {"roi_size": [64, 64, 48]},
+            "model": {"init_filters": args.init_filters},
+            "infer": {"roi_size": list(args.roi)},
         }
     )
     with tempfile.TemporaryDirectory() as tmp_name:

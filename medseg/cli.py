@@ -453,6 +453,22 @@ def pipeline_compile(
     console.print(f"compiled pipeline: {compile_pipeline(out)}")
 
 
+@pipeline_app.command("upload")
+@_handles_errors
+def pipeline_upload(
+    host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline:8888.")],
+    name: Annotated[str, typer.Option(help="Pipeline name on the backend.")] = "medseg-brats",
+    version: Annotated[str, typer.Option(help="Version name when the pipeline exists.")] = (
+        "0.1.0"
+    ),
+) -> None:
+    """Compile and upload the pipeline to a Kubeflow Pipelines backend (the chart's Job)."""
+    from medseg.pipeline_cli import upload
+
+    uploaded = upload(host, name, version, Path("/tmp/medseg-pipeline.yaml"))
+    console.print(f"uploaded pipeline {name} ({uploaded}) to {host}")
+
+
 @pipeline_app.command("run")
 @_handles_errors
 def pipeline_run(

@@ -28,18 +28,20 @@ from medseg.errors import MedsegError
 __all__ = ["DEMO_CONFIG", "DemoResult", "run_demo"]
 
 #: Settings for the synthetic demo: small volumes and a light SegResNet, so that two CPU cores
-#: train a model that really learned the task within the demo's time budget.
+#: train a model that really learned the task within the demo's time budget. Batches of 2, not 1:
+#: for a batch of one small volume PyTorch's CPU conv3d leaves oneDNN for its slow reference
+#: path (measured 0.93 s per step at batch 1 against 0.35 s at batch 2 for this model and ROI).
 DEMO_CONFIG: dict[str, Any] = {
     "model": {"init_filters": 8},
     "train": {
         "epochs": 40,
         "lr": 3e-3,
-        "batch_size": 1,
+        "batch_size": 2,
         "num_workers": 0,
         "roi_size": [48, 48, 40],
         "val_every": 5,
     },
-    "infer": {"roi_size": [48, 48, 40]},
+    "infer": {"roi_size": [48, 48, 40], "sw_batch_size": 4},
 }
 DEMO_SHAPE = (64, 64, 48)
 

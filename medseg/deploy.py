@@ -95,20 +95,10 @@ def _server_args(spec: InferenceServiceSpec) -> list[str]:
 def build_inference_service(spec: InferenceServiceSpec) -> Any:
     """The ``V1beta1InferenceService`` (kserve SDK model) for ``spec``."""
     from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
-    from kubernetes.client import (
-        V1Capabilities,
-        V1Container,
-        V1ContainerPort,
-        V1EnvVar,
-        V1ObjectMeta,
-        V1ResourceRequirements,
-        V1SecurityContext,
-    )
+    from kubernetes.client import V1Container, V1ContainerPort, V1EnvVar, V1ObjectMeta
 
-    requests = {"cpu": spec.cpu, "memory": spec.memory}
-    limits = dict(requests)
-    if spec.gpus:
-        limits["nvidia.com/gpu"] = str(spec.gpus)
+    from medseg.kube import container_security_context, pod_security_context, resources
+
     port = (
         V1ContainerPort(container_port=8080, name="http1", protocol="TCP")
         if spec.protocol == "rest"
@@ -121,13 +111,8 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
         args=_server_args(spec),
         env=[V1EnvVar(name="STORAGE_URI", value=spec.storage_uri)],
         ports=[port],
-        resources=V1ResourceRequirements(requests=requests, limits=limits),
-        security_context=V1SecurityContext(
-            allow_privilege_escalation=False,
-            capabilities=V1Capabilities(drop=["ALL"]),
-            run_as_non_root=True,
-            run_as_user=1000,
-        ),
+        resources=resources(spec.cpu, spec.memory, spec.gpus),
+        security_context=container_security_context(),
     )
     annotations = {"serving.kserve.io/deploymentMode": spec.deployment_mode}
     if spec.deployment_mode == "Standard":
@@ -144,6 +129,7 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
         spec=V1beta1InferenceServiceSpec(
             predictor=V1beta1PredictorSpec(
                 containers=[container],
+                security_context=pod_security_context(),
                 service_account_name=spec.service_account,
                 min_replicas=spec.min_replicas,
                 max_replicas=spec.max_replicas,

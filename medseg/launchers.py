@@ -137,36 +137,25 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
         KubeflowOrgV1RunPolicy,
     )
     from kubernetes.client import (
-        V1Capabilities,
         V1Container,
         V1EmptyDirVolumeSource,
         V1ObjectMeta,
-        V1PodSecurityContext,
         V1PodSpec,
         V1PodTemplateSpec,
-        V1ResourceRequirements,
-        V1SeccompProfile,
-        V1SecurityContext,
         V1Volume,
         V1VolumeMount,
     )
 
-    resources = {"cpu": spec.cpu, "memory": spec.memory}
-    limits = dict(resources)
-    if spec.gpus_per_worker:
-        limits["nvidia.com/gpu"] = str(spec.gpus_per_worker)
+    from medseg.kube import container_security_context, pod_security_context, resources
+
     container = V1Container(
         name="pytorch",  # the operator looks for this container name
         image=spec.image,
         command=spec.command(),
         env=spec.s3.env(),
-        resources=V1ResourceRequirements(requests=resources, limits=limits),
+        resources=resources(spec.cpu, spec.memory, spec.gpus_per_worker),
         volume_mounts=[V1VolumeMount(name="dshm", mount_path="/dev/shm")],
-        security_context=V1SecurityContext(
-            allow_privilege_escalation=False,
-            capabilities=V1Capabilities(drop=["ALL"]),
-            run_as_non_root=True,
-        ),
+        security_context=container_security_context(),
     )
     template = V1PodTemplateSpec(
         metadata=V1ObjectMeta(labels={"app.kubernetes.io/part-of": "medseg"}),
@@ -179,12 +168,7 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
                     empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size),
                 )
             ],
-            security_context=V1PodSecurityContext(
-                run_as_non_root=True,
-                run_as_user=1000,
-                fs_group=1000,
-                seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
-            ),
+            security_context=pod_security_context(),
         ),
     )
     replicas = {

@@ -12,7 +12,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-__all__ = ["compile_pipeline", "run_local", "submit"]
+__all__ = ["compile_pipeline", "run_local", "submit", "upload"]
 
 
 def compile_pipeline(out: Path) -> Path:
@@ -60,3 +60,18 @@ def submit(host: str, arguments: dict[str, Any], experiment: str, package: Path)
         str(package), arguments=arguments, experiment_name=experiment
     )
     return str(run.run_id)
+
+
+def upload(host: str, name: str, version: str, package: Path) -> str:
+    """Upload the compiled pipeline to a KFP backend as ``name`` (a new version if it exists)."""
+    import kfp
+
+    compile_pipeline(package)
+    client = kfp.Client(host=host)
+    existing = client.get_pipeline_id(name)
+    if existing is None:
+        return str(client.upload_pipeline(str(package), pipeline_name=name).pipeline_id)
+    result = client.upload_pipeline_version(
+        str(package), pipeline_version_name=version, pipeline_id=existing
+    )
+    return str(result.pipeline_version_id)

@@ -20,6 +20,7 @@ from medseg.errors import MedsegError
 from medseg.launchers import PyTorchJobSpec, S3Secret, build_pytorchjob, submit_pytorchjob
 from medseg.pipeline_cli import compile_pipeline
 from medseg.storage import Storage, join
+from tests.k8s import kserve_api_client
 
 STEPS = ["ingest", "preprocess", "train", "evaluate", "gate", "register", "deploy"]
 
@@ -179,21 +180,6 @@ def test_failed_pytorchjob_reports_the_operator_reason() -> None:
     assert client.created and client.wait_kwargs["wait_timeout"] == 7200
 
 
-def _kserve_api_client() -> Any:
-    """kserve's ApiClient, resolving the Kubernetes core models (V1ObjectMeta, V1Container …)
-    that kserve's generated models refer to but ``kserve.models`` does not re-export."""
-    import kserve
-    import kubernetes.client
-
-    class _ApiClient(kserve.ApiClient):  # type: ignore[misc]
-        def _ApiClient__deserialize(self, data: Any, klass: Any) -> Any:
-            if isinstance(klass, str) and not hasattr(kserve.models, klass):
-                klass = getattr(kubernetes.client.models, klass, klass)
-            return super()._ApiClient__deserialize(data, klass)
-
-    return _ApiClient()
-
-
 def test_inference_service_roundtrips_through_the_kserve_sdk() -> None:
     spec = InferenceServiceSpec(
         name="brats",
@@ -207,7 +193,7 @@ def test_inference_service_roundtrips_through_the_kserve_sdk() -> None:
         gpus=1,
     )
     isvc = build_inference_service(spec)
-    data, back = _roundtrip(isvc, _kserve_api_client(), "V1beta1InferenceService")
+    data, back = _roundtrip(isvc, kserve_api_client(), "V1beta1InferenceService")
     assert back == isvc
     predictor = data["spec"]["predictor"]
     assert (predictor["minReplicas"], predictor["maxReplicas"]) == (2, 5)

@@ -1,0 +1,243 @@
+"""The Helm chart and kustomize manifests, checked with the real helm and kubectl binaries."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.k8s import kserve_api_client
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "medseg"
+HELM = shutil.which("helm", path=str(ROOT / ".tools" / "bin")) or "helm"
+VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
+K8S_VERSIONS = ("1.30", "1.33")
+#: Custom resources: checked against their SDK models instead of Kubernetes' own schemas.
+CUSTOM = {("serving.kserve.io/v1beta1", "InferenceService")}
+
+
+def helm(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HELM, *args], capture_output=True, text=True, timeout=120)
+
+
+def render(*args: str) -> list[dict[str, Any]]:
+    done = helm("template", "medseg", str(CHART), "--namespace", "medseg", *args)
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+@pytest.mark.parametrize("values", VALUES, ids=lambda p: p.stem)
+def test_lint_strict(values: Path) -> None:
+    done = helm("lint", "--strict", str(CHART), "-f", str(values))
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 chart(s) failed" in done.stdout
+
+
+def _pod_specs(obj: dict[str, Any]) -> list[dict[str, Any]]:
+    kind = obj["kind"]
+    if kind in ("StatefulSet", "Deployment", "Job"):
+        return [obj["spec"]["template"]["spec"]]
+    if kind == "InferenceService":
+        return [obj["spec"]["predictor"]]
+    return []
+
+
+@pytest.mark.parametrize("values", VALUES, ids=lambda p: p.stem)
+def test_rendered_objects_are_valid_and_secure(values: Path) -> None:
+    objs = render("-f", str(values))
+    assert objs
+    pods = 0
+    for obj in objs:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM:
+            for version in K8S_VERSIONS:
+                kubernetes_validate.validate(obj, version, strict=True)
+        for pod in _pod_specs(obj):
+            pods += 1
+            where = f"{obj['kind']}/{obj['metadata']['name']}"
+            psc = pod["securityContext"]
+            assert psc["runAsNonRoot"] is True and psc["runAsUser"] != 0, where
+            assert psc["seccompProfile"]["type"] == "RuntimeDefault", where
+            for c in pod["containers"]:
+                sc = c["securityContext"]
+                assert sc["allowPrivilegeEscalation"] is False, where
+                assert sc["capabilities"]["drop"] == ["ALL"], where
+                assert sc["readOnlyRootFilesystem"] is True, where
+                assert c["resources"]["requests"] and c["resources"]["limits"], where
+                assert ":" in c["image"] and not c["image"].endswith(":latest"), where
+    assert pods >= 1
+
+
+@pytest.mark.parametrize("values", VALUES, ids=lambda p: p.stem)
+def test_inference_service_roundtrips_through_the_kserve_sdk(values: Path) -> None:
+    client = kserve_api_client()
+    isvcs = [o for o in render("-f", str(values)) if o["kind"] == "InferenceService"]
+    assert len(isvcs) == 1
+    (isvc,) = isvcs
+    model = client.deserialize(SimpleNamespace(data=json.dumps(isvc)), "V1beta1InferenceService")
+    assert client.sanitize_for_serialization(model) == isvc  # nothing lost or renamed
+    predictor = model.spec.predictor
+    assert predictor.min_replicas <= predictor.max_replicas
+    mode = isvc["metadata"]["annotations"]["serving.kserve.io/deploymentMode"]
+    allowed = {"Knative": {"concurrency", "rps"}, "Standard": {"cpu", "memory"}}[mode]
+    assert predictor.scale_metric in allowed
+
+
+def test_modes_and_gpu_render_as_asked() -> None:
+    (standard,) = [
+        o
+        for o in render("-f", str(CHART / "ci/standard-values.yaml"))
+        if o["kind"] == "InferenceService"
+    ]
+    assert standard["metadata"]["annotations"]["serving.kserve.io/autoscalerClass"] == "hpa"
+    assert standard["spec"]["predictor"]["containers"][0]["ports"][0]["name"] == "h2c"
+    (knative,) = [
+        o
+        for o in render("-f", str(CHART / "ci/knative-values.yaml"))
+        if o["kind"] == "InferenceService"
+    ]
+    assert knative["spec"]["predictor"]["minReplicas"] == 0  # scale to zero
+    (gpu,) = [
+        o
+        for o in render("-f", str(CHART / "ci/gpu-values.yaml"))
+        if o["kind"] == "InferenceService"
+    ]
+    assert gpu["spec"]["predictor"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+
+
+def test_external_s3_and_existing_secret_render_no_secret_value() -> None:
+    objs = render("-f", str(CHART / "ci/external-s3-values.yaml"))
+    kinds = {o["kind"] for o in objs}
+    assert "Secret" not in kinds and "StatefulSet" not in kinds and "NetworkPolicy" not in kinds
+    text = yaml.safe_dump_all(objs)
+    assert "hospital-s3-credentials" in text  # referenced by name only
+    config = next(o for o in objs if o["kind"] == "ConfigMap")
+    assert config["data"]["S3_ENDPOINT"] == "https://s3.eu-west-1.amazonaws.com"
+    assert config["data"]["S3_USE_HTTPS"] == "1"
+    sa = next(
+        o for o in objs if o["kind"] == "ServiceAccount" and "predictor" in o["metadata"]["name"]
+    )
+    assert sa["secrets"] == [{"name": "hospital-s3-credentials"}]
+    # with the bundled MinIO and given credentials, they appear only inside the Secret
+    objs = render("--set", "s3.accessKey=AKIAEXAMPLE", "--set", "s3.secretKey=s3cr3t-value")
+    for obj in objs:
+        dumped = yaml.safe_dump(obj)
+        if obj["kind"] != "Secret":
+            assert "s3cr3t-value" not in dumped and "czNjcjN0LXZhbHVl" not in dumped
+    secret = next(o for o in objs if o["kind"] == "Secret")
+    annotations = secret["metadata"]["annotations"]
+    assert annotations["serving.kserve.io/s3-endpoint"] == "medseg-minio.medseg.svc:9000"
+    assert annotations["serving.kserve.io/s3-usehttps"] == "0"
+
+
+def test_rbac_and_network_policy() -> None:
+    objs = render("-f", str(CHART / "ci/knative-values.yaml"))
+    role = next(o for o in objs if o["kind"] == "Role")
+    rules = {(r["apiGroups"][0], tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
+    crud = {"create", "get", "list", "watch", "patch", "delete"}
+    assert rules[("kubeflow.org", ("pytorchjobs",))] == crud
+    assert rules[("serving.kserve.io", ("inferenceservices",))] == crud
+    assert rules[("", ("pods", "pods/log"))] == {"get", "list"}
+    policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
+    sources = policy["spec"]["ingress"][0]["from"]
+    assert all(
+        s["podSelector"]["matchLabels"] == {"app.kubernetes.io/part-of": "medseg"} for s in sources
+    )
+    assert sources[1]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "kubeflow"
+    }
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "inferenceService.minReplicas=-1"], "minimum: got -1, want 0"),
+        (["--set", "inferenceService.maxReplicas=0"], "minimum: got 0, want 1"),
+        (["--set", "inferenceService.minReplicas=5"], "must not exceed maxReplicas"),
+        (["--set", "inferenceService.deploymentMode=Serverless"], "deploymentMode"),
+        (["--set-string", "inferenceService.maxReplicas=three"], "maxReplicas"),
+        (["--set", "inferenceService.scaleMetric=cpu"], "needs deploymentMode Standard"),
+        (
+            [
+                "--set",
+                "inferenceService.deploymentMode=Standard",
+                "--set",
+                "inferenceService.minReplicas=0",
+                "--set",
+                "inferenceService.scaleMetric=cpu",
+            ],
+            "at least 1 in Standard mode",
+        ),
+        (["--set", "minio.enabled=false"], "s3.endpoint is required"),
+        (["--set", "inferenceService.nope=1"], "additional properties 'nope' not allowed"),
+    ],
+    ids=[
+        "negative-min",
+        "zero-max",
+        "min-above-max",
+        "unknown-mode",
+        "wrong-type",
+        "metric-for-mode",
+        "standard-min-zero",
+        "no-endpoint",
+        "unknown-key",
+    ],
+)
+def test_bad_values_are_rejected_by_helm(args: list[str], message: str) -> None:
+    done = helm("template", "medseg", str(CHART), *args)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+
+
+def test_manifests_are_in_sync_with_the_chart(tmp_path: Path) -> None:
+    """``manifests/`` is exactly what scripts/render_manifests.py makes from the chart."""
+    out = tmp_path / "manifests"
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/render_manifests.py"),
+            "--out",
+            str(out),
+            "--helm",
+            HELM,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    committed = {
+        p.relative_to(ROOT / "manifests"): p.read_text()
+        for p in (ROOT / "manifests").rglob("*.yaml")
+    }
+    fresh = {p.relative_to(out): p.read_text() for p in out.rglob("*.yaml")}
+    assert committed == fresh, "run `make manifests` and commit the result"
+
+
+@pytest.mark.parametrize(("overlay", "values"), [("cpu", []), ("gpu", ["gpu-values.yaml"])])
+def test_kustomize_build_equals_the_chart_render(overlay: str, values: list[str]) -> None:
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(ROOT / "manifests" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    built = [d for d in yaml.safe_load_all(done.stdout) if d]
+    args = ["--set", "s3.existingSecret=medseg-s3"]
+    for v in values:
+        args += ["-f", str(CHART / "ci" / v)]
+    rendered = render(*args)
+
+    def by_key(objs: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(o["kind"], o["metadata"]["name"]): o for o in objs}
+
+    assert by_key(built) == by_key(rendered)
+    assert not any(o["kind"] == "Secret" for o in built)
