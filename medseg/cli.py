@@ -623,7 +623,7 @@ def demo(
     console.print(table)
     console.print(
         f"latency of {result.case_id} end to end: REST {result.latency_rest_s:.2f} s, "
-        f"gRPC {result.latency_grpc_s:.2f} s"
+        f"gRPC {result.latency_grpc_s:.2f} s (server compute {result.compute_ms} ms)"
     )
     console.print(f"HTML report: {result.report}\noverlay PNG: {result.overlay}")
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s")

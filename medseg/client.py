@@ -144,6 +144,7 @@ def predict(
         payload = serialize_bytes(blobs)
     outputs = ["mask", "volumes_ml"] + (["probabilities"] if probabilities else [])
     send = _grpc_infer if grpc else _rest_infer
+    _import_transport(grpc)  # module imports (kserve's protobufs: ~1 s) are not latency
     started = time.perf_counter()
     answer, reply_params = send(url, model, inp, payload, params, outputs, timeout)
     latency = time.perf_counter() - started
@@ -161,6 +162,14 @@ def predict(
         label_convention=str(reply_params.get("label_convention", label_convention)),
         probabilities=probs,
     )
+
+
+def _import_transport(grpc: bool) -> None:
+    if grpc:
+        import grpc as _grpc  # noqa: F401
+        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc  # noqa: F401
+    else:
+        import httpx  # noqa: F401
 
 
 def _rest_infer(

@@ -57,6 +57,7 @@ class DemoResult:
     volumes_ml: dict[str, float]
     latency_rest_s: float
     latency_grpc_s: float
+    compute_ms: int | None
     report: Path
     overlay: Path
     seconds: float
@@ -199,6 +200,7 @@ def run_demo(
         volumes_ml=rest.volumes_ml,
         latency_rest_s=rest.latency_s,
         latency_grpc_s=grpc.latency_s,
+        compute_ms=rest.compute_ms,
         report=report,
         overlay=overlay,
         seconds=time.perf_counter() - started,
