@@ -98,6 +98,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="Timed epochs (plus one warm-up).")
     parser.add_argument("--roi", type=int, nargs=3, default=(64, 64, 48))
     parser.add_argument("--init-filters", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2, help="Per process.")
     args = parser.parse_args()
     epochs = args.epochs + 2  # + warm-up + the last (validated) epoch
     cfg = MedsegConfig.model_validate(
@@ -105,7 +106,7 @@ def main() -> None:
             "split": {"val_fraction": 0.15},
             "train": {
                 "epochs": epochs,
-                "batch_size": 1,
+                "batch_size": args.batch,
                 "num_workers": 0,
                 "val_every": 1000,
                 "lr": 1e-3,
@@ -136,7 +137,7 @@ def main() -> None:
                 DatasetRef.resolve(storage, "s3://bench", "b").load(storage).split_ids("train")
             )
             print(
-                f"{args.cases} cases {list(args.shape)}, ROI {cfg.train.roi_size}, batch 1, "
+                f"{args.cases} cases {list(args.shape)}, ROI {cfg.train.roi_size}, batch {args.batch}, "
                 f"{args.epochs} timed epochs; torch threads {torch.get_num_threads()}"
             )
             cache_s, tutorial = tutorial_loop(raw, cfg, args.epochs)
