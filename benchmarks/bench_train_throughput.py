@@ -137,7 +137,8 @@ def main() -> None:
                 DatasetRef.resolve(storage, "s3://bench", "b").load(storage).split_ids("train")
             )
             print(
-                f"{args.cases} cases {list(args.shape)}, ROI {cfg.train.roi_size}, batch {args.batch}, "
+                f"{args.cases} cases {list(args.shape)}, ROI {cfg.train.roi_size}, "
+                f"batch {args.batch}, "
                 f"{args.epochs} timed epochs; torch threads {torch.get_num_threads()}"
             )
             cache_s, tutorial = tutorial_loop(raw, cfg, args.epochs)
