@@ -95,13 +95,17 @@ def preprocess_case(
     }
 
 
-def _run_case(
-    settings: StorageSettings, ref: DatasetRef, manifest: Manifest, case_id: str, cfg: DataConfig
-) -> dict[str, Any]:
-    """Worker: preprocess one case and store it; returns its index entry."""
+def _init_worker() -> None:
+    """One torch thread per worker process: the workers already use every core."""
     import torch
 
     torch.set_num_threads(1)
+
+
+def _run_case(
+    settings: StorageSettings, ref: DatasetRef, manifest: Manifest, case_id: str, cfg: DataConfig
+) -> dict[str, Any]:
+    """Preprocess one case and store it; returns its index entry."""
     storage = Storage(settings)
     case = manifest.case(case_id)
     with tempfile.TemporaryDirectory(prefix="medseg-pre-") as tmp:
@@ -197,7 +201,9 @@ def preprocess(
                 done[case_id] = _run_case(storage.settings, ref, manifest, case_id, cfg)
                 bar.advance(task)
         else:
-            with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=_SPAWN, initializer=_init_worker
+            ) as pool:
                 futures = {
                     pool.submit(_run_case, storage.settings, ref, manifest, c, cfg) for c in todo
                 }

@@ -130,3 +130,19 @@ def test_missing_dataset_is_a_clear_error(storage: Storage, bucket: str) -> None
         preprocess("nothing-here", bucket, storage=storage, progress=False)
     with pytest.raises(DatasetError, match="does not exist"):
         preprocess("nothing-here@abc", bucket, storage=storage, progress=False)
+
+
+def test_in_process_run_leaves_torch_threads_alone(
+    synth_root, storage: Storage, bucket: str
+) -> None:
+    """One thread per *worker process*; the caller (training next, say) keeps its own."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        ingest(str(synth_root / "msd"), "threads", bucket, storage=storage)
+        preprocess("threads", bucket, DataConfig(), storage=storage, progress=False)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
