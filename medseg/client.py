@@ -193,8 +193,12 @@ def _rest_infer(
     )
     response = httpx.post(
         f"{url.rstrip('/')}/v2/models/{model}/infer",
-        content=head + payload,
-        headers={"content-type": "application/octet-stream", _HEADER: str(len(head))},
+        content=iter((head, payload)),  # no 136 MiB concatenation
+        headers={
+            "content-type": "application/octet-stream",
+            "content-length": str(len(head) + len(payload)),
+            _HEADER: str(len(head)),
+        },
         timeout=timeout,
     )
     if response.status_code != 200:

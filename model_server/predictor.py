@@ -5,7 +5,8 @@ Open Inference Protocol v2 (REST and gRPC) inputs, one of:
 ``nifti`` (BYTES, shape ``[1]`` or ``[4]``)
     One 4D NIfTI (``.nii`` or ``.nii.gz``), or four 3D NIfTI files, one per modality. Their
     channel order is the request/input parameter ``channels`` (comma-separated modality names;
-    default ``t1,t1gd,t2,flair``; an MSD Task01 image is ``flair,t1,t1gd,t2``).
+    default ``t1,t1gd,t2,flair``; an MSD Task01 image is ``flair,t1,t1gd,t2``). In a JSON body
+    the elements are base64 strings, marked by the input parameter ``content_encoding: base64``.
 ``image`` (FP32 or FP16, shape ``[1, 4, X, Y, Z]`` or ``[4, X, Y, Z]``)
     A raw tensor in ``channels`` order, with its geometry as the parameter ``affine``
     (16 comma-separated numbers, row-major) or ``spacing`` (3 numbers, mm; identity directions).
@@ -154,6 +155,11 @@ class _BytesInput:
 
 def _from_niftis(inp: InferInput | _BytesInput, params: Any) -> Case:
     blobs = inp.as_numpy().reshape(-1)
+    if _param(inp.parameters, "content_encoding") == "base64":  # BYTES sent inside JSON
+        blobs = np.array(
+            [_b64(bytes(b).decode("ascii", "replace"), "input 'nifti'") for b in blobs],
+            dtype=np.object_,
+        )
     has_own = _param(inp.parameters, "channels") is not None
     order = _channel_order(inp.parameters if has_own else params)
     if blobs.size == 1:

@@ -226,6 +226,32 @@ def encode_response(
     return b"".join([head, *chunks]), headers
 
 
+async def _read_body(request: Request, declared: str | None, limit: int) -> bytearray | None:
+    """The whole body, or None past ``limit``.
+
+    With a Content-Length, one preallocated buffer is filled in place: growing a bytearray chunk
+    by chunk copies a 136 MiB body several times over.
+    """
+    if declared is not None and declared.isdigit():
+        size = int(declared)
+        body = bytearray(size)
+        view, filled = memoryview(body), 0
+        async for chunk in request.stream():
+            end = filled + len(chunk)
+            if end > size:
+                raise InvalidInput(f"request body is longer than its Content-Length ({size})")
+            view[filled:end] = chunk
+            filled = end
+        del view
+        return body if filled == size else body[:filled]
+    grown = bytearray()
+    async for chunk in request.stream():
+        grown += chunk
+        if len(grown) > limit:
+            return None
+    return grown
+
+
 def install(app: FastAPI, dataplane: DataPlane, max_request_bytes: int) -> None:
     """Route v2 REST infer requests on ``app`` to the fast path (call before the server starts)."""
 
@@ -235,11 +261,9 @@ def install(app: FastAPI, dataplane: DataPlane, max_request_bytes: int) -> None:
             return _error(
                 413, f"request of {int(declared)} bytes exceeds the limit of {max_request_bytes}"
             )
-        body = bytearray()
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > max_request_bytes:
-                return _error(413, f"request exceeds the limit of {max_request_bytes} bytes")
+        body = await _read_body(request, declared, max_request_bytes)
+        if body is None:
+            return _error(413, f"request exceeds the limit of {max_request_bytes} bytes")
         header = request.headers.get(HEADER_LENGTH)
         if header is not None and not header.isdigit():
             raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header!r}")

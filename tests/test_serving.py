@@ -229,6 +229,22 @@ def test_json_and_v1_requests(server: dict[str, str], case: Path) -> None:
     assert mask.header.get_zooms() == (1.0, 1.0, 1.5)
     assert len(out["volumes_ml"]["data"]) == 3
 
+    flair = base64.b64encode(next(case.glob("*_flair.nii.gz")).read_bytes()).decode()
+    nifti_json = {
+        "inputs": [
+            {
+                "name": "nifti",
+                "datatype": "BYTES",
+                "shape": [4],
+                "data": [flair] * 4,
+                "parameters": {"content_encoding": "base64"},
+            }
+        ]
+    }
+    r = httpx.post(f"{server['rest']}/v2/models/medseg/infer", json=nifti_json, timeout=60)
+    assert r.status_code == 200, r.text
+    assert len(r.json()["outputs"][1]["data"]) == 3
+
     b64 = {
         m: base64.b64encode(next(case.glob(f"*_{f}.nii.gz")).read_bytes()).decode()
         for m, f in (("t1", "t1"), ("t1gd", "t1ce"), ("t2", "t2"), ("flair", "flair"))
