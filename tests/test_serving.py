@@ -352,12 +352,12 @@ def test_bad_rest_input_is_a_4xx_and_the_server_keeps_serving(
     _assert_good(server, case)
 
 
-def test_bad_grpc_input_is_invalid_argument(server: dict[str, str], case: Path) -> None:
-    bad = case.parent / "not-a-case"
-    bad.mkdir(exist_ok=True)
-    (bad / "x.nii.gz").write_bytes(b"\x1f\x8bgarbage")
+def test_bad_grpc_input_is_invalid_argument(
+    server: dict[str, str], case: Path, tmp_path: Path
+) -> None:
+    (tmp_path / "x.nii.gz").write_bytes(b"\x1f\x8bgarbage")
     with pytest.raises(MedsegError, match=r"INVALID_ARGUMENT.*not a readable NIfTI"):
-        predict(server["grpc"], [bad / "x.nii.gz"], grpc=True)
+        predict(server["grpc"], [tmp_path / "x.nii.gz"], grpc=True)
     with pytest.raises(MedsegError, match=r"INVALID_ARGUMENT.*unknown label_convention"):
         predict(server["grpc"], [case], grpc=True, label_convention="nope")
     assert predict(server["grpc"], [case], grpc=True).compute_ms is not None
