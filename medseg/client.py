@@ -167,7 +167,11 @@ def predict(
 def _import_transport(grpc: bool) -> None:
     if grpc:
         import grpc as _grpc  # noqa: F401
-        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc  # noqa: F401
+
+        from medseg.kserve_import import clean_argv
+
+        with clean_argv():
+            from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc  # noqa: F401
     else:
         import httpx  # noqa: F401
 

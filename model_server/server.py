@@ -12,6 +12,8 @@ import argparse
 import os
 import sys
 
+from medseg.kserve_import import clean_argv
+
 __all__ = ["DEFAULT_MAX_REQUEST_MB", "parse_args", "serve"]
 
 #: Fits a full BraTS case as FP32 (136 MiB) with its JSON header and room to spare.
@@ -36,9 +38,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 def serve(argv: list[str] | None = None) -> None:
     """Load the model and serve it until SIGTERM/SIGINT."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    with clean_argv(argv):  # kserve parses sys.argv on import: let it see ours only
+        args = parse_args(argv)
+        import kserve.model_server as ks
     limit = args.max_request_mb * 1024 * 1024
-    import kserve.model_server as ks
 
     # GRPCServer reads its message limits from kserve's module-level args.
     ks.args.grpc_max_send_message_length = limit

@@ -444,3 +444,24 @@ def test_binary_response_framing(server: dict[str, str], case: Path) -> None:
     assert doc["outputs"][0]["parameters"]["binary_data_size"] == 12 == len(r.content) - n
     vols = struct.unpack("<3f", r.content[n:])
     assert all(v >= 0 for v in vols)
+
+
+def test_predict_command_over_rest_and_grpc(
+    server: dict[str, str], case: Path, tmp_path: Path
+) -> None:
+    """``medseg predict`` as a user runs it (its flags must not reach kserve's own parser)."""
+    runs = {
+        "rest": ["--url", server["rest"]],
+        "grpc": ["--url", server["grpc"], "--grpc", "--labels", "msd"],
+    }
+    for name, extra in runs.items():
+        out = tmp_path / f"{name}.nii.gz"
+        done = subprocess.run(
+            [sys.executable, "-m", "medseg", "predict", str(case), "--out", str(out), *extra],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "tumour volumes" in done.stdout and "latency" in done.stdout
+        assert _mask(out.read_bytes()).shape == _case_array(case)[0].shape[1:]
