@@ -7,11 +7,13 @@ on 127.0.0.1 only, on a free port, with generated credentials.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -46,6 +48,32 @@ def find_minio_binary() -> Path:
         "MinIO server binary not found: run `make setup` (it builds .tools/bin/minio), "
         "or set MEDSEG_MINIO_BIN"
     )
+
+
+def _pdeathsig_applies() -> bool:
+    """Whether to ask for the parent-death signal: on Linux, from the main thread only.
+
+    The kernel signals the child when the *thread* that forked it ends, so a server started from
+    a helper thread must not carry it.
+    """
+    import threading
+
+    return (
+        sys.platform.startswith("linux") and threading.current_thread() is threading.main_thread()
+    )
+
+
+def _die_with_parent() -> None:
+    """In the MinIO child, before exec: SIGTERM it when its parent dies (Linux ``prctl``).
+
+    A demo or test process killed with SIGKILL or SIGTERM runs no ``finally``; without this its
+    MinIO would keep running, holding its port and data directory.
+    """
+    import ctypes
+    import signal
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class MinioServer:
@@ -135,6 +163,7 @@ class MinioServer:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_die_with_parent if _pdeathsig_applies() else None,
         )
         log.close()
         deadline = time.monotonic() + timeout

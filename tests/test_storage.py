@@ -226,3 +226,37 @@ def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Pa
     monkeypatch.setenv("S3_ENDPOINT", "minio.svc:9000")
     monkeypatch.setenv("S3_USE_HTTPS", "0")
     assert StorageSettings.from_env().host_and_secure() == ("minio.svc:9000", False)
+
+
+def test_minio_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A SIGKILLed owner (no ``finally`` runs) does not leave its MinIO behind."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import sys, time\n"
+        "from medseg.minio_server import MinioServer\n"
+        "s = MinioServer(sys.argv[1]).start()\n"
+        "print(s._proc.pid, flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    owner = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "data")], stdout=subprocess.PIPE, text=True
+    )
+    assert owner.stdout is not None
+    minio_pid = int(owner.stdout.readline())
+    os.kill(owner.pid, signal.SIGKILL)
+    owner.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(minio_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(minio_pid, signal.SIGKILL)
+        raise AssertionError("MinIO outlived its owner")
