@@ -30,12 +30,11 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import httpx
 import nibabel as nib
 import numpy as np
 import torch
 
-from medseg.client import _grpc_infer, _rest_infer, predict
+from medseg.client import _grpc_infer, _rest_infer, predict, wait_ready
 from medseg.config import MedsegConfig
 from medseg.infer import Segmenter, load_model, segment_case
 from medseg.minio_server import free_port
@@ -55,16 +54,7 @@ class Server:
         cmd = [c.format(http=self.http, grpc=self.grpc) for c in cmd]
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
         self.rest = f"http://127.0.0.1:{self.http}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{self.rest}/v2/health/ready", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"server did not start: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_ready(self.rest, 180, self.proc, log)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -198,16 +188,18 @@ def part_c(case_dirs: list[Path], model_dir: Path | None, shape_cfg: MedsegConfi
             out = segment_case(seg, image, imgs[0].affine)  # type: ignore[attr-defined]
             times.append(time.perf_counter() - t)
             if model_dir is not None:
+                from medseg.evaluate import score_case
                 from medseg.labels import get_convention
 
                 truth_img = nib.load(next(case.glob("*_seg.nii.gz")))
                 truth = get_convention("brats2021").to_regions(
                     np.asarray(truth_img.dataobj).astype(np.int64)  # type: ignore[attr-defined]
                 )
-                for r in range(3):
-                    p, g = out.regions[r].astype(bool), truth[r].astype(bool)
-                    denom = p.sum() + g.sum()
-                    dices.append(1.0 if denom == 0 else 2 * (p & g).sum() / denom)
+                spacing = tuple(float(z) for z in truth_img.header.get_zooms()[:3])
+                scores = score_case(
+                    case.name, torch.as_tensor(out.regions), torch.as_tensor(truth), spacing
+                )
+                dices.extend(scores.dice.values())
         dice = f", mean Dice {np.mean(dices):.4f}" if dices else ""
         i = cfg.infer
         label = f"{name} (ROI {list(i.roi_size)}, overlap {i.overlap})"

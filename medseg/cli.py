@@ -435,6 +435,9 @@ def _pipeline_arguments(
 
 
 PipelineSource = Annotated[str, typer.Option(help="Raw dataset folder (or s3:// prefix).")]
+EpochsOpt = Annotated[int, typer.Option(help="Overrides train.epochs when above 0.")]
+ThresholdOpt = Annotated[float, typer.Option(help="Quality gate on the validation mean Dice.")]
+ModelNameOpt = Annotated[str, typer.Option(help="Registry name.")]
 PipelineParams = Annotated[
     list[str] | None, typer.Option("--param", help="Any other pipeline parameter, KEY=VALUE.")
 ]
@@ -476,11 +479,11 @@ def pipeline_run(
     local: Annotated[bool, typer.Option("--local", help="Run through kfp.local.")] = False,
     store: StoreOpt = "s3://medseg",
     config: ConfigOpt = None,
-    epochs: Annotated[int, typer.Option(help="Overrides train.epochs when above 0.")] = 0,
+    epochs: EpochsOpt = 0,
     workers: Annotated[int, typer.Option(help="Training processes.")] = 2,
     launcher: Annotated[str, typer.Option(help="local or pytorchjob.")] = "local",
-    threshold: Annotated[float, typer.Option(help="Quality gate on mean Dice.")] = 0.8,
-    model_name: Annotated[str, typer.Option(help="Registry name.")] = "brats-segresnet",
+    threshold: ThresholdOpt = 0.8,
+    model_name: ModelNameOpt = "brats-segresnet",
     root: Annotated[Path, typer.Option(help="kfp.local pipeline root.")] = Path(
         ".medseg/kfp-local"
     ),
@@ -505,11 +508,11 @@ def pipeline_submit(
     host: Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline:8888.")],
     store: StoreOpt = "s3://medseg",
     config: ConfigOpt = None,
-    epochs: Annotated[int, typer.Option(help="Overrides train.epochs when above 0.")] = 0,
+    epochs: EpochsOpt = 0,
     workers: Annotated[int, typer.Option(help="PyTorchJob pods.")] = 2,
     launcher: Annotated[str, typer.Option(help="local or pytorchjob.")] = "pytorchjob",
-    threshold: Annotated[float, typer.Option(help="Quality gate on mean Dice.")] = 0.8,
-    model_name: Annotated[str, typer.Option(help="Registry name.")] = "brats-segresnet",
+    threshold: ThresholdOpt = 0.8,
+    model_name: ModelNameOpt = "brats-segresnet",
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "medseg",
     param: PipelineParams = None,
 ) -> None:

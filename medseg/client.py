@@ -22,7 +22,7 @@ from medseg.config import CHANNELS, REGIONS
 from medseg.errors import MedsegError
 from medseg.layouts import SUFFIXES
 
-__all__ = ["Prediction", "case_files", "predict", "serialize_bytes"]
+__all__ = ["Prediction", "case_files", "predict", "serialize_bytes", "wait_ready"]
 
 #: gRPC message limit of the client (the server's default limit is 256 MiB too).
 GRPC_LIMIT = 256 * 1024 * 1024
@@ -73,6 +73,36 @@ def case_files(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
     if len(paths) not in (1, len(CHANNELS)):
         raise MedsegError(f"give one 4D NIfTI, four 3D files or a case folder, not {len(paths)}")
     return list(paths), list(CHANNELS)
+
+
+def wait_ready(url: str, timeout: float, proc: Any = None, log: Path | None = None) -> None:
+    """Wait until ``URL/v2/health/ready`` answers 200.
+
+    Args:
+        url: ``http://HOST:PORT`` of the server.
+        timeout: Seconds to wait.
+        proc: The server's ``Popen``; its exit ends the wait early.
+        log: The server's log file, quoted in the error.
+
+    Raises:
+        MedsegError: If the server exits or is not ready in time.
+    """
+    import httpx
+
+    def tail() -> str:
+        return log.read_text(errors="replace")[-2000:] if log and log.is_file() else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise MedsegError(f"model server exited with code {proc.returncode}: {tail()}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise MedsegError(f"model server at {url} not ready after {timeout:.0f} s: {tail()}")
 
 
 def serialize_bytes(items: Sequence[bytes]) -> bytes:

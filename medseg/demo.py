@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.config import REGIONS, MedsegConfig
+from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
 
 __all__ = ["DEMO_CONFIG", "DemoResult", "run_demo"]
@@ -63,27 +63,6 @@ class DemoResult:
     seconds: float
 
 
-def _dice(pred: np.ndarray, truth: np.ndarray) -> float:
-    total = pred.sum() + truth.sum()
-    return 1.0 if total == 0 else float(2 * (pred & truth).sum() / total)
-
-
-def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float) -> None:
-    import httpx
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise MedsegError(f"model server exited: {log.read_text()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise MedsegError(f"model server not ready after {timeout:.0f} s (log: {log})")
-
-
 def run_demo(
     workdir: Path,
     store: str,
@@ -96,8 +75,10 @@ def run_demo(
     import gzip
 
     import nibabel as nib
+    import torch
 
-    from medseg.client import predict
+    from medseg.client import predict, wait_ready
+    from medseg.evaluate import score_case
     from medseg.labels import get_convention
     from medseg.manifest import DatasetRef
     from medseg.minio_server import free_port
@@ -177,7 +158,7 @@ def run_demo(
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
     try:
         rest_url = f"http://127.0.0.1:{http_port}"
-        _wait_ready(rest_url, proc, log, 180)
+        wait_ready(rest_url, 180, proc, log)
         rest = predict(rest_url, [case_dir], model="demo-segresnet")
         grpc = predict(f"127.0.0.1:{grpc_port}", [case_dir], grpc=True, model="demo-segresnet")
     finally:
@@ -189,9 +170,13 @@ def run_demo(
     seg_file = next(case_dir.glob("*_seg.nii*"))
     truth = np.asarray(nib.load(str(seg_file)).dataobj)  # type: ignore[attr-defined]
     conv = get_convention("brats2021")
-    p_regions = conv.to_regions(pred.astype(np.int64)).astype(bool)
-    t_regions = conv.to_regions(np.rint(truth).astype(np.int64)).astype(bool)
-    dice_case = {r: _dice(p_regions[i], t_regions[i]) for i, r in enumerate(REGIONS)}
+    scores = score_case(
+        case_id,
+        torch.as_tensor(conv.to_regions(pred.astype(np.int64))),
+        torch.as_tensor(conv.to_regions(np.rint(truth).astype(np.int64))),
+        tuple(float(z) for z in nib.load(str(seg_file)).header.get_zooms()[:3]),  # type: ignore[attr-defined]
+    )
+    dice_case = scores.dice
     return DemoResult(
         model_uri=model_uri,
         dice_validation=dict(evaluation["dice"]),

@@ -95,8 +95,8 @@ def _channel_order(params: Any) -> list[int]:
     return [names.index(c) for c in CHANNELS]
 
 
-def decode_nifti(data: bytes, what: str) -> nib.Nifti1Image:
-    """A NIfTI-1/2 image from bytes (gzipped or not).
+def decode_nifti(data: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Voxels (float32, decoded once) and affine of NIfTI-1/2 bytes, gzipped or not.
 
     Raises:
         InvalidInput: If the bytes are empty or not a readable NIfTI.
@@ -108,8 +108,8 @@ def decode_nifti(data: bytes, what: str) -> nib.Nifti1Image:
         for cls in (nib.Nifti1Image, nib.Nifti2Image):
             try:
                 img = cls.from_bytes(raw)
-                img.get_fdata(dtype=np.float32)  # force a full read: truncation shows here
-                return img
+                # a full read: truncation shows here
+                return np.asarray(img.dataobj, dtype=np.float32), img.affine
             except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError):
                 continue
     except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
@@ -122,6 +122,11 @@ def encode_nifti(label: np.ndarray, affine: np.ndarray) -> bytes:
     img = nib.Nifti1Image(label.astype(np.uint8), affine)
     img.header.set_data_dtype(np.uint8)
     return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
+
+
+def _reorder(image: np.ndarray, order: list[int]) -> np.ndarray:
+    """Channels in canonical order; no copy of a full case when they already are."""
+    return image if order == list(range(len(order))) else image[order]
 
 
 def _check_image(image: np.ndarray, what: str) -> np.ndarray:
@@ -163,21 +168,20 @@ def _from_niftis(inp: InferInput | _BytesInput, params: Any) -> Case:
     has_own = _param(inp.parameters, "channels") is not None
     order = _channel_order(inp.parameters if has_own else params)
     if blobs.size == 1:
-        img = decode_nifti(bytes(blobs[0]), "input 'nifti'")
-        data = np.asarray(img.dataobj, dtype=np.float32)
+        data, affine = decode_nifti(bytes(blobs[0]), "input 'nifti'")
         if data.ndim != 4:
             raise InvalidInput(
                 f"input 'nifti': one file must be a 4D image [X, Y, Z, 4], got shape "
                 f"{list(data.shape)}; or send four 3D files"
             )
-        image = np.moveaxis(data, -1, 0)[order]
-        return Case(_check_image(np.ascontiguousarray(image), "input 'nifti'"), img.affine)
+        image = _reorder(np.moveaxis(data, -1, 0), order)
+        return Case(_check_image(np.ascontiguousarray(image), "input 'nifti'"), affine)
     if blobs.size != len(CHANNELS):
         raise InvalidInput(
             f"input 'nifti' holds {blobs.size} files: send one 4D NIfTI or {len(CHANNELS)} 3D ones"
         )
-    images = [decode_nifti(bytes(b), f"input 'nifti' file {i}") for i, b in enumerate(blobs)]
-    volumes = [np.asarray(i.dataobj, dtype=np.float32) for i in images]
+    decoded = [decode_nifti(bytes(b), f"input 'nifti' file {i}") for i, b in enumerate(blobs)]
+    volumes = [v for v, _ in decoded]
     shapes = {v.shape for v in volumes}
     if len(shapes) != 1 or volumes[0].ndim != 3:
         raise InvalidInput(
@@ -185,7 +189,7 @@ def _from_niftis(inp: InferInput | _BytesInput, params: Any) -> Case:
             f"{[list(v.shape) for v in volumes]}"
         )
     image = np.stack([volumes[i] for i in order])
-    return Case(_check_image(image, "input 'nifti'"), images[order[0]].affine)
+    return Case(_check_image(image, "input 'nifti'"), decoded[order[0]][1])
 
 
 def _from_tensor(inp: InferInput, params: Any) -> Case:
@@ -202,7 +206,7 @@ def _from_tensor(inp: InferInput, params: Any) -> Case:
     except ValueError as exc:
         raise InvalidInput(f"input 'image': data does not match shape {inp.shape}: {exc}") from None
     image = _check_image(arr.reshape(shape), "input 'image'")
-    image = image[_channel_order(inp.parameters if has_own else params)]
+    image = _reorder(image, _channel_order(inp.parameters if has_own else params))
     affine_raw = _param(inp.parameters, "affine", _param(params, "affine"))
     spacing_raw = _param(inp.parameters, "spacing", _param(params, "spacing"))
     if affine_raw is not None:

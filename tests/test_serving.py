@@ -9,7 +9,6 @@ import os
 import struct
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.client import predict, serialize_bytes
+from medseg.client import predict, serialize_bytes, wait_ready
 from medseg.config import REGIONS, MedsegConfig
 from medseg.errors import MedsegError
 from medseg.infer import load_model, segment_case
@@ -64,19 +63,11 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     with log.open("w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     rest = f"http://127.0.0.1:{http}"
-    deadline = time.monotonic() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"server exited: {log.read_text()[-3000:]}")
-        try:
-            if httpx.get(f"{rest}/v2/health/ready", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"server not ready in 120 s: {log.read_text()[-3000:]}")
-        time.sleep(0.5)
+    try:
+        wait_ready(rest, 120, proc, log)
+    except MedsegError as exc:
+        proc.kill()
+        pytest.fail(str(exc))
     yield {"rest": rest, "grpc": f"127.0.0.1:{grpc}"}
     proc.terminate()
     try:
