@@ -71,9 +71,7 @@ class _Handler(BaseHTTPRequestHandler):
         fault = self.server.plan.take()
         if fault == "reset":
             # SO_LINGER 0: close() sends RST, as a dropped connection behind a balancer does.
-            self.connection.setsockopt(
-                socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)
-            )
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             self.close_connection = True
             self.connection.close()
             return
