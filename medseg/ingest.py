@@ -310,8 +310,12 @@ def _source_key(
     rows: list[tuple[str, int, str]], labels: str | None, split: SplitConfig, strict: bool
 ) -> str:
     """The key of a source's content plus the options that shape its version."""
-    body = {"files": rows, "labels": labels, "split": split.model_dump(mode="json")}
-    body["strict"] = strict
+    body = {
+        "files": rows,
+        "labels": labels,
+        "split": split.model_dump(mode="json"),
+        "strict": strict,
+    }
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 

@@ -314,7 +314,12 @@ class Storage:
         client = self._s3()
         # put_object() turns every header it does not know into user metadata, so the
         # conditional PUT goes through the SDK's PutObject call (minio 7.2.x; pinned).
-        headers = {
+        if not callable(getattr(client, "_put_object", None)):
+            raise StorageError(
+                f"create {uri}: this minio SDK has no PutObject call with headers; "
+                "install the version pyproject.toml pins"
+            )
+        headers: dict[str, str | list[str] | tuple[str]] = {
             "If-None-Match": "*",
             "Content-Type": "application/octet-stream",
             f"x-amz-meta-{SHA_META}": digest,
@@ -459,8 +464,9 @@ class Storage:
             if not src_path.is_file():
                 raise ObjectNotFound(f"no such file: {uri}")
 
+            digest = hashlib.sha256()
+
             def copy(fh: BinaryIO) -> None:
-                digest = hashlib.sha256()
                 with open(src_path, "rb") as src:
                     for chunk in iter(lambda: src.read(_CHUNK), b""):
                         digest.update(chunk)
@@ -471,7 +477,7 @@ class Storage:
 
             size = src_path.stat().st_size
             _atomic_local_write(dest, copy, size)
-            return ObjectInfo(uri, size, sha256 or sha256_file(dest))
+            return ObjectInfo(uri, size, digest.hexdigest())
         info: list[ObjectInfo] = []
         size = self.stat(uri).size  # checked against the free space before the transfer
         _atomic_local_write(
