@@ -6,6 +6,7 @@ Each command parses its options and calls one library function; expected failure
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -545,39 +546,17 @@ def minio(
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     server = _start_local_minio(data_dir, port or None, bucket)
     console.print(f"MinIO on {server.endpoint}, bucket s3://{bucket}; Ctrl-C stops it")
-    try:
-        while not stop:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run_until(lambda: bool(stop))  # exits non-zero if MinIO dies
 
 
 def _start_local_minio(data_dir: Path, port: int | None, bucket: str) -> Any:
     """Start MinIO, write the env file, create the bucket; returns the running server."""
-    from medseg.minio_server import MinioServer
+    from medseg.minio_server import start_local
     from medseg.settings import env_file_path
-    from medseg.storage import Storage
 
-    env_file = env_file_path()
-    creds: dict[str, str] = {}
-    if env_file.is_file():  # keep credentials stable across restarts on the same data
-        for line in env_file.read_text().splitlines():
-            key, _, value = line.partition("=")
-            creds[key.strip()] = value.strip()
-    server = MinioServer(
-        data_dir,
-        port=port,
-        access_key=creds.get("AWS_ACCESS_KEY_ID"),
-        secret_key=creds.get("AWS_SECRET_ACCESS_KEY"),
-    ).start()
-    env_file.parent.mkdir(parents=True, exist_ok=True)
-    env_file.write_text("".join(f"{k}={v}\n" for k, v in server.env().items()))
-    env_file.chmod(0o600)
-    for key, value in server.env().items():
-        os.environ[key] = value
-    Storage(server.settings()).ensure_bucket(f"s3://{bucket}")
+    server = start_local(data_dir, port, bucket, env_file_path())
+    os.environ.update(server.env())
     return server
 
 

@@ -1,8 +1,10 @@
 """Read preprocessed cases for training and evaluation, through a local disk cache.
 
-Objects are content-addressed: a case is fetched once, its sha256 verified on download, and
-kept as ``CACHE/ab/abcdef….npz``. Later epochs (and later runs on the same machine) read the local
-file. The cache folder is ``MEDSEG_CACHE_DIR`` or ``~/.cache/medseg/data``.
+Objects are content-addressed: a case is fetched once, its bytes verified against the sha256
+that ``index.json`` records for it (whatever metadata the object carries) before the file
+appears in the cache, and kept as ``CACHE/ab/abcdef….npz``. Later epochs (and later runs on
+the same machine) read the local file. The cache folder is ``MEDSEG_CACHE_DIR`` or
+``~/.cache/medseg/data``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medseg.errors import DatasetError, ObjectNotFound
+from medseg.errors import ChecksumMismatch, DatasetError, DiskFull, ObjectNotFound
 from medseg.settings import StorageSettings
 from medseg.storage import Storage, join
 
@@ -89,12 +91,27 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
         return len(self.cases)
 
     def local_path(self, i: int) -> Path:
-        """Fetch case ``i`` into the cache if needed; return its local path."""
+        """Fetch case ``i`` into the cache if needed; return its local path.
+
+        Raises:
+            ChecksumMismatch: If the stored case is not the one the index recorded (the case
+                is named); nothing enters the cache then.
+            DiskFull: If the cache folder has no room for the case.
+        """
         case = self.cases[i]
         sha = case["sha256"]
         path = self.cache_dir / sha[:2] / f"{sha}.npz"
         if not path.is_file():
-            self.storage.get_file(join(self.prefix, case["key"]), path)
+            uri = join(self.prefix, case["key"])
+            try:
+                self.storage.get_file(uri, path, sha256=sha)
+            except ChecksumMismatch as exc:
+                raise ChecksumMismatch(
+                    f"case {case['case_id']}: the stored object is not the one the index "
+                    f"recorded ({exc}); re-run `medseg preprocess` after deleting it"
+                ) from None
+            except DiskFull as exc:
+                raise DiskFull(f"{exc} (the cache folder is set by MEDSEG_CACHE_DIR)") from None
         return path
 
     def __getitem__(self, i: int) -> Any:

@@ -36,3 +36,11 @@ class ChecksumMismatch(StorageError):
 
 class DatasetError(MedsegError):
     """A dataset (source folder, manifest or version) is missing or unusable."""
+
+
+class InvalidName(MedsegError):
+    """A dataset, model, run or case name breaks the naming rule of :mod:`medseg.names`."""
+
+
+class DiskFull(StorageError):
+    """A local folder has no room for a file; the message names the folder and the space needed."""

@@ -5,16 +5,26 @@ present and readable, one shape and one affine across them, finite values, a non
 labels within the convention. A bad case is quarantined with a reason that names the case, the
 file and the problem; the run fails only when no valid case is left (or any is bad, with
 ``strict``). Identifying NIfTI header text (``descrip``, ``aux_file``, ``db_name``,
-``intent_name``) is blanked in the stored copies. The manifest is written last: until it
-exists the version does not, so a crash never leaves a half-ingested version visible, and a
-re-run uploads only what is missing.
+``intent_name``) is blanked in the stored copies. A file that is a symbolic link to somewhere
+outside the source folder is not followed: its case is quarantined. The manifest is written
+last: until it exists the version does not, so a crash never leaves a half-ingested version
+visible, and a re-run uploads only what is missing.
+
+Re-ingesting is keyed on content, never on the source's path: the source's fingerprint (every
+file's relative path, size and sha256 for a folder; every object's key, size and ETag for an
+``s3://`` prefix) and the ingest options map to the version they produced, in
+``STORE/datasets/NAME/sources/KEY.json``. The same content again returns that version without
+reading it twice; new or changed files under the same folder or prefix make a new version.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import io
+import json
 import multiprocessing
+import os
 import tempfile
 import zlib
 from collections.abc import Iterable
@@ -28,13 +38,14 @@ import numpy as np
 from numpy.typing import NDArray
 
 from medseg.config import CHANNELS, SplitConfig
-from medseg.errors import DatasetError
+from medseg.errors import DatasetError, InvalidName
 from medseg.labels import LabelConvention, get_convention
 from medseg.layouts import LAYOUTS, RawCase, detect_layout, discover_cases
 from medseg.manifest import CaseEntry, DatasetRef, FileEntry, Manifest, QuarantinedCase
-from medseg.storage import Storage, is_s3, join, sha256_file
+from medseg.names import check_name
+from medseg.storage import Storage, is_s3, join, sha256_file, write_local
 
-__all__ = ["IngestResult", "ingest"]
+__all__ = ["IngestResult", "ingest", "source_fingerprint"]
 
 # Workers start fresh (no forked torch/OpenMP state from the parent).
 _SPAWN = multiprocessing.get_context("spawn")
@@ -81,12 +92,15 @@ class IngestResult:
         manifest: Its manifest.
         created: False when the identical version already existed (a no-op run).
         uploaded: Number of files uploaded in this run.
+        cached: True when the source's content fingerprint was already known, so nothing
+            was read beyond the fingerprint.
     """
 
     ref: DatasetRef
     manifest: Manifest
     created: bool
     uploaded: int
+    cached: bool = False
 
 
 def _read_nifti(path: Path, role: str) -> _Loaded:
@@ -225,8 +239,7 @@ def _validate(
         rel = f"{item.source.parent.name}/{item.name}" if case.image4d else item.name
         if item.sanitized is not None:
             dest = staging / case.case_id / rel
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            dest.write_bytes(item.sanitized)
+            write_local(dest, item.sanitized)
         else:
             dest = item.source
         staged[item.role] = dest
@@ -249,6 +262,61 @@ def _validate(
         label_counts=label_counts,
     )
     return entry, staged
+
+
+def _screen(case: RawCase, root: Path) -> QuarantinedCase | None:
+    """Refuse, before reading anything, a case with a bad id or a file outside ``root``."""
+    try:
+        check_name(case.case_id, "case id")
+    except InvalidName as exc:
+        return QuarantinedCase(case_id=case.case_id, file=None, reason=str(exc))
+    inside = root.resolve()
+    for path in case.files().values():
+        target = path.resolve()
+        if not target.is_relative_to(inside):
+            return QuarantinedCase(
+                case_id=case.case_id,
+                file=path.name,
+                reason=f"{path.name} is a symbolic link to {target}, outside the source "
+                f"folder {root}; links out of the source are not followed",
+            )
+    return None
+
+
+def source_fingerprint(source: str, storage: Storage) -> list[tuple[str, int, str]]:
+    """What the content of ``source`` is, without parsing it: one row per file or object.
+
+    A folder gives ``(relative path, size, sha256)`` per file, and ``(relative path, -1,
+    "symlink:TARGET")`` per symbolic link, which is never followed; an ``s3://`` prefix gives
+    ``(relative key, size, ETag)`` from one listing.
+    """
+    if is_s3(source):
+        base = source.rstrip("/") + "/"
+        return [(o.uri[len(base) :], o.size, o.etag or "") for o in storage.list(source)]
+    root = Path(source)
+    rows = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        for name in sorted(dirs + files):
+            path = Path(folder) / name
+            rel = str(path.relative_to(root))
+            if path.is_symlink():
+                rows.append((rel, -1, f"symlink:{os.readlink(path)}"))
+            elif name in files:
+                rows.append((rel, path.stat().st_size, sha256_file(path)))
+    return sorted(rows)
+
+
+def _source_key(
+    rows: list[tuple[str, int, str]], labels: str | None, split: SplitConfig, strict: bool
+) -> str:
+    """The key of a source's content plus the options that shape its version."""
+    body = {
+        "files": rows,
+        "labels": labels,
+        "split": split.model_dump(mode="json"),
+        "strict": strict,
+    }
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
 def _assign_split(ids: list[str], split: SplitConfig) -> dict[str, str]:
@@ -295,11 +363,39 @@ def ingest(
         The version, its manifest, and whether this run created it.
 
     Raises:
+        InvalidName: If ``name`` breaks the naming rule of :mod:`medseg.names`.
         DatasetError: If the source is unusable, no valid case is left, or ``strict`` and a case
             was quarantined.
+        DiskFull: If the local scratch folder runs out of space.
     """
+    check_name(name, "dataset name")
     storage = storage or Storage()
     split = split or SplitConfig()
+    if not is_s3(source) and not Path(source).is_dir():
+        raise DatasetError(f"dataset source {source} is not a folder")
+    rows = source_fingerprint(source, storage)
+    key = _source_key(rows, labels, split, strict)
+    record = join(store, "datasets", name, "sources", f"{key}.json")
+    if storage.exists(record):
+        ref = DatasetRef(store=store, name=name, version=storage.get_json(record)["version"])
+        if storage.exists(ref.manifest_uri):
+            return IngestResult(ref, ref.load(storage), created=False, uploaded=0, cached=True)
+    result = _ingest(source, name, store, storage, labels, split, strict, workers)
+    storage.put_json(record, {"version": result.ref.version, "files": len(rows)})
+    return result
+
+
+def _ingest(
+    source: str,
+    name: str,
+    store: str,
+    storage: Storage,
+    labels: str | None,
+    split: SplitConfig,
+    strict: bool,
+    workers: int,
+) -> IngestResult:
+    """Read, validate and store ``source`` (see :func:`ingest`)."""
     with tempfile.TemporaryDirectory(prefix="medseg-ingest-") as tmp:
         root = Path(source)
         if is_s3(source):
@@ -313,9 +409,13 @@ def ingest(
         if not cases:
             raise DatasetError(f"{source}: layout {layout} detected but no case found")
         staging = str(Path(tmp) / "staged")
-        checked = _map(((c, convention, staging) for c in cases), workers)
+        screened = {c.case_id: _screen(c, root) for c in cases}
+        refused = [q for q in screened.values() if q is not None]
+        readable = [c for c in cases if screened[c.case_id] is None]
+        checked = _map(((c, convention, staging) for c in readable), workers)
         good = [c for c in checked if c.entry is not None]
-        bad = [c.quarantine for c in checked if c.quarantine is not None]
+        bad = refused + [c.quarantine for c in checked if c.quarantine is not None]
+        bad.sort(key=lambda q: q.case_id)
         if not good:
             reasons = "; ".join(f"{q.case_id}: {q.reason}" for q in bad[:5])
             raise DatasetError(f"{source}: no valid case among {len(cases)} ({reasons})")
@@ -347,8 +447,8 @@ def ingest(
             assert c.entry is not None
             for f in c.entry.files:
                 uri = join(ref.prefix, f.key)
-                if storage.exists(uri) and storage.stat(uri).sha256 in (f.sha256, None):
-                    continue  # left by an interrupted earlier run; content-addressed, so equal
+                if storage.exists(uri) and storage.stat(uri).sha256 == f.sha256:
+                    continue  # left by an interrupted earlier run, with the very same bytes
                 storage.put_file(uri, c.staged[f.role])
                 uploaded += 1
         manifest = manifest.model_copy(

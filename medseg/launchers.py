@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.names import check_name
 
 __all__ = [
     "LAUNCHERS",
@@ -100,6 +101,7 @@ class PyTorchJobSpec:
     service_account: str = "medseg-pipeline"
 
     def __post_init__(self) -> None:
+        check_name(self.run_id, "run id")
         if self.workers < 1:
             raise MedsegError(f"PyTorchJob needs at least 1 worker, got {self.workers}")
         if self.gpus_per_worker < 0:
@@ -275,6 +277,7 @@ def run_local(
     Raises:
         MedsegError: If training fails.
     """
+    check_name(run_id, "run id")  # before torchrun starts N processes that would each refuse it
     cmd = [sys.executable, "-m", "medseg", "train", "--dataset", dataset, "--run-id", run_id]
     cmd += ["--store", store, "--config", config_path, "--nproc-per-node", str(nproc)]
     cmd += ["--max-restarts", str(max_restarts)]

@@ -7,7 +7,9 @@ A dataset version lives at ``STORE/datasets/NAME/VERSION/``::
     preprocessed/FINGERPRINT/...      static preprocessing outputs (see medseg.preprocess)
 
 ``VERSION`` is the content hash of the manifest, so the same data ingested twice is the same
-version. ``STORE/datasets/NAME/latest.json`` points at the newest version.
+version, and a manifest read back is checked against it. Every file entry records the sha256
+of the stored bytes, which every reader verifies. ``STORE/datasets/NAME/latest.json`` points at
+the newest version. Names and versions follow :mod:`medseg.names`.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 from medseg.errors import DatasetError, ObjectNotFound
+from medseg.names import check_name
 from medseg.storage import Storage, join
 
 __all__ = ["CaseEntry", "DatasetRef", "FileEntry", "Manifest", "QuarantinedCase"]
@@ -119,6 +122,16 @@ class DatasetRef(BaseModel):
     name: str
     version: str
 
+    @field_validator("name")
+    @classmethod
+    def _valid_name(cls, name: str) -> str:
+        return check_name(name, "dataset name")
+
+    @field_validator("version")
+    @classmethod
+    def _valid_version(cls, version: str) -> str:
+        return check_name(version, "dataset version")
+
     @property
     def prefix(self) -> str:
         """``STORE/datasets/NAME/VERSION``."""
@@ -142,6 +155,7 @@ class DatasetRef(BaseModel):
         name, _, version = spec.partition("@")
         if not name:
             raise DatasetError(f"dataset spec {spec!r} has no name (expected NAME[@VERSION])")
+        check_name(name, "dataset name")
         if version in ("", "latest"):
             pointer = join(store, "datasets", name, "latest.json")
             try:
@@ -156,5 +170,16 @@ class DatasetRef(BaseModel):
         return ref
 
     def load(self, storage: Storage) -> Manifest:
-        """Read the manifest."""
-        return Manifest.model_validate(storage.get_json(self.manifest_uri))
+        """Read the manifest, checked against the version (its content hash).
+
+        Raises:
+            DatasetError: If the manifest was changed after ingest (its hash is not the version).
+        """
+        manifest = Manifest.model_validate(storage.get_json(self.manifest_uri))
+        actual = manifest.content_hash()
+        if actual != self.version:
+            raise DatasetError(
+                f"dataset {self}: {self.manifest_uri} hashes to {actual}, not to its version "
+                "(changed after ingest); re-ingest the source"
+            )
+        return manifest

@@ -2,7 +2,9 @@
 
 The server binary is built from source by the set-up step (``go install``, pinned version) into
 ``.tools/bin/minio``; ``MEDSEG_MINIO_BIN`` or the ``PATH`` can point elsewhere. The server listens
-on 127.0.0.1 only, on a free port, with generated credentials.
+on 127.0.0.1 only, on a free port, with generated credentials. Its data folder and log are the
+owner's only (``0700``/``0600``) from the moment they exist, and so is the env file that
+:func:`start_local` writes with the credentials.
 """
 
 from __future__ import annotations
@@ -14,15 +16,73 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 from medseg.errors import MedsegError
 from medseg.settings import StorageSettings
 
-__all__ = ["MinioServer", "find_minio_binary", "free_port"]
+__all__ = [
+    "MinioServer",
+    "find_minio_binary",
+    "free_port",
+    "private_dir",
+    "read_env_file",
+    "start_local",
+    "write_env_file",
+]
+
+#: Owner-only modes of what holds objects or credentials.
+DIR_MODE = 0o700
+FILE_MODE = 0o600
+
+
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) readable by its owner only; tighten it if it exists.
+
+    ``mkdir``'s mode is filtered by the umask, so the mode is set explicitly as well.
+    """
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    for p in reversed(missing):
+        p.mkdir(mode=DIR_MODE, exist_ok=True)
+        os.chmod(p, DIR_MODE)
+    os.chmod(path, DIR_MODE)
+    return path
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> None:
+    """Write ``KEY=VALUE`` lines to ``path``, mode ``0600`` from the start, atomically.
+
+    The file is created by :func:`tempfile.mkstemp` (``0600``) in an owner-only folder and
+    renamed into place: at no moment can another user read the credentials.
+    """
+    folder = path.parent
+    if not folder.exists():
+        private_dir(folder)
+    fd, tmp = tempfile.mkstemp(prefix=".medseg-tmp-", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), FILE_MODE)
+            fh.write("".join(f"{k}={v}\n" for k, v in values.items()))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """The ``KEY=VALUE`` lines of an env file (empty when it does not exist)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        key, _, value = line.partition("=")
+        out[key.strip()] = value.strip()
+    return out
 
 
 def free_port() -> int:
@@ -138,7 +198,7 @@ class MinioServer:
         Raises:
             MedsegError: If it exits or is not ready within ``timeout`` seconds.
         """
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.data_dir)
         env = {
             **os.environ,
             "MINIO_ROOT_USER": self.access_key,
@@ -147,7 +207,9 @@ class MinioServer:
             "MINIO_UPDATE": "off",
             "MINIO_CI_CD": "1",
         }
-        log = open(self.log_path, "ab")  # noqa: SIM115 - owned by the child process
+        log = os.fdopen(  # owned by the child process
+            os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE), "ab"
+        )
         self._proc = subprocess.Popen(
             [
                 str(self.binary),
@@ -185,6 +247,29 @@ class MinioServer:
         except (urllib.error.URLError, ConnectionError, TimeoutError):
             return False
 
+    def exit_code(self) -> int | None:
+        """The server's exit code once it has exited on its own; ``None`` while it runs."""
+        return None if self._proc is None else self._proc.poll()
+
+    def run_until(self, stop: Callable[[], bool], poll: float = 0.5) -> None:
+        """Keep the server until ``stop()`` is true; then stop it.
+
+        Raises:
+            MedsegError: If the server exits by itself meanwhile (its code and log are named).
+        """
+        try:
+            while not stop():
+                code = self.exit_code()
+                if code is not None:
+                    tail = self.log_path.read_text(errors="replace")[-1000:]
+                    raise MedsegError(
+                        f"MinIO on {self.endpoint} exited with code {code} "
+                        f"(log {self.log_path}):\n{tail}"
+                    )
+                time.sleep(poll)
+        finally:
+            self.stop()
+
     def stop(self) -> None:
         """Stop the server (its data stays in ``data_dir``)."""
         if self._proc is None:
@@ -210,3 +295,35 @@ class MinioServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def start_local(data_dir: Path, port: int | None, bucket: str, env_file: Path) -> MinioServer:
+    """Start MinIO for local use, write its env file, create the bucket.
+
+    The credentials of an existing env file are reused, so a restart on the same data works.
+
+    Args:
+        data_dir: Where objects are kept (created owner-only).
+        port: API port; a free one when ``None``.
+        bucket: Bucket to create.
+        env_file: Where the endpoint and credentials go (mode ``0600``).
+
+    Returns:
+        The running server.
+    """
+    from medseg.storage import Storage
+
+    creds = read_env_file(env_file)
+    server = MinioServer(
+        data_dir,
+        port=port,
+        access_key=creds.get("AWS_ACCESS_KEY_ID"),
+        secret_key=creds.get("AWS_SECRET_ACCESS_KEY"),
+    ).start()
+    try:
+        write_env_file(env_file, server.env())
+        Storage(server.settings()).ensure_bucket(f"s3://{bucket}")
+    except BaseException:
+        server.stop()
+        raise
+    return server

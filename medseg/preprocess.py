@@ -108,13 +108,16 @@ def _run_case(
     """Preprocess one case and store it; returns its index entry."""
     storage = Storage(settings)
     case = manifest.case(case_id)
+    recorded = {f.key: f.sha256 for f in case.files}  # every raw file verified against these
     with tempfile.TemporaryDirectory(prefix="medseg-pre-") as tmp:
         try:
             arrays = preprocess_case(
                 manifest,
                 case,
                 cfg,
-                lambda key, dest: storage.get_file(join(ref.prefix, key), dest),
+                lambda key, dest: storage.get_file(
+                    join(ref.prefix, key), dest, sha256=recorded[key]
+                ),
                 Path(tmp),
             )
         except MedsegError:

@@ -3,23 +3,34 @@
 ``STORE/models/NAME/vN/`` holds ``model.pt``, ``model.yaml`` and ``model_card.json``; the card is
 written last, so a version exists only once it is complete. Versions only grow (v1, v2, …);
 ``NAME@latest`` is the highest.
+
+A version number is taken by creating ``vN/claim.json`` exclusively (S3 ``If-None-Match: *``,
+an atomic create on a local store): of concurrent registrations of one name, in any number of
+processes or machines, each gets its own number and none overwrites another. A number claimed
+by a registration that then failed stays unused. Names follow :mod:`medseg.names`.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.names import check_name
 from medseg.storage import Storage, join
 
 __all__ = ["list_models", "register", "resolve_model"]
 
 _VERSION = re.compile(r"/models/([^/]+)/v(\d+)/model_card\.json$")
+_TAKEN = re.compile(r"/models/[^/]+/v(\d+)/")
 _FILES = ("model.pt", "model.yaml")
+#: Give up claiming after this many numbers were taken under our feet (a runaway, not a race).
+_MAX_CLAIMS = 1000
 
 
 def _code_version() -> str:
@@ -39,6 +50,8 @@ def _code_version() -> str:
 
 def list_models(storage: Storage, store: str, name: str | None = None) -> list[dict[str, Any]]:
     """Model cards in the registry, by name then version."""
+    if name is not None:
+        check_name(name, "model name")
     cards = []
     for obj in storage.list(join(store, "models", name or "")):
         if _VERSION.search(obj.uri):
@@ -53,6 +66,9 @@ def resolve_model(storage: Storage, store: str, spec: str) -> str:
         MedsegError: If the model or version is not registered.
     """
     name, _, version = spec.partition("@")
+    check_name(name, "model name")
+    if version not in ("", "latest"):
+        check_name(version, "model version")
     cards = list_models(storage, store, name)
     if not cards:
         raise MedsegError(f"no model {name!r} registered in {store}")
@@ -81,8 +97,12 @@ def register(
         The model card.
 
     Raises:
+        InvalidName: If ``name`` or ``run_id`` breaks the naming rule.
         MedsegError: If the run has no finished model.
+        ChecksumMismatch: If a model file no longer matches the hash its run recorded.
     """
+    check_name(name, "model name")
+    check_name(run_id, "run id")
     run_model = join(store, "runs", run_id, "model")
     try:
         lineage = storage.get_json(join(run_model, "lineage.json"))
@@ -90,13 +110,18 @@ def register(
         raise MedsegError(
             f"run {run_id} has no finished model ({run_model}/lineage.json)"
         ) from None
-    existing = list_models(storage, store, name)
-    number = existing[-1]["version_number"] + 1 if existing else 1
+    recorded = lineage.get("files", {})
+    blobs = {f: storage.get_bytes(join(run_model, f), sha256=recorded.get(f)) for f in _FILES}
+    summary = None
+    if evaluation is not None:  # read everything before a version number is taken
+        ev = storage.get_json(evaluation)
+        summary = {
+            "uri": evaluation,
+            **{k: ev[k] for k in ("dataset", "split", "dice", "hd95", "dice_mean", "gate")},
+        }
+    number = _claim_version(storage, store, name, run_id)
     prefix = join(store, "models", name, f"v{number}")
-    files = {}
-    for f in _FILES:
-        data = storage.get_bytes(join(run_model, f))
-        files[f] = storage.put_bytes(join(prefix, f), data).sha256
+    files = {f: storage.put_bytes(join(prefix, f), data).sha256 for f, data in blobs.items()}
     card = {
         "name": name,
         "version": f"v{number}",
@@ -109,16 +134,28 @@ def register(
         "code_version": _code_version(),
         "created_at": datetime.now(UTC).isoformat(),
     }
-    if evaluation is not None:
-        ev = storage.get_json(evaluation)
-        card["evaluation"] = {
-            "uri": evaluation,
-            "dataset": ev["dataset"],
-            "split": ev["split"],
-            "dice": ev["dice"],
-            "hd95": ev["hd95"],
-            "dice_mean": ev["dice_mean"],
-            "gate": ev["gate"],
-        }
+    if summary is not None:
+        card["evaluation"] = summary
     storage.put_json(join(prefix, "model_card.json"), card)
     return card
+
+
+def _claim_version(storage: Storage, store: str, name: str, run_id: str) -> int:
+    """Take the next free version number of ``name`` for good (see the module docstring).
+
+    Raises:
+        MedsegError: If no number could be claimed in :data:`_MAX_CLAIMS` tries.
+    """
+    taken = [
+        int(m.group(1))
+        for o in storage.list(join(store, "models", name))
+        if (m := _TAKEN.search(o.uri))
+    ]
+    number = max(taken, default=0) + 1
+    claim = {"run_id": run_id, "token": uuid.uuid4().hex, "at": datetime.now(UTC).isoformat()}
+    body = json.dumps(claim, sort_keys=True).encode()
+    for _ in range(_MAX_CLAIMS):
+        if storage.create_bytes(join(store, "models", name, f"v{number}", "claim.json"), body):
+            return number
+        number += 1
+    raise MedsegError(f"model {name}: could not claim a version after {_MAX_CLAIMS} tries")

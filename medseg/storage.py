@@ -10,20 +10,33 @@ Guarantees:
   is invisible until the server commits it (``CompleteMultipartUpload``); a failed multipart
   upload is aborted, so its parts never become an object.
 * **Checksums.** Every object written to S3 carries its sha256 in ``x-amz-meta-sha256``; reads
-  verify it and raise :class:`~medseg.errors.ChecksumMismatch` on a difference.
-* **Retries.** Connection errors and 5xx answers are retried with exponential backoff for
-  ``retry_seconds``; uploads restart from their source, so a server that restarts mid-transfer
-  is survived. After the deadline, :class:`~medseg.errors.EndpointUnreachable` names the
-  endpoint and the key.
+  verify it and raise :class:`~medseg.errors.ChecksumMismatch` on a difference. A caller that
+  knows the hash from elsewhere (a manifest, an index) passes it as ``sha256=``: that check
+  holds on both backends, and whether or not the object carries metadata (any plain S3 client
+  can replace an object without it).
+* **Exclusive creation.** :meth:`Storage.create_bytes` writes an object only if none exists
+  (S3 ``If-None-Match: *``; locally an atomic hard link), so two writers can never both win.
+* **Retries.** What object stores answer under load or mid-restart is retried with bounded
+  exponential backoff and jitter for ``retry_seconds``: connection errors and resets, any 5xx
+  (``500 InternalError``, ``503 SlowDown``, a proxy's ``502``/``504``, with or without an XML
+  body), ``429`` and S3's ``RequestTimeout``. Uploads restart from their source, so a server
+  that restarts mid-transfer is survived. After the deadline,
+  :class:`~medseg.errors.EndpointUnreachable` names the endpoint, the key and the last answer.
+  Everything else (access denied, a missing key, a 4xx from a proxy) fails at once.
+* **Disk full.** A local write that runs out of space raises :class:`~medseg.errors.DiskFull`
+  naming the folder, the bytes needed and the bytes free.
 * **No secrets in messages.** Errors name the endpoint, bucket and key only.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import logging
 import os
+import random
 import shutil
 import tempfile
 import time
@@ -35,24 +48,26 @@ from typing import Any, BinaryIO, TypeVar
 import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
-from minio.error import S3Error, ServerError
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 
 from medseg.errors import (
     AccessDenied,
     BucketNotFound,
     ChecksumMismatch,
+    DiskFull,
     EndpointUnreachable,
     ObjectNotFound,
     StorageError,
 )
 from medseg.settings import StorageSettings
 
-__all__ = ["ObjectInfo", "Storage", "is_s3", "join", "sha256_file", "split_s3"]
+__all__ = ["ObjectInfo", "Storage", "is_s3", "join", "sha256_file", "split_s3", "write_local"]
 
 SHA_META = "sha256"
 _CHUNK = 1024 * 1024
 _T = TypeVar("_T")
 ProgressFn = Callable[[int], None]
+log = logging.getLogger(__name__)
 
 
 def is_s3(uri: str) -> bool:
@@ -92,6 +107,41 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+#: Backoff of :meth:`Storage._retry`: the first pause, and the cap each pause doubles up to.
+_FIRST_DELAY = 0.25
+_MAX_DELAY = 4.0
+#: S3 error codes that mean "try again" whatever their status.
+#: S3 error codes of a conditional PUT that found the key taken.
+_EXISTS_CODES = frozenset({"PreconditionFailed", "ConditionalRequestConflict"})
+_RETRY_CODES = frozenset(
+    {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout", "Throttling"}
+)
+
+
+def _status(exc: Exception) -> int | None:
+    """The HTTP status carried by a minio SDK error, when it carries one."""
+    if isinstance(exc, ServerError):
+        return exc.status_code
+    if isinstance(exc, S3Error) and exc.response is not None:
+        return int(exc.response.status)
+    if isinstance(exc, InvalidResponseError):
+        # The SDK keeps the status only in a private field (minio 7.2.x; pinned).
+        code = getattr(exc, "_code", None)
+        return code if isinstance(code, int) else None
+    return None
+
+
+def _retryable(exc: Exception) -> str | None:
+    """Why ``exc`` is worth retrying (``"connection"`` or the answer), or ``None`` if not."""
+    if isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError):
+        return "connection"  # refused, reset, timed out, broken mid-body
+    status = _status(exc)
+    code = exc.code if isinstance(exc, S3Error) else None
+    if code in _RETRY_CODES or (status is not None and (status >= 500 or status == 429)):
+        return " ".join(str(x) for x in (status, code) if x is not None)
+    return None
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     """What is known of one stored object.
@@ -100,11 +150,13 @@ class ObjectInfo:
         uri: Its full URI or path.
         size: Size in bytes.
         sha256: Recorded sha256 (``None`` in listings, which do not carry metadata).
+        etag: The object store's ETag, in S3 listings (a content fingerprint the store keeps).
     """
 
     uri: str
     size: int
     sha256: str | None = None
+    etag: str | None = None
 
 
 class _CountingReader(io.RawIOBase):
@@ -170,27 +222,37 @@ class Storage:
         return self._client
 
     def _retry(self, what: str, uri: str, fn: Callable[[], _T]) -> _T:
-        """Run ``fn``, retrying connection errors and 5xx with backoff until the deadline."""
+        """Run ``fn``; retry what :func:`_retryable` accepts, with backoff, until the deadline."""
         deadline = time.monotonic() + self.settings.retry_seconds
-        delay = 0.25
+        delay = _FIRST_DELAY
         while True:
             try:
                 return fn()
-            except S3Error as exc:
-                raise self._translate(exc, what, uri) from None
             except ValueError as exc:  # the SDK's check of bucket and object names
                 raise StorageError(f"{what} {uri}: {exc}") from None
-            except (urllib3.exceptions.HTTPError, ServerError, ConnectionError) as exc:
-                if time.monotonic() + delay > deadline:
+            except (MinioException, urllib3.exceptions.HTTPError, ConnectionError) as exc:
+                answer = _retryable(exc)
+                if answer is None:
+                    raise self._translate(exc, what, uri) from None
+                # Full backoff would synchronise the clients a server just shed: jitter it.
+                pause = delay * random.uniform(0.5, 1.0)
+                if time.monotonic() + pause > deadline:
+                    verb = "unreachable" if answer == "connection" else "still failing"
                     raise EndpointUnreachable(
-                        f"{what} {uri}: endpoint {self.endpoint} unreachable after "
-                        f"{self.settings.retry_seconds:.0f}s of retries ({type(exc).__name__})"
+                        f"{what} {uri}: endpoint {self.endpoint} {verb} after "
+                        f"{self.settings.retry_seconds:.0f}s of retries (last: {answer})"
                     ) from None
-                time.sleep(delay)
-                delay = min(delay * 2, 4.0)
+                log.info("%s %s: %s; retrying in %.2fs", what, uri, answer, pause)
+                time.sleep(pause)
+                delay = min(delay * 2, _MAX_DELAY)
 
-    def _translate(self, exc: S3Error, what: str, uri: str) -> StorageError:
+    def _translate(self, exc: Exception, what: str, uri: str) -> StorageError:
+        """A clear, secret-free error for an answer that is not worth retrying."""
         where = f"{what} {uri} at {self.endpoint}"
+        if not isinstance(exc, S3Error):
+            status = _status(exc)
+            got = f"HTTP {status}" if status is not None else type(exc).__name__
+            return StorageError(f"{where}: unexpected answer ({got}), not retried")
         if exc.code == "NoSuchBucket":
             bucket = split_s3(uri)[0]
             return BucketNotFound(f"{where}: bucket {bucket!r} does not exist")
@@ -222,7 +284,7 @@ class Storage:
         """Write ``data`` to ``uri`` atomically, recording its sha256."""
         digest = hashlib.sha256(data).hexdigest()
         if not is_s3(uri):
-            _atomic_local_write(Path(uri), lambda fh: fh.write(data))
+            _atomic_local_write(Path(uri), lambda fh: fh.write(data), len(data))
             return ObjectInfo(uri, len(data), digest)
         bucket, key = split_s3(uri)
         client = self._s3()
@@ -234,6 +296,46 @@ class Storage:
             ),
         )
         return ObjectInfo(uri, len(data), digest)
+
+    def create_bytes(self, uri: str, data: bytes) -> bool:
+        """Write ``data`` to ``uri`` only if nothing is there yet, atomically.
+
+        Of several writers racing for the same key, exactly one succeeds: S3 checks
+        ``If-None-Match: *`` on the server (MinIO and AWS S3 support it); locally the complete
+        temporary file is hard-linked into place, which fails if the name exists.
+
+        Returns:
+            True if this call created the object, False if one already existed.
+        """
+        digest = hashlib.sha256(data).hexdigest()
+        if not is_s3(uri):
+            return _exclusive_local_write(Path(uri), data)
+        bucket, key = split_s3(uri)
+        client = self._s3()
+        # put_object() turns every header it does not know into user metadata, so the
+        # conditional PUT goes through the SDK's PutObject call (minio 7.2.x; pinned).
+        if not callable(getattr(client, "_put_object", None)):
+            raise StorageError(
+                f"create {uri}: this minio SDK has no PutObject call with headers; "
+                "install the version pyproject.toml pins"
+            )
+        headers: dict[str, str | list[str] | tuple[str]] = {
+            "If-None-Match": "*",
+            "Content-Type": "application/octet-stream",
+            f"x-amz-meta-{SHA_META}": digest,
+        }
+
+        def put() -> bool:
+            try:
+                client._put_object(bucket, key, data, headers=headers)
+            except S3Error as exc:
+                if exc.code not in _EXISTS_CODES:
+                    raise
+                # A retried PUT whose first attempt did land finds its own bytes: still ours.
+                return self.stat(uri).sha256 == digest
+            return True
+
+        return self._retry("create", uri, put)
 
     def put_file(
         self, uri: str, path: str | Path, progress: ProgressFn | None = None
@@ -254,7 +356,9 @@ class Storage:
         if not is_s3(uri):
             with open(path, "rb") as src:
                 _atomic_local_write(
-                    Path(uri), lambda fh: shutil.copyfileobj(_CountingReader(src, progress), fh)
+                    Path(uri),
+                    lambda fh: shutil.copyfileobj(_CountingReader(src, progress), fh),
+                    size,
                 )
             return ObjectInfo(uri, size, digest)
         bucket, key = split_s3(uri)
@@ -306,15 +410,27 @@ class Storage:
             return False
         return True
 
-    def get_bytes(self, uri: str) -> bytes:
-        """Read a whole object, verifying its recorded sha256."""
+    def get_bytes(self, uri: str, sha256: str | None = None) -> bytes:
+        """Read a whole object, verifying its sha256.
+
+        Args:
+            uri: Source URI or path.
+            sha256: The hash the caller expects (from a manifest or an index); checked on both
+                backends. The hash recorded in the object's metadata is always checked too.
+
+        Raises:
+            ObjectNotFound: If there is no such object.
+            ChecksumMismatch: If the bytes do not hash to the expected or recorded sha256.
+        """
         if not is_s3(uri):
             try:
-                return Path(uri).read_bytes()
+                data = Path(uri).read_bytes()
             except FileNotFoundError:
                 raise ObjectNotFound(f"no such file: {uri}") from None
+            self._verify(uri, hashlib.sha256(data).hexdigest(), sha256, None)
+            return data
         buf = io.BytesIO()
-        self._download(uri, buf)
+        self._download(uri, buf, expected=sha256)
         return buf.getvalue()
 
     def get_json(self, uri: str) -> Any:
@@ -322,7 +438,11 @@ class Storage:
         return json.loads(self.get_bytes(uri))
 
     def get_file(
-        self, uri: str, path: str | Path, progress: ProgressFn | None = None
+        self,
+        uri: str,
+        path: str | Path,
+        progress: ProgressFn | None = None,
+        sha256: str | None = None,
     ) -> ObjectInfo:
         """Download ``uri`` to a local file atomically, verifying its sha256.
 
@@ -330,21 +450,58 @@ class Storage:
             uri: Source URI or path.
             path: Destination file; it appears only once complete and verified.
             progress: Called with the bytes received so far in the current attempt.
+            sha256: The hash the caller expects (see :meth:`get_bytes`).
+
+        Raises:
+            ObjectNotFound: If there is no such object.
+            ChecksumMismatch: If the bytes do not hash to the expected or recorded sha256;
+                nothing is left at ``path`` then.
+            DiskFull: If the destination folder has no room for the object.
         """
         dest = Path(path)
         if not is_s3(uri):
-            if not Path(uri).is_file():
+            src_path = Path(uri)
+            if not src_path.is_file():
                 raise ObjectNotFound(f"no such file: {uri}")
-            with open(uri, "rb") as src:
-                _atomic_local_write(
-                    dest, lambda fh: shutil.copyfileobj(_CountingReader(src, progress), fh)
-                )
-            return ObjectInfo(uri, dest.stat().st_size, sha256_file(dest))
+
+            digest = hashlib.sha256()
+
+            def copy(fh: BinaryIO) -> None:
+                with open(src_path, "rb") as src:
+                    for chunk in iter(lambda: src.read(_CHUNK), b""):
+                        digest.update(chunk)
+                        fh.write(chunk)
+                        if progress is not None:
+                            progress(fh.tell())
+                self._verify(uri, digest.hexdigest(), sha256, None)
+
+            size = src_path.stat().st_size
+            _atomic_local_write(dest, copy, size)
+            return ObjectInfo(uri, size, digest.hexdigest())
         info: list[ObjectInfo] = []
-        _atomic_local_write(dest, lambda fh: info.append(self._download(uri, fh, progress)))
+        size = self.stat(uri).size  # checked against the free space before the transfer
+        _atomic_local_write(
+            dest, lambda fh: info.append(self._download(uri, fh, progress, sha256)), size
+        )
         return info[0]
 
-    def _download(self, uri: str, sink: BinaryIO, progress: ProgressFn | None = None) -> ObjectInfo:
+    def _verify(self, uri: str, actual: str, expected: str | None, recorded: str | None) -> None:
+        """Raise :class:`ChecksumMismatch` if ``actual`` differs from what was expected."""
+        for want, source in ((expected, "expected"), (recorded, "recorded")):
+            if want and want != actual:
+                where = f" at {self.endpoint}" if is_s3(uri) else ""
+                raise ChecksumMismatch(
+                    f"read {uri}{where}: sha256 {actual[:12]}… does not match the {source} "
+                    f"{want[:12]}…"
+                )
+
+    def _download(
+        self,
+        uri: str,
+        sink: BinaryIO,
+        progress: ProgressFn | None = None,
+        expected: str | None = None,
+    ) -> ObjectInfo:
         bucket, key = split_s3(uri)
         client = self._s3()
 
@@ -366,11 +523,7 @@ class Storage:
                 response.close()
                 response.release_conn()
             actual = digest.hexdigest()
-            if recorded and recorded != actual:
-                raise ChecksumMismatch(
-                    f"read {uri} at {self.endpoint}: sha256 {actual[:12]}… does not match "
-                    f"the recorded {recorded[:12]}…"
-                )
+            self._verify(uri, actual, expected, recorded)
             return ObjectInfo(uri, seen, actual)
 
         return self._retry("read", uri, fetch)
@@ -398,7 +551,8 @@ class Storage:
             "list", prefix, lambda: list(client.list_objects(bucket, prefix=key, recursive=True))
         )
         for obj in sorted(objects, key=lambda o: o.object_name or ""):
-            yield ObjectInfo(f"s3://{bucket}/{obj.object_name}", int(obj.size or 0))
+            etag = (obj.etag or "").strip('"') or None
+            yield ObjectInfo(f"s3://{bucket}/{obj.object_name}", int(obj.size or 0), etag=etag)
 
     def delete(self, uri: str) -> None:
         """Delete one object; deleting a missing one is not an error."""
@@ -432,16 +586,81 @@ class Storage:
         return len(keys)
 
 
-def _atomic_local_write(dest: Path, write: Callable[[BinaryIO], object]) -> None:
-    """Write through a temporary file next to ``dest``, then rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".medseg-tmp-", dir=dest.parent)
+def write_local(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a local file atomically (see :class:`Storage`; disk full is clear).
+
+    Raises:
+        DiskFull: If the folder has no room for ``data``.
+    """
+    _atomic_local_write(Path(path), lambda fh: fh.write(data), len(data))
+
+
+def _atomic_local_write(
+    dest: Path, write: Callable[[BinaryIO], object], size: int | None = None
+) -> None:
+    """Write through a temporary file next to ``dest``, then rename it into place.
+
+    Args:
+        dest: The final path.
+        write: Writes the content to the open temporary file.
+        size: Bytes about to be written, when known: checked against the free space first.
+
+    Raises:
+        DiskFull: If the folder has no room (before writing when ``size`` is known).
+    """
+    tmp = _temp_write(dest, write, size)
+    try:
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _exclusive_local_write(dest: Path, data: bytes) -> bool:
+    """Create ``dest`` with ``data`` unless it exists; True if this call created it."""
+    tmp = _temp_write(dest, lambda fh: fh.write(data), len(data))
+    try:
+        os.link(tmp, dest)  # atomic, fails if dest exists, and dest is complete when it appears
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
+def _temp_write(dest: Path, write: Callable[[BinaryIO], object], size: int | None) -> Path:
+    """Write a complete, synced temporary file next to ``dest``; returns its path."""
+    folder = dest.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        if size is not None:
+            free = shutil.disk_usage(folder).free
+            if size > free:
+                raise DiskFull(_disk_full(folder, dest, size, free))
+        fd, name = tempfile.mkstemp(prefix=".medseg-tmp-", dir=folder)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise DiskFull(_disk_full(folder, dest, size, None)) from None
+        raise
+    tmp = Path(name)
     try:
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise DiskFull(_disk_full(folder, dest, size, None)) from None
         raise
+    return tmp
+
+
+def _disk_full(folder: Path, dest: Path, size: int | None, free: int | None) -> str:
+    """The message of :class:`DiskFull`: the folder, the file, the space needed and free."""
+    if free is None:
+        free = shutil.disk_usage(folder).free
+    need = f"{size / 2**20:.1f} MiB" if size is not None else "more space"
+    return (
+        f"no space left in {folder}: writing {dest.name} needs {need}, "
+        f"{free / 2**20:.1f} MiB free; free some space or point the folder elsewhere"
+    )

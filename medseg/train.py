@@ -43,6 +43,7 @@ from medseg.errors import DatasetError, MedsegError
 from medseg.infer import Segmenter
 from medseg.manifest import DatasetRef
 from medseg.model import build_network
+from medseg.names import check_name
 from medseg.preprocess import preprocessed_prefix
 from medseg.storage import Storage, is_s3, join
 from medseg.transforms import train_transforms
@@ -196,9 +197,11 @@ def train(
         The run prefix, where it resumed from, and the per-epoch history.
 
     Raises:
+        InvalidName: If ``run_id`` breaks the naming rule of :mod:`medseg.names`.
         DatasetError: If the dataset is missing or not preprocessed with ``cfg.data``.
         NonFiniteLoss: If the loss becomes NaN or Inf (the epoch and batch are named).
     """
+    check_name(run_id, "run id")
     storage = storage or Storage()
     rank, world, local_rank = _dist_env()
     ref = DatasetRef.resolve(storage, store, spec)
@@ -341,9 +344,10 @@ def train(
 
         buf = io.BytesIO()
         torch.save(best_state, buf)
-        storage.put_bytes(join(run_prefix, "model", "model.pt"), buf.getvalue())
-        storage.put_bytes(join(run_prefix, "model", "model.yaml"), cfg.to_yaml().encode())
+        weights = storage.put_bytes(join(run_prefix, "model", "model.pt"), buf.getvalue())
+        config = storage.put_bytes(join(run_prefix, "model", "model.yaml"), cfg.to_yaml().encode())
         lineage = {
+            "files": {"model.pt": weights.sha256, "model.yaml": config.sha256},
             "run_id": run_id,
             "dataset": {"store": store, "name": ref.name, "version": ref.version},
             "preprocessing": cfg.data.fingerprint(),

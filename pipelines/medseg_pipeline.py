@@ -36,8 +36,11 @@ RESOURCES = {
     "register": ("500m", "1", "1Gi", "2Gi"),
     "deploy": ("250m", "500m", "512Mi", "1Gi"),
 }
-#: Deterministic steps are cached (same inputs, same outputs); the others never are.
-CACHED = {"ingest", "preprocess", "evaluate"}
+#: Steps whose inputs name their content are cached (same inputs, same outputs). Not ingest:
+#: its input is a folder or prefix whose content can change under the same name, so KFP's cache
+#: (keyed on the input strings) would return a stale version; medseg.ingest keys its own cache
+#: on the source's content instead.
+CACHED = {"preprocess", "evaluate"}
 
 
 def _configure(task: Any, step: str, s3_secret: Any, s3_config: Any) -> Any:

@@ -70,3 +70,49 @@ def test_reader_applies_the_transform(
 def test_reader_rejects_a_prefix_without_index(storage: Storage, bucket: str) -> None:
     with pytest.raises(DatasetError, match="not a preprocessed dataset"):
         PreprocessedDataset(join(bucket, "nothing"), settings=storage.settings)
+
+
+@pytest.fixture(scope="module")
+def preprocessed(synth_root: Path, minio_server: MinioServer) -> str:
+    """A preprocessed prefix of the six BraTS 2021 cases on the session MinIO (read-only)."""
+    storage = Storage(minio_server.settings())
+    storage.ensure_bucket("s3://integrity-reader")
+    ingest(str(synth_root / "brats2021"), "d", "s3://integrity-reader", storage=storage)
+    return preprocess("d", "s3://integrity-reader", DataConfig(), storage=storage, progress=False)
+
+
+def test_a_case_overwritten_with_another_cases_bytes_is_detected(
+    preprocessed, storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    import io
+
+    from medseg.errors import ChecksumMismatch
+    from medseg.storage import split_s3
+
+    # A copy of the prefix, so the shared one stays intact.
+    prefix = join(bucket, "pre")
+    for obj in storage.list(preprocessed.prefix):
+        storage.put_bytes(prefix + obj.uri[len(preprocessed.prefix) :], storage.get_bytes(obj.uri))
+    ds = PreprocessedDataset(prefix, None, cache_dir=tmp_path / "cache", settings=storage.settings)
+    victim, donor = ds.cases[0], ds.cases[1]
+    # Replaced by a plain S3 put, without checksum metadata, as any S3 client would.
+    other = storage.get_bytes(join(prefix, donor["key"]))
+    b, key = split_s3(join(prefix, victim["key"]))
+    storage._s3().put_object(b, key, io.BytesIO(other), len(other))
+    with pytest.raises(ChecksumMismatch, match=f"case {victim['case_id']}: "):
+        ds[0]
+    assert not (tmp_path / "cache" / victim["sha256"][:2] / f"{victim['sha256']}.npz").exists()
+    assert ds[1]["case_id"] == donor["case_id"]  # the untouched case still reads
+
+
+def test_a_full_cache_disk_is_a_clear_error(
+    preprocessed, storage: Storage, tiny_disk: Path
+) -> None:
+    from medseg.errors import DiskFull
+
+    ds = PreprocessedDataset(
+        preprocessed.prefix, None, cache_dir=tiny_disk / "cache", settings=storage.settings
+    )
+    with pytest.raises(DiskFull, match=r"no space left in .*tiny/cache/.*needs .*MEDSEG_CACHE_DIR"):
+        for i in range(len(ds)):  # ~0.8 MiB per case: the 1 MiB disk holds one
+            ds[i]

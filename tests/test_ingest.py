@@ -243,3 +243,127 @@ def test_ingest_survives_a_minio_restart(synth_root: Path, own_minio, tmp_path: 
     thread.join()
     assert result.created and result.uploaded == 30
     assert DatasetRef.resolve(storage, "s3://restart", "r").version == result.ref.version
+
+
+# -- the cache is keyed on content, not on the source's path ----------------------------------
+
+
+def _copy_case(root: Path, src_id: str, new_id: str) -> None:
+    src = root / src_id
+    (root / new_id).mkdir()
+    for f in src.iterdir():
+        (root / new_id / f.name.replace(src_id, new_id)).write_bytes(f.read_bytes())
+
+
+def test_new_data_under_the_same_folder_is_a_new_version(
+    synth_root: Path, storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    root = tmp_path / "incoming"
+    shutil.copytree(synth_root / "brats2021", root)
+    first = ingest(str(root), "grow", bucket, storage=storage)
+    again = ingest(str(root), "grow", bucket, storage=storage)
+    assert again.cached and again.ref.version == first.ref.version and again.uploaded == 0
+
+    # A case modified in place: a new version, holding the new bytes.
+    t1 = _path(root, 0, "t1")
+    data = np.asarray(nib.load(t1).dataobj)
+    _rewrite(t1, (data + 1).astype(data.dtype))
+    modified = ingest(str(root), "grow", bucket, storage=storage)
+    assert modified.created and not modified.cached
+    assert modified.ref.version != first.ref.version
+    new_sha = modified.manifest.case("BraTS2021_00000").file("t1").sha256
+    assert new_sha != first.manifest.case("BraTS2021_00000").file("t1").sha256
+
+    # A case added under the same folder: a new version containing it.
+    _copy_case(root, "BraTS2021_00001", "BraTS2021_00042")
+    added = ingest(str(root), "grow", bucket, storage=storage)
+    assert added.ref.version not in (first.ref.version, modified.ref.version)
+    assert "BraTS2021_00042" in {c.case_id for c in added.manifest.cases}
+    assert DatasetRef.resolve(storage, bucket, "grow").version == added.ref.version
+
+
+def test_new_objects_under_the_same_prefix_are_a_new_version(
+    synth_root: Path, storage: Storage, bucket: str
+) -> None:
+    src = synth_root / "brats2021"
+    for case in ("BraTS2021_00000", "BraTS2021_00001"):
+        for p in sorted((src / case).iterdir()):
+            storage.put_file(join(bucket, "drop", case, p.name), p)
+    first = ingest(join(bucket, "drop"), "s3grow", bucket, storage=storage)
+    assert ingest(join(bucket, "drop"), "s3grow", bucket, storage=storage).cached
+    for p in sorted((src / "BraTS2021_00002").iterdir()):
+        storage.put_file(join(bucket, "drop", "BraTS2021_00002", p.name), p)
+    second = ingest(join(bucket, "drop"), "s3grow", bucket, storage=storage)
+    assert second.created and second.ref.version != first.ref.version
+    assert len(second.manifest.cases) == 3
+
+
+# -- what is read back, and what is left behind --------------------------------------------------
+
+
+def test_leftover_objects_without_checksum_are_replaced(
+    synth_root: Path, storage: Storage, bucket: str
+) -> None:
+    import io
+
+    from medseg.storage import split_s3
+
+    first = ingest(str(synth_root / "msd"), "left", bucket, storage=storage)
+    # As after an interrupted run: no manifest yet, and an object some other writer replaced.
+    for obj in storage.list(join(bucket, "datasets", "left")):
+        if not obj.uri.endswith(".nii.gz"):
+            storage.delete(obj.uri)
+    entry = first.manifest.cases[0].files[0]
+    b, key = split_s3(join(first.ref.prefix, entry.key))
+    storage._s3().put_object(b, key, io.BytesIO(b"not the case"), 12)
+    again = ingest(str(synth_root / "msd"), "left", bucket, storage=storage)
+    assert again.ref.version == first.ref.version and again.uploaded == 1
+    assert storage.get_bytes(join(first.ref.prefix, entry.key), sha256=entry.sha256)
+
+
+def test_a_changed_manifest_is_refused(synth_root: Path, storage: Storage, bucket: str) -> None:
+    result = ingest(str(synth_root / "msd"), "man", bucket, storage=storage)
+    doc = storage.get_json(result.ref.manifest_uri)
+    doc["cases"] = doc["cases"][1:]  # a case dropped by hand after ingest
+    storage.put_json(result.ref.manifest_uri, doc)
+    with pytest.raises(DatasetError, match="changed after ingest"):
+        result.ref.load(storage)
+
+
+def test_symlinks_out_of_the_source_are_not_followed(
+    synth_root: Path, storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(synth_root / "brats2021", root)
+    outside = tmp_path / "elsewhere.nii.gz"
+    shutil.copy(_path(root, 1, "t1"), outside)  # a valid NIfTI, so only the link is wrong
+    _path(root, 1, "t1").unlink()
+    _path(root, 1, "t1").symlink_to(outside)
+    inside = _path(root, 2, "t2")  # a link that stays inside the source is fine
+    kept = inside.with_name(".original-t2.nii.gz")
+    inside.rename(kept)
+    inside.symlink_to(kept)
+    result = ingest(str(root), "links", bucket, storage=storage)
+    q = {c.case_id: c for c in result.manifest.quarantined}
+    assert list(q) == ["BraTS2021_00001"]
+    assert q["BraTS2021_00001"].file == "BraTS2021_00001_t1.nii.gz"
+    assert "outside the source folder" in q["BraTS2021_00001"].reason
+    assert str(outside) in q["BraTS2021_00001"].reason
+    assert "BraTS2021_00002" in {c.case_id for c in result.manifest.cases}
+
+
+def test_case_ids_follow_the_naming_rule(
+    synth_root: Path, storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(synth_root / "brats2021", root)
+    _copy_case(root, "BraTS2021_00000", "bad@case")
+    result = ingest(str(root), "ids", bucket, storage=storage)
+    q = {c.case_id: c.reason for c in result.manifest.quarantined}
+    assert "case id 'bad@case' is not allowed" in q["bad@case"]

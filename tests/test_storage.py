@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import threading
 import time
@@ -85,8 +86,6 @@ def test_multipart_upload_and_download(
 def test_checksum_verified_on_read(storage: Storage, bucket: str, tmp_path: Path) -> None:
     # An object whose recorded sha256 does not match its bytes (bit rot, a foreign writer).
     b, key = split_s3(join(bucket, "tampered"))
-    import io
-
     storage._s3().put_object(b, key, io.BytesIO(b"actual bytes"), 12, metadata={"sha256": "0" * 64})
     with pytest.raises(ChecksumMismatch, match="tampered"):
         storage.get_bytes(join(bucket, "tampered"))
@@ -260,3 +259,104 @@ def test_minio_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
     else:
         os.kill(minio_pid, signal.SIGKILL)
         raise AssertionError("MinIO outlived its owner")
+
+
+# -- retries of what stores and proxies answer under load (a real MinIO behind a proxy) ----------
+
+RETRYABLE = ["slowdown", "internal", "bad-gateway", "gateway-timeout", "reset"]
+
+
+@pytest.mark.parametrize("fault", RETRYABLE)
+def test_transient_answers_are_retried_until_they_pass(
+    minio_server: MinioServer, bucket: str, fault: str
+) -> None:
+    from .faulty_proxy import faulty_proxy
+
+    with faulty_proxy(minio_server.endpoint) as (endpoint, plan):
+        s = Storage(minio_server.settings(endpoint=endpoint, retry_seconds=30))
+        uri = join(bucket, f"retry-{fault}")
+        plan.fault, plan.times = fault, 3
+        s.put_bytes(uri, b"payload under load")
+        assert (plan.injected, plan.forwarded) == (3, 1)  # three faults, then the real PUT
+        plan.injected = plan.forwarded = 0
+        assert s.get_bytes(uri) == b"payload under load"
+        assert (plan.injected, plan.forwarded) == (3, 1)
+
+
+@pytest.mark.parametrize(
+    ("fault", "shown"), [("forbidden-html", "HTTP 403"), ("invalid-argument", "InvalidArgument")]
+)
+def test_other_answers_fail_at_once_and_clearly(
+    minio_server: MinioServer, bucket: str, fault: str, shown: str
+) -> None:
+    from medseg.errors import StorageError
+
+    from .faulty_proxy import faulty_proxy
+
+    with faulty_proxy(minio_server.endpoint) as (endpoint, plan):
+        s = Storage(minio_server.settings(endpoint=endpoint, retry_seconds=30))
+        plan.fault, plan.times = fault, 100
+        with pytest.raises(StorageError) as err:
+            s.get_bytes(join(bucket, "k"))
+        assert plan.injected == 1  # not retried
+        msg = str(err.value)
+        assert shown in msg and endpoint in msg and join(bucket, "k") in msg
+        assert minio_server.secret_key not in msg
+        assert type(err.value) is StorageError  # a MedsegError: the CLI prints one line
+
+
+def test_a_store_that_keeps_shedding_load_gives_a_clear_error(
+    minio_server: MinioServer, bucket: str
+) -> None:
+    from .faulty_proxy import faulty_proxy
+
+    with faulty_proxy(minio_server.endpoint) as (endpoint, plan):
+        s = Storage(minio_server.settings(endpoint=endpoint, retry_seconds=1.5))
+        plan.fault, plan.times = "slowdown", 10_000
+        with pytest.raises(EndpointUnreachable, match=r"still failing .* \(last: 503 SlowDown\)"):
+            s.put_bytes(join(bucket, "k"), b"x")
+        assert 2 <= plan.injected < 20  # backed off: a few tries, not a busy loop
+
+
+# -- checksums the caller knows (manifest, index), exclusive creation, disk full ----------------
+
+
+def test_expected_checksum_is_verified_without_metadata(
+    storage: Storage, root: str, tmp_path: Path
+) -> None:
+    uri = join(root, "case.npz")
+    good = storage.put_bytes(uri, b"the right case").sha256
+    # Replaced by a writer that records no checksum (any S3 client, or a plain file copy).
+    if uri.startswith("s3://"):
+        b, key = split_s3(uri)
+        storage._s3().put_object(b, key, io.BytesIO(b"another case"), 12)
+    else:
+        Path(uri).write_bytes(b"another case")
+    with pytest.raises(ChecksumMismatch, match=r"case\.npz"):
+        storage.get_bytes(uri, sha256=good)
+    with pytest.raises(ChecksumMismatch, match="expected"):
+        storage.get_file(uri, tmp_path / "out" / "case.npz", sha256=good)
+    assert not (tmp_path / "out" / "case.npz").exists()
+
+
+def test_create_is_exclusive(storage: Storage, root: str) -> None:
+    uri = join(root, "models", "m", "v1", "claim.json")
+    assert storage.create_bytes(uri, b"first") is True
+    assert storage.create_bytes(uri, b"second") is False
+    assert storage.get_bytes(uri) == b"first"
+    assert storage.stat(uri).size == 5
+
+
+def test_disk_full_is_a_clear_error(storage: Storage, bucket: str, tiny_disk: Path) -> None:
+    from medseg.errors import DiskFull
+
+    big = os.urandom(2 * MiB)
+    storage.put_bytes(join(bucket, "big"), big)
+    dest = tiny_disk / "cache" / "big"
+    with pytest.raises(DiskFull) as err:
+        storage.get_file(join(bucket, "big"), dest)
+    msg = str(err.value)
+    assert str(tiny_disk / "cache") in msg and "needs 2.0 MiB" in msg and "MiB free" in msg
+    with pytest.raises(DiskFull, match=r"needs 2\.0 MiB"):
+        storage.put_bytes(str(tiny_disk / "local" / "big"), big)
+    assert [p.name for p in tiny_disk.rglob("*") if p.is_file()] == []  # nothing half-written
