@@ -18,7 +18,7 @@ def train_op(
     image: str,
     namespace: str,
     s3_secret: str,
-    s3_endpoint: str,
+    s3_config: str,
     wait_timeout: int,
     model: Output[Model],
     metrics: Output[Metrics],
@@ -58,7 +58,7 @@ def train_op(
             config_uri=config_uri,
             workers=workers,
             gpus_per_worker=gpus_per_worker,
-            s3=S3Secret(name=s3_secret, endpoint=s3_endpoint),
+            s3=S3Secret(name=s3_secret, config=s3_config),
         )
         submit_pytorchjob(spec, wait_timeout=wait_timeout)
     model_uri = join(run_prefix, "model")
