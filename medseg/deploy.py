@@ -22,11 +22,28 @@ __all__ = [
     "InferenceServiceSpec",
     "build_inference_service",
     "conditions_text",
+    "default_scaling",
     "deploy",
     "local_command",
 ]
 
 _METRICS = {"Knative": ("concurrency", "rps"), "Standard": ("cpu", "memory")}
+#: Scale targets when none is given: in-flight requests, requests/s, or utilisation percent.
+_TARGETS = {"concurrency": 1, "rps": 5, "cpu": 70, "memory": 70}
+
+
+def default_scaling(mode: str, metric: str | None = None) -> tuple[str, int]:
+    """The scale metric (the mode's first unless given) and its default target.
+
+    Raises:
+        MedsegError: For an unknown mode or metric.
+    """
+    if mode not in _METRICS:
+        raise MedsegError(f"deployment mode must be Knative or Standard, got {mode!r}")
+    metric = metric or _METRICS[mode][0]
+    if metric not in _TARGETS:
+        raise MedsegError(f"scale metric must be one of {', '.join(_TARGETS)}, got {metric!r}")
+    return metric, _TARGETS[metric]
 
 
 @dataclass(frozen=True)
@@ -38,7 +55,8 @@ class InferenceServiceSpec:
         storage_uri: ``s3://BUCKET/models/NAME/vN``.
         image: The server image.
         namespace: Target namespace (the chart's release namespace, where its Role applies).
-        service_account: The chart's predictor ServiceAccount; carries the S3 Secret (KServe's ``serving.kserve.io/s3-*`` annotations).
+        service_account: The chart's predictor ServiceAccount; it lists the S3 Secret
+            (KServe's ``serving.kserve.io/s3-*`` annotations).
         deployment_mode: ``Knative`` or ``Standard``.
         min_replicas, max_replicas: Autoscaling bounds (0 allowed with Knative).
         scale_metric: ``concurrency``/``rps`` (Knative) or ``cpu``/``memory`` (Standard).
@@ -150,7 +168,7 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
 
 
 def conditions_text(obj: Any) -> str:
-    """A resource's ``status.conditions``, verbatim, one per line (``Type=Status Reason: Message``)."""
+    """A resource's ``status.conditions`` verbatim, one a line: ``Type=Status Reason: Message``."""
     status = obj.get("status") or {} if isinstance(obj, dict) else {}
     lines = [
         f"  {c.get('type')}={c.get('status')} {c.get('reason') or ''}: {c.get('message') or ''}"
@@ -166,9 +184,8 @@ def _mode(isvc: dict[str, Any]) -> str | None:
 
 
 def _get(client: Any, spec: InferenceServiceSpec) -> dict[str, Any] | None:
-    from kubernetes.client.exceptions import ApiException
-
     from kserve import constants
+    from kubernetes.client.exceptions import ApiException
 
     try:
         return dict(
@@ -231,7 +248,15 @@ def deploy(
 
     from medseg.kube import check_operator
 
-    client = client or KServeClient()
+    if client is None:
+        from kubernetes.config import ConfigException
+
+        try:
+            client = KServeClient()
+        except ConfigException as exc:
+            raise MedsegError(
+                f"no Kubernetes configuration ({exc}): set KUBECONFIG, or run inside the cluster"
+            ) from None
     check_operator("KServe", client.api_instance.api_client)
     where = f"InferenceService {spec.namespace}/{spec.name}"
     deadline = time.monotonic() + timeout

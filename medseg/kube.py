@@ -89,7 +89,7 @@ class Release:
 
     @property
     def s3_secret(self) -> str:
-        """Secret with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY`` (unless ``existingSecret``)."""
+        """Secret with ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (or ``existingSecret``)."""
         return f"{self.fullname}-s3"
 
     @property
@@ -104,7 +104,7 @@ class Release:
 
     @property
     def predictor_service_account(self) -> str:
-        """The predictor's ServiceAccount; it lists the S3 Secret for KServe's storage initializer."""
+        """The predictor's ServiceAccount; it lists the S3 Secret for the storage initializer."""
         return f"{self.fullname}-predictor"
 
 
@@ -162,7 +162,8 @@ def check_operator(
     except ApiException as exc:
         if exc.status == 404:
             raise MedsegError(
-                f"{want}, but the cluster serves no {group}/{api_version} API ({kind} CRD not installed)"
+                f"{want}, but the cluster serves no {group}/{api_version} API "
+                f"(no {kind} CRD installed)"
             ) from None
         raise MedsegError(
             f"cannot read the {kind} CRD's schema: {exc.status} {exc.reason}"

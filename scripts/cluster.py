@@ -20,6 +20,7 @@ Usage: ``python scripts/cluster.py up|down|status|env``.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -153,10 +154,8 @@ def _stop(name: str) -> None:
         os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
-            try:
+            with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
             if _pid(name) is None:
                 break
             time.sleep(0.2)
@@ -376,12 +375,12 @@ def _api_ok(path: str) -> bool:
     ctx = ssl.create_default_context(cafile=str(PKI / "ca.crt"))
     ctx.load_cert_chain(str(PKI / "admin.crt"), str(PKI / "admin.key"))
     url = f"https://127.0.0.1:{PORTS.apiserver}{path}"
-    with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:  # noqa: S310 - loopback
+    with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
         return bool(resp.status == 200)
 
 
 def _http_ok(url: str) -> bool:
-    with urllib.request.urlopen(url, timeout=5) as resp:  # noqa: S310 - loopback only
+    with urllib.request.urlopen(url, timeout=5) as resp:
         return bool(resp.status == 200)
 
 
@@ -501,7 +500,7 @@ def _start_control_plane(etcd: str) -> None:
             f"--kubelet-client-key={PKI / 'apiserver-kubelet-client.key'}",
             f"--kubelet-certificate-authority={PKI / 'ca.crt'}",
             "--kubelet-preferred-address-types=InternalIP",
-            # Requests of ServiceAccounts outside kube-system: tests derive RBAC from what code calls.
+            # ServiceAccounts' requests (not kube-system's): tests derive RBAC from them.
             f"--audit-policy-file={_audit_policy()}",
             f"--audit-log-path={AUDIT_LOG}",
             "--audit-log-maxsize=100",
@@ -664,7 +663,7 @@ def _restricted_init_container_template() -> Path:
 
 
 def _kwok_stages() -> list[Path]:
-    """kwok's stock stages plus one that completes pods owned by a PyTorchJob."""
+    """Kwok's stock stages plus one that completes pods owned by a PyTorchJob."""
     stages = TOOLS / "kwok" / "kustomize" / "stage"
     files = [
         stages / "node" / "fast" / "node-initialize.yaml",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import time
@@ -104,7 +105,7 @@ def drop_namespace(name: str) -> None:
 
 
 def minio_volume(release: Release) -> None:
-    """A PersistentVolume bound ahead to the chart's MinIO claim (the cluster has no provisioner)."""
+    """A PersistentVolume bound ahead to the chart's MinIO claim (there is no provisioner)."""
     claim = f"data-{release.fullname}-minio-0"
     doc = {
         "apiVersion": "v1",
@@ -373,9 +374,18 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
 
     client = KServeClient(config_file=str(installed.kubeconfig))
     ns = installed.release.namespace
-    spec = _isvc_spec(installed.release, "brats", "Standard", min_replicas=1, max_replicas=3)
-    url = deploy(spec, timeout=180, client=client, poll_seconds=1)
-    assert url
+    # `medseg deploy`, as users run it, with the chart's pipeline ServiceAccount's credentials.
+    env = {**os.environ, "KUBECONFIG": str(installed.kubeconfig)}
+    done = subprocess.run(
+        [sys.executable, "-m", "medseg", "deploy", "s3://medseg/models/brats/v1",
+         "--image", "ghcr.io/medseg/medseg-server:0.1.0", "--name", "brats", "--namespace", ns,
+         "--release", installed.release.name, "--mode", "Standard", "--min-replicas", "1",
+         "--max-replicas", "3", "--scale-metric", "cpu", "--scale-target", "70", "--cpu", "1",
+         "--memory", "2Gi", "--timeout", "180"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"InferenceService {ns}/brats is Ready: http" in done.stdout
     deployment = kubectl_json("get", "deployment", "brats-predictor", "-n", ns)
     pod = deployment["spec"]["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == "kserve-container"]
@@ -464,7 +474,7 @@ def test_operator_versions_are_checked_from_the_installed_crds(installed: Instal
         with pytest.raises(MedsegError, match=r"KServe >= 0.16.0 is required: .* no spec\."):
             check_operator("KServe", api, old)
         missing = {"KServe": ("0.16.0", "absent.medseg.test", "v1", "InferenceService", "spec")}
-        with pytest.raises(MedsegError, match="serves no absent.medseg.test/v1 API"):
+        with pytest.raises(MedsegError, match=r"serves no absent\.medseg\.test/v1 API"):
             check_operator("KServe", api, missing)
     finally:
         kubectl("delete", "crd", f"inferenceservices.{group}", "--wait=false")

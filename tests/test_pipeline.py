@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from medseg.config import MedsegConfig
-from medseg.deploy import InferenceServiceSpec, build_inference_service, deploy
+from medseg.deploy import InferenceServiceSpec, build_inference_service
 from medseg.errors import MedsegError
 from medseg.launchers import PyTorchJobSpec, S3Secret, build_pytorchjob, submit_pytorchjob
 from medseg.pipeline_cli import compile_pipeline
