@@ -128,6 +128,15 @@ def _pid(name: str) -> int | None:
     return pid if expected and cmdline.split(b"\0")[0].decode() == expected else None
 
 
+#: Processes started by this invocation (right after fork, /proc shows Python's command line).
+_STARTED: dict[str, subprocess.Popen[bytes]] = {}
+
+
+def _alive(name: str) -> bool:
+    proc = _STARTED.get(name)
+    return proc.poll() is None if proc else _pid(name) is not None
+
+
 def _start(name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
     if _pid(name):
         return
@@ -144,6 +153,7 @@ def _start(name: str, argv: list[str], env: dict[str, str] | None = None) -> Non
         cwd=RUN,
     )
     out.close()
+    _STARTED[name] = proc
     (PIDS / f"{name}.cmd").write_text(argv[0])
     (PIDS / f"{name}.pid").write_text(str(proc.pid))
 
@@ -168,7 +178,7 @@ def _stop(name: str) -> None:
 def _wait(name: str, check: Any, timeout: float = START_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if _pid(name) is None:
+        if not _alive(name):
             raise ClusterError(
                 f"{name} exited during start-up; see {LOGS / (name + '.log')}:\n" + _tail(name)
             )
@@ -221,7 +231,9 @@ def _ca(name: str, cn: str, dns: str = "") -> None:
         "req",
         "-x509",
         "-newkey",
-        "rsa:2048",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
         "-nodes",
         "-days",
         "3650",
@@ -243,7 +255,9 @@ def _cert(name: str, ca: str, subject: str, sans: str = "", server: bool = False
         "req",
         "-new",
         "-newkey",
-        "rsa:2048",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
         "-nodes",
         "-keyout",
         str(key),
@@ -255,7 +269,7 @@ def _cert(name: str, ca: str, subject: str, sans: str = "", server: bool = False
     usage = "serverAuth" if server else "clientAuth"
     lines = [
         "basicConstraints=CA:FALSE",
-        "keyUsage=critical,digitalSignature,keyEncipherment",
+        "keyUsage=critical,digitalSignature",
         f"extendedKeyUsage={usage}",
     ]
     if sans:
@@ -328,8 +342,8 @@ def _pki() -> None:
         sans=f"IP:127.0.0.1,DNS:{TO_WEBHOOK_SERVICE}.{TRAINING_NAMESPACE}.svc",
     )
     if not (PKI / "sa.key").is_file():
-        _openssl("genrsa", "-out", str(PKI / "sa.key"), "2048")
-        _openssl("rsa", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))
+        _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(PKI / "sa.key"))
+        _openssl("ec", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))
     for name in ("kserve", "training"):  # controller-runtime's default serving-cert location
         certs = RUN / f"tmp-{name}" / "k8s-webhook-server" / "serving-certs"
         certs.mkdir(parents=True, exist_ok=True)
@@ -524,8 +538,6 @@ def _start_control_plane(etcd: str) -> None:
             "--use-service-account-credentials=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             "--leader-elect=false",
-            # No cloud, no real kubelets: skip the controllers that would act on them.
-            "--controllers=*,-cloud-node-lifecycle,-service-lb-controller,-node-route-controller",
             "--profiling=false",
             "--v=1",
         ],
@@ -715,7 +727,6 @@ def _node() -> dict[str, Any]:
                 "type": "kwok",
             },
         },
-        "status": {"capacity": NODE["capacity"], "allocatable": NODE["capacity"]},
     }
 
 
@@ -796,6 +807,11 @@ def _start_operators() -> None:
             "TMPDIR": str(RUN / "tmp-training"),
         },
     )
+    # The node first, with its capacity (kwok keeps a node's own capacity), then kwok.
+    _apply([_node(), _storage_class()])
+    status = {"status": {"capacity": NODE["capacity"], "allocatable": NODE["capacity"]}}
+    kubectl("patch", "node", NODE["name"], "--subresource=status", "--type=merge",
+            "-p", json.dumps(status))  # fmt: skip
     stages = [f"--config={p}" for p in _kwok_stages()]
     _start(
         "kwok",
@@ -812,7 +828,6 @@ def _start_operators() -> None:
             *stages,
         ],
     )
-    _apply([_node(), _storage_class()])
     _wait("kserve-manager", lambda: _http_ok(f"http://127.0.0.1:{PORTS.kserve_probe}/readyz"))
     _wait("training-operator", lambda: _http_ok(f"http://127.0.0.1:{PORTS.training_probe}/readyz"))
     _wait(
