@@ -79,6 +79,7 @@ def medseg_pipeline(
     deploy_target: str = "local",
     image: str = IMAGE,
     namespace: str = DEFAULT_RELEASE.namespace,
+    release: str = DEFAULT_RELEASE.name,
     s3_secret: str = DEFAULT_RELEASE.s3_secret,
     s3_config: str = DEFAULT_RELEASE.s3_config,
     train_timeout: int = 86400,
@@ -108,6 +109,7 @@ def medseg_pipeline(
         image: The project image for the PyTorchJob and the predictor.
         namespace: Namespace of the PyTorchJob and the InferenceService: the Helm release's,
             where the chart's Role and ServiceAccounts are.
+        release: The Helm release: its ServiceAccounts run the PyTorchJob pods and the predictor.
         s3_secret: Secret with ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``.
         s3_config: ConfigMap with ``S3_ENDPOINT`` and ``S3_USE_HTTPS`` (the Helm chart's).
         train_timeout: Seconds to wait for the PyTorchJob.
@@ -151,6 +153,7 @@ def medseg_pipeline(
             gpus_per_worker=gpus_per_worker,
             image=image,
             namespace=namespace,
+            release=release,
             s3_secret=s3_secret,
             s3_config=s3_config,
             wait_timeout=train_timeout,
@@ -193,6 +196,7 @@ def medseg_pipeline(
             target=deploy_target,
             image=image,
             namespace=namespace,
+            release=release,
             deployment_mode=deployment_mode,
             min_replicas=min_replicas,
             max_replicas=max_replicas,

@@ -21,6 +21,9 @@ die() { printf 'cluster-build: %s\n' "$*" >&2; exit 1; }
 command -v go >/dev/null || die "Go (>= 1.26) is needed to build the control plane"
 
 mkdir -p .tools/bin "$CACHE"
+# One build at a time per cache (two worktrees running `make cluster` must not race).
+exec 9>"$CACHE/.cluster-build.lock"
+flock 9
 
 # timed NAME CMD...: runs CMD, logs how long it took (cold builds only reach this).
 timed() {
