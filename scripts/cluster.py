@@ -32,8 +32,8 @@ import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import yaml
@@ -50,10 +50,8 @@ SERVICE_CIDR = "10.96.0.0/16"
 #: Namespaces of the controllers (their own flags and environment name them).
 KSERVE_NAMESPACE, TRAINING_NAMESPACE = "kserve", "kubeflow"
 #: The fake node every pod is scheduled onto (capacity large enough for every chart value file).
-NODE = {
-    "name": "kwok-node-0",
-    "capacity": {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"},
-}
+NODE_NAME = "kwok-node-0"
+NODE_CAPACITY = {"cpu": "64", "memory": "512Gi", "pods": "110", "nvidia.com/gpu": "8"}
 #: The default StorageClass (PersistentVolumes are made by hand: there is no provisioner).
 STORAGE_CLASS = "local"
 #: Training Operator's webhook objects: its cert rotator looks for these names.
@@ -72,33 +70,23 @@ class ClusterError(RuntimeError):
     """The cluster could not be brought up (the message names the part and its log)."""
 
 
-@dataclass(frozen=True)
-class Ports:
-    """Every port the cluster listens on, all on 127.0.0.1."""
-
-    base: int
-
-    def __getattr__(self, name: str) -> int:
-        names = (
-            "etcd",
-            "etcd_peer",
-            "apiserver",
-            "controller_manager",
-            "scheduler",
-            "kwok",
-            "kserve_webhook",
-            "kserve_metrics",
-            "kserve_probe",
-            "training_webhook",
-            "training_metrics",
-            "training_probe",
-        )
-        if name not in names:
-            raise AttributeError(name)
-        return self.base + names.index(name)
-
-
-PORTS = Ports(int(os.environ.get("MEDSEG_CLUSTER_PORT_BASE", "16440")))
+#: Every port the cluster listens on, all on 127.0.0.1: MEDSEG_CLUSTER_PORT_BASE and the next ones.
+PORT_NAMES = (
+    "etcd",
+    "etcd_peer",
+    "apiserver",
+    "controller_manager",
+    "scheduler",
+    "kwok",
+    "kserve_webhook",
+    "kserve_metrics",
+    "kserve_probe",
+    "training_webhook",
+    "training_metrics",
+    "training_probe",
+)
+_BASE = int(os.environ.get("MEDSEG_CLUSTER_PORT_BASE", "16440"))
+PORTS = SimpleNamespace(**{name: _BASE + i for i, name in enumerate(PORT_NAMES)})
 
 
 def versions() -> dict[str, str]:
@@ -718,10 +706,10 @@ def _node() -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "Node",
         "metadata": {
-            "name": NODE["name"],
+            "name": NODE_NAME,
             "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
             "labels": {
-                "kubernetes.io/hostname": NODE["name"],
+                "kubernetes.io/hostname": NODE_NAME,
                 "kubernetes.io/os": "linux",
                 "kubernetes.io/arch": "amd64",
                 "type": "kwok",
@@ -809,8 +797,8 @@ def _start_operators() -> None:
     )
     # The node first, with its capacity (kwok keeps a node's own capacity), then kwok.
     _apply([_node(), _storage_class()])
-    status = {"status": {"capacity": NODE["capacity"], "allocatable": NODE["capacity"]}}
-    kubectl("patch", "node", NODE["name"], "--subresource=status", "--type=merge",
+    status = {"status": {"capacity": NODE_CAPACITY, "allocatable": NODE_CAPACITY}}
+    kubectl("patch", "node", NODE_NAME, "--subresource=status", "--type=merge",
             "-p", json.dumps(status))  # fmt: skip
     stages = [f"--config={p}" for p in _kwok_stages()]
     _start(
@@ -837,7 +825,7 @@ def _start_operators() -> None:
             in kubectl(
                 "get",
                 "node",
-                NODE["name"],
+                NODE_NAME,
                 "-o",
                 "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
                 check=False,
@@ -876,7 +864,7 @@ def up() -> None:
     down(quiet=True)  # a half-started cluster: start clean
     _ensure_binaries()
     etcd = _ensure_etcd()
-    busy = [p for p in range(PORTS.base, PORTS.base + 12) if not _port_free(p)]
+    busy = [p for p in vars(PORTS).values() if not _port_free(p)]
     if busy:
         raise ClusterError(
             f"ports {busy} on 127.0.0.1 are in use; set MEDSEG_CLUSTER_PORT_BASE "
