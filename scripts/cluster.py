@@ -332,6 +332,13 @@ def _pki() -> None:
     if not (PKI / "sa.key").is_file():
         _openssl("ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", str(PKI / "sa.key"))
         _openssl("ec", "-in", str(PKI / "sa.key"), "-pubout", "-out", str(PKI / "sa.pub"))
+    # The Training Operator's cert rotator waits for tls.crt in this fixed directory (where the
+    # Secret is mounted in a pod) before it marks its webhooks ready; it only checks that the file
+    # exists. Its webhook server reads the certificate from $TMPDIR, like KServe's, below.
+    mounted = Path("/tmp/k8s-webhook-server/serving-certs")
+    mounted.mkdir(parents=True, exist_ok=True)
+    if not (mounted / "tls.crt").exists():
+        shutil.copy(PKI / "training-webhook.crt", mounted / "tls.crt")
     for name in ("kserve", "training"):  # controller-runtime's default serving-cert location
         certs = RUN / f"tmp-{name}" / "k8s-webhook-server" / "serving-certs"
         certs.mkdir(parents=True, exist_ok=True)
