@@ -41,12 +41,13 @@ module_dir() {
   go mod download -json "$1@$2" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p'
 }
 
-# writable_copy MODULE VERSION: a writable copy of the module (its own replace directives apply).
+# writable_copy MODULE VERSION: a writable copy of the module (its own replace directives apply),
+# at a fixed path so that Go's build cache serves a rebuild.
 writable_copy() {
-  local src dst
+  local src dst=$CACHE/.src/${1//\//_}@$2
   src=$(module_dir "$1" "$2")
   [ -n "$src" ] || die "could not download $1@$2"
-  dst=$(mktemp -d)
+  rm -rf "$dst" && mkdir -p "$dst"
   cp -r "$src/." "$dst/"
   chmod -R u+w "$dst"
   echo "$dst"
@@ -106,14 +107,25 @@ build_kube() {
 }
 
 # --- controllers and kwok, each from a writable copy of its module ----------------------------
-# build_module NAME MODULE VERSION PACKAGE [DATA-PATH...]: builds PACKAGE (relative to the module
-# root) into the cache as NAME and copies the listed data paths (CRDs, configs) next to it.
+# The controllers' admission webhook servers bind every address (controller-runtime's default, no
+# flag to change it); one line in their main.go binds them to 127.0.0.1 instead.
+loopback_webhooks() {
+  local main=$1/main.go
+  sed -i 's|webhook.NewServer(webhook.Options{|webhook.NewServer(webhook.Options{Host: "127.0.0.1", |' "$main"
+  grep -q 'Options{Host: "127.0.0.1"' "$main" || die "could not bind the webhook server in $main to 127.0.0.1"
+}
+
+# build_module NAME MODULE VERSION PACKAGE PATCH [DATA-PATH...]: builds PACKAGE (relative to the
+# module root, after running PATCH on its directory, or `:`) into the cache as NAME and copies
+# the listed data paths (CRDs, configs) next to it. A patched build has its own cache key.
 build_module() {
-  local name=$1 module=$2 version=$3 pkg=$4 dir=$CACHE/$1-$3 src
-  shift 4
+  local name=$1 module=$2 version=$3 pkg=$4 patch=$5 dir=$CACHE/$1-$3 src
+  shift 5
+  [ "$patch" = ":" ] || dir=$dir+$patch
   if [ ! -x "$dir/$name" ]; then
     log "building $name $version from $module (once)"
     src=$(writable_copy "$module" "$version")
+    "$patch" "$src/${pkg#./}"
     rm -rf "$dir.tmp" && mkdir -p "$dir.tmp"
     (cd "$src" && timed "$name-$version" "${NICE[@]}" go build -mod=mod -ldflags "-s -w" \
       -o "$dir.tmp/$name" "$pkg")
@@ -131,8 +143,9 @@ build_kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build_kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
 build_kube kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
 build_kube kubectl k8s.io/kubernetes/cmd/kubectl
-build_module kwok sigs.k8s.io/kwok "$KWOK_VERSION" ./cmd/kwok kustomize/stage
+build_module kwok sigs.k8s.io/kwok "$KWOK_VERSION" ./cmd/kwok : kustomize/stage
 build_module training-operator github.com/kubeflow/training-operator "$TRAINING_OPERATOR_VERSION" \
-  ./cmd/training-operator.v1 manifests/base
-build_module kserve-manager github.com/kserve/kserve "$KSERVE_VERSION" ./cmd/manager config
+  ./cmd/training-operator.v1 loopback_webhooks manifests/base
+build_module kserve-manager github.com/kserve/kserve "$KSERVE_VERSION" ./cmd/manager \
+  loopback_webhooks config
 log "ready: $(ls .tools/bin | tr '\n' ' ')"
