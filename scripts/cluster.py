@@ -674,7 +674,7 @@ def _kwok_stages() -> list[Path]:
     stages = TOOLS / "kwok" / "kustomize" / "stage"
     files = [
         stages / "node" / "fast" / "node-initialize.yaml",
-        stages / "node" / "heartbeat-with-lease" / "node-heartbeat-with-lease.yaml",
+        stages / "node" / "heartbeat" / "node-heartbeat.yaml",
         stages / "pod" / "fast" / "pod-ready.yaml",
         stages / "pod" / "fast" / "pod-complete.yaml",
         stages / "pod" / "fast" / "pod-delete.yaml",
