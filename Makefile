@@ -23,8 +23,10 @@ lint:
 	$(VENV)/ruff format --check medseg tests benchmarks components pipelines model_server scripts
 	$(VENV)/mypy
 
+# tests/test_cluster.py needs the control plane (cold: ~35 min of CPU to build); it runs in
+# `make test-cluster` until it is proven reliable in CI, then joins here.
 unit:
-	$(VENV)/pytest -q
+	$(VENV)/pytest -q --ignore=tests/test_cluster.py
 
 ## Benchmarks: each prints a ratio against a baseline measured in the same run.
 bench: setup

@@ -207,10 +207,12 @@ def test_chart_installs_upgrades_and_uninstalls(cluster: ModuleType, values: Pat
             assert live["spec"]["predictor"]["maxReplicas"] == 9
         down = helm("uninstall", release.name, "-n", ns, "--wait", "--timeout", "120s")
         assert down.returncode == 0, down.stderr
-        # Nothing is left but MinIO's data claim, which a StatefulSet keeps on purpose.
+        # Nothing is left but MinIO's data claim, which a StatefulSet keeps on purpose, and the
+        # user's own credentials Secret (external S3).
+        existing = (yaml.safe_load(values.read_text()) or {}).get("s3", {}).get("existingSecret")
         kept = {f"persistentvolumeclaim/data-{release.fullname}-minio-0"} & set(
             namespaced_leftovers(ns)
-        )
+        ) | ({f"secret/{existing}"} if existing else set())
         eventually(
             lambda: set(namespaced_leftovers(ns)) <= kept,
             what=f"namespace {ns} empty after uninstall: {namespaced_leftovers(ns)}",
