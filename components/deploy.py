@@ -10,6 +10,7 @@ def deploy_op(
     target: str,
     image: str,
     namespace: str,
+    release: str,
     deployment_mode: str,
     min_replicas: int,
     max_replicas: int,
@@ -23,6 +24,7 @@ def deploy_op(
     ``local``: the equivalent ``medseg serve`` command, recorded as the output.
     """
     from medseg.deploy import InferenceServiceSpec, deploy, local_command
+    from medseg.kube import Release
 
     if target == "local":
         command = local_command(model_uri, name)
@@ -35,6 +37,7 @@ def deploy_op(
         storage_uri=model_uri,
         image=image,
         namespace=namespace,
+        service_account=Release(release, namespace).predictor_service_account,
         deployment_mode=deployment_mode,
         min_replicas=min_replicas,
         max_replicas=max_replicas,

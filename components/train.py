@@ -17,8 +17,9 @@ def train_op(
     gpus_per_worker: int,
     image: str,
     namespace: str,
+    release: str,
     s3_secret: str,
-    s3_endpoint: str,
+    s3_config: str,
     wait_timeout: int,
     model: Output[Model],
     metrics: Output[Metrics],
@@ -30,6 +31,7 @@ def train_op(
     import yaml
 
     from medseg.config import MedsegConfig
+    from medseg.kube import Release
     from medseg.launchers import PyTorchJobSpec, S3Secret, run_local, submit_pytorchjob
     from medseg.storage import Storage, join
 
@@ -58,7 +60,8 @@ def train_op(
             config_uri=config_uri,
             workers=workers,
             gpus_per_worker=gpus_per_worker,
-            s3=S3Secret(name=s3_secret, endpoint=s3_endpoint),
+            s3=S3Secret(name=s3_secret, config=s3_config),
+            service_account=Release(release, namespace).pipeline_service_account,
         )
         submit_pytorchjob(spec, wait_timeout=wait_timeout)
     model_uri = join(run_prefix, "model")

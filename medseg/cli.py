@@ -293,6 +293,57 @@ def serve(
     )
 
 
+@app.command("deploy")
+@_handles_errors
+def deploy_cmd(
+    model: Annotated[str, typer.Argument(help="Registered model: s3://BUCKET/models/NAME/vN.")],
+    image: Annotated[str, typer.Option(help="The model server image.")],
+    name: Annotated[str, typer.Option(help="InferenceService (and model) name.")] = (
+        "brats-segresnet"
+    ),
+    namespace: Annotated[str, typer.Option(help="The chart's release namespace.")] = "medseg",
+    release: Annotated[str, typer.Option(help="The chart's release (names its objects).")] = (
+        "medseg"
+    ),
+    mode: Annotated[str, typer.Option(help="Knative or Standard.")] = "Knative",
+    min_replicas: Annotated[int, typer.Option(help="Fewest replicas.")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="Most replicas.")] = 3,
+    scale_metric: Annotated[
+        str | None, typer.Option(help="concurrency/rps (Knative), cpu/memory (Standard).")
+    ] = None,
+    scale_target: Annotated[int | None, typer.Option(help="Target per replica.")] = None,
+    cpu: Annotated[str, typer.Option(help="CPU per replica.")] = "2",
+    memory: Annotated[str, typer.Option(help="Memory per replica.")] = "8Gi",
+    gpus: Annotated[int, typer.Option(help="GPUs per replica.")] = 0,
+    timeout: Annotated[int, typer.Option(help="Seconds to wait for Ready.")] = 900,
+    recreate: Annotated[
+        bool, typer.Option(help="Delete and recreate the service to change its mode.")
+    ] = False,
+) -> None:
+    """Create or patch the KServe InferenceService of a registered model; wait until Ready."""
+    from medseg.deploy import InferenceServiceSpec, default_scaling, deploy
+    from medseg.kube import Release
+
+    metric, target = default_scaling(mode, scale_metric)
+    spec = InferenceServiceSpec(
+        name=name,
+        storage_uri=model,
+        image=image,
+        namespace=namespace,
+        service_account=Release(release, namespace).predictor_service_account,
+        deployment_mode=mode,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        scale_metric=metric,
+        scale_target=scale_target or target,
+        cpu=cpu,
+        memory=memory,
+        gpus=gpus,
+    )
+    url = deploy(spec, timeout=timeout, recreate=recreate)
+    console.print(f"InferenceService {namespace}/{name} is Ready: {url}")
+
+
 @app.command()
 @_handles_errors
 def predict(

@@ -11,14 +11,39 @@ cpu or memory). Run without a cluster, :func:`local_command` gives the equivalen
 from __future__ import annotations
 
 import shlex
+import time
 from dataclasses import dataclass
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.kube import DEFAULT_RELEASE
 
-__all__ = ["InferenceServiceSpec", "build_inference_service", "deploy", "local_command"]
+__all__ = [
+    "InferenceServiceSpec",
+    "build_inference_service",
+    "conditions_text",
+    "default_scaling",
+    "deploy",
+    "local_command",
+]
 
 _METRICS = {"Knative": ("concurrency", "rps"), "Standard": ("cpu", "memory")}
+#: Scale targets when none is given: in-flight requests, requests/s, or utilisation percent.
+_TARGETS = {"concurrency": 1, "rps": 5, "cpu": 70, "memory": 70}
+
+
+def default_scaling(mode: str, metric: str | None = None) -> tuple[str, int]:
+    """The scale metric (the mode's first unless given) and its default target.
+
+    Raises:
+        MedsegError: For an unknown mode or metric.
+    """
+    if mode not in _METRICS:
+        raise MedsegError(f"deployment mode must be Knative or Standard, got {mode!r}")
+    metric = metric or _METRICS[mode][0]
+    if metric not in _TARGETS:
+        raise MedsegError(f"scale metric must be one of {', '.join(_TARGETS)}, got {metric!r}")
+    return metric, _TARGETS[metric]
 
 
 @dataclass(frozen=True)
@@ -29,8 +54,9 @@ class InferenceServiceSpec:
         name: InferenceService (and model) name.
         storage_uri: ``s3://BUCKET/models/NAME/vN``.
         image: The server image.
-        namespace: Target namespace.
-        service_account: Carries the S3 Secret (KServe's ``serving.kserve.io/s3-*`` annotations).
+        namespace: Target namespace (the chart's release namespace, where its Role applies).
+        service_account: The chart's predictor ServiceAccount; it lists the S3 Secret
+            (KServe's ``serving.kserve.io/s3-*`` annotations).
         deployment_mode: ``Knative`` or ``Standard``.
         min_replicas, max_replicas: Autoscaling bounds (0 allowed with Knative).
         scale_metric: ``concurrency``/``rps`` (Knative) or ``cpu``/``memory`` (Standard).
@@ -44,8 +70,8 @@ class InferenceServiceSpec:
     name: str
     storage_uri: str
     image: str
-    namespace: str = "kubeflow"
-    service_account: str = "medseg-predictor"
+    namespace: str = DEFAULT_RELEASE.namespace
+    service_account: str = DEFAULT_RELEASE.predictor_service_account
     deployment_mode: str = "Knative"
     min_replicas: int = 1
     max_replicas: int = 3
@@ -141,46 +167,128 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
     )
 
 
-def _reason(isvc: Any) -> str:
-    status = isvc.get("status", {}) if isinstance(isvc, dict) else {}
-    bad = [c for c in status.get("conditions", []) if c.get("status") != "True"]
-    if not bad:
-        return "no failing condition reported"
-    return "; ".join(f"{c.get('type')}: {c.get('reason')} {c.get('message', '')}" for c in bad)
+def conditions_text(obj: Any) -> str:
+    """A resource's ``status.conditions`` verbatim, one a line: ``Type=Status Reason: Message``."""
+    status = obj.get("status") or {} if isinstance(obj, dict) else {}
+    lines = [
+        f"  {c.get('type')}={c.get('status')} {c.get('reason') or ''}: {c.get('message') or ''}"
+        for c in status.get("conditions") or []
+    ]
+    return "\n".join(lines) if lines else "  (the controller reported no conditions)"
 
 
-def deploy(spec: InferenceServiceSpec, timeout: int, client: Any = None) -> str:
-    """Create or patch the InferenceService and wait until it is Ready.
+def _mode(isvc: dict[str, Any]) -> str | None:
+    annotations = isvc.get("metadata", {}).get("annotations") or {}
+    mode = annotations.get("serving.kserve.io/deploymentMode")
+    return str(mode) if mode else None
+
+
+def _get(client: Any, spec: InferenceServiceSpec) -> dict[str, Any] | None:
+    from kserve import constants
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        return dict(
+            client.api_instance.get_namespaced_custom_object(
+                constants.KSERVE_GROUP,
+                constants.KSERVE_V1BETA1_VERSION,
+                spec.namespace,
+                constants.KSERVE_PLURAL_INFERENCESERVICE,
+                spec.name,
+            )
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            return None
+        raise MedsegError(
+            f"cannot read InferenceService {spec.namespace}/{spec.name}: {exc.status} {exc.reason}"
+        ) from None
+
+
+def _ready(isvc: dict[str, Any]) -> bool:
+    status = isvc.get("status") or {}
+    generation = isvc.get("metadata", {}).get("generation")
+    observed = status.get("observedGeneration")
+    if generation is not None and observed is not None and observed < generation:
+        return False  # the controller has not seen this spec yet
+    return any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )
+
+
+def deploy(
+    spec: InferenceServiceSpec,
+    timeout: float,
+    client: Any = None,
+    recreate: bool = False,
+    poll_seconds: float = 2.0,
+) -> str:
+    """Create or patch the InferenceService and wait until KServe reports it Ready.
+
+    KServe (0.16 or newer, checked from the installed CRD) refuses to change an existing service's
+    deployment mode in place; ``recreate=True`` is the deliberate path: delete the service, wait
+    until it is gone, create it again (the model is unavailable in between).
+
+    Args:
+        spec: The service.
+        timeout: Seconds to wait, in all, for deletion (when recreating) and readiness.
+        client: A ``kserve.KServeClient`` (default: from the kube config or in-cluster).
+        recreate: Delete and recreate the service when its deployment mode changes.
+        poll_seconds: Interval between status reads.
 
     Returns:
-        The service URL.
+        The service URL (``status.url``).
 
     Raises:
-        MedsegError: If it is not Ready within ``timeout`` seconds (with KServe's reasons).
+        MedsegError: KServe missing or too old; a mode change without ``recreate``; or not Ready
+            within ``timeout`` seconds, with the controller's conditions verbatim.
     """
     from kserve import KServeClient
 
-    client = client or KServeClient()
+    from medseg.kube import check_operator
+
+    if client is None:
+        from kubernetes.config import ConfigException
+
+        try:
+            client = KServeClient()
+        except ConfigException as exc:
+            raise MedsegError(
+                f"no Kubernetes configuration ({exc}): set KUBECONFIG, or run inside the cluster"
+            ) from None
+    check_operator("KServe", client.api_instance.api_client)
+    where = f"InferenceService {spec.namespace}/{spec.name}"
+    deadline = time.monotonic() + timeout
     isvc = build_inference_service(spec)
-    try:
-        client.get(spec.name, namespace=spec.namespace)
-        exists = True
-    except RuntimeError:
-        exists = False
-    if exists:
-        client.patch(spec.name, isvc, namespace=spec.namespace)
-    else:
+    current = _get(client, spec)
+    if current is not None and _mode(current) not in (None, spec.deployment_mode):
+        if not recreate:
+            raise MedsegError(
+                f"{where} runs in {_mode(current)} mode; KServe cannot change the deployment mode "
+                f"in place (to {spec.deployment_mode}). Recreate it (medseg deploy --recreate, "
+                f"or kubectl -n {spec.namespace} delete inferenceservice {spec.name} first)"
+            )
+        client.delete(spec.name, namespace=spec.namespace)
+        while _get(client, spec) is not None:
+            if time.monotonic() > deadline:
+                raise MedsegError(f"{where} still being deleted after {timeout:.0f} s")
+            time.sleep(poll_seconds)
+        current = None
+    if current is None:
         client.create(isvc, namespace=spec.namespace)
-    try:
-        client.wait_isvc_ready(spec.name, namespace=spec.namespace, timeout_seconds=timeout)
-    except RuntimeError:
-        current = client.get(spec.name, namespace=spec.namespace)
-        raise MedsegError(
-            f"InferenceService {spec.namespace}/{spec.name} not Ready after {timeout} s: "
-            f"{_reason(current)}"
-        ) from None
-    current = client.get(spec.name, namespace=spec.namespace)
-    return str(current.get("status", {}).get("url", ""))
+    else:
+        client.patch(spec.name, isvc, namespace=spec.namespace)
+    while True:
+        current = _get(client, spec)
+        if current is not None and _ready(current):
+            return str((current.get("status") or {}).get("url") or "")
+        if time.monotonic() > deadline:
+            raise MedsegError(
+                f"{where} not Ready after {timeout:.0f} s; KServe's conditions:\n"
+                + conditions_text(current)
+            )
+        time.sleep(poll_seconds)
 
 
 def local_command(model_uri: str, name: str, http_port: int = 8080, grpc_port: int = 8081) -> str:

@@ -1,5 +1,8 @@
 """Kubernetes object pieces shared by the launchers and the deploy step.
 
+The names of the chart's objects (:class:`Release`) and the minimum operator versions
+(:data:`MIN_OPERATORS`, checked against the installed CRDs) live here too.
+
 Every pod medseg creates runs as uid 1000, non-root, with the ``RuntimeDefault`` seccomp profile,
 no privilege escalation and no capabilities; resources are requests equal to limits, plus
 ``nvidia.com/gpu`` when GPUs are asked for.
@@ -7,9 +10,20 @@ no privilege escalation and no capabilities; resources are requests equal to lim
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["container_security_context", "pod_security_context", "resources"]
+from medseg.errors import MedsegError
+
+__all__ = [
+    "DEFAULT_RELEASE",
+    "MIN_OPERATORS",
+    "Release",
+    "check_operator",
+    "container_security_context",
+    "pod_security_context",
+    "resources",
+]
 
 UID = 1000
 
@@ -47,3 +61,123 @@ def pod_security_context() -> Any:
         fs_group=UID,
         seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
     )
+
+
+@dataclass(frozen=True)
+class Release:
+    """The names of the objects the Helm chart ``charts/medseg`` creates for one release.
+
+    The chart derives every name from its ``fullname`` (``_helpers.tpl``): the release name when it
+    contains ``medseg``, else ``RELEASE-medseg``. The launchers, the deploy step and the pipeline
+    take their defaults from here, so they find the chart's objects whatever the release is
+    called; ``tests/test_chart.py`` checks these names against ``helm template``.
+
+    Attributes:
+        name: The Helm release name.
+        namespace: The release namespace: the Role, the ServiceAccounts, the S3 Secret and
+            ConfigMap live there, so PyTorchJobs and InferenceServices are created there too.
+    """
+
+    name: str = "medseg"
+    namespace: str = "medseg"
+
+    @property
+    def fullname(self) -> str:
+        """The chart's ``medseg.fullname``."""
+        full = self.name if CHART_NAME in self.name else f"{self.name}-{CHART_NAME}"
+        return full[:63].rstrip("-")
+
+    @property
+    def s3_secret(self) -> str:
+        """Secret with ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY`` (or ``existingSecret``)."""
+        return f"{self.fullname}-s3"
+
+    @property
+    def s3_config(self) -> str:
+        """ConfigMap with ``S3_ENDPOINT``, ``S3_USE_HTTPS``, ``AWS_REGION``."""
+        return f"{self.fullname}-s3"
+
+    @property
+    def pipeline_service_account(self) -> str:
+        """Runs pipeline steps and PyTorchJob pods; the chart's Role is bound to it."""
+        return f"{self.fullname}-pipeline"
+
+    @property
+    def predictor_service_account(self) -> str:
+        """The predictor's ServiceAccount; it lists the S3 Secret for the storage initializer."""
+        return f"{self.fullname}-predictor"
+
+
+#: The chart's name (``Chart.yaml``), the suffix of every object name it creates.
+CHART_NAME = "medseg"
+DEFAULT_RELEASE = Release()
+
+#: Oldest operator releases medseg works with, and the field of their CRD schema that shows it:
+#: KServe 0.16 renamed the deployment modes to ``Standard``/``Knative`` (its InferenceService CRD
+#: gained ``spec.predictor.storageUris`` in the same release); the Training Operator 1.7 moved
+#: ``nprocPerNode`` to the top of the PyTorchJob spec. Chart.yaml states the same minimums.
+MIN_OPERATORS = {
+    "KServe": (
+        "0.16.0",
+        "serving.kserve.io",
+        "v1beta1",
+        "InferenceService",
+        "spec.predictor.storageUris",
+    ),
+    "Training Operator": ("1.7.0", "kubeflow.org", "v1", "PyTorchJob", "spec.nprocPerNode"),
+}
+
+
+def check_operator(
+    operator: str,
+    api_client: Any,
+    minimums: dict[str, tuple[str, str, str, str, str]] = MIN_OPERATORS,
+) -> None:
+    """Fail clearly unless ``operator``'s CRD is installed, at the minimum version or newer.
+
+    The installed CRD's schema is read from the API server's OpenAPI v3 document (published for
+    every CRD, readable by any authenticated user, so no extra RBAC is needed).
+
+    Args:
+        operator: A key of :data:`MIN_OPERATORS`.
+        api_client: A ``kubernetes.client.ApiClient`` for the cluster.
+        minimums: The table to check against (:data:`MIN_OPERATORS`).
+
+    Raises:
+        MedsegError: If the CRD is missing or older than the minimum.
+    """
+    from kubernetes.client.exceptions import ApiException
+
+    version, group, api_version, kind, field_path = minimums[operator]
+    want = f"{operator} >= {version} is required"
+    try:
+        response = api_client.call_api(
+            f"/openapi/v3/apis/{group}/{api_version}",
+            "GET",
+            auth_settings=["BearerToken"],
+            response_type="object",
+            _return_http_data_only=True,
+            _preload_content=True,
+        )
+    except ApiException as exc:
+        if exc.status == 404:
+            raise MedsegError(
+                f"{want}, but the cluster serves no {group}/{api_version} API "
+                f"(no {kind} CRD installed)"
+            ) from None
+        raise MedsegError(
+            f"cannot read the {kind} CRD's schema: {exc.status} {exc.reason}"
+        ) from None
+    schemas = response.get("components", {}).get("schemas", {})
+    suffix = f".{api_version}.{kind}"
+    schema = next((s for n, s in schemas.items() if n.endswith(suffix)), None)
+    if schema is None:
+        raise MedsegError(f"{want}, but the cluster has no {kind} CRD in {group}/{api_version}")
+    node = schema
+    for part in field_path.split("."):
+        node = (node.get("properties") or {}).get(part)
+        if node is None:
+            raise MedsegError(
+                f"{want}: the installed {kind} CRD has no {field_path} (an older release); "
+                f"upgrade {operator}"
+            )

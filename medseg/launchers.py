@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.kube import DEFAULT_RELEASE, check_operator
 from medseg.names import check_name
 
 __all__ = [
@@ -34,28 +35,44 @@ LAUNCHERS = ("local", "pytorchjob")
 
 @dataclass(frozen=True)
 class S3Secret:
-    """Where pods find the object store: a Secret's keys plus the non-secret endpoint."""
+    """Where pods find the object store: the chart's S3 Secret and ConfigMap (by reference).
 
-    name: str = "medseg-s3"
+    Attributes:
+        name: Secret with the credentials (the chart's ``FULLNAME-s3``, or ``s3.existingSecret``).
+        config: ConfigMap with ``S3_ENDPOINT``, ``S3_USE_HTTPS`` and ``AWS_REGION`` (the chart's
+            ``FULLNAME-s3``): the endpoint is never a literal here, so it is the chart's.
+        access_key_key, secret_key_key: Keys of the Secret.
+    """
+
+    name: str = DEFAULT_RELEASE.s3_secret
+    config: str = DEFAULT_RELEASE.s3_config
     access_key_key: str = "AWS_ACCESS_KEY_ID"
     secret_key_key: str = "AWS_SECRET_ACCESS_KEY"
-    endpoint: str = "http://medseg-minio:9000"
-    use_https: bool = False
-    region: str = "us-east-1"
 
     def env(self) -> list[Any]:
-        """``V1EnvVar`` list: credentials by ``secretKeyRef``, never by value."""
-        from kubernetes.client import V1EnvVar, V1EnvVarSource, V1SecretKeySelector
+        """``V1EnvVar`` list: credentials by ``secretKeyRef``, the rest by ``configMapKeyRef``."""
+        from kubernetes.client import (
+            V1ConfigMapKeySelector,
+            V1EnvVar,
+            V1EnvVarSource,
+            V1SecretKeySelector,
+        )
 
-        def ref(key: str) -> V1EnvVarSource:
+        def secret(key: str) -> V1EnvVarSource:
             return V1EnvVarSource(secret_key_ref=V1SecretKeySelector(name=self.name, key=key))
 
+        def config(key: str) -> V1EnvVarSource:
+            return V1EnvVarSource(
+                config_map_key_ref=V1ConfigMapKeySelector(name=self.config, key=key)
+            )
+
         return [
-            V1EnvVar(name="AWS_ACCESS_KEY_ID", value_from=ref(self.access_key_key)),
-            V1EnvVar(name="AWS_SECRET_ACCESS_KEY", value_from=ref(self.secret_key_key)),
-            V1EnvVar(name="S3_ENDPOINT", value=self.endpoint),
-            V1EnvVar(name="S3_USE_HTTPS", value="1" if self.use_https else "0"),
-            V1EnvVar(name="AWS_REGION", value=self.region),
+            V1EnvVar(name="AWS_ACCESS_KEY_ID", value_from=secret(self.access_key_key)),
+            V1EnvVar(name="AWS_SECRET_ACCESS_KEY", value_from=secret(self.secret_key_key)),
+            *(
+                V1EnvVar(name=key, value_from=config(key))
+                for key in ("S3_ENDPOINT", "S3_USE_HTTPS", "AWS_REGION")
+            ),
         ]
 
 
@@ -65,7 +82,7 @@ class PyTorchJobSpec:
 
     Attributes:
         name: Job name (also the run id's Kubernetes name).
-        namespace: Namespace of the job.
+        namespace: Namespace of the job (the chart's release namespace, where its Role applies).
         image: The project image (holds medseg and torch).
         dataset: ``NAME@VERSION``, preprocessed.
         store: ``s3://BUCKET``.
@@ -79,7 +96,7 @@ class PyTorchJobSpec:
         backoff_limit: Pod restarts (``restartPolicy: OnFailure``) before the job fails.
         ttl_seconds: How long a finished job is kept.
         s3: Object-store access.
-        service_account: The pods' ServiceAccount.
+        service_account: The pods' ServiceAccount (the chart's pipeline ServiceAccount).
     """
 
     name: str
@@ -88,7 +105,7 @@ class PyTorchJobSpec:
     store: str
     run_id: str
     config_uri: str
-    namespace: str = "kubeflow"
+    namespace: str = DEFAULT_RELEASE.namespace
     workers: int = 2
     gpus_per_worker: int = 0
     cpu: str = "2"
@@ -98,7 +115,7 @@ class PyTorchJobSpec:
     backoff_limit: int = 3
     ttl_seconds: int = 86400
     s3: S3Secret = field(default_factory=S3Secret)
-    service_account: str = "medseg-pipeline"
+    service_account: str = DEFAULT_RELEASE.pipeline_service_account
 
     def __post_init__(self) -> None:
         check_name(self.run_id, "run id")
@@ -211,7 +228,12 @@ def _failure_reason(job: Any) -> str:
 
 
 def submit_pytorchjob(
-    spec: PyTorchJobSpec, wait_timeout: int, client: Any = None, stream_logs: bool = True
+    spec: PyTorchJobSpec,
+    wait_timeout: int,
+    client: Any = None,
+    stream_logs: bool = True,
+    poll_seconds: int = 5,
+    check_version: bool = True,
 ) -> Any:
     """Create the job, stream the Master's logs, wait for success.
 
@@ -220,13 +242,18 @@ def submit_pytorchjob(
         wait_timeout: Seconds to wait for ``Succeeded`` (the SDK's own default is 600).
         client: A ``TrainingClient`` (created from the in-cluster or kube config otherwise).
         stream_logs: Print the Master's log lines as they come.
+        poll_seconds: Interval between status reads.
+        check_version: Check the installed PyTorchJob CRD against the minimum Training Operator.
 
     Raises:
-        MedsegError: When the job fails (with the operator's reason) or times out.
+        MedsegError: When the operator is missing or too old, or the job fails (with the
+            operator's reason) or times out.
     """
     from kubeflow.training import TrainingClient
 
     client = client or TrainingClient(namespace=spec.namespace, job_kind="PyTorchJob")
+    if check_version:
+        check_operator("Training Operator", client.custom_api.api_client)
     job = build_pytorchjob(spec)
     client.create_job(job=job, namespace=spec.namespace)
     if stream_logs:
@@ -250,7 +277,7 @@ def submit_pytorchjob(
             namespace=spec.namespace,
             expected_conditions={"Succeeded"},
             wait_timeout=wait_timeout,
-            polling_interval=15,
+            polling_interval=poll_seconds,
         )
     except TimeoutError:
         raise MedsegError(

@@ -22,6 +22,7 @@ from components import (
     train_op,
 )
 from components.base import IMAGE
+from medseg.kube import DEFAULT_RELEASE
 
 __all__ = ["PIPELINE_NAME", "medseg_pipeline"]
 
@@ -80,10 +81,10 @@ def medseg_pipeline(
     model_name: str = "brats-segresnet",
     deploy_target: str = "local",
     image: str = IMAGE,
-    namespace: str = "kubeflow",
-    s3_secret: str = "medseg-s3",
-    s3_config: str = "medseg-s3",
-    s3_endpoint: str = "http://medseg-minio:9000",
+    namespace: str = DEFAULT_RELEASE.namespace,
+    release: str = DEFAULT_RELEASE.name,
+    s3_secret: str = DEFAULT_RELEASE.s3_secret,
+    s3_config: str = DEFAULT_RELEASE.s3_config,
     train_timeout: int = 86400,
     deployment_mode: str = "Knative",
     min_replicas: int = 1,
@@ -109,10 +110,11 @@ def medseg_pipeline(
         model_name: Registry name (also the InferenceService name).
         deploy_target: ``local`` (record the ``medseg serve`` command) or ``kserve``.
         image: The project image for the PyTorchJob and the predictor.
-        namespace: Namespace of the PyTorchJob and the InferenceService.
+        namespace: Namespace of the PyTorchJob and the InferenceService: the Helm release's,
+            where the chart's Role and ServiceAccounts are.
+        release: The Helm release: its ServiceAccounts run the PyTorchJob pods and the predictor.
         s3_secret: Secret with ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``.
         s3_config: ConfigMap with ``S3_ENDPOINT`` and ``S3_USE_HTTPS`` (the Helm chart's).
-        s3_endpoint: Object-store endpoint for the PyTorchJob pods.
         train_timeout: Seconds to wait for the PyTorchJob.
         deployment_mode: ``Knative`` or ``Standard``.
         min_replicas: Fewest predictor replicas (0 scales to zero with Knative).
@@ -154,8 +156,9 @@ def medseg_pipeline(
             gpus_per_worker=gpus_per_worker,
             image=image,
             namespace=namespace,
+            release=release,
             s3_secret=s3_secret,
-            s3_endpoint=s3_endpoint,
+            s3_config=s3_config,
             wait_timeout=train_timeout,
         ),
         "train",
@@ -196,6 +199,7 @@ def medseg_pipeline(
             target=deploy_target,
             image=image,
             namespace=namespace,
+            release=release,
             deployment_mode=deployment_mode,
             min_replicas=min_replicas,
             max_replicas=max_replicas,

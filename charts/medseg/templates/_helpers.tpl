@@ -22,6 +22,15 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: minio
 {{- end -}}
 
+{{/* ServiceAccounts: named after the release unless set (medseg.kube.Release derives the same). */}}
+{{- define "medseg.pipeline.serviceAccountName" -}}
+{{- default (printf "%s-pipeline" (include "medseg.fullname" .)) .Values.pipeline.serviceAccount -}}
+{{- end -}}
+
+{{- define "medseg.predictor.serviceAccountName" -}}
+{{- default (printf "%s-predictor" (include "medseg.fullname" .)) .Values.inferenceService.serviceAccount -}}
+{{- end -}}
+
 {{/* The Secret holding AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY. */}}
 {{- define "medseg.s3.secretName" -}}
 {{- default (printf "%s-s3" (include "medseg.fullname" .)) .Values.s3.existingSecret -}}
