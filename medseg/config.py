@@ -91,13 +91,28 @@ class TrainConfig(_Frozen):
     seed: int = 0
 
 
+#: How the three region outputs are made nested (ET ⊆ TC ⊆ WT) before they become a label map
+#: (see :func:`medseg.infer.nest_regions`).
+Nesting = Literal["intersect", "union", "disjoint"]
+
+
 class InferConfig(_Frozen):
-    """Sliding-window inference."""
+    """Sliding-window inference, and how its output becomes a label map.
+
+    Attributes:
+        roi_size: Sliding-window size.
+        overlap: Overlap of neighbouring windows.
+        sw_batch_size: Windows per forward pass.
+        threshold: Probability above which a voxel is in a region.
+        nesting: ``intersect`` (ET := ET ∧ TC, TC := TC ∧ WT), ``union`` (TC := TC ∨ ET,
+            WT := WT ∨ TC) or ``disjoint`` (the most probable of the four disjoint classes).
+    """
 
     roi_size: tuple[int, int, int] = (96, 96, 64)
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(default=1, gt=0)
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    nesting: Nesting = "intersect"
 
 
 class MedsegConfig(_Frozen):

@@ -74,8 +74,8 @@ def register(
         store: Root URI of the store.
         run_id: The finished training run.
         name: Model name.
-        evaluation: ``metrics.json`` of a ``medseg evaluate`` run on this model; its means
-            and gate go into the card.
+        evaluation: ``metrics.json`` of a ``medseg evaluate`` run on this model; its means,
+            gate and metric definition go into the card.
 
     Returns:
         The model card.
@@ -113,6 +113,7 @@ def register(
         ev = storage.get_json(evaluation)
         card["evaluation"] = {
             "uri": evaluation,
+            "definition": ev.get("definition", "channel Dice of the preprocessed volumes"),
             "dataset": ev["dataset"],
             "split": ev["split"],
             "dice": ev["dice"],
