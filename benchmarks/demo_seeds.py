@@ -66,7 +66,9 @@ def evaluate_seeds(work: Path, seeds: list[int], nestings: list[str]) -> None:
             out = join(store, "runs", f"seed{seed}", f"predictions-{nesting}")
             ds = storage.get_json(join(model_uri, "lineage.json"))["dataset"]
             spec = f"{ds['name']}@{ds['version']}"
-            pred = predict(model_uri, out, dataset=spec, store=store, storage=storage, segmenter=seg)
+            pred = predict(
+                model_uri, out, dataset=spec, store=store, storage=storage, segmenter=seg
+            )
             result = evaluate(
                 model_uri,
                 storage=storage,
