@@ -36,9 +36,8 @@ def evaluate_op(
         metrics.log_metric(f"hd95_{region.lower()}", round(result.hd95[region], 2))
     metrics.log_metric("dice_mean", round(result.dice_mean, 4))
     metrics.log_metric("gate_passed", int(result.passed))
-    metrics.metadata["definition"] = result.definition
     with open(report.path, "wb") as f:
         f.write(storage.get_bytes(join(result.out, "report.html")))
-    report.metadata["uri"] = join(result.out, "report.html")
+    report.metadata.update({"uri": join(result.out, "report.html"), "metric": result.definition})
     EvalOutputs = namedtuple("EvalOutputs", ["passed", "dice_mean", "eval_uri"])
     return EvalOutputs(result.passed, result.dice_mean, result.out)

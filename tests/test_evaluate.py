@@ -190,7 +190,14 @@ def test_cli_gate_and_errors(trained: tuple[Storage, str, str], minio_server, mo
     for key, value in minio_server.env().items():
         monkeypatch.setenv(key, value)
     runner = CliRunner()
+    pred = f"{bucket}/cli-pred"
+    predicted = runner.invoke(
+        app, ["predict", "--dataset", "t", "--model", "run-e", "--store", bucket, "--out", pred]
+    )
+    assert predicted.exit_code == 0, predicted.output
+    assert len(storage.get_json(f"{pred}/volumes.json")) == 2
     args = ["evaluate", "--model", "run-e", "--store", bucket, "--out", f"{bucket}/cli-eval"]
+    args += ["--predictions", pred]
     ok = runner.invoke(app, [*args, "--threshold", "0", "--enforce"])
     assert ok.exit_code == 0, ok.output
     assert "quality gate" in ok.output and "passed" in ok.output
@@ -200,6 +207,8 @@ def test_cli_gate_and_errors(trained: tuple[Storage, str, str], minio_server, mo
     assert stored["gate"]["passed"] is False
     reported = runner.invoke(app, [*args, "--threshold", "1.01"])
     assert reported.exit_code == 0  # without --enforce, the gate is reported only
+    other = runner.invoke(app, [*args, "--split", "train"])
+    assert other.exit_code == 1 and ":validation, not of t@" in other.output
     missing = runner.invoke(app, ["evaluate", "--model", "no-such-run", "--store", bucket])
     assert missing.exit_code == 1 and "is not a model artifact" in missing.output
     with pytest.raises(MedsegError, match="no cases in split 'nope'"):
