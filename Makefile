@@ -32,6 +32,7 @@ unit:
 bench: setup
 	$(VENV)/python benchmarks/bench_preprocess_cache.py
 	$(VENV)/python benchmarks/bench_train_throughput.py
+	$(VENV)/python benchmarks/bench_batch_predict.py
 	$(VENV)/python benchmarks/bench_serving.py
 
 ## Regenerate manifests/ (kustomize) from the Helm chart; tests fail when they drift.

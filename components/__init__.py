@@ -11,6 +11,7 @@ from components.deploy import deploy_op
 from components.evaluate import evaluate_op
 from components.gate import gate_op
 from components.ingest import ingest_op
+from components.predict import predict_op
 from components.preprocess import preprocess_op
 from components.register import register_op
 from components.train import train_op
@@ -20,6 +21,7 @@ __all__ = [
     "evaluate_op",
     "gate_op",
     "ingest_op",
+    "predict_op",
     "preprocess_op",
     "register_op",
     "train_op",

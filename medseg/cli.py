@@ -213,8 +213,12 @@ def evaluate_cmd(
     ] = None,
     enforce: Annotated[bool, typer.Option(help="Exit with status 3 when the gate fails.")] = False,
     out: Annotated[str | None, typer.Option(help="Output prefix; default: RUN/eval.")] = None,
+    predictions: Annotated[
+        str | None,
+        typer.Option(help="Output of `medseg predict` for the split; default: predict it now."),
+    ] = None,
 ) -> None:
-    """Dice and HD95 per region on a split, an HTML report, and an optional quality gate."""
+    """Score the served label maps of a split (Dice, HD95 in mm), report, optional gate."""
     from medseg.evaluate import evaluate
     from medseg.storage import Storage
 
@@ -228,6 +232,7 @@ def evaluate_cmd(
         threshold=threshold,
         out=out,
         storage=storage,
+        predictions=predictions,
     )
     table = Table(title=f"{result.dataset} · {split} · {len(result.cases)} cases")
     for col in ("region", "Dice", "HD95 (mm)"):
@@ -236,6 +241,9 @@ def evaluate_cmd(
         table.add_row(region, f"{result.dice[region]:.4f}", f"{result.hd95[region]:.2f}")
     table.add_row("mean", f"{result.dice_mean:.4f}", "")
     console.print(table)
+    console.print(f"metric: {result.definition}", highlight=False)
+    if result.missing:
+        console.print(f"no prediction (scored as empty): {', '.join(result.missing)}")
     console.print(f"report: {result.out}/report.html")
     if threshold is not None:
         verdict = "passed" if result.passed else "FAILED"
@@ -348,37 +356,133 @@ def deploy_cmd(
 @_handles_errors
 def predict(
     paths: Annotated[
-        list[Path], typer.Argument(help="A BraTS case folder, one 4D NIfTI, or four 3D files.")
-    ],
+        list[str] | None,
+        typer.Argument(
+            help="A folder or s3:// prefix of cases (any public layout), one case folder, one "
+            "4D NIfTI, or four 3D files."
+        ),
+    ] = None,
+    dataset: Annotated[
+        str | None, typer.Option("--dataset", "-d", help="NAME@VERSION: predict a split of it.")
+    ] = None,
+    split: Annotated[str, typer.Option(help="validation, train or all (with --dataset).")] = (
+        "validation"
+    ),
+    model: Annotated[
+        str | None,
+        typer.Option(
+            help="Local model: run id, NAME@VERSION or model URI. With --url: the model's name "
+            "on the server (default medseg)."
+        ),
+    ] = None,
+    store: StoreOpt = "s3://medseg",
     url: Annotated[
-        str, typer.Option(help="http://HOST:PORT (REST) or HOST:PORT with --grpc.")
-    ] = "http://127.0.0.1:8080",
-    grpc: Annotated[bool, typer.Option("--grpc", help="Use gRPC.")] = False,
-    model: Annotated[str, typer.Option(help="Model name on the server.")] = "medseg",
-    out: Annotated[Path, typer.Option(help="Where to write the mask NIfTI.")] = Path("mask.nii.gz"),
+        str | None,
+        typer.Option(
+            help="Ask a model server instead: http://HOST:PORT, or HOST:PORT with --grpc."
+        ),
+    ] = None,
+    grpc: Annotated[bool, typer.Option("--grpc", help="Use gRPC (with --url).")] = False,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            help="Local model: output folder or s3:// prefix (default for --dataset: "
+            "runs/RUN/predictions/…; else ./predictions). With --url: the mask file "
+            "(default mask.nii.gz)."
+        ),
+    ] = None,
     labels: Annotated[
-        str, typer.Option(help="Label convention of the mask: brats2021, brats2023, msd.")
-    ] = "brats2021",
+        str | None,
+        typer.Option(help="Label convention of the maps (default: the source's, else brats2021)."),
+    ] = None,
     channels: Annotated[
         str | None, typer.Option(help="Channel order of the files, e.g. flair,t1,t1gd,t2.")
     ] = None,
     tensor: Annotated[
-        str | None, typer.Option(help="FP16 or FP32: send a raw tensor decoded here.")
+        str | None, typer.Option(help="With --url: FP16 or FP32, send a raw tensor decoded here.")
     ] = None,
+    prefetch: Annotated[int, typer.Option(min=1, help="Cases read ahead of the compute.")] = 2,
 ) -> None:
-    """Send a case to a medseg model server; write the mask and print the volumes."""
+    """Segment cases: a dataset split, a folder/prefix or one case, with one loaded model.
+
+    Writes one label map per case (original grid and affine) and a volumes table (CSV, JSON);
+    a case that cannot be read is listed with its reason, the others are written, and the exit
+    status is 2. With --url, one case is sent to a model server instead.
+    """
+    order = channels.split(",") if channels else None
+    if url is not None:
+        _predict_remote(paths or [], url, grpc, model or "medseg", out, labels, order, tensor)
+        return
+    from medseg.predict import predict as run_predict
+    from medseg.storage import Storage
+
+    if model is None:
+        raise MedsegError("give --model (a run id, NAME@VERSION or model URI) or --url")
+    if dataset is None and not paths:
+        raise MedsegError("nothing to predict: give --dataset NAME@VERSION, a folder or files")
+    storage = Storage()
+    uri = _model_uri(storage, store, model)
+    result = run_predict(
+        uri,
+        out if out is not None or dataset else "predictions",
+        dataset=dataset,
+        split=split,
+        store=store,
+        paths=paths or [],
+        channels=order,
+        labels=labels,
+        storage=storage,
+        prefetch=prefetch,
+        on_case=lambda case, failure: console.print(
+            f"{case}: " + ("[green]ok[/]" if failure is None else f"[red]failed[/]: {failure}"),
+            highlight=False,
+        ),
+    )
+    table = Table(title=f"tumour volumes (mL) · {len(result.cases)} cases")
+    for col in ("case", "TC", "WT", "ET"):
+        table.add_column(col, justify="right")
+    for row in result.cases:
+        vols = row["volumes_ml"]
+        table.add_row(row["case_id"], *(f"{vols[r]:.2f}" for r in ("TC", "WT", "ET")))
+    console.print(table)
+    console.print(
+        f"{len(result.cases)} label maps, volumes.csv and volumes.json in {result.out} "
+        f"({result.seconds:.1f} s)"
+    )
+    if result.failed:
+        failed = Table(title=f"{len(result.failed)} cases not predicted")
+        for col in ("case", "file", "reason"):
+            failed.add_column(col)
+        for f in result.failed:
+            failed.add_row(f.case_id, f.file or "", f.reason)
+        err_console.print(failed)
+        raise typer.Exit(2)
+
+
+def _predict_remote(
+    paths: list[str],
+    url: str,
+    grpc: bool,
+    model: str,
+    out: str | None,
+    labels: str | None,
+    channels: list[str] | None,
+    tensor: str | None,
+) -> None:
+    """``medseg predict --url``: one case to a model server; write the mask, print volumes."""
     from medseg.client import predict as send
 
     result = send(
         url,
-        paths,
+        [Path(p) for p in paths],
         grpc=grpc,
         model=model,
-        label_convention=labels,
-        channels=channels.split(",") if channels else None,
+        label_convention=labels or "brats2021",
+        channels=channels,
         tensor=tensor,
     )
-    out.write_bytes(result.mask)
+    mask = Path(out or "mask.nii.gz")
+    mask.write_bytes(result.mask)
     table = Table(title=f"tumour volumes ({'gRPC' if grpc else 'REST'})")
     table.add_column("region")
     table.add_column("mL", justify="right")
@@ -386,7 +490,7 @@ def predict(
         table.add_row(region, f"{ml:.2f}")
     console.print(table)
     console.print(
-        f"mask ({result.label_convention} labels): {out}; latency {result.latency_s:.3f} s "
+        f"mask ({result.label_convention} labels): {mask}; latency {result.latency_s:.3f} s "
         f"(server compute {result.compute_ms} ms)"
     )
 

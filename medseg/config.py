@@ -91,13 +91,31 @@ class TrainConfig(_Frozen):
     seed: int = 0
 
 
+#: How the three region outputs are made nested (ET ⊆ TC ⊆ WT) before they become a label map
+#: (see :func:`medseg.infer.nest_regions`).
+Nesting = Literal["disjoint", "intersect", "union"]
+
+
 class InferConfig(_Frozen):
-    """Sliding-window inference."""
+    """Sliding-window inference, and how its output becomes a label map.
+
+    Attributes:
+        roi_size: Sliding-window size.
+        overlap: Overlap of neighbouring windows.
+        sw_batch_size: Windows per forward pass.
+        threshold: Probability above which a voxel is in a region.
+        nesting: ``disjoint`` (the most probable of the four disjoint classes; no threshold),
+            ``intersect`` (ET := ET ∧ TC, TC := TC ∧ WT) or ``union`` (TC := TC ∨ ET,
+            WT := WT ∨ TC). ``disjoint`` scored best on the demo's validation cases (label-map
+            mean Dice, two training seeds: 0.909 and 0.870, against 0.903/0.856 for
+            ``intersect`` and 0.871/0.799 for ``union``, the label map of the raw thresholds).
+    """
 
     roi_size: tuple[int, int, int] = (96, 96, 64)
     overlap: float = Field(default=0.25, ge=0.0, lt=1.0)
     sw_batch_size: int = Field(default=1, gt=0)
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
+    nesting: Nesting = "disjoint"
 
 
 class MedsegConfig(_Frozen):

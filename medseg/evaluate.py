@@ -1,8 +1,15 @@
-"""Evaluate a trained model on a dataset split: Dice and HD95 per region, a gate, a report.
+"""Evaluate a model the way the challenge scores it: the served label maps on the original grid.
 
-Sliding-window inference (ROI, overlap and threshold from the model's ``model.yaml``) on the
-preprocessed cases of the split, scored with MONAI's ``DiceMetric`` and
-``HausdorffDistanceMetric`` (95th percentile, in mm at the preprocessed spacing).
+Evaluation never scores an intermediate tensor. It scores the label maps that batch prediction
+(:mod:`medseg.predict`, through :func:`medseg.infer.segment_case`, the server's function) wrote
+for the split's raw cases, against the cases' original ground-truth label maps:
+
+* regions come from the label maps by the dataset's label convention (BraTS ≤2021: WT = {1,2,4},
+  TC = {1,4}, ET = {4}; BraTS 2023+: WT = {1,2,3}, TC = {1,3}, ET = {3}; MSD Task01: WT = {1,2,3},
+  TC = {2,3}, ET = {3}; see :mod:`medseg.labels`);
+* Dice per region on the binary region masks, on each case's own voxel grid (the prediction must
+  lie on the ground truth's grid);
+* HD95 in mm from that grid's voxel spacing (MONAI ``HausdorffDistanceMetric``, percentile 95).
 
 Empty-region conventions (those of the BraTS challenge scorer), stated in every report:
 
@@ -10,15 +17,20 @@ Empty-region conventions (those of the BraTS challenge scorer), stated in every 
 * exactly one of them empty: Dice 0, HD95 :data:`HD95_EMPTY` (373.13 mm, the diagonal of the
   240×240×155 mm BraTS volume).
 
-Outputs under ``OUT`` (by default the run's ``eval/`` next to its ``model/``):
-``metrics.json`` (per case, means, gate), ``report.html`` (self-contained) and
-``overlays/CASE.png``.
+A case without a prediction (its prediction failed) is scored as an empty label map.
+
+Outputs under ``OUT`` (by default the run's ``eval/`` next to its ``model/``): ``metrics.json``
+(definition, per case, means, gate), ``cases.csv`` (per case), ``report.html`` (self-contained)
+and ``overlays/CASE.png``, all from the same label maps.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,23 +39,48 @@ import torch
 from monai.metrics import DiceMetric, HausdorffDistanceMetric
 
 from medseg.config import REGIONS
-from medseg.dataset import PreprocessedDataset
 from medseg.errors import MedsegError, ObjectNotFound
-from medseg.infer import Segmenter, load_model
-from medseg.manifest import DatasetRef
-from medseg.preprocess import preprocessed_prefix
+from medseg.infer import Segmenter, read_config
+from medseg.labels import LabelConvention, get_convention
+from medseg.manifest import CaseEntry, DatasetRef
+from medseg.nifti import Volume, decode
+from medseg.predict import INDEX, CaseInput, load_case, model_output_uri, predict
 from medseg.storage import Storage, join
 
-__all__ = ["HD95_EMPTY", "CaseScore", "EvalResult", "evaluate", "score_case"]
+__all__ = [
+    "HD95_EMPTY",
+    "CaseScore",
+    "EvalResult",
+    "evaluate",
+    "metric_definition",
+    "score_case",
+    "score_label_maps",
+]
 
 #: HD95 of a region empty in exactly one of ground truth and prediction, in mm.
 HD95_EMPTY = 373.12866
 CONVENTIONS = (
-    "Dice and HD95 per region (TC, WT, ET) on binary masks at the model's threshold; HD95 in mm "
-    "at the preprocessed spacing (MONAI HausdorffDistanceMetric, percentile 95). Ground truth and "
-    "prediction both empty: Dice 1, HD95 0. Exactly one empty: Dice 0, HD95 "
-    f"{HD95_EMPTY} (the BraTS scorer's cap). Means are over cases, then over regions."
+    "Dice and HD95 per region (TC, WT, ET) on the binary region masks of the served label map "
+    "against the original ground-truth label map, on each case's original voxel grid; HD95 in mm "
+    "from that grid's voxel spacing (MONAI HausdorffDistanceMetric, percentile 95). Ground truth "
+    "and prediction both empty: Dice 1, HD95 0. Exactly one empty: Dice 0, HD95 "
+    f"{HD95_EMPTY} (the BraTS scorer's cap). A case whose prediction failed scores as an empty "
+    "label map. Means are over cases, then over regions."
 )
+_GRID_TOL_MM = 1e-3
+
+
+def metric_definition(convention: LabelConvention) -> str:
+    """The one-line name of the metric, as the model card and the report state it."""
+
+    def labels(values: tuple[int, ...]) -> str:
+        return "{" + ",".join(map(str, values)) + "}"
+
+    return (
+        f"label-map Dice/HD95 ({convention.name}: TC={labels(convention.tc)}, "
+        f"WT={labels(convention.wt)}, ET={labels(convention.et)}) of the served label maps on "
+        "the original grid, HD95 in mm"
+    )
 
 
 @dataclass
@@ -75,6 +112,10 @@ class EvalResult:
     threshold: float | None
     passed: bool
     out: str
+    definition: str = ""
+    predictions: str = ""
+    missing: list[str] = field(default_factory=list)
+    seconds_per_case: float = 0.0
     overlays: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -83,7 +124,10 @@ class EvalResult:
             "model": self.model,
             "dataset": self.dataset,
             "split": self.split,
+            "definition": self.definition,
             "conventions": CONVENTIONS,
+            "predictions": self.predictions,
+            "missing_predictions": self.missing,
             "dice": self.dice,
             "hd95": self.hd95,
             "dice_mean": self.dice_mean,
@@ -91,11 +135,36 @@ class EvalResult:
             "cases": [asdict(c) | {"dice_mean": c.dice_mean} for c in self.cases],
         }
 
+    def cases_csv(self) -> str:
+        """The per-case table (``cases.csv``), worst mean Dice first."""
+        buf = io.StringIO()
+        fields = ["case", "dice_mean"]
+        fields += [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}_mm" for r in REGIONS]
+        fields += [f"voxels_true_{r}" for r in REGIONS] + [f"voxels_pred_{r}" for r in REGIONS]
+        writer = csv.writer(buf)
+        writer.writerow(fields)
+        for c in self.cases:
+            writer.writerow(
+                [c.case_id, f"{c.dice_mean:.6f}"]
+                + [f"{c.dice[r]:.6f}" for r in REGIONS]
+                + [f"{c.hd95[r]:.4f}" for r in REGIONS]
+                + [c.voxels_true[r] for r in REGIONS]
+                + [c.voxels_pred[r] for r in REGIONS]
+            )
+        return buf.getvalue()
+
 
 def score_case(
     case_id: str, pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[float, ...]
 ) -> CaseScore:
-    """Dice and HD95 per region of binary masks ``[3, X, Y, Z]``, with the stated conventions."""
+    """Dice and HD95 per region of binary masks ``[3, X, Y, Z]``, with the stated conventions.
+
+    Args:
+        case_id: Names the case.
+        pred: Predicted region masks (TC, WT, ET).
+        truth: Ground-truth region masks on the same grid.
+        spacing: Voxel size along each axis of that grid, in mm.
+    """
     p, t = pred.unsqueeze(0).float(), truth.unsqueeze(0).float()
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, t)
     hd = HausdorffDistanceMetric(include_background=True, percentile=95, reduction="none")
@@ -116,6 +185,24 @@ def score_case(
     return scores
 
 
+def score_label_maps(
+    case_id: str,
+    pred: np.ndarray,
+    pred_convention: str,
+    truth: np.ndarray,
+    truth_convention: str,
+    spacing: tuple[float, ...],
+) -> CaseScore:
+    """Score a predicted label map against a ground-truth one on the same grid.
+
+    Regions (TC, WT, ET) are taken from each label map by its own convention; see
+    :func:`score_case` for the metrics.
+    """
+    p = get_convention(pred_convention).to_regions(pred)
+    t = get_convention(truth_convention).to_regions(truth)
+    return score_case(case_id, torch.from_numpy(p), torch.from_numpy(t), spacing)
+
+
 def _model_dataset(storage: Storage, model_uri: str) -> tuple[str, str, str | None]:
     """(store, NAME@VERSION, run id) the model was trained on, from its lineage or card."""
     for name in ("lineage.json", "model_card.json"):
@@ -130,9 +217,51 @@ def _model_dataset(storage: Storage, model_uri: str) -> tuple[str, str, str | No
     )
 
 
-def _default_out(model_uri: str) -> str:
-    base = model_uri.rstrip("/")
-    return base[: -len("/model")] + "/eval" if base.endswith("/model") else join(base, "eval")
+def _label_volume(storage: Storage, uri: str, what: str) -> Volume:
+    try:
+        vol = decode(storage.get_bytes(uri), what, dtype=None)
+    except ObjectNotFound:
+        raise MedsegError(f"{what}: {uri} does not exist") from None
+    data = vol.data
+    if data.ndim != 3:
+        raise MedsegError(f"{what}: {uri} has shape {data.shape}, expected a 3D label map")
+    vol.data = (np.rint(data) if data.dtype.kind == "f" else data).astype(np.int16)
+    return vol
+
+
+@dataclass
+class _Pair:
+    truth: Volume
+    pred: np.ndarray
+    pred_convention: str
+
+
+def _load_pair(
+    storage: Storage,
+    ref: DatasetRef,
+    entry: CaseEntry,
+    predictions: str,
+    index: dict[str, Any],
+    keys: dict[str, str],
+) -> _Pair:
+    """The case's original ground truth and its served label map (empty when it has none)."""
+    label = entry.file("label")
+    truth = _label_volume(
+        storage, join(ref.prefix, label.key), f"case {entry.case_id} ground truth"
+    )
+    key = keys.get(entry.case_id)
+    if key is None:
+        return _Pair(truth, np.zeros_like(truth.data), index["label_convention"])
+    pred = _label_volume(storage, join(predictions, key), f"case {entry.case_id} prediction {key}")
+    if pred.data.shape != truth.data.shape or not np.allclose(
+        pred.affine, truth.affine, atol=_GRID_TOL_MM
+    ):
+        raise MedsegError(
+            f"case {entry.case_id}: prediction {key} is not on the ground truth's grid "
+            f"(shape {list(pred.data.shape)} vs {list(truth.data.shape)}, affine "
+            f"{pred.affine.round(3).tolist()} vs {truth.affine.round(3).tolist()})"
+        )
+    return _Pair(truth, pred.data, index["label_convention"])
 
 
 def evaluate(
@@ -145,8 +274,9 @@ def evaluate(
     storage: Storage | None = None,
     max_overlays: int = 6,
     segmenter: Segmenter | None = None,
+    predictions: str | None = None,
 ) -> EvalResult:
-    """Score ``model_uri`` on a dataset split and write metrics, overlays and the HTML report.
+    """Score a model's served label maps on a dataset split; write metrics, report, overlays.
 
     Args:
         model_uri: A model artifact (see :mod:`medseg.infer`).
@@ -158,38 +288,64 @@ def evaluate(
         storage: Storage to use; from the environment when omitted.
         max_overlays: Overlay images for at most this many cases, the worst first.
         segmenter: An already loaded model (``model_uri`` then only names it).
+        predictions: Output of ``medseg predict`` for this split (``predictions.json``); when
+            omitted, the split is predicted first (see :func:`medseg.predict.predict`).
 
     Raises:
-        MedsegError: If the model, the dataset or its preprocessed cases are missing, or the
-            split is empty.
+        MedsegError: If the model, the dataset or the predictions are missing or do not belong
+            together, a prediction is not on its ground truth's grid, or the split is empty.
     """
     from medseg.report import overlay_png, write_report
 
     storage = storage or Storage()
-    seg = segmenter or load_model(model_uri, storage)
+    cfg = segmenter.cfg if segmenter is not None else read_config(model_uri, storage)
     trained_store, trained_on, run_id = (
         _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
     )
     store = store or trained_store
     ref = DatasetRef.resolve(storage, store, dataset or trained_on)
-    prefix = preprocessed_prefix(ref, seg.cfg.data)
-    data = PreprocessedDataset(prefix, None if split == "all" else split, settings=storage.settings)
-    if len(data) == 0:
+    manifest = ref.load(storage)
+    entries = [c for c in manifest.cases if split == "all" or c.split == split]
+    if not entries:
         raise MedsegError(f"dataset {ref} has no cases in split {split!r}")
-    out = out or _default_out(model_uri)
+    out = out or model_output_uri(model_uri, "eval")
+    if predictions is None:
+        predictions = predict(
+            model_uri,
+            dataset=str(ref),
+            split=split,
+            store=store,
+            storage=storage,
+            segmenter=segmenter,
+        ).out
+    try:
+        index = storage.get_json(join(predictions, INDEX))
+    except ObjectNotFound:
+        raise MedsegError(
+            f"{predictions} holds no predictions ({INDEX}): run `medseg predict` first"
+        ) from None
+    if (index.get("dataset"), index.get("split")) != (str(ref), split):
+        raise MedsegError(
+            f"{predictions} holds predictions of {index.get('dataset')}:{index.get('split')}, "
+            f"not of {ref}:{split}"
+        )
+    keys = {c["case_id"]: c["key"] for c in index["cases"]}
 
     cases: list[CaseScore] = []
-    volumes: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
-    for i in range(len(data)):
-        item = data[i]
-        pred = seg.segment(item["image"])
-        truth = item["label"].to(torch.uint8)
-        cases.append(score_case(item["case_id"], pred, truth, seg.cfg.data.spacing))
-        volumes[item["case_id"]] = (
-            item["image"][-1].float().numpy(),  # the last channel: FLAIR in canonical order
-            truth.numpy(),
-            pred.numpy(),
+    started = time.perf_counter()
+    for entry in entries:
+        pair = _load_pair(storage, ref, entry, predictions, index, keys)
+        cases.append(
+            score_label_maps(
+                entry.case_id,
+                pair.pred,
+                pair.pred_convention,
+                pair.truth.data,
+                manifest.convention,
+                pair.truth.zooms,
+            )
         )
+    seconds_per_case = (time.perf_counter() - started) / len(entries)
     cases.sort(key=lambda c: c.dice_mean)
     mean_dice = {r: float(np.mean([c.dice[r] for c in cases])) for r in REGIONS}
     mean_hd = {r: float(np.mean([c.hd95[r] for c in cases])) for r in REGIONS}
@@ -206,11 +362,32 @@ def evaluate(
         threshold=threshold,
         passed=passed,
         out=out,
+        definition=metric_definition(get_convention(manifest.convention)),
+        predictions=predictions,
+        missing=sorted(c.case_id for c in entries if c.case_id not in keys),
+        seconds_per_case=seconds_per_case,
     )
 
     images: dict[str, bytes] = {}
+    by_id = {e.case_id: e for e in entries}
+    truth_regions = get_convention(manifest.convention)
+    pred_regions = get_convention(index["label_convention"])
     for case in cases[:max_overlays]:
-        png = overlay_png(case.case_id, *volumes[case.case_id])
+        entry = by_id[case.case_id]
+        pair = _load_pair(storage, ref, entry, predictions, index, keys)
+        raw = CaseInput(
+            entry.case_id,
+            {f.role: join(ref.prefix, f.key) for f in entry.files},
+            dict(entry.channel_index),
+        )
+        image, _ = load_case(storage, raw, cfg.data.channels)
+        png = overlay_png(
+            case.case_id,
+            image,
+            cfg.data.channels,
+            truth_regions.to_regions(pair.truth.data),
+            pred_regions.to_regions(pair.pred),
+        )
         images[case.case_id] = png
         uri = join(out, "overlays", f"{case.case_id}.png")
         storage.put_bytes(uri, png)
@@ -222,6 +399,7 @@ def evaluate(
             history = [json.loads(line) for line in text.splitlines() if line]
         except ObjectNotFound:
             history = []
-    storage.put_json(join(out, "metrics.json"), result.to_json())
+    storage.put_bytes(join(out, "cases.csv"), result.cases_csv().encode())
     storage.put_bytes(join(out, "report.html"), write_report(result, images, history).encode())
+    storage.put_json(join(out, "metrics.json"), result.to_json())
     return result

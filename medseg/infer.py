@@ -4,7 +4,9 @@ A model artifact is a folder or prefix holding ``model.pt`` (the state dict) and
 (the full :class:`~medseg.config.MedsegConfig`): a run's ``runs/ID/model``, a registered
 ``models/NAME/vN``, or KServe's ``/mnt/models``. Everything needed to rebuild the network, the
 preprocessing and the inference settings comes from ``model.yaml``; evaluation and the model
-server both segment through :class:`Segmenter`.
+server both segment through :class:`Segmenter`, and :func:`segment_case` is the one function
+that turns a raw case into the answer (label map on the case's own grid and volumes) for the
+server, ``medseg predict`` and batch prediction alike.
 """
 
 from __future__ import annotations
@@ -19,14 +21,69 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 
-from medseg.config import REGIONS, MedsegConfig
+from medseg.config import REGIONS, InferConfig, MedsegConfig
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.labels import get_convention
 from medseg.model import build_network
 from medseg.storage import Storage, join
 from medseg.transforms import static_transforms
 
-__all__ = ["CaseSegmentation", "Segmenter", "load_model", "segment_case"]
+__all__ = [
+    "CaseSegmentation",
+    "Segmenter",
+    "load_model",
+    "nest_regions",
+    "read_config",
+    "segment_case",
+]
+
+_TC, _WT, _ET = (REGIONS.index(r) for r in ("TC", "WT", "ET"))
+
+
+def nest_regions(probabilities: np.ndarray, infer: InferConfig) -> np.ndarray:
+    """Region probabilities ``[3, ...]`` (TC, WT, ET) to nested binary masks (ET ⊆ TC ⊆ WT).
+
+    A label map can only hold nested regions, so the network's three independent outputs are
+    made nested *before* they are cut into one, by ``infer.nesting``:
+
+    * ``intersect``: WT = p_WT > t, TC = WT ∧ p_TC > t, ET = TC ∧ p_ET > t (the same as
+      min-clamping the probabilities down the hierarchy, then thresholding);
+    * ``union``: ET = p_ET > t, TC = ET ∨ p_TC > t, WT = TC ∨ p_WT > t (what a label map
+      written with "ET wins over TC over WT" implies; max-clamping);
+    * ``disjoint``: each voxel takes the most probable of the four disjoint classes
+      background 1 − p_WT, oedema p_WT(1 − p_TC), core p_WT·p_TC(1 − p_ET), enhancing
+      p_WT·p_TC·p_ET (no threshold).
+
+    Args:
+        probabilities: Sigmoid outputs, float, ``[3, ...spatial]``.
+        infer: Gives ``threshold`` and ``nesting``.
+
+    Returns:
+        uint8 masks ``[3, ...spatial]`` with ET ⊆ TC ⊆ WT.
+    """
+    p, t = probabilities, infer.threshold
+    if infer.nesting == "intersect":
+        wt = p[_WT] > t
+        tc = wt & (p[_TC] > t)
+        et = tc & (p[_ET] > t)
+    elif infer.nesting == "union":
+        et = p[_ET] > t
+        tc = et | (p[_TC] > t)
+        wt = tc | (p[_WT] > t)
+    else:
+        classes = np.stack(
+            [
+                1.0 - p[_WT],
+                p[_WT] * (1.0 - p[_TC]),
+                p[_WT] * p[_TC] * (1.0 - p[_ET]),
+                p[_WT] * p[_TC] * p[_ET],
+            ]
+        )
+        best = classes.argmax(axis=0)
+        wt, tc, et = best >= 1, best >= 2, best == 3
+    out = np.empty((len(REGIONS), *p.shape[1:]), dtype=np.uint8)
+    out[_TC], out[_WT], out[_ET] = tc, wt, et
+    return out
 
 
 @dataclass
@@ -68,8 +125,24 @@ class Segmenter:
         return torch.sigmoid(logits[0].float()).cpu()
 
     def segment(self, image: torch.Tensor) -> torch.Tensor:
-        """Binary region masks ``[3, X, Y, Z]`` (uint8) at the configured threshold."""
-        return (self.probabilities(image) > self.cfg.infer.threshold).to(torch.uint8)
+        """Nested binary region masks ``[3, X, Y, Z]`` (uint8), see :func:`nest_regions`."""
+        return torch.from_numpy(nest_regions(self.probabilities(image).numpy(), self.cfg.infer))
+
+
+def read_config(uri: str, storage: Storage) -> MedsegConfig:
+    """The config a model artifact was trained with (its ``model.yaml``).
+
+    Raises:
+        MedsegError: If ``model.yaml`` is missing or not a valid config.
+    """
+    try:
+        raw_cfg = storage.get_bytes(join(uri, "model.yaml"))
+    except ObjectNotFound as exc:
+        raise MedsegError(f"{uri} is not a model artifact: {exc}") from None
+    try:
+        return MedsegConfig.model_validate(yaml.safe_load(raw_cfg) or {})
+    except ValueError as exc:
+        raise MedsegError(f"{uri}/model.yaml is not a valid medseg config: {exc}") from None
 
 
 def load_model(
@@ -81,15 +154,11 @@ def load_model(
         MedsegError: If either file is missing or does not fit the other.
     """
     storage = storage or Storage()
+    cfg = read_config(uri, storage)
     try:
-        raw_cfg = storage.get_bytes(join(uri, "model.yaml"))
         weights = storage.get_bytes(join(uri, "model.pt"))
     except ObjectNotFound as exc:
         raise MedsegError(f"{uri} is not a model artifact: {exc}") from None
-    try:
-        cfg = MedsegConfig.model_validate(yaml.safe_load(raw_cfg) or {})
-    except ValueError as exc:
-        raise MedsegError(f"{uri}/model.yaml is not a valid medseg config: {exc}") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = build_network(cfg.model)
     try:
@@ -134,10 +203,11 @@ def segment_case(seg: Segmenter, image: np.ndarray, affine: np.ndarray) -> CaseS
         affine: ``4×4`` voxel-to-world affine of ``image``.
 
     Returns:
-        Masks and probabilities resampled back onto the input grid (MONAI ``Invertd`` undoes
-        the orientation, spacing and crop), and the region volumes in mL. The masks are nested
-        (ET ⊆ TC ⊆ WT: a voxel predicted ET counts in TC and WT too), so that the volumes are
-        exactly those of the returned label map.
+        Probabilities resampled back onto the input grid (MONAI ``Invertd`` undoes the
+        orientation, spacing and crop), the region masks made nested from them by
+        :func:`nest_regions` (the model's ``infer.nesting``), and the region volumes in mL. A
+        label map of these masks holds exactly these regions, so its volumes and its scores are
+        the masks' own.
     """
     pre = static_transforms(seg.cfg.data, load=False)
     src = MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=torch.as_tensor(affine))
@@ -150,9 +220,7 @@ def segment_case(seg: Segmenter, image: np.ndarray, affine: np.ndarray) -> CaseS
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
     back = invert({"pred": pred, "image": prepared})["pred"]
     probabilities = np.ascontiguousarray(torch.as_tensor(back).numpy(), dtype=np.float32)
-    # Nest the regions (ET in TC in WT) as a label map does, so the volumes match the mask.
-    nested = get_convention("brats2021")
-    regions = nested.to_regions(nested.from_regions(probabilities > seg.cfg.infer.threshold))
+    regions = nest_regions(probabilities, seg.cfg.infer)
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
     volumes = {r: float(regions[i].sum()) * voxel_ml for i, r in enumerate(REGIONS)}
     return CaseSegmentation(regions, probabilities, np.asarray(affine, np.float64), volumes)

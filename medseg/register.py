@@ -90,8 +90,8 @@ def register(
         store: Root URI of the store.
         run_id: The finished training run.
         name: Model name.
-        evaluation: ``metrics.json`` of a ``medseg evaluate`` run on this model; its means
-            and gate go into the card.
+        evaluation: ``metrics.json`` of a ``medseg evaluate`` run on this model; its means,
+            gate and metric definition go into the card.
 
     Returns:
         The model card.
@@ -117,6 +117,7 @@ def register(
         ev = storage.get_json(evaluation)
         summary = {
             "uri": evaluation,
+            "definition": ev.get("definition", "channel Dice of the preprocessed volumes"),
             **{k: ev[k] for k in ("dataset", "split", "dice", "hd95", "dice_mean", "gate")},
         }
     number = _claim_version(storage, store, name, run_id)

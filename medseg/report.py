@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import html
 import io
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,19 +21,22 @@ from medseg.config import REGIONS
 if TYPE_CHECKING:
     from medseg.evaluate import EvalResult
 
-__all__ = ["curves_png", "overlay_png", "write_report"]
+__all__ = ["curves_figure", "curves_png", "display_channel", "overlay_png", "write_report"]
+
+#: The modality the overlays are drawn on.
+DISPLAY_CHANNEL = "flair"
 
 #: Display colours (RGB) of the regions; WT is drawn first, ET last (on top).
 _COLOURS = {"WT": (0.2, 0.8, 0.2), "TC": (1.0, 0.85, 0.1), "ET": (0.9, 0.1, 0.1)}
 
 
-def _figure(rows: int, cols: int, size: tuple[float, float]) -> Any:
+def _figure(rows: int, cols: int, size: tuple[float, float], layout: str | None = None) -> Any:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
     from matplotlib import pyplot as plt
 
-    return plt.subplots(rows, cols, figsize=size, squeeze=False)
+    return plt.subplots(rows, cols, figsize=size, squeeze=False, layout=layout)
 
 
 def _png(fig: Any) -> bytes:
@@ -49,18 +53,43 @@ def _planes(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray
     return [volume[:, :, z].T, volume[:, y, :].T, volume[x, :, :].T]
 
 
-def overlay_png(case_id: str, image: np.ndarray, truth: np.ndarray, pred: np.ndarray) -> bytes:
-    """Ground truth (top row) and prediction (bottom row) over the image on three planes.
+def display_channel(image: np.ndarray, channels: Sequence[str]) -> np.ndarray:
+    """The FLAIR volume ``[X, Y, Z]`` of an image ``[C, X, Y, Z]`` whose order is ``channels``.
+
+    ``channels`` is the order recorded with the model (``model.yaml`` ``data.channels``): no
+    position is assumed.
+
+    Raises:
+        ValueError: If ``channels`` has no FLAIR or does not fit the image.
+    """
+    if len(channels) != image.shape[0] or DISPLAY_CHANNEL not in channels:
+        raise ValueError(
+            f"channels {list(channels)} do not name the {image.shape[0]} channels of the image "
+            f"with a {DISPLAY_CHANNEL}"
+        )
+    return image[list(channels).index(DISPLAY_CHANNEL)]
+
+
+def overlay_png(
+    case_id: str,
+    image: np.ndarray,
+    channels: Sequence[str],
+    truth: np.ndarray,
+    pred: np.ndarray,
+) -> bytes:
+    """Ground truth (top row) and prediction (bottom row) over FLAIR on three planes.
 
     Args:
         case_id: Shown in the title.
-        image: One channel ``[X, Y, Z]`` (FLAIR).
+        image: The case ``[C, X, Y, Z]``, on the grid of the masks.
+        channels: The order of ``image``'s channels (the model's ``data.channels``).
         truth: Region masks ``[3, X, Y, Z]`` (TC, WT, ET).
         pred: Predicted region masks, same shape.
 
     The planes (axial, coronal, sagittal) cross the centre of the true whole tumour, else of the
     predicted one, else of the volume.
     """
+    image = display_channel(image, channels)
     wt = REGIONS.index("WT")
     mask = truth[wt] if truth[wt].any() else pred[wt]
     centre = (
@@ -90,7 +119,16 @@ def overlay_png(case_id: str, image: np.ndarray, truth: np.ndarray, pred: np.nda
 
 def curves_png(history: list[dict[str, Any]]) -> bytes:
     """Loss and learning rate (left), validation Dice per region (right), by epoch."""
-    fig, axes = _figure(1, 2, (10, 3.5))
+    return _png(curves_figure(history))
+
+
+def curves_figure(history: list[dict[str, Any]]) -> Any:
+    """The training-curves figure (a matplotlib ``Figure``; :func:`curves_png` renders it).
+
+    The constrained layout engine places every axis label and tick label, the right-hand
+    learning-rate axis of the left panel included, so that nothing overlaps.
+    """
+    fig, axes = _figure(1, 2, (10, 3.5), layout="constrained")
     epochs = [h["epoch"] for h in history]
     ax = axes[0][0]
     ax.plot(epochs, [h["loss"] for h in history], label="Dice loss")
@@ -108,7 +146,7 @@ def curves_png(history: list[dict[str, Any]]) -> bytes:
     ax.set_ylabel("validation Dice")
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
-    return _png(fig)
+    return fig
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -150,10 +188,17 @@ def write_report(
         f"<p>Model <code>{esc(result.model)}</code> on dataset <code>{esc(result.dataset)}</code>,"
         f" split <code>{esc(result.split)}</code>, {len(result.cases)} cases.</p>",
         f"<p id='gate'><b>Quality gate</b>: {esc(gate)}</p>",
+        f"<p id='definition'><b>Metric</b>: {esc(result.definition)}; scored label maps: "
+        f"<code>{esc(result.predictions)}</code>.</p>",
         "<h2>Per case (worst first)</h2>",
         f"<table id='cases'><tr><th>case</th><th>mean Dice</th>{head}</tr>{''.join(rows)}</table>",
         f"<p><b>Conventions</b>: {esc(CONVENTIONS)}</p>",
     ]
+    if result.missing:
+        parts.append(
+            f"<p id='missing'><b>No prediction</b> (scored as empty): "
+            f"{esc(', '.join(result.missing))}</p>"
+        )
     if history:
         parts += ["<h2>Training curves</h2>", _img(curves_png(history), "training curves")]
     if overlays:

@@ -1,4 +1,4 @@
-"""The medseg pipeline: ingest → preprocess → train → evaluate → gate → register → deploy.
+"""The medseg pipeline: ingest → preprocess → train → predict → evaluate → gate → register → deploy.
 
 The same definition runs through ``kfp.local`` on one machine (``medseg pipeline run --local``)
 and on a Kubeflow Pipelines backend (``medseg pipeline submit``). On a cluster every step gets
@@ -17,6 +17,7 @@ from components import (
     evaluate_op,
     gate_op,
     ingest_op,
+    predict_op,
     preprocess_op,
     register_op,
     train_op,
@@ -32,6 +33,7 @@ RESOURCES = {
     "ingest": ("1", "2", "2Gi", "4Gi"),
     "preprocess": ("2", "4", "8Gi", "16Gi"),
     "train": ("1", "2", "2Gi", "4Gi"),  # the launcher; PyTorchJob pods have their own
+    "predict": ("2", "4", "8Gi", "16Gi"),
     "evaluate": ("2", "4", "8Gi", "16Gi"),
     "gate": ("100m", "250m", "256Mi", "512Mi"),
     "register": ("500m", "1", "1Gi", "2Gi"),
@@ -41,7 +43,7 @@ RESOURCES = {
 #: its input is a folder or prefix whose content can change under the same name, so KFP's cache
 #: (keyed on the input strings) would return a stale version; medseg.ingest keys its own cache
 #: on the source's content instead.
-CACHED = {"preprocess", "evaluate"}
+CACHED = {"preprocess", "predict", "evaluate"}
 
 
 def _configure(task: Any, step: str, s3_secret: Any, s3_config: Any) -> Any:
@@ -165,8 +167,23 @@ def medseg_pipeline(
         s3_secret,
         s3_config,
     ).after(prep)
+    predict = _configure(
+        predict_op(
+            model_uri=train.outputs["Output"],
+            dataset_spec=ingest.outputs["Output"],
+            store=store,
+            split="validation",
+        ),
+        "predict",
+        s3_secret,
+        s3_config,
+    )
     evaluate = _configure(
-        evaluate_op(model_uri=train.outputs["Output"], threshold=dice_threshold),
+        evaluate_op(
+            model_uri=train.outputs["Output"],
+            predictions=predict.outputs["predictions"],
+            threshold=dice_threshold,
+        ),
         "evaluate",
         s3_secret,
         s3_config,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import re
 from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,13 +18,15 @@ from typer.testing import CliRunner
 
 from medseg.cli import app
 from medseg.config import REGIONS, MedsegConfig
-from medseg.dataset import PreprocessedDataset
 from medseg.errors import MedsegError
 from medseg.evaluate import HD95_EMPTY, evaluate, score_case
-from medseg.infer import load_model
 from medseg.ingest import ingest
+from medseg.labels import get_convention
 from medseg.manifest import DatasetRef
-from medseg.preprocess import preprocess, preprocessed_prefix
+from medseg.nifti import decode
+from medseg.preprocess import preprocess
+from medseg.register import register
+from medseg.report import curves_figure, display_channel
 from medseg.storage import Storage, join
 from medseg.train import train
 
@@ -58,23 +62,32 @@ def _dice(p: np.ndarray, t: np.ndarray) -> float:
     return float(2 * (p & t).sum() / (p.sum() + t.sum()))
 
 
-def test_numbers_match_a_direct_computation(trained: tuple[Storage, str, str]) -> None:
+def test_numbers_are_those_of_the_served_label_maps(trained: tuple[Storage, str, str]) -> None:
+    """Each case's Dice is recomputed from the label map predict wrote and the raw truth file."""
     storage, bucket, model_uri = trained
     result = evaluate(model_uri, storage=storage, threshold=0.0)
-    seg = load_model(model_uri, storage)
-    prefix = preprocessed_prefix(DatasetRef.resolve(storage, bucket, "t"), seg.cfg.data)
-    data = PreprocessedDataset(prefix, "validation", settings=storage.settings)
-    assert len(result.cases) == len(data) == 2
+    ref = DatasetRef.resolve(storage, bucket, "t")
+    manifest = ref.load(storage)
+    val = manifest.split_ids("validation")
+    assert sorted(c.case_id for c in result.cases) == sorted(val) and len(val) == 2
+    assert result.predictions == join(
+        bucket, "runs", "run-e", "predictions", f"t-{ref.version}-validation"
+    )
+    index = storage.get_json(join(result.predictions, "predictions.json"))
+    keys = {c["case_id"]: c["key"] for c in index["cases"]}
+    conv = get_convention(manifest.convention)
     by_id = {c.case_id: c for c in result.cases}
-    for i in range(len(data)):
-        item = data[i]
-        pred = seg.segment(item["image"]).numpy().astype(bool)
-        truth = item["label"].numpy().astype(bool)
+    for case_id in val:
+        entry = manifest.case(case_id)
+        truth = decode(storage.get_bytes(join(ref.prefix, entry.file("label").key)), "t", None)
+        pred = decode(storage.get_bytes(join(result.predictions, keys[case_id])), "p", None)
+        assert pred.data.shape == truth.data.shape  # the original grid
+        assert np.allclose(pred.affine, truth.affine)
+        t = conv.to_regions(np.rint(truth.data).astype(np.int64)).astype(bool)
+        p = conv.to_regions(pred.data).astype(bool)
         for r, region in enumerate(REGIONS):
-            assert by_id[item["case_id"]].dice[region] == pytest.approx(
-                _dice(pred[r], truth[r]), abs=1e-5
-            )
-            assert by_id[item["case_id"]].voxels_pred[region] == int(pred[r].sum())
+            assert by_id[case_id].dice[region] == pytest.approx(_dice(p[r], t[r]), abs=1e-5)
+            assert by_id[case_id].voxels_pred[region] == int(p[r].sum())
     for region in REGIONS:
         assert result.dice[region] == pytest.approx(np.mean([c.dice[region] for c in result.cases]))
     # worst first
@@ -83,7 +96,15 @@ def test_numbers_match_a_direct_computation(trained: tuple[Storage, str, str]) -
     assert stored["dice"] == pytest.approx(result.dice)
     assert stored["gate"] == {"threshold": 0.0, "passed": True}
     assert "373.12866" in stored["conventions"]
+    assert stored["definition"] == result.definition and "WT={1,2,4}" in result.definition
     assert result.out == model_uri[: -len("model")] + "eval"
+    assert len(storage.get_bytes(join(result.out, "cases.csv")).decode().splitlines()) == 3
+    # the model card names the definition its numbers follow
+    card = register(
+        storage, bucket, "run-e", "t-model", evaluation=join(result.out, "metrics.json")
+    )
+    assert card["evaluation"]["definition"] == result.definition
+    assert card["evaluation"]["dice_mean"] == pytest.approx(result.dice_mean)
 
 
 class _Page(HTMLParser):
@@ -169,7 +190,14 @@ def test_cli_gate_and_errors(trained: tuple[Storage, str, str], minio_server, mo
     for key, value in minio_server.env().items():
         monkeypatch.setenv(key, value)
     runner = CliRunner()
+    pred = f"{bucket}/cli-pred"
+    predicted = runner.invoke(
+        app, ["predict", "--dataset", "t", "--model", "run-e", "--store", bucket, "--out", pred]
+    )
+    assert predicted.exit_code == 0, predicted.output
+    assert len(storage.get_json(f"{pred}/volumes.json")) == 2
     args = ["evaluate", "--model", "run-e", "--store", bucket, "--out", f"{bucket}/cli-eval"]
+    args += ["--predictions", pred]
     ok = runner.invoke(app, [*args, "--threshold", "0", "--enforce"])
     assert ok.exit_code == 0, ok.output
     assert "quality gate" in ok.output and "passed" in ok.output
@@ -179,7 +207,68 @@ def test_cli_gate_and_errors(trained: tuple[Storage, str, str], minio_server, mo
     assert stored["gate"]["passed"] is False
     reported = runner.invoke(app, [*args, "--threshold", "1.01"])
     assert reported.exit_code == 0  # without --enforce, the gate is reported only
+    other = runner.invoke(app, [*args, "--split", "train"])
+    assert other.exit_code == 1 and ":validation, not of t@" in other.output
     missing = runner.invoke(app, ["evaluate", "--model", "no-such-run", "--store", bucket])
     assert missing.exit_code == 1 and "is not a model artifact" in missing.output
     with pytest.raises(MedsegError, match="no cases in split 'nope'"):
         evaluate(join(bucket, "runs", "run-e", "model"), storage=storage, split="nope")
+
+
+def _drawn_texts(fig: Any) -> list[tuple[str, Any]]:
+    """Every tick label and axis label the renderer draws, with its bounding box in pixels."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    texts = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            if not axis.get_visible():
+                continue
+            lo, hi = sorted(axis.get_view_interval())
+            for tick in axis.get_major_ticks():
+                if lo <= tick.get_loc() <= hi:
+                    for label in (tick.label1, tick.label2):
+                        if label.get_visible() and label.get_text():
+                            texts.append((label.get_text(), label.get_window_extent(renderer)))
+            if axis.label.get_text():
+                texts.append((axis.label.get_text(), axis.label.get_window_extent(renderer)))
+    return texts
+
+
+def test_training_curves_do_not_overlap() -> None:
+    """At the default size no tick label or axis label runs into another (issue 11.9): the
+    learning-rate axis of the left panel used to run into the validation-Dice panel."""
+    history = [
+        {
+            "epoch": e,
+            "loss": 1 / (e + 1),
+            "lr": 3e-3 * (1 - e / 40),
+            "dice_tc": 0.5 + e / 100,
+            "dice_wt": 0.6,
+            "dice_et": 0.4,
+            "dice_mean": 0.5,
+        }
+        for e in range(1, 41)
+    ]
+    fig = curves_figure(history)
+    texts = _drawn_texts(fig)
+    labels = {t for t, _ in texts}
+    assert {"learning rate", "validation Dice", "training loss", "epoch"} <= labels
+    overlapping = [
+        (a, b) for (a, box_a), (b, box_b) in itertools.combinations(texts, 2)
+        if box_a.overlaps(box_b)
+    ]  # fmt: skip
+    assert overlapping == []
+    # and everything lies inside the figure
+    width, height = fig.canvas.get_width_height()
+    for text, box in texts:
+        assert box.x0 >= 0 and box.y0 >= 0 and box.x1 <= width and box.y1 <= height, text
+
+
+def test_overlays_use_the_models_channel_order() -> None:
+    """The overlay is drawn on FLAIR wherever the model's data.channels puts it (issue 11.1)."""
+    image = np.stack([np.full((4, 4, 4), float(i)) for i in range(4)])
+    assert display_channel(image, ("t1", "t1gd", "t2", "flair"))[0, 0, 0] == 3.0
+    assert display_channel(image, ("flair", "t1", "t1gd", "t2"))[0, 0, 0] == 0.0
+    with pytest.raises(ValueError, match="flair"):
+        display_channel(image[:3], ("t1", "t1gd", "t2"))

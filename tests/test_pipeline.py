@@ -22,7 +22,7 @@ from medseg.pipeline_cli import compile_pipeline
 from medseg.storage import Storage, join
 from tests.k8s import kserve_api_client
 
-STEPS = ["ingest", "preprocess", "train", "evaluate", "gate", "register", "deploy"]
+STEPS = ["ingest", "preprocess", "train", "predict", "evaluate", "gate", "register", "deploy"]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,10 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
     assert params["dice_threshold"]["defaultValue"] == 0.8
     cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
     # Not ingest: its source path names no content (new files under it are a new version).
-    assert cached == {"preprocess-op", "evaluate-op"}
+    assert cached == {"preprocess-op", "predict-op", "evaluate-op"}
+    # evaluate scores the predict step's label maps, handed over as a typed artifact
+    inputs = tasks["evaluate-op"]["inputs"]["artifacts"]["predictions"]["taskOutputArtifact"]
+    assert inputs == {"outputArtifactKey": "predictions", "producerTask": "predict-op"}
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in STEPS:
@@ -285,6 +288,14 @@ def test_local_pipeline_run_end_to_end(
     assert len(history) == 2 and json.loads(history[-1])["samples"] == 4  # 2 ranks x 2 cases
     report = storage.get_bytes(join(bucket, "runs", run_id, "eval", "report.html")).decode()
     assert "Per case (worst first)" in report
+    # evaluation scored the predict step's label maps, and the card names that definition
+    metrics = storage.get_json(join(bucket, "runs", run_id, "eval", "metrics.json"))
+    predictions = storage.get_json(join(metrics["predictions"], "predictions.json"))
+    assert metrics["predictions"].startswith(join(bucket, "runs", run_id, "predictions"))
+    assert sorted(c["case_id"] for c in predictions["cases"]) == sorted(
+        c["case_id"] for c in metrics["cases"]
+    )
+    assert card["evaluation"]["definition"] == metrics["definition"]
     # the KFP artifacts the UI shows: the HTML report and the metrics
     html = list((tmp_path / "root").rglob("evaluate-op/report"))
     assert html and html[0].read_text() == report
