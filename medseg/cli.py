@@ -268,21 +268,23 @@ def serve(
     host: Annotated[
         str | None,
         typer.Option(
-            help="Interface for REST and gRPC [default: MEDSEG_SERVER_HOST or 127.0.0.1]."
+            help="Interface for REST and gRPC (default: MEDSEG_SERVER_HOST, else 127.0.0.1)."
         ),
     ] = None,
     max_request_mb: Annotated[
         int | None,
-        typer.Option(help="Largest request, MiB [default: MEDSEG_SERVER_MAX_REQUEST_MB or 256]."),
+        typer.Option(
+            help="Largest request, MiB (default: MEDSEG_SERVER_MAX_REQUEST_MB, else 256)."
+        ),
     ] = None,
     max_concurrency: Annotated[
-        int | None, typer.Option(help="Cases segmented at once [default: 1].")
+        int | None, typer.Option(help="Cases segmented at once (default: 1).")
     ] = None,
 ) -> None:
     """Serve a model with kserve's ModelServer (Open Inference Protocol v2, REST and gRPC).
 
-    It listens on loopback unless ``--host`` (or ``MEDSEG_SERVER_HOST``) says otherwise; every
-    other limit is a ``MEDSEG_SERVER_*`` variable (see ``medseg.settings.ServerLimits``).
+    It listens on loopback unless --host (or MEDSEG_SERVER_HOST) says otherwise; every other
+    limit is a MEDSEG_SERVER_* variable (medseg.settings.ServerLimits).
     """
     from medseg.storage import Storage
 
