@@ -274,31 +274,42 @@ def serve(
     name: Annotated[str, typer.Option(help="Model name in the URL.")] = "medseg",
     http_port: Annotated[int, typer.Option(help="REST port.")] = 8080,
     grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8081,
-    max_request_mb: Annotated[int, typer.Option(help="Largest request accepted.")] = 256,
-    max_concurrency: Annotated[int, typer.Option(help="Cases segmented at once.")] = 1,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            help="Interface for REST and gRPC (default: MEDSEG_SERVER_HOST, else 127.0.0.1)."
+        ),
+    ] = None,
+    max_request_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="Largest request, MiB (default: MEDSEG_SERVER_MAX_REQUEST_MB, else 256)."
+        ),
+    ] = None,
+    max_concurrency: Annotated[
+        int | None, typer.Option(help="Cases segmented at once (default: 1).")
+    ] = None,
 ) -> None:
-    """Serve a model with kserve's ModelServer (Open Inference Protocol v2, REST and gRPC)."""
+    """Serve a model with kserve's ModelServer (Open Inference Protocol v2, REST and gRPC).
+
+    It listens on loopback unless --host (or MEDSEG_SERVER_HOST) says otherwise; every other
+    limit is a MEDSEG_SERVER_* variable (medseg.settings.ServerLimits).
+    """
     from medseg.storage import Storage
 
     uri = _model_uri(Storage(), store, model)
     from model_server.server import serve as run_server
 
-    run_server(
-        [
-            "--model_dir",
-            uri,
-            "--model_name",
-            name,
-            "--http_port",
-            str(http_port),
-            "--grpc_port",
-            str(grpc_port),
-            "--max_request_mb",
-            str(max_request_mb),
-            "--max_concurrency",
-            str(max_concurrency),
-        ]
-    )
+    argv = ["--model_dir", uri, "--model_name", name]
+    argv += ["--http_port", str(http_port), "--grpc_port", str(grpc_port)]
+    for flag, value in (
+        ("--host", host),
+        ("--max_request_mb", max_request_mb),
+        ("--max_concurrency", max_concurrency),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    run_server(argv)
 
 
 @app.command("deploy")

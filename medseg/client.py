@@ -8,7 +8,6 @@ NIfTI and the region volumes. REST uses the binary tensor data extension both wa
 
 from __future__ import annotations
 
-import struct
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from medseg.codec import serialize_bytes, split_bytes_tensor
 from medseg.config import CHANNELS, REGIONS
 from medseg.errors import MedsegError
 from medseg.layouts import SUFFIXES
@@ -105,14 +105,8 @@ def wait_ready(url: str, timeout: float, proc: Any = None, log: Path | None = No
     raise MedsegError(f"model server at {url} not ready after {timeout:.0f} s: {tail()}")
 
 
-def serialize_bytes(items: Sequence[bytes]) -> bytes:
-    """The OIP binary form of a BYTES tensor: each element prefixed by its uint32 LE length."""
-    return b"".join(struct.pack("<I", len(b)) + b for b in items)
-
-
-def _tensor_input(
-    files: Sequence[Path], channels: Sequence[str], dtype: str
-) -> tuple[np.ndarray, np.ndarray]:
+def _tensor_input(files: Sequence[Path], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """The files as one ``[1, C, X, Y, Z]`` tensor, channels in the files' order."""
     import nibabel as nib
 
     images: list[Any] = [nib.load(str(f)) for f in files]
@@ -120,9 +114,8 @@ def _tensor_input(
         data = np.moveaxis(np.asarray(images[0].dataobj, dtype=np.float32), -1, 0)
     else:
         data = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in images])
-    order = [list(channels).index(c) for c in CHANNELS]
     np_dtype = np.float16 if dtype == "FP16" else np.float32
-    return np.ascontiguousarray(data[order], dtype=np_dtype)[None], images[0].affine
+    return np.ascontiguousarray(data, dtype=np_dtype)[None], images[0].affine
 
 
 def predict(
@@ -154,13 +147,17 @@ def predict(
     params: dict[str, Any] = {"label_convention": label_convention}
     if probabilities:
         params["probabilities"] = True
+    # the channel names always travel: the server never guesses the order
     if tensor:
-        array, affine = _tensor_input(files, order, tensor)
+        array, affine = _tensor_input(files, tensor)
         inp = {
             "name": "image",
             "datatype": tensor,
             "shape": list(array.shape),
-            "parameters": {"affine": ",".join(f"{v:.9g}" for v in affine.ravel())},
+            "parameters": {
+                "affine": ",".join(f"{v:.9g}" for v in affine.ravel()),
+                "channels": ",".join(order),
+            },
         }
         payload = array.tobytes()
     else:
@@ -182,10 +179,12 @@ def predict(
     probs = None
     if probabilities:
         probs = np.frombuffer(answer["probabilities"], dtype=np.float16)
-    mask = answer["mask"]
-    (length,) = struct.unpack_from("<I", mask)
+    try:
+        mask = bytes(split_bytes_tensor(answer["mask"], "output 'mask'")[0])
+    except (MedsegError, IndexError):
+        raise MedsegError("the server's 'mask' output is not one BYTES element") from None
     return Prediction(
-        mask=bytes(mask[4 : 4 + length]),
+        mask=mask,
         volumes_ml={r: float(v) for r, v in zip(REGIONS, volumes, strict=True)},
         latency_s=latency,
         compute_ms=reply_params.get("compute_ms"),

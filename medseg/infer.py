@@ -12,6 +12,7 @@ server, ``medseg predict`` and batch prediction alike.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -101,23 +102,32 @@ class Segmenter:
     device: torch.device
 
     @torch.no_grad()
-    def probabilities(self, image: torch.Tensor) -> torch.Tensor:
+    def probabilities(
+        self, image: torch.Tensor, check: Callable[[], None] | None = None
+    ) -> torch.Tensor:
         """Per-region sigmoid probabilities by sliding-window inference.
 
         Args:
             image: A preprocessed volume ``[C, X, Y, Z]`` (any float dtype).
+            check: Called before each window batch; it raises to abandon the work.
 
         Returns:
             Float32 probabilities ``[3, X, Y, Z]`` (TC, WT, ET) on the CPU.
         """
         batch = image.to(self.device, torch.float32).unsqueeze(0)
         infer = self.cfg.infer
+
+        def net(x: torch.Tensor) -> torch.Tensor:
+            if check is not None:
+                check()
+            return self.net(x)
+
         with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
             logits = sliding_window_inference(
                 batch,
                 roi_size=infer.roi_size,
                 sw_batch_size=infer.sw_batch_size,
-                predictor=self.net,
+                predictor=net,
                 overlap=infer.overlap,
                 mode="gaussian",
             )
@@ -194,13 +204,20 @@ class CaseSegmentation:
         return get_convention(convention).from_regions(self.regions)
 
 
-def segment_case(seg: Segmenter, image: np.ndarray, affine: np.ndarray) -> CaseSegmentation:
+def segment_case(
+    seg: Segmenter,
+    image: np.ndarray,
+    affine: np.ndarray,
+    check: Callable[[], None] | None = None,
+) -> CaseSegmentation:
     """Segment a raw case: the training's static preprocessing, inference, and back.
 
     Args:
         seg: The loaded model.
         image: ``[4, X, Y, Z]`` in ``seg.cfg.data.channels`` order, as acquired (any float).
         affine: ``4×4`` voxel-to-world affine of ``image``.
+        check: Called between the stages and sliding windows; it raises to abandon the work
+            (the model server's cancellation of requests whose client has gone).
 
     Returns:
         Probabilities resampled back onto the input grid (MONAI ``Invertd`` undoes the
@@ -213,7 +230,11 @@ def segment_case(seg: Segmenter, image: np.ndarray, affine: np.ndarray) -> CaseS
     src = MetaTensor(torch.as_tensor(image, dtype=torch.float32), affine=torch.as_tensor(affine))
     data = pre({"image": src})
     prepared = data["image"]
-    probs = seg.probabilities(prepared.as_tensor())
+    if check is not None:
+        check()
+    probs = seg.probabilities(prepared.as_tensor(), check)
+    if check is not None:
+        check()
     pred = MetaTensor(
         probs, meta=dict(prepared.meta), applied_operations=list(prepared.applied_operations)
     )

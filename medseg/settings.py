@@ -1,10 +1,13 @@
-"""Object-store connection settings, from the environment only.
+"""Operational settings, from the environment: object-store connection and model-server limits.
 
 The names are the ones KServe, the AWS CLI and MinIO SDK users already know:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``),
 ``S3_USE_HTTPS`` and ``AWS_REGION``. For local use, ``medseg minio`` writes them to an env file
 (``.medseg/minio.env``, or the path in ``MEDSEG_ENV_FILE``) that is read as a fallback; real
 environment variables always win. Secrets are :class:`pydantic.SecretStr` so they never print.
+
+:class:`ServerLimits` holds every limit the model server enforces on what a client sends
+(``MEDSEG_SERVER_*`` variables, or the ``medseg serve`` / ``python -m model_server`` flags).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import os
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: Default env file written by ``medseg minio`` and read by every other command.
@@ -98,3 +101,90 @@ class StorageSettings(BaseSettings):
         except ValueError:
             return "<no endpoint>"
         return f"{'https' if secure else 'http'}://{host}"
+
+
+_MIB = 1024 * 1024
+
+
+class ServerLimits(BaseSettings):
+    """What the model server accepts, and how much of it at once (``MEDSEG_SERVER_<NAME>``).
+
+    Every refusal names the limit it hit by its field name here, so that an operator knows
+    which variable to raise.
+
+    Attributes:
+        host: Interface both REST and gRPC bind; loopback unless told otherwise (the server
+            image sets ``0.0.0.0`` for the cluster).
+        max_request_mb: Largest request body (REST) or message (gRPC), MiB.
+        max_inflight_mb: Request bytes a replica holds at once, over all requests (declared
+            Content-Length counts before it arrives); beyond it: 503 with Retry-After.
+        max_connections: Concurrent REST connections (uvicorn's ``limit_concurrency``); the
+            gRPC server takes ``max_inflight_mb // max_request_mb`` calls at once.
+        max_concurrency: Cases decoded and segmented at once; the rest wait their turn.
+        body_timeout_s: Longest time for a whole request body to arrive (408 after it).
+        body_idle_s: Longest pause between two parts of a body (408 after it).
+        request_timeout_s: Longest time a request may wait and compute; later, its work is
+            cancelled between stages (504).
+        max_case_voxels: Voxels of one case as sent, all channels together (checked on the
+            NIfTI header or tensor shape, before any voxel is read).
+        max_resampled_voxels: Voxels of one case after resampling to the model's spacing.
+        max_edge: Largest edge of a volume, in voxels.
+        min_spacing_mm: Smallest voxel spacing accepted.
+        max_spacing_mm: Largest voxel spacing accepted.
+        max_json_values: Values (numbers, strings, …) in a request's JSON part; tensors of a
+            real size travel as binary data.
+        retry_after_s: The Retry-After of a 503.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MEDSEG_SERVER_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    max_request_mb: int = Field(default=256, ge=1)
+    max_inflight_mb: int = Field(default=512, ge=1)
+    max_connections: int = Field(default=64, ge=2)
+    max_concurrency: int = Field(default=1, ge=1)
+    body_timeout_s: float = Field(default=120.0, gt=0)
+    body_idle_s: float = Field(default=30.0, gt=0)
+    request_timeout_s: float = Field(default=900.0, gt=0)
+    max_case_voxels: int = Field(default=256 * 256 * 160 * 4, ge=1)
+    max_resampled_voxels: int = Field(default=256 * 256 * 160 * 4, ge=1)
+    max_edge: int = Field(default=512, ge=1)
+    min_spacing_mm: float = Field(default=0.05, gt=0)
+    max_spacing_mm: float = Field(default=50.0, gt=0)
+    max_json_values: int = Field(default=2_000_000, ge=1)
+    retry_after_s: int = Field(default=5, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ServerLimits:
+        if self.max_inflight_mb < self.max_request_mb:
+            raise ValueError(
+                f"max_inflight_mb ({self.max_inflight_mb}) must be at least max_request_mb "
+                f"({self.max_request_mb}): one full request must fit"
+            )
+        if self.min_spacing_mm >= self.max_spacing_mm:
+            raise ValueError("min_spacing_mm must be below max_spacing_mm")
+        return self
+
+    @property
+    def max_request_bytes(self) -> int:
+        """:attr:`max_request_mb` in bytes."""
+        return self.max_request_mb * _MIB
+
+    @property
+    def max_inflight_bytes(self) -> int:
+        """:attr:`max_inflight_mb` in bytes."""
+        return self.max_inflight_mb * _MIB
+
+    @property
+    def max_decoded_bytes(self) -> int:
+        """Most bytes that decompressing one request may produce.
+
+        The voxels of the largest case at 8 bytes a voxel (float64, the widest type accepted),
+        plus the request limit for the headers and extensions of its files.
+        """
+        return self.max_case_voxels * 8 + self.max_request_bytes
+
+    @property
+    def grpc_concurrent_calls(self) -> int:
+        """Calls the gRPC server takes at once: the full-size messages the budget holds."""
+        return max(1, self.max_inflight_mb // self.max_request_mb)

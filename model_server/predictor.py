@@ -4,236 +4,181 @@ Open Inference Protocol v2 (REST and gRPC) inputs, one of:
 
 ``nifti`` (BYTES, shape ``[1]`` or ``[4]``)
     One 4D NIfTI (``.nii`` or ``.nii.gz``), or four 3D NIfTI files, one per modality. Their
-    channel order is the request/input parameter ``channels`` (comma-separated modality names;
-    default ``t1,t1gd,t2,flair``; an MSD Task01 image is ``flair,t1,t1gd,t2``). In a JSON body
+    channel order is the request/input parameter ``channels`` (comma-separated modality names);
+    without it, the model's own order (``data.channels`` of its ``model.yaml``). In a JSON body
     the elements are base64 strings, marked by the input parameter ``content_encoding: base64``.
 ``image`` (FP32 or FP16, shape ``[1, 4, X, Y, Z]`` or ``[4, X, Y, Z]``)
-    A raw tensor in ``channels`` order, with its geometry as the parameter ``affine``
-    (16 comma-separated numbers, row-major) or ``spacing`` (3 numbers, mm; identity directions).
+    A raw tensor in ``channels`` order (the model's by default), with its geometry as the
+    parameter ``affine`` (16 numbers, row-major) or ``spacing`` (3 numbers, mm).
 
 Request parameters: ``label_convention`` (``brats2021`` default, ``brats2023``, ``msd``) for the
-mask; ``probabilities`` (bool) to add the probabilities output.
+mask; ``probabilities`` (bool) to add the probabilities output. All of them are validated by
+:func:`medseg.codec.validate_params`, for REST v1/v2 and gRPC alike.
 
 Outputs: ``mask`` (BYTES ``[1]``: a gzipped NIfTI label map on the input's grid and affine),
 ``volumes_ml`` (FP32 ``[3]``: TC, WT, ET in mL), and on request ``probabilities`` (FP16
 ``[1, 3, X, Y, Z]``). v1 ``:predict`` takes ``{"instances": [{"nifti_b64": …}]}`` or
 ``{"instances": [{"modalities": {"t1": b64, …}}]}`` and answers base64 masks and volumes.
 
-Every bad input raises ``kserve.errors.InvalidInput`` (HTTP 400, gRPC INVALID_ARGUMENT) naming the
-input and the problem. At most ``max_concurrency`` cases are segmented at once; the rest wait.
+The three stages: ``preprocess`` validates the request (shapes, datatypes, parameters; nothing
+is decoded); ``predict`` takes one of ``max_concurrency`` slots, then decodes (bounded, see
+:mod:`medseg.codec`), checks the size after resampling, and segments; ``postprocess`` encodes
+the answer. Every bad input raises ``kserve.errors.InvalidInput`` (HTTP 400, gRPC
+INVALID_ARGUMENT) naming the input, the problem and the limit. A request whose client has gone
+or whose deadline has passed (:class:`Ticket`) stops before and between the expensive stages.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import gzip
+import contextvars
+import math
+import threading
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-import nibabel as nib
 import numpy as np
 from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
-from medseg.config import CHANNELS, REGIONS
+from medseg.codec import (
+    InferParams,
+    InputError,
+    check_resampled_size,
+    check_shape,
+    decode_nifti,
+    encode_nifti,
+    split_bytes_tensor,
+    validate_params,
+)
+from medseg.config import REGIONS
 from medseg.errors import MedsegError
 from medseg.infer import CaseSegmentation, Segmenter, load_model, segment_case
-from medseg.labels import CONVENTIONS
+from medseg.settings import ServerLimits
 from medseg.storage import Storage
 
-__all__ = ["MedsegPredictor", "decode_nifti", "encode_nifti"]
+__all__ = ["MedsegPredictor", "RequestAbandoned", "Ticket", "current_ticket", "plain_params"]
 
 _TENSOR_TYPES = {"FP32": np.float32, "FP16": np.float16}
-#: Largest edge accepted, in voxels (a BraTS volume is 240×240×155).
-MAX_EDGE = 512
+_T = TypeVar("_T")
+
+
+class RequestAbandoned(Exception):
+    """The request's client has gone or its deadline has passed; its work was stopped."""
+
+    def __init__(self, reason: str, deadline: bool):
+        super().__init__(reason)
+        self.reason = reason
+        self.deadline = deadline
+
+
+class Ticket:
+    """One request's right to go on: cancelled when its client goes or its deadline passes.
+
+    Safe to check from worker threads (:meth:`check` raises :class:`RequestAbandoned`).
+    """
+
+    def __init__(self, timeout_s: float):
+        self.deadline = time.monotonic() + timeout_s
+        self.reason: str | None = None
+        self._flag = threading.Event()
+        self._event: asyncio.Event | None = None
+
+    def abandon(self, reason: str) -> None:
+        """Mark the request abandoned (call on the event loop)."""
+        if self.reason is None:
+            self.reason = reason
+        self._flag.set()
+        if self._event is not None:
+            self._event.set()
+
+    def remaining(self) -> float:
+        """Seconds left before the deadline."""
+        return self.deadline - time.monotonic()
+
+    def check(self) -> None:
+        """Raise :class:`RequestAbandoned` if the request should stop."""
+        if self._flag.is_set():
+            raise RequestAbandoned(self.reason or "abandoned", deadline=False)
+        if self.remaining() <= 0:
+            raise RequestAbandoned("the request's deadline passed", deadline=True)
+
+    async def wait(self) -> None:
+        """Return once the request is abandoned."""
+        if self._event is None:
+            self._event = asyncio.Event()
+            if self._flag.is_set():
+                self._event.set()
+        await self._event.wait()
+
+
+#: The ticket of the request being served (set by the REST route and the gRPC servicer).
+current_ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
+    "medseg_ticket", default=None
+)
+
+
+def plain_params(params: Any) -> dict[str, Any] | None:
+    """REST (plain values) or gRPC (``InferParameter``) parameter maps as plain values."""
+    if params is None:
+        return None
+    if not isinstance(params, Mapping) and not hasattr(params, "items"):
+        raise InvalidInput(f"'parameters' must be an object, got {type(params).__name__}")
+    out = {}
+    for key, value in params.items():
+        if hasattr(value, "WhichOneof"):
+            choice = value.WhichOneof("parameter_choice")
+            value = getattr(value, choice) if choice else None
+        out[key] = value
+    return out
+
+
+@dataclass
+class Job:
+    """A validated request for one case, not yet decoded.
+
+    Attributes:
+        what: How messages name the input.
+        params: Its validated parameters.
+        order: Index, in the request's channel order, of each of the model's channels.
+        blobs: NIfTI files (one 4D, or one 3D per channel), or None for a tensor.
+        b64: The blobs are base64 text, decoded with the files (inside the slot).
+        tensor: The raw tensor input, or None for NIfTI.
+        shape: The tensor's ``[C, X, Y, Z]``.
+    """
+
+    what: str
+    params: InferParams
+    order: list[int]
+    blobs: list[Any] | None = None
+    b64: bool = False
+    tensor: InferInput | None = None
+    shape: list[int] = field(default_factory=list)
 
 
 @dataclass
 class Case:
-    """A decoded request: a channel-first image in canonical channel order and its affine."""
+    """A decoded case: a channel-first image in the model's channel order and its affine."""
 
     image: np.ndarray
     affine: np.ndarray
 
 
-def _param(params: Any, key: str, default: Any = None) -> Any:
-    """A parameter from REST (plain values) or gRPC (``InferParameter``) parameter maps."""
-    if not params or key not in params:
-        return default
-    value = params[key]
-    for field in ("string_param", "bool_param", "int64_param", "double_param"):
-        if hasattr(value, "HasField") and value.HasField(field):
-            return getattr(value, field)
-    return value
+@dataclass
+class Done:
+    """A segmented job."""
+
+    job: Job
+    result: CaseSegmentation
+    seconds: float
 
 
-def _numbers(value: Any, count: int, what: str) -> np.ndarray:
-    try:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        arr = np.asarray([float(v) for v in items], dtype=np.float64)
-    except (TypeError, ValueError):
-        raise InvalidInput(f"parameter {what!r} must be {count} numbers, got {value!r}") from None
-    if arr.size != count or not np.isfinite(arr).all():
-        raise InvalidInput(f"parameter {what!r} must be {count} finite numbers, got {value!r}")
-    return arr
-
-
-def _channel_order(params: Any) -> list[int]:
-    """Index, in the request's channel order, of each canonical channel."""
-    raw = _param(params, "channels")
-    if raw is None:
-        return list(range(len(CHANNELS)))
-    names = [c.strip().lower() for c in (raw.split(",") if isinstance(raw, str) else raw)]
-    aliases = {"t1ce": "t1gd", "t1c": "t1gd", "t2f": "flair", "t1n": "t1", "t2w": "t2"}
-    names = [aliases.get(n, n) for n in names]
-    if sorted(names) != sorted(CHANNELS):
-        raise InvalidInput(f"parameter 'channels' must name {', '.join(CHANNELS)}; got {raw!r}")
-    return [names.index(c) for c in CHANNELS]
-
-
-def decode_nifti(data: bytes, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Voxels (float32, decoded once) and affine of NIfTI-1/2 bytes, gzipped or not.
-
-    Raises:
-        InvalidInput: If the bytes are empty or not a readable NIfTI.
-    """
-    if not data:
-        raise InvalidInput(f"{what} is empty")
-    try:
-        raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
-        for cls in (nib.Nifti1Image, nib.Nifti2Image):
-            try:
-                img = cls.from_bytes(raw)
-                # a full read: truncation shows here
-                return np.asarray(img.dataobj, dtype=np.float32), img.affine
-            except (nib.filebasedimages.ImageFileError, nib.spatialimages.HeaderDataError):
-                continue
-    except (OSError, EOFError, ValueError, gzip.BadGzipFile) as exc:
-        raise InvalidInput(f"{what} is not a readable NIfTI: {exc}") from None
-    raise InvalidInput(f"{what} is not a NIfTI-1 or NIfTI-2 image")
-
-
-def encode_nifti(label: np.ndarray, affine: np.ndarray) -> bytes:
-    """A uint8 label map as gzipped NIfTI-1 bytes (fast compression: label maps are sparse)."""
-    img = nib.Nifti1Image(label.astype(np.uint8), affine)
-    img.header.set_data_dtype(np.uint8)
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
-
-
-def _reorder(image: np.ndarray, order: list[int]) -> np.ndarray:
-    """Channels in canonical order; no copy of a full case when they already are."""
-    return image if order == list(range(len(order))) else image[order]
-
-
-def _check_image(image: np.ndarray, what: str) -> np.ndarray:
-    if image.ndim != 4 or image.shape[0] != len(CHANNELS):
-        raise InvalidInput(
-            f"{what}: expected {len(CHANNELS)} channels of 3D volumes ([4, X, Y, Z]), "
-            f"got shape {list(image.shape)}"
-        )
-    if min(image.shape[1:]) < 1 or max(image.shape[1:]) > MAX_EDGE:
-        raise InvalidInput(
-            f"{what}: each edge must be 1..{MAX_EDGE} voxels, got {list(image.shape[1:])}"
-        )
-    if not np.isfinite(image).all():
-        raise InvalidInput(f"{what} contains NaN or Inf values")
-    return image
-
-
-class _BytesInput:
-    """The part of ``InferInput`` that :func:`_from_niftis` reads, over plain bytes."""
-
-    parameters = None
-
-    def __init__(self, blobs: list[bytes]):
-        self._blobs = blobs
-
-    def as_numpy(self) -> np.ndarray:
-        arr = np.empty(len(self._blobs), dtype=np.object_)
-        arr[:] = self._blobs
-        return arr
-
-
-def _from_niftis(inp: InferInput | _BytesInput, params: Any) -> Case:
-    blobs = inp.as_numpy().reshape(-1)
-    if _param(inp.parameters, "content_encoding") == "base64":  # BYTES sent inside JSON
-        blobs = np.array(
-            [_b64(bytes(b).decode("ascii", "replace"), "input 'nifti'") for b in blobs],
-            dtype=np.object_,
-        )
-    has_own = _param(inp.parameters, "channels") is not None
-    order = _channel_order(inp.parameters if has_own else params)
-    if blobs.size == 1:
-        data, affine = decode_nifti(bytes(blobs[0]), "input 'nifti'")
-        if data.ndim != 4:
-            raise InvalidInput(
-                f"input 'nifti': one file must be a 4D image [X, Y, Z, 4], got shape "
-                f"{list(data.shape)}; or send four 3D files"
-            )
-        image = _reorder(np.moveaxis(data, -1, 0), order)
-        return Case(_check_image(np.ascontiguousarray(image), "input 'nifti'"), affine)
-    if blobs.size != len(CHANNELS):
-        raise InvalidInput(
-            f"input 'nifti' holds {blobs.size} files: send one 4D NIfTI or {len(CHANNELS)} 3D ones"
-        )
-    decoded = [decode_nifti(bytes(b), f"input 'nifti' file {i}") for i, b in enumerate(blobs)]
-    volumes = [v for v, _ in decoded]
-    shapes = {v.shape for v in volumes}
-    if len(shapes) != 1 or volumes[0].ndim != 3:
-        raise InvalidInput(
-            f"input 'nifti': the four files must be 3D volumes of one shape, got "
-            f"{[list(v.shape) for v in volumes]}"
-        )
-    image = np.stack([volumes[i] for i in order])
-    return Case(_check_image(image, "input 'nifti'"), decoded[order[0]][1])
-
-
-def _from_tensor(inp: InferInput, params: Any) -> Case:
-    has_own = _param(inp.parameters, "channels") is not None
-    if inp.datatype not in _TENSOR_TYPES:
-        raise InvalidInput(f"input 'image': datatype must be FP32 or FP16, got {inp.datatype}")
-    shape = list(inp.shape)
-    if len(shape) == 5 and shape[0] == 1:
-        shape = shape[1:]
-    if len(shape) != 4:
-        raise InvalidInput(f"input 'image': shape must be [1, 4, X, Y, Z], got {list(inp.shape)}")
-    try:
-        arr = inp.as_numpy()
-    except ValueError as exc:
-        raise InvalidInput(f"input 'image': data does not match shape {inp.shape}: {exc}") from None
-    image = _check_image(arr.reshape(shape), "input 'image'")
-    image = _reorder(image, _channel_order(inp.parameters if has_own else params))
-    affine_raw = _param(inp.parameters, "affine", _param(params, "affine"))
-    spacing_raw = _param(inp.parameters, "spacing", _param(params, "spacing"))
-    if affine_raw is not None:
-        affine = _numbers(affine_raw, 16, "affine").reshape(4, 4)
-        if abs(np.linalg.det(affine[:3, :3])) < 1e-9:
-            raise InvalidInput("parameter 'affine' is singular")
-    else:
-        spacing = _numbers(spacing_raw if spacing_raw is not None else "1,1,1", 3, "spacing")
-        if (spacing <= 0).any():
-            raise InvalidInput(f"parameter 'spacing' must be positive, got {spacing.tolist()}")
-        affine = np.diag([*spacing, 1.0])
-    return Case(image, affine)
-
-
-def decode_request(request: InferRequest) -> Case:
-    """The case in a v2 request (see the module docstring for the accepted inputs)."""
-    if len(request.inputs) != 1:
-        names = [i.name for i in request.inputs]
-        raise InvalidInput(f"expected one input, 'nifti' or 'image'; got {names}")
-    inp = request.inputs[0]
-    if inp.name == "nifti":
-        if inp.datatype != "BYTES":
-            raise InvalidInput(f"input 'nifti': datatype must be BYTES, got {inp.datatype}")
-        return _from_niftis(inp, request.parameters)
-    if inp.name == "image":
-        return _from_tensor(inp, request.parameters)
-    raise InvalidInput(f"unknown input {inp.name!r}: send 'nifti' (BYTES) or 'image' (FP32/FP16)")
+def _bad(exc: InputError) -> InvalidInput:
+    return InvalidInput(str(exc))
 
 
 class MedsegPredictor(Model):
@@ -243,7 +188,7 @@ class MedsegPredictor(Model):
         name: Model name in the URL (``/v2/models/NAME/infer``).
         model_dir: Local folder or ``s3://`` prefix with ``model.yaml`` and ``model.pt``
             (``/mnt/models`` when KServe's storage initializer fetched it).
-        max_concurrency: Cases segmented at once; further requests queue.
+        limits: What requests may hold, and how many cases are segmented at once.
         storage: Storage for ``s3://`` model locations (from the environment by default).
     """
 
@@ -251,13 +196,13 @@ class MedsegPredictor(Model):
         self,
         name: str,
         model_dir: str,
-        max_concurrency: int = 1,
+        limits: ServerLimits | None = None,
         storage: Storage | None = None,
     ):
         super().__init__(name)
         self.model_dir = model_dir
+        self.limits = limits or ServerLimits()
         self.segmenter: Segmenter | None = None
-        self.max_concurrency = max_concurrency
         self._slots: asyncio.Semaphore | None = None
         self._storage = storage
 
@@ -271,10 +216,16 @@ class MedsegPredictor(Model):
         self.ready = True
         return self.ready
 
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The model's channel order (``data.channels`` of its ``model.yaml``)."""
+        assert self.segmenter is not None
+        return self.segmenter.cfg.data.channels
+
     async def get_input_types(self) -> list[dict[str, Any]]:
         return [
             {"name": "nifti", "datatype": "BYTES", "shape": [-1]},
-            {"name": "image", "datatype": "FP32", "shape": [1, len(CHANNELS), -1, -1, -1]},
+            {"name": "image", "datatype": "FP32", "shape": [1, len(self.channels), -1, -1, -1]},
         ]
 
     async def get_output_types(self) -> list[dict[str, Any]]:
@@ -284,32 +235,279 @@ class MedsegPredictor(Model):
             {"name": "probabilities", "datatype": "FP16", "shape": [1, len(REGIONS), -1, -1, -1]},
         ]
 
-    async def _segment(self, case: Case) -> tuple[CaseSegmentation, float]:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.max_concurrency)
-        assert self.segmenter is not None
-        async with self._slots:
-            started = time.perf_counter()
-            result = await asyncio.to_thread(segment_case, self.segmenter, case.image, case.affine)
-            return result, time.perf_counter() - started
+    # ------------------------------------------------------------ preprocess: validate
+
+    async def preprocess(
+        self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
+    ) -> list[Any]:
+        """Validate the request; nothing is decoded yet (that waits for a slot)."""
+        try:
+            if isinstance(payload, InferRequest):
+                return [payload, self.validate_v2(payload)]
+            return [payload, *self.validate_v1(payload)]
+        except InputError as exc:
+            raise _bad(exc) from None
+
+    def validate_v2(self, request: InferRequest) -> Job:
+        """The one validation of a v2 request (REST and gRPC): inputs, shapes, parameters.
+
+        Raises:
+            InputError: Naming the bad input or parameter.
+        """
+        if len(request.inputs) != 1:
+            names = [i.name for i in request.inputs]
+            raise InputError(f"expected one input, 'nifti' or 'image'; got {names}")
+        inp = request.inputs[0]
+        req_params = plain_params(request.parameters)
+        in_params = plain_params(inp.parameters)
+        params = validate_params(req_params, in_params)
+        order = params.channel_order(self.channels)
+        shape = check_shape(inp.shape, f"input {inp.name!r}", self.limits)
+        if inp.name == "nifti":
+            if inp.datatype != "BYTES":
+                raise InputError(f"input 'nifti': datatype must be BYTES, got {inp.datatype}")
+            blobs = self._blobs(inp, params)
+            if len(blobs) != math.prod(shape):
+                raise InputError(f"input 'nifti': {len(blobs)} BYTES elements for shape {shape}")
+            b64 = params.content_encoding == "base64"
+            return Job("input 'nifti'", params, order, blobs=blobs, b64=b64)
+        if inp.name == "image":
+            if inp.datatype not in _TENSOR_TYPES:
+                raise InputError(
+                    f"input 'image': datatype must be FP32 or FP16, got {inp.datatype}"
+                )
+            if len(shape) == 5 and shape[0] == 1:
+                shape = shape[1:]
+            if len(shape) != 4 or shape[0] != len(self.channels):
+                raise InputError(
+                    f"input 'image': expected {len(self.channels)} channels of 3D volumes "
+                    f"([1, {len(self.channels)}, X, Y, Z]), got shape {list(inp.shape)}"
+                )
+            self._check_edges(shape[1:], "input 'image'")
+            _check_tensor_size(inp, shape)
+            return Job("input 'image'", params, order, tensor=inp, shape=shape)
+        raise InputError(f"unknown input {inp.name!r}: send 'nifti' (BYTES) or 'image' (FP32/FP16)")
+
+    def _blobs(self, inp: InferInput, params: InferParams) -> list[Any]:
+        raw = getattr(inp, "_raw_data", None)
+        if raw is not None:  # gRPC raw_input_contents: our own framing check
+            items: list[Any] = split_bytes_tensor(raw, "input 'nifti'")
+        else:
+            data = getattr(inp, "_data", None)
+            items = [] if data is None else list(np.asarray(data, dtype=np.object_).reshape(-1))
+            if not all(isinstance(b, (bytes, bytearray, memoryview)) for b in items):
+                raise InputError("input 'nifti': elements must be bytes")
+        if len(items) not in (1, len(self.channels)):
+            raise InputError(
+                f"input 'nifti' holds {len(items)} files: send one 4D NIfTI or "
+                f"{len(self.channels)} 3D ones"
+            )
+        return items
+
+    def validate_v1(self, payload: Mapping[str, Any]) -> list[Job]:
+        """The v1 form of :meth:`validate_v2`: each instance becomes a job.
+
+        Raises:
+            InputError: Naming the bad instance or parameter.
+        """
+        instances = payload.get("instances") if isinstance(payload, Mapping) else None
+        if not isinstance(instances, list) or not instances:
+            raise InputError("v1 request needs a non-empty 'instances' list")
+        if len(instances) > 8:
+            raise InputError(f"v1 request holds {len(instances)} instances; at most 8")
+        jobs = []
+        for n, inst in enumerate(instances):
+            what = f"instance {n}"
+            if not isinstance(inst, Mapping):
+                raise InputError(f"{what} must be an object")
+            params = validate_params(
+                {k: inst[k] for k in ("label_convention", "channels") if k in inst}
+            )
+            if "nifti_b64" in inst:
+                blobs = [_text(inst["nifti_b64"], f"{what} 'nifti_b64'")]
+                order = params.channel_order(self.channels)
+            elif isinstance(inst.get("modalities"), Mapping):
+                mods = inst["modalities"]
+                missing = [c for c in self.channels if c not in mods]
+                if missing:
+                    raise InputError(f"{what} 'modalities' lacks {', '.join(missing)}")
+                blobs = [_text(mods[c], f"{what} modality {c}") for c in self.channels]
+                order = list(range(len(self.channels)))
+            else:
+                raise InputError(f"{what} needs 'nifti_b64' or 'modalities'")
+            jobs.append(Job(what, params, order, blobs=blobs, b64=True))
+        return jobs
+
+    def _check_edges(self, dims: list[int], what: str) -> None:
+        if max(dims) > self.limits.max_edge:
+            raise InputError(
+                f"{what}: each edge must be at most max_edge={self.limits.max_edge} voxels, "
+                f"got {dims}"
+            )
+
+    # ------------------------------------------------------------ predict: decode, segment
 
     async def predict(
         self,
-        payload: dict[str, Any] | InferRequest,
+        payload: Any,
+        headers: dict[str, str] | None = None,
+        response_headers: dict[str, str] | None = None,
+    ) -> list[Any]:
+        """Decode and segment each job, one slot at a time."""
+        request, *jobs = payload
+        ticket = current_ticket.get() or Ticket(self.limits.request_timeout_s)
+        done = []
+        for job in jobs:
+            done.append(await self._run(job, ticket))
+        return [request, *done]
+
+    async def _run(self, job: Job, ticket: Ticket) -> Done:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_concurrency)
+        await self._acquire(ticket)
+        try:
+            ticket.check()
+            case = await self._in_thread(ticket, self._decode, job)
+            ticket.check()
+            assert self.segmenter is not None
+            started = time.perf_counter()
+            result = await self._in_thread(
+                ticket, segment_case, self.segmenter, case.image, case.affine, ticket.check
+            )
+            return Done(job, result, time.perf_counter() - started)
+        except InputError as exc:
+            raise _bad(exc) from None
+        finally:
+            self._slots.release()
+
+    async def _acquire(self, ticket: Ticket) -> None:
+        """A slot, unless the request is abandoned while it waits."""
+        assert self._slots is not None
+        ticket.check()
+        slot = asyncio.ensure_future(self._slots.acquire())
+        gone = asyncio.ensure_future(ticket.wait())
+        try:
+            await asyncio.wait(
+                {slot, gone},
+                timeout=max(0.0, ticket.remaining()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            gone.cancel()
+            if not slot.done():
+                slot.cancel()
+        if slot.done() and not slot.cancelled():
+            try:
+                ticket.check()
+            except RequestAbandoned:
+                self._slots.release()
+                raise
+            return
+        ticket.check()
+        raise RequestAbandoned("the request's deadline passed", deadline=True)
+
+    async def _in_thread(self, ticket: Ticket, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a worker thread; a cancelled caller still waits for it to stop.
+
+        The slot must stay held until the thread has finished: the ticket tells the thread to
+        stop at its next check.
+        """
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        try:
+            return await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            ticket.abandon("the call was cancelled")
+            while not fut.done():
+                try:
+                    await asyncio.shield(fut)
+                except asyncio.CancelledError:
+                    continue
+                except Exception:  # the thread stopped at a check: the cancellation wins
+                    break
+            raise
+
+    def _decode(self, job: Job) -> Case:
+        """The job's case, decoded within the limits, in the model's channel order."""
+        limits = self.limits
+        if job.tensor is not None:
+            arr = job.tensor.as_numpy().reshape(job.shape)
+            affine = job.params.geometry(limits)
+            image = arr if job.order == list(range(len(job.order))) else arr[job.order]
+            return self._checked(Case(image, affine), job.what)
+        assert job.blobs is not None
+        budget = [limits.max_decoded_bytes]
+        if job.b64:
+            job.blobs = [_b64(b, f"{job.what} file {i}") for i, b in enumerate(job.blobs)]
+        if len(job.blobs) == 1:
+            vol = decode_nifti(job.blobs[0], job.what, limits, budget=budget)
+            if vol.data.ndim != 4 or vol.data.shape[-1] != len(self.channels):
+                raise InputError(
+                    f"{job.what}: one file must be a 4D image [X, Y, Z, {len(self.channels)}], "
+                    f"got shape {list(vol.data.shape)}; or send {len(self.channels)} 3D files"
+                )
+            image = np.moveaxis(vol.data, -1, 0)
+            if job.order != list(range(len(job.order))):
+                image = image[job.order]
+            return self._checked(Case(np.ascontiguousarray(image), vol.affine), job.what)
+        left = limits.max_case_voxels
+        volumes = []
+        for i, blob in enumerate(job.blobs):
+            vol = decode_nifti(blob, f"{job.what} file {i}", limits, left, budget)
+            left -= vol.data.size
+            volumes.append(vol)
+        shapes = {v.data.shape for v in volumes}
+        if len(shapes) != 1 or volumes[0].data.ndim != 3:
+            raise InputError(
+                f"{job.what}: the {len(volumes)} files must be 3D volumes of one shape, got "
+                f"{[list(v.data.shape) for v in volumes]}"
+            )
+        image = np.stack([volumes[i].data for i in job.order])
+        return self._checked(Case(image, volumes[job.order[0]].affine), job.what)
+
+    def _checked(self, case: Case, what: str) -> Case:
+        assert self.segmenter is not None
+        self._check_edges(list(case.image.shape[1:]), what)
+        check_resampled_size(
+            case.image.shape[1:],
+            case.affine,
+            self.segmenter.cfg.data.spacing,
+            case.image.shape[0],
+            what,
+            self.limits,
+        )
+        if not np.isfinite(case.image).all():
+            raise InputError(f"{what} contains NaN or Inf values")
+        return case
+
+    # ------------------------------------------------------------ postprocess: encode
+
+    async def postprocess(
+        self,
+        result: Any,
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | InferResponse:
-        if isinstance(payload, InferRequest):
-            return await self._predict_v2(payload)
-        return await self._predict_v1(payload)
+        """The answer: a v2 ``InferResponse``, or a v1 ``predictions`` dict."""
+        request, *done = result
+        if isinstance(request, InferRequest):
+            return self._v2_response(request, done[0])
+        predictions = []
+        for d in done:
+            convention = d.job.params.label_convention
+            mask = encode_nifti(d.result.label_map(convention), d.result.affine)
+            predictions.append(
+                {
+                    "mask_b64": base64.b64encode(mask).decode(),
+                    "label_convention": convention,
+                    "volumes_ml": d.result.volumes_ml,
+                    "compute_ms": round(d.seconds * 1000),
+                }
+            )
+        return {"predictions": predictions}
 
-    async def _predict_v2(self, request: InferRequest) -> InferResponse:
-        params = request.parameters
-        convention = _convention(_param(params, "label_convention", "brats2021"))
-        want_probs = _param(params, "probabilities", False) in (True, "true", "True", 1)
-        case = await asyncio.to_thread(decode_request, request)
-        result, seconds = await self._segment(case)
-        mask = encode_nifti(result.label_map(convention), result.affine)
+    def _v2_response(self, request: InferRequest, done: Done) -> InferResponse:
+        params, result = done.job.params, done.result
+        mask = encode_nifti(result.label_map(params.label_convention), result.affine)
         outputs = [
             _output("mask", "BYTES", [1], np.array([mask], dtype=np.object_)),
             _output(
@@ -320,7 +518,7 @@ class MedsegPredictor(Model):
                 {"regions": ",".join(REGIONS)},
             ),
         ]
-        if want_probs:
+        if params.probabilities:
             probs = result.probabilities.astype(np.float16)[None]
             outputs.append(_output("probabilities", "FP16", list(probs.shape), probs))
         return InferResponse(
@@ -328,66 +526,46 @@ class MedsegPredictor(Model):
             infer_outputs=outputs,
             response_id=request.id,
             parameters={
-                "label_convention": convention,
-                "compute_ms": round(seconds * 1000),
+                "label_convention": params.label_convention,
+                "compute_ms": round(done.seconds * 1000),
             },
             use_binary_outputs=True,
         )
 
-    async def _predict_v1(self, payload: Mapping[str, Any]) -> dict[str, Any]:
-        instances = payload.get("instances") if isinstance(payload, Mapping) else None
-        if not isinstance(instances, list) or not instances:
-            raise InvalidInput("v1 request needs a non-empty 'instances' list")
-        predictions = []
-        for n, inst in enumerate(instances):
-            if not isinstance(inst, Mapping):
-                raise InvalidInput(f"instance {n} must be an object")
-            convention = _convention(inst.get("label_convention", "brats2021"))
-            case = await asyncio.to_thread(_decode_v1, inst, n)
-            result, seconds = await self._segment(case)
-            mask = encode_nifti(result.label_map(convention), result.affine)
-            predictions.append(
-                {
-                    "mask_b64": base64.b64encode(mask).decode(),
-                    "label_convention": convention,
-                    "volumes_ml": result.volumes_ml,
-                    "compute_ms": round(seconds * 1000),
-                }
+
+def _check_tensor_size(inp: InferInput, shape: list[int]) -> None:
+    """The tensor's data hold exactly its shape (gRPC does not check this for us)."""
+    count = math.prod(shape)
+    raw = getattr(inp, "_raw_data", None)
+    if raw is not None:
+        itemsize = np.dtype(_TENSOR_TYPES[inp.datatype]).itemsize
+        if len(memoryview(raw).cast("B")) != count * itemsize:
+            raise InputError(
+                f"input 'image': {len(raw)} bytes do not hold {inp.datatype} of shape "
+                f"{list(inp.shape)} ({count * itemsize} bytes)"
             )
-        return {"predictions": predictions}
+        return
+    data = getattr(inp, "_data", None)
+    size = np.size(data) if isinstance(data, np.ndarray) else len(data or [])
+    if size != count:
+        raise InputError(f"input 'image': {size} values for shape {list(inp.shape)}")
 
 
-def _convention(name: Any) -> str:
-    if name not in CONVENTIONS:
-        raise InvalidInput(
-            f"unknown label_convention {name!r}; use one of {', '.join(sorted(CONVENTIONS))}"
-        )
-    return str(name)
+def _text(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise InputError(f"{what} must be a base64 string")
+    return value
 
 
 def _b64(value: Any, what: str) -> bytes:
+    if isinstance(value, (bytes, bytearray)):
+        value = bytes(value).decode("ascii", "replace")
     if not isinstance(value, str):
-        raise InvalidInput(f"{what} must be a base64 string")
+        raise InputError(f"{what} must be a base64 string")
     try:
         return base64.b64decode(value, validate=True)
     except ValueError:
-        raise InvalidInput(f"{what} is not valid base64") from None
-
-
-def _decode_v1(inst: Mapping[str, Any], n: int) -> Case:
-    if "nifti_b64" in inst:
-        blobs = [_b64(inst["nifti_b64"], f"instance {n} 'nifti_b64'")]
-        params: dict[str, Any] = {"channels": inst.get("channels")} if "channels" in inst else {}
-    elif isinstance(inst.get("modalities"), Mapping):
-        mods = inst["modalities"]
-        missing = [c for c in CHANNELS if c not in mods]
-        if missing:
-            raise InvalidInput(f"instance {n} 'modalities' lacks {', '.join(missing)}")
-        blobs = [_b64(mods[c], f"instance {n} modality {c}") for c in CHANNELS]
-        params = {}
-    else:
-        raise InvalidInput(f"instance {n} needs 'nifti_b64' or 'modalities'")
-    return _from_niftis(_BytesInput(blobs), params)
+        raise InputError(f"{what} is not valid base64") from None
 
 
 def _output(

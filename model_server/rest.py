@@ -1,48 +1,70 @@
-"""A binary-safe, fast Open Inference Protocol v2 REST infer route inside kserve's ModelServer.
+"""A binary-safe, bounded Open Inference Protocol REST layer inside kserve's ModelServer.
 
 Why: with kserve 0.21 a 136 MiB FP32 tensor sent with the binary tensor data extension spends
 most of its time in the REST layer before ``predict`` (``InferRequest.from_bytes`` turns the raw
 buffer into a Python list of 35 M floats with ``set_data_from_numpy(..., binary_data=False)``;
 FastAPI's ``Union[InferenceRequest, bytes]`` body first tries JSON/pydantic on the whole buffer),
 and outputs are serialised as JSON lists unless each is asked for as binary. See
-``benchmarks/bench_serving.py`` for the measured figures.
+``benchmarks/bench_serving.py`` for the measured figures. And kserve reads any body whole, of any
+size, for as long as the client takes, and keeps working for clients that have gone.
 
-What: :func:`install` adds ``POST /v2/models/{name}[/versions/{v}]/infer`` to kserve's own FastAPI
-app *before* kserve registers its routes, so Starlette matches ours first while everything else
-(health, metadata, v1, metrics, exception handlers, the DataPlane and the model's
-preprocess/predict/postprocess) stays kserve's. The route:
+What :func:`install` adds to kserve's own FastAPI app, before kserve registers its routes:
 
-* reads the body once, refusing more than ``max_request_bytes`` (413) before reading it all;
-* parses the JSON header with orjson and maps each binary input onto the body without copying
-  (``np.frombuffer`` on a ``memoryview``); JSON ``data`` lists are still accepted;
-* calls ``DataPlane.infer``;
-* answers binary outputs as raw bytes after the JSON header (``Inference-Header-Content-Length``)
-  when the request sets ``binary_data_output`` or an output's ``binary_data``, or sent binary
-  inputs; JSON otherwise (BYTES outputs then travel base64-encoded, marked by the output
-  parameter ``content_encoding: base64``, as raw bytes cannot be JSON strings).
+* :class:`BodyLimits`, an ASGI middleware that reads every request body itself: it refuses a
+  declared ``Content-Length`` over ``max_request_mb`` (413) before reading, holds the replica's
+  in-flight request bytes under ``max_inflight_mb`` (503 with Retry-After; a declared length
+  counts before it arrives, and nothing is allocated for it), reads into a buffer that grows
+  with what arrives, and gives up on a body that pauses longer than ``body_idle_s`` or takes
+  longer than ``body_timeout_s`` (408);
+* ``POST /v2/models/{name}[/versions/{v}]/infer``: parses the JSON header with orjson (at most
+  ``max_json_values`` values) and maps each binary input onto the body without copying
+  (``np.frombuffer`` on a ``memoryview``), calls ``DataPlane.infer``, and answers binary outputs
+  as raw bytes after the JSON header (``Inference-Header-Content-Length``) when the request sets
+  ``binary_data_output`` or an output's ``binary_data``, or sent binary inputs; JSON otherwise
+  (BYTES outputs then travel base64-encoded, marked by ``content_encoding: base64``);
+* ``POST /v1/models/{name}:predict``, the same for v1 JSON.
+
+Both routes give the request a :class:`~model_server.predictor.Ticket`: the client's disconnect
+or the request's deadline stops its work before and between the expensive stages. A bad request
+is a 4xx with one log line, never a traceback.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import math
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
-from kserve.errors import InvalidInput
+from kserve.errors import InvalidInput, ModelNotReady
+from kserve.logging import logger
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import (
     InferInput,
     InferRequest,
     InferResponse,
     RequestedOutput,
-    deserialize_bytes_tensor,
     to_np_dtype,
 )
 
-__all__ = ["HEADER_LENGTH", "encode_response", "install", "parse_request"]
+from medseg.codec import InputError, split_bytes_tensor, validate_params
+from medseg.settings import ServerLimits
+from model_server.predictor import RequestAbandoned, Ticket, current_ticket
+
+__all__ = [
+    "HEADER_LENGTH",
+    "BodyLimits",
+    "InflightBudget",
+    "encode_response",
+    "install",
+    "parse_request",
+]
 
 #: The binary tensor data extension's header naming the JSON part's length.
 HEADER_LENGTH = "inference-header-content-length"
@@ -58,8 +80,30 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def load_json(part: bytes | bytearray | memoryview, limits: ServerLimits) -> Any:
+    """A JSON document of at most ``max_json_values`` values (counted before parsing).
+
+    Every value after the first follows a ``,`` or opens with ``[``/``{``: their count bounds
+    the number of values, so a body of ``[0,0,0,…]`` cannot become gigabytes of Python objects.
+
+    Raises:
+        InvalidInput: If the JSON is malformed or holds too many values.
+    """
+    raw = bytes(part) if isinstance(part, memoryview) else part
+    values = raw.count(b",") + raw.count(b"[") + raw.count(b"{") + 1
+    if values > limits.max_json_values:
+        raise InvalidInput(
+            f"request JSON holds up to {values} values, above max_json_values="
+            f"{limits.max_json_values}: send tensors with the binary data extension"
+        )
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"request JSON is malformed: {exc}") from None
+
+
 def parse_request(
-    body: bytes | bytearray, json_length: int | None, model_name: str
+    body: bytes | bytearray, json_length: int | None, model_name: str, limits: ServerLimits
 ) -> InferRequest:
     """An ``InferRequest`` from a v2 REST body, binary inputs viewed in place.
 
@@ -73,10 +117,7 @@ def parse_request(
     if not 0 < json_length <= len(body):
         raise InvalidInput(f"{HEADER_LENGTH} is {json_length} but the body has {len(body)} bytes")
     view = memoryview(body)
-    try:
-        doc = orjson.loads(view[:json_length])
-    except orjson.JSONDecodeError as exc:
-        raise InvalidInput(f"request JSON is malformed: {exc}") from None
+    doc = load_json(view[:json_length], limits)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InvalidInput("request must be a JSON object with a non-empty 'inputs' list")
     params = doc.get("parameters")
@@ -100,7 +141,12 @@ def parse_request(
         if not isinstance(iparams, dict):
             raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
         inp = InferInput(name=name, shape=shape, datatype=datatype, parameters=iparams or None)
-        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        count = math.prod(shape)
+        if count > limits.max_case_voxels:
+            raise InvalidInput(
+                f"input {name!r}: shape {shape} holds {count} values, above "
+                f"max_case_voxels={limits.max_case_voxels}"
+            )
         if "binary_data_size" in iparams:
             size = _int(iparams["binary_data_size"], f"input {name!r} binary_data_size")
             if offset + size > len(body):
@@ -112,13 +158,15 @@ def parse_request(
             offset += size
             if datatype == "BYTES":
                 try:
-                    items = deserialize_bytes_tensor(bytes(raw))
-                except Exception as exc:
-                    raise InvalidInput(f"input {name!r}: malformed BYTES framing: {exc}") from None
-                if items.size != count:
+                    blobs = split_bytes_tensor(raw, f"input {name!r}")
+                except InputError as exc:
+                    raise InvalidInput(str(exc)) from None
+                if len(blobs) != count:
                     raise InvalidInput(
-                        f"input {name!r}: {items.size} BYTES elements for shape {shape}"
+                        f"input {name!r}: {len(blobs)} BYTES elements for shape {shape}"
                     )
+                items = np.empty(len(blobs), dtype=np.object_)
+                items[:] = blobs  # views into the body, no copy
                 inp._data = items.reshape(shape)
             else:
                 if size != count * np.dtype(dtype).itemsize:
@@ -142,8 +190,10 @@ def parse_request(
         for o in doc["outputs"]:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise InvalidInput("each requested output needs a string 'name'")
-            if o.get("parameters") is not None and not isinstance(o["parameters"], dict):
-                raise InvalidInput(f"output {o['name']!r}: 'parameters' must be an object")
+            try:
+                validate_params(o.get("parameters"))  # binary_data and the like: fail here
+            except InputError as exc:
+                raise InvalidInput(f"output {o['name']!r}: {exc}") from None
             outputs.append(RequestedOutput(name=o["name"], parameters=o.get("parameters")))
     request_id = doc.get("id")
     return InferRequest(
@@ -181,8 +231,11 @@ def encode_response(
     response: InferResponse, request: InferRequest, binary_inputs: bool
 ) -> tuple[bytes, dict[str, str]]:
     """Body and headers for a v2 response; binary outputs follow the JSON part."""
-    params = request.parameters or {}
-    default_binary = bool(params.get("binary_data_output", binary_inputs))
+    try:
+        asked = validate_params(request.parameters).binary_data_output
+    except InputError as exc:
+        raise InvalidInput(str(exc)) from None
+    default_binary = binary_inputs if asked is None else asked
     wanted = {o.name: o for o in request.request_outputs or []}
     outputs, chunks = [], []
     for out in response.outputs:
@@ -191,7 +244,7 @@ def encode_response(
         req = wanted.get(out.name)
         binary = default_binary
         if req is not None and req.parameters and "binary_data" in req.parameters:
-            binary = bool(req.parameters["binary_data"])
+            binary = bool(validate_params(req.parameters).binary_data)
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         oparams = dict(out.parameters or {})
         if binary:
@@ -226,64 +279,233 @@ def encode_response(
     return b"".join([head, *chunks]), headers
 
 
-async def _read_body(request: Request, declared: str | None, limit: int) -> bytearray | None:
-    """The whole body, or None past ``limit``.
+class InflightBudget:
+    """Request bytes a replica holds at once (REST bodies and gRPC messages together)."""
 
-    With a Content-Length, one preallocated buffer is filled in place: growing a bytearray chunk
-    by chunk copies a 136 MiB body several times over.
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def take(self, n: int) -> bool:
+        """Reserve ``n`` bytes; False (nothing reserved) when they do not fit."""
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        return True
+
+    def give(self, n: int) -> None:
+        """Release ``n`` reserved bytes."""
+        self.used -= n
+
+
+#: Where :class:`BodyLimits` leaves the body it read, in the ASGI scope.
+BODY_KEY = "medseg.body"
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+Scope = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+
+
+class _Refused(Exception):
+    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers or []
+
+
+def log_refusal(status: int, where: str, message: str) -> None:
+    """The one log line of a refused request (no traceback: the client's error, not ours)."""
+    logger.warning("refused %s with %d: %s", where, status, message)
+
+
+class BodyLimits:
+    """ASGI middleware: every request body read within :class:`ServerLimits`, or refused.
+
+    Args:
+        app: The ASGI app.
+        limits: The server's limits.
+        budget: The replica's in-flight request bytes.
     """
-    if declared is not None and declared.isdigit():
-        size = int(declared)
-        body = bytearray(size)
-        view, filled = memoryview(body), 0
-        async for chunk in request.stream():
-            end = filled + len(chunk)
-            if end > size:
-                raise InvalidInput(f"request body is longer than its Content-Length ({size})")
-            view[filled:end] = chunk
-            filled = end
-        del view
-        return body if filled == size else body[:filled]
-    grown = bytearray()
-    async for chunk in request.stream():
-        grown += chunk
-        if len(grown) > limit:
-            return None
-    return grown
+
+    def __init__(self, app: Any, limits: ServerLimits, budget: InflightBudget):
+        self.app = app
+        self.limits = limits
+        self.budget = budget
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Read the body (bounded), then hand it to the app in one message."""
+        if scope["type"] != "http" or scope.get("method") not in _BODY_METHODS:
+            await self.app(scope, receive, send)
+            return
+        where = f"{scope['method']} {scope.get('path', '')}"
+        held = [0]
+        try:
+            body = await self._read(scope, receive, held)
+        except _Refused as refused:
+            log_refusal(refused.status, where, refused.message)
+            await _send_error(send, refused.status, refused.message, refused.headers)
+            self.budget.give(held[0])
+            return
+        if body is None:  # the client went away while sending
+            self.budget.give(held[0])
+            return
+        scope[BODY_KEY] = body
+        sent = False
+
+        async def replay() -> MutableMapping[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                if scope.get(BODY_KEY) is not None:  # not taken from the scope by our routes
+                    return {"type": "http.request", "body": bytes(body), "more_body": False}
+            return await receive()  # after the body: the disconnect, when it comes
+
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            scope.pop(BODY_KEY, None)
+            self.budget.give(held[0])
+
+    async def _read(self, scope: Scope, receive: Receive, held: list[int]) -> bytearray | None:
+        limits = self.limits
+        limit = limits.max_request_bytes
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        size = 0
+        if declared is not None:
+            if not declared.isdigit():
+                raise _Refused(400, f"Content-Length {declared[:40]!r} is not a number")
+            size = int(declared)
+            if size > limit:
+                raise _Refused(
+                    413,
+                    f"request of {size} bytes exceeds the limit of {limit} "
+                    f"(max_request_mb={limits.max_request_mb})",
+                )
+        retry = [(b"retry-after", str(limits.retry_after_s).encode())]
+        busy = (
+            f"the replica holds {self.budget.used} request bytes; this one would exceed "
+            f"max_inflight_mb={limits.max_inflight_mb}: retry later"
+        )
+        if not self.budget.take(size):
+            raise _Refused(503, busy, retry)
+        held[0] = size
+        body = bytearray()  # grows with what arrives (realloc: no copy of what is there)
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + limits.body_timeout_s
+        while True:
+            wait = min(limits.body_idle_s, ends - loop.time())
+            try:
+                if wait <= 0:
+                    raise TimeoutError
+                async with asyncio.timeout(wait):
+                    message = await receive()
+            except TimeoutError:
+                raise _Refused(
+                    408,
+                    f"request body incomplete after {len(body)} bytes (body_timeout_s="
+                    f"{limits.body_timeout_s}, body_idle_s={limits.body_idle_s})",
+                ) from None
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise _Refused(413, f"request exceeds the limit of {limit} bytes (max_request_mb)")
+            if len(body) > held[0]:
+                if not self.budget.take(len(body) - held[0]):
+                    raise _Refused(503, busy, retry)
+                held[0] = len(body)
+            if not message.get("more_body", False):
+                return body
 
 
-def install(app: FastAPI, dataplane: DataPlane, max_request_bytes: int) -> None:
-    """Route v2 REST infer requests on ``app`` to the fast path (call before the server starts)."""
+async def _send_error(
+    send: Send, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    content = orjson.dumps({"error": message})
+    start = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(content)).encode()),
+        (b"connection", b"close"),
+        *(headers or []),
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": start})
+    await send({"type": "http.response.body", "body": content})
 
-    async def infer(request: Request, model_name: str, v: str | None = None) -> Any:
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > max_request_bytes:
-            return _error(
-                413, f"request of {int(declared)} bytes exceeds the limit of {max_request_bytes}"
-            )
-        body = await _read_body(request, declared, max_request_bytes)
-        if body is None:
-            return _error(413, f"request exceeds the limit of {max_request_bytes} bytes")
-        header = request.headers.get(HEADER_LENGTH)
-        if header is not None and not header.isdigit():
-            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header!r}")
-        if not await dataplane.model_ready(model_name, True):
-            from kserve.errors import ModelNotReady
 
-            raise ModelNotReady(model_name)
-        parsed = parse_request(body, int(header) if header else None, model_name)
-        headers = {k.lower(): v for k, v in request.headers.items()}
-        result, response_headers = await dataplane.infer(model_name, parsed, headers)
-        if not isinstance(result, InferResponse):
-            raise InvalidInput("the model did not answer a v2 response")
-        content, out_headers = encode_response(result, parsed, binary_inputs=header is not None)
-        response_headers = {
-            k: v
-            for k, v in (response_headers or {}).items()
-            if k.lower() not in ("content-length", "content-type")
-        }
-        return Response(content, 200, headers={**response_headers, **out_headers})
+async def _watch_disconnect(receive: Receive, ticket: Ticket) -> None:
+    """Abandon the ticket when the client disconnects."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            ticket.abandon("the client disconnected")
+            return
+
+
+def install(
+    app: FastAPI, dataplane: DataPlane, limits: ServerLimits, budget: InflightBudget
+) -> None:
+    """Add :class:`BodyLimits` and the v2/v1 infer routes to ``app`` (before the server starts)."""
+    app.add_middleware(BodyLimits, limits=limits, budget=budget)
+
+    async def serve(
+        request: Request, model_name: str, handle: Callable[[bytearray], Awaitable[Response]]
+    ) -> Response:
+        where = f"{request.method} {request.url.path}"
+        body = request.scope.pop(BODY_KEY, None) or bytearray()  # read by BodyLimits
+        ticket = Ticket(limits.request_timeout_s)
+        token = current_ticket.set(ticket)
+        watcher = asyncio.create_task(_watch_disconnect(request.receive, ticket))
+        started = time.monotonic()
+        try:
+            if not await dataplane.model_ready(model_name, True):
+                raise ModelNotReady(model_name)
+            return await handle(body)
+        except InvalidInput as exc:
+            log_refusal(400, where, str(exc))
+            return _error(400, str(exc))
+        except RequestAbandoned as exc:
+            status = 504 if exc.deadline else 499
+            log_refusal(status, where, f"{exc.reason} after {time.monotonic() - started:.1f} s")
+            return _error(status, exc.reason)
+        finally:
+            watcher.cancel()
+            current_ticket.reset(token)
+
+    async def infer(request: Request, model_name: str, v: str | None = None) -> Response:
+        async def handle(body: bytearray) -> Response:
+            header = request.headers.get(HEADER_LENGTH)
+            if header is not None and not header.isdigit():
+                raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header[:40]!r}")
+            parsed = parse_request(body, int(header) if header else None, model_name, limits)
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            result, response_headers = await dataplane.infer(model_name, parsed, headers)
+            if not isinstance(result, InferResponse):
+                raise InvalidInput("the model did not answer a v2 response")
+            content, out_headers = encode_response(result, parsed, binary_inputs=header is not None)
+            response_headers = {
+                k: v
+                for k, v in (response_headers or {}).items()
+                if k.lower() not in ("content-length", "content-type")
+            }
+            return Response(content, 200, headers={**response_headers, **out_headers})
+
+        return await serve(request, model_name, handle)
+
+    async def predict_v1(request: Request, model_name: str) -> Response:
+        async def handle(body: bytearray) -> Response:
+            if not body:
+                raise InvalidInput("empty request body")
+            doc = load_json(body, limits)
+            if not isinstance(doc, dict):
+                raise InvalidInput("a v1 request must be a JSON object")
+            headers = {k.lower(): v for k, v in request.headers.items()}
+            result, _ = await dataplane.infer(model_name, doc, headers)
+            return Response(orjson.dumps(result), 200, media_type="application/json")
+
+        return await serve(request, model_name, handle)
 
     paths = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{v}/infer")
     for path in paths:
         app.add_api_route(path, infer, methods=["POST"], include_in_schema="{v}" not in path)
+    app.add_api_route("/v1/models/{model_name}:predict", predict_v1, methods=["POST"])

@@ -1,8 +1,10 @@
 """Start kserve's ModelServer (REST and gRPC) with the medseg predictor.
 
 ``python -m model_server --model_dir /mnt/models`` is the container's entrypoint; ``medseg serve``
-calls :func:`serve`. All of kserve's own flags (``--http_port``, ``--grpc_port``, ``--workers``,
-…) are accepted; ours are ``--model_dir``, ``--model_name``, ``--max_request_mb`` (also the gRPC
+calls :func:`serve`. All of kserve's own flags (``--http_port``, ``--grpc_port``, …) are accepted;
+ours are ``--model_dir``, ``--model_name``, and overrides of :class:`~medseg.settings.ServerLimits`
+(whose other fields come from ``MEDSEG_SERVER_*`` variables): ``--host`` (loopback by default;
+the server image sets ``MEDSEG_SERVER_HOST=0.0.0.0``), ``--max_request_mb`` (also the gRPC
 message limits, which kserve leaves at 8 MiB otherwise) and ``--max_concurrency``.
 """
 
@@ -13,11 +15,9 @@ import os
 import sys
 
 from medseg.kserve_import import clean_argv
+from medseg.settings import ServerLimits
 
-__all__ = ["DEFAULT_MAX_REQUEST_MB", "parse_args", "serve"]
-
-#: Fits a full BraTS case as FP32 (136 MiB) with its JSON header and room to spare.
-DEFAULT_MAX_REQUEST_MB = 256
+__all__ = ["limits_from_args", "parse_args", "serve"]
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -31,9 +31,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="Folder or s3:// prefix with model.yaml and model.pt.",
     )
     parser.add_argument("--model_name", default=os.environ.get("MEDSEG_MODEL_NAME", "medseg"))
-    parser.add_argument("--max_request_mb", type=int, default=DEFAULT_MAX_REQUEST_MB)
-    parser.add_argument("--max_concurrency", type=int, default=1)
+    parser.add_argument("--host", default=None, help="Interface to bind (MEDSEG_SERVER_HOST).")
+    parser.add_argument("--max_request_mb", type=int, default=None)
+    parser.add_argument("--max_concurrency", type=int, default=None)
     return parser.parse_args(argv)
+
+
+def limits_from_args(args: argparse.Namespace) -> ServerLimits:
+    """``ServerLimits`` from the environment, with the flags given on the command line winning."""
+    flags = ("host", "max_request_mb", "max_concurrency")
+    overrides = {f: getattr(args, f) for f in flags if getattr(args, f, None) is not None}
+    base = ServerLimits()
+    if "max_request_mb" in overrides:  # one full request must fit in the in-flight budget
+        overrides.setdefault(
+            "max_inflight_mb", max(base.max_inflight_mb, overrides["max_request_mb"])
+        )
+    return ServerLimits(**overrides)
 
 
 def serve(argv: list[str] | None = None) -> None:
@@ -42,21 +55,20 @@ def serve(argv: list[str] | None = None) -> None:
     with clean_argv(argv):  # kserve parses sys.argv on import: let it see ours only
         args = parse_args(argv)
         import kserve.model_server as ks
-    limit = args.max_request_mb * 1024 * 1024
-
-    # GRPCServer reads its message limits from kserve's module-level args.
-    ks.args.grpc_max_send_message_length = limit
-    ks.args.grpc_max_receive_message_length = limit
+    limits = limits_from_args(args)
+    from model_server.compat import MedsegModelServer
     from model_server.predictor import MedsegPredictor
-    from model_server.rest import install
+    from model_server.rest import InflightBudget, install
 
-    model = MedsegPredictor(args.model_name, args.model_dir, args.max_concurrency)
+    model = MedsegPredictor(args.model_name, args.model_dir, limits)
     model.load()
-    server = ks.ModelServer(
+    budget = InflightBudget(limits.max_inflight_bytes)
+    server = MedsegModelServer(
+        limits,
+        budget,
         http_port=args.http_port,
         grpc_port=args.grpc_port,
-        workers=1,  # the fast REST route lives in this process's app
         enable_grpc=args.enable_grpc,
     )
-    install(ks.app, server.dataplane, limit)
+    install(ks.app, server.dataplane, limits, budget)
     server.start([model])

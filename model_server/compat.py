@@ -1,0 +1,233 @@
+"""Every use of kserve's server internals, behind a version guard.
+
+kserve's ``ModelServer`` binds REST to ``0.0.0.0`` and gRPC to ``[::]`` with no option, logs every
+400 with a full traceback, and turns any exception in its gRPC request conversion into INTERNAL.
+This module keeps kserve's server (its app, dataplane, model repository, servicer, interceptors)
+and changes only that:
+
+* :class:`MedsegModelServer` starts REST and gRPC on :attr:`ServerLimits.host`, with uvicorn's
+  connection cap and the gRPC call cap of :class:`~medseg.settings.ServerLimits`;
+* a bad request (``InvalidInput``, unknown model) is answered as kserve does, logged in one line;
+* gRPC ``ModelInfer`` counts its message in the in-flight budget, gives the request a
+  :class:`~model_server.predictor.Ticket` (the call's deadline; its cancellation stops the work)
+  and answers a malformed message with INVALID_ARGUMENT.
+
+It relies on private parts of kserve (``ModelServer._serve`` and
+``_register_and_check_atleast_one_model_is_ready``, ``RESTServer.config``, ``GRPCServer._port``,
+``InferInput._raw_data``):
+:data:`KSERVE_TESTED` names the versions it was written against, and importing it under another
+kserve fails with a message instead of misbehaving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent import futures
+from importlib import metadata
+from typing import Any
+
+from medseg.kserve_import import clean_argv
+from medseg.settings import ServerLimits
+
+__all__ = ["KSERVE_TESTED", "MedsegModelServer", "listen_address"]
+
+#: kserve versions (major.minor) whose internals this module was written against.
+KSERVE_TESTED = ("0.21",)
+
+_version = metadata.version("kserve")
+if ".".join(_version.split(".")[:2]) not in KSERVE_TESTED:
+    raise ImportError(
+        f"model_server.compat was written against kserve {', '.join(KSERVE_TESTED)}; "
+        f"kserve {_version} is installed: check its ModelServer/RESTServer/GRPCServer internals"
+    )
+
+with clean_argv():  # kserve parses sys.argv on import
+    import grpc
+    from fastapi import Request
+    from fastapi.responses import JSONResponse
+    from grpc import aio
+    from kserve import ModelServer
+    from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
+    from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
+    from kserve.logging import logger
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
+    from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+    from kserve.protocol.grpc.server import GRPCServer
+    from kserve.protocol.grpc.servicer import InferenceServicer
+    from kserve.protocol.infer_type import InferRequest, InferResponse
+    from kserve.protocol.rest.server import RESTServer
+    from kserve.utils.utils import to_headers
+
+from model_server.predictor import RequestAbandoned, Ticket, current_ticket  # noqa: E402
+from model_server.rest import InflightBudget, log_refusal  # noqa: E402
+
+_ALL_INTERFACES = ("0.0.0.0", "::", "")
+
+
+def listen_address(host: str, port: int) -> str:
+    """The gRPC listen address for ``host``: ``[::]`` (IPv4 and IPv6) for all interfaces."""
+    if host in _ALL_INTERFACES:
+        return f"[::]:{port}"
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _one_line(request: Request, exc: Exception) -> JSONResponse:
+    status = (
+        400 if isinstance(exc, InvalidInput) else 404 if isinstance(exc, ModelNotFound) else 503
+    )
+    log_refusal(status, f"{request.method} {request.url.path}", str(exc))
+    return JSONResponse(status_code=status, content={"error": str(exc)})
+
+
+class _Busy(Exception):
+    """The in-flight budget is spent: the client should retry later."""
+
+
+class _RESTServer(RESTServer):
+    def _add_exception_handlers(self, app: Any) -> None:
+        super()._add_exception_handlers(app)
+        for kind in (InvalidInput, ModelNotFound, ModelNotReady):
+            app.add_exception_handler(kind, _one_line)
+
+
+class _ExceptionToStatus(ExceptionToStatusInterceptor):
+    async def handle_exception(
+        self, ex: Exception, request_or_iterator: Any, context: Any, method_name: str
+    ) -> None:
+        if isinstance(ex, InvalidInput):
+            log_refusal(400, method_name, str(ex))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(ex))
+        elif isinstance(ex, RequestAbandoned):
+            log_refusal(504 if ex.deadline else 499, method_name, ex.reason)
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if ex.deadline else grpc.StatusCode.CANCELLED
+            await context.abort(code, ex.reason)
+        elif isinstance(ex, _Busy):
+            log_refusal(503, method_name, str(ex))
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(ex))
+        elif isinstance(ex, ModelNotFound):
+            log_refusal(404, method_name, str(ex))
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(ex))
+        else:
+            await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+class _Servicer(InferenceServicer):
+    def __init__(self, *args: Any, limits: ServerLimits, budget: InflightBudget):
+        super().__init__(*args)
+        self._limits = limits
+        self._budget = budget
+
+    async def ModelInfer(self, request: Any, context: Any) -> Any:
+        size = request.ByteSize()
+        if not self._budget.take(size):
+            message = (
+                f"the replica holds {self._budget.used} request bytes; this call would exceed "
+                f"max_inflight_mb={self._limits.max_inflight_mb}: retry later"
+            )
+            raise _Busy(message)
+        remaining = context.time_remaining()
+        timeout = self._limits.request_timeout_s
+        ticket = Ticket(timeout if remaining is None else min(timeout, remaining))
+        token = current_ticket.set(ticket)
+        started = time.monotonic()
+        try:
+            self.validate_grpc_request(request)
+            try:
+                infer_request = InferRequest.from_grpc(request)
+            except Exception as exc:  # kserve's conversion of a hostile message
+                raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+            response, _ = await self._data_plane.infer(
+                request=infer_request, headers=to_headers(context), model_name=request.model_name
+            )
+            if isinstance(response, InferResponse):
+                return response.to_grpc()
+            return response
+        except asyncio.CancelledError:
+            ticket.abandon(f"the call was cancelled after {time.monotonic() - started:.1f} s")
+            raise
+        finally:
+            current_ticket.reset(token)
+            self._budget.give(size)
+
+
+class _GRPCServer(GRPCServer):
+    def __init__(self, *args: Any, limits: ServerLimits, budget: InflightBudget, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._limits = limits
+        self._budget = budget
+
+    async def start(self, max_workers: int) -> None:
+        servicer = _Servicer(
+            self._data_plane,
+            self._model_repository_extension,
+            limits=self._limits,
+            budget=self._budget,
+        )
+        size = self._limits.max_request_bytes
+        self._server = aio.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers),
+            interceptors=(LoggingInterceptor(), _ExceptionToStatus()),
+            options=[
+                ("grpc.max_send_message_length", size),
+                ("grpc.max_receive_message_length", size),
+            ],
+            maximum_concurrent_rpcs=self._limits.grpc_concurrent_calls,
+        )
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        address = listen_address(self._limits.host, self._port)
+        self._server.add_insecure_port(address)
+        logger.info("Starting gRPC server on %s", address)
+        await self._server.start()
+        await self._server.wait_for_termination()
+
+
+class MedsegModelServer(ModelServer):
+    """kserve's ``ModelServer`` (one REST process and gRPC), bound and capped by ``limits``.
+
+    Args:
+        limits: Host, message limits and caps.
+        budget: The in-flight request bytes that REST and gRPC share.
+        kwargs: ``ModelServer``'s own arguments (ports, ``enable_grpc``).
+    """
+
+    def __init__(self, limits: ServerLimits, budget: InflightBudget, **kwargs: Any):
+        super().__init__(workers=1, **kwargs)  # the fast REST routes live in this process's app
+        self.limits = limits
+        self.budget = budget
+
+    def start(self, models: list[Any]) -> None:
+        """Serve ``models`` until SIGTERM/SIGINT (kserve's ``start``, one REST process)."""
+        self._register_and_check_atleast_one_model_is_ready(models)
+        self._rest_server = _RESTServer(
+            FASTAPI_APP_IMPORT_STRING,
+            self.dataplane,
+            self.model_repository_extension,
+            self.http_port,
+            access_log_format=self.access_log_format,
+            workers=1,
+            grace_period=self.grace_period,
+            event_loop=self.event_loop,
+            timeout_keep_alive=self.timeout_keep_alive,
+            ssl_certfile=self.ssl_certfile,
+            ssl_keyfile=self.ssl_keyfile,
+        )
+        config = self._rest_server.config
+        config.host = self.limits.host
+        config.limit_concurrency = self.limits.max_connections
+        logger.info("REST on %s:%d", config.host, self.http_port)
+        self.servers.append(self._rest_server.start())
+        if self.enable_grpc:
+            self._grpc_server = _GRPCServer(
+                self.grpc_port,
+                self.dataplane,
+                self.model_repository_extension,
+                kwargs={},
+                grace_period=self.grace_period,
+                limits=self.limits,
+                budget=self.budget,
+            )
+            self.servers.append(self._grpc_server.start(self.max_threads))
+        self.setup_event_loop()
+        self.register_signal_handler()
+        asyncio.run(self._serve())
