@@ -38,7 +38,6 @@ __all__ = [
     "check_resampled_size",
     "check_shape",
     "decode_nifti",
-    "encode_nifti",
     "serialize_bytes",
     "split_bytes_tensor",
     "validate_params",
@@ -236,15 +235,6 @@ def decode_nifti(
     if inter:
         wide += np.float64(inter)
     return NiftiVolume(wide.astype(np.float32), affine)
-
-
-def encode_nifti(label: np.ndarray, affine: np.ndarray) -> bytes:
-    """A uint8 label map as gzipped NIfTI-1 bytes (fast compression: label maps are sparse)."""
-    import gzip
-
-    img = nib.Nifti1Image(label.astype(np.uint8), affine)
-    img.header.set_data_dtype(np.uint8)
-    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
 # ---------------------------------------------------------------- sizes

@@ -51,13 +51,13 @@ from medseg.codec import (
     check_resampled_size,
     check_shape,
     decode_nifti,
-    encode_nifti,
     split_bytes_tensor,
     validate_params,
 )
 from medseg.config import REGIONS
 from medseg.errors import MedsegError
 from medseg.infer import CaseSegmentation, Segmenter, load_model, segment_case
+from medseg.nifti import encode_label_map
 from medseg.settings import ServerLimits
 from medseg.storage import Storage
 
@@ -494,7 +494,7 @@ class MedsegPredictor(Model):
         predictions = []
         for d in done:
             convention = d.job.params.label_convention
-            mask = encode_nifti(d.result.label_map(convention), d.result.affine)
+            mask = encode_label_map(d.result.label_map(convention), d.result.affine)
             predictions.append(
                 {
                     "mask_b64": base64.b64encode(mask).decode(),
@@ -507,7 +507,7 @@ class MedsegPredictor(Model):
 
     def _v2_response(self, request: InferRequest, done: Done) -> InferResponse:
         params, result = done.job.params, done.result
-        mask = encode_nifti(result.label_map(params.label_convention), result.affine)
+        mask = encode_label_map(result.label_map(params.label_convention), result.affine)
         outputs = [
             _output("mask", "BYTES", [1], np.array([mask], dtype=np.object_)),
             _output(
