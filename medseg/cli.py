@@ -590,8 +590,13 @@ def demo(
     cases: Annotated[int, typer.Option(min=4, help="Synthetic cases to generate.")] = 20,
     epochs: Annotated[int, typer.Option(help="Override the demo's training epochs.")] = 0,
     source: Annotated[
-        Path | None, typer.Option(help="Your own BraTS/MSD folder instead of synthetic data.")
+        Path | None,
+        typer.Option(
+            help="Your own BraTS 2021/2023+ or MSD Task01 folder instead of synthetic data."
+        ),
     ] = None,
+    config: ConfigOpt = None,
+    threshold: ThresholdOpt = 0.8,
 ) -> None:
     """The main job: the whole platform end to end on this machine (see medseg.demo)."""
     import shutil
@@ -599,19 +604,23 @@ def demo(
     from medseg.demo import run_demo
 
     started = time.perf_counter()
+    cfg = _config(config) if config else None
+    if source is not None:
+        from medseg.layouts import detect_layout
+
+        detect_layout(source)  # a wrong folder fails now, not after MinIO started
     shutil.rmtree(workdir / "minio-data", ignore_errors=True)  # a fresh store every run
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MEDSEG_ENV_FILE", str(workdir / "minio.env"))
     os.environ.setdefault("MEDSEG_CACHE_DIR", str(workdir / "cache"))
+    console.rule("medseg demo")
     server = _start_local_minio(workdir / "minio-data", None, "medseg")
     try:
-        console.rule("medseg demo")
-        console.print(f"real MinIO server on {server.endpoint} (data in {server.data_dir})")
-        result = run_demo(workdir, "s3://medseg", cases, source, epochs, say=console.print)
+        console.print(f"MinIO on {server.endpoint}, bucket s3://medseg", highlight=False)
+        result = run_demo(workdir, "s3://medseg", cases, source, epochs, console, cfg, threshold)
     finally:
         server.stop()
-    console.rule("results")
-    table = Table(title=f"model {result.model_uri}")
+    table = Table(title=f"results: model {result.model_uri}")
     for col in ("region", "validation Dice", f"Dice on {result.case_id}", "volume (mL)"):
         table.add_column(col, justify="right")
     for region in result.dice_case:
@@ -626,10 +635,15 @@ def demo(
     console.print(table)
     console.print(
         f"latency of {result.case_id} end to end: REST {result.latency_rest_s:.2f} s, "
-        f"gRPC {result.latency_grpc_s:.2f} s (server compute {result.compute_ms} ms)"
+        f"gRPC {result.latency_grpc_s:.2f} s (server compute {result.compute_ms} ms)",
+        highlight=False,
     )
-    console.print(f"HTML report: {result.report}\noverlay PNG: {result.overlay}")
-    console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    console.print(
+        f"report {result.report} · overlay {result.overlay} · mask {result.mask}\n"
+        f"full log: {result.log}\n"
+        f"demo finished in {time.perf_counter() - started:.0f} s",
+        highlight=False,
+    )
 
 
 def main() -> None:
