@@ -12,7 +12,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -51,10 +51,17 @@ def _handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except MedsegError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _fail(str(exc))
+        except OSError as exc:  # the user's files and folders: missing, a file not a folder…
+            _fail(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
 
     return wrapper
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 1."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 def _config(path: Path | None) -> MedsegConfig:
@@ -159,6 +166,10 @@ def train_cmd(
     """Train SegResNet on a preprocessed dataset (resumes the run if it has checkpoints)."""
     import subprocess
     import sys
+
+    from medseg.storage import check_name
+
+    check_name("run id", run_id)
 
     if nproc_per_node > 1:
         cmd = [

@@ -36,3 +36,10 @@ class ChecksumMismatch(StorageError):
 
 class DatasetError(MedsegError):
     """A dataset (source folder, manifest or version) is missing or unusable."""
+
+
+class InvalidInput(MedsegError, ValueError):
+    """A value given by the user is malformed: a URI, a name, a label convention, a config.
+
+    Also a :class:`ValueError`, so code that validates values keeps catching it.
+    """

@@ -32,7 +32,7 @@ from medseg.errors import DatasetError
 from medseg.labels import LabelConvention, get_convention
 from medseg.layouts import LAYOUTS, RawCase, detect_layout, discover_cases
 from medseg.manifest import CaseEntry, DatasetRef, FileEntry, Manifest, QuarantinedCase
-from medseg.storage import Storage, is_s3, join, sha256_file
+from medseg.storage import Storage, check_name, is_s3, join, sha256_file
 
 __all__ = ["IngestResult", "ingest"]
 
@@ -298,6 +298,7 @@ def ingest(
         DatasetError: If the source is unusable, no valid case is left, or ``strict`` and a case
             was quarantined.
     """
+    check_name("dataset name", name)
     storage = storage or Storage()
     split = split or SplitConfig()
     with tempfile.TemporaryDirectory(prefix="medseg-ingest-") as tmp:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from medseg.errors import MedsegError
-from medseg.storage import Storage, join
+from medseg.storage import Storage, check_name, join
 
 __all__ = ["list_models", "register", "resolve_model"]
 
@@ -83,7 +83,8 @@ def register(
     Raises:
         MedsegError: If the run has no finished model.
     """
-    run_model = join(store, "runs", run_id, "model")
+    check_name("model name", name)
+    run_model = join(store, "runs", check_name("run id", run_id), "model")
     try:
         lineage = storage.get_json(join(run_model, "lineage.json"))
     except MedsegError:

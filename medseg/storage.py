@@ -24,6 +24,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -36,18 +37,20 @@ import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import S3Error, ServerError
+from minio.helpers import check_bucket_name
 
 from medseg.errors import (
     AccessDenied,
     BucketNotFound,
     ChecksumMismatch,
     EndpointUnreachable,
+    InvalidInput,
     ObjectNotFound,
     StorageError,
 )
 from medseg.settings import StorageSettings
 
-__all__ = ["ObjectInfo", "Storage", "is_s3", "join", "sha256_file", "split_s3"]
+__all__ = ["ObjectInfo", "Storage", "check_name", "is_s3", "join", "sha256_file", "split_s3"]
 
 SHA_META = "sha256"
 _CHUNK = 1024 * 1024
@@ -64,17 +67,48 @@ def split_s3(uri: str) -> tuple[str, str]:
     """Split ``s3://bucket/key`` into bucket and key (key may be empty).
 
     Raises:
-        ValueError: If the URI has no bucket.
+        InvalidInput: If the URI has no bucket, or not a valid bucket name (a ``ValueError``).
     """
     rest = uri[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise ValueError(f"S3 URI has no bucket: {uri!r}")
+        raise InvalidInput(f"S3 URI has no bucket: {uri!r} (expected s3://BUCKET/KEY)")
+    try:
+        check_bucket_name(bucket, strict=True)
+    except ValueError as exc:
+        raise InvalidInput(f"S3 URI {uri!r}: {exc}") from None
     return bucket, key
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_name(kind: str, name: str) -> str:
+    """``name``, if it can be one segment of a key (a dataset, model or run name).
+
+    Args:
+        kind: What the name names, for the message (``dataset name``, ``run id``…).
+        name: Letters, digits, ``.``, ``_`` and ``-``; starts with a letter or digit; ≤ 128.
+
+    Raises:
+        InvalidInput: Otherwise: an empty name, a ``/``, a leading ``.`` (also a ``ValueError``).
+    """
+    if not _NAME.fullmatch(name):
+        raise InvalidInput(
+            f"invalid {kind} {name!r}: use letters, digits, '.', '_' and '-' "
+            "(starting with a letter or digit, at most 128)"
+        )
+    return name
+
+
 def join(base: str, *parts: str) -> str:
-    """Join URI or path segments with single slashes."""
+    """Join URI or path segments with single slashes.
+
+    Raises:
+        InvalidInput: If ``base`` is an ``s3://`` URI without a valid bucket.
+    """
+    if is_s3(base):
+        split_s3(base)
     out = base.rstrip("/")
     for part in parts:
         part = part.strip("/")

@@ -44,7 +44,7 @@ from medseg.infer import Segmenter
 from medseg.manifest import DatasetRef
 from medseg.model import build_network
 from medseg.preprocess import preprocessed_prefix
-from medseg.storage import Storage, is_s3, join
+from medseg.storage import Storage, check_name, is_s3, join
 from medseg.transforms import train_transforms
 
 __all__ = ["TrainResult", "epoch_log_line", "parse_epoch_log_line", "train"]
@@ -221,6 +221,7 @@ def train(
         DatasetError: If the dataset is missing or not preprocessed with ``cfg.data``.
         NonFiniteLoss: If the loss becomes NaN or Inf (the epoch and batch are named).
     """
+    check_name("run id", run_id)
     storage = storage or Storage()
     rank, world, local_rank = _dist_env()
     ref = DatasetRef.resolve(storage, store, spec)
