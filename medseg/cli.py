@@ -20,6 +20,7 @@ from rich.table import Table
 
 from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
+from medseg.kube import PIPELINE_SERVICE_ACCOUNT
 
 app = typer.Typer(help="medseg: 3D medical image segmentation MLOps.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
@@ -525,6 +526,12 @@ def pipeline_submit(
     threshold: ThresholdOpt = 0.8,
     model_name: ModelNameOpt = "brats-segresnet",
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "medseg",
+    namespace: Annotated[
+        str, typer.Option(help="Namespace of the Helm release: the run, its jobs and services.")
+    ] = "kubeflow",
+    service_account: Annotated[
+        str, typer.Option(help="The run's ServiceAccount (the chart's pipeline.serviceAccount).")
+    ] = PIPELINE_SERVICE_ACCOUNT,
     param: PipelineParams = None,
 ) -> None:
     """Compile and start the pipeline on a Kubeflow Pipelines backend."""
@@ -533,8 +540,12 @@ def pipeline_submit(
     args = _pipeline_arguments(
         source, store, config, epochs, workers, launcher, threshold, model_name, "kserve", param
     )
-    run_id = submit(host, args, experiment, Path(".medseg/medseg-pipeline.yaml"))
-    console.print(f"submitted run {run_id} to {host}")
+    package = Path(".medseg/medseg-pipeline.yaml")
+    run_id = submit(host, args, experiment, package, namespace, service_account)
+    console.print(
+        f"submitted run {run_id} to {host} (namespace {namespace}, "
+        f"service account {service_account})"
+    )
 
 
 @app.command()

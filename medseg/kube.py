@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["container_security_context", "pod_security_context", "resources"]
+__all__ = [
+    "PIPELINE_SERVICE_ACCOUNT",
+    "container_security_context",
+    "pod_security_context",
+    "resources",
+]
 
 UID = 1000
+#: The ServiceAccount the Helm chart grants the pipeline's permissions to (its values.yaml
+#: ``pipeline.serviceAccount``): pipeline runs, and the PyTorchJobs they create, run as it.
+PIPELINE_SERVICE_ACCOUNT = "medseg-pipeline"
 
 
 def resources(cpu: str, memory: str, gpus: int = 0) -> Any:

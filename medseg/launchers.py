@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.kube import PIPELINE_SERVICE_ACCOUNT
 
 __all__ = [
     "LAUNCHERS",
@@ -97,7 +98,7 @@ class PyTorchJobSpec:
     backoff_limit: int = 3
     ttl_seconds: int = 86400
     s3: S3Secret = field(default_factory=S3Secret)
-    service_account: str = "medseg-pipeline"
+    service_account: str = PIPELINE_SERVICE_ACCOUNT
 
     def __post_init__(self) -> None:
         if self.workers < 1:

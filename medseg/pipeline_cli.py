@@ -15,10 +15,12 @@ import sys
 import time
 import warnings
 from collections import deque
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
 from medseg.errors import MedsegError
+from medseg.kube import PIPELINE_SERVICE_ACCOUNT
 
 __all__ = ["KfpLocalLog", "StepEvents", "compile_pipeline", "run_local", "submit", "upload"]
 
@@ -177,16 +179,54 @@ def run_local(
     return pipeline_root
 
 
-def submit(host: str, arguments: dict[str, Any], experiment: str, package: Path) -> str:
-    """Upload-free run on a KFP backend (the compiled package is sent with the run)."""
+def submit(
+    host: str,
+    arguments: dict[str, Any],
+    experiment: str,
+    package: Path,
+    namespace: str,
+    service_account: str = PIPELINE_SERVICE_ACCOUNT,
+) -> str:
+    """Start a run on a KFP backend (the compiled package is sent with the run); its id.
+
+    The run's pods run as ``service_account`` in ``namespace``: the ServiceAccount and the
+    namespace the Helm chart's RBAC grants the pipeline's permissions in (creating PyTorchJobs
+    and InferenceServices). The pipeline's own ``namespace`` parameter, where those objects are
+    created, is set to the same namespace.
+
+    Raises:
+        MedsegError: If the backend cannot be reached or refuses the run.
+    """
     import kfp
 
     compile_pipeline(package)
-    client = kfp.Client(host=host)
-    run = client.create_run_from_pipeline_package(
-        str(package), arguments=arguments, experiment_name=experiment
-    )
+    with _backend_errors(host):
+        client = kfp.Client(host=host)
+        run = client.create_run_from_pipeline_package(
+            str(package),
+            arguments={**arguments, "namespace": namespace},
+            experiment_name=experiment,
+            namespace=namespace,
+            service_account=service_account,
+        )
     return str(run.run_id)
+
+
+@contextlib.contextmanager
+def _backend_errors(host: str) -> Iterator[None]:
+    """A KFP backend's failures (unreachable, an API error) as one clear :class:`MedsegError`."""
+    import urllib3
+    from kfp_server_api.exceptions import ApiException
+
+    try:
+        with warnings.catch_warnings():
+            # kfp.Client's constructor warns on every call that it needs a v2 backend.
+            warnings.filterwarnings("ignore", message="This client only works with Kubeflow")
+            yield
+    except ApiException as exc:
+        raise MedsegError(f"KFP backend {host} answered {exc.status}: {exc.reason}") from None
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        raise MedsegError(f"KFP backend {host} unreachable: {type(exc).__name__}") from None
 
 
 def upload(host: str, name: str, version: str, package: Path) -> str:
@@ -194,11 +234,12 @@ def upload(host: str, name: str, version: str, package: Path) -> str:
     import kfp
 
     compile_pipeline(package)
-    client = kfp.Client(host=host)
-    existing = client.get_pipeline_id(name)
-    if existing is None:
-        return str(client.upload_pipeline(str(package), pipeline_name=name).pipeline_id)
-    result = client.upload_pipeline_version(
-        str(package), pipeline_version_name=version, pipeline_id=existing
-    )
-    return str(result.pipeline_version_id)
+    with _backend_errors(host):
+        client = kfp.Client(host=host)
+        existing = client.get_pipeline_id(name)
+        if existing is None:
+            return str(client.upload_pipeline(str(package), pipeline_name=name).pipeline_id)
+        result = client.upload_pipeline_version(
+            str(package), pipeline_version_name=version, pipeline_id=existing
+        )
+        return str(result.pipeline_version_id)

@@ -123,3 +123,97 @@ def test_minio_command_serves_and_writes_env_file(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def _closed_port() -> int:
+    return free_port()  # nothing listens there
+
+
+# Every case: (arguments, what the one line says). "{bucket}" and "{tmp}" are filled in.
+BAD_INPUT = [
+    (["ingest", "{tmp}/raw", "-d", "x", "--labels", "brats2020"], "known: brats2021, brats2023"),
+    (["ingest", "{tmp}/raw", "-d", "x", "--store", "s3://"], "S3 URI has no bucket"),
+    (["ingest", "{tmp}/raw", "-d", "x", "--store", "s3://Bad_Bucket"], "invalid bucket name"),
+    (["ingest", "s3://", "-d", "x"], "S3 URI has no bucket"),
+    (["ingest", "{tmp}/raw", "-d", "a/b"], "invalid dataset name 'a/b'"),
+    (["ingest", "{tmp}/raw", "-d", ""], "invalid dataset name ''"),
+    (["ingest", "{tmp}/absent", "-d", "x"], "is not a folder"),
+    (["ingest", "{tmp}/raw", "-d", "x", "-c", "{tmp}/none.yaml"], "none.yaml: No such file"),
+    (["ingest", "{tmp}/raw", "-d", "x", "-c", "{tmp}/bad.yaml"], "not valid YAML at line 2"),
+    (["ingest", "{tmp}/raw", "-d", "x", "-c", "{tmp}/wrong.yaml"], "train.epochs: Input should"),
+    (["preprocess", "-d", "nope"], "has no versions"),
+    (["preprocess", "-d", "nope@v1"], "dataset nope@v1 does not exist"),
+    (["train", "-d", "nope", "--run-id", "../up"], "invalid run id '../up'"),
+    (["train", "-d", "nope", "--run-id", "r1"], "has no versions"),
+    (["register", "--run-id", "nope", "--name", "m"], "run nope has no finished model"),
+    (["register", "--run-id", "r", "--name", "m/x"], "invalid model name 'm/x'"),
+    (["evaluate", "--model", "m@v9"], "no model 'm' registered"),
+    (["serve", "--model", "m@v9"], "no model 'm' registered"),
+    (["models", "list", "--store", "s3://"], "S3 URI has no bucket"),
+    (["datasets", "list", "--store", "s3://nobucket"], "bucket 'nobucket' does not exist"),
+    (["synth", "{tmp}/afile/sub", "--cases", "1"], "afile/sub: Not a directory"),
+    (["synth", "{tmp}/s", "--shape", "0", "8", "8"], "at least 1 voxel"),
+    (["synth", "{tmp}/s", "--layout", "brats2019"], "unknown layout 'brats2019'"),
+    (["predict", "{tmp}/none.nii.gz"], "no such file"),
+    (
+        ["predict", "{tmp}/raw/BraTS2021_00000", "--url", "http://127.0.0.1:{closed}"],
+        "ConnectError",
+    ),
+    (["pipeline", "compile", "--out", "{tmp}/afile/x.yaml"], "Not a directory"),
+    (["pipeline", "run", "--source", "x"], "only --local runs here"),
+    (["pipeline", "run", "--local", "--source", "x", "--param", "oops"], "--param takes KEY=VALUE"),
+    (["pipeline", "run", "--local", "--source", "x", "-c", "{tmp}/bad.yaml"], "not valid YAML"),
+    (["pipeline", "submit", "--source", "x", "--host", "http://127.0.0.1:{closed}"], "unreachable"),
+    (["pipeline", "upload", "--host", "http://127.0.0.1:{closed}"], "unreachable"),
+    (["minio", "--port", "{busy}", "--data-dir", "{tmp}/m"], "{busy}"),
+    (["demo", "--source", "{tmp}/absent", "--workdir", "{tmp}/w"], "is not a folder"),
+    (["demo", "--config", "{tmp}/wrong.yaml", "--workdir", "{tmp}/w"], "train.epochs"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=lambda v: " ".join(v)[:60])
+def test_bad_input_ends_in_one_clear_line(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    s3_env: None,
+    bucket: str,
+    synth_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import shutil
+    import socket
+
+    monkeypatch.setenv("MEDSEG_STORE", bucket)
+    monkeypatch.chdir(tmp_path)  # `pipeline submit` compiles into ./.medseg
+    shutil.copytree(synth_root / "brats2021", tmp_path / "raw")
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "bad.yaml").write_text("train: {epochs: [\n")
+    (tmp_path / "wrong.yaml").write_text("train: {epochs: -3}\n")
+    with socket.socket() as busy:  # a port in use
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        fill = {
+            "tmp": str(tmp_path),
+            "bucket": bucket,
+            "closed": str(_closed_port()),
+            "busy": str(busy.getsockname()[1]),
+        }
+        r = runner.invoke(app, [a.format(**fill) for a in args])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert isinstance(r.exception, SystemExit), repr(r.exception)  # no uncaught exception
+    assert r.exit_code != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert message.format(**fill) in lines[0], r.output
+    assert "Traceback" not in r.output
+
+
+def test_failed_pipeline_step_ends_in_one_line(tmp_path: Path, s3_env: None, bucket: str) -> None:
+    args = ["pipeline", "run", "--local", "--source", str(tmp_path / "absent")]
+    args += ["--store", bucket, "--root", str(tmp_path / "root")]
+    r = runner.invoke(app, args)
+    assert isinstance(r.exception, SystemExit) and r.exit_code == 1, repr(r.exception)
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("error: pipeline step ingest failed: ")
+    assert "DatasetError" in last and "is not a folder" in last
+    assert "Traceback (most recent call last)" in r.output  # the step's own log, shown above
