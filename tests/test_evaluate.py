@@ -183,3 +183,27 @@ def test_cli_gate_and_errors(trained: tuple[Storage, str, str], minio_server, mo
     assert missing.exit_code == 1 and "is not a model artifact" in missing.output
     with pytest.raises(MedsegError, match="no cases in split 'nope'"):
         evaluate(join(bucket, "runs", "run-e", "model"), storage=storage, split="nope")
+
+
+def test_hd95_equals_monais_metric_without_its_future_warning() -> None:
+    import warnings
+
+    from monai.metrics import HausdorffDistanceMetric
+
+    from medseg.evaluate import hd95
+
+    rng = np.random.default_rng(3)
+    spacing = (1.0, 1.5, 2.5)
+    for _ in range(3):
+        pred = torch.zeros(30, 28, 20)
+        truth = torch.zeros(30, 28, 20)
+        pred[5:20, 4:18, 3:15] = 1
+        truth[7:22, 6:20, 2:12] = 1
+        pred[torch.as_tensor(rng.random(pred.shape) < 0.01)] = 1  # outliers move the 95th pct
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated call
+            metric = HausdorffDistanceMetric(include_background=True, percentile=95)
+            expected = float(metric(pred[None, None], truth[None, None], spacing=list(spacing)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # hd95 emits no warning at all
+            assert hd95(pred, truth, spacing) == pytest.approx(expected, rel=1e-6)
