@@ -114,7 +114,7 @@ def test_demo_on_msd_is_short_on_the_terminal_and_logs_everything(
         env=env,
         capture_output=True,
         text=True,
-        timeout=1500,
+        timeout=1800,
     )
     log_path = workdir / "demo.log"
     log = log_path.read_text() if log_path.is_file() else ""
