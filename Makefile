@@ -4,7 +4,7 @@ VENV := .venv/bin
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 export MYPY_CACHE_DIR ?= $(HOME)/.cache/medseg/mypy
 
-.PHONY: setup run demo test lint unit bench minio clean manifests images cluster cluster-down test-cluster
+.PHONY: setup run demo test lint deps unit bench minio clean manifests images cluster cluster-down test-cluster
 
 setup:
 	@bash scripts/setup.sh
@@ -18,10 +18,17 @@ demo: run
 ## Lint, type-check and the whole test suite (real MinIO on loopback).
 test: setup lint unit
 
-lint:
+lint: deps
 	$(VENV)/ruff check medseg tests benchmarks components pipelines model_server scripts
 	$(VENV)/ruff format --check medseg tests benchmarks components pipelines model_server scripts
 	$(VENV)/mypy
+
+## Imports against declared dependencies (deptry, configured in pyproject.toml): the code
+## against the dependencies and non-dev extras; the tests (which deptry skips by default)
+## against every extra, dev included.
+deps:
+	$(VENV)/deptry .
+	$(VENV)/deptry tests --exclude '\.venv' --ignore DEP002,DEP004
 
 # tests/test_cluster.py needs the control plane (cold: ~35 min of CPU to build); it runs in
 # `make test-cluster` until it is proven reliable in CI, then joins here.

@@ -13,7 +13,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any, NoReturn, ParamSpec, TypeVar
 
 import typer
 from rich.console import Console
@@ -21,6 +21,7 @@ from rich.table import Table
 
 from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
+from medseg.kube import PIPELINE_SERVICE_ACCOUNT
 
 app = typer.Typer(help="medseg: 3D medical image segmentation MLOps.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
@@ -52,10 +53,17 @@ def _handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except MedsegError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            _fail(str(exc))
+        except OSError as exc:  # the user's files and folders: missing, a file not a folder…
+            _fail(f"{exc.filename}: {exc.strerror}" if exc.filename and exc.strerror else str(exc))
 
     return wrapper
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit status 1."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
 
 
 def _config(path: Path | None) -> MedsegConfig:
@@ -160,6 +168,10 @@ def train_cmd(
     """Train SegResNet on a preprocessed dataset (resumes the run if it has checkpoints)."""
     import subprocess
     import sys
+
+    from medseg.names import check_name
+
+    check_name(run_id, "run id")
 
     if nproc_per_node > 1:
         cmd = [
@@ -681,6 +693,12 @@ def pipeline_submit(
     threshold: ThresholdOpt = 0.8,
     model_name: ModelNameOpt = "brats-segresnet",
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "medseg",
+    namespace: Annotated[
+        str, typer.Option(help="Namespace of the Helm release: the run, its jobs and services.")
+    ] = "kubeflow",
+    service_account: Annotated[
+        str, typer.Option(help="The run's ServiceAccount (the chart's pipeline.serviceAccount).")
+    ] = PIPELINE_SERVICE_ACCOUNT,
     param: PipelineParams = None,
 ) -> None:
     """Compile and start the pipeline on a Kubeflow Pipelines backend."""
@@ -689,8 +707,12 @@ def pipeline_submit(
     args = _pipeline_arguments(
         source, store, config, epochs, workers, launcher, threshold, model_name, "kserve", param
     )
-    run_id = submit(host, args, experiment, Path(".medseg/medseg-pipeline.yaml"))
-    console.print(f"submitted run {run_id} to {host}")
+    package = Path(".medseg/medseg-pipeline.yaml")
+    run_id = submit(host, args, experiment, package, namespace, service_account)
+    console.print(
+        f"submitted run {run_id} to {host} (namespace {namespace}, "
+        f"service account {service_account})"
+    )
 
 
 @app.command()
@@ -735,8 +757,13 @@ def demo(
     cases: Annotated[int, typer.Option(min=4, help="Synthetic cases to generate.")] = 20,
     epochs: Annotated[int, typer.Option(help="Override the demo's training epochs.")] = 0,
     source: Annotated[
-        Path | None, typer.Option(help="Your own BraTS/MSD folder instead of synthetic data.")
+        Path | None,
+        typer.Option(
+            help="Your own BraTS 2021/2023+ or MSD Task01 folder instead of synthetic data."
+        ),
     ] = None,
+    config: ConfigOpt = None,
+    threshold: ThresholdOpt = 0.8,
 ) -> None:
     """The main job: the whole platform end to end on this machine (see medseg.demo)."""
     import shutil
@@ -744,19 +771,23 @@ def demo(
     from medseg.demo import run_demo
 
     started = time.perf_counter()
+    cfg = _config(config) if config else None
+    if source is not None:
+        from medseg.layouts import detect_layout
+
+        detect_layout(source)  # a wrong folder fails now, not after MinIO started
     shutil.rmtree(workdir / "minio-data", ignore_errors=True)  # a fresh store every run
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MEDSEG_ENV_FILE", str(workdir / "minio.env"))
     os.environ.setdefault("MEDSEG_CACHE_DIR", str(workdir / "cache"))
+    console.rule("medseg demo")
     server = _start_local_minio(workdir / "minio-data", None, "medseg")
     try:
-        console.rule("medseg demo")
-        console.print(f"real MinIO server on {server.endpoint} (data in {server.data_dir})")
-        result = run_demo(workdir, "s3://medseg", cases, source, epochs, say=console.print)
+        console.print(f"MinIO on {server.endpoint}, bucket s3://medseg", highlight=False)
+        result = run_demo(workdir, "s3://medseg", cases, source, epochs, console, cfg, threshold)
     finally:
         server.stop()
-    console.rule("results")
-    table = Table(title=f"model {result.model_uri}")
+    table = Table(title=f"results: model {result.model_uri}")
     for col in ("region", "validation Dice", f"Dice on {result.case_id}", "volume (mL)"):
         table.add_column(col, justify="right")
     for region in result.dice_case:
@@ -771,10 +802,15 @@ def demo(
     console.print(table)
     console.print(
         f"latency of {result.case_id} end to end: REST {result.latency_rest_s:.2f} s, "
-        f"gRPC {result.latency_grpc_s:.2f} s (server compute {result.compute_ms} ms)"
+        f"gRPC {result.latency_grpc_s:.2f} s (server compute {result.compute_ms} ms)",
+        highlight=False,
     )
-    console.print(f"HTML report: {result.report}\noverlay PNG: {result.overlay}")
-    console.print(f"demo finished in {time.perf_counter() - started:.0f} s")
+    console.print(
+        f"report {result.report} · overlay {result.overlay} · mask {result.mask}\n"
+        f"full log: {result.log}\n"
+        f"demo finished in {time.perf_counter() - started:.0f} s",
+        highlight=False,
+    )
 
 
 def main() -> None:

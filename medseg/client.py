@@ -224,16 +224,19 @@ def _rest_infer(
             "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
         }
     )
-    response = httpx.post(
-        f"{url.rstrip('/')}/v2/models/{model}/infer",
-        content=iter((head, payload)),  # no 136 MiB concatenation
-        headers={
-            "content-type": "application/octet-stream",
-            "content-length": str(len(head) + len(payload)),
-            _HEADER: str(len(head)),
-        },
-        timeout=timeout,
-    )
+    try:
+        response = httpx.post(
+            f"{url.rstrip('/')}/v2/models/{model}/infer",
+            content=iter((head, payload)),  # no 136 MiB concatenation
+            headers={
+                "content-type": "application/octet-stream",
+                "content-length": str(len(head) + len(payload)),
+                _HEADER: str(len(head)),
+            },
+            timeout=timeout,
+        )
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise MedsegError(f"model server {url}: {type(exc).__name__}: {exc}") from None
     if response.status_code != 200:
         raise MedsegError(f"server answered {response.status_code}: {response.text[:500]}")
     body = response.content

@@ -14,7 +14,9 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medseg.errors import InvalidInput
 
 #: Canonical channel order of every image tensor in medseg.
 CHANNELS: tuple[str, ...] = ("t1", "t1gd", "t2", "flair")
@@ -129,9 +131,27 @@ class MedsegConfig(_Frozen):
 
     @classmethod
     def load(cls, path: str | Path) -> MedsegConfig:
-        """Read a YAML file; missing sections take their defaults."""
-        raw = yaml.safe_load(Path(path).read_text()) or {}
-        return cls.model_validate(raw)
+        """Read a YAML file; missing sections take their defaults.
+
+        Raises:
+            InvalidInput: If the file is unreadable, not YAML, or not a valid config; the
+                message names the file and the first problem.
+        """
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+            return cls.model_validate(raw)
+        except OSError as exc:
+            raise InvalidInput(f"config {path}: {exc.strerror or exc}") from None
+        except yaml.YAMLError as exc:
+            where = getattr(exc, "problem_mark", None)
+            line = f" at line {where.line + 1}" if where is not None else ""
+            problem = getattr(exc, "problem", None) or exc
+            raise InvalidInput(f"config {path}: not valid YAML{line} ({problem})") from None
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or "the file"
+            more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            raise InvalidInput(f"config {path}: {field}: {first['msg']}{more}") from None
 
     def to_yaml(self) -> str:
         """Serialise as YAML (tuples become lists)."""

@@ -1,31 +1,49 @@
 """The main job (``medseg demo`` = ``make run``): the whole platform on one machine.
 
 1. a real MinIO on 127.0.0.1;
-2. synthetic BraTS 2021 cases (or the user's own BraTS/MSD folder);
+2. synthetic BraTS 2021 cases (or the user's own folder in any layout ingest accepts);
 3. the Kubeflow pipeline end to end through ``kfp.local``: ingest → preprocess → train (two
    torchrun processes, gloo) → evaluate (HTML report) → quality gate → register → deploy
    (recorded as the ``medseg serve`` command);
 4. the registered model served by kserve's ModelServer (REST and gRPC on loopback);
 5. a held-out validation case sent over REST and over gRPC: Dice per region against its ground
-   truth, tumour volumes in mL, latencies; the HTML report and an overlay PNG saved locally.
+   truth (in the dataset's own label convention), tumour volumes in mL, latencies; the HTML
+   report and an overlay PNG saved locally.
+
+The terminal gets one line per step with its time and a progress bar for training; everything
+the steps print (kfp.local's executor logs, training, the model server) goes to ``demo.log``.
 """
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn
+from rich.text import Text
 
-from medseg.config import MedsegConfig
+from medseg.config import CHANNELS, MedsegConfig
 from medseg.errors import MedsegError
+from medseg.manifest import Manifest
 
-__all__ = ["DEMO_CONFIG", "DemoResult", "run_demo"]
+__all__ = [
+    "DEMO_CONFIG",
+    "DemoConsole",
+    "DemoResult",
+    "HeldOutCase",
+    "held_out_case",
+    "run_demo",
+    "score_mask",
+    "send_case",
+]
 
 #: Settings for the synthetic demo: small volumes and a light SegResNet, so that two CPU cores
 #: train a model that really learned the task within the demo's time budget. Batches of 2, not 1:
@@ -44,6 +62,182 @@ DEMO_CONFIG: dict[str, Any] = {
     "infer": {"roi_size": [48, 48, 40], "sw_batch_size": 4},
 }
 DEMO_SHAPE = (64, 64, 48)
+#: The model's name in the registry and on the server.
+DEMO_MODEL = "demo-segresnet"
+
+
+@dataclass(frozen=True)
+class HeldOutCase:
+    """A validation case of a dataset, as the files of its source folder.
+
+    Attributes:
+        case_id: The case.
+        files: What a client sends: four 3D files, or one 4D file (MSD).
+        channels: The channel order of ``files`` (of the 4D file's last axis for MSD).
+        label: Its ground-truth label map.
+        convention: The dataset's label convention (from the manifest).
+    """
+
+    case_id: str
+    files: list[Path]
+    channels: list[str]
+    label: Path
+    convention: str
+
+
+def held_out_case(manifest: Manifest, source: Path) -> HeldOutCase:
+    """The first validation case of ``manifest``, found in ``source`` as ingest found it.
+
+    Args:
+        manifest: The dataset version (its layout, convention and split).
+        source: The folder the dataset was ingested from.
+
+    Raises:
+        MedsegError: If the dataset has no validation case, or the case's files are gone.
+    """
+    from medseg.layouts import discover_cases
+
+    ids = manifest.split_ids("validation")
+    if not ids:
+        raise MedsegError(
+            f"dataset {manifest.name}@{manifest.version} has no validation case: "
+            "give more cases or a larger split.val_fraction"
+        )
+    case_id = ids[0]
+    raw = {c.case_id: c for c in discover_cases(source, manifest.layout)}.get(case_id)
+    if raw is None:
+        raise MedsegError(
+            f"validation case {case_id} not found in {source} ({manifest.layout} layout)"
+        )
+    missing = [f"{role} ({name})" for role, name in raw.missing.items()]
+    if missing or raw.label is None:
+        raise MedsegError(f"validation case {case_id} in {source}: missing {', '.join(missing)}")
+    if raw.image4d is not None:
+        order = sorted(raw.channel_index, key=raw.channel_index.__getitem__)
+        return HeldOutCase(case_id, [raw.image4d], order, raw.label, manifest.convention)
+    files = [raw.channels[c] for c in CHANNELS]
+    return HeldOutCase(case_id, files, list(CHANNELS), raw.label, manifest.convention)
+
+
+def send_case(url: str, case: HeldOutCase, model: str, grpc: bool = False) -> Any:
+    """Send the case to a model server; the mask comes back in the case's convention.
+
+    Returns:
+        The :class:`medseg.client.Prediction`.
+    """
+    from medseg.client import predict
+
+    return predict(
+        url,
+        case.files,
+        grpc=grpc,
+        model=model,
+        label_convention=case.convention,
+        channels=case.channels,
+    )
+
+
+def score_mask(mask: bytes, case: HeldOutCase) -> Any:
+    """Dice and HD95 of a returned mask (NIfTI bytes) against the case's ground truth.
+
+    Both label maps are read in the case's own convention and turned into TC/WT/ET regions.
+
+    Returns:
+        The :class:`medseg.evaluate.CaseScore`.
+
+    Raises:
+        MedsegError: If the mask is not on the ground truth's grid.
+    """
+    import nibabel as nib
+    import torch
+
+    from medseg.evaluate import score_case
+    from medseg.labels import get_convention
+
+    raw = gzip.decompress(mask) if mask[:2] == b"\x1f\x8b" else mask
+    pred = np.asarray(nib.Nifti1Image.from_bytes(raw).dataobj)
+    truth_img: Any = nib.load(str(case.label))
+    truth = np.rint(np.asarray(truth_img.dataobj)).astype(np.int64)
+    if pred.shape != truth.shape:
+        raise MedsegError(
+            f"case {case.case_id}: mask shape {pred.shape} differs from {case.label.name} "
+            f"shape {truth.shape}"
+        )
+    conv = get_convention(case.convention)
+    return score_case(
+        case.case_id,
+        torch.as_tensor(conv.to_regions(pred.astype(np.int64))),
+        torch.as_tensor(conv.to_regions(truth)),
+        tuple(float(z) for z in truth_img.header.get_zooms()[:3]),
+    )
+
+
+class DemoConsole:
+    """What a person sees of the demo: one line per step with its time, a bar for training.
+
+    Every line shown is also written to ``log``, the file that holds everything else (see
+    :func:`medseg.pipeline_cli.run_local`'s ``sink``). It receives the pipeline's
+    :class:`~medseg.pipeline_cli.StepEvents`.
+    """
+
+    def __init__(self, console: Console, log: TextIO, epochs: int):
+        """Show on ``console``'s output (as it is now: stdout is redirected later) and log."""
+        self.console = Console(file=console.file, width=console.width, soft_wrap=True)
+        self.log = log
+        self.epochs = epochs
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+        self._last: dict[str, Any] = {}
+
+    def say(self, text: str) -> None:
+        """One line (rich markup) on the terminal and in the log."""
+        self.console.print(text, highlight=False)
+        self.log.write(Text.from_markup(text).plain + "\n")
+        self.log.flush()
+
+    def done(self, what: str, seconds: float, detail: str = "", ok: bool = True) -> None:
+        """The line of a finished step."""
+        mark = "[green]✓[/]" if ok else "[bold red]✗[/]"
+        self.say(f"{mark} {what:<10} {seconds:6.1f} s  {detail}".rstrip())
+
+    def step_started(self, step: str) -> None:
+        if step == "train" and self.console.is_terminal:
+            self._last = {}
+            self._bar = Progress(
+                "  train epochs",
+                BarColumn(),
+                MofNCompleteColumn(),
+                TimeElapsedColumn(),
+                console=self.console,
+                transient=True,
+                # stdout is the pipeline log while the pipeline runs: never take it over.
+                redirect_stdout=False,
+                redirect_stderr=False,
+            )
+            self._task = self._bar.add_task("train", total=self.epochs)
+            self._bar.start()
+
+    def step_line(self, step: str, line: str) -> None:
+        from medseg.train import parse_epoch_log_line
+
+        record = parse_epoch_log_line(line) if step == "train" else None
+        if record is not None:
+            self._last.update(record)
+            if self._bar is not None and self._task is not None:
+                self._bar.update(self._task, completed=record["epoch"])
+
+    def step_finished(self, step: str, seconds: float, ok: bool) -> None:
+        detail = ""
+        if step == "train":
+            self._task = None
+            if self._bar is not None:
+                self._bar.stop()
+                self._bar = None
+            if "epoch" in self._last:
+                detail = f"{self._last['epoch']} epochs"
+            if "dice_mean" in self._last:
+                detail += f", validation mean Dice {self._last['dice_mean']:.3f}"
+        self.done(step, seconds, detail, ok)
 
 
 @dataclass
@@ -60,6 +254,8 @@ class DemoResult:
     compute_ms: int | None
     report: Path
     overlay: Path
+    mask: Path
+    log: Path
     seconds: float
 
 
@@ -69,17 +265,23 @@ def run_demo(
     cases: int,
     source: Path | None,
     epochs: int,
-    say: Any = print,
+    console: Console,
+    config: MedsegConfig | None = None,
+    threshold: float = 0.8,
 ) -> DemoResult:
-    """Run steps 2–5 against the object store in the environment (see the module docstring)."""
-    import gzip
+    """Run steps 2–5 against the object store in the environment (see the module docstring).
 
-    import nibabel as nib
-    import torch
-
-    from medseg.client import predict, wait_ready
-    from medseg.evaluate import score_case
-    from medseg.labels import get_convention
+    Args:
+        workdir: Scratch folder: synthetic data, kfp.local outputs, results, ``demo.log``.
+        store: ``s3://BUCKET`` of the platform.
+        cases: Synthetic cases to write when ``source`` is None.
+        source: A dataset folder in any layout ingest accepts, instead of synthetic data.
+        epochs: Overrides the config's ``train.epochs`` when above 0.
+        console: Where the short account goes.
+        config: The config (default: :data:`DEMO_CONFIG` for synthetic data, else defaults).
+        threshold: The pipeline's quality gate on the validation mean Dice.
+    """
+    from medseg.client import wait_ready
     from medseg.manifest import DatasetRef
     from medseg.minio_server import free_port
     from medseg.pipeline_cli import run_local
@@ -88,105 +290,88 @@ def run_demo(
     from medseg.synth import write_dataset
 
     started = time.perf_counter()
-    storage = Storage()
-    if source is None:
-        source = workdir / "raw"
-        if not source.is_dir():
-            write_dataset(source, "brats2021", cases, shape=DEMO_SHAPE)
-        cfg = MedsegConfig.model_validate(DEMO_CONFIG)
-        say(f"{cases} synthetic BraTS 2021 cases {DEMO_SHAPE} in {source}")
-    else:
-        cfg = MedsegConfig()
-        say(f"your dataset: {source}")
-    if epochs:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    log_path = workdir / "demo.log"
+    with log_path.open("w", buffering=1) as log:
+        storage = Storage()
+        if source is None:
+            source = workdir / "raw"
+            if not source.is_dir():
+                write_dataset(source, "brats2021", cases, shape=DEMO_SHAPE)
+            cfg = config or MedsegConfig.model_validate(DEMO_CONFIG)
+            shape = "×".join(map(str, DEMO_SHAPE))
+            what = f"{cases} synthetic BraTS 2021 cases of {shape} voxels in {source}"
+        else:
+            cfg = config or MedsegConfig()
+            what = f"your dataset {source}"
+        if epochs:
+            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+        out = DemoConsole(console, log, cfg.train.epochs)
+        out.say(f"data: {what}")
+        out.say("the Kubeflow pipeline, through kfp.local:")
+        run_local(
+            {
+                "source": str(source),
+                "dataset_name": "demo",
+                "store": store,
+                "config_yaml": cfg.to_yaml(),
+                "workers": 2,
+                "dice_threshold": threshold,
+                "model_name": DEMO_MODEL,
+            },
+            workdir / "kfp-local",
+            sink=log,
+            events=out,
+            log_name=str(log_path),
+        )
+        card = list_models(storage, store, DEMO_MODEL)[-1]
+        model_uri = join(store, "models", DEMO_MODEL, card["version"])
+        evaluation = card["evaluation"]
+        eval_uri = evaluation["uri"].rsplit("/", 1)[0]
 
-    say(
-        "pipeline through kfp.local: ingest → preprocess → train (2 procs) → evaluate → gate "
-        "→ register → deploy"
-    )
-    t0 = time.perf_counter()
-    run_local(
-        {
-            "source": str(source),
-            "dataset_name": "demo",
-            "store": store,
-            "config_yaml": cfg.to_yaml(),
-            "workers": 2,
-            "dice_threshold": 0.8,
-            "model_name": "demo-segresnet",
-        },
-        workdir / "kfp-local",
-    )
-    say(f"pipeline finished in {time.perf_counter() - t0:.0f} s")
-    card = list_models(storage, store, "demo-segresnet")[-1]
-    model_uri = join(store, "models", "demo-segresnet", card["version"])
-    evaluation = card["evaluation"]
-    eval_uri = evaluation["uri"].rsplit("/", 1)[0]
+        report = workdir / "report.html"
+        report.write_bytes(storage.get_bytes(join(eval_uri, "report.html")))
+        overlays = [o.uri for o in storage.list(join(eval_uri, "overlays"))]
+        overlay = workdir / "overlay.png"
+        overlay.write_bytes(storage.get_bytes(overlays[0]))
 
-    report = workdir / "report.html"
-    report.write_bytes(storage.get_bytes(join(eval_uri, "report.html")))
-    overlays = [o.uri for o in storage.list(join(eval_uri, "overlays"))]
-    overlay = workdir / "overlay.png"
-    overlay.write_bytes(storage.get_bytes(overlays[0]))
+        ds = card["dataset"]
+        ref = DatasetRef.resolve(storage, store, f"{ds['name']}@{ds['version']}")
+        case = held_out_case(ref.load(storage), source)
 
-    ds = card["dataset"]
-    ref = DatasetRef.resolve(storage, store, f"{ds['name']}@{ds['version']}")
-    manifest = ref.load(storage)
-    case_id = manifest.split_ids("validation")[0]
-    case_dir = next(p for p in source.rglob(case_id) if p.is_dir()) if source.is_dir() else None
-    if case_dir is None:
-        raise MedsegError(f"validation case {case_id} not found under {source}")
-
-    http_port, grpc_port = free_port(), free_port()
-    log = workdir / "server.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "model_server",
-        "--model_dir",
-        model_uri,
-        "--model_name",
-        "demo-segresnet",
-        "--http_port",
-        str(http_port),
-        "--grpc_port",
-        str(grpc_port),
-    ]
-    say(f"serving {model_uri} with kserve's ModelServer (REST :{http_port}, gRPC :{grpc_port})")
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ))
-    try:
-        rest_url = f"http://127.0.0.1:{http_port}"
-        wait_ready(rest_url, 180, proc, log)
-        rest = predict(rest_url, [case_dir], model="demo-segresnet")
-        grpc = predict(f"127.0.0.1:{grpc_port}", [case_dir], grpc=True, model="demo-segresnet")
-    finally:
-        proc.terminate()
-        proc.wait(30)
-    mask_path = workdir / f"{case_id}_mask.nii.gz"
-    mask_path.write_bytes(rest.mask)
-    pred = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(rest.mask)).dataobj)
-    seg_file = next(case_dir.glob("*_seg.nii*"))
-    truth = np.asarray(nib.load(str(seg_file)).dataobj)  # type: ignore[attr-defined]
-    conv = get_convention("brats2021")
-    scores = score_case(
-        case_id,
-        torch.as_tensor(conv.to_regions(pred.astype(np.int64))),
-        torch.as_tensor(conv.to_regions(np.rint(truth).astype(np.int64))),
-        tuple(float(z) for z in nib.load(str(seg_file)).header.get_zooms()[:3]),  # type: ignore[attr-defined]
-    )
-    dice_case = scores.dice
-    return DemoResult(
-        model_uri=model_uri,
-        dice_validation=dict(evaluation["dice"]),
-        case_id=case_id,
-        dice_case=dice_case,
-        volumes_ml=rest.volumes_ml,
-        latency_rest_s=rest.latency_s,
-        latency_grpc_s=grpc.latency_s,
-        compute_ms=rest.compute_ms,
-        report=report,
-        overlay=overlay,
-        seconds=time.perf_counter() - started,
-    )
+        t0 = time.perf_counter()
+        http_port, grpc_port = free_port(), free_port()
+        cmd = [sys.executable, "-m", "model_server", "--model_dir", model_uri]
+        cmd += ["--model_name", DEMO_MODEL, "--http_port", str(http_port)]
+        cmd += ["--grpc_port", str(grpc_port)]
+        log.write(f"$ {' '.join(cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+        try:
+            rest_url = f"http://127.0.0.1:{http_port}"
+            wait_ready(rest_url, 180, proc, log_path)
+            out.done("serve", time.perf_counter() - t0, f"kserve ModelServer, REST :{http_port}")
+            t0 = time.perf_counter()
+            rest = send_case(rest_url, case, DEMO_MODEL)
+            grpc = send_case(f"127.0.0.1:{grpc_port}", case, DEMO_MODEL, grpc=True)
+            out.done("predict", time.perf_counter() - t0, f"{case.case_id} over REST and gRPC")
+        finally:
+            proc.terminate()
+            proc.wait(30)
+        mask_path = workdir / f"{case.case_id}_mask.nii.gz"
+        mask_path.write_bytes(rest.mask)
+        scores = score_mask(rest.mask, case)
+        return DemoResult(
+            model_uri=model_uri,
+            dice_validation=dict(evaluation["dice"]),
+            case_id=case.case_id,
+            dice_case=scores.dice,
+            volumes_ml=rest.volumes_ml,
+            latency_rest_s=rest.latency_s,
+            latency_grpc_s=grpc.latency_s,
+            compute_ms=rest.compute_ms,
+            report=report,
+            overlay=overlay,
+            mask=mask_path,
+            log=log_path,
+            seconds=time.perf_counter() - started,
+        )

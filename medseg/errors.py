@@ -38,7 +38,14 @@ class DatasetError(MedsegError):
     """A dataset (source folder, manifest or version) is missing or unusable."""
 
 
-class InvalidName(MedsegError):
+class InvalidInput(MedsegError, ValueError):
+    """A value given by the user is malformed: a URI, a name, a label convention, a config.
+
+    Also a :class:`ValueError`, so code that validates values keeps catching it.
+    """
+
+
+class InvalidName(InvalidInput):
     """A dataset, model, run or case name breaks the naming rule of :mod:`medseg.names`."""
 
 

@@ -18,6 +18,7 @@ from medseg.errors import MedsegError
 __all__ = [
     "DEFAULT_RELEASE",
     "MIN_OPERATORS",
+    "PIPELINE_SERVICE_ACCOUNT",
     "Release",
     "check_operator",
     "container_security_context",
@@ -111,6 +112,9 @@ class Release:
 #: The chart's name (``Chart.yaml``), the suffix of every object name it creates.
 CHART_NAME = "medseg"
 DEFAULT_RELEASE = Release()
+#: The ServiceAccount the chart grants the pipeline's permissions to, for the default release:
+#: pipeline runs, and the PyTorchJobs they create, run as it.
+PIPELINE_SERVICE_ACCOUNT = DEFAULT_RELEASE.pipeline_service_account
 
 #: Oldest operator releases medseg works with, and the field of their CRD schema that shows it:
 #: KServe 0.16 renamed the deployment modes to ``Standard``/``Knative`` (its InferenceService CRD

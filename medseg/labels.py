@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 from numpy.typing import NDArray
 
+from medseg.errors import InvalidInput
+
 __all__ = ["CONVENTIONS", "LabelConvention", "get_convention"]
 
 
@@ -109,11 +111,11 @@ def get_convention(name: str) -> LabelConvention:
     """Look up a convention by name.
 
     Raises:
-        ValueError: For an unknown name, listing the known ones.
+        InvalidInput: For an unknown name, listing the known ones (also a ``ValueError``).
     """
     try:
         return CONVENTIONS[name]
     except KeyError:
-        raise ValueError(
+        raise InvalidInput(
             f"unknown label convention {name!r}; known: {', '.join(CONVENTIONS)}"
         ) from None

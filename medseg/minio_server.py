@@ -231,8 +231,12 @@ class MinioServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                tail = self.log_path.read_text(errors="replace")[-2000:]
-                raise MedsegError(f"MinIO exited with code {self._proc.returncode}:\n{tail}")
+                lines = self.log_path.read_text(errors="replace").splitlines()
+                fatal = [x.strip() for x in lines if "FATAL" in x or "ERROR" in x] or lines[-1:]
+                raise MedsegError(
+                    f"MinIO on 127.0.0.1:{self.port} exited with code {self._proc.returncode}: "
+                    f"{' '.join(fatal)[-500:]} (log: {self.log_path})"
+                )
             if self.is_ready():
                 return self
             time.sleep(0.1)

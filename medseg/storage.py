@@ -49,6 +49,7 @@ import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.helpers import check_bucket_name
 
 from medseg.errors import (
     AccessDenied,
@@ -56,6 +57,7 @@ from medseg.errors import (
     ChecksumMismatch,
     DiskFull,
     EndpointUnreachable,
+    InvalidInput,
     ObjectNotFound,
     StorageError,
 )
@@ -79,17 +81,27 @@ def split_s3(uri: str) -> tuple[str, str]:
     """Split ``s3://bucket/key`` into bucket and key (key may be empty).
 
     Raises:
-        ValueError: If the URI has no bucket.
+        InvalidInput: If the URI has no bucket, or not a valid bucket name (a ``ValueError``).
     """
     rest = uri[len("s3://") :]
     bucket, _, key = rest.partition("/")
     if not bucket:
-        raise ValueError(f"S3 URI has no bucket: {uri!r}")
+        raise InvalidInput(f"S3 URI has no bucket: {uri!r} (expected s3://BUCKET/KEY)")
+    try:
+        check_bucket_name(bucket, strict=True)
+    except ValueError as exc:
+        raise InvalidInput(f"S3 URI {uri!r}: {exc}") from None
     return bucket, key
 
 
 def join(base: str, *parts: str) -> str:
-    """Join URI or path segments with single slashes."""
+    """Join URI or path segments with single slashes.
+
+    Raises:
+        InvalidInput: If ``base`` is an ``s3://`` URI without a valid bucket.
+    """
+    if is_s3(base):
+        split_s3(base)
     out = base.rstrip("/")
     for part in parts:
         part = part.strip("/")

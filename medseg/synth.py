@@ -31,6 +31,7 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from medseg.config import CHANNELS
+from medseg.errors import InvalidInput
 from medseg.labels import get_convention
 from medseg.layouts import SUFFIXES
 
@@ -210,7 +211,12 @@ def write_dataset(
 
     Returns:
         The case ids written.
+
+    Raises:
+        InvalidInput: If a size of ``shape`` is below 1.
     """
+    if len(shape) != 3 or min(shape) < 1:
+        raise InvalidInput(f"shape {tuple(shape)}: three sizes of at least 1 voxel are needed")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
     ids = []

@@ -48,7 +48,7 @@ from medseg.preprocess import preprocessed_prefix
 from medseg.storage import Storage, is_s3, join
 from medseg.transforms import train_transforms
 
-__all__ = ["TrainResult", "train"]
+__all__ = ["TrainResult", "epoch_log_line", "parse_epoch_log_line", "train"]
 
 
 class NonFiniteLoss(MedsegError):
@@ -101,6 +101,28 @@ class _Board:
 
         self.writer.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+#: Start of the one line rank 0 prints per epoch (``medseg demo`` follows training by it).
+EPOCH_LOG = "[medseg.train] epoch "
+
+
+def epoch_log_line(record: dict[str, Any]) -> str:
+    """The log line of one epoch's record: :data:`EPOCH_LOG` and the record as JSON."""
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
+    return EPOCH_LOG + json.dumps(shown)
+
+
+def parse_epoch_log_line(line: str) -> dict[str, Any] | None:
+    """The record of an :func:`epoch_log_line` found in ``line``, or None."""
+    at = line.find(EPOCH_LOG)
+    if at < 0:
+        return None
+    try:
+        record = json.loads(line[at + len(EPOCH_LOG) :])
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _progress(rank: int) -> Any:
@@ -330,8 +352,7 @@ def train(
                     join(run_prefix, "metrics.jsonl"),
                     "".join(json.dumps(h) + "\n" for h in result.history).encode(),
                 )
-                shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in record.items()}
-                print(f"[medseg.train] {shown}", file=sys.stderr, flush=True)
+                print(epoch_log_line(record), file=sys.stderr, flush=True)
             if world > 1:
                 dist.barrier()  # nobody starts the next epoch before its checkpoint exists
     finally:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from typer.testing import CliRunner
@@ -123,3 +124,181 @@ def test_minio_command_serves_and_writes_env_file(tmp_path: Path) -> None:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=30)
     assert proc.returncode == 0
+
+
+def _closed_port() -> int:
+    return free_port()  # nothing listens there
+
+
+# Every case: (arguments, what the one line says). "{bucket}" and "{tmp}" are filled in.
+BAD_INPUT = [
+    (["ingest", "{raw}", "-d", "x", "--labels", "brats2020"], "known: brats2021, brats2023"),
+    (["ingest", "{raw}", "-d", "x", "--store", "s3://"], "S3 URI has no bucket"),
+    (["ingest", "{raw}", "-d", "x", "--store", "s3://Bad_Bucket"], "invalid bucket name"),
+    (["ingest", "s3://", "-d", "x"], "S3 URI has no bucket"),
+    (["ingest", "{raw}", "-d", "a/b"], "invalid dataset name 'a/b'"),
+    (["ingest", "{raw}", "-d", ""], "invalid dataset name ''"),
+    (["ingest", "{tmp}/absent", "-d", "x"], "is not a folder"),
+    (["ingest", "{raw}", "-d", "x", "-c", "{tmp}/none.yaml"], "none.yaml: No such file"),
+    (["ingest", "{raw}", "-d", "x", "-c", "{tmp}/bad.yaml"], "not valid YAML at line 2"),
+    (["ingest", "{raw}", "-d", "x", "-c", "{tmp}/wrong.yaml"], "train.epochs: Input should"),
+    (["preprocess", "-d", "nope"], "has no versions"),
+    (["preprocess", "-d", "nope@v1"], "dataset nope@v1 does not exist"),
+    (["train", "-d", "nope", "--run-id", "../up"], "invalid run id '../up'"),
+    (["train", "-d", "nope", "--run-id", "r1"], "has no versions"),
+    (["register", "--run-id", "nope", "--name", "m"], "run nope has no finished model"),
+    (["register", "--run-id", "r", "--name", "m/x"], "invalid model name 'm/x'"),
+    (["evaluate", "--model", "m@v9"], "no model 'm' registered"),
+    (["serve", "--model", "m@v9"], "no model 'm' registered"),
+    (["models", "list", "--store", "s3://"], "S3 URI has no bucket"),
+    (["datasets", "list", "--store", "s3://nobucket"], "bucket 'nobucket' does not exist"),
+    (["synth", "{tmp}/afile/sub", "--cases", "1"], "afile/sub: Not a directory"),
+    (["synth", "{tmp}/s", "--shape", "0", "8", "8"], "at least 1 voxel"),
+    (["synth", "{tmp}/s", "--layout", "brats2019"], "unknown layout 'brats2019'"),
+    (["predict", "{tmp}/none.nii.gz"], "no such file"),
+    (
+        ["predict", "{raw}/BraTS2021_00000", "--url", "http://127.0.0.1:{closed}"],
+        "ConnectError",
+    ),
+    (["pipeline", "compile", "--out", "{tmp}/afile/x.yaml"], "afile"),
+    (["pipeline", "run", "--source", "x"], "only --local runs here"),
+    (["pipeline", "run", "--local", "--source", "x", "--param", "oops"], "--param takes KEY=VALUE"),
+    (["pipeline", "run", "--local", "--source", "x", "-c", "{tmp}/bad.yaml"], "not valid YAML"),
+    (["pipeline", "submit", "--source", "x", "--host", "http://127.0.0.1:{closed}"], "unreachable"),
+    (["pipeline", "upload", "--host", "http://127.0.0.1:{closed}"], "unreachable"),
+    (["minio", "--port", "{busy}", "--data-dir", "{tmp}/m"], "{busy}"),
+    (["demo", "--source", "{tmp}/absent", "--workdir", "{tmp}/w"], "is not a folder"),
+    (["demo", "--config", "{tmp}/wrong.yaml", "--workdir", "{tmp}/w"], "train.epochs"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_INPUT, ids=[" ".join(a) for a, _ in BAD_INPUT])
+def test_bad_input_ends_in_one_clear_line(
+    args: list[str],
+    message: str,
+    tmp_path: Path,
+    s3_env: None,
+    bucket: str,
+    synth_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import socket
+
+    monkeypatch.setenv("MEDSEG_STORE", bucket)
+    monkeypatch.chdir(tmp_path)  # `pipeline submit` compiles into ./.medseg
+    (tmp_path / "afile").write_text("a file, not a folder")
+    (tmp_path / "bad.yaml").write_text("train: {epochs: [\n")
+    (tmp_path / "wrong.yaml").write_text("train: {epochs: -3}\n")
+    with socket.socket() as busy:  # a port in use
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        fill = {
+            "tmp": str(tmp_path),
+            "bucket": bucket,
+            "closed": str(_closed_port()),
+            "busy": str(busy.getsockname()[1]),
+        }
+        r = runner.invoke(app, [a.format(**fill) for a in args])
+    lines = [line for line in r.output.splitlines() if line.strip()]
+    assert isinstance(r.exception, SystemExit), repr(r.exception)  # no uncaught exception
+    assert r.exit_code != 0
+    assert len(lines) == 1 and lines[0].startswith("error: "), r.output
+    assert message.format(**fill) in lines[0], r.output
+    assert "Traceback" not in r.output
+
+
+def test_failed_pipeline_step_ends_in_one_line(tmp_path: Path, s3_env: None, bucket: str) -> None:
+    args = ["pipeline", "run", "--local", "--source", str(tmp_path / "absent")]
+    args += ["--store", bucket, "--root", str(tmp_path / "root")]
+    r = runner.invoke(app, args)
+    assert isinstance(r.exception, SystemExit) and r.exit_code == 1, repr(r.exception)
+    last = r.output.strip().splitlines()[-1]
+    assert last.startswith("error: pipeline step ingest failed: ")
+    assert "DatasetError" in last and "is not a folder" in last
+    assert "Traceback (most recent call last)" in r.output  # the step's own log, shown above
+
+
+class _KfpApiRecorder:
+    """A loopback HTTP endpoint that answers the KFP v2beta1 calls a run submission makes, and
+    keeps each request as the real ``kfp.Client`` sent it (no KFP backend can run here)."""
+
+    def __init__(self) -> None:
+        import json
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.requests: list[tuple[str, str, Any]] = []
+        recorder = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _answer(self, body: dict[str, Any]) -> None:
+                data = json.dumps(body).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                recorder.requests.append(("GET", self.path, None))
+                if self.path.startswith("/apis/v2beta1/healthz"):
+                    self._answer({"multi_user": True})
+                else:  # list experiments: none yet
+                    self._answer({})
+
+            def do_POST(self) -> None:
+                size = int(self.headers.get("content-length", 0))
+                body = json.loads(self.rfile.read(size) or b"{}")
+                recorder.requests.append(("POST", self.path, body))
+                if self.path == "/apis/v2beta1/experiments":
+                    self._answer({**body, "experiment_id": "exp-1"})
+                else:
+                    self._answer({"run_id": "run-1", "display_name": body.get("display_name")})
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def posted(self, path: str) -> Any:
+        (body,) = [b for m, p, b in self.requests if m == "POST" and p == path]
+        return body
+
+
+def test_submit_runs_as_the_charts_service_account_in_its_namespace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_chart import render
+
+    objects = render()  # the chart as `helm template --namespace medseg` renders it
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    (binding,) = [b for b in bindings if b["metadata"]["name"].endswith("-pipeline")]
+    (subject,) = binding["subjects"]
+    roles = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Role"}
+    role = roles[binding["roleRef"]["name"]]
+    assert any("pytorchjobs" in rule["resources"] for rule in role["rules"])
+
+    monkeypatch.chdir(tmp_path)
+    kfp_api = _KfpApiRecorder()
+    try:
+        args = ["pipeline", "submit", "--host", kfp_api.url, "--source", "s3://medseg/raw"]
+        r = runner.invoke(app, [*args, "--namespace", subject["namespace"]])
+    finally:
+        kfp_api.server.shutdown()
+    assert r.exit_code == 0, r.output
+    assert "submitted run run-1" in r.output
+
+    run = kfp_api.posted("/apis/v2beta1/runs")
+    assert run["service_account"] == subject["name"] == "medseg-pipeline"
+    assert run["experiment_id"] == "exp-1"
+    params = run["runtime_config"]["parameters"]
+    assert params["namespace"] == subject["namespace"]  # where PyTorchJob and ISVC are created
+    assert params["launcher"] == "pytorchjob" and params["deploy_target"] == "kserve"
+    spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
+    assert spec["pipelineInfo"]["name"] == "medseg-brats"
+    assert "kubernetes" in platform["platforms"]  # the steps' Secret and ConfigMap env
+    experiment = kfp_api.posted("/apis/v2beta1/experiments")
+    assert experiment["namespace"] == subject["namespace"]
+    assert experiment["display_name"] == "medseg"

@@ -272,3 +272,27 @@ def test_overlays_use_the_models_channel_order() -> None:
     assert display_channel(image, ("flair", "t1", "t1gd", "t2"))[0, 0, 0] == 0.0
     with pytest.raises(ValueError, match="flair"):
         display_channel(image[:3], ("t1", "t1gd", "t2"))
+
+
+def test_hd95_equals_monais_metric_without_its_future_warning() -> None:
+    import warnings
+
+    from monai.metrics import HausdorffDistanceMetric
+
+    from medseg.evaluate import hd95
+
+    rng = np.random.default_rng(3)
+    spacing = (1.0, 1.5, 2.5)
+    for _ in range(3):
+        pred = torch.zeros(30, 28, 20)
+        truth = torch.zeros(30, 28, 20)
+        pred[5:20, 4:18, 3:15] = 1
+        truth[7:22, 6:20, 2:12] = 1
+        pred[torch.as_tensor(rng.random(pred.shape) < 0.01)] = 1  # outliers move the 95th pct
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated call
+            metric = HausdorffDistanceMetric(include_background=True, percentile=95)
+            expected = float(metric(pred[None, None], truth[None, None], spacing=list(spacing)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # hd95 emits no warning at all
+            assert hd95(pred, truth, spacing) == pytest.approx(expected, rel=1e-6)
