@@ -98,3 +98,18 @@ class StorageSettings(BaseSettings):
         except ValueError:
             return "<no endpoint>"
         return f"{'https' if secure else 'http'}://{host}"
+
+
+class DeidSettings(BaseSettings):
+    """The de-identification secret (see :mod:`medseg.deid`), from the environment only.
+
+    Attributes:
+        key: ``MEDSEG_DEID_KEY``: UIDs, pseudonyms and date shifts derive from it. Keep it in a
+            Secret; whoever holds it can link de-identified studies to their sources.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("MEDSEG_DEID_KEY", "key")
+    )
