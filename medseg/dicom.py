@@ -240,8 +240,18 @@ def _group(files: Iterable[tuple[str, Dataset | None]], where: str) -> dict[str,
     series: dict[str, _Series] = {}
     studies: set[str] = set()
     for name, ds in files:
-        if ds is None or "PixelData" not in ds or "SeriesInstanceUID" not in ds:
+        if ds is None:
             continue
+        if "PixelData" not in ds:
+            meta = getattr(ds, "file_meta", None)
+            sop_class = ds.get("SOPClassUID") or (meta or {}).get("MediaStorageSOPClassUID")
+            if "Image Storage" in getattr(sop_class, "name", ""):
+                raise DicomStudyError(
+                    f"{where}: {name} is an image without pixel data (truncated?)"
+                )
+            continue  # a report, a presentation state, a DICOMDIR: not a series to read
+        if "SeriesInstanceUID" not in ds:
+            raise DicomStudyError(f"{where}: {name} has no SeriesInstanceUID")
         studies.add(str(ds.get("StudyInstanceUID", "")))
         uid = str(ds.SeriesInstanceUID)
         entry = series.setdefault(uid, _Series(uid, [], []))
@@ -254,17 +264,25 @@ def _group(files: Iterable[tuple[str, Dataset | None]], where: str) -> dict[str,
     return series
 
 
+def _number(ds: Dataset) -> int:
+    try:
+        return int(ds.get("SeriesNumber") or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def _match(series: Mapping[str, _Series], rules: SeriesRules, where: str) -> dict[str, _Series]:
     """Assign one series to each channel, or explain what was found."""
     hits: dict[str, list[_Series]] = {c: [] for c in CHANNELS}
-    for s in series.values():
+    in_order = sorted(series.values(), key=lambda s: (_number(s.datasets[0]), s.uid))
+    for s in in_order:
         if str(s.datasets[0].get("Modality", "MR")) != "MR":
             continue
         for channel in CHANNELS:
             rule = rules.channels[channel]
             if rule.matches(s.description) or rule.matches(s.protocol):
                 hits[channel].append(s)
-    found = "; ".join(s.summary() for s in series.values())
+    found = "; ".join(s.summary() for s in in_order)
     problems = []
     for channel in CHANNELS:
         if not hits[channel]:
@@ -336,17 +354,21 @@ def _volume(
     lps[:3, 1] = col_cos * spacing[0]  # down a column: row index, row spacing
     lps[:3, 2] = step
     lps[:3, 3] = positions[0]
-    try:
-        array = _pixels(ordered)
-    except Exception as exc:  # undecodable pixel data: name the series, never a traceback
-        raise DicomStudyError(f"{where}: {s.summary()} pixel data unreadable ({exc})") from None
+    frames = []
+    for i in order:
+        try:
+            frames.append(s.datasets[i].pixel_array)
+        except Exception as exc:  # undecodable pixel data: name the file, never a traceback
+            raise DicomStudyError(
+                f"{where}: {s.files[i]} of {s.summary()} has unreadable pixel data ({exc})"
+            ) from None
+    array = _rescale(np.stack(frames), ordered)
     # Frames are (row, column); medseg's voxel axes are (column, row, slice).
     return np.ascontiguousarray(array.transpose(2, 1, 0)), LPS_TO_RAS @ lps, ordered
 
 
-def _pixels(ordered: Sequence[Dataset]) -> NDArray[np.float32]:
-    """``(slice, row, column)`` values with the modality LUT (rescale slope, intercept) applied."""
-    stored = np.stack([ds.pixel_array for ds in ordered])
+def _rescale(stored: NDArray[np.generic], ordered: Sequence[Dataset]) -> NDArray[np.float32]:
+    """Stored ``(slice, row, column)`` values through the modality LUT (slope, intercept)."""
     keys = {
         (ds.get("RescaleSlope", 1), ds.get("RescaleIntercept", 0), "ModalityLUTSequence" in ds)
         for ds in ordered
