@@ -6,7 +6,9 @@ references the reference series image by image, one segment per region coded in 
 with frames only where a region is present. Patient and study attributes come from the source
 images, so a PACS files the SEG with its study. :func:`make_volume_report` writes the region
 volumes in mL as a TID 1500 Measurement Report (Comprehensive 3D SR) referencing the SEG's
-segments; each segment's description carries its volume too.
+segments; each segment's description carries its volume too. :func:`segment_study` is the
+whole DICOM path for one study (read, segment with the same function as the NIfTI path, write
+SEG and report), for ``medseg predict``, the model server and batch jobs to call.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import highdicom as hd
 import numpy as np
@@ -23,9 +26,20 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import generate_uid
 
 import medseg
-from medseg.config import REGIONS
+from medseg.config import CHANNELS, REGIONS
+from medseg.dicom import DicomStudy, SeriesRules, read_study
+from medseg.infer import Segmenter, segment_case
+from medseg.storage import Storage
 
-__all__ = ["REGION_CODES", "RegionCode", "encode", "make_seg", "make_volume_report"]
+__all__ = [
+    "REGION_CODES",
+    "RegionCode",
+    "StudySegmentation",
+    "encode",
+    "make_seg",
+    "make_volume_report",
+    "segment_study",
+]
 
 _MANUFACTURER = "medseg"
 _MODEL_NAME = "medseg SegResNet BraTS"
@@ -210,3 +224,65 @@ def encode(ds: Dataset) -> bytes:
     buf = io.BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+@dataclass
+class StudySegmentation:
+    """The DICOM answer for one study.
+
+    Attributes:
+        study: The study as read (image, affine, reference series).
+        regions: Binary masks ``[3, X, Y, Z]`` (TC, WT, ET) on the reference grid.
+        volumes_ml: Volume of each region in mL.
+        seg: The DICOM SEG, as file bytes.
+        report: The TID 1500 volumes report, as file bytes.
+    """
+
+    study: DicomStudy
+    regions: NDArray[np.uint8]
+    volumes_ml: dict[str, float]
+    seg: bytes
+    report: bytes
+
+    def sidecar(self) -> dict[str, object]:
+        """The volumes and the identifiers a JSON sidecar carries."""
+        return {
+            "study_instance_uid": self.study.study_uid,
+            "reference_series_instance_uid": str(self.study.reference[0].SeriesInstanceUID),
+            "volumes_ml": self.volumes_ml,
+        }
+
+
+def segment_study(
+    segmenter: Segmenter,
+    source: str | Path,
+    rules: SeriesRules | None = None,
+    storage: Storage | None = None,
+) -> StudySegmentation:
+    """Read a study, segment it as the NIfTI path does, and encode SEG and report.
+
+    Args:
+        segmenter: The loaded model.
+        source: A study folder, zip or ``s3://`` prefix (see :func:`medseg.dicom.read_study`).
+        rules: Series-to-channel rules.
+        storage: Object store for ``s3://`` sources.
+
+    Returns:
+        Masks, volumes, SEG and report of the study.
+
+    Raises:
+        medseg.dicom.DicomStudyError: If the study cannot be read (nothing is written).
+    """
+    study = read_study(source, rules, storage)
+    order = [CHANNELS.index(c) for c in segmenter.cfg.data.channels]
+    image = study.image if order == list(range(len(CHANNELS))) else study.image[order]
+    result = segment_case(segmenter, image, study.affine)
+    seg = make_seg(study.reference, result.regions, result.volumes_ml)
+    report = make_volume_report(seg, study.reference, result.volumes_ml)
+    return StudySegmentation(
+        study=study,
+        regions=result.regions,
+        volumes_ml=result.volumes_ml,
+        seg=encode(seg),
+        report=encode(report),
+    )

@@ -12,10 +12,12 @@ from pydicom.sr.codedict import codes
 
 from medseg.config import REGIONS
 from medseg.dicom import DicomStudy, read_study
-from medseg.dicom_seg import REGION_CODES, encode, make_seg, make_volume_report
+from medseg.dicom_seg import REGION_CODES, encode, make_seg, make_volume_report, segment_study
+from medseg.infer import load_model, segment_case
 from medseg.synth import dicom_variant, make_case, write_dicom_dataset
 
 from .conftest import SHAPE
+from .test_serving import write_model
 
 INDEX = 1  # the oblique study: geometry errors cannot hide behind an identity affine
 
@@ -116,3 +118,27 @@ def test_seg_is_a_file_a_pacs_accepts(
     path = tmp_path / "seg.dcm"
     path.write_bytes(encode(make_seg(study.reference, regions, _volumes(regions, study))))
     assert path.read_bytes()[128:132] == b"DICM"  # Part 10 file: preamble and prefix
+
+
+def test_segment_study_end_to_end(oblique: tuple[DicomStudy, np.ndarray], tmp_path: Path) -> None:
+    """Study folder in, SEG and report out, through the same segment_case as the NIfTI path."""
+    study, _ = oblique
+    segmenter = load_model(str(write_model(tmp_path / "model")), device="cpu")
+    folder = Path(study.reference[0].filename).parent.parent
+    out = segment_study(segmenter, folder)
+    expected = segment_case(segmenter, study.image, study.affine)
+    np.testing.assert_array_equal(out.regions, expected.regions)
+    assert out.volumes_ml == pytest.approx(expected.volumes_ml)
+    seg = hd.seg.segread(io.BytesIO(out.seg))
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == study.reference[0].SeriesInstanceUID
+    frames = np.asarray(seg.get_volume(combine_segments=False).array)
+    assert int(frames.sum()) == int(out.regions.sum())  # every voxel of the mask, no more
+    sr = hd.sr.srread(io.BytesIO(out.report))
+    volumes = {
+        REGIONS[g.referenced_segment.referenced_segment_numbers[0] - 1]: g.get_measurements(
+            name=codes.SCT.Volume
+        )[0].value
+        for g in sr.content.get_volumetric_roi_measurement_groups()
+    }
+    assert volumes == pytest.approx(out.volumes_ml)
+    assert out.sidecar()["volumes_ml"] == out.volumes_ml
