@@ -14,6 +14,7 @@ action, each as the standard's options allow:
 * SeriesDescription may be replaced by a clean value such as the matched channel name
   (*Clean Descriptors Option*), so that the de-identified series are still recognisable.
 
+:func:`deidentify_study` applies it to a whole study on its way into a dataset.
 PatientID and PatientName become a keyed pseudonym. The key is a secret
 (``MEDSEG_DEID_KEY``, see :class:`medseg.settings.DeidSettings`); no mapping table exists, so
 none can be stored in the dataset bucket or anywhere else.
@@ -24,8 +25,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import io
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from dicomanonymizer import anonymize_dataset, initialize_actions
@@ -35,9 +38,17 @@ from pydicom.multival import MultiValue
 from pydicom.sr.codedict import codes
 from pydicom.uid import UID
 
+from medseg.dicom import SeriesRules, load_series
 from medseg.errors import MedsegError
+from medseg.storage import Storage, join
 
-__all__ = ["PROFILE_TABLE", "DeidentificationError", "Deidentifier", "profile_actions"]
+__all__ = [
+    "PROFILE_TABLE",
+    "DeidentificationError",
+    "Deidentifier",
+    "deidentify_study",
+    "profile_actions",
+]
 
 #: The Annex E table edition ``dicom-anonymizer`` applies.
 PROFILE_TABLE = "dicomfields_2026c"
@@ -171,3 +182,49 @@ def _code_item(code: Any) -> Dataset:
     item.CodingSchemeDesignator = code.scheme_designator
     item.CodeMeaning = code.meaning
     return item
+
+
+def deidentify_study(
+    source: str | Path,
+    dest: str,
+    key: bytes,
+    rules: SeriesRules | None = None,
+    storage: Storage | None = None,
+) -> str:
+    """De-identify the four channel series of a study and store them under ``dest``.
+
+    Each series becomes ``dest/CHANNEL/NNNN.dcm`` with SeriesDescription set to the channel
+    name (Clean Descriptors Option), so that the default :class:`medseg.dicom.SeriesRules`
+    read it back. Series that are no channel (localisers, reports) are left out. Every
+    instance is de-identified in memory first (a study is tens of MB), so a study that cannot
+    be read or de-identified stores nothing; a storage failure midway can leave part of it, so
+    ``dest`` should be a staging prefix that the caller promotes.
+
+    Args:
+        source: The study (folder, zip or ``s3://`` prefix).
+        dest: Folder or ``s3://`` prefix to store the de-identified study under.
+        key: The de-identification secret.
+        rules: Series-to-channel rules.
+        storage: Object store for ``s3://`` sources and destinations.
+
+    Returns:
+        The de-identified StudyInstanceUID.
+
+    Raises:
+        medseg.dicom.DicomStudyError: If the study lacks a channel or a file is unreadable.
+        DeidentificationError: If an instance cannot be de-identified.
+    """
+    store = storage or Storage()
+    deid = Deidentifier(key)
+    encoded: dict[str, bytes] = {}
+    study_uid = ""
+    for channel, series in load_series(source, rules, store).items():
+        for number, ds in enumerate(series.datasets, start=1):
+            deid.apply(ds, description=channel)
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            encoded[join(dest, channel, f"{number:04d}.dcm")] = buf.getvalue()
+            study_uid = str(ds.StudyInstanceUID)
+    for uri, data in encoded.items():
+        store.put_bytes(uri, data)
+    return study_uid

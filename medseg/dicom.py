@@ -48,8 +48,10 @@ __all__ = [
     "ChannelRule",
     "DicomStudy",
     "DicomStudyError",
+    "Series",
     "SeriesRules",
     "StudyInfo",
+    "load_series",
     "read_study",
     "resample",
     "write_series",
@@ -146,8 +148,14 @@ class SeriesRules(BaseModel):
 
 
 @dataclass
-class _Series:
-    """The images of one series as read, before geometry."""
+class Series:
+    """The images of one series as read, before geometry.
+
+    Attributes:
+        uid: SeriesInstanceUID.
+        datasets: Its images, in the order read.
+        files: The file (or object, or zip member) each image came from.
+    """
 
     uid: str
     datasets: list[Dataset]
@@ -237,9 +245,9 @@ def _load(source: str | Path, storage: Storage | None) -> Iterable[tuple[str, Da
         yield str(path), _parse(str(path), path.name, where)
 
 
-def _group(files: Iterable[tuple[str, Dataset | None]], where: str) -> dict[str, _Series]:
+def _group(files: Iterable[tuple[str, Dataset | None]], where: str) -> dict[str, Series]:
     """Image series by SeriesInstanceUID (non-image objects and non-DICOM files skipped)."""
-    series: dict[str, _Series] = {}
+    series: dict[str, Series] = {}
     studies: set[str] = set()
     for name, ds in files:
         if ds is None:
@@ -256,7 +264,7 @@ def _group(files: Iterable[tuple[str, Dataset | None]], where: str) -> dict[str,
             raise DicomStudyError(f"{where}: {name} has no SeriesInstanceUID")
         studies.add(str(ds.get("StudyInstanceUID", "")))
         uid = str(ds.SeriesInstanceUID)
-        entry = series.setdefault(uid, _Series(uid, [], []))
+        entry = series.setdefault(uid, Series(uid, [], []))
         entry.datasets.append(ds)
         entry.files.append(name)
     if len(studies) > 1:
@@ -273,9 +281,9 @@ def _number(ds: Dataset) -> int:
         return 0
 
 
-def _match(series: Mapping[str, _Series], rules: SeriesRules, where: str) -> dict[str, _Series]:
+def _match(series: Mapping[str, Series], rules: SeriesRules, where: str) -> dict[str, Series]:
     """Assign one series to each channel, or explain what was found."""
-    hits: dict[str, list[_Series]] = {c: [] for c in CHANNELS}
+    hits: dict[str, list[Series]] = {c: [] for c in CHANNELS}
     in_order = sorted(series.values(), key=lambda s: (_number(s.datasets[0]), s.uid))
     for s in in_order:
         if str(s.datasets[0].get("Modality", "MR")) != "MR":
@@ -312,7 +320,7 @@ def _same(datasets: Sequence[Dataset], keyword: str) -> bool:
     return all(getattr(ds.get_item(keyword), "value", None) == first.value for ds in datasets[1:])
 
 
-def _plane(s: _Series, where: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+def _plane(s: Series, where: str) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
     """The series' ImageOrientationPatient and PixelSpacing, checked equal on every image."""
     first = s.datasets[0]
     # Comparing the encoded values is cheap; only when they differ are the numbers compared.
@@ -355,7 +363,7 @@ class _Grid:
         )
 
 
-def _grid(s: _Series, where: str) -> _Grid:
+def _grid(s: Series, where: str) -> _Grid:
     """The voxel grid of a series, from its plane geometry and image positions.
 
     Slices are ordered by their position along the normal of ImageOrientationPatient (the
@@ -398,7 +406,7 @@ def _grid(s: _Series, where: str) -> _Grid:
     return _Grid([int(i) for i in order], LPS_TO_RAS @ lps, shape)
 
 
-def _read_pixels(s: _Series, grid: _Grid, where: str, out: NDArray[np.float32]) -> None:
+def _read_pixels(s: Series, grid: _Grid, where: str, out: NDArray[np.float32]) -> None:
     """The series' values (modality LUT applied) into ``out``, ``(Z, Y, X)`` C-ordered.
 
     ``(Z, Y, X)`` in C order is ``[X, Y, Z]`` in Fortran order, the layout NIfTI stores:
@@ -512,6 +520,28 @@ def resample(
     return np.asarray(out, dtype=np.float32)
 
 
+def load_series(
+    source: str | Path,
+    rules: SeriesRules | None = None,
+    storage: Storage | None = None,
+) -> dict[str, Series]:
+    """Read every file of a study and pick the series of each channel.
+
+    Args:
+        source: A folder, a ``.zip`` (local or ``s3://``), or an ``s3://`` prefix.
+        rules: Series-to-channel rules (defaults: :class:`SeriesRules`).
+        storage: Object store for ``s3://`` sources.
+
+    Returns:
+        The series of each channel (images as read, pixels not decoded yet).
+
+    Raises:
+        DicomStudyError: If a file is unreadable, or a channel is missing or ambiguous.
+    """
+    where = str(source)
+    return _match(_group(_load(source, storage), where), rules or SeriesRules(), where)
+
+
 def read_study(
     source: str | Path,
     rules: SeriesRules | None = None,
@@ -533,8 +563,7 @@ def read_study(
     """
     rules = rules or SeriesRules()
     where = str(source)
-    series = _group(_load(source, storage), where)
-    chosen = _match(series, rules, where)
+    chosen = load_series(source, rules, storage)
     ref = chosen[rules.reference]
     grids = {c: _grid(chosen[c], where) for c in CHANNELS}
     frame_of_reference = ref.datasets[0].get("FrameOfReferenceUID")

@@ -13,9 +13,10 @@ import pytest
 from pydicom.datadict import dictionary_VR, keyword_for_tag
 from pydicom.dataset import Dataset
 
-from medseg.deid import Deidentifier, profile_actions
-from medseg.dicom import read_study
+from medseg.deid import Deidentifier, deidentify_study, profile_actions
+from medseg.dicom import DicomStudyError, read_study
 from medseg.settings import DeidSettings
+from medseg.storage import Storage, join
 from medseg.synth import dicom_variant, make_case, write_dicom_dataset
 
 KEY = b"test-key-not-a-secret"
@@ -169,3 +170,24 @@ def test_variant_study_is_what_synth_wrote(studies: Path) -> None:
     """The fixture's studies are the synthetic variants (guards the other tests' inputs)."""
     v = dicom_variant(make_case(0, SHAPE, 1), 0)
     assert _first(studies).SeriesDescription == v.descriptions["t1"]
+
+
+def test_deidentify_study_into_the_bucket(tmp_path: Path, storage: Storage, bucket: str) -> None:
+    root = tmp_path / "studies"
+    write_dicom_dataset(root, n_cases=6, shape=SHAPE, seed=1)  # case 5 lacks its FLAIR series
+    before = read_study(root / "DICOM_00001")
+    dest = join(bucket, "staging", "DICOM_00001")
+    study_uid = deidentify_study(root / "DICOM_00001", dest, KEY, storage=storage)
+    assert study_uid == Deidentifier(KEY).uid(before.study_uid)
+    objects = list(storage.list(dest))
+    assert len(objects) == len(list((root / "DICOM_00001").rglob("*.dcm")))
+    for obj in objects:
+        data = storage.get_bytes(obj.uri)
+        assert b"SYNTH" not in data and before.study_uid.encode() not in data
+    after = read_study(dest, storage=storage)  # cleaned descriptions: the default rules read it
+    np.testing.assert_array_equal(after.image, before.image)
+    # A study that cannot be read stores nothing.
+    empty = join(bucket, "staging", "DICOM_00005")
+    with pytest.raises(DicomStudyError, match="no series for channel 'flair'"):
+        deidentify_study(root / "DICOM_00005", empty, KEY, storage=storage)
+    assert list(storage.list(empty)) == []
