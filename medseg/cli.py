@@ -87,9 +87,10 @@ def synth(
         raise MedsegError(f"unknown format {fmt!r}: use nifti or dicom")
     if fmt == "dicom":
         ids = write_dicom_dataset(out, cases, shape, seed, convention=layout)
+        console.print(f"wrote {len(ids)} DICOM studies ({layout} labels) of shape {shape} to {out}")
     else:
         ids = write_dataset(out, layout, cases, shape, seed)
-    console.print(f"wrote {len(ids)} {layout} {fmt} cases of shape {shape} to {out}")
+        console.print(f"wrote {len(ids)} {layout} cases of shape {shape} to {out}")
 
 
 @app.command()

@@ -252,6 +252,7 @@ def test_synth_cli_writes_dicom_studies(tmp_path: Path) -> None:
         ["synth", str(tmp_path), "--format", "dicom", "--cases", "2", "--shape", "16", "16", "8"],
     )
     assert result.exit_code == 0, result.output
+    assert "wrote 2 DICOM studies (brats2021 labels)" in result.output
     first = next((tmp_path / "DICOM_00000" / "series01").iterdir())
     ds = pydicom.dcmread(first)
     assert ds.SOPClassUID == pydicom.uid.MRImageStorage and ds.Modality == "MR"
