@@ -262,6 +262,11 @@ def _group(files: Iterable[tuple[str, Dataset | None]], where: str) -> dict[str,
             continue  # a report, a presentation state, a DICOMDIR: not a series to read
         if "SeriesInstanceUID" not in ds:
             raise DicomStudyError(f"{where}: {name} has no SeriesInstanceUID")
+        if ds.get("Modality") == "MR" and int(ds.get("NumberOfFrames") or 1) > 1:
+            raise DicomStudyError(
+                f"{where}: {name} is a multi-frame (enhanced) MR image; medseg reads classic "
+                "single-frame series (convert it first, e.g. with dcmtk's or dicom3tools' tools)"
+            )
         studies.add(str(ds.get("StudyInstanceUID", "")))
         uid = str(ds.SeriesInstanceUID)
         entry = series.setdefault(uid, Series(uid, [], []))

@@ -228,6 +228,16 @@ def test_missing_slice_is_a_clear_error(dicom_root: Path, tmp_path: Path) -> Non
     assert "not regularly spaced" in str(err.value)
 
 
+def test_multi_frame_images_are_refused_by_name(dicom_root: Path, tmp_path: Path) -> None:
+    folder = _copy(dicom_root, "DICOM_00001", tmp_path)
+    victim = sorted((folder / "series01").iterdir())[0]
+    ds = pydicom.dcmread(victim)
+    ds.NumberOfFrames = 2
+    ds.save_as(victim)
+    with pytest.raises(DicomStudyError, match=rf"{re.escape(victim.name)} is a multi-frame"):
+        read_study(folder)
+
+
 def test_not_a_study(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(DicomStudyError, match="no DICOM image series"):
