@@ -80,14 +80,26 @@ def synth(
         tuple[int, int, int], typer.Option(help="Volume shape; 240 240 155 is full BraTS size.")
     ] = (96, 96, 64),
     seed: Annotated[int, typer.Option(help="Dataset seed.")] = 0,
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="nifti, or dicom (MR studies; labels in --layout's convention)."
+        ),
+    ] = "nifti",
 ) -> None:
-    """Write deterministic synthetic BraTS-like cases in a public layout."""
-    from medseg.synth import write_dataset
+    """Write deterministic synthetic BraTS-like cases in a public layout, or as DICOM studies."""
+    from medseg.synth import write_dataset, write_dicom_dataset
 
     if layout not in ("brats2021", "brats2023", "msd"):
         raise MedsegError(f"unknown layout {layout!r}: use brats2021, brats2023 or msd")
-    ids = write_dataset(out, layout, cases, shape, seed)
-    console.print(f"wrote {len(ids)} {layout} cases of shape {shape} to {out}")
+    if fmt not in ("nifti", "dicom"):
+        raise MedsegError(f"unknown format {fmt!r}: use nifti or dicom")
+    if fmt == "dicom":
+        ids = write_dicom_dataset(out, cases, shape, seed, convention=layout)
+        console.print(f"wrote {len(ids)} DICOM studies ({layout} labels) of shape {shape} to {out}")
+    else:
+        ids = write_dataset(out, layout, cases, shape, seed)
+        console.print(f"wrote {len(ids)} {layout} cases of shape {shape} to {out}")
 
 
 @app.command()

@@ -188,3 +188,18 @@ class ServerLimits(BaseSettings):
     def grpc_concurrent_calls(self) -> int:
         """Calls the gRPC server takes at once: the full-size messages the budget holds."""
         return max(1, self.max_inflight_mb // self.max_request_mb)
+
+
+class DeidSettings(BaseSettings):
+    """The de-identification secret (see :mod:`medseg.deid`), from the environment only.
+
+    Attributes:
+        key: ``MEDSEG_DEID_KEY``: UIDs, pseudonyms and date shifts derive from it. Keep it in a
+            Secret; whoever holds it can link de-identified studies to their sources.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    key: SecretStr | None = Field(
+        default=None, validation_alias=AliasChoices("MEDSEG_DEID_KEY", "key")
+    )

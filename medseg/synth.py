@@ -17,6 +17,12 @@ multiplicative bias field are applied. Volumes have real NIfTI affines at 1 mm; 
 is stored in another orientation (LPS) and every fifth (offset) at 1.5 mm slice spacing, so that
 reorientation and resampling in preprocessing are exercised. A case depends only on
 ``(seed, index, shape)``.
+
+:func:`write_dicom_dataset` writes the same cases as DICOM studies (classic MR Image Storage,
+one series per channel, named the way scanners name them) with the variants a DICOM reader
+must handle: an oblique orientation, a series numbered against its slice order, a series on
+another grid (thicker slices), stored values with a rescale slope and intercept, and a study
+with a missing series.
 """
 
 from __future__ import annotations
@@ -31,11 +37,19 @@ from numpy.typing import NDArray
 from scipy import ndimage
 
 from medseg.config import CHANNELS
+from medseg.dicom import StudyInfo, write_study
 from medseg.errors import InvalidInput
 from medseg.labels import get_convention
 from medseg.layouts import SUFFIXES
 
-__all__ = ["SynthCase", "make_case", "write_dataset"]
+__all__ = [
+    "DicomVariant",
+    "SynthCase",
+    "dicom_variant",
+    "make_case",
+    "write_dataset",
+    "write_dicom_dataset",
+]
 
 # Tissue intensities per channel (t1, t1gd, t2, flair), relative to white matter on T1.
 _WM = np.array([0.80, 0.80, 0.45, 0.50])
@@ -283,4 +297,135 @@ def write_dataset(
             "test": [],
         }
         (root / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return ids
+
+
+#: SeriesDescriptions of the DICOM studies, varied per case as scanner protocols name them.
+DICOM_DESCRIPTIONS: tuple[dict[str, str], ...] = (
+    {"t1": "AX T1 SE", "t1gd": "AX T1 POST GAD", "t2": "AX T2 TSE", "flair": "AX T2 FLAIR"},
+    {
+        "t1": "T1_MPRAGE_SAG",
+        "t1gd": "T1_MPRAGE_SAG+C",
+        "t2": "t2_tse_tra",
+        "flair": "t2_tirm_tra_dark-fluid",
+    },
+    {"t1": "t1n", "t1gd": "t1c", "t2": "t2w", "flair": "t2f"},
+)
+#: FLAIR is stored with this rescale (slope, intercept), so that readers must apply it.
+DICOM_FLAIR_RESCALE = (0.5, -100.0)
+
+
+@dataclass
+class DicomVariant:
+    """What :func:`write_dicom_dataset` writes for one case, in NIfTI terms.
+
+    Attributes:
+        case_id: The study's folder name.
+        image: ``[4, X, Y, Z]`` int16 voxels of every series on the reference grid.
+        code: Region code per voxel (see :func:`_variant`) on the same grid.
+        affine: Voxel-to-world (RAS) of the reference grid.
+        descriptions: SeriesDescription per channel written (a missing series is left out).
+        reversed_channels: Channels whose InstanceNumbers run against the slice position.
+        other_grid: Channel written on another grid (every second slice), if any.
+    """
+
+    case_id: str
+    image: NDArray[np.int16]
+    code: NDArray[np.uint8]
+    affine: NDArray[np.float64]
+    descriptions: dict[str, str]
+    reversed_channels: tuple[str, ...] = ()
+    other_grid: str | None = None
+
+
+def _rotation(degrees_x: float, degrees_z: float) -> NDArray[np.float64]:
+    ax, az = np.deg2rad(degrees_x), np.deg2rad(degrees_z)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    out = np.eye(4)
+    out[:3, :3] = rz @ rx
+    return out
+
+
+def dicom_variant(case: SynthCase, index: int) -> DicomVariant:
+    """The DICOM study of case ``index``: the NIfTI variant plus the DICOM-only ones.
+
+    ``index % 5``: 0 FLAIR on another grid, 1 oblique (rotated 15° about x and 10° about z),
+    2 T2 numbered against slice order, 3 LPS storage, 4 thick slices; ``index % 8 == 5`` has
+    no FLAIR series.
+    """
+    image, code, affine = _variant(case, index)
+    if index % 5 == 1:
+        affine = _rotation(15.0, 10.0) @ affine
+    descriptions = dict(DICOM_DESCRIPTIONS[index % len(DICOM_DESCRIPTIONS)])
+    if index % 8 == 5:
+        del descriptions["flair"]
+    return DicomVariant(
+        case_id=f"DICOM_{case.case_id}",
+        image=np.round(image).astype(np.int16),
+        code=code,
+        affine=affine,
+        descriptions=descriptions,
+        reversed_channels=("t2",) if index % 5 == 2 else (),
+        other_grid="flair" if index % 5 == 0 and "flair" in descriptions else None,
+    )
+
+
+def write_dicom_dataset(
+    out: str | Path,
+    n_cases: int = 8,
+    shape: tuple[int, int, int] = (96, 96, 64),
+    seed: int = 0,
+    convention: str = "brats2021",
+) -> list[str]:
+    """Write ``n_cases`` synthetic cases as DICOM MR studies (see :func:`dicom_variant`).
+
+    Each case is a folder ``DICOM_NNNNN/`` with one sub-folder per series and the ground
+    truth label map ``DICOM_NNNNN_seg.nii.gz`` (in ``convention``) on the reference grid.
+
+    Args:
+        out: Folder to write into (created).
+        n_cases: Number of studies.
+        shape: Volume shape at 1 mm (before a case's variant).
+        seed: Dataset seed (the same as :func:`write_dataset`'s for the same voxels).
+        convention: Label convention of the ground truth.
+
+    Returns:
+        The case ids written.
+    """
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for i in range(n_cases):
+        case = make_case(i, shape, seed)
+        v = dicom_variant(case, i)
+        study = StudyInfo(
+            patient_id=f"SYNTH-{case.case_id}",
+            patient_name=f"SYNTH^CASE{case.case_id}",
+            birth_date=f"19{50 + i % 40:02d}0{1 + i % 9}15",
+            study_date=f"2024{1 + i % 12:02d}10",
+            accession=f"ACC{case.case_id}",
+        )
+        grids = {}
+        if v.other_grid is not None:
+            c = CHANNELS.index(v.other_grid)
+            thick = v.image[c][:, :, ::2]
+            grids[v.other_grid] = (thick, v.affine @ np.diag([1.0, 1.0, 2.0, 1.0]))
+        write_study(
+            v.image,
+            v.affine,
+            root / v.case_id,
+            study,
+            v.descriptions,
+            rescale={"flair": DICOM_FLAIR_RESCALE},
+            reverse_instances=v.reversed_channels,
+            grids=grids,
+        )
+        _save(
+            _code_to_labels(v.code, convention),
+            v.affine,
+            root / v.case_id / f"{v.case_id}_seg.nii.gz",
+            v.case_id,
+        )
+        ids.append(v.case_id)
     return ids
