@@ -45,7 +45,7 @@ class InvalidInput(MedsegError, ValueError):
     """
 
 
-class InvalidName(InvalidInput):
+class InvalidName(MedsegError):
     """A dataset, model, run or case name breaks the naming rule of :mod:`medseg.names`."""
 
 
