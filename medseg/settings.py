@@ -134,6 +134,10 @@ class ServerLimits(BaseSettings):
         max_json_values: Values (numbers, strings, …) in a request's JSON part; tensors of a
             real size travel as binary data.
         retry_after_s: The Retry-After of a 503.
+        malloc_arenas: glibc malloc arenas the server may use (``mallopt(M_ARENA_MAX)``).
+            Without a bound each worker thread gets an arena of its own, memory freed by one
+            request is not reused by the next one on another thread, and the RSS creeps up
+            by a working set per thread.
     """
 
     model_config = SettingsConfigDict(env_prefix="MEDSEG_SERVER_", extra="ignore")
@@ -153,6 +157,7 @@ class ServerLimits(BaseSettings):
     max_spacing_mm: float = Field(default=50.0, gt=0)
     max_json_values: int = Field(default=2_000_000, ge=1)
     retry_after_s: int = Field(default=5, ge=1)
+    malloc_arenas: int = Field(default=2, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerLimits:

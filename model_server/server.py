@@ -11,13 +11,20 @@ message limits, which kserve leaves at 8 MiB otherwise) and ``--max_concurrency`
 from __future__ import annotations
 
 import argparse
+import ctypes
+import logging
 import os
 import sys
 
 from medseg.kserve_import import clean_argv
 from medseg.settings import ServerLimits
 
-__all__ = ["limits_from_args", "parse_args", "serve"]
+__all__ = ["limit_malloc_arenas", "limits_from_args", "parse_args", "serve"]
+
+log = logging.getLogger(__name__)
+
+#: ``mallopt``'s parameter for the number of arenas (glibc's malloc.h).
+_M_ARENA_MAX = -8
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -49,9 +56,23 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
     return ServerLimits(**overrides)
 
 
+def limit_malloc_arenas(arenas: int) -> bool:
+    """Bound glibc's malloc arenas for the threads started from now on; False where not glibc.
+
+    Call before the worker threads start: arenas already made stay.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
 def serve(argv: list[str] | None = None) -> None:
     """Load the model and serve it until SIGTERM/SIGINT."""
     argv = sys.argv[1:] if argv is None else argv
+    bounded = limit_malloc_arenas(ServerLimits().malloc_arenas)  # before kserve starts threads
     with clean_argv(argv):  # kserve parses sys.argv on import: let it see ours only
         args = parse_args(argv)
         import kserve.model_server as ks
@@ -60,6 +81,8 @@ def serve(argv: list[str] | None = None) -> None:
     from model_server.predictor import MedsegPredictor
     from model_server.rest import InflightBudget, install
 
+    if not bounded:
+        log.warning("malloc arenas not bounded (not glibc): RSS may grow with worker threads")
     model = MedsegPredictor(args.model_name, args.model_dir, limits)
     model.load()
     budget = InflightBudget(limits.max_inflight_bytes)
