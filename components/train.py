@@ -25,14 +25,11 @@ def train_op(
     metrics: Output[Metrics],
 ) -> str:
     """Train run ``run_id`` (resuming it if it has checkpoints); returns its model URI."""
-    import os
-    import tempfile
-
     import yaml
 
     from medseg.config import MedsegConfig
     from medseg.kube import Release
-    from medseg.launchers import PyTorchJobSpec, S3Secret, run_local, submit_pytorchjob
+    from medseg.launchers import Launcher, PyTorchJobLauncher, S3Secret, TorchrunLauncher, TrainRun
     from medseg.storage import Storage, join
 
     cfg = MedsegConfig.model_validate(yaml.safe_load(config_yaml) or {})
@@ -42,28 +39,18 @@ def train_op(
     run_prefix = join(store, "runs", run_id)
     config_uri = join(run_prefix, "config.yaml")
     storage.put_bytes(config_uri, cfg.to_yaml().encode())
-    if launcher == "local":
-        with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as tmp:
-            tmp.write(cfg.to_yaml())
-        try:
-            run_local(dataset_spec, store, run_id, tmp.name, nproc=workers, env=dict(os.environ))
-        finally:
-            os.unlink(tmp.name)
-    else:
-        spec = PyTorchJobSpec(
-            name=f"medseg-{run_id}"[:63].lower(),
-            namespace=namespace,
+    chosen: Launcher = TorchrunLauncher(nproc=workers)
+    if launcher != "local":
+        chosen = PyTorchJobLauncher(
             image=image,
-            dataset=dataset_spec,
-            store=store,
-            run_id=run_id,
-            config_uri=config_uri,
+            namespace=namespace,
+            service_account=Release(release, namespace).pipeline_service_account,
             workers=workers,
             gpus_per_worker=gpus_per_worker,
             s3=S3Secret(name=s3_secret, config=s3_config),
-            service_account=Release(release, namespace).pipeline_service_account,
+            wait_timeout=wait_timeout,
         )
-        submit_pytorchjob(spec, wait_timeout=wait_timeout)
+    chosen.launch(TrainRun(dataset_spec, store, run_id, config_uri))
     model_uri = join(run_prefix, "model")
     lineage = storage.get_json(join(model_uri, "lineage.json"))
     best = lineage["best"]

@@ -41,6 +41,7 @@ __all__ = [
     "HeldOutCase",
     "held_out_case",
     "run_demo",
+    "run_local_demo",
     "score_mask",
     "send_case",
 ]
@@ -66,6 +67,8 @@ DEMO_CONFIG: dict[str, Any] = {
 DEMO_SHAPE = (64, 64, 48)
 #: The model's name in the registry and on the server.
 DEMO_MODEL = "demo-segresnet"
+#: The bucket of the demo's own MinIO.
+DEMO_BUCKET = "medseg"
 
 
 @dataclass(frozen=True)
@@ -377,3 +380,42 @@ def run_demo(
             log=log_path,
             seconds=time.perf_counter() - started,
         )
+
+
+def run_local_demo(
+    workdir: Path,
+    cases: int,
+    source: Path | None,
+    epochs: int,
+    console: Console,
+    config: MedsegConfig | None = None,
+    threshold: float = 0.8,
+) -> DemoResult:
+    """The whole demo: a fresh local MinIO (step 1), then :func:`run_demo` against it.
+
+    The env file and the model cache go under ``workdir`` unless ``MEDSEG_ENV_FILE`` and
+    ``MEDSEG_CACHE_DIR`` say otherwise; MinIO stops when the demo ends, however it ends.
+
+    Raises:
+        MedsegError: If ``source`` is not a dataset folder (before MinIO starts), or a step fails.
+    """
+    import shutil
+
+    from medseg.minio_server import start_and_export
+
+    if source is not None:
+        from medseg.layouts import detect_layout
+
+        detect_layout(source)  # a wrong folder fails now, not after MinIO started
+    shutil.rmtree(workdir / "minio-data", ignore_errors=True)  # a fresh store every run
+    workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("MEDSEG_ENV_FILE", str(workdir / "minio.env"))
+    os.environ.setdefault("MEDSEG_CACHE_DIR", str(workdir / "cache"))
+    console.rule("medseg demo")
+    server = start_and_export(workdir / "minio-data", None, DEMO_BUCKET)
+    try:
+        console.print(f"MinIO on {server.endpoint}, bucket s3://{DEMO_BUCKET}", highlight=False)
+        store = f"s3://{DEMO_BUCKET}"
+        return run_demo(workdir, store, cases, source, epochs, console, config, threshold)
+    finally:
+        server.stop()

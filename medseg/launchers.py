@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE, check_operator
@@ -23,14 +23,66 @@ from medseg.names import check_name
 
 __all__ = [
     "LAUNCHERS",
+    "Launcher",
+    "PyTorchJobLauncher",
     "PyTorchJobSpec",
     "S3Secret",
+    "TorchrunLauncher",
+    "TrainRun",
     "build_pytorchjob",
     "run_local",
     "submit_pytorchjob",
+    "torchrun_argv",
 ]
 
 LAUNCHERS = ("local", "pytorchjob")
+
+
+#: torchrun's rendezvous in a PyTorchJob pod: from the operator's ``PET_*`` variables (a shell
+#: expands them; the container runs ``/bin/sh -c``).
+_PET_RENDEZVOUS = (
+    '--nnodes="$PET_NNODES" --nproc-per-node="$PET_NPROC_PER_NODE" '
+    '--node-rank="$PET_NODE_RANK" --master-addr="$PET_MASTER_ADDR" '
+    '--master-port="$PET_MASTER_PORT"'
+)
+
+
+@dataclass(frozen=True)
+class TrainRun:
+    """One training run, as every launcher starts it: ``python -m medseg.train`` arguments.
+
+    Attributes:
+        dataset: ``NAME@VERSION``, preprocessed.
+        store: ``s3://BUCKET`` (or a folder) of the platform.
+        run_id: Run id; the same id resumes the run.
+        config: The run's :class:`~medseg.config.MedsegConfig` YAML, a path or an ``s3://`` URI
+            (defaults when None).
+    """
+
+    dataset: str
+    store: str
+    run_id: str
+    config: str | None = None
+
+    def __post_init__(self) -> None:
+        check_name(self.run_id, "run id")  # before N processes start that would each refuse it
+
+    def argv(self) -> list[str]:
+        """The entrypoint and its arguments, after the interpreter (or torchrun)."""
+        argv = ["-m", "medseg.train", "--dataset", self.dataset, "--run-id", self.run_id]
+        argv += ["--store", self.store]
+        return argv + (["--config", self.config] if self.config else [])
+
+
+def torchrun_argv(run: TrainRun, torchrun: list[str], max_restarts: int) -> list[str]:
+    """``torchrun [rendezvous options] --max-restarts=N -m medseg.train …``, built once.
+
+    Args:
+        run: The run.
+        torchrun: The program and its rendezvous options (``--standalone --nproc-per-node N``).
+        max_restarts: torchrun's restarts of the worker group after a failure.
+    """
+    return [*torchrun, f"--max-restarts={max_restarts}", *run.argv()]
 
 
 @dataclass(frozen=True)
@@ -126,24 +178,9 @@ class PyTorchJobSpec:
 
     def command(self) -> list[str]:
         """The container command: torchrun from the operator's ``PET_*`` variables."""
-        train = [
-            "-m",
-            "medseg.train",
-            "--dataset",
-            self.dataset,
-            "--run-id",
-            self.run_id,
-            "--store",
-            self.store,
-            "--config",
-            self.config_uri,
-        ]
-        script = (
-            'exec torchrun --nnodes="$PET_NNODES" --nproc-per-node="$PET_NPROC_PER_NODE" '
-            '--node-rank="$PET_NODE_RANK" --master-addr="$PET_MASTER_ADDR" '
-            f'--master-port="$PET_MASTER_PORT" --max-restarts={self.max_restarts} '
-            + " ".join(shlex.quote(a) for a in train)
-        )
+        run = TrainRun(self.dataset, self.store, self.run_id, self.config_uri)
+        program, *rest = torchrun_argv(run, ["torchrun"], self.max_restarts)
+        script = " ".join(["exec", program, _PET_RENDEZVOUS, *map(shlex.quote, rest)])
         return ["/bin/sh", "-c", script]
 
 
@@ -290,6 +327,105 @@ def submit_pytorchjob(
         ) from None
 
 
+class Launcher(Protocol):
+    """Starts a training run somewhere and returns when it succeeded.
+
+    Every launcher runs the same entrypoint (:meth:`TrainRun.argv`) under torchrun; what differs
+    is where the processes run. Implementations: :class:`TorchrunLauncher` (here),
+    :class:`PyTorchJobLauncher` (Training Operator v1); a Kubeflow Trainer v2 ``TrainJob``
+    launcher fits the same protocol.
+    """
+
+    def launch(self, run: TrainRun) -> None:
+        """Run ``run`` to its end.
+
+        Raises:
+            MedsegError: If the run fails.
+        """
+
+
+@dataclass(frozen=True)
+class TorchrunLauncher:
+    """Train on this machine: ``nproc`` torchrun processes (gloo on CPU, NCCL on GPUs).
+
+    Attributes:
+        nproc: Processes.
+        max_restarts: torchrun's restarts of the worker group after a failure.
+        env: The processes' environment (default: this process's).
+    """
+
+    nproc: int = 1
+    max_restarts: int = 3
+    env: dict[str, str] | None = None
+
+    def argv(self, run: TrainRun) -> list[str]:
+        """The command line: torchrun (as a module of this interpreter), standalone."""
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+        return torchrun_argv(run, [*torchrun, f"--nproc-per-node={self.nproc}"], self.max_restarts)
+
+    def launch(self, run: TrainRun) -> None:
+        """Run torchrun and wait for it.
+
+        Raises:
+            MedsegError: If training fails.
+        """
+        rc = subprocess.call(self.argv(run), env=self.env)
+        if rc:
+            raise MedsegError(f"training run {run.run_id} failed (torchrun exit code {rc})")
+
+
+@dataclass(frozen=True)
+class PyTorchJobLauncher:
+    """Train on the cluster: a PyTorchJob (see :func:`build_pytorchjob`), waited for.
+
+    Attributes:
+        image: The project image.
+        namespace: Namespace of the job (the Helm release's).
+        service_account: The pods' ServiceAccount.
+        workers: Pods.
+        gpus_per_worker: GPUs per pod (one process each).
+        s3: Object-store access.
+        wait_timeout: Seconds to wait for the job to succeed.
+    """
+
+    image: str
+    namespace: str = DEFAULT_RELEASE.namespace
+    service_account: str = DEFAULT_RELEASE.pipeline_service_account
+    workers: int = 2
+    gpus_per_worker: int = 0
+    s3: S3Secret = field(default_factory=S3Secret)
+    wait_timeout: int = 86400
+
+    def spec(self, run: TrainRun) -> PyTorchJobSpec:
+        """The job for ``run``; its config must be in the object store, where pods read it.
+
+        Raises:
+            MedsegError: If the run's config is not an ``s3://`` URI.
+        """
+        if run.config is None or not run.config.startswith("s3://"):
+            raise MedsegError(
+                f"run {run.run_id}: a PyTorchJob reads its config from the object store, "
+                f"got {run.config!r} (store the config and pass its s3:// URI)"
+            )
+        return PyTorchJobSpec(
+            name=f"medseg-{run.run_id}"[:63].lower(),
+            namespace=self.namespace,
+            image=self.image,
+            dataset=run.dataset,
+            store=run.store,
+            run_id=run.run_id,
+            config_uri=run.config,
+            workers=self.workers,
+            gpus_per_worker=self.gpus_per_worker,
+            s3=self.s3,
+            service_account=self.service_account,
+        )
+
+    def launch(self, run: TrainRun) -> None:
+        """Create the job and wait for it (see :func:`submit_pytorchjob`)."""
+        submit_pytorchjob(self.spec(run), wait_timeout=self.wait_timeout)
+
+
 def run_local(
     dataset: str,
     store: str,
@@ -299,15 +435,9 @@ def run_local(
     max_restarts: int = 3,
     env: dict[str, str] | None = None,
 ) -> None:
-    """Train here: ``medseg train`` with ``nproc`` torchrun processes (gloo on CPU).
+    """Train here with ``nproc`` torchrun processes (gloo on CPU); see :class:`TorchrunLauncher`.
 
     Raises:
         MedsegError: If training fails.
     """
-    check_name(run_id, "run id")  # before torchrun starts N processes that would each refuse it
-    cmd = [sys.executable, "-m", "medseg", "train", "--dataset", dataset, "--run-id", run_id]
-    cmd += ["--store", store, "--config", config_path, "--nproc-per-node", str(nproc)]
-    cmd += ["--max-restarts", str(max_restarts)]
-    done = subprocess.run(cmd, env=env, check=False)
-    if done.returncode:
-        raise MedsegError(f"local training run {run_id} failed (exit code {done.returncode})")
+    TorchrunLauncher(nproc, max_restarts, env).launch(TrainRun(dataset, store, run_id, config_path))

@@ -183,3 +183,12 @@ class DatasetRef(BaseModel):
                 "(changed after ingest); re-ingest the source"
             )
         return manifest
+
+
+def list_manifests(storage: Storage, store: str) -> list[Manifest]:
+    """Every stored dataset version's manifest, in the store's listing order."""
+    return [
+        Manifest.model_validate(storage.get_json(obj.uri))
+        for obj in storage.list(join(store, "datasets"))
+        if obj.uri.endswith("/manifest.json")
+    ]

@@ -32,6 +32,7 @@ __all__ = [
     "free_port",
     "private_dir",
     "read_env_file",
+    "start_and_export",
     "start_local",
     "write_env_file",
 ]
@@ -330,4 +331,17 @@ def start_local(data_dir: Path, port: int | None, bucket: str, env_file: Path) -
     except BaseException:
         server.stop()
         raise
+    return server
+
+
+def start_and_export(data_dir: Path, port: int | None, bucket: str) -> MinioServer:
+    """:func:`start_local` for this process and what it starts.
+
+    The env file goes where every medseg command reads it (:func:`medseg.settings.env_file_path`)
+    and the server's endpoint and credentials go into this process's environment.
+    """
+    from medseg.settings import env_file_path
+
+    server = start_local(data_dir, port, bucket, env_file_path())
+    os.environ.update(server.env())
     return server

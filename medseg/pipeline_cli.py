@@ -15,14 +15,23 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
+from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
 from medseg.kube import PIPELINE_SERVICE_ACCOUNT
 
-__all__ = ["KfpLocalLog", "StepEvents", "compile_pipeline", "run_local", "submit", "upload"]
+__all__ = [
+    "KfpLocalLog",
+    "StepEvents",
+    "compile_pipeline",
+    "pipeline_arguments",
+    "run_local",
+    "submit",
+    "upload",
+]
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # kfp.local's own log lines (kfp/local/task_dispatcher.py), once their colours are stripped.
@@ -110,6 +119,30 @@ class KfpLocalLog(io.TextIOBase):
             if _ERROR_LINE.match(line):
                 return line
         return lines[-1] if lines else "no output"
+
+
+def pipeline_arguments(
+    params: dict[str, Any], config: MedsegConfig | None = None, extra: Iterable[str] = ()
+) -> dict[str, Any]:
+    """The pipeline's arguments: ``params``, the config as YAML, then ``KEY=VALUE`` overrides.
+
+    Args:
+        params: Pipeline parameters by name.
+        config: The run's config; sent whole as ``config_yaml`` (defaults when None).
+        extra: ``KEY=VALUE`` items (``--param``); a value of digits is an int.
+
+    Raises:
+        MedsegError: If an item is not ``KEY=VALUE``.
+    """
+    args = dict(params)
+    if config is not None:
+        args["config_yaml"] = config.to_yaml()
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise MedsegError(f"--param takes KEY=VALUE, got {item!r}")
+        args[key] = int(value) if value.lstrip("-").isdigit() else value
+    return args
 
 
 def compile_pipeline(out: Path) -> Path:

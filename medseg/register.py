@@ -22,9 +22,9 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.names import check_name
-from medseg.storage import Storage, join
+from medseg.storage import Storage, is_s3, join
 
-__all__ = ["list_models", "register", "resolve_model"]
+__all__ = ["list_models", "model_uri", "register", "resolve_model"]
 
 _VERSION = re.compile(r"/models/([^/]+)/v(\d+)/model_card\.json$")
 _TAKEN = re.compile(r"/models/[^/]+/v(\d+)/")
@@ -78,6 +78,25 @@ def resolve_model(storage: Storage, store: str, spec: str) -> str:
         known = ", ".join(c["version"] for c in cards)
         raise MedsegError(f"model {name} has no version {version} (registered: {known})")
     return join(store, "models", name, version)
+
+
+def model_uri(storage: Storage, store: str, model: str) -> str:
+    """What a user names a model by, to the model's prefix.
+
+    Args:
+        storage: The object store.
+        store: ``s3://BUCKET`` (or a folder) of the platform.
+        model: A training run id (its ``runs/RUN/model``), a registered ``NAME@VERSION`` (or
+            ``NAME@latest``), or the model's own URI or folder.
+
+    Raises:
+        MedsegError: If a registered model or version does not exist.
+    """
+    if is_s3(model) or Path(model).is_dir():
+        return model
+    if "@" in model:
+        return resolve_model(storage, store, model)
+    return join(store, "runs", model, "model")
 
 
 def register(

@@ -19,6 +19,8 @@ from urllib.parse import urlparse
 from pydantic import AliasChoices, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+#: The platform's store (datasets, runs, models) when nothing else is said: the default bucket.
+DEFAULT_STORE = "s3://medseg"
 #: Default env file written by ``medseg minio`` and read by every other command.
 DEFAULT_ENV_FILE = Path(".medseg") / "minio.env"
 

@@ -47,6 +47,7 @@ __all__ = [
     "SynthCase",
     "dicom_variant",
     "make_case",
+    "synthesize",
     "write_dataset",
     "write_dicom_dataset",
 ]
@@ -429,3 +430,42 @@ def write_dicom_dataset(
         )
         ids.append(v.case_id)
     return ids
+
+
+#: The layouts (and label conventions) :func:`synthesize` writes.
+LAYOUTS = ("brats2021", "brats2023", "msd")
+#: The file formats :func:`synthesize` writes.
+FORMATS = ("nifti", "dicom")
+
+
+def synthesize(
+    out: str | Path,
+    layout: str = "brats2021",
+    n_cases: int = 8,
+    shape: tuple[int, int, int] = (96, 96, 64),
+    seed: int = 0,
+    fmt: str = "nifti",
+) -> list[str]:
+    """Write a synthetic dataset: NIfTI cases in ``layout``, or DICOM studies with its labels.
+
+    Args:
+        out: Folder to write into (created).
+        layout: One of :data:`LAYOUTS` (for DICOM: the ground truth's label convention).
+        n_cases: Number of cases.
+        shape: Volume shape at 1 mm.
+        seed: Dataset seed.
+        fmt: One of :data:`FORMATS`.
+
+    Returns:
+        The case ids written.
+
+    Raises:
+        InvalidInput: If the layout or the format is unknown, or the shape is empty.
+    """
+    if layout not in LAYOUTS:
+        raise InvalidInput(f"unknown layout {layout!r}: use {', '.join(LAYOUTS)}")
+    if fmt not in FORMATS:
+        raise InvalidInput(f"unknown format {fmt!r}: use {' or '.join(FORMATS)}")
+    if fmt == "dicom":
+        return write_dicom_dataset(out, n_cases, shape, seed, convention=layout)
+    return write_dataset(out, layout, n_cases, shape, seed)

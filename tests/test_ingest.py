@@ -120,6 +120,21 @@ def test_reingest_is_a_noop(synth_root: Path, storage: Storage, bucket: str) -> 
     assert [(o.uri, o.size) for o in storage.list(bucket)] == objects
 
 
+def test_list_manifests_finds_every_stored_version(
+    synth_root: Path, storage: Storage, bucket: str
+) -> None:
+    from medseg.manifest import list_manifests
+
+    assert list_manifests(storage, bucket) == []
+    a = ingest(str(synth_root / "brats2021"), "a", bucket, storage=storage).manifest
+    b = ingest(str(synth_root / "msd"), "b", bucket, storage=storage).manifest
+    found = sorted(list_manifests(storage, bucket), key=lambda m: m.name)
+    assert [(m.name, m.version, m.layout) for m in found] == [
+        ("a", a.version, "brats2021"),
+        ("b", b.version, "msd"),
+    ]
+
+
 def test_manifest_records_facts_and_a_seeded_split(
     synth_root: Path, storage: Storage, bucket: str
 ) -> None:

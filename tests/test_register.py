@@ -12,7 +12,7 @@ import pytest
 
 from medseg.errors import ChecksumMismatch, InvalidName, MedsegError
 from medseg.minio_server import MinioServer
-from medseg.register import list_models, register, resolve_model
+from medseg.register import list_models, model_uri, register, resolve_model
 from medseg.storage import Storage, join
 
 _REGISTER = """
@@ -97,6 +97,19 @@ def test_versions_only_grow_and_resolve(storage: Storage, store: str) -> None:
     assert resolve_model(storage, store, "m@v1") == join(store, "models", "m", "v1")
     with pytest.raises(MedsegError, match="no version v2"):
         resolve_model(storage, store, "m@v2")
+
+
+def test_model_uri_names_a_run_a_registered_version_or_a_location(
+    storage: Storage, store: str, tmp_path: Path
+) -> None:
+    _finished_run(storage, store, "r1")
+    register(storage, store, "r1", "m")
+    assert model_uri(storage, store, "r1") == join(store, "runs", "r1", "model")
+    assert model_uri(storage, store, "m@latest") == join(store, "models", "m", "v1")
+    assert model_uri(storage, store, "s3://other/models/x/v3") == "s3://other/models/x/v3"
+    assert model_uri(storage, store, str(tmp_path)) == str(tmp_path)  # a model folder
+    with pytest.raises(MedsegError, match="no model 'absent' registered"):
+        model_uri(storage, store, "absent@v1")
 
 
 @pytest.mark.parametrize("name", ["a/b", "x@y", "../m", "m\n", "m" * 200])

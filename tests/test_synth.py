@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from medseg.config import CHANNELS
-from medseg.synth import make_case, write_dataset
+from medseg.errors import InvalidInput
+from medseg.synth import make_case, synthesize, write_dataset
 
 from .conftest import SHAPE
 
@@ -100,4 +101,24 @@ def test_full_size_shape_on_request(tmp_path: Path) -> None:
         240,
         240,
         155,
+    )
+
+
+@pytest.mark.parametrize(
+    ("layout", "fmt", "message"),
+    [("brats2019", "nifti", "unknown layout 'brats2019'"), ("msd", "png", "unknown format 'png'")],
+)
+def test_synthesize_refuses_unknown_layouts_and_formats_before_writing(
+    tmp_path: Path, layout: str, fmt: str, message: str
+) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        synthesize(tmp_path / "out", layout, 1, SHAPE, fmt=fmt)
+    assert not (tmp_path / "out").exists()
+
+
+def test_synthesize_writes_the_layout_asked_for(tmp_path: Path) -> None:
+    ids = synthesize(tmp_path / "msd", "msd", 2, SHAPE)
+    assert ids == write_dataset(tmp_path / "again", "msd", 2, SHAPE)
+    assert sorted(p.name for p in (tmp_path / "msd" / "imagesTr").iterdir()) == sorted(
+        f"{i}.nii.gz" for i in ids
     )

@@ -1,0 +1,128 @@
+"""Data commands: ``synth``, ``ingest``, ``preprocess``, ``datasets list``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from medseg.cli.common import ConfigOpt, StoreOpt, app, console, handles_errors, load_config
+from medseg.settings import DEFAULT_STORE
+
+datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+Shape = Annotated[
+    tuple[int, int, int], typer.Option(help="Volume shape; 240 240 155 is full BraTS size.")
+]
+Format = Annotated[
+    str,
+    typer.Option("--format", help="nifti, or dicom (MR studies; labels in --layout's convention)."),
+]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name.")]
+LabelsOpt = Annotated[
+    str | None, typer.Option(help="Label convention override: brats2021, brats2023, msd.")
+]
+
+
+@app.command()
+@handles_errors
+def synth(
+    out: Annotated[Path, typer.Argument(help="Folder to write the cases into.")],
+    layout: Annotated[str, typer.Option(help="brats2021, brats2023 or msd.")] = "brats2021",
+    cases: Annotated[int, typer.Option(min=1, help="Number of cases.")] = 8,
+    shape: Shape = (96, 96, 64),
+    seed: Annotated[int, typer.Option(help="Dataset seed.")] = 0,
+    fmt: Format = "nifti",
+) -> None:
+    """Write deterministic synthetic BraTS-like cases in a public layout, or as DICOM studies."""
+    from medseg.synth import synthesize
+
+    ids = synthesize(out, layout, cases, shape, seed, fmt)
+    if fmt == "dicom":
+        console.print(f"wrote {len(ids)} DICOM studies ({layout} labels) of shape {shape} to {out}")
+    else:
+        console.print(f"wrote {len(ids)} {layout} cases of shape {shape} to {out}")
+
+
+@app.command()
+@handles_errors
+def ingest(
+    source: Annotated[str, typer.Argument(help="Dataset folder or s3:// prefix.")],
+    dataset: DatasetOpt,
+    store: StoreOpt = DEFAULT_STORE,
+    labels: LabelsOpt = None,
+    strict: Annotated[bool, typer.Option(help="Fail if any case is invalid.")] = False,
+    workers: Annotated[int, typer.Option(min=1, help="Validation processes.")] = 1,
+    config: ConfigOpt = None,
+) -> None:
+    """Validate raw cases, quarantine bad ones, and store a versioned dataset."""
+    from medseg.ingest import ingest as run_ingest
+
+    split = load_config(config).split
+    result = run_ingest(
+        source, dataset, store, labels=labels, split=split, strict=strict, workers=workers
+    )
+    m = result.manifest
+    verb = "stored" if result.created else "already stored (no-op)"
+    console.print(
+        f"dataset [bold]{result.ref}[/] {verb}: layout {m.layout}, labels {m.convention}, "
+        f"{len(m.cases)} valid cases ({len(m.split_ids('train'))} train, "
+        f"{len(m.split_ids('validation'))} validation), {result.uploaded} files uploaded"
+    )
+    if m.quarantined:
+        table = Table(title=f"{len(m.quarantined)} quarantined cases")
+        for col in ("case", "file", "reason"):
+            table.add_column(col)
+        for q in m.quarantined:
+            table.add_row(q.case_id, q.file or "", q.reason)
+        console.print(table)
+    console.print(f"manifest: {result.ref.manifest_uri}")
+
+
+@app.command()
+@handles_errors
+def preprocess(
+    dataset: Annotated[
+        str, typer.Option("--dataset", "-d", help="NAME, NAME@latest or NAME@VERSION.")
+    ],
+    store: StoreOpt = DEFAULT_STORE,
+    workers: Annotated[int, typer.Option(min=1, help="Worker processes.")] = max(
+        1, min(4, os.cpu_count() or 1)
+    ),
+    config: ConfigOpt = None,
+) -> None:
+    """Run the static preprocessing once per case and cache the result in the store."""
+    from medseg.preprocess import preprocess as run_preprocess
+
+    result = run_preprocess(dataset, store, load_config(config).data, workers=workers)
+    n = len(result.index["cases"])
+    if result.processed:
+        console.print(f"preprocessed {result.processed} of {n} cases into {result.prefix}")
+    else:
+        console.print(f"all {n} cases already preprocessed (no-op): {result.prefix}")
+
+
+@datasets_app.command("list")
+@handles_errors
+def datasets_list(store: StoreOpt = DEFAULT_STORE) -> None:
+    """List stored dataset versions."""
+    from medseg.manifest import list_manifests
+    from medseg.storage import Storage
+
+    table = Table()
+    for col in ("dataset", "version", "layout", "cases", "quarantined", "created"):
+        table.add_column(col)
+    for m in list_manifests(Storage(), store):
+        table.add_row(
+            m.name,
+            m.version,
+            m.layout,
+            str(len(m.cases)),
+            str(len(m.quarantined)),
+            m.created_at[:19],
+        )
+    console.print(table)

@@ -1,0 +1,94 @@
+"""This machine: ``minio`` (a local object store) and ``demo`` (the main job)."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from medseg.cli.common import ConfigOpt, ThresholdOpt, app, console, handles_errors, load_config
+
+DataDirOpt = Annotated[Path, typer.Option(help="Where objects are kept.")]
+PortOpt = Annotated[int, typer.Option(help="API port on 127.0.0.1 (0: a free one).")]
+WorkdirOpt = Annotated[Path, typer.Option(help="Scratch folder for the demo.")]
+CasesOpt = Annotated[int, typer.Option(min=4, help="Synthetic cases to generate.")]
+DemoEpochs = Annotated[int, typer.Option(help="Override the demo's training epochs.")]
+DemoSource = Annotated[
+    Path | None,
+    typer.Option(help="Your own BraTS 2021/2023+ or MSD Task01 folder instead of synthetic data."),
+]
+
+
+@app.command()
+@handles_errors
+def minio(
+    data_dir: DataDirOpt = Path(".medseg/minio-data"),
+    port: PortOpt = 9000,
+    bucket: Annotated[str, typer.Option(help="Bucket to create.")] = "medseg",
+) -> None:
+    """Run a local MinIO server on 127.0.0.1 until interrupted.
+
+    Generated credentials and the endpoint are written to the local env file (.medseg/minio.env,
+    or MEDSEG_ENV_FILE) that every other medseg command reads.
+    """
+    from medseg.minio_server import start_and_export
+
+    # The handler comes first: a SIGTERM right after start-up must still stop MinIO cleanly.
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    server = start_and_export(data_dir, port or None, bucket)
+    console.print(f"MinIO on {server.endpoint}, bucket s3://{bucket}; Ctrl-C stops it")
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run_until(lambda: bool(stop))  # exits non-zero if MinIO dies
+
+
+@app.command()
+@handles_errors
+def demo(
+    workdir: WorkdirOpt = Path(".medseg/demo"),
+    cases: CasesOpt = 20,
+    epochs: DemoEpochs = 0,
+    source: DemoSource = None,
+    config: ConfigOpt = None,
+    threshold: ThresholdOpt = 0.8,
+) -> None:
+    """The main job: the whole platform end to end on this machine (see medseg.demo)."""
+    from medseg.demo import run_local_demo
+
+    started = time.perf_counter()
+    cfg = load_config(config) if config else None
+    result = run_local_demo(workdir, cases, source, epochs, console, cfg, threshold)
+    _print_demo(result)
+    console.print(f"demo finished in {time.perf_counter() - started:.0f} s", highlight=False)
+
+
+def _print_demo(result: Any) -> None:
+    """What the demo measured (a :class:`~medseg.demo.DemoResult`): scores, latencies, files."""
+    table = Table(title=f"results: model {result.model_uri}")
+    for col in ("region", "validation Dice", f"Dice on {result.case_id}", "volume (mL)"):
+        table.add_column(col, justify="right")
+    for region in result.dice_case:
+        table.add_row(
+            region,
+            f"{result.dice_validation[region]:.4f}",
+            f"{result.dice_case[region]:.4f}",
+            f"{result.volumes_ml[region]:.2f}",
+        )
+    mean = sum(result.dice_validation.values()) / len(result.dice_validation)
+    table.add_row("mean", f"{mean:.4f}", "", "")
+    console.print(table)
+    console.print(
+        f"latency of {result.case_id} end to end: REST {result.latency_rest_s:.2f} s, "
+        f"gRPC {result.latency_grpc_s:.2f} s (server compute {result.compute_ms} ms)",
+        highlight=False,
+    )
+    console.print(
+        f"report {result.report} · overlay {result.overlay} · mask {result.mask}\n"
+        f"full log: {result.log}",
+        highlight=False,
+    )

@@ -1,0 +1,129 @@
+"""``medseg pipeline compile | upload | run --local | submit``: the Kubeflow pipeline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from medseg.cli.common import (
+    ConfigOpt,
+    StoreOpt,
+    ThresholdOpt,
+    app,
+    console,
+    handles_errors,
+    load_config,
+)
+from medseg.errors import MedsegError
+from medseg.kube import PIPELINE_SERVICE_ACCOUNT
+from medseg.settings import DEFAULT_STORE
+
+pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit.")
+app.add_typer(pipeline_app, name="pipeline")
+
+PipelineSource = Annotated[str, typer.Option(help="Raw dataset folder (or s3:// prefix).")]
+EpochsOpt = Annotated[int, typer.Option(help="Overrides train.epochs when above 0.")]
+ModelNameOpt = Annotated[str, typer.Option(help="Registry name.")]
+LauncherOpt = Annotated[str, typer.Option(help="local or pytorchjob.")]
+PipelineParams = Annotated[
+    list[str] | None, typer.Option("--param", help="Any other pipeline parameter, KEY=VALUE.")
+]
+HostOpt = Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline:8888.")]
+NamespaceOpt = Annotated[
+    str, typer.Option(help="Namespace of the Helm release: the run, its jobs and services.")
+]
+ServiceAccountOpt = Annotated[
+    str, typer.Option(help="The run's ServiceAccount (the chart's pipeline.serviceAccount).")
+]
+
+
+@pipeline_app.command("compile")
+@handles_errors
+def pipeline_compile(
+    out: Annotated[Path, typer.Option("--out", "-o", help="IR YAML to write.")] = Path(
+        "medseg-pipeline.yaml"
+    ),
+) -> None:
+    """Compile the pipeline to KFP IR YAML."""
+    from medseg.pipeline_cli import compile_pipeline
+
+    console.print(f"compiled pipeline: {compile_pipeline(out)}")
+
+
+@pipeline_app.command("upload")
+@handles_errors
+def pipeline_upload(
+    host: HostOpt,
+    name: Annotated[str, typer.Option(help="Pipeline name on the backend.")] = "medseg-brats",
+    version: Annotated[str, typer.Option(help="Version name when the pipeline exists.")] = (
+        "0.1.0"
+    ),
+) -> None:
+    """Compile and upload the pipeline to a Kubeflow Pipelines backend (the chart's Job)."""
+    from medseg.pipeline_cli import upload
+
+    uploaded = upload(host, name, version, Path("/tmp/medseg-pipeline.yaml"))
+    console.print(f"uploaded pipeline {name} ({uploaded}) to {host}")
+
+
+@pipeline_app.command("run")
+@handles_errors
+def pipeline_run(
+    source: PipelineSource,
+    local: Annotated[bool, typer.Option("--local", help="Run through kfp.local.")] = False,
+    store: StoreOpt = DEFAULT_STORE,
+    config: ConfigOpt = None,
+    epochs: EpochsOpt = 0,
+    workers: Annotated[int, typer.Option(help="Training processes.")] = 2,
+    launcher: LauncherOpt = "local",
+    threshold: ThresholdOpt = 0.8,
+    model_name: ModelNameOpt = "brats-segresnet",
+    root: Annotated[Path, typer.Option(help="kfp.local pipeline root.")] = Path(
+        ".medseg/kfp-local"
+    ),
+    param: PipelineParams = None,
+) -> None:
+    """Run the whole pipeline on this machine through kfp.local."""
+    if not local:
+        raise MedsegError("only --local runs here; use `medseg pipeline submit` for a cluster")
+    from medseg.pipeline_cli import pipeline_arguments, run_local
+
+    params = {"source": source, "store": store, "epochs": epochs, "workers": workers}
+    params |= {"launcher": launcher, "dice_threshold": threshold, "model_name": model_name}
+    cfg = load_config(config) if config else None
+    run_local(pipeline_arguments({**params, "deploy_target": "local"}, cfg, param or []), root)
+    console.print(f"pipeline finished; local outputs under {root}")
+
+
+@pipeline_app.command("submit")
+@handles_errors
+def pipeline_submit(
+    source: PipelineSource,
+    host: HostOpt,
+    store: StoreOpt = DEFAULT_STORE,
+    config: ConfigOpt = None,
+    epochs: EpochsOpt = 0,
+    workers: Annotated[int, typer.Option(help="PyTorchJob pods.")] = 2,
+    launcher: LauncherOpt = "pytorchjob",
+    threshold: ThresholdOpt = 0.8,
+    model_name: ModelNameOpt = "brats-segresnet",
+    experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "medseg",
+    namespace: NamespaceOpt = "kubeflow",
+    service_account: ServiceAccountOpt = PIPELINE_SERVICE_ACCOUNT,
+    param: PipelineParams = None,
+) -> None:
+    """Compile and start the pipeline on a Kubeflow Pipelines backend."""
+    from medseg.pipeline_cli import pipeline_arguments, submit
+
+    params = {"source": source, "store": store, "epochs": epochs, "workers": workers}
+    params |= {"launcher": launcher, "dice_threshold": threshold, "model_name": model_name}
+    cfg = load_config(config) if config else None
+    args = pipeline_arguments({**params, "deploy_target": "kserve"}, cfg, param or [])
+    package = Path(".medseg/medseg-pipeline.yaml")
+    run_id = submit(host, args, experiment, package, namespace, service_account)
+    console.print(
+        f"submitted run {run_id} to {host} (namespace {namespace}, "
+        f"service account {service_account})"
+    )

@@ -1,0 +1,270 @@
+"""Serving commands: ``serve``, ``deploy``, ``predict`` (a local model, or a model server)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from medseg.cli.common import StoreOpt, app, console, err_console, handles_errors
+from medseg.errors import MedsegError
+from medseg.settings import DEFAULT_STORE
+
+ServeModel = Annotated[
+    str, typer.Option(help="Run id, NAME@VERSION from the registry, or a model folder/URI.")
+]
+HostOpt = Annotated[
+    str | None,
+    typer.Option(help="Interface for REST and gRPC (default: MEDSEG_SERVER_HOST, else 127.0.0.1)."),
+]
+MaxRequestOpt = Annotated[
+    int | None,
+    typer.Option(help="Largest request, MiB (default: MEDSEG_SERVER_MAX_REQUEST_MB, else 256)."),
+]
+ConcurrencyOpt = Annotated[int | None, typer.Option(help="Cases segmented at once (default: 1).")]
+
+
+@app.command()
+@handles_errors
+def serve(
+    model: ServeModel,
+    store: StoreOpt = DEFAULT_STORE,
+    name: Annotated[str, typer.Option(help="Model name in the URL.")] = "medseg",
+    http_port: Annotated[int, typer.Option(help="REST port.")] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8081,
+    host: HostOpt = None,
+    max_request_mb: MaxRequestOpt = None,
+    max_concurrency: ConcurrencyOpt = None,
+) -> None:
+    """Serve a model with kserve's ModelServer (Open Inference Protocol v2, REST and gRPC).
+
+    It listens on loopback unless --host (or MEDSEG_SERVER_HOST) says otherwise; every other
+    limit is a MEDSEG_SERVER_* variable (medseg.settings.ServerLimits).
+    """
+    from medseg.register import model_uri
+    from medseg.storage import Storage
+    from model_server.server import serve as run_server
+
+    argv = ["--model_dir", model_uri(Storage(), store, model), "--model_name", name]
+    argv += ["--http_port", str(http_port), "--grpc_port", str(grpc_port)]
+    for flag, value in (
+        ("--host", host),
+        ("--max_request_mb", max_request_mb),
+        ("--max_concurrency", max_concurrency),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
+    run_server(argv)
+
+
+@app.command("deploy")
+@handles_errors
+def deploy_cmd(
+    model: Annotated[str, typer.Argument(help="Registered model: s3://BUCKET/models/NAME/vN.")],
+    image: Annotated[str, typer.Option(help="The model server image.")],
+    name: Annotated[str, typer.Option(help="InferenceService (and model) name.")] = (
+        "brats-segresnet"
+    ),
+    namespace: Annotated[str, typer.Option(help="The chart's release namespace.")] = "medseg",
+    release: Annotated[str, typer.Option(help="The chart's release (names its objects).")] = (
+        "medseg"
+    ),
+    mode: Annotated[str, typer.Option(help="Knative or Standard.")] = "Knative",
+    min_replicas: Annotated[int, typer.Option(help="Fewest replicas.")] = 1,
+    max_replicas: Annotated[int, typer.Option(help="Most replicas.")] = 3,
+    scale_metric: Annotated[
+        str | None, typer.Option(help="concurrency/rps (Knative), cpu/memory (Standard).")
+    ] = None,
+    scale_target: Annotated[int | None, typer.Option(help="Target per replica.")] = None,
+    cpu: Annotated[str, typer.Option(help="CPU per replica.")] = "2",
+    memory: Annotated[str, typer.Option(help="Memory per replica.")] = "8Gi",
+    gpus: Annotated[int, typer.Option(help="GPUs per replica.")] = 0,
+    timeout: Annotated[int, typer.Option(help="Seconds to wait for Ready.")] = 900,
+    recreate: Annotated[
+        bool, typer.Option(help="Delete and recreate the service to change its mode.")
+    ] = False,
+) -> None:
+    """Create or patch the KServe InferenceService of a registered model; wait until Ready."""
+    from medseg.deploy import InferenceServiceSpec, default_scaling, deploy
+    from medseg.kube import Release
+
+    metric, target = default_scaling(mode, scale_metric)
+    spec = InferenceServiceSpec(
+        name=name,
+        storage_uri=model,
+        image=image,
+        namespace=namespace,
+        service_account=Release(release, namespace).predictor_service_account,
+        deployment_mode=mode,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        scale_metric=metric,
+        scale_target=scale_target or target,
+        cpu=cpu,
+        memory=memory,
+        gpus=gpus,
+    )
+    url = deploy(spec, timeout=timeout, recreate=recreate)
+    console.print(f"InferenceService {namespace}/{name} is Ready: {url}")
+
+
+Paths = Annotated[
+    list[str] | None,
+    typer.Argument(
+        help="A folder or s3:// prefix of cases (any public layout), one case folder, one "
+        "4D NIfTI, or four 3D files."
+    ),
+]
+PredictDataset = Annotated[
+    str | None, typer.Option("--dataset", "-d", help="NAME@VERSION: predict a split of it.")
+]
+SplitOpt = Annotated[str, typer.Option(help="validation, train or all (with --dataset).")]
+PredictModel = Annotated[
+    str | None,
+    typer.Option(
+        help="Local model: run id, NAME@VERSION or model URI. With --url: the model's name "
+        "on the server (default medseg)."
+    ),
+]
+UrlOpt = Annotated[
+    str | None,
+    typer.Option(help="Ask a model server instead: http://HOST:PORT, or HOST:PORT with --grpc."),
+]
+GrpcOpt = Annotated[bool, typer.Option("--grpc", help="Use gRPC (with --url).")]
+PredictOut = Annotated[
+    str | None,
+    typer.Option(
+        help="Local model: output folder or s3:// prefix (default for --dataset: "
+        "runs/RUN/predictions/…; else ./predictions). With --url: the mask file "
+        "(default mask.nii.gz)."
+    ),
+]
+LabelsOpt = Annotated[
+    str | None,
+    typer.Option(help="Label convention of the maps (default: the source's, else brats2021)."),
+]
+ChannelsOpt = Annotated[
+    str | None, typer.Option(help="Channel order of the files, e.g. flair,t1,t1gd,t2.")
+]
+TensorOpt = Annotated[
+    str | None, typer.Option(help="With --url: FP16 or FP32, send a raw tensor decoded here.")
+]
+PrefetchOpt = Annotated[int, typer.Option(min=1, help="Cases read ahead of the compute.")]
+
+
+@app.command()
+@handles_errors
+def predict(
+    paths: Paths = None,
+    dataset: PredictDataset = None,
+    split: SplitOpt = "validation",
+    model: PredictModel = None,
+    store: StoreOpt = DEFAULT_STORE,
+    url: UrlOpt = None,
+    grpc: GrpcOpt = False,
+    out: PredictOut = None,
+    labels: LabelsOpt = None,
+    channels: ChannelsOpt = None,
+    tensor: TensorOpt = None,
+    prefetch: PrefetchOpt = 2,
+) -> None:
+    """Segment cases: a dataset split, a folder/prefix or one case, with one loaded model.
+
+    Writes one label map per case (original grid and affine) and a volumes table (CSV, JSON);
+    a case that cannot be read is listed with its reason, the others are written, and the exit
+    status is 2. With --url, one case is sent to a model server instead.
+    """
+    order = channels.split(",") if channels else None
+    if url is not None:
+        _predict_remote(paths or [], url, grpc, model or "medseg", out, labels, order, tensor)
+        return
+    from medseg.predict import predict as run_predict
+    from medseg.register import model_uri
+    from medseg.storage import Storage
+
+    if model is None:
+        raise MedsegError("give --model (a run id, NAME@VERSION or model URI) or --url")
+    if dataset is None and not paths:
+        raise MedsegError("nothing to predict: give --dataset NAME@VERSION, a folder or files")
+    storage = Storage()
+    result = run_predict(
+        model_uri(storage, store, model),
+        out if out is not None or dataset else "predictions",
+        dataset=dataset,
+        split=split,
+        store=store,
+        paths=paths or [],
+        channels=order,
+        labels=labels,
+        storage=storage,
+        prefetch=prefetch,
+        on_case=_print_case,
+    )
+    _print_predictions(result)
+    if result.failed:
+        raise typer.Exit(2)
+
+
+def _print_case(case: str, failure: str | None) -> None:
+    ok = "[green]ok[/]" if failure is None else f"[red]failed[/]: {failure}"
+    console.print(f"{case}: {ok}", highlight=False)
+
+
+def _print_predictions(result: Any) -> None:
+    """Volumes per case, where they are written, and the cases not predicted (on stderr)."""
+    table = Table(title=f"tumour volumes (mL) · {len(result.cases)} cases")
+    for col in ("case", "TC", "WT", "ET"):
+        table.add_column(col, justify="right")
+    for row in result.cases:
+        vols = row["volumes_ml"]
+        table.add_row(row["case_id"], *(f"{vols[r]:.2f}" for r in ("TC", "WT", "ET")))
+    console.print(table)
+    console.print(
+        f"{len(result.cases)} label maps, volumes.csv and volumes.json in {result.out} "
+        f"({result.seconds:.1f} s)"
+    )
+    if result.failed:
+        failed = Table(title=f"{len(result.failed)} cases not predicted")
+        for col in ("case", "file", "reason"):
+            failed.add_column(col)
+        for f in result.failed:
+            failed.add_row(f.case_id, f.file or "", f.reason)
+        err_console.print(failed)
+
+
+def _predict_remote(
+    paths: list[str],
+    url: str,
+    grpc: bool,
+    model: str,
+    out: str | None,
+    labels: str | None,
+    channels: list[str] | None,
+    tensor: str | None,
+) -> None:
+    """``medseg predict --url``: one case to a model server; write the mask, print volumes."""
+    from medseg.client import predict as send
+
+    result = send(
+        url,
+        [Path(p) for p in paths],
+        grpc=grpc,
+        model=model,
+        label_convention=labels or "brats2021",
+        channels=channels,
+        tensor=tensor,
+    )
+    mask = Path(out or "mask.nii.gz")
+    mask.write_bytes(result.mask)
+    table = Table(title=f"tumour volumes ({'gRPC' if grpc else 'REST'})")
+    table.add_column("region")
+    table.add_column("mL", justify="right")
+    for region, ml in result.volumes_ml.items():
+        table.add_row(region, f"{ml:.2f}")
+    console.print(table)
+    console.print(
+        f"mask ({result.label_convention} labels): {mask}; latency {result.latency_s:.3f} s "
+        f"(server compute {result.compute_ms} ms)"
+    )

@@ -1,0 +1,148 @@
+"""Model commands: ``train``, ``evaluate``, ``register``, ``models list``."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from medseg.cli.common import ConfigOpt, StoreOpt, app, console, handles_errors, load_config
+from medseg.settings import DEFAULT_STORE
+
+models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+ModelRef = Annotated[
+    str, typer.Option(help="Run id, NAME@VERSION from the registry, or a model URI.")
+]
+NprocOpt = Annotated[
+    int, typer.Option(min=1, help="Processes; above 1, torchrun starts them (gloo on CPU).")
+]
+RestartsOpt = Annotated[int, typer.Option(min=0, help="torchrun restarts after a failure.")]
+EvalDataset = Annotated[
+    str | None, typer.Option(help="NAME@VERSION; default: the model's training dataset.")
+]
+GateOpt = Annotated[float | None, typer.Option(help="Quality gate on the mean Dice over TC/WT/ET.")]
+EnforceOpt = Annotated[bool, typer.Option(help="Exit with status 3 when the gate fails.")]
+PredictionsOpt = Annotated[
+    str | None,
+    typer.Option(help="Output of `medseg predict` for the split; default: predict it now."),
+]
+
+
+@app.command("train")
+@handles_errors
+def train_cmd(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="NAME[@VERSION], preprocessed.")],
+    run_id: Annotated[str, typer.Option(help="Run id; the same id resumes the run.")],
+    store: StoreOpt = DEFAULT_STORE,
+    config: ConfigOpt = None,
+    nproc_per_node: NprocOpt = 1,
+    max_restarts: RestartsOpt = 3,
+) -> None:
+    """Train SegResNet on a preprocessed dataset (resumes the run if it has checkpoints)."""
+    from medseg.launchers import TorchrunLauncher, TrainRun
+
+    run = TrainRun(dataset, store, run_id, str(config) if config else None)
+    if nproc_per_node > 1:
+        TorchrunLauncher(nproc_per_node, max_restarts).launch(run)
+        return
+    from medseg.train import train
+
+    result = train(dataset, store, run_id, load_config(config))
+    best = result.best
+    console.print(
+        f"run {run_id}: {len(result.history)} epochs (resumed after {result.resumed_from}), "
+        f"best mean Dice {best.get('dice_mean', float('nan')):.3f} at epoch {best.get('epoch')}; "
+        f"model in {result.run_prefix}/model/"
+    )
+
+
+@app.command("evaluate")
+@handles_errors
+def evaluate_cmd(
+    model: ModelRef,
+    store: StoreOpt = DEFAULT_STORE,
+    dataset: EvalDataset = None,
+    split: Annotated[str, typer.Option(help="validation, train or all.")] = "validation",
+    threshold: GateOpt = None,
+    enforce: EnforceOpt = False,
+    out: Annotated[str | None, typer.Option(help="Output prefix; default: RUN/eval.")] = None,
+    predictions: PredictionsOpt = None,
+) -> None:
+    """Score the served label maps of a split (Dice, HD95 in mm), report, optional gate."""
+    from medseg.evaluate import evaluate
+    from medseg.register import model_uri
+    from medseg.storage import Storage
+
+    storage = Storage()
+    result = evaluate(
+        model_uri(storage, store, model),
+        dataset=dataset,
+        store=store if dataset else None,
+        split=split,
+        threshold=threshold,
+        out=out,
+        storage=storage,
+        predictions=predictions,
+    )
+    _print_evaluation(result, split)
+    if threshold is not None:
+        verdict = "passed" if result.passed else "FAILED"
+        console.print(f"quality gate (mean Dice ≥ {threshold}): {verdict}")
+        if enforce and not result.passed:
+            raise typer.Exit(3)
+
+
+def _print_evaluation(result: Any, split: str) -> None:
+    """The scores of an :class:`~medseg.evaluate.EvalResult`, as a table and its sources."""
+    table = Table(title=f"{result.dataset} · {split} · {len(result.cases)} cases")
+    for col in ("region", "Dice", "HD95 (mm)"):
+        table.add_column(col, justify="right")
+    for region in result.dice:
+        table.add_row(region, f"{result.dice[region]:.4f}", f"{result.hd95[region]:.2f}")
+    table.add_row("mean", f"{result.dice_mean:.4f}", "")
+    console.print(table)
+    console.print(f"metric: {result.definition}", highlight=False)
+    if result.missing:
+        console.print(f"no prediction (scored as empty): {', '.join(result.missing)}")
+    console.print(f"report: {result.out}/report.html")
+
+
+@app.command("register")
+@handles_errors
+def register_cmd(
+    run_id: Annotated[str, typer.Option(help="Finished training run.")],
+    name: Annotated[str, typer.Option(help="Model name in the registry.")],
+    store: StoreOpt = DEFAULT_STORE,
+) -> None:
+    """Register a run's model as the next version of NAME, with its model card."""
+    from medseg.register import register
+    from medseg.storage import Storage
+
+    card = register(Storage(), store, run_id, name)
+    console.print(f"registered {card['name']}@{card['version']} from run {run_id}")
+
+
+@models_app.command("list")
+@handles_errors
+def models_list(store: StoreOpt = DEFAULT_STORE) -> None:
+    """List registered model versions."""
+    from medseg.register import list_models
+    from medseg.storage import Storage
+
+    table = Table()
+    for col in ("model", "version", "run", "dataset", "mean Dice", "created"):
+        table.add_column(col)
+    for c in list_models(Storage(), store):
+        dice = c["metrics"].get("dice_mean")
+        table.add_row(
+            c["name"],
+            c["version"],
+            c["run_id"],
+            f"{c['dataset']['name']}@{c['dataset']['version']}",
+            "" if dice is None else f"{dice:.3f}",
+            c["created_at"][:19],
+        )
+    console.print(table)
