@@ -12,7 +12,6 @@ option and scores the label maps on the original grid (``medseg.evaluate``).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from medseg.demo import DEMO_CONFIG, DEMO_SHAPE
 from medseg.evaluate import evaluate
 from medseg.infer import load_model
 from medseg.ingest import ingest
-from medseg.launchers import run_local
+from medseg.launchers import TorchrunLauncher, TrainRun
 from medseg.predict import predict
 from medseg.preprocess import preprocess
 from medseg.storage import Storage, join
@@ -48,7 +47,7 @@ def train(work: Path, seeds: list[int], cases: int) -> None:
         path = work / f"seed{seed}.yaml"
         path.write_text(_config(seed).to_yaml())
         started = time.perf_counter()
-        run_local(spec, store, f"seed{seed}", str(path), nproc=2, env=dict(os.environ))
+        TorchrunLauncher(nproc=2).launch(TrainRun(spec, store, f"seed{seed}", str(path)))
         print(f"seed {seed}: trained in {time.perf_counter() - started:.0f} s", flush=True)
 
 

@@ -1,10 +1,10 @@
 """KFP lightweight Python components, one per step, each a thin wrapper over one medseg module.
 
-Every component runs in the project image (``base_image``, from ``MEDSEG_IMAGE``), which already
-holds kfp and medseg: ``install_kfp_package=False`` and nothing installed at run time, which is
-also exactly what ``kfp.local``'s SubprocessRunner runs. Object-store locations travel in the
-artifacts' metadata (``uri``); credentials come from the environment (a Kubernetes Secret on a
-cluster, see :mod:`pipelines.medseg_pipeline`).
+Every component runs in the project image (``base_image``, from ``MEDSEG_IMAGES__PROJECT``),
+which already holds kfp and medseg: ``install_kfp_package=False`` and nothing installed at run
+time, which is also exactly what ``kfp.local``'s SubprocessRunner runs. Object-store locations
+travel in the artifacts' metadata (``uri``); credentials come from the environment (a Kubernetes
+Secret on a cluster, see :mod:`pipelines.medseg_pipeline`).
 """
 
 from components.deploy import deploy_op

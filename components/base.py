@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
-import os
 
 from kfp import dsl
 
-#: The project image (components and training); override with ``MEDSEG_IMAGE``.
-IMAGE = os.environ.get("MEDSEG_IMAGE", "ghcr.io/medseg/medseg:0.1.0")
+from medseg.settings import PlatformSettings
+
+#: The project image (components and training): ``MEDSEG_IMAGES__PROJECT`` overrides the default.
+IMAGE = PlatformSettings().images.project
 
 component = functools.partial(dsl.component, base_image=IMAGE, install_kfp_package=False)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import gzip
 import os
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,8 @@ from rich.text import Text
 from medseg.config import CHANNELS, MedsegConfig
 from medseg.errors import MedsegError
 from medseg.manifest import Manifest
+from medseg.pipeline_runner import Pipeline
+from medseg.settings import DEFAULT_BUCKET, DEFAULT_STORE, ServerArgs
 
 __all__ = [
     "DEMO_CONFIG",
@@ -67,8 +68,6 @@ DEMO_CONFIG: dict[str, Any] = {
 DEMO_SHAPE = (64, 64, 48)
 #: The model's name in the registry and on the server.
 DEMO_MODEL = "demo-segresnet"
-#: The bucket of the demo's own MinIO.
-DEMO_BUCKET = "medseg"
 
 
 @dataclass(frozen=True)
@@ -181,8 +180,8 @@ class DemoConsole:
     """What a person sees of the demo: one line per step with its time, a bar for training.
 
     Every line shown is also written to ``log``, the file that holds everything else (see
-    :func:`medseg.pipeline_cli.run_local`'s ``sink``). It receives the pipeline's
-    :class:`~medseg.pipeline_cli.StepEvents`.
+    :func:`medseg.pipeline_runner.run_local`'s ``sink``). It receives the pipeline's
+    :class:`~medseg.pipeline_runner.StepEvents`.
     """
 
     def __init__(self, console: Console, log: TextIO, epochs: int):
@@ -265,6 +264,7 @@ class DemoResult:
 
 
 def run_demo(
+    pipeline: Pipeline,
     workdir: Path,
     store: str,
     cases: int,
@@ -277,6 +277,8 @@ def run_demo(
     """Run steps 2–5 against the object store in the environment (see the module docstring).
 
     Args:
+        pipeline: The medseg pipeline (:func:`pipelines.medseg_pipeline.medseg_pipeline`,
+            given by the caller: the library does not import the pipeline layer).
         workdir: Scratch folder: synthetic data, kfp.local outputs, results, ``demo.log``.
         store: ``s3://BUCKET`` of the platform.
         cases: Synthetic cases to write when ``source`` is None.
@@ -289,7 +291,7 @@ def run_demo(
     from medseg.client import wait_ready
     from medseg.manifest import DatasetRef
     from medseg.minio_server import free_port
-    from medseg.pipeline_cli import run_local
+    from medseg.pipeline_runner import run_local
     from medseg.register import list_models
     from medseg.storage import Storage, join
     from medseg.synth import write_dataset
@@ -314,6 +316,7 @@ def run_demo(
         out.say(f"data: {what}")
         out.say("the Kubeflow pipeline, through kfp.local:")
         run_local(
+            pipeline,
             {
                 "source": str(source),
                 "dataset_name": "demo",
@@ -345,9 +348,7 @@ def run_demo(
 
         t0 = time.perf_counter()
         http_port, grpc_port = free_port(), free_port()
-        cmd = [sys.executable, "-m", "model_server", "--model_dir", model_uri]
-        cmd += ["--model_name", DEMO_MODEL, "--http_port", str(http_port)]
-        cmd += ["--grpc_port", str(grpc_port)]
+        cmd = ServerArgs(model_uri, DEMO_MODEL, http_port, grpc_port).command()
         log.write(f"$ {' '.join(cmd)}\n")
         log.flush()
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
@@ -383,6 +384,7 @@ def run_demo(
 
 
 def run_local_demo(
+    pipeline: Pipeline,
     workdir: Path,
     cases: int,
     source: Path | None,
@@ -391,7 +393,7 @@ def run_local_demo(
     config: MedsegConfig | None = None,
     threshold: float = 0.8,
 ) -> DemoResult:
-    """The whole demo: a fresh local MinIO (step 1), then :func:`run_demo` against it.
+    """The whole demo: a fresh local MinIO (step 1), then :func:`run_demo` of ``pipeline``.
 
     The env file and the model cache go under ``workdir`` unless ``MEDSEG_ENV_FILE`` and
     ``MEDSEG_CACHE_DIR`` say otherwise; MinIO stops when the demo ends, however it ends.
@@ -412,10 +414,11 @@ def run_local_demo(
     os.environ.setdefault("MEDSEG_ENV_FILE", str(workdir / "minio.env"))
     os.environ.setdefault("MEDSEG_CACHE_DIR", str(workdir / "cache"))
     console.rule("medseg demo")
-    server = start_and_export(workdir / "minio-data", None, DEMO_BUCKET)
+    server = start_and_export(workdir / "minio-data", None, DEFAULT_BUCKET)
     try:
-        console.print(f"MinIO on {server.endpoint}, bucket s3://{DEMO_BUCKET}", highlight=False)
-        store = f"s3://{DEMO_BUCKET}"
-        return run_demo(workdir, store, cases, source, epochs, console, config, threshold)
+        console.print(f"MinIO on {server.endpoint}, bucket {DEFAULT_STORE}", highlight=False)
+        return run_demo(
+            pipeline, workdir, DEFAULT_STORE, cases, source, epochs, console, config, threshold
+        )
     finally:
         server.stop()

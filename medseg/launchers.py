@@ -30,7 +30,6 @@ __all__ = [
     "TorchrunLauncher",
     "TrainRun",
     "build_pytorchjob",
-    "run_local",
     "submit_pytorchjob",
     "torchrun_argv",
 ]
@@ -424,20 +423,3 @@ class PyTorchJobLauncher:
     def launch(self, run: TrainRun) -> None:
         """Create the job and wait for it (see :func:`submit_pytorchjob`)."""
         submit_pytorchjob(self.spec(run), wait_timeout=self.wait_timeout)
-
-
-def run_local(
-    dataset: str,
-    store: str,
-    run_id: str,
-    config_path: str,
-    nproc: int,
-    max_restarts: int = 3,
-    env: dict[str, str] | None = None,
-) -> None:
-    """Train here with ``nproc`` torchrun processes (gloo on CPU); see :class:`TorchrunLauncher`.
-
-    Raises:
-        MedsegError: If training fails.
-    """
-    TorchrunLauncher(nproc, max_restarts, env).launch(TrainRun(dataset, store, run_id, config_path))

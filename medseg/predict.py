@@ -40,6 +40,7 @@ from medseg.labels import get_convention
 from medseg.layouts import LAYOUTS, detect_layout, discover_cases
 from medseg.manifest import DatasetRef
 from medseg.nifti import Volume, decode, encode_label_map
+from medseg.settings import DEFAULT_STORE
 from medseg.storage import Storage, is_s3, join
 
 __all__ = [
@@ -459,7 +460,7 @@ def predict(
     *,
     dataset: str | None = None,
     split: str = "validation",
-    store: str = "s3://medseg",
+    store: str = DEFAULT_STORE,
     paths: Sequence[str] = (),
     channels: Sequence[str] | None = None,
     labels: str | None = None,

@@ -1,4 +1,10 @@
-"""Operational settings, from the environment: object-store connection and model-server limits.
+"""Operational settings, from the environment: one tree, :class:`PlatformSettings`.
+
+Its branches: the platform's store (``MEDSEG_STORE``), the container images and the ports
+(``MEDSEG_IMAGES__PROJECT``, ``MEDSEG_PORTS__HTTP``, …: pydantic-settings' nested names), the
+object-store connection (:class:`StorageSettings`) and the model server's limits
+(:class:`ServerLimits`). Every default is defined here once; the Helm chart's ``values.yaml``
+is checked against them by a test (tests/test_settings.py).
 
 The names are the ones KServe, the AWS CLI and MinIO SDK users already know:
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``S3_ENDPOINT`` (or ``AWS_ENDPOINT_URL``),
@@ -13,14 +19,21 @@ environment variables always win. Secrets are :class:`pydantic.SecretStr` so the
 from __future__ import annotations
 
 import os
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The platform's store (datasets, runs, models) when nothing else is said: the default bucket.
-DEFAULT_STORE = "s3://medseg"
+DEFAULT_BUCKET = "medseg"
+DEFAULT_STORE = f"s3://{DEFAULT_BUCKET}"
+#: The registry's (and the InferenceService's) model name when nothing else is said.
+DEFAULT_MODEL_NAME = "brats-segresnet"
+#: The model's name on a local model server when nothing else is said.
+DEFAULT_SERVED_NAME = "medseg"
 #: Default env file written by ``medseg minio`` and read by every other command.
 DEFAULT_ENV_FILE = Path(".medseg") / "minio.env"
 
@@ -210,3 +223,105 @@ class DeidSettings(BaseSettings):
     key: SecretStr | None = Field(
         default=None, validation_alias=AliasChoices("MEDSEG_DEID_KEY", "key")
     )
+
+
+class Images(BaseModel):
+    """The container images, pinned (the chart's ``image`` and ``serverImage``).
+
+    Attributes:
+        project: Components and training (kfp, medseg, torch): pipeline steps, PyTorchJobs.
+        server: The model server (kserve ModelServer and the medseg predictor).
+    """
+
+    project: str = "ghcr.io/medseg/medseg:0.1.0"
+    server: str = "ghcr.io/medseg/medseg-server:0.1.0"
+
+
+class Ports(BaseModel):
+    """The ports the platform's servers listen on.
+
+    Attributes:
+        http: The model server's REST port (kserve's ``--http_port``).
+        grpc: The model server's gRPC port (kserve's ``--grpc_port``).
+        minio: A local MinIO's API port (``medseg minio``).
+    """
+
+    http: int = Field(default=8080, ge=0, le=65535)
+    grpc: int = Field(default=8081, ge=0, le=65535)
+    minio: int = Field(default=9000, ge=0, le=65535)
+
+
+#: The defaults, for signatures and command-line options (the environment is not read).
+DEFAULT_IMAGES = Images()
+DEFAULT_PORTS = Ports()
+
+
+class PlatformSettings(BaseSettings):
+    """The one tree of operational settings (``MEDSEG_<FIELD>``, nested with ``__``).
+
+    Attributes:
+        store: ``MEDSEG_STORE``: the platform's store, ``s3://BUCKET`` or a folder.
+        images: ``MEDSEG_IMAGES__PROJECT``, ``MEDSEG_IMAGES__SERVER``.
+        ports: ``MEDSEG_PORTS__HTTP``, ``MEDSEG_PORTS__GRPC``, ``MEDSEG_PORTS__MINIO``.
+        storage: The object-store connection (its own names: ``S3_ENDPOINT``, …).
+        server: The model server's limits (``MEDSEG_SERVER_*``).
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDSEG_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    store: str = DEFAULT_STORE
+    images: Images = Field(default_factory=Images)
+    ports: Ports = Field(default_factory=Ports)
+    storage: StorageSettings = Field(default_factory=StorageSettings.from_env)
+    server: ServerLimits = Field(default_factory=ServerLimits)
+
+    @property
+    def bucket(self) -> str | None:
+        """The store's bucket (None for a folder)."""
+        if not self.store.startswith("s3://"):
+            return None
+        return self.store.removeprefix("s3://").split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class ServerArgs:
+    """The model server's command line (``python -m model_server`` / ``medseg serve``), built once.
+
+    The flags are those of :func:`model_server.server.parse_args`; a limit left None comes from
+    the server's environment (:class:`ServerLimits`).
+
+    Attributes:
+        model_dir: Folder or ``s3://`` prefix with ``model.yaml`` and ``model.pt``.
+        model_name: The model's name in the URL.
+        http_port, grpc_port: Ports.
+        host: Interface both bind (default: ``MEDSEG_SERVER_HOST``, else loopback).
+        max_request_mb: Largest request, MiB.
+        max_concurrency: Cases segmented at once.
+    """
+
+    model_dir: str
+    model_name: str = DEFAULT_SERVED_NAME
+    http_port: int = DEFAULT_PORTS.http
+    grpc_port: int = DEFAULT_PORTS.grpc
+    host: str | None = None
+    max_request_mb: int | None = None
+    max_concurrency: int | None = None
+
+    def argv(self) -> list[str]:
+        """The flags, as the server parses them."""
+        argv = ["--model_dir", self.model_dir, "--model_name", self.model_name]
+        argv += ["--http_port", str(self.http_port), "--grpc_port", str(self.grpc_port)]
+        for flag, value in (
+            ("--host", self.host),
+            ("--max_request_mb", self.max_request_mb),
+            ("--max_concurrency", self.max_concurrency),
+        ):
+            if value is not None:
+                argv += [flag, str(value)]
+        return argv
+
+    def command(self) -> list[str]:
+        """The whole command: this interpreter running ``model_server`` with :meth:`argv`."""
+        return [sys.executable, "-m", "model_server", *self.argv()]

@@ -45,6 +45,7 @@ from medseg.manifest import DatasetRef
 from medseg.model import build_network
 from medseg.names import check_name
 from medseg.preprocess import preprocessed_prefix
+from medseg.settings import DEFAULT_STORE
 from medseg.storage import Storage, is_s3, join
 from medseg.transforms import train_transforms
 
@@ -389,7 +390,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="medseg.train", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--run-id", required=True)
-    parser.add_argument("--store", default=os.environ.get("MEDSEG_STORE", "s3://medseg"))
+    parser.add_argument("--store", default=os.environ.get("MEDSEG_STORE", DEFAULT_STORE))
     parser.add_argument("--config", help="YAML config: a local path or an s3:// URI.")
     args = parser.parse_args(argv)
     try:

@@ -24,6 +24,7 @@ from components import (
 )
 from components.base import IMAGE
 from medseg.kube import DEFAULT_RELEASE
+from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
 
 __all__ = ["PIPELINE_NAME", "medseg_pipeline"]
 
@@ -72,7 +73,7 @@ def _configure(task: Any, step: str, s3_secret: Any, s3_config: Any) -> Any:
 def medseg_pipeline(
     source: str,
     dataset_name: str = "brats",
-    store: str = "s3://medseg",
+    store: str = DEFAULT_STORE,
     labels: str = "",
     config_yaml: str = "",
     epochs: int = 0,
@@ -80,7 +81,7 @@ def medseg_pipeline(
     workers: int = 2,
     gpus_per_worker: int = 0,
     dice_threshold: float = 0.8,
-    model_name: str = "brats-segresnet",
+    model_name: str = DEFAULT_MODEL_NAME,
     deploy_target: str = "local",
     image: str = IMAGE,
     namespace: str = DEFAULT_RELEASE.namespace,

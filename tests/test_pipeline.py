@@ -18,8 +18,9 @@ from medseg.config import MedsegConfig
 from medseg.deploy import InferenceServiceSpec, build_inference_service
 from medseg.errors import MedsegError
 from medseg.launchers import PyTorchJobSpec, S3Secret, build_pytorchjob, submit_pytorchjob
-from medseg.pipeline_cli import compile_pipeline
+from medseg.pipeline_runner import compile_pipeline
 from medseg.storage import Storage, join
+from pipelines.medseg_pipeline import medseg_pipeline
 from tests.k8s import kserve_api_client
 
 STEPS = ["ingest", "preprocess", "train", "predict", "evaluate", "gate", "register", "deploy"]
@@ -27,7 +28,7 @@ STEPS = ["ingest", "preprocess", "train", "predict", "evaluate", "gate", "regist
 
 @pytest.fixture(scope="module")
 def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
-    path = compile_pipeline(tmp_path_factory.mktemp("ir") / "pipeline.yaml")
+    path = compile_pipeline(medseg_pipeline, tmp_path_factory.mktemp("ir") / "pipeline.yaml")
     return list(yaml.safe_load_all(path.read_text()))
 
 

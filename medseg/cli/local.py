@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from medseg.cli.common import ConfigOpt, ThresholdOpt, app, console, handles_errors, load_config
+from medseg.settings import DEFAULT_BUCKET, DEFAULT_PORTS
 
 DataDirOpt = Annotated[Path, typer.Option(help="Where objects are kept.")]
 PortOpt = Annotated[int, typer.Option(help="API port on 127.0.0.1 (0: a free one).")]
@@ -28,8 +29,8 @@ DemoSource = Annotated[
 @handles_errors
 def minio(
     data_dir: DataDirOpt = Path(".medseg/minio-data"),
-    port: PortOpt = 9000,
-    bucket: Annotated[str, typer.Option(help="Bucket to create.")] = "medseg",
+    port: PortOpt = DEFAULT_PORTS.minio,
+    bucket: Annotated[str, typer.Option(help="Bucket to create.")] = DEFAULT_BUCKET,
 ) -> None:
     """Run a local MinIO server on 127.0.0.1 until interrupted.
 
@@ -59,10 +60,13 @@ def demo(
 ) -> None:
     """The main job: the whole platform end to end on this machine (see medseg.demo)."""
     from medseg.demo import run_local_demo
+    from pipelines.medseg_pipeline import medseg_pipeline
 
     started = time.perf_counter()
     cfg = load_config(config) if config else None
-    result = run_local_demo(workdir, cases, source, epochs, console, cfg, threshold)
+    result = run_local_demo(
+        medseg_pipeline, workdir, cases, source, epochs, console, cfg, threshold
+    )
     _print_demo(result)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s", highlight=False)
 

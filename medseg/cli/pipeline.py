@@ -18,7 +18,7 @@ from medseg.cli.common import (
 )
 from medseg.errors import MedsegError
 from medseg.kube import PIPELINE_SERVICE_ACCOUNT
-from medseg.settings import DEFAULT_STORE
+from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
 
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit.")
 app.add_typer(pipeline_app, name="pipeline")
@@ -47,9 +47,10 @@ def pipeline_compile(
     ),
 ) -> None:
     """Compile the pipeline to KFP IR YAML."""
-    from medseg.pipeline_cli import compile_pipeline
+    from medseg.pipeline_runner import compile_pipeline
+    from pipelines.medseg_pipeline import medseg_pipeline
 
-    console.print(f"compiled pipeline: {compile_pipeline(out)}")
+    console.print(f"compiled pipeline: {compile_pipeline(medseg_pipeline, out)}")
 
 
 @pipeline_app.command("upload")
@@ -62,9 +63,10 @@ def pipeline_upload(
     ),
 ) -> None:
     """Compile and upload the pipeline to a Kubeflow Pipelines backend (the chart's Job)."""
-    from medseg.pipeline_cli import upload
+    from medseg.pipeline_runner import upload
+    from pipelines.medseg_pipeline import medseg_pipeline
 
-    uploaded = upload(host, name, version, Path("/tmp/medseg-pipeline.yaml"))
+    uploaded = upload(medseg_pipeline, host, name, version, Path("/tmp/medseg-pipeline.yaml"))
     console.print(f"uploaded pipeline {name} ({uploaded}) to {host}")
 
 
@@ -79,7 +81,7 @@ def pipeline_run(
     workers: Annotated[int, typer.Option(help="Training processes.")] = 2,
     launcher: LauncherOpt = "local",
     threshold: ThresholdOpt = 0.8,
-    model_name: ModelNameOpt = "brats-segresnet",
+    model_name: ModelNameOpt = DEFAULT_MODEL_NAME,
     root: Annotated[Path, typer.Option(help="kfp.local pipeline root.")] = Path(
         ".medseg/kfp-local"
     ),
@@ -88,12 +90,14 @@ def pipeline_run(
     """Run the whole pipeline on this machine through kfp.local."""
     if not local:
         raise MedsegError("only --local runs here; use `medseg pipeline submit` for a cluster")
-    from medseg.pipeline_cli import pipeline_arguments, run_local
+    from medseg.pipeline_runner import pipeline_arguments, run_local
+    from pipelines.medseg_pipeline import medseg_pipeline
 
     params = {"source": source, "store": store, "epochs": epochs, "workers": workers}
     params |= {"launcher": launcher, "dice_threshold": threshold, "model_name": model_name}
     cfg = load_config(config) if config else None
-    run_local(pipeline_arguments({**params, "deploy_target": "local"}, cfg, param or []), root)
+    args = pipeline_arguments({**params, "deploy_target": "local"}, cfg, param or [])
+    run_local(medseg_pipeline, args, root)
     console.print(f"pipeline finished; local outputs under {root}")
 
 
@@ -108,21 +112,22 @@ def pipeline_submit(
     workers: Annotated[int, typer.Option(help="PyTorchJob pods.")] = 2,
     launcher: LauncherOpt = "pytorchjob",
     threshold: ThresholdOpt = 0.8,
-    model_name: ModelNameOpt = "brats-segresnet",
+    model_name: ModelNameOpt = DEFAULT_MODEL_NAME,
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "medseg",
     namespace: NamespaceOpt = "kubeflow",
     service_account: ServiceAccountOpt = PIPELINE_SERVICE_ACCOUNT,
     param: PipelineParams = None,
 ) -> None:
     """Compile and start the pipeline on a Kubeflow Pipelines backend."""
-    from medseg.pipeline_cli import pipeline_arguments, submit
+    from medseg.pipeline_runner import pipeline_arguments, submit
+    from pipelines.medseg_pipeline import medseg_pipeline
 
     params = {"source": source, "store": store, "epochs": epochs, "workers": workers}
     params |= {"launcher": launcher, "dice_threshold": threshold, "model_name": model_name}
     cfg = load_config(config) if config else None
     args = pipeline_arguments({**params, "deploy_target": "kserve"}, cfg, param or [])
     package = Path(".medseg/medseg-pipeline.yaml")
-    run_id = submit(host, args, experiment, package, namespace, service_account)
+    run_id = submit(medseg_pipeline, host, args, experiment, package, namespace, service_account)
     console.print(
         f"submitted run {run_id} to {host} (namespace {namespace}, "
         f"service account {service_account})"

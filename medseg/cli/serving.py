@@ -10,7 +10,14 @@ from rich.table import Table
 
 from medseg.cli.common import StoreOpt, app, console, err_console, handles_errors
 from medseg.errors import MedsegError
-from medseg.settings import DEFAULT_STORE
+from medseg.settings import (
+    DEFAULT_IMAGES,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_PORTS,
+    DEFAULT_SERVED_NAME,
+    DEFAULT_STORE,
+    ServerArgs,
+)
 
 ServeModel = Annotated[
     str, typer.Option(help="Run id, NAME@VERSION from the registry, or a model folder/URI.")
@@ -31,9 +38,9 @@ ConcurrencyOpt = Annotated[int | None, typer.Option(help="Cases segmented at onc
 def serve(
     model: ServeModel,
     store: StoreOpt = DEFAULT_STORE,
-    name: Annotated[str, typer.Option(help="Model name in the URL.")] = "medseg",
-    http_port: Annotated[int, typer.Option(help="REST port.")] = 8080,
-    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8081,
+    name: Annotated[str, typer.Option(help="Model name in the URL.")] = DEFAULT_SERVED_NAME,
+    http_port: Annotated[int, typer.Option(help="REST port.")] = DEFAULT_PORTS.http,
+    grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = DEFAULT_PORTS.grpc,
     host: HostOpt = None,
     max_request_mb: MaxRequestOpt = None,
     max_concurrency: ConcurrencyOpt = None,
@@ -47,25 +54,18 @@ def serve(
     from medseg.storage import Storage
     from model_server.server import serve as run_server
 
-    argv = ["--model_dir", model_uri(Storage(), store, model), "--model_name", name]
-    argv += ["--http_port", str(http_port), "--grpc_port", str(grpc_port)]
-    for flag, value in (
-        ("--host", host),
-        ("--max_request_mb", max_request_mb),
-        ("--max_concurrency", max_concurrency),
-    ):
-        if value is not None:
-            argv += [flag, str(value)]
-    run_server(argv)
+    uri = model_uri(Storage(), store, model)
+    args = ServerArgs(uri, name, http_port, grpc_port, host, max_request_mb, max_concurrency)
+    run_server(args.argv())
 
 
 @app.command("deploy")
 @handles_errors
 def deploy_cmd(
     model: Annotated[str, typer.Argument(help="Registered model: s3://BUCKET/models/NAME/vN.")],
-    image: Annotated[str, typer.Option(help="The model server image.")],
+    image: Annotated[str, typer.Option(help="The model server image.")] = DEFAULT_IMAGES.server,
     name: Annotated[str, typer.Option(help="InferenceService (and model) name.")] = (
-        "brats-segresnet"
+        DEFAULT_MODEL_NAME
     ),
     namespace: Annotated[str, typer.Option(help="The chart's release namespace.")] = "medseg",
     release: Annotated[str, typer.Option(help="The chart's release (names its objects).")] = (
@@ -178,7 +178,9 @@ def predict(
     """
     order = channels.split(",") if channels else None
     if url is not None:
-        _predict_remote(paths or [], url, grpc, model or "medseg", out, labels, order, tensor)
+        _predict_remote(
+            paths or [], url, grpc, model or DEFAULT_SERVED_NAME, out, labels, order, tensor
+        )
         return
     from medseg.predict import predict as run_predict
     from medseg.register import model_uri

@@ -1,8 +1,10 @@
-"""``medseg pipeline compile | run --local | submit``: the Kubeflow pipeline from the CLI.
+"""Running a Kubeflow pipeline: compile it, run it through ``kfp.local``, or start it on a backend.
 
-The pipeline itself lives in :mod:`pipelines.medseg_pipeline`; this module only compiles it to
-IR YAML, runs it through ``kfp.local`` (SubprocessRunner: every step a subprocess of this Python,
-with this process's environment), or uploads and starts it on a KFP backend.
+The pipeline is given by the caller (the ``medseg pipeline`` commands pass
+:func:`pipelines.medseg_pipeline.medseg_pipeline`): the library never imports the pipeline
+layer above it (docs/architecture.md). This module compiles a pipeline to IR YAML, runs it
+through ``kfp.local`` (SubprocessRunner: every step a subprocess of this Python, with this
+process's environment), or uploads and starts it on a KFP backend.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -23,8 +25,13 @@ from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
 from medseg.kube import PIPELINE_SERVICE_ACCOUNT
 
+#: A ``@dsl.pipeline`` function (a KFP ``GraphComponent``): called with its arguments it runs
+#: through ``kfp.local``; the compiler turns it into IR YAML.
+Pipeline = Callable[..., Any]
+
 __all__ = [
     "KfpLocalLog",
+    "Pipeline",
     "StepEvents",
     "compile_pipeline",
     "pipeline_arguments",
@@ -145,18 +152,17 @@ def pipeline_arguments(
     return args
 
 
-def compile_pipeline(out: Path) -> Path:
-    """Write the pipeline's IR YAML to ``out``."""
+def compile_pipeline(pipeline: Pipeline, out: Path) -> Path:
+    """Write ``pipeline``'s IR YAML to ``out``."""
     from kfp import compiler
 
-    from pipelines.medseg_pipeline import medseg_pipeline
-
     out.parent.mkdir(parents=True, exist_ok=True)
-    compiler.Compiler().compile(medseg_pipeline, str(out))
+    compiler.Compiler().compile(pipeline, str(out))
     return out
 
 
 def run_local(
+    pipeline: Pipeline,
     arguments: dict[str, Any],
     pipeline_root: Path,
     sink: TextIO | None = None,
@@ -169,6 +175,7 @@ def run_local(
     every step inherits.
 
     Args:
+        pipeline: The pipeline function.
         arguments: Pipeline parameters.
         pipeline_root: ``kfp.local``'s pipeline root (step outputs).
         sink: Where ``kfp.local``'s output goes (default: this process's stdout).
@@ -179,8 +186,6 @@ def run_local(
         MedsegError: When a step fails, naming the step and the error it printed last.
     """
     import kfp.local
-
-    from pipelines.medseg_pipeline import medseg_pipeline
 
     pipeline_root.mkdir(parents=True, exist_ok=True)
     kfp.local.init(
@@ -198,7 +203,7 @@ def run_local(
         ):
             # The steps' base_image is the project image, which kfp.local does not use.
             warnings.filterwarnings("ignore", message=".*non-Python base image.*")
-            medseg_pipeline(**arguments)
+            pipeline(**arguments)
     except RuntimeError as exc:  # kfp.local's "Task … finished with status FAILURE"
         step = stream.failed
         if step is None:
@@ -213,6 +218,7 @@ def run_local(
 
 
 def submit(
+    pipeline: Pipeline,
     host: str,
     arguments: dict[str, Any],
     experiment: str,
@@ -232,7 +238,7 @@ def submit(
     """
     import kfp
 
-    compile_pipeline(package)
+    compile_pipeline(pipeline, package)
     with _backend_errors(host):
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(
@@ -262,11 +268,11 @@ def _backend_errors(host: str) -> Iterator[None]:
         raise MedsegError(f"KFP backend {host} unreachable: {type(exc).__name__}") from None
 
 
-def upload(host: str, name: str, version: str, package: Path) -> str:
+def upload(pipeline: Pipeline, host: str, name: str, version: str, package: Path) -> str:
     """Upload the compiled pipeline to a KFP backend as ``name`` (a new version if it exists)."""
     import kfp
 
-    compile_pipeline(package)
+    compile_pipeline(pipeline, package)
     with _backend_errors(host):
         client = kfp.Client(host=host)
         existing = client.get_pipeline_id(name)

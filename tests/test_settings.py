@@ -1,0 +1,104 @@
+"""The operational settings tree: one definition of each default, the chart's values agreeing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from medseg.settings import (
+    DEFAULT_BUCKET,
+    DEFAULT_IMAGES,
+    DEFAULT_MODEL_NAME,
+    DEFAULT_PORTS,
+    DEFAULT_STORE,
+    PlatformSettings,
+    ServerArgs,
+    ServerLimits,
+)
+from tests.test_chart import CHART, render
+
+
+@pytest.fixture(scope="module")
+def values() -> dict[str, Any]:
+    return yaml.safe_load((CHART / "values.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def rendered() -> dict[str, dict[str, Any]]:
+    return {f"{o['kind']}/{o['metadata']['name']}": o for o in render()}
+
+
+def _image(section: dict[str, Any]) -> str:
+    return f"{section['repository']}:{section['tag']}"
+
+
+def test_chart_values_are_the_python_defaults(values: dict[str, Any]) -> None:
+    assert values["s3"]["bucket"] == DEFAULT_BUCKET and f"s3://{DEFAULT_BUCKET}" == DEFAULT_STORE
+    assert _image(values["image"]) == DEFAULT_IMAGES.project
+    assert _image(values["serverImage"]) == DEFAULT_IMAGES.server
+    isvc = values["inferenceService"]
+    assert isvc["name"] == DEFAULT_MODEL_NAME
+    assert isvc["maxRequestMb"] == ServerLimits.model_fields["max_request_mb"].default
+
+
+def test_rendered_server_and_store_use_the_python_ports_and_argv(
+    rendered: dict[str, dict[str, Any]],
+) -> None:
+    (isvc,) = [o for k, o in rendered.items() if k.startswith("InferenceService/")]
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    assert container["image"] == DEFAULT_IMAGES.server
+    assert container["command"][-2:] == ["-m", "model_server"]
+    flags = dict(zip(container["args"][::2], container["args"][1::2], strict=True))
+    expected = ServerArgs("/mnt/models", DEFAULT_MODEL_NAME, max_request_mb=256).argv()
+    assert flags == dict(zip(expected[::2], expected[1::2], strict=True))
+    assert [p["containerPort"] for p in container["ports"]] == [DEFAULT_PORTS.http]
+    (minio,) = [o for k, o in rendered.items() if k.startswith("StatefulSet/")]
+    ports = [
+        p["containerPort"]
+        for c in minio["spec"]["template"]["spec"]["containers"]
+        for p in c.get("ports", [])
+    ]
+    assert DEFAULT_PORTS.minio in ports
+    configs = [o for k, o in rendered.items() if k.startswith("ConfigMap/")]
+    assert any(c["data"].get("MEDSEG_STORE") == DEFAULT_STORE for c in configs)
+
+
+def test_tree_reads_nested_names_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("MEDSEG_ENV_FILE", str(tmp_path / "none.env"))
+    monkeypatch.setenv("MEDSEG_STORE", "s3://other/prefix")
+    monkeypatch.setenv("MEDSEG_PORTS__HTTP", "9080")
+    monkeypatch.setenv("MEDSEG_IMAGES__SERVER", "registry.local/server:1")
+    monkeypatch.setenv("MEDSEG_SERVER_MAX_REQUEST_MB", "64")
+    monkeypatch.setenv("S3_ENDPOINT", "http://127.0.0.1:9")
+    settings = PlatformSettings()
+    assert (settings.store, settings.bucket) == ("s3://other/prefix", "other")
+    assert (settings.ports.http, settings.ports.grpc) == (9080, DEFAULT_PORTS.grpc)
+    assert settings.images.server == "registry.local/server:1"
+    assert settings.images.project == DEFAULT_IMAGES.project
+    assert settings.server.max_request_mb == 64
+    assert settings.storage.display_endpoint() == "http://127.0.0.1:9"
+    monkeypatch.setenv("MEDSEG_PORTS__GRPC", "not-a-port")
+    with pytest.raises(ValueError, match=r"ports\.grpc"):
+        PlatformSettings()
+
+
+def test_server_args_leave_unset_limits_to_the_servers_environment() -> None:
+    argv = ServerArgs("s3://b/models/m/v1", "m", 1, 2).argv()
+    assert argv == [
+        "--model_dir",
+        "s3://b/models/m/v1",
+        "--model_name",
+        "m",
+        "--http_port",
+        "1",
+        "--grpc_port",
+        "2",
+    ]
+    full = ServerArgs("d", host="0.0.0.0", max_request_mb=8, max_concurrency=2).command()
+    assert full[1:3] == ["-m", "model_server"]
+    assert full[-6:] == ["--host", "0.0.0.0", "--max_request_mb", "8", "--max_concurrency", "2"]
