@@ -4,7 +4,7 @@ VENV := .venv/bin
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 export MYPY_CACHE_DIR ?= $(HOME)/.cache/medseg/mypy
 
-.PHONY: setup run demo test lint deps unit bench minio clean manifests images cluster cluster-down test-cluster
+.PHONY: setup run demo test test-fast lint deps unit bench minio clean manifests images cluster cluster-down test-cluster
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,11 @@ deps:
 # `make test-cluster` until it is proven reliable in CI, then joins here.
 unit:
 	$(VENV)/pytest -q --ignore=tests/test_cluster.py
+
+## The quick loop while developing: every test but the slow ones (marker `slow`: a whole
+## pipeline or demo, multi-process training) and the cluster's. `make test` runs them all.
+test-fast: setup
+	$(VENV)/pytest -q -m "not slow" --ignore=tests/test_cluster.py
 
 ## Benchmarks: each prints a ratio against a baseline measured in the same run.
 bench: setup

@@ -2,19 +2,110 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from medseg.minio_server import MinioServer
+from medseg.config import MedsegConfig
+from medseg.minio_server import MinioServer, free_port
+from medseg.settings import ServerArgs
 from medseg.storage import Storage
 from medseg.synth import write_dataset
 
 #: Small volumes keep the suite fast; the code paths are the same as at full size.
 SHAPE = (48, 48, 32)
+
+#: The tiny SegResNet and windows every test that trains or serves uses (seconds on a CPU).
+TINY: dict[str, dict[str, Any]] = {
+    "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
+    "train": {"batch_size": 2, "num_workers": 0, "roi_size": [32, 32, 32]},
+    "infer": {"roi_size": [32, 32, 32]},
+    "split": {"val_fraction": 0.34},
+}
+
+
+def tiny_config(**sections: dict[str, Any]) -> MedsegConfig:
+    """:data:`TINY` with fields of its sections overridden (``train={"epochs": 2}``)."""
+    merged = {key: dict(value) for key, value in TINY.items()}
+    for key, value in sections.items():
+        merged[key] = {**merged.get(key, {}), **value}
+    return MedsegConfig.model_validate(merged)
+
+
+def write_tiny_model(folder: Path, seed: int = 0, **sections: dict[str, Any]) -> Path:
+    """A model artifact (``model.pt``, ``model.yaml``): :func:`tiny_config` with seeded weights."""
+    import torch
+
+    from medseg.model import build_network
+
+    cfg = tiny_config(**sections)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    torch.save(build_network(cfg.model).state_dict(), folder / "model.pt")
+    (folder / "model.yaml").write_text(cfg.to_yaml())
+    return folder
+
+
+@dataclass(frozen=True)
+class RunningServer:
+    """A ``python -m model_server`` process on loopback ports."""
+
+    rest: str
+    grpc: str
+    pid: int
+    log: Path
+    ports: tuple[int, int]
+
+
+@contextlib.contextmanager
+def model_server(
+    model_dir: Path,
+    log: Path,
+    env: dict[str, str] | None = None,
+    ready_timeout: float = 120,
+    **limits: Any,
+) -> Iterator[RunningServer]:
+    """The container's entrypoint serving ``model_dir`` on free ports, until the block ends.
+
+    Args:
+        model_dir: The model artifact.
+        log: Where the server's output goes.
+        env: Variables set for the server over this process's (``MEDSEG_SERVER_HOST`` is
+            cleared: loopback).
+        ready_timeout: Seconds to wait for the server to be ready (a loaded machine imports
+            torch slowly).
+        limits: :class:`~medseg.settings.ServerArgs` flags (``max_request_mb=4``).
+    """
+    from medseg.client import wait_ready
+    from medseg.errors import MedsegError
+
+    http, grpc = free_port(), free_port()
+    cmd = ServerArgs(str(model_dir), http_port=http, grpc_port=grpc, **limits).command()
+    environ = {**os.environ, **(env or {})}
+    environ.pop("MEDSEG_SERVER_HOST", None)
+    with log.open("w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environ)
+    rest = f"http://127.0.0.1:{http}"
+    try:
+        wait_ready(rest, ready_timeout, proc, log)
+    except MedsegError as exc:
+        proc.kill()
+        pytest.fail(str(exc))
+    try:
+        yield RunningServer(rest, f"127.0.0.1:{grpc}", proc.pid, log, (http, grpc))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.config import CHANNELS, MedsegConfig
+from medseg.config import CHANNELS
 from medseg.demo import held_out_case, score_mask
 from medseg.errors import MedsegError
 from medseg.ingest import ingest
 from medseg.labels import get_convention
 from medseg.layouts import SUFFIXES
 from medseg.storage import Storage
+
+from .conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,12 +86,6 @@ def test_held_out_case_missing_from_the_source_is_named(
         held_out_case(manifest, source)
 
 
-TINY = {
-    "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-    "train": {"epochs": 2, "batch_size": 1, "num_workers": 0, "roi_size": [32, 32, 32]},
-    "infer": {"roi_size": [32, 32, 32]},
-    "split": {"val_fraction": 0.34},
-}
 STEPS = ["ingest", "preprocess", "train", "evaluate", "gate", "register", "deploy"]
 
 
@@ -98,7 +94,7 @@ def test_demo_on_msd_is_short_on_the_terminal_and_logs_everything(
     synth_root: Path, tmp_path: Path
 ) -> None:
     config = tmp_path / "tiny.yaml"
-    config.write_text(MedsegConfig.model_validate(TINY).to_yaml())
+    config.write_text(tiny_config(train={"epochs": 2, "batch_size": 1}).to_yaml())
     workdir = tmp_path / "demo"
     env = {
         k: v

@@ -16,8 +16,7 @@ from medseg.dicom_seg import REGION_CODES, encode, make_seg, make_volume_report,
 from medseg.infer import load_model, segment_case
 from medseg.synth import dicom_variant, make_case, write_dicom_dataset
 
-from .conftest import SHAPE
-from .test_serving import write_model
+from .conftest import SHAPE, write_tiny_model
 
 INDEX = 1  # the oblique study: geometry errors cannot hide behind an identity affine
 
@@ -123,7 +122,7 @@ def test_seg_is_a_file_a_pacs_accepts(
 def test_segment_study_end_to_end(oblique: tuple[DicomStudy, np.ndarray], tmp_path: Path) -> None:
     """Study folder in, SEG and report out, through the same segment_case as the NIfTI path."""
     study, _ = oblique
-    segmenter = load_model(str(write_model(tmp_path / "model")), device="cpu")
+    segmenter = load_model(str(write_tiny_model(tmp_path / "model")), device="cpu")
     folder = Path(study.reference[0].filename).parent.parent
     out = segment_study(segmenter, folder)
     expected = segment_case(segmenter, study.image, study.affine)

@@ -17,7 +17,7 @@ import torch
 from typer.testing import CliRunner
 
 from medseg.cli import app
-from medseg.config import REGIONS, MedsegConfig
+from medseg.config import REGIONS
 from medseg.errors import MedsegError
 from medseg.evaluate import HD95_EMPTY, evaluate, score_case
 from medseg.ingest import ingest
@@ -30,12 +30,7 @@ from medseg.report import curves_figure, display_channel
 from medseg.storage import Storage, join
 from medseg.train import train
 
-TINY = {
-    "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-    "train": {"epochs": 4, "lr": 5e-3, "batch_size": 2, "num_workers": 0, "roi_size": [32] * 3},
-    "infer": {"roi_size": [32, 32, 32]},
-    "split": {"val_fraction": 0.34},
-}
+from .conftest import tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +43,7 @@ def trained(
     storage = Storage(minio_server.settings(retry_seconds=10))
     bucket = "s3://t-evaluate"
     storage.ensure_bucket(bucket)
-    cfg = MedsegConfig.model_validate(TINY)
+    cfg = tiny_config(train={"epochs": 4, "lr": 5e-3})
     ingest(str(synth_root / "brats2021"), "t", bucket, storage=storage, split=cfg.split)
     preprocess("t", bucket, cfg.data, storage=storage, progress=False)
     result = train("t", bucket, "run-e", cfg, storage=storage)

@@ -9,10 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 import tracemalloc
 import zlib
@@ -25,20 +22,18 @@ import nibabel as nib
 import numpy as np
 import orjson
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.client import predict, wait_ready
+from medseg.client import predict
 from medseg.codec import InputError, decode_nifti, serialize_bytes, validate_params
-from medseg.config import REGIONS, MedsegConfig
-from medseg.errors import MedsegError
+from medseg.config import REGIONS
 from medseg.infer import load_model, segment_case
 from medseg.kserve_import import clean_argv
-from medseg.minio_server import free_port
-from medseg.model import build_network
 from medseg.settings import ServerLimits
 from medseg.storage import Storage
+
+from .conftest import model_server, write_tiny_model
 
 HEADER = "inference-header-content-length"
 #: The model's own channel order: not the canonical t1, t1gd, t2, flair.
@@ -101,51 +96,28 @@ def _listening(port: int) -> set[str]:
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SegResNet whose ``model.yaml`` has ``data.channels`` in a non-default order."""
-    cfg = MedsegConfig.model_validate(
-        {
-            "data": {"channels": list(MODEL_CHANNELS)},
-            "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-            # many windows: a 64³ case takes seconds on a CPU, so that clients can leave it
-            "infer": {"roi_size": [32, 32, 32], "overlap": 0.875},
-        }
+    return write_tiny_model(
+        tmp_path_factory.mktemp("model") / "m",
+        seed=1,
+        data={"channels": list(MODEL_CHANNELS)},
+        # many windows: a 64³ case takes seconds on a CPU, so that clients can leave it
+        infer={"overlap": 0.875},
     )
-    folder = tmp_path_factory.mktemp("model") / "m"
-    folder.mkdir()
-    torch.manual_seed(1)
-    torch.save(build_network(cfg.model).state_dict(), folder / "model.pt")
-    (folder / "model.yaml").write_text(cfg.to_yaml())
-    return folder
 
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """``python -m model_server`` with the small limits, on free loopback ports."""
-    http, grpc = free_port(), free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "model_server", "--model_dir", str(model_dir)]
-    cmd += ["--http_port", str(http), "--grpc_port", str(grpc)]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", **ENV}
-    env.pop("MEDSEG_SERVER_HOST", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    rest = f"http://127.0.0.1:{http}"
-    try:
-        wait_ready(rest, 600, proc, log)  # a loaded CI machine imports torch slowly
-    except MedsegError as exc:
-        proc.kill()
-        pytest.fail(str(exc))
-    yield {
-        "rest": rest,
-        "grpc": f"127.0.0.1:{grpc}",
-        "pid": proc.pid,
-        "log": log,
-        "ports": (http, grpc),
-    }
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    env = {"OMP_NUM_THREADS": "2", **ENV}
+    with model_server(model_dir, log, env, ready_timeout=600) as running:
+        yield {
+            "rest": running.rest,
+            "grpc": running.grpc,
+            "pid": running.pid,
+            "log": running.log,
+            "ports": running.ports,
+        }
 
 
 @pytest.fixture(scope="module")

@@ -25,10 +25,11 @@ from medseg.evaluate import evaluate, score_label_maps
 from medseg.infer import Segmenter
 from medseg.ingest import ingest
 from medseg.labels import get_convention
-from medseg.model import build_network
 from medseg.nifti import decode
 from medseg.predict import predict
 from medseg.storage import Storage, join
+
+from .conftest import write_tiny_model
 
 GRID = (16, 16, 16)
 #: The hand-built case: true regions, and the boxes the model will predict (ET partly outside TC).
@@ -177,20 +178,6 @@ def test_scoring_happens_on_the_original_grid(tmp_path: Path) -> None:
                  predictions=pred.out, out=str(tmp_path / "eval2"))  # fmt: skip
 
 
-def _tiny_model(folder: Path) -> Path:
-    cfg = MedsegConfig.model_validate(
-        {
-            "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-            "infer": {"roi_size": [32, 32, 32]},
-        }
-    )
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save(build_network(cfg.model).state_dict(), folder / "model.pt")
-    (folder / "model.yaml").write_text(cfg.to_yaml())
-    return folder
-
-
 def test_batch_over_a_prefix_with_one_corrupt_case(
     synth_root: Path, storage: Storage, bucket: str, s3_env: None, tmp_path: Path
 ) -> None:
@@ -206,7 +193,7 @@ def test_batch_over_a_prefix_with_one_corrupt_case(
     prefix = join(bucket, "incoming", "raw")
     for f in sorted(src.rglob("*.nii.gz")):
         storage.put_file(join(prefix, str(f.relative_to(src))), f)
-    model = _tiny_model(tmp_path / "model")
+    model = write_tiny_model(tmp_path / "model")
     out = join(bucket, "preds")
     done = CliRunner().invoke(
         app, ["predict", prefix, "--model", str(model), "--out", out, "--store", bucket]
@@ -237,7 +224,7 @@ def test_predict_inputs_and_errors(
 ) -> None:
     """One case folder, four files, an MSD folder; bad arguments end in one clear line."""
     monkeypatch.setenv("MEDSEG_ENV_FILE", str(tmp_path / "none.env"))
-    model = str(_tiny_model(tmp_path / "model"))
+    model = str(write_tiny_model(tmp_path / "model"))
     runner = CliRunner()
     case = sorted((synth_root / "brats2021").iterdir())[0]
     one = runner.invoke(app, ["predict", str(case), "--model", model, "--out", str(tmp_path / "a")])

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import gzip
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -18,62 +17,31 @@ import nibabel as nib
 import numpy as np
 import orjson
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from medseg.client import predict, serialize_bytes, wait_ready
-from medseg.config import REGIONS, MedsegConfig
+from medseg.client import predict, serialize_bytes
+from medseg.config import REGIONS
 from medseg.errors import MedsegError
 from medseg.infer import load_model, segment_case
-from medseg.minio_server import free_port
-from medseg.model import build_network
 from medseg.storage import Storage
 
-TINY = {
-    "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-    "infer": {"roi_size": [32, 32, 32]},
-}
+from .conftest import model_server, write_tiny_model
+
 HEADER = "inference-header-content-length"
-
-
-def write_model(folder: Path) -> Path:
-    """A tiny SegResNet with fixed random weights, as a model artifact."""
-    cfg = MedsegConfig.model_validate(TINY)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(0)
-    torch.save(build_network(cfg.model).state_dict(), folder / "model.pt")
-    (folder / "model.yaml").write_text(cfg.to_yaml())
-    return folder
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_model(tmp_path_factory.mktemp("model") / "m")
+    return write_tiny_model(tmp_path_factory.mktemp("model") / "m")
 
 
 @pytest.fixture(scope="module")
 def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """``python -m model_server`` (the container's entrypoint) on free loopback ports."""
-    http, grpc = free_port(), free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    cmd = [sys.executable, "-m", "model_server", "--model_dir", str(model_dir)]
-    cmd += ["--http_port", str(http), "--grpc_port", str(grpc), "--max_request_mb", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    rest = f"http://127.0.0.1:{http}"
-    try:
-        wait_ready(rest, 120, proc, log)
-    except MedsegError as exc:
-        proc.kill()
-        pytest.fail(str(exc))
-    yield {"rest": rest, "grpc": f"127.0.0.1:{grpc}"}
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with model_server(model_dir, log, {"OMP_NUM_THREADS": "2"}, max_request_mb=4) as running:
+        yield {"rest": running.rest, "grpc": running.grpc}
 
 
 @pytest.fixture(scope="module")

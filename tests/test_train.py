@@ -14,16 +14,11 @@ from medseg.preprocess import preprocess
 from medseg.storage import Storage, join
 from medseg.train import train
 
-TINY = {
-    "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-    "train": {"lr": 2e-3, "batch_size": 2, "num_workers": 0, "roi_size": [32, 32, 32]},
-    "infer": {"roi_size": [32, 32, 32]},
-}
+from .conftest import tiny_config
 
 
 def _cfg(epochs: int) -> MedsegConfig:
-    raw = {**TINY, "train": {**TINY["train"], "epochs": epochs}}
-    return MedsegConfig.model_validate(raw)
+    return tiny_config(train={"lr": 2e-3, "epochs": epochs})
 
 
 @pytest.fixture
@@ -137,7 +132,10 @@ def test_two_torchrun_workers_learn(
     run_prefix = join(bucket, "runs", "ddp-run")
     log = tmp_path / "train.log"
     with log.open("w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        # A session of its own: a test that gives up kills torchrun and its workers too.
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     killed = None
     deadline = time.monotonic() + 600
     while proc.poll() is None and time.monotonic() < deadline:
@@ -152,7 +150,7 @@ def test_two_torchrun_workers_learn(
             time.sleep(1.0)  # into epoch 4
             os.kill(killed, signal.SIGKILL)
     if proc.poll() is None:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
     assert proc.wait() == 0, log.read_text()[-3000:]
     assert killed is not None
     text = log.read_text()
