@@ -24,14 +24,9 @@ def ingest_op(
 
     from medseg.config import MedsegConfig
     from medseg.ingest import ingest
-    from medseg.launchers import LAUNCHERS
+    from medseg.launchers import TrainTarget
 
-    if launcher not in LAUNCHERS:
-        raise ValueError(f"launcher must be one of {', '.join(LAUNCHERS)}, got {launcher!r}")
-    if workers < 1:
-        raise ValueError(f"workers must be at least 1, got {workers}")
-    if gpus_per_worker < 0:
-        raise ValueError(f"gpus_per_worker must be >= 0, got {gpus_per_worker}")
+    TrainTarget(launcher, workers, gpus_per_worker)  # fails here, before any work
     cfg = MedsegConfig.model_validate(yaml.safe_load(config_yaml) or {})
     result = ingest(source, name, store, labels=labels or None, split=cfg.split)
     m = result.manifest

@@ -29,7 +29,7 @@ def train_op(
 
     from medseg.config import MedsegConfig
     from medseg.kube import Release
-    from medseg.launchers import Launcher, PyTorchJobLauncher, S3Secret, TorchrunLauncher, TrainRun
+    from medseg.launchers import S3Secret, TrainRun, TrainTarget
     from medseg.storage import Storage, join
 
     cfg = MedsegConfig.model_validate(yaml.safe_load(config_yaml) or {})
@@ -39,17 +39,13 @@ def train_op(
     run_prefix = join(store, "runs", run_id)
     config_uri = join(run_prefix, "config.yaml")
     storage.put_bytes(config_uri, cfg.to_yaml().encode())
-    chosen: Launcher = TorchrunLauncher(nproc=workers)
-    if launcher != "local":
-        chosen = PyTorchJobLauncher(
-            image=image,
-            namespace=namespace,
-            service_account=Release(release, namespace).pipeline_service_account,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
-            s3=S3Secret(name=s3_secret, config=s3_config),
-            wait_timeout=wait_timeout,
-        )
+    chosen = TrainTarget(launcher, workers, gpus_per_worker).launcher_for(
+        image,
+        namespace,
+        Release(release, namespace).pipeline_service_account,
+        S3Secret(name=s3_secret, config=s3_config),
+        wait_timeout,
+    )
     chosen.launch(TrainRun(dataset_spec, store, run_id, config_uri))
     model_uri = join(run_prefix, "model")
     lineage = storage.get_json(join(model_uri, "lineage.json"))

@@ -29,6 +29,7 @@ __all__ = [
     "S3Secret",
     "TorchrunLauncher",
     "TrainRun",
+    "TrainTarget",
     "build_pytorchjob",
     "submit_pytorchjob",
     "torchrun_argv",
@@ -324,6 +325,55 @@ def submit_pytorchjob(
         raise MedsegError(
             f"PyTorchJob {spec.namespace}/{spec.name} failed: {_failure_reason(current)}"
         ) from None
+
+
+@dataclass(frozen=True)
+class TrainTarget:
+    """Where a run trains and how wide: the pipeline's launch parameters, checked together.
+
+    Attributes:
+        launcher: One of :data:`LAUNCHERS`: ``local`` (torchrun here) or ``pytorchjob``.
+        workers: torchrun processes (local) or PyTorchJob pods.
+        gpus_per_worker: GPUs per pod (one process each; 0: CPU and gloo).
+
+    Raises:
+        MedsegError: On an unknown launcher, fewer than one worker or negative GPUs.
+    """
+
+    launcher: str = "local"
+    workers: int = 2
+    gpus_per_worker: int = 0
+
+    def __post_init__(self) -> None:
+        if self.launcher not in LAUNCHERS:
+            raise MedsegError(
+                f"launcher must be one of {', '.join(LAUNCHERS)}, got {self.launcher!r}"
+            )
+        if self.workers < 1:
+            raise MedsegError(f"workers must be at least 1, got {self.workers}")
+        if self.gpus_per_worker < 0:
+            raise MedsegError(f"gpus_per_worker must be >= 0, got {self.gpus_per_worker}")
+
+    def launcher_for(
+        self,
+        image: str,
+        namespace: str = DEFAULT_RELEASE.namespace,
+        service_account: str = DEFAULT_RELEASE.pipeline_service_account,
+        s3: S3Secret | None = None,
+        wait_timeout: int = 86400,
+    ) -> Launcher:
+        """The launcher of this target (the cluster's arguments serve ``pytorchjob`` only)."""
+        if self.launcher == "local":
+            return TorchrunLauncher(nproc=self.workers)
+        return PyTorchJobLauncher(
+            image=image,
+            namespace=namespace,
+            service_account=service_account,
+            workers=self.workers,
+            gpus_per_worker=self.gpus_per_worker,
+            s3=s3 or S3Secret(),
+            wait_timeout=wait_timeout,
+        )
 
 
 class Launcher(Protocol):

@@ -14,6 +14,7 @@ from medseg.launchers import (
     PyTorchJobLauncher,
     TorchrunLauncher,
     TrainRun,
+    TrainTarget,
     build_pytorchjob,
 )
 
@@ -81,3 +82,33 @@ def test_failed_local_run_is_one_clear_error(tmp_path: Path) -> None:
     env = {**os.environ, "MEDSEG_ENV_FILE": str(tmp_path / "none.env"), "OMP_NUM_THREADS": "1"}
     with pytest.raises(MedsegError, match=r"training run r1 failed \(torchrun exit code 1\)"):
         TorchrunLauncher(nproc=1, max_restarts=0, env=env).launch(run)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({"launcher": "slurm"}, "launcher must be one of local, pytorchjob, got 'slurm'"),
+        ({"workers": 0}, "workers must be at least 1, got 0"),
+        ({"gpus_per_worker": -1}, "gpus_per_worker must be >= 0, got -1"),
+    ],
+)
+def test_train_target_refuses_bad_parameters(target: dict[str, object], message: str) -> None:
+    with pytest.raises(MedsegError, match=message):
+        TrainTarget(**target)  # type: ignore[arg-type]
+
+
+def test_train_target_picks_its_launcher() -> None:
+    local = TrainTarget("local", workers=3).launcher_for(image="img")
+    assert local == TorchrunLauncher(nproc=3)
+    cluster = TrainTarget("pytorchjob", workers=4, gpus_per_worker=2).launcher_for(
+        "img", "ns", "sa", wait_timeout=60
+    )
+    assert isinstance(cluster, PyTorchJobLauncher)
+    spec = cluster.spec(RUN)
+    assert (spec.namespace, spec.service_account, spec.workers, spec.gpus_per_worker) == (
+        "ns",
+        "sa",
+        4,
+        2,
+    )
+    assert cluster.wait_timeout == 60

@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 import yaml
 
-from medseg.config import MedsegConfig
 from medseg.deploy import InferenceServiceSpec, build_inference_service
 from medseg.errors import MedsegError
 from medseg.launchers import PyTorchJobSpec, S3Secret, build_pytorchjob, submit_pytorchjob
@@ -22,6 +21,8 @@ from medseg.pipeline_runner import compile_pipeline
 from medseg.storage import Storage, join
 from pipelines.medseg_pipeline import medseg_pipeline
 from tests.k8s import kserve_api_client
+
+from .conftest import tiny_config
 
 STEPS = ["ingest", "preprocess", "train", "predict", "evaluate", "gate", "register", "deploy"]
 
@@ -158,6 +159,36 @@ def test_bad_launcher_parameters_fail_early() -> None:
         PyTorchJobSpec(**common, config_uri="s3://b/c.yaml", workers=0)
 
 
+def test_ingest_component_checks_the_launch_parameters_before_any_work(tmp_path: Path) -> None:
+    from kfp.dsl import Dataset
+
+    from components import ingest_op
+
+    out = Dataset(name="dataset", uri=str(tmp_path / "dataset"))
+    out.path = str(tmp_path / "dataset")
+    with pytest.raises(MedsegError, match="workers must be at least 1, got 0"):
+        ingest_op.python_func(
+            source=str(tmp_path / "absent"),  # never read: the parameters fail first
+            name="d",
+            store=str(tmp_path / "store"),
+            labels="",
+            config_yaml="",
+            launcher="local",
+            workers=0,
+            gpus_per_worker=0,
+            dataset=out,
+        )
+    assert not (tmp_path / "store").exists() and not (tmp_path / "dataset").exists()
+
+
+def test_gate_component_stops_the_run_below_the_threshold() -> None:
+    from components import gate_op
+
+    assert gate_op.python_func(passed=True, dice_mean=0.91, threshold=0.9) == 0.91
+    with pytest.raises(RuntimeError, match=r"quality gate failed: .* 0\.8500 < 0\.9"):
+        gate_op.python_func(passed=False, dice_mean=0.85, threshold=0.9)
+
+
 class _FakeTrainingClient:
     """Stands in for the cluster: the job is created, then reported Failed by the operator."""
 
@@ -227,14 +258,6 @@ def test_inference_service_roundtrips_through_the_kserve_sdk() -> None:
 # tests/test_cluster.py::test_deploy_surfaces_the_controller_conditions_and_recreates_on_mode_change
 
 
-TINY = {
-    "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},
-    "train": {"epochs": 2, "batch_size": 1, "num_workers": 0, "roi_size": [32, 32, 32]},
-    "infer": {"roi_size": [32, 32, 32]},
-    "split": {"val_fraction": 0.34},
-}
-
-
 def _cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "medseg", *args],
@@ -257,10 +280,11 @@ def pipeline_env(minio_server: Any, tmp_path: Path, bucket: str) -> dict[str, st
     }
 
 
+@pytest.mark.slow
 def test_local_pipeline_run_end_to_end(
     synth_root: Path, pipeline_env: dict[str, str], bucket: str, storage: Storage, tmp_path: Path
 ) -> None:
-    (tmp_path / "cfg.yaml").write_text(MedsegConfig.model_validate(TINY).to_yaml())
+    (tmp_path / "cfg.yaml").write_text(tiny_config(train={"epochs": 2, "batch_size": 1}).to_yaml())
     args = [
         "pipeline",
         "run",

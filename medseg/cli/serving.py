@@ -59,32 +59,40 @@ def serve(
     run_server(args.argv())
 
 
+RegisteredModel = Annotated[
+    str, typer.Argument(help="Registered model: s3://BUCKET/models/NAME/vN.")
+]
+ImageOpt = Annotated[str, typer.Option(help="The model server image.")]
+IsvcName = Annotated[str, typer.Option(help="InferenceService (and model) name.")]
+NamespaceOpt = Annotated[str, typer.Option(help="The chart's release namespace.")]
+ReleaseOpt = Annotated[str, typer.Option(help="The chart's release (names its objects).")]
+ModeOpt = Annotated[str, typer.Option(help="Knative or Standard.")]
+ScaleMetricOpt = Annotated[
+    str | None, typer.Option(help="concurrency/rps (Knative), cpu/memory (Standard).")
+]
+RecreateOpt = Annotated[
+    bool, typer.Option(help="Delete and recreate the service to change its mode.")
+]
+
+
 @app.command("deploy")
 @handles_errors
 def deploy_cmd(
-    model: Annotated[str, typer.Argument(help="Registered model: s3://BUCKET/models/NAME/vN.")],
-    image: Annotated[str, typer.Option(help="The model server image.")] = DEFAULT_IMAGES.server,
-    name: Annotated[str, typer.Option(help="InferenceService (and model) name.")] = (
-        DEFAULT_MODEL_NAME
-    ),
-    namespace: Annotated[str, typer.Option(help="The chart's release namespace.")] = "medseg",
-    release: Annotated[str, typer.Option(help="The chart's release (names its objects).")] = (
-        "medseg"
-    ),
-    mode: Annotated[str, typer.Option(help="Knative or Standard.")] = "Knative",
+    model: RegisteredModel,
+    image: ImageOpt = DEFAULT_IMAGES.server,
+    name: IsvcName = DEFAULT_MODEL_NAME,
+    namespace: NamespaceOpt = "medseg",
+    release: ReleaseOpt = "medseg",
+    mode: ModeOpt = "Knative",
     min_replicas: Annotated[int, typer.Option(help="Fewest replicas.")] = 1,
     max_replicas: Annotated[int, typer.Option(help="Most replicas.")] = 3,
-    scale_metric: Annotated[
-        str | None, typer.Option(help="concurrency/rps (Knative), cpu/memory (Standard).")
-    ] = None,
+    scale_metric: ScaleMetricOpt = None,
     scale_target: Annotated[int | None, typer.Option(help="Target per replica.")] = None,
     cpu: Annotated[str, typer.Option(help="CPU per replica.")] = "2",
     memory: Annotated[str, typer.Option(help="Memory per replica.")] = "8Gi",
     gpus: Annotated[int, typer.Option(help="GPUs per replica.")] = 0,
     timeout: Annotated[int, typer.Option(help="Seconds to wait for Ready.")] = 900,
-    recreate: Annotated[
-        bool, typer.Option(help="Delete and recreate the service to change its mode.")
-    ] = False,
+    recreate: RecreateOpt = False,
 ) -> None:
     """Create or patch the KServe InferenceService of a registered model; wait until Ready."""
     from medseg.deploy import InferenceServiceSpec, default_scaling, deploy
@@ -182,31 +190,47 @@ def predict(
             paths or [], url, grpc, model or DEFAULT_SERVED_NAME, out, labels, order, tensor
         )
         return
-    from medseg.predict import predict as run_predict
-    from medseg.register import model_uri
-    from medseg.storage import Storage
-
     if model is None:
         raise MedsegError("give --model (a run id, NAME@VERSION or model URI) or --url")
     if dataset is None and not paths:
         raise MedsegError("nothing to predict: give --dataset NAME@VERSION, a folder or files")
+    out = out if out is not None or dataset else "predictions"
+    result = _predict_local(model, store, out, dataset, split, paths or [], order, labels, prefetch)
+    _print_predictions(result)
+    if result.failed:
+        raise typer.Exit(2)
+
+
+def _predict_local(
+    model: str,
+    store: str,
+    out: str | None,
+    dataset: str | None,
+    split: str,
+    paths: list[str],
+    channels: list[str] | None,
+    labels: str | None,
+    prefetch: int,
+) -> Any:
+    """``medseg predict`` with a model loaded here; its :class:`~medseg.predict.PredictResult`."""
+    from medseg.predict import predict as run_predict
+    from medseg.register import model_uri
+    from medseg.storage import Storage
+
     storage = Storage()
-    result = run_predict(
+    return run_predict(
         model_uri(storage, store, model),
-        out if out is not None or dataset else "predictions",
+        out,
         dataset=dataset,
         split=split,
         store=store,
-        paths=paths or [],
-        channels=order,
+        paths=paths,
+        channels=channels,
         labels=labels,
         storage=storage,
         prefetch=prefetch,
         on_case=_print_case,
     )
-    _print_predictions(result)
-    if result.failed:
-        raise typer.Exit(2)
 
 
 def _print_case(case: str, failure: str | None) -> None:
