@@ -14,7 +14,7 @@ SEG and report), for ``medseg predict``, the model server and batch jobs to call
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from pydicom.uid import generate_uid
 import medseg
 from medseg.config import CHANNELS, REGIONS
 from medseg.dicom import DicomStudy, SeriesRules, read_study
-from medseg.infer import Segmenter, segment_case
+from medseg.infer import CaseSegmentation, Segmenter, segment_case
 from medseg.storage import Storage
 
 __all__ = [
@@ -36,8 +36,10 @@ __all__ = [
     "RegionCode",
     "StudySegmentation",
     "encode",
+    "encode_study",
     "make_seg",
     "make_volume_report",
+    "segment_read_study",
     "segment_study",
 ]
 
@@ -253,6 +255,45 @@ class StudySegmentation:
         }
 
 
+def segment_read_study(
+    segmenter: Segmenter, study: DicomStudy, check: Callable[[], None] | None = None
+) -> StudySegmentation:
+    """Segment a study already read, as the NIfTI path does, and encode SEG and report.
+
+    Args:
+        segmenter: The loaded model.
+        study: The study (see :func:`medseg.dicom.read_study`).
+        check: Called between the stages; it raises to abandon the work (the server's ticket).
+
+    Returns:
+        Masks, volumes, SEG and report of the study.
+    """
+    order = [CHANNELS.index(c) for c in segmenter.cfg.data.channels]
+    image = study.image if order == list(range(len(CHANNELS))) else study.image[order]
+    return encode_study(study, segment_case(segmenter, image, study.affine, check))
+
+
+def encode_study(study: DicomStudy, result: CaseSegmentation) -> StudySegmentation:
+    """The SEG and volumes report of a study's segmentation (as :func:`segment_case` made it).
+
+    Args:
+        study: The study as read.
+        result: Its segmentation, on the reference grid.
+
+    Returns:
+        Masks, volumes, SEG and report of the study.
+    """
+    seg = make_seg(study.reference, result.regions, result.volumes_ml)
+    report = make_volume_report(seg, study.reference, result.volumes_ml)
+    return StudySegmentation(
+        study=study,
+        regions=result.regions,
+        volumes_ml=result.volumes_ml,
+        seg=encode(seg),
+        report=encode(report),
+    )
+
+
 def segment_study(
     segmenter: Segmenter,
     source: str | Path,
@@ -273,16 +314,4 @@ def segment_study(
     Raises:
         medseg.dicom.DicomStudyError: If the study cannot be read (nothing is written).
     """
-    study = read_study(source, rules, storage)
-    order = [CHANNELS.index(c) for c in segmenter.cfg.data.channels]
-    image = study.image if order == list(range(len(CHANNELS))) else study.image[order]
-    result = segment_case(segmenter, image, study.affine)
-    seg = make_seg(study.reference, result.regions, result.volumes_ml)
-    report = make_volume_report(seg, study.reference, result.volumes_ml)
-    return StudySegmentation(
-        study=study,
-        regions=result.regions,
-        volumes_ml=result.volumes_ml,
-        seg=encode(seg),
-        report=encode(report),
-    )
+    return segment_read_study(segmenter, read_study(source, rules, storage))
