@@ -21,14 +21,16 @@ from pathlib import Path
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import SegmentationStorage, generate_uid
 
 import medseg
 from medseg.config import CHANNELS, REGIONS
 from medseg.dicom import DicomStudy, SeriesRules, read_study
 from medseg.infer import CaseSegmentation, Segmenter, segment_case
+from medseg.labels import LabelConvention
 from medseg.storage import Storage
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "encode_study",
     "make_seg",
     "make_volume_report",
+    "read_seg_labels",
     "segment_read_study",
     "segment_study",
 ]
@@ -315,3 +318,66 @@ def segment_study(
         medseg.dicom.DicomStudyError: If the study cannot be read (nothing is written).
     """
     return segment_read_study(segmenter, read_study(source, rules, storage))
+
+
+def read_seg_labels(
+    source: str | Path, study: DicomStudy, convention: LabelConvention
+) -> NDArray[np.uint8] | None:
+    """The label map of a DICOM SEG stored with a study, on the study's reference grid.
+
+    The SEG must reference the study's reference series (as :func:`make_seg` writes it). Its
+    segments are regions when their labels are those of :data:`REGION_CODES` (TC, WT, ET,
+    turned into the convention's labels), else labels: segment number N is label value N.
+
+    Args:
+        source: The study folder.
+        study: The study as read (gives the reference series).
+        convention: The dataset's label convention.
+
+    Returns:
+        The label map ``[X, Y, Z]``, or ``None`` when the study holds no SEG.
+
+    Raises:
+        ValueError: If the SEG does not reference the reference series, or a segment number
+            is no label of the convention.
+    """
+    found = []
+    for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+        try:
+            head = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except Exception:
+            continue
+        if head.get("SOPClassUID") == SegmentationStorage:
+            found.append(path)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(
+            f"{len(found)} SEG objects in the study: {', '.join(p.name for p in found)}"
+        )
+    seg = hd.seg.segread(found[0])
+    uids = [str(ds.SOPInstanceUID) for ds in study.reference]
+    referenced = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in seg.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    }
+    if not referenced <= set(uids):
+        raise ValueError(f"{found[0].name} does not reference the study's reference series")
+    numbers = [int(d.SegmentNumber) for d in seg.SegmentSequence]
+    pixels = seg.get_pixels_by_source_instance(
+        uids, segment_numbers=numbers, combine_segments=False, ignore_spatial_locations=True
+    )
+    masks = np.asarray(pixels).transpose(3, 2, 1, 0) > 0  # [segments, X, Y, Z]
+    labels = [str(d.SegmentLabel) for d in seg.SegmentSequence]
+    if labels == [REGION_CODES[r].label for r in REGIONS]:
+        return convention.from_regions(masks.astype(np.uint8)).astype(np.uint8)
+    out = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for number, mask in zip(numbers, masks, strict=True):
+        if number not in convention.labels:
+            raise ValueError(
+                f"{found[0].name}: segment {number} is no label of {convention.name} "
+                f"({sorted(convention.labels)})"
+            )
+        out[mask] = number
+    return out

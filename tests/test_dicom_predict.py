@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import io
 import json
+import zipfile
 from pathlib import Path
 
 import highdicom as hd
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 import torch
 
 from medseg.config import CHANNELS, REGIONS, MedsegConfig
+from medseg.deid import Deidentifier
 from medseg.dicom import StudyInfo, find_studies, read_study, write_study
+from medseg.dicom_seg import encode, make_seg
 from medseg.infer import Segmenter
+from medseg.ingest import ingest
+from medseg.labels import get_convention
+from medseg.nifti import decode
 from medseg.predict import predict
 from medseg.storage import Storage, join
-from medseg.synth import DICOM_DESCRIPTIONS
+from medseg.synth import DICOM_DESCRIPTIONS, write_dicom_dataset
+
+from .conftest import SHAPE
 
 #: Hand-set thresholds on the z-scored channels (the synthetic contrasts): TC and ET where T1Gd
 #: is bright (ET brighter), WT where FLAIR is bright (oedema).
@@ -109,3 +118,60 @@ def test_studies_are_found_in_folders_zips_and_prefixes(
         storage.put_file(join(prefix, str(path.relative_to(root))), path)
     assert find_studies(prefix, storage) == [("P0", join(prefix, "P0")), ("P1", join(prefix, "P1"))]
     assert find_studies(tmp_path) == []
+
+
+def test_dicom_studies_ingest_like_the_nifti_cases(
+    synth_root: Path,
+    storage: Storage,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Synthetic studies (ground truth as NIfTI, and as a DICOM SEG) become a dataset whose
+    cases are those of the NIfTI ingest of the same cases; the study without FLAIR is
+    quarantined; the stored studies are de-identified and the key is stored nowhere."""
+    key = "test-deid-secret-0123456789"
+    monkeypatch.setenv("MEDSEG_DEID_KEY", key)
+    source = tmp_path / "studies"
+    write_dicom_dataset(source, n_cases=6, shape=SHAPE, seed=7)  # synth_root's seed
+    # Study 2's ground truth as a DICOM SEG of the regions instead of its NIfTI label map.
+    gt = next((source / "DICOM_00002").glob("*_seg.nii.gz"))
+    labels = np.asarray(nib.load(gt).dataobj)  # type: ignore[attr-defined]
+    gt.unlink()
+    study = read_study(source / "DICOM_00002")
+    regions = get_convention("brats2021").to_regions(labels)
+    seg = make_seg(study.reference, regions, {})
+    (source / "DICOM_00002" / "gt-seg.dcm").write_bytes(encode(seg))
+
+    dicom = ingest(str(source), "dcm", bucket, storage)
+    nifti = ingest(str(synth_root / "brats2021"), "nii", bucket, storage)
+    m = dicom.manifest
+    assert m.layout == "dicom" and m.convention == "brats2021"
+    (bad,) = m.quarantined
+    assert bad.case_id == "DICOM_00005" and "no series for channel 'flair'" in bad.reason
+    assert [c.case_id for c in m.cases] == [f"DICOM_0000{i}" for i in range(5)]
+    for index, entry in enumerate(m.cases):
+        other = nifti.manifest.cases[index]
+        assert entry.label_counts == other.label_counts, entry.case_id
+        assert entry.shape == other.shape
+        for role in (*CHANNELS, "label"):
+            got = decode(storage.get_bytes(join(dicom.ref.prefix, entry.file(role).key)), role)
+            want = decode(storage.get_bytes(join(nifti.ref.prefix, other.file(role).key)), role)
+            if index == 1:  # the oblique study: the same voxels, on a rotated grid
+                assert not np.allclose(got.affine, want.affine, atol=1e-3)
+            else:
+                np.testing.assert_allclose(got.affine, want.affine, atol=1e-4)
+            if index == 0 and role == "flair":  # written on every second slice: interpolated
+                np.testing.assert_array_equal(got.data[:, :, ::2], want.data[:, :, ::2])
+            else:
+                np.testing.assert_array_equal(got.data, want.data, err_msg=f"{index} {role}")
+    # The stored study is de-identified with the key, and reads back as the case.
+    entry = m.cases[0]
+    stored = storage.get_bytes(join(dicom.ref.prefix, entry.file("dicom").key))
+    with zipfile.ZipFile(io.BytesIO(stored)) as archive:
+        first = pydicom.dcmread(io.BytesIO(archive.read(archive.namelist()[0])))
+    assert first.PatientID == Deidentifier(key.encode()).pseudonym("SYNTH-00000")
+    assert first.PatientName == first.PatientID and first.PatientIdentityRemoved == "YES"
+    assert read_study(stored).image.shape[1:] == entry.shape
+    for obj in storage.list(bucket):  # the key is stored nowhere
+        assert key.encode() not in storage.get_bytes(obj.uri)

@@ -41,8 +41,8 @@ def studies(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _url(server: dict[str, str]) -> str:
-    return f"{server['rest']}/v2/models/medseg/dicom"
+def _url(urls: dict[str, str]) -> str:
+    return f"{urls['rest']}/v2/models/medseg/dicom"
 
 
 def test_study_zip_answers_a_seg_that_references_the_sent_series(
@@ -86,11 +86,13 @@ def test_study_zip_answers_a_seg_that_references_the_sent_series(
 def _bomb(declared_small: bool) -> bytes:
     """A zip whose one member inflates to 400 MiB of zeros (a few hundred KiB compressed)."""
     buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
-        with archive.open("IM0001.dcm", "w", force_zip64=False) as member:
-            chunk = bytes(1 << 20)
-            for _ in range(400):
-                member.write(chunk)
+    with (
+        zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive,
+        archive.open("IM0001.dcm", "w", force_zip64=False) as member,
+    ):
+        chunk = bytes(1 << 20)
+        for _ in range(400):
+            member.write(chunk)
     raw = bytearray(buf.getvalue())
     if declared_small:  # the central directory lies: 1000 bytes declared
         entry = raw.rfind(b"PK\x01\x02")
