@@ -11,7 +11,7 @@ import highdicom as hd
 import httpx
 import numpy as np
 import pytest
-from pydicom.uid import ComprehensiveSRStorage, SegmentationStorage
+from pydicom.uid import Comprehensive3DSRStorage, SegmentationStorage
 
 from medseg.dicom import read_study
 from medseg.dicom_seg import segment_study
@@ -79,19 +79,19 @@ def test_study_zip_answers_a_seg_that_references_the_sent_series(
     assert isinstance(seg_part, bytes) and isinstance(sr_part, bytes)
     assert hd.seg.segread(io.BytesIO(seg_part)).SOPClassUID == SegmentationStorage
     report = hd.sr.srread(io.BytesIO(sr_part))
-    assert report.SOPClassUID == ComprehensiveSRStorage
+    assert report.SOPClassUID == Comprehensive3DSRStorage
     assert report.StudyInstanceUID == study.study_uid
 
 
-def _bomb(declared_small: bool) -> bytes:
-    """A zip whose one member inflates to 400 MiB of zeros (a few hundred KiB compressed)."""
+def _bomb(mib: int, declared_small: bool) -> bytes:
+    """A zip whose one member inflates to ``mib`` MiB of zeros (1/1000 of that compressed)."""
     buf = io.BytesIO()
     with (
         zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive,
         archive.open("IM0001.dcm", "w", force_zip64=False) as member,
     ):
         chunk = bytes(1 << 20)
-        for _ in range(400):
+        for _ in range(mib):
             member.write(chunk)
     raw = bytearray(buf.getvalue())
     if declared_small:  # the central directory lies: 1000 bytes declared
@@ -119,8 +119,8 @@ def test_bad_studies_are_a_4xx_and_the_server_keeps_serving(
     reason: str,
 ) -> None:
     body = {
-        "bomb": lambda: _bomb(False),
-        "lying bomb": lambda: _bomb(True),
+        "bomb": lambda: _bomb(400, False),  # above max_decoded_bytes (~324 MiB here)
+        "lying bomb": lambda: _bomb(8, True),
         "not a zip": lambda: b"PK\x03\x04 but no archive" * 100,
         "zip of a study without FLAIR": lambda: _zip(studies / "DICOM_00005"),
         "wrong content type": lambda: _zip(studies / "DICOM_00000"),
