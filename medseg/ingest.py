@@ -58,6 +58,7 @@ from medseg.labels import LabelConvention, get_convention
 from medseg.layouts import LAYOUTS, RawCase, detect_layout, discover_cases
 from medseg.manifest import CaseEntry, DatasetRef, FileEntry, Manifest, QuarantinedCase
 from medseg.names import check_name
+from medseg.settings import DeidSettings
 from medseg.storage import Storage, is_s3, join, sha256_file, write_local
 
 __all__ = ["IngestResult", "ingest", "source_fingerprint"]
@@ -445,20 +446,16 @@ def _source_key(
     A de-identification key shapes the version of a DICOM source: a keyed digest of it (which
     reveals nothing of the key) is part of the source key.
     """
-    from medseg.settings import DeidSettings
-
-    secret = DeidSettings().key
-    deid = None
-    if secret is not None:
-        key = secret.get_secret_value().encode()
-        deid = hmac.new(key, b"medseg ingest source key", hashlib.sha256).hexdigest()[:16]
-    body = {
+    body: dict[str, Any] = {
         "files": rows,
         "labels": labels,
         "split": split.model_dump(mode="json"),
         "strict": strict,
-        "deid": deid,
     }
+    secret = DeidSettings().key
+    if secret is not None:
+        key = secret.get_secret_value().encode()
+        body["deid"] = hmac.new(key, b"medseg ingest source key", hashlib.sha256).hexdigest()[:16]
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -485,8 +482,6 @@ def _deid_key() -> bytes:
     Raises:
         DatasetError: If ``MEDSEG_DEID_KEY`` is not set.
     """
-    from medseg.settings import DeidSettings
-
     secret = DeidSettings().key
     if secret is None or not secret.get_secret_value():
         raise DatasetError(
@@ -509,7 +504,8 @@ def ingest(
     """Validate and store a raw dataset as a content-addressed version.
 
     Args:
-        source: Local folder or ``s3://`` prefix holding one public layout.
+        source: Local folder or ``s3://`` prefix holding one public layout, or DICOM studies
+            (de-identified on the way in: needs ``MEDSEG_DEID_KEY``).
         name: Dataset name.
         store: Root URI of the platform's store (e.g. ``s3://medseg``).
         storage: Storage to use; from the environment when omitted.
