@@ -46,6 +46,7 @@ __all__ = [
     "PROFILE_TABLE",
     "DeidentificationError",
     "Deidentifier",
+    "deidentify_files",
     "deidentify_study",
     "profile_actions",
 ]
@@ -184,6 +185,45 @@ def _code_item(code: Any) -> Dataset:
     return item
 
 
+def deidentify_files(
+    source: str | Path | bytes,
+    key: bytes,
+    rules: SeriesRules | None = None,
+    storage: Storage | None = None,
+) -> tuple[str, dict[str, bytes]]:
+    """The de-identified instances of the four channel series of a study, in memory.
+
+    Each instance becomes ``CHANNEL/NNNN.dcm`` (numbered in the order read) with
+    SeriesDescription set to the channel name (Clean Descriptors Option), so that the default
+    :class:`medseg.dicom.SeriesRules` read it back. Series that are no channel (localisers,
+    reports, segmentations) are left out.
+
+    Args:
+        source: The study (folder, zip, ``s3://`` prefix, or the bytes of a zip).
+        key: The de-identification secret.
+        rules: Series-to-channel rules.
+        storage: Object store for ``s3://`` sources.
+
+    Returns:
+        The de-identified StudyInstanceUID, and the file bytes by relative path.
+
+    Raises:
+        medseg.dicom.DicomStudyError: If the study lacks a channel or a file is unreadable.
+        DeidentificationError: If an instance cannot be de-identified.
+    """
+    deid = Deidentifier(key)
+    encoded: dict[str, bytes] = {}
+    study_uid = ""
+    for channel, series in load_series(source, rules, storage).items():
+        for number, ds in enumerate(series.datasets, start=1):
+            deid.apply(ds, description=channel)
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+            encoded[f"{channel}/{number:04d}.dcm"] = buf.getvalue()
+            study_uid = str(ds.StudyInstanceUID)
+    return study_uid, encoded
+
+
 def deidentify_study(
     source: str | Path,
     dest: str,
@@ -193,9 +233,7 @@ def deidentify_study(
 ) -> str:
     """De-identify the four channel series of a study and store them under ``dest``.
 
-    Each series becomes ``dest/CHANNEL/NNNN.dcm`` with SeriesDescription set to the channel
-    name (Clean Descriptors Option), so that the default :class:`medseg.dicom.SeriesRules`
-    read it back. Series that are no channel (localisers, reports) are left out. Every
+    The files are those of :func:`deidentify_files`, as ``dest/CHANNEL/NNNN.dcm``. Every
     instance is de-identified in memory first (a study is tens of MB), so a study that cannot
     be read or de-identified stores nothing; a storage failure midway can leave part of it, so
     ``dest`` should be a staging prefix that the caller promotes.
@@ -215,16 +253,7 @@ def deidentify_study(
         DeidentificationError: If an instance cannot be de-identified.
     """
     store = storage or Storage()
-    deid = Deidentifier(key)
-    encoded: dict[str, bytes] = {}
-    study_uid = ""
-    for channel, series in load_series(source, rules, store).items():
-        for number, ds in enumerate(series.datasets, start=1):
-            deid.apply(ds, description=channel)
-            buf = io.BytesIO()
-            ds.save_as(buf, enforce_file_format=True)
-            encoded[join(dest, channel, f"{number:04d}.dcm")] = buf.getvalue()
-            study_uid = str(ds.StudyInstanceUID)
-    for uri, data in encoded.items():
-        store.put_bytes(uri, data)
+    study_uid, encoded = deidentify_files(source, key, rules, store)
+    for rel, data in encoded.items():
+        store.put_bytes(join(dest, rel), data)
     return study_uid

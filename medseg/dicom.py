@@ -24,7 +24,8 @@ from __future__ import annotations
 import io
 import re
 import zipfile
-from collections.abc import Iterable, Mapping, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from scipy import ndimage
 
 from medseg.config import CHANNELS
 from medseg.errors import MedsegError
+from medseg.settings import ServerLimits
 from medseg.storage import Storage, is_s3
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "Series",
     "SeriesRules",
     "StudyInfo",
+    "find_studies",
     "load_series",
     "read_study",
     "resample",
@@ -219,19 +222,84 @@ def _parse(data: bytes | str, name: str, where: str) -> Dataset | None:
         raise DicomStudyError(f"{where}: {name} is not a readable DICOM file ({exc})") from None
 
 
-def _load(source: str | Path, storage: Storage | None) -> Iterable[tuple[str, Dataset | None]]:
+def _zip_directory(raw: bytes, where: str, limits: ServerLimits) -> None:
+    """Refuse, before :mod:`zipfile` parses it, a central directory too large for a study.
+
+    :mod:`zipfile` reads every central directory entry into an object of a few hundred bytes;
+    the end-of-central-directory record (PKWARE APPNOTE 4.3.16) states the directory's size,
+    so a body of millions of tiny entries is refused before any is parsed.
+    """
+    end = raw.rfind(b"PK\x05\x06", max(0, len(raw) - (1 << 16) - 22))
+    if end < 0 or end + 22 > len(raw):
+        raise DicomStudyError(f"{where}: not a zip archive (no end of central directory)")
+    entries = int.from_bytes(raw[end + 10 : end + 12], "little")
+    size = int.from_bytes(raw[end + 12 : end + 16], "little")
+    if entries == 0xFFFF or size == 0xFFFFFFFF:
+        raise DicomStudyError(f"{where}: a zip64 archive; a study fits a plain zip")
+    most = max_study_files(limits)
+    if entries > most or size > most * _MAX_ZIP_ENTRY:
+        raise DicomStudyError(
+            f"{where}: the zip holds {entries} entries in a {size}-byte directory; a study may "
+            f"hold {most} files (2 × 4 series × max_edge={limits.max_edge})"
+        )
+
+
+#: Largest central directory entry counted per file (46 bytes and a name of a few hundred).
+_MAX_ZIP_ENTRY = 512
+
+
+def max_study_files(limits: ServerLimits) -> int:
+    """Files a study sent to the server may hold: four series of ``max_edge`` slices, twice."""
+    return 2 * len(CHANNELS) * limits.max_edge
+
+
+def _zip_members(
+    raw: bytes, where: str, limits: ServerLimits | None
+) -> Iterator[tuple[str, Dataset | None]]:
+    """Every member of a zip held in memory, within ``limits`` when given.
+
+    :mod:`zipfile` never inflates a member past the size its directory entry declares (a
+    member that would is a CRC error), so the declared sizes, summed before anything is
+    inflated, bound the bytes a zip bomb can make.
+    """
+    if limits is not None:
+        _zip_directory(raw, where, limits)
+    try:
+        archive = zipfile.ZipFile(io.BytesIO(raw))
+    except (zipfile.BadZipFile, ValueError, EOFError) as exc:
+        raise DicomStudyError(f"{where}: not a zip archive ({exc})") from None
+    with archive:
+        members = [i for i in archive.infolist() if not i.is_dir()]
+        if limits is not None:
+            declared = sum(i.file_size for i in members)
+            if len(members) > max_study_files(limits) or declared > limits.max_decoded_bytes:
+                raise DicomStudyError(
+                    f"{where}: the zip's {len(members)} files inflate to {declared} bytes, "
+                    f"above the {limits.max_decoded_bytes} bytes a request may decode "
+                    "(max_decoded_bytes, from max_case_voxels and max_request_mb)"
+                )
+        for info in members:
+            try:
+                data = archive.read(info)
+            except (zipfile.BadZipFile, NotImplementedError, ValueError, EOFError) as exc:
+                raise DicomStudyError(
+                    f"{where}: {info.filename} cannot be unzipped ({exc})"
+                ) from None
+            except zlib.error as exc:
+                raise DicomStudyError(f"{where}: {info.filename} is corrupt ({exc})") from None
+            yield info.filename, _parse(data, info.filename, where)
+
+
+def _load(
+    source: str | Path | bytes, storage: Storage | None, limits: ServerLimits | None = None
+) -> Iterable[tuple[str, Dataset | None]]:
     """Every file of the study as ``(name, dataset or None)``."""
+    if isinstance(source, bytes):
+        yield from _zip_members(source, _IN_MEMORY, limits)
+        return
     where = str(source)
     if str(source).lower().endswith(".zip"):
-        raw = (storage or Storage()).get_bytes(str(source))
-        try:
-            archive = zipfile.ZipFile(io.BytesIO(raw))
-        except zipfile.BadZipFile as exc:
-            raise DicomStudyError(f"{where}: not a zip archive ({exc})") from None
-        with archive:
-            for info in archive.infolist():
-                if not info.is_dir():
-                    yield info.filename, _parse(archive.read(info), info.filename, where)
+        yield from _zip_members((storage or Storage()).get_bytes(str(source)), where, limits)
         return
     if is_s3(where):
         store = storage or Storage()
@@ -243,6 +311,10 @@ def _load(source: str | Path, storage: Storage | None) -> Iterable[tuple[str, Da
         raise DicomStudyError(f"{where}: no such folder or zip")
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         yield str(path), _parse(str(path), path.name, where)
+
+
+#: How messages name a study sent as zip bytes.
+_IN_MEMORY = "the study zip"
 
 
 def _group(files: Iterable[tuple[str, Dataset | None]], where: str) -> dict[str, Series]:
@@ -526,16 +598,19 @@ def resample(
 
 
 def load_series(
-    source: str | Path,
+    source: str | Path | bytes,
     rules: SeriesRules | None = None,
     storage: Storage | None = None,
+    limits: ServerLimits | None = None,
 ) -> dict[str, Series]:
     """Read every file of a study and pick the series of each channel.
 
     Args:
-        source: A folder, a ``.zip`` (local or ``s3://``), or an ``s3://`` prefix.
+        source: A folder, a ``.zip`` (local or ``s3://``), an ``s3://`` prefix, or the bytes
+            of a zip.
         rules: Series-to-channel rules (defaults: :class:`SeriesRules`).
         storage: Object store for ``s3://`` sources.
+        limits: Bounds for a zip from an untrusted client (see :func:`read_study`).
 
     Returns:
         The series of each channel (images as read, pixels not decoded yet).
@@ -543,34 +618,62 @@ def load_series(
     Raises:
         DicomStudyError: If a file is unreadable, or a channel is missing or ambiguous.
     """
-    where = str(source)
-    return _match(_group(_load(source, storage), where), rules or SeriesRules(), where)
+    where = _IN_MEMORY if isinstance(source, bytes) else str(source)
+    files = _load(source, storage, limits)
+    return _match(_group(files, where), rules or SeriesRules(), where)
+
+
+def _check_size(
+    grids: Mapping[str, _Grid], reference: str, where: str, limits: ServerLimits
+) -> None:
+    """Refuse, before any pixel is decoded, series larger than the server takes."""
+    sent = sum(int(np.prod(g.shape)) for g in grids.values())
+    case = len(CHANNELS) * int(np.prod(grids[reference].shape))
+    for channel, grid in grids.items():
+        if max(grid.shape) > limits.max_edge:
+            raise DicomStudyError(
+                f"{where}: the {channel} series is {'×'.join(map(str, grid.shape))} voxels; each "
+                f"edge must be at most max_edge={limits.max_edge}"
+            )
+    if max(sent, case) > limits.max_case_voxels:
+        raise DicomStudyError(
+            f"{where}: the series hold {sent} voxels ({case} on the reference grid), above "
+            f"max_case_voxels={limits.max_case_voxels}"
+        )
 
 
 def read_study(
-    source: str | Path,
+    source: str | Path | bytes,
     rules: SeriesRules | None = None,
     storage: Storage | None = None,
+    limits: ServerLimits | None = None,
 ) -> DicomStudy:
     """Read a DICOM study of the four MR series into the canonical case.
 
     Args:
-        source: A folder, a ``.zip`` (local or ``s3://``), or an ``s3://`` prefix.
+        source: A folder, a ``.zip`` (local or ``s3://``), an ``s3://`` prefix, or the bytes
+            of a zip.
         rules: Series-to-channel rules (defaults: :class:`SeriesRules`).
         storage: Object store for ``s3://`` sources.
+        limits: For a zip from an untrusted client (the model server): its central directory
+            is sized before it is parsed, its members' inflated sizes are summed before any is
+            inflated (``max_decoded_bytes``), and the series' voxels are counted from their
+            headers before any pixel is decoded (``max_case_voxels``, ``max_edge``).
 
     Returns:
         The case on the reference series' grid.
 
     Raises:
-        DicomStudyError: If a file is unreadable, a channel is missing or ambiguous, or a
-            series is not a regular volume; the message lists the series found.
+        DicomStudyError: If a file is unreadable, a channel is missing or ambiguous, a series
+            is not a regular volume, or a limit is exceeded; the message lists the series found.
     """
     rules = rules or SeriesRules()
-    where = str(source)
-    chosen = load_series(source, rules, storage)
+    where = _IN_MEMORY if isinstance(source, bytes) else str(source)
+    chosen = load_series(source, rules, storage, limits)
     ref = chosen[rules.reference]
     grids = {c: _grid(chosen[c], where) for c in CHANNELS}
+    if limits is not None:
+        _check_size(grids, rules.reference, where, limits)
     frame_of_reference = ref.datasets[0].get("FrameOfReferenceUID")
     for s in chosen.values():
         if s.datasets[0].get("FrameOfReferenceUID") != frame_of_reference:
@@ -601,6 +704,79 @@ def read_study(
         series_uids={name: s.uid for name, s in chosen.items()},
         resampled=resampled,
     )
+
+
+def _study_uid(data: bytes | str) -> str | None:
+    """The StudyInstanceUID of one file, or ``None`` when it is not DICOM."""
+    try:
+        src = io.BytesIO(data) if isinstance(data, bytes) else data
+        ds = pydicom.dcmread(src, stop_before_pixels=True, specific_tags=["StudyInstanceUID"])
+    except Exception:
+        return None
+    return str(ds.get("StudyInstanceUID", "")) or None
+
+
+_NOT_DICOM = (".nii", ".nii.gz", ".json", ".csv", ".txt", ".md")
+
+
+def find_studies(source: str | Path, storage: Storage | None = None) -> list[tuple[str, str]]:
+    """The DICOM studies at ``source``, as ``(case id, study source)`` in name order.
+
+    * a ``.zip`` is one study, named after the zip;
+    * a folder or ``s3://`` prefix is one study, named after it, when DICOM files lie directly
+      in it or when its sub-folders hold one study between them (one sub-folder per series);
+    * otherwise every sub-folder or ``.zip`` in it that holds DICOM is a study, named after it
+      (a batch; a single sub-folder is a batch of one).
+
+    Only the first DICOM file of each sub-folder is opened (its header), so telling a study
+    from a batch costs one read per sub-folder.
+
+    Args:
+        source: A folder, ``s3://`` prefix or ``.zip``.
+        storage: Object store for ``s3://`` sources.
+
+    Returns:
+        The studies; empty when ``source`` holds no DICOM.
+    """
+    store = storage or Storage()
+    base = str(source).rstrip("/")
+    name = base.rsplit("/", 1)[-1]
+    if base.lower().endswith(".zip"):
+        return [(name[: -len(".zip")], base)]
+    children: dict[str, list[str]] = {}
+    direct: list[str] = []
+    for obj in store.list(base):
+        rel = obj.uri[len(base) + 1 :]
+        head, sep, _ = rel.partition("/")
+        if sep:
+            children.setdefault(head, []).append(obj.uri)
+        elif not rel.lower().endswith(_NOT_DICOM):
+            direct.append(obj.uri)
+
+    def read(uri: str) -> bytes | str:
+        return store.get_bytes(uri) if is_s3(uri) else uri
+
+    if any(_study_uid(read(uri)) for uri in direct):
+        return [(name, base)]
+    studies: list[tuple[str, str]] = []
+    uids: set[str] = set()
+    folders = 0
+    for child in sorted(set(children) | {u.rsplit("/", 1)[-1] for u in direct}):
+        if child.lower().endswith(".zip") and child not in children:
+            studies.append((child[: -len(".zip")], f"{base}/{child}"))
+            continue
+        for uri in children.get(child, []):
+            if uri.lower().endswith(_NOT_DICOM):
+                continue
+            uid = _study_uid(read(uri))
+            if uid is not None:
+                studies.append((child, f"{base}/{child}"))
+                uids.add(uid)
+                folders += 1
+                break
+    if folders >= 2 and len(uids) == 1 and folders == len(studies):
+        return [(name, base)]  # series folders of one study
+    return studies
 
 
 # -- writing ----------------------------------------------------------------------------------

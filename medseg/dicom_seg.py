@@ -14,21 +14,23 @@ SEG and report), for ``medseg predict``, the model server and batch jobs to call
 from __future__ import annotations
 
 import io
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
 import numpy as np
 from numpy.typing import NDArray
+from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
-from pydicom.uid import generate_uid
+from pydicom.uid import SegmentationStorage, generate_uid
 
 import medseg
 from medseg.config import CHANNELS, REGIONS
 from medseg.dicom import DicomStudy, SeriesRules, read_study
-from medseg.infer import Segmenter, segment_case
+from medseg.infer import CaseSegmentation, Segmenter, segment_case
+from medseg.labels import LabelConvention
 from medseg.storage import Storage
 
 __all__ = [
@@ -36,8 +38,11 @@ __all__ = [
     "RegionCode",
     "StudySegmentation",
     "encode",
+    "encode_study",
     "make_seg",
     "make_volume_report",
+    "read_seg_labels",
+    "segment_read_study",
     "segment_study",
 ]
 
@@ -253,6 +258,45 @@ class StudySegmentation:
         }
 
 
+def segment_read_study(
+    segmenter: Segmenter, study: DicomStudy, check: Callable[[], None] | None = None
+) -> StudySegmentation:
+    """Segment a study already read, as the NIfTI path does, and encode SEG and report.
+
+    Args:
+        segmenter: The loaded model.
+        study: The study (see :func:`medseg.dicom.read_study`).
+        check: Called between the stages; it raises to abandon the work (the server's ticket).
+
+    Returns:
+        Masks, volumes, SEG and report of the study.
+    """
+    order = [CHANNELS.index(c) for c in segmenter.cfg.data.channels]
+    image = study.image if order == list(range(len(CHANNELS))) else study.image[order]
+    return encode_study(study, segment_case(segmenter, image, study.affine, check))
+
+
+def encode_study(study: DicomStudy, result: CaseSegmentation) -> StudySegmentation:
+    """The SEG and volumes report of a study's segmentation (as :func:`segment_case` made it).
+
+    Args:
+        study: The study as read.
+        result: Its segmentation, on the reference grid.
+
+    Returns:
+        Masks, volumes, SEG and report of the study.
+    """
+    seg = make_seg(study.reference, result.regions, result.volumes_ml)
+    report = make_volume_report(seg, study.reference, result.volumes_ml)
+    return StudySegmentation(
+        study=study,
+        regions=result.regions,
+        volumes_ml=result.volumes_ml,
+        seg=encode(seg),
+        report=encode(report),
+    )
+
+
 def segment_study(
     segmenter: Segmenter,
     source: str | Path,
@@ -273,16 +317,67 @@ def segment_study(
     Raises:
         medseg.dicom.DicomStudyError: If the study cannot be read (nothing is written).
     """
-    study = read_study(source, rules, storage)
-    order = [CHANNELS.index(c) for c in segmenter.cfg.data.channels]
-    image = study.image if order == list(range(len(CHANNELS))) else study.image[order]
-    result = segment_case(segmenter, image, study.affine)
-    seg = make_seg(study.reference, result.regions, result.volumes_ml)
-    report = make_volume_report(seg, study.reference, result.volumes_ml)
-    return StudySegmentation(
-        study=study,
-        regions=result.regions,
-        volumes_ml=result.volumes_ml,
-        seg=encode(seg),
-        report=encode(report),
+    return segment_read_study(segmenter, read_study(source, rules, storage))
+
+
+def read_seg_labels(
+    source: str | Path, study: DicomStudy, convention: LabelConvention
+) -> NDArray[np.uint8] | None:
+    """The label map of a DICOM SEG stored with a study, on the study's reference grid.
+
+    The SEG must reference the study's reference series (as :func:`make_seg` writes it). Its
+    segments are regions when their labels are those of :data:`REGION_CODES` (TC, WT, ET,
+    turned into the convention's labels), else labels: segment number N is label value N.
+
+    Args:
+        source: The study folder.
+        study: The study as read (gives the reference series).
+        convention: The dataset's label convention.
+
+    Returns:
+        The label map ``[X, Y, Z]``, or ``None`` when the study holds no SEG.
+
+    Raises:
+        ValueError: If the SEG does not reference the reference series, or a segment number
+            is no label of the convention.
+    """
+    found = []
+    for path in sorted(p for p in Path(source).rglob("*") if p.is_file()):
+        try:
+            head = dcmread(path, stop_before_pixels=True, specific_tags=["SOPClassUID"])
+        except Exception:
+            continue
+        if head.get("SOPClassUID") == SegmentationStorage:
+            found.append(path)
+    if not found:
+        return None
+    if len(found) > 1:
+        raise ValueError(
+            f"{len(found)} SEG objects in the study: {', '.join(p.name for p in found)}"
+        )
+    seg = hd.seg.segread(found[0])
+    uids = [str(ds.SOPInstanceUID) for ds in study.reference]
+    referenced = {
+        str(i.ReferencedSOPInstanceUID)
+        for s in seg.ReferencedSeriesSequence
+        for i in s.ReferencedInstanceSequence
+    }
+    if not referenced <= set(uids):
+        raise ValueError(f"{found[0].name} does not reference the study's reference series")
+    numbers = [int(d.SegmentNumber) for d in seg.SegmentSequence]
+    pixels = seg.get_pixels_by_source_instance(
+        uids, segment_numbers=numbers, combine_segments=False, ignore_spatial_locations=True
     )
+    masks = np.asarray(pixels).transpose(3, 2, 1, 0) > 0  # [segments, X, Y, Z]
+    labels = [str(d.SegmentLabel) for d in seg.SegmentSequence]
+    if labels == [REGION_CODES[r].label for r in REGIONS]:
+        return convention.from_regions(masks.astype(np.uint8)).astype(np.uint8)
+    out = np.zeros(masks.shape[1:], dtype=np.uint8)
+    for number, mask in zip(numbers, masks, strict=True):
+        if number not in convention.labels:
+            raise ValueError(
+                f"{found[0].name}: segment {number} is no label of {convention.name} "
+                f"({sorted(convention.labels)})"
+            )
+        out[mask] = number
+    return out

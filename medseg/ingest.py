@@ -10,6 +10,16 @@ outside the source folder is not followed: its case is quarantined. The manifest
 last: until it exists the version does not, so a crash never leaves a half-ingested version
 visible, and a re-run uploads only what is missing.
 
+DICOM studies (a folder or prefix of study folders or zips, see
+:func:`medseg.dicom.find_studies`) go through the same checks: each study is read into the
+canonical case (:func:`medseg.dicom.read_study`), its ground truth is a NIfTI label map in the
+study folder (any grid; nearest-neighbour onto the reference grid) or a DICOM SEG in it (read
+with highdicom onto the reference series), and it is stored as the four channels and the label
+map in NIfTI (what preprocessing and evaluation read) plus ``CASE_study.zip``, the study
+de-identified by :mod:`medseg.deid` (PS3.15 Basic Profile) with the key ``MEDSEG_DEID_KEY``,
+which is never stored: nothing maps the pseudonyms back. A study that cannot be read, lacks a
+series or its ground truth, or cannot be de-identified is quarantined with its reason.
+
 Re-ingesting is keyed on content, never on the source's path: the source's fingerprint (every
 file's relative path, size and sha256 for a folder; every object's key, size and ETag for an
 ``s3://`` prefix) and the ingest options map to the version they produced, in
@@ -21,28 +31,34 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import hmac
 import io
 import json
 import multiprocessing
 import os
 import tempfile
+import zipfile
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
 from medseg.config import CHANNELS, SplitConfig
-from medseg.errors import DatasetError, InvalidName
+from medseg.deid import deidentify_files
+from medseg.dicom import find_studies, read_study, resample
+from medseg.errors import DatasetError, InvalidName, MedsegError
 from medseg.labels import LabelConvention, get_convention
 from medseg.layouts import LAYOUTS, RawCase, detect_layout, discover_cases
 from medseg.manifest import CaseEntry, DatasetRef, FileEntry, Manifest, QuarantinedCase
 from medseg.names import check_name
+from medseg.settings import DeidSettings
 from medseg.storage import Storage, is_s3, join, sha256_file, write_local
 
 __all__ = ["IngestResult", "ingest", "source_fingerprint"]
@@ -264,6 +280,122 @@ def _validate(
     return entry, staged
 
 
+#: The manifest's layout of a dataset ingested from DICOM studies.
+DICOM_LAYOUT = "dicom"
+_DICOM_ROLE = "dicom"
+_ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member times: the same study zips to the same bytes
+
+
+def _nifti_bytes(data: NDArray[np.generic], affine: NDArray[np.float64]) -> bytes:
+    """A volume as gzipped NIfTI-1 bytes that depend on the voxels and affine only."""
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=1)
+    img.set_sform(affine, code=1)
+    return gzip.compress(img.to_bytes(), compresslevel=6, mtime=0)
+
+
+def _study_label(source: Path, study: Any, conv: LabelConvention) -> NDArray[np.uint8]:
+    """The study's ground truth on its reference grid: a NIfTI label map or a DICOM SEG."""
+    from medseg.dicom_seg import read_seg_labels  # highdicom and torch: only when needed
+
+    shape = tuple(int(n) for n in study.image.shape[1:])
+    if source.is_dir():
+        maps = sorted(p for p in source.rglob("*") if p.name.endswith((".nii.gz", ".nii")))
+        if len(maps) > 1:
+            names = ", ".join(p.name for p in maps)
+            raise CaseInvalid(maps[1].name, f"several NIfTI label maps in the study: {names}")
+        if maps:
+            item = _read_nifti(maps[0], "label")
+            if item.data.ndim != 3:
+                raise CaseInvalid(
+                    item.name, f"{item.name} has shape {item.data.shape}, expected 3D"
+                )
+            data = np.asarray(item.data)
+            same = data.shape == shape and np.allclose(
+                item.affine, study.affine, atol=_AFFINE_TOL_MM
+            )
+            if not same:
+                data = resample(data.astype(np.float32), item.affine, shape, study.affine, order=0)
+            return np.rint(data).astype(np.uint8) if data.dtype.kind == "f" else data
+    try:
+        label = read_seg_labels(source, study, conv)
+    except (ValueError, MedsegError) as exc:
+        raise CaseInvalid(None, f"ground truth SEG of study {source.name}: {exc}") from None
+    if label is None:
+        raise CaseInvalid(
+            None, f"no ground truth in study {source.name}: no NIfTI label map and no DICOM SEG"
+        )
+    return label
+
+
+def _check_study(case_id: str, source: str, convention: str, staging: str, key: bytes) -> _Checked:
+    """Validate, convert and de-identify one DICOM study; its entry or its quarantine."""
+    out = _Checked(case_id)
+    path = Path(source)
+    try:
+        try:
+            study = read_study(path)
+            _, files = deidentify_files(path, key)
+        except MedsegError as exc:
+            raise CaseInvalid(path.name, str(exc)) from None
+        conv = get_convention(convention)
+        affine = np.asarray(study.affine, dtype=np.float64)
+        channels = [
+            _Loaded(c, f"{case_id}_{c}.nii.gz", path, study.image[i], affine, (), None)
+            for i, c in enumerate(CHANNELS)
+        ]
+        for item in channels:
+            _check_values(item)
+        label = _Loaded(
+            "label",
+            f"{case_id}_seg.nii.gz",
+            path,
+            _study_label(path, study, conv),
+            affine,
+            (),
+            None,
+        )
+        counts = _check_label(label, conv)
+        folder = Path(staging) / case_id
+        staged: dict[str, Path] = {}
+        for item in [*channels, label]:
+            data = item.data.astype(np.uint8) if item.role == "label" else item.data
+            staged[item.role] = folder / item.name
+            write_local(staged[item.role], _nifti_bytes(np.ascontiguousarray(data), affine))
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
+            for rel in sorted(files):
+                archive.writestr(
+                    zipfile.ZipInfo(rel, _ZIP_TIME), files[rel], compress_type=zipfile.ZIP_DEFLATED
+                )
+        staged[_DICOM_ROLE] = folder / f"{case_id}_study.zip"
+        write_local(staged[_DICOM_ROLE], buf.getvalue())
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        nx, ny, nz = (int(n) for n in study.image.shape[1:])
+        out.entry = CaseEntry(
+            case_id=case_id,
+            split="train",
+            files=[
+                FileEntry(
+                    role=role,
+                    key=f"raw/{case_id}/{dest.name}",
+                    sha256=sha256_file(dest),
+                    size=dest.stat().st_size,
+                )
+                for role, dest in staged.items()
+            ],
+            shape=(nx, ny, nz),
+            spacing=(float(zooms[0]), float(zooms[1]), float(zooms[2])),
+            orientation="".join(nib.aff2axcodes(affine)),
+            label_counts=counts,
+        )
+        out.staged = staged
+    except CaseInvalid as exc:
+        out.quarantine = QuarantinedCase(case_id=case_id, file=exc.file, reason=exc.reason)
+    return out
+
+
 def _screen(case: RawCase, root: Path) -> QuarantinedCase | None:
     """Refuse, before reading anything, a case with a bad id or a file outside ``root``."""
     try:
@@ -309,13 +441,21 @@ def source_fingerprint(source: str, storage: Storage) -> list[tuple[str, int, st
 def _source_key(
     rows: list[tuple[str, int, str]], labels: str | None, split: SplitConfig, strict: bool
 ) -> str:
-    """The key of a source's content plus the options that shape its version."""
-    body = {
+    """The key of a source's content plus the options that shape its version.
+
+    A de-identification key shapes the version of a DICOM source: a keyed digest of it (which
+    reveals nothing of the key) is part of the source key.
+    """
+    body: dict[str, Any] = {
         "files": rows,
         "labels": labels,
         "split": split.model_dump(mode="json"),
         "strict": strict,
     }
+    secret = DeidSettings().key
+    if secret is not None:
+        key = secret.get_secret_value().encode()
+        body["deid"] = hmac.new(key, b"medseg ingest source key", hashlib.sha256).hexdigest()[:16]
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -329,12 +469,26 @@ def _assign_split(ids: list[str], split: SplitConfig) -> dict[str, str]:
     return {i: ("validation" if i in val else "train") for i in ordered}
 
 
-def _map(fn_args: Iterable[tuple[RawCase, str, str]], workers: int) -> list[_Checked]:
-    items = list(fn_args)
+def _map(fn: Callable[..., _Checked], items: list[tuple[Any, ...]], workers: int) -> list[_Checked]:
     if workers <= 1 or len(items) <= 1:
-        return [_check_case(*a) for a in items]
+        return [fn(*a) for a in items]
     with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
-        return list(pool.map(_check_case, *zip(*items, strict=True)))
+        return list(pool.map(fn, *zip(*items, strict=True)))
+
+
+def _deid_key() -> bytes:
+    """The de-identification key, from the environment only (never stored).
+
+    Raises:
+        DatasetError: If ``MEDSEG_DEID_KEY`` is not set.
+    """
+    secret = DeidSettings().key
+    if secret is None or not secret.get_secret_value():
+        raise DatasetError(
+            "ingesting DICOM studies de-identifies them: set MEDSEG_DEID_KEY (a secret kept "
+            "outside the dataset bucket, e.g. in a Kubernetes Secret)"
+        )
+    return secret.get_secret_value().encode()
 
 
 def ingest(
@@ -350,7 +504,8 @@ def ingest(
     """Validate and store a raw dataset as a content-addressed version.
 
     Args:
-        source: Local folder or ``s3://`` prefix holding one public layout.
+        source: Local folder or ``s3://`` prefix holding one public layout, or DICOM studies
+            (de-identified on the way in: needs ``MEDSEG_DEID_KEY``).
         name: Dataset name.
         store: Root URI of the platform's store (e.g. ``s3://medseg``).
         storage: Storage to use; from the environment when omitted.
@@ -402,17 +557,38 @@ def _ingest(
             root = Path(tmp) / "source"
             for obj in storage.list(source):
                 storage.get_file(obj.uri, root / obj.uri[len(source.rstrip("/")) + 1 :])
-        layout = detect_layout(root)
-        convention = labels or LAYOUTS[layout]
-        get_convention(convention)
-        cases = discover_cases(root, layout)
-        if not cases:
-            raise DatasetError(f"{source}: layout {layout} detected but no case found")
         staging = str(Path(tmp) / "staged")
-        screened = {c.case_id: _screen(c, root) for c in cases}
-        refused = [q for q in screened.values() if q is not None]
-        readable = [c for c in cases if screened[c.case_id] is None]
-        checked = _map(((c, convention, staging) for c in readable), workers)
+        try:
+            layout = detect_layout(root)
+        except DatasetError as exc:
+            studies = find_studies(root)
+            if not studies:
+                raise DatasetError(f"{exc}; nor does it hold DICOM studies") from None
+            layout = DICOM_LAYOUT
+        if layout == DICOM_LAYOUT:
+            convention = labels or "brats2021"
+            get_convention(convention)
+            key = _deid_key()
+            cases: list[Any] = studies
+            refused = []
+            readable = []
+            for case_id, study in studies:
+                try:
+                    check_name(case_id, "case id")
+                    readable.append((case_id, study, convention, staging, key))
+                except InvalidName as exc:
+                    refused.append(QuarantinedCase(case_id=case_id, file=None, reason=str(exc)))
+            checked = _map(_check_study, readable, workers)
+        else:
+            convention = labels or LAYOUTS[layout]
+            get_convention(convention)
+            cases = discover_cases(root, layout)
+            if not cases:
+                raise DatasetError(f"{source}: layout {layout} detected but no case found")
+            screened = {c.case_id: _screen(c, root) for c in cases}
+            refused = [q for q in screened.values() if q is not None]
+            args = [(c, convention, staging) for c in cases if screened[c.case_id] is None]
+            checked = _map(_check_case, args, workers)
         good = [c for c in checked if c.entry is not None]
         bad = refused + [c.quarantine for c in checked if c.quarantine is not None]
         bad.sort(key=lambda q: q.case_id)

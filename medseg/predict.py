@@ -1,26 +1,33 @@
 """Batch prediction: a model over many raw cases, with the function the server uses.
 
 The cases come from a dataset split (``NAME@VERSION``, ``validation``), a folder or ``s3://``
-prefix in one of the public layouts (see :mod:`medseg.layouts`), one case folder, or the files of
-one case. One model stays loaded; a reader thread fetches and decodes the next cases (a bounded
-queue of ``prefetch`` cases) while the current one is segmented. Each case goes through
+prefix in one of the public layouts (see :mod:`medseg.layouts`), one case folder, the files of
+one case, or DICOM: one study (a folder, ``.zip`` or ``s3://`` prefix) or a folder or prefix of
+studies (see :func:`medseg.dicom.find_studies`). One model stays loaded; a reader thread
+fetches and decodes the next cases (a bounded queue of ``prefetch`` cases) while the current
+one is segmented. Each case goes through
 :func:`medseg.infer.segment_case`, the function the model server calls, and its label map (on the
 case's own grid, with its affine, in the source's label convention) is written. Under ``OUT``::
 
     labels/CASE.nii.gz     one label map per case
     volumes.csv            case, TC_ml, WT_ml, ET_ml
     volumes.json           the same table as JSON
+    dicom/CASE/seg.dcm     for a DICOM study: the DICOM SEG over its reference series,
+    dicom/CASE/sr.dcm      the TID 1500 volumes report, and
+    dicom/CASE/volumes.json  the JSON sidecar (volumes, study and series UIDs)
     predictions.json       model, source, convention, every case written, every case that
                            failed with its file and reason (written last)
 
 A case that cannot be read or segmented is listed with its reason and the others are still
-written; :attr:`PredictResult.failed` says which.
+written; :attr:`PredictResult.failed` says which. Every file is written atomically, and a case's
+files only once all of them are encoded: a failed case leaves none of its outputs.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import json
 import queue
 import tempfile
 import threading
@@ -34,6 +41,8 @@ from typing import Any
 import numpy as np
 
 from medseg.config import CHANNELS, REGIONS
+from medseg.dicom import DicomStudy, find_studies, read_study
+from medseg.dicom_seg import encode_study
 from medseg.errors import DatasetError, MedsegError, ObjectNotFound
 from medseg.infer import Segmenter, load_model, segment_case
 from medseg.labels import get_convention
@@ -58,6 +67,8 @@ __all__ = [
 ]
 
 INDEX = "predictions.json"
+#: The role of a DICOM study (folder, zip or prefix) in :attr:`CaseInput.files`.
+STUDY = "study"
 _AFFINE_TOL_MM = 1e-3
 _NIFTI = (".nii.gz", ".nii")
 
@@ -77,7 +88,7 @@ class CaseInput:
     Attributes:
         case_id: The case's identifier.
         files: Role to URI or path: one 3D file per channel name, or ``image`` (4D, channels
-            last); ``label`` when present.
+            last), or ``study`` (a DICOM study); ``label`` when present.
         channel_index: For a 4D ``image``, the index of each canonical channel.
         missing: Expected files that are absent, by role.
     """
@@ -189,6 +200,8 @@ def path_source(
     if not paths:
         raise MedsegError("nothing to predict: give a dataset, a folder, a prefix or files")
     first = str(paths[0])
+    if len(paths) == 1 and first.lower().endswith(".zip"):
+        return _study_source(storage, first)
     if len(paths) > 1 or first.endswith(_NIFTI):
         if len(paths) not in (1, len(CHANNELS)):
             raise MedsegError(f"give one 4D NIfTI, four 3D files or a folder, not {len(paths)}")
@@ -202,7 +215,22 @@ def path_source(
         else:
             case = CaseInput(case_id, dict(zip(order, files, strict=True)))
         return CaseSource(first, [case], "brats2021")
-    return _folder_source(storage, first)
+    try:
+        return _folder_source(storage, first)
+    except MedsegError as exc:
+        try:
+            return _study_source(storage, first)
+        except MedsegError:
+            raise MedsegError(f"{exc}; nor does it hold DICOM studies") from None
+
+
+def _study_source(storage: Storage, source: str) -> CaseSource:
+    """The DICOM studies at ``source`` (label maps written in the BraTS 2021 convention)."""
+    studies = find_studies(source, storage)
+    if not studies:
+        raise MedsegError(f"{source}: no DICOM study found")
+    cases = [CaseInput(case_id, {STUDY: uri}) for case_id, uri in studies]
+    return CaseSource(source, cases, "brats2021")
 
 
 def _folder_source(storage: Storage, source: str) -> CaseSource:
@@ -305,7 +333,27 @@ def load_case(
     return image, affine
 
 
-_Item = tuple[CaseInput, tuple[np.ndarray, np.ndarray] | None, CaseFailure | None]
+@dataclass
+class _Loaded:
+    image: np.ndarray
+    affine: np.ndarray
+    study: DicomStudy | None = None
+
+
+def _load(storage: Storage, case: CaseInput, channels: Sequence[str]) -> _Loaded:
+    """A case's image and affine; for a DICOM study, the study as read too."""
+    if STUDY not in case.files:
+        return _Loaded(*load_case(storage, case, channels))
+    source = case.files[STUDY]
+    try:
+        study = read_study(source, storage=storage)
+    except MedsegError as exc:
+        raise CaseError(case.case_id, source, str(exc)) from None
+    order = [CHANNELS.index(c) for c in channels]
+    return _Loaded(study.image[order], study.affine, study)
+
+
+_Item = tuple[CaseInput, _Loaded | None, CaseFailure | None]
 
 
 def _reader(
@@ -328,7 +376,7 @@ def _reader(
 
     for case in cases:
         try:
-            item: _Item = (case, load_case(storage, case, channels), None)
+            item: _Item = (case, _load(storage, case, channels), None)
         except CaseError as exc:
             item = (case, None, CaseFailure(case.case_id, exc.file, exc.reason))
         except MedsegError as exc:  # storage unreachable and the like
@@ -389,7 +437,7 @@ def predict_cases(
             case, loaded, failure = item
             if loaded is not None:
                 try:
-                    rows.append(_write_case(seg, storage, case.case_id, *loaded, out, convention))
+                    rows.append(_write_case(seg, storage, case.case_id, loaded, out, convention))
                 except MedsegError as exc:
                     failure = CaseFailure(case.case_id, None, str(exc))
                 except Exception as exc:
@@ -425,21 +473,33 @@ def _write_case(
     seg: Segmenter,
     storage: Storage,
     case_id: str,
-    image: np.ndarray,
-    affine: np.ndarray,
+    loaded: _Loaded,
     out: str,
     convention: str,
 ) -> dict[str, Any]:
+    image, affine = loaded.image, loaded.affine
     result = segment_case(seg, image, affine)
     key = f"labels/{case_id}.nii.gz"
-    info = storage.put_bytes(join(out, key), encode_label_map(result.label_map(convention), affine))
+    outputs = {key: encode_label_map(result.label_map(convention), affine)}
+    row: dict[str, Any] = {"case_id": case_id, "key": key}
+    if loaded.study is not None:
+        answer = encode_study(loaded.study, result)
+        keys = {k: f"dicom/{case_id}/{n}" for k, n in _DICOM_FILES.items()}
+        outputs[keys["seg_key"]] = answer.seg
+        outputs[keys["sr_key"]] = answer.report
+        outputs[keys["sidecar_key"]] = json.dumps(answer.sidecar(), indent=2).encode()
+        row.update(keys)
+    infos = {k: storage.put_bytes(join(out, k), data) for k, data in outputs.items()}
     return {
-        "case_id": case_id,
-        "key": key,
-        "sha256": info.sha256,
+        **row,
+        "sha256": infos[key].sha256,
         "shape": list(image.shape[1:]),
         "volumes_ml": {r: round(result.volumes_ml[r], 4) for r in REGIONS},
     }
+
+
+#: The DICOM outputs of a study, under ``dicom/CASE/``, by their key in the index.
+_DICOM_FILES = {"seg_key": "seg.dcm", "sr_key": "sr.dcm", "sidecar_key": "volumes.json"}
 
 
 def _write_tables(storage: Storage, out: str, rows: list[dict[str, Any]]) -> None:

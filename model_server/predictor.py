@@ -222,6 +222,20 @@ class MedsegPredictor(Model):
         assert self.segmenter is not None
         return self.segmenter.cfg.data.channels
 
+    async def run_in_slot(self, ticket: Ticket, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a worker thread, holding one of the ``max_concurrency`` slots.
+
+        For routes beside the data plane (:mod:`model_server.dicom_route`): the same queue,
+        ticket and cancellation as a v2 request.
+        """
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_concurrency)
+        await self._acquire(ticket)
+        try:
+            return await self._in_thread(ticket, fn, *args)
+        finally:
+            self._slots.release()
+
     async def get_input_types(self) -> list[dict[str, Any]]:
         return [
             {"name": "nifti", "datatype": "BYTES", "shape": [-1]},

@@ -55,6 +55,7 @@ from kserve.protocol.infer_type import (
 
 from medseg.codec import InputError, split_bytes_tensor, validate_params
 from medseg.settings import ServerLimits
+from model_server import dicom_route
 from model_server.predictor import RequestAbandoned, Ticket, current_ticket
 
 __all__ = [
@@ -509,3 +510,4 @@ def install(
     for path in paths:
         app.add_api_route(path, infer, methods=["POST"], include_in_schema="{v}" not in path)
     app.add_api_route("/v1/models/{model_name}:predict", predict_v1, methods=["POST"])
+    dicom_route.install(app, dataplane, limits, serve)

@@ -51,7 +51,13 @@ def synth(
 @app.command()
 @handles_errors
 def ingest(
-    source: Annotated[str, typer.Argument(help="Dataset folder or s3:// prefix.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Dataset folder or s3:// prefix (a public layout, or DICOM studies: these are "
+            "de-identified with MEDSEG_DEID_KEY)."
+        ),
+    ],
     dataset: DatasetOpt,
     store: StoreOpt = DEFAULT_STORE,
     labels: LabelsOpt = None,

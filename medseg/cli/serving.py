@@ -122,7 +122,8 @@ Paths = Annotated[
     list[str] | None,
     typer.Argument(
         help="A folder or s3:// prefix of cases (any public layout), one case folder, one "
-        "4D NIfTI, or four 3D files."
+        "4D NIfTI, four 3D files, or DICOM: one study (folder, zip, prefix) or a folder of "
+        "studies (each gets a SEG, a volumes report and a JSON sidecar too)."
     ),
 ]
 PredictDataset = Annotated[
