@@ -55,6 +55,7 @@ from kserve.protocol.infer_type import (
 
 from medseg.codec import InputError, split_bytes_tensor, validate_params
 from medseg.settings import ServerLimits
+from model_server import metrics
 from model_server.predictor import RequestAbandoned, Ticket, current_ticket
 
 __all__ = [
@@ -314,7 +315,11 @@ class _Refused(Exception):
 
 
 def log_refusal(status: int, where: str, message: str) -> None:
-    """The one log line of a refused request (no traceback: the client's error, not ours)."""
+    """The one log line of a refused request (no traceback: the client's error, not ours).
+
+    Also counts it in :data:`model_server.metrics.ERRORS`.
+    """
+    metrics.count_error(status)
     logger.warning("refused %s with %d: %s", where, status, message)
 
 
@@ -453,6 +458,7 @@ def install(
     ) -> Response:
         where = f"{request.method} {request.url.path}"
         body = request.scope.pop(BODY_KEY, None) or bytearray()  # read by BodyLimits
+        metrics.REQUEST_BYTES.observe(len(body))
         ticket = Ticket(limits.request_timeout_s)
         token = current_ticket.set(ticket)
         watcher = asyncio.create_task(_watch_disconnect(request.receive, ticket))
