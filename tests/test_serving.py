@@ -78,7 +78,7 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     rest = f"http://127.0.0.1:{http}"
     try:
-        wait_ready(rest, 120, proc, log)
+        wait_ready(rest, 300, proc, log)  # imports alone take a minute on a loaded machine
     except MedsegError as exc:
         proc.kill()
         pytest.fail(str(exc))
