@@ -60,7 +60,7 @@ class Server:
         cmd = [c.format(http=self.http, grpc=self.grpc) for c in cmd]
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
         self.rest = f"http://127.0.0.1:{self.http}"
-        wait_ready(self.rest, 180, self.proc, log)
+        wait_ready(self.rest, 600, self.proc, log)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -76,28 +76,27 @@ def _median(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _socket_server(port: int) -> None:
-    """Serve the socket baseline: per request, a 16-byte header (request and response sizes),
-    the request read into one buffer, then that many zero bytes answered."""
-    import socket
-    import struct
-
-    with socket.create_server(("127.0.0.1", port)) as srv:
-        while True:
-            conn, _ = srv.accept()
-            with conn:
-                head = conn.recv(16, socket.MSG_WAITALL)
-                if len(head) < 16:
-                    continue
-                size, answer = struct.unpack("<QQ", head)
-                buf, view, got = bytearray(size), None, 0
-                view = memoryview(buf)
-                while got < size:
-                    n = conn.recv_into(view[got:])
-                    if not n:
-                        break
-                    got += n
-                conn.sendall(bytes(answer))
+#: The socket baseline's server (its own process, no imports beyond the standard library): per
+#: connection, a 16-byte header (request and response sizes), the request read into one buffer,
+#: then that many zero bytes answered.
+_SOCKET_SERVER = """
+import socket, struct, sys
+with socket.create_server(("127.0.0.1", int(sys.argv[1]))) as srv:
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            head = conn.recv(16, socket.MSG_WAITALL)
+            if len(head) < 16:
+                continue
+            size, answer = struct.unpack("<QQ", head)
+            view, got = memoryview(bytearray(size)), 0
+            while got < size:
+                n = conn.recv_into(view[got:])
+                if not n:
+                    break
+                got += n
+            conn.sendall(bytes(answer))
+"""
 
 
 def _socket_call(port: int, request: list[bytes | memoryview], answer: int) -> Any:
@@ -149,12 +148,9 @@ def part_a(x: np.ndarray, tmp: Path, repeats: int) -> None:
         f"UINT8 answer {answer / 2**20:.1f} MiB"
     )
     port = free_port()
-    sock = subprocess.Popen(
-        [sys.executable, "-c", f"import bench_serving as b; b._socket_server({port})"],
-        cwd=HERE,
-    )
+    sock = subprocess.Popen([sys.executable, "-c", _SOCKET_SERVER, str(port)])
     try:
-        for _ in range(100):
+        for _ in range(600):
             try:
                 _socket_call(port, [b""], 0)()
                 break
