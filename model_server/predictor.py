@@ -265,6 +265,22 @@ class MedsegPredictor(Model):
         assert self.segmenter is not None
         return self.segmenter.cfg.data.channels
 
+    async def run_in_slot(self, ticket: Ticket, fn: Callable[..., _T], *args: Any) -> _T:
+        """``fn(*args)`` in a worker thread, holding one of the ``max_concurrency`` slots.
+
+        For routes beside the data plane (main's ``model_server.dicom_route``): the same queue,
+        ticket and cancellation as a v2 request, whose slot :meth:`__call__` holds instead.
+        """
+        slot = _Slot()
+        token = _current_slot.set(slot)
+        try:
+            await self._acquire(ticket)
+            return await self._in_thread(ticket, fn, *args)
+        finally:
+            _current_slot.reset(token)
+            if slot.held and self._slots is not None:
+                self._slots.release()
+
     async def get_input_types(self) -> list[dict[str, Any]]:
         return [
             {"name": "nifti", "datatype": "BYTES", "shape": [-1]},
