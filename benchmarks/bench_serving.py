@@ -2,10 +2,15 @@
 
 All in one run, on 127.0.0.1:
 
-A. Protocol layers alone (``benchmarks/echo_server.py``: a trivial model answering a
-   ``[1, 3, X, Y, Z]`` uint8 output): one FP32 ``[1, 4, X, Y, Z]`` request over REST with the
-   binary data extension both ways, through kserve's stock REST handling and through medseg's
-   route, and over gRPC. Ratio: REST / gRPC (target ≤ 1.5).
+A. The wire alone (``benchmarks/echo_server.py``: medseg's server stack with a trivial model
+   answering ``3/16`` of the request's bytes as UINT8, the size of a ``[3, X, Y, Z]`` mask set):
+   one full-size request of an FP32 ``[1, 4, X, Y, Z]`` tensor, over REST with the binary data
+   extension, REST with the same bytes as one NIfTI (BYTES) element, and gRPC
+   (``raw_input_contents``), each through :func:`medseg.client.infer`; against a raw loopback
+   TCP socket moving the same request and response bytes (a server subprocess that reads the
+   request into a buffer and answers zeros). Target: each ≤ 5× the socket. Memory: the server's
+   peak RSS during one request (``VmHWM`` reset before it) above its RSS before, against the
+   payload (target ≤ 3×).
 B. The real predictor (SegResNet from the default config, fixed random weights; inference cost
    does not depend on the weights) on a synthetic full-size case: in-process compute
    (:func:`medseg.infer.segment_case`) against end to end (client send → mask received) over
@@ -34,7 +39,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from medseg.client import _grpc_infer, _rest_infer, predict, wait_ready
+from medseg.client import infer, predict, wait_ready
+from medseg.codec import serialize_bytes
 from medseg.config import MedsegConfig
 from medseg.infer import Segmenter, load_model, segment_case
 from medseg.minio_server import free_port
@@ -54,7 +60,7 @@ class Server:
         cmd = [c.format(http=self.http, grpc=self.grpc) for c in cmd]
         self.proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
         self.rest = f"http://127.0.0.1:{self.http}"
-        wait_ready(self.rest, 180, self.proc, log)
+        wait_ready(self.rest, 600, self.proc, log)
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -70,32 +76,126 @@ def _median(fn: Any, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _tensor_call(url: str, x: np.ndarray, grpc: bool, model: str, outputs: list[str]) -> Any:
-    inp = {"name": "image", "datatype": "FP32", "shape": list(x.shape), "parameters": {}}
-    send = _grpc_infer if grpc else _rest_infer
-    return lambda: send(url, model, inp, x.tobytes(), {}, outputs, 900)
+#: The socket baseline's server (its own process, no imports beyond the standard library): per
+#: connection, a 16-byte header (request and response sizes), the request read into one buffer,
+#: then that many zero bytes answered.
+_SOCKET_SERVER = """
+import socket, struct, sys
+with socket.create_server(("127.0.0.1", int(sys.argv[1]))) as srv:
+    while True:
+        conn, _ = srv.accept()
+        with conn:
+            head = conn.recv(16, socket.MSG_WAITALL)
+            if len(head) < 16:
+                continue
+            size, answer = struct.unpack("<QQ", head)
+            view, got = memoryview(bytearray(size)), 0
+            while got < size:
+                n = conn.recv_into(view[got:])
+                if not n:
+                    break
+                got += n
+            conn.sendall(bytes(answer))
+"""
+
+
+def _socket_call(port: int, request: list[bytes | memoryview], answer: int) -> Any:
+    import socket
+    import struct
+
+    size = sum(len(p) for p in request)
+
+    def call() -> None:
+        with socket.create_connection(("127.0.0.1", port)) as conn:
+            conn.sendall(struct.pack("<QQ", size, answer))
+            for part in request:
+                conn.sendall(part)
+            buf = bytearray(answer)
+            view, got = memoryview(buf), 0
+            while got < answer:
+                n = conn.recv_into(view[got:])
+                if not n:
+                    raise RuntimeError("socket baseline: short answer")
+                got += n
+
+    return call
+
+
+def _rss(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of a process, bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def _peak_over(pid: int, call: Any) -> int:
+    """Bytes the process's peak RSS rose above its RSS during ``call()``."""
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
+    before = _rss(pid)["VmRSS"]
+    call()
+    return _rss(pid)["VmHWM"] - before
 
 
 def part_a(x: np.ndarray, tmp: Path, repeats: int) -> None:
-    mib = x.nbytes / 2**20
+    payload = x.tobytes()
+    mib = len(payload) / 2**20
+    answer = len(payload) * 3 // 16
     print(
-        f"\nA. protocol layers alone (trivial model), FP32 input {list(x.shape)} "
-        f"= {mib:.0f} MiB, UINT8 output [1, 3, ...] = {mib * 3 / 16:.1f} MiB"
+        f"\nA. the wire alone (trivial model): FP32 input {list(x.shape)} = {mib:.0f} MiB, "
+        f"UINT8 answer {answer / 2**20:.1f} MiB"
     )
-    rows = {}
-    for mode in ("stock", "fast"):
-        cmd = [sys.executable, str(HERE / "echo_server.py"), "{http}", "{grpc}", mode]
-        server = Server(cmd, tmp / f"echo-{mode}.log")
-        try:
-            call = _tensor_call(server.rest, x, False, "echo", ["mask"])
-            rows[f"REST binary, kserve {mode}"] = _median(call, 1 if mode == "stock" else repeats)
-            if mode == "fast":
-                grpc_call = _tensor_call(f"127.0.0.1:{server.grpc}", x, True, "echo", ["mask"])
-                rows["gRPC (kserve)"] = _median(grpc_call, repeats)
-        finally:
-            server.stop()
+    port = free_port()
+    sock = subprocess.Popen([sys.executable, "-c", _SOCKET_SERVER, str(port)])
+    try:
+        for _ in range(600):
+            try:
+                _socket_call(port, [b""], 0)()
+                break
+            except OSError:
+                time.sleep(0.1)
+        socket_s = _median(_socket_call(port, [payload], answer), repeats)
+    finally:
+        sock.terminate()
+        sock.wait(30)
+    tensor = {"name": "image", "datatype": "FP32", "shape": list(x.shape), "parameters": {}}
+    blob = serialize_bytes([payload])  # one NIfTI-sized BYTES element (the echo does not decode)
+    nifti = {"name": "nifti", "datatype": "BYTES", "shape": [1], "parameters": {}}
+    server = Server(
+        [sys.executable, str(HERE / "echo_server.py"), "{http}", "{grpc}"], tmp / "echo.log"
+    )
+    grpc_url = f"127.0.0.1:{server.grpc}"
+    calls = {
+        "REST binary, FP32 tensor": lambda: infer(
+            server.rest, "echo", tensor, payload, {}, ["mask"], 900
+        ),
+        "REST binary, NIfTI (BYTES)": lambda: infer(
+            server.rest, "echo", nifti, blob, {}, ["mask"], 900
+        ),
+        "gRPC, FP32 tensor": lambda: infer(
+            grpc_url, "echo", tensor, payload, {}, ["mask"], 900, True
+        ),
+        "gRPC, NIfTI (BYTES)": lambda: infer(
+            grpc_url, "echo", nifti, blob, {}, ["mask"], 900, True
+        ),
+    }
+    rows, peaks = {}, {}
+    try:
+        for name, call in calls.items():
+            call()  # warm-up (connections, imports, the server's first allocation)
+            peaks[name] = _peak_over(server.proc.pid, call)
+            rows[name] = _median(call, repeats)
+    finally:
+        server.stop()
+    print(f"  {'raw loopback TCP socket':<30} {socket_s:8.3f} s   (1.00x socket)")
     for name, seconds in rows.items():
-        print(f"  {name:<28} {seconds:8.2f} s   ({seconds / rows['gRPC (kserve)']:.2f}x gRPC)")
+        print(
+            f"  {name:<30} {seconds:8.3f} s   ({seconds / socket_s:5.2f}x socket; target <= 5)   "
+            f"server peak RSS +{peaks[name] / 2**20:6.0f} MiB = {peaks[name] / len(payload):4.2f}x "
+            f"payload (target <= 3)"
+        )
 
 
 def part_b(case: Path, model_dir: Path, tmp: Path, repeats: int) -> None:
@@ -171,13 +271,13 @@ def part_c(case_dirs: list[Path], model_dir: Path | None, shape_cfg: MedsegConfi
         "MONAI default (128^3, overlap 0.5)": {"roi_size": [128, 128, 128], "overlap": 0.5},
     }
     print("\nC. inference settings (in-process, CPU)")
-    for name, infer in settings.items():
+    for name, over in settings.items():
         if model_dir is not None:
             base = load_model(str(model_dir), Storage())
-            cfg = base.cfg.model_copy(update={"infer": base.cfg.infer.model_copy(update=infer)})
+            cfg = base.cfg.model_copy(update={"infer": base.cfg.infer.model_copy(update=over)})
             seg = Segmenter(cfg, base.net, base.device)
         else:
-            cfg = shape_cfg.model_copy(update={"infer": shape_cfg.infer.model_copy(update=infer)})
+            cfg = shape_cfg.model_copy(update={"infer": shape_cfg.infer.model_copy(update=over)})
             torch.manual_seed(0)
             seg = Segmenter(cfg, build_network(cfg.model).eval(), torch.device("cpu"))
         times, dices = [], []

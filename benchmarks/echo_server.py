@@ -1,8 +1,9 @@
-"""A kserve ModelServer with a trivial model, to time the protocol layers alone.
+"""medseg's server stack (REST route, gRPC servicer, limits) with a trivial model: the wire alone.
 
-``python benchmarks/echo_server.py HTTP_PORT GRPC_PORT stock|fast``: the model returns a
-``[1, 3, X, Y, Z]`` uint8 output (the size of a mask set) for an ``[1, 4, X, Y, Z]`` input, with
-no compute. ``stock`` is kserve's own REST handling; ``fast`` installs medseg's REST route.
+``python benchmarks/echo_server.py HTTP_PORT GRPC_PORT``: the model answers one UINT8 output
+``mask`` of ``3/16`` of its input's bytes (the ratio of a ``[3, X, Y, Z]`` uint8 mask set to a
+``[4, X, Y, Z]`` FP32 case), whatever the input (an FP32 tensor or a BYTES element), with no
+compute and no copy of the input.
 """
 
 from __future__ import annotations
@@ -12,16 +13,20 @@ from typing import Any
 
 import numpy as np
 
+from medseg.kserve_import import clean_argv
+from medseg.settings import ServerLimits
+
 
 def main() -> None:
-    http_port, grpc_port, mode = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
-    limit = 512 * 1024 * 1024
-    import kserve.model_server as ks
-    from kserve import Model
-    from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
+    http_port, grpc_port = int(sys.argv[1]), int(sys.argv[2])
+    with clean_argv([]):
+        import kserve.model_server as ks
+        from kserve import Model
+        from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-    ks.args.grpc_max_send_message_length = limit
-    ks.args.grpc_max_receive_message_length = limit
+    from model_server.compat import MedsegModelServer
+    from model_server.rest import InflightBudget, install
+    from model_server.server import limit_malloc_arenas
 
     class Echo(Model):
         def load(self) -> bool:
@@ -29,10 +34,14 @@ def main() -> None:
             return True
 
         async def predict(self, payload: InferRequest, *args: Any, **kwargs: Any) -> InferResponse:
-            x = payload.inputs[0].as_numpy()
-            shape = [1, 3, *x.shape[2:]]
-            out = InferOutput(name="mask", shape=shape, datatype="UINT8")
-            out.set_data_from_numpy(np.zeros(shape, np.uint8), binary_data=True)
+            inp = payload.inputs[0]
+            raw = getattr(inp, "_raw_data", None)
+            if raw is not None:
+                size = len(memoryview(raw).cast("B"))
+            else:  # BYTES elements, viewed in the request body
+                size = sum(len(b) for b in np.asarray(inp._data, dtype=np.object_).ravel())
+            out = InferOutput(name="mask", shape=[size * 3 // 16], datatype="UINT8")
+            out.set_data_from_numpy(np.zeros(size * 3 // 16, np.uint8), binary_data=True)
             return InferResponse(
                 model_name=self.name,
                 infer_outputs=[out],
@@ -40,13 +49,13 @@ def main() -> None:
                 use_binary_outputs=True,
             )
 
+    limits = ServerLimits(max_request_mb=1024, max_inflight_mb=1024)
+    limit_malloc_arenas(limits.malloc_arenas)
     model = Echo("echo")
     model.load()
-    server = ks.ModelServer(http_port=http_port, grpc_port=grpc_port, workers=1)
-    if mode == "fast":
-        from model_server.rest import install
-
-        install(ks.app, server.dataplane, limit)
+    budget = InflightBudget(limits.max_inflight_bytes)
+    server = MedsegModelServer(limits, budget, http_port=http_port, grpc_port=grpc_port)
+    install(ks.app, server.dataplane, limits, budget)
     server.start([model])
 
 

@@ -15,18 +15,44 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import orjson
 
-from medseg.codec import serialize_bytes, split_bytes_tensor
+from medseg.codec import (
+    HEADER_LENGTH,
+    encode_v2_body,
+    serialize_bytes,
+    split_bytes_tensor,
+    split_v2_body,
+    tensor_view,
+)
 from medseg.config import CHANNELS, REGIONS
 from medseg.errors import MedsegError
 from medseg.layouts import SUFFIXES
 
-__all__ = ["Prediction", "case_files", "predict", "serialize_bytes", "wait_ready"]
+__all__ = [
+    "Prediction",
+    "Tensor",
+    "case_files",
+    "infer",
+    "predict",
+    "serialize_bytes",
+    "wait_ready",
+]
 
 #: gRPC message limit of the client (the server's default limit is 256 MiB too).
 GRPC_LIMIT = 256 * 1024 * 1024
-_HEADER = "inference-header-content-length"
+
+
+@dataclass
+class Tensor:
+    """One binary output as the server answered it: its datatype, shape and raw bytes."""
+
+    datatype: str
+    shape: list[int]
+    raw: memoryview
+
+    def array(self) -> np.ndarray:
+        """The output as an array (a view of :attr:`raw`; not for BYTES)."""
+        return tensor_view(self.raw, self.datatype, self.shape, "the server's output")
 
 
 @dataclass
@@ -39,6 +65,7 @@ class Prediction:
     compute_ms: int | None
     label_convention: str
     probabilities: np.ndarray | None = None
+    labels: np.ndarray | None = None
 
 
 def case_files(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
@@ -128,6 +155,7 @@ def predict(
     tensor: str | None = None,
     probabilities: bool = False,
     timeout: float = 600.0,
+    labels: bool = False,
 ) -> Prediction:
     """Send one case to the server and return its answer.
 
@@ -141,6 +169,7 @@ def predict(
         tensor: ``FP16`` or ``FP32``: decode here and send a raw tensor instead of NIfTI bytes.
         probabilities: Also ask for the probabilities.
         timeout: Seconds to wait for the answer.
+        labels: Also ask for the label map as a plain UINT8 tensor (``Prediction.labels``).
     """
     files, order = case_files(paths)
     order = list(channels) if channels else order
@@ -169,18 +198,16 @@ def predict(
             "parameters": {"channels": ",".join(order)},
         }
         payload = serialize_bytes(blobs)
-    outputs = ["mask", "volumes_ml"] + (["probabilities"] if probabilities else [])
-    send = _grpc_infer if grpc else _rest_infer
+    outputs = ["mask", "volumes_ml"]
+    outputs += (["probabilities"] if probabilities else []) + (["labels"] if labels else [])
     _import_transport(grpc)  # module imports (kserve's protobufs: ~1 s) are not latency
     started = time.perf_counter()
-    answer, reply_params = send(url, model, inp, payload, params, outputs, timeout)
+    answer, reply_params = infer(url, model, inp, payload, params, outputs, timeout, grpc)
     latency = time.perf_counter() - started
-    volumes = np.frombuffer(answer["volumes_ml"], dtype=np.float32)
-    probs = None
-    if probabilities:
-        probs = np.frombuffer(answer["probabilities"], dtype=np.float16)
+    volumes = answer["volumes_ml"].array()
+    probs = answer["probabilities"].array() if probabilities else None
     try:
-        mask = bytes(split_bytes_tensor(answer["mask"], "output 'mask'")[0])
+        mask = bytes(split_bytes_tensor(answer["mask"].raw, "output 'mask'")[0])
     except (MedsegError, IndexError):
         raise MedsegError("the server's 'mask' output is not one BYTES element") from None
     return Prediction(
@@ -190,6 +217,7 @@ def predict(
         compute_ms=reply_params.get("compute_ms"),
         label_convention=str(reply_params.get("label_convention", label_convention)),
         probabilities=probs,
+        labels=answer["labels"].array() if labels else None,
     )
 
 
@@ -201,52 +229,75 @@ def _import_transport(grpc: bool) -> None:
 
         with clean_argv():
             from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc  # noqa: F401
-    else:
-        import httpx  # noqa: F401
+
+
+def infer(
+    url: str,
+    model: str,
+    inp: dict[str, Any],
+    payload: bytes | memoryview,
+    params: dict[str, Any],
+    outputs: Sequence[str],
+    timeout: float,
+    grpc: bool = False,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """One OIP v2 call with one binary input; the binary outputs by name, and the parameters.
+
+    REST goes through the standard library's ``http.client``: the body's parts are written
+    with ``sendall`` one after the other (the tensor is never copied or joined), the answer is
+    read whole into one buffer and its outputs are views into it.
+
+    Raises:
+        MedsegError: If the server cannot be reached or answers an error.
+    """
+    send = _grpc_infer if grpc else _rest_infer
+    return send(url, model, inp, payload, params, outputs, timeout)
 
 
 def _rest_infer(
     url: str,
     model: str,
     inp: dict[str, Any],
-    payload: bytes,
+    payload: bytes | memoryview,
     params: dict[str, Any],
-    outputs: list[str],
+    outputs: Sequence[str],
     timeout: float,
-) -> tuple[dict[str, bytes], dict[str, Any]]:
-    import httpx
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    import http.client
+    from urllib.parse import urlsplit
 
-    inp = {**inp, "parameters": {**inp["parameters"], "binary_data_size": len(payload)}}
-    head = orjson.dumps(
-        {
-            "inputs": [inp],
-            "parameters": params,
-            "outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs],
-        }
+    requested = [{"name": o, "parameters": {"binary_data": True}} for o in outputs]
+    parts, headers = encode_v2_body(
+        {"parameters": params, "outputs": requested}, "inputs", [(inp, payload)]
     )
+    where = urlsplit(url if "://" in url else f"http://{url}")
+    if where.scheme != "http" or not where.hostname:
+        raise MedsegError(f"model server {url}: expected http://HOST:PORT")
+    conn = http.client.HTTPConnection(where.hostname, where.port or 80, timeout=timeout)
     try:
-        response = httpx.post(
-            f"{url.rstrip('/')}/v2/models/{model}/infer",
-            content=iter((head, payload)),  # no 136 MiB concatenation
-            headers={
-                "content-type": "application/octet-stream",
-                "content-length": str(len(head) + len(payload)),
-                _HEADER: str(len(head)),
-            },
-            timeout=timeout,
-        )
-    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        conn.putrequest("POST", f"{where.path.rstrip('/')}/v2/models/{model}/infer")
+        for key, value in headers.items():
+            conn.putheader(key, value)
+        conn.endheaders()
+        for part in parts:
+            conn.send(part)  # sendall: no copy of a 136 MiB tensor
+        response = conn.getresponse()
+        body = response.read()
+    except (OSError, http.client.HTTPException) as exc:
         raise MedsegError(f"model server {url}: {type(exc).__name__}: {exc}") from None
-    if response.status_code != 200:
-        raise MedsegError(f"server answered {response.status_code}: {response.text[:500]}")
-    body = response.content
-    json_len = int(response.headers.get(_HEADER, len(body)))
-    doc = orjson.loads(body[:json_len])
-    out, offset = {}, json_len
-    for o in doc["outputs"]:
-        size = o["parameters"]["binary_data_size"]
-        out[o["name"]] = body[offset : offset + size]
-        offset += size
+    finally:
+        conn.close()
+    if response.status != 200:
+        text = body[:500].decode(errors="replace")
+        raise MedsegError(f"server answered {response.status}: {text}")
+    header = response.getheader(HEADER_LENGTH)
+    try:
+        doc, raw = split_v2_body(
+            body, int(header) if header and header.isdigit() else None, "outputs", "the answer"
+        )
+        out = {o["name"]: Tensor(o["datatype"], o["shape"], raw[o["name"]]) for o in doc["outputs"]}
+    except (KeyError, TypeError):
+        raise MedsegError("the server's answer lacks a binary output it was asked for") from None
     return out, doc.get("parameters") or {}
 
 
@@ -254,11 +305,11 @@ def _grpc_infer(
     url: str,
     model: str,
     inp: dict[str, Any],
-    payload: bytes,
+    payload: bytes | memoryview,
     params: dict[str, Any],
-    outputs: list[str],
+    outputs: Sequence[str],
     timeout: float,
-) -> tuple[dict[str, bytes], dict[str, Any]]:
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
@@ -282,7 +333,7 @@ def _grpc_infer(
         ],
         parameters={k: _param(v) for k, v in params.items()},
         outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
-        raw_input_contents=[payload],
+        raw_input_contents=[payload if isinstance(payload, bytes) else bytes(payload)],
     )
     options = [
         ("grpc.max_send_message_length", GRPC_LIMIT),
@@ -293,7 +344,10 @@ def _grpc_infer(
             reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
         except grpc.RpcError as exc:
             raise MedsegError(f"server answered {exc.code().name}: {exc.details()}") from None
-    out = {o.name: raw for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)}
+    out = {
+        o.name: Tensor(o.datatype, list(o.shape), memoryview(raw))
+        for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)
+    }
     reply_params = {
         k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in reply.parameters.items()
     }

@@ -1,4 +1,6 @@
-"""Bounded decoding of what a client sends: NIfTI files, BYTES tensors and request parameters.
+"""The one codec of the model server and its client: NIfTI, OIP v2 tensors and bodies, parameters.
+
+Shared by the server (:mod:`model_server`) and the client (:mod:`medseg.client`), both ways.
 
 Everything here treats its input as hostile: sizes come from headers that may lie, gzip streams
 may inflate a thousandfold, parameters may have any JSON type. Each check runs before the memory
@@ -11,7 +13,10 @@ input, the problem and, for a size, the :class:`~medseg.settings.ServerLimits` f
 * :func:`check_resampled_size` bounds the case's size after resampling to the model's spacing;
 * :func:`split_bytes_tensor` / :func:`serialize_bytes` are the OIP BYTES framing (uint32 LE
   length before each element);
-* :func:`validate_params` is the one validation of request parameters (types and ranges).
+* :func:`validate_params` is the one validation of request parameters (types and ranges);
+* :func:`encode_v2_body` / :func:`split_v2_body` are the binary tensor data extension's framing
+  (a JSON part of :data:`HEADER_LENGTH` bytes, then each binary tensor's bytes in order), and
+  :func:`tensor_view` reads a tensor's raw bytes as an array, without a copy.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from medseg.errors import MedsegError
@@ -32,16 +38,42 @@ from medseg.settings import ServerLimits
 
 __all__ = [
     "CHANNEL_ALIASES",
+    "HEADER_LENGTH",
+    "OIP_DTYPES",
     "InferParams",
     "InputError",
     "NiftiVolume",
     "check_resampled_size",
     "check_shape",
     "decode_nifti",
+    "encode_v2_body",
     "serialize_bytes",
     "split_bytes_tensor",
+    "split_v2_body",
+    "tensor_view",
     "validate_params",
 ]
+
+#: The binary tensor data extension's header naming the JSON part's length (lower case).
+HEADER_LENGTH = "inference-header-content-length"
+#: numpy types of the OIP datatypes with fixed-size elements.
+OIP_DTYPES: dict[str, np.dtype[Any]] = {
+    name: np.dtype(t)
+    for name, t in {
+        "BOOL": np.bool_,
+        "UINT8": np.uint8,
+        "UINT16": np.uint16,
+        "UINT32": np.uint32,
+        "UINT64": np.uint64,
+        "INT8": np.int8,
+        "INT16": np.int16,
+        "INT32": np.int32,
+        "INT64": np.int64,
+        "FP16": np.float16,
+        "FP32": np.float32,
+        "FP64": np.float64,
+    }.items()
+}
 
 #: Other names of the modalities (BraTS 2021 file suffixes, BraTS 2023 names).
 CHANNEL_ALIASES = {"t1ce": "t1gd", "t1c": "t1gd", "t2f": "flair", "t1n": "t1", "t2w": "t2"}
@@ -330,6 +362,107 @@ def split_bytes_tensor(raw: bytes | memoryview, what: str, max_items: int = 64) 
         if len(items) > max_items:
             raise InputError(f"{what}: more than {max_items} BYTES elements")
     return items
+
+
+# ---------------------------------------------------------------- OIP v2 binary bodies
+
+
+def tensor_view(
+    raw: bytes | bytearray | memoryview, datatype: str, shape: Sequence[int], what: str
+) -> np.ndarray:
+    """A fixed-size tensor's raw bytes (little-endian, C order) as an array, without a copy.
+
+    Raises:
+        InputError: For a BYTES or unknown datatype, or bytes that do not hold the shape.
+    """
+    dtype = OIP_DTYPES.get(datatype)
+    if dtype is None:
+        raise InputError(f"{what}: datatype {datatype!r} is not a fixed-size OIP type")
+    count = math.prod(int(d) for d in shape)
+    view = memoryview(raw).cast("B")
+    if len(view) != count * dtype.itemsize:
+        raise InputError(
+            f"{what}: {len(view)} bytes do not hold {datatype} of shape {list(shape)} "
+            f"({count * dtype.itemsize} bytes)"
+        )
+    return np.frombuffer(view, dtype=dtype.newbyteorder("<")).reshape(shape)
+
+
+def encode_v2_body(
+    doc: dict[str, Any],
+    key: str,
+    tensors: Sequence[tuple[dict[str, Any], bytes | memoryview | None]],
+) -> tuple[list[bytes | memoryview], dict[str, str]]:
+    """A v2 body: the JSON part, then each binary tensor's bytes (not joined).
+
+    Args:
+        doc: The JSON part, but for its tensors.
+        key: Where the tensors go in ``doc``: ``inputs`` (a request) or ``outputs`` (a response).
+        tensors: ``(entry, raw)`` per tensor, in order: with ``raw``, the entry gets
+            ``binary_data_size`` and the bytes follow the JSON part; without, it is JSON only.
+
+    Returns:
+        The body's parts, to send one after the other (a 136 MiB tensor is never copied), and
+        the headers (``Content-Type``, ``Content-Length``, and :data:`HEADER_LENGTH` when there
+        are binary parts).
+    """
+    entries, chunks = [], []
+    for entry, raw in tensors:
+        if raw is not None:
+            entry = {
+                **entry,
+                "parameters": {**(entry.get("parameters") or {}), "binary_data_size": len(raw)},
+            }
+            chunks.append(raw)
+        entries.append(entry)
+    head = orjson.dumps({**doc, key: entries}, option=orjson.OPT_SERIALIZE_NUMPY)
+    parts: list[bytes | memoryview] = [head, *chunks]
+    headers = {"content-length": str(sum(len(p) for p in parts))}
+    if not chunks:
+        return parts, {"content-type": "application/json", **headers}
+    return parts, {
+        "content-type": "application/octet-stream",
+        HEADER_LENGTH: str(len(head)),
+        **headers,
+    }
+
+
+def split_v2_body(
+    body: bytes | bytearray | memoryview, json_length: int | None, key: str, what: str
+) -> tuple[dict[str, Any], dict[str, memoryview]]:
+    """The JSON part of a v2 body and its binary tensors (views into ``body``), by name.
+
+    Args:
+        body: The whole body.
+        json_length: The :data:`HEADER_LENGTH` header (None: the body is JSON only).
+        key: ``inputs`` (a request) or ``outputs`` (a response).
+        what: How messages name the body.
+
+    Raises:
+        InputError: For malformed JSON or binary sizes that do not add up to the body.
+    """
+    view = memoryview(body).cast("B")
+    json_length = len(view) if json_length is None else json_length
+    if not 0 < json_length <= len(view):
+        raise InputError(f"{what}: {HEADER_LENGTH} is {json_length}, the body has {len(view)}")
+    try:
+        doc = orjson.loads(view[:json_length])
+    except orjson.JSONDecodeError as exc:
+        raise InputError(f"{what}: malformed JSON ({exc})") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get(key, []), list):
+        raise InputError(f"{what}: not a JSON object with a list of {key}")
+    offset, binary = json_length, {}
+    for entry in doc.get(key, []):
+        size = (entry.get("parameters") or {}).get("binary_data_size")
+        if size is None:
+            continue
+        if not isinstance(size, int) or size < 0 or offset + size > len(view):
+            raise InputError(f"{what}: {entry.get('name')!r} binary_data_size {size!r} is wrong")
+        binary[str(entry.get("name"))] = view[offset : offset + size]
+        offset += size
+    if offset != len(view):
+        raise InputError(f"{what}: {len(view) - offset} bytes after the last binary tensor")
+    return doc, binary
 
 
 # ---------------------------------------------------------------- parameters

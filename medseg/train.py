@@ -89,6 +89,14 @@ class _Board:
         self.dir = Path(tempfile.mkdtemp(prefix="medseg-tb-"))
         self.writer = SummaryWriter(log_dir=str(self.dir))
 
+    def step(self, step: int, loss: float, samples_per_second: float) -> None:
+        """Progress within an epoch: ``step/loss`` and ``step/samples_per_second`` per step.
+
+        Written locally at once; mirrored with the epoch's :meth:`log`.
+        """
+        self.writer.add_scalar("step/loss", loss, step)
+        self.writer.add_scalar("step/samples_per_second", samples_per_second, step)
+
     def log(self, record: dict[str, Any]) -> None:
         for key, value in record.items():
             if key != "epoch" and isinstance(value, int | float):
@@ -296,6 +304,7 @@ def train(
             model.train()
             loss_sum = torch.zeros(2, dtype=torch.float64)
             batches = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(loader))
+            step_started = time.perf_counter()
             for step, batch in enumerate(loader):
                 image, label = batch["image"].to(device), batch["label"].to(device)
                 optimizer.zero_grad(set_to_none=True)
@@ -309,9 +318,13 @@ def train(
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
-                loss_sum += torch.tensor(
-                    [loss.item() * len(image), len(image)], dtype=torch.float64
-                )
+                step_loss = loss.item()
+                loss_sum += torch.tensor([step_loss * len(image), len(image)], dtype=torch.float64)
+                if board is not None:  # rank 0: its own samples, times the ranks
+                    now = time.perf_counter()
+                    rate = len(image) * world / max(now - step_started, 1e-9)
+                    board.step(epoch * len(loader) + step + 1, step_loss, rate)
+                    step_started = now
                 progress.advance(batches)
             progress.remove_task(batches)
             lr = scheduler.get_last_lr()[0]

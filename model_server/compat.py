@@ -59,6 +59,7 @@ with clean_argv():  # kserve parses sys.argv on import
     from kserve.protocol.rest.server import RESTServer
     from kserve.utils.utils import to_headers
 
+from model_server import metrics  # noqa: E402
 from model_server.predictor import RequestAbandoned, Ticket, current_ticket  # noqa: E402
 from model_server.rest import InflightBudget, log_refusal  # noqa: E402
 
@@ -126,6 +127,7 @@ class _Servicer(InferenceServicer):
                 f"max_inflight_mb={self._limits.max_inflight_mb}: retry later"
             )
             raise _Busy(message)
+        metrics.REQUEST_BYTES.observe(size)
         remaining = context.time_remaining()
         timeout = self._limits.request_timeout_s
         ticket = Ticket(timeout if remaining is None else min(timeout, remaining))

@@ -15,17 +15,25 @@ Request parameters: ``label_convention`` (``brats2021`` default, ``brats2023``, 
 mask; ``probabilities`` (bool) to add the probabilities output. All of them are validated by
 :func:`medseg.codec.validate_params`, for REST v1/v2 and gRPC alike.
 
-Outputs: ``mask`` (BYTES ``[1]``: a gzipped NIfTI label map on the input's grid and affine),
-``volumes_ml`` (FP32 ``[3]``: TC, WT, ET in mL), and on request ``probabilities`` (FP16
-``[1, 3, X, Y, Z]``). v1 ``:predict`` takes ``{"instances": [{"nifti_b64": …}]}`` or
-``{"instances": [{"modalities": {"t1": b64, …}}]}`` and answers base64 masks and volumes.
+Outputs (:data:`OUTPUTS`): ``mask`` (BYTES ``[1]``: a gzipped NIfTI label map on the input's
+grid and affine), ``volumes_ml`` (FP32 ``[3]``: TC, WT, ET in mL), ``labels`` (UINT8
+``[X, Y, Z]``: the same label map as a plain tensor on the request's grid, for clients that do
+not read NIfTI; with the binary data extension or gRPC ``raw_output_contents`` it is the raw
+voxels, C order) and ``probabilities`` (FP16 ``[1, 3, X, Y, Z]``). A request that names its
+outputs gets those (and only those are encoded); one that names none gets all but
+``probabilities``, which needs the parameter ``probabilities`` or its name. v1 ``:predict``
+takes ``{"instances": [{"nifti_b64": …}]}`` or ``{"instances": [{"modalities": {"t1": b64, …}}]}``
+and answers base64 masks and volumes.
 
-The three stages: ``preprocess`` validates the request (shapes, datatypes, parameters; nothing
-is decoded); ``predict`` takes one of ``max_concurrency`` slots, then decodes (bounded, see
-:mod:`medseg.codec`), checks the size after resampling, and segments; ``postprocess`` encodes
-the answer. Every bad input raises ``kserve.errors.InvalidInput`` (HTTP 400, gRPC
-INVALID_ARGUMENT) naming the input, the problem and the limit. A request whose client has gone
-or whose deadline has passed (:class:`Ticket`) stops before and between the expensive stages.
+The three stages, each timed by kserve's own histograms (``request_preprocess_seconds`` …) and
+by :data:`model_server.metrics.STAGE_SECONDS`: ``preprocess`` validates the request (shapes,
+datatypes, parameters), takes one of ``max_concurrency`` slots, then decodes (bounded, see
+:mod:`medseg.codec`) and checks the size after resampling; ``predict`` segments;
+``postprocess`` encodes the answer. The slot is held from decoding to encoding and given back by
+:meth:`MedsegPredictor.__call__` whichever stage ends the request. Every bad input raises
+``kserve.errors.InvalidInput`` (HTTP 400, gRPC INVALID_ARGUMENT) naming the input, the problem
+and the limit. A request whose client has gone or whose deadline has passed (:class:`Ticket`)
+stops before and between the expensive stages.
 """
 
 from __future__ import annotations
@@ -60,8 +68,24 @@ from medseg.infer import CaseSegmentation, Segmenter, load_model, segment_case
 from medseg.nifti import encode_label_map
 from medseg.settings import ServerLimits
 from medseg.storage import Storage
+from model_server import metrics
 
-__all__ = ["MedsegPredictor", "RequestAbandoned", "Ticket", "current_ticket", "plain_params"]
+__all__ = [
+    "OUTPUTS",
+    "MedsegPredictor",
+    "RequestAbandoned",
+    "Ticket",
+    "current_ticket",
+    "plain_params",
+]
+
+#: The model's outputs, as its metadata lists them (``-1``: the case's own size).
+OUTPUTS = {
+    "mask": ("BYTES", [1]),
+    "volumes_ml": ("FP32", [len(REGIONS)]),
+    "labels": ("UINT8", [-1, -1, -1]),
+    "probabilities": ("FP16", [1, len(REGIONS), -1, -1, -1]),
+}
 
 _TENSOR_TYPES = {"FP32": np.float32, "FP16": np.float16}
 _T = TypeVar("_T")
@@ -122,6 +146,23 @@ current_ticket: contextvars.ContextVar[Ticket | None] = contextvars.ContextVar(
 )
 
 
+def _ticket() -> Ticket:
+    ticket = current_ticket.get()
+    assert ticket is not None, "set by MedsegPredictor.__call__"
+    return ticket
+
+
+class _Slot:
+    """Whether the request being served holds one of the predictor's slots."""
+
+    held = False
+
+
+_current_slot: contextvars.ContextVar[_Slot | None] = contextvars.ContextVar(
+    "medseg_slot", default=None
+)
+
+
 def plain_params(params: Any) -> dict[str, Any] | None:
     """REST (plain values) or gRPC (``InferParameter``) parameter maps as plain values."""
     if params is None:
@@ -149,11 +190,13 @@ class Job:
         b64: The blobs are base64 text, decoded with the files (inside the slot).
         tensor: The raw tensor input, or None for NIfTI.
         shape: The tensor's ``[C, X, Y, Z]``.
+        outputs: The outputs to answer (v2).
     """
 
     what: str
     params: InferParams
     order: list[int]
+    outputs: frozenset[str] = frozenset()
     blobs: list[Any] | None = None
     b64: bool = False
     tensor: InferInput | None = None
@@ -226,15 +269,17 @@ class MedsegPredictor(Model):
         """``fn(*args)`` in a worker thread, holding one of the ``max_concurrency`` slots.
 
         For routes beside the data plane (:mod:`model_server.dicom_route`): the same queue,
-        ticket and cancellation as a v2 request.
+        ticket and cancellation as a v2 request, whose slot :meth:`__call__` holds instead.
         """
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.limits.max_concurrency)
-        await self._acquire(ticket)
+        slot = _Slot()
+        token = _current_slot.set(slot)
         try:
+            await self._acquire(ticket)
             return await self._in_thread(ticket, fn, *args)
         finally:
-            self._slots.release()
+            _current_slot.reset(token)
+            if slot.held and self._slots is not None:
+                self._slots.release()
 
     async def get_input_types(self) -> list[dict[str, Any]]:
         return [
@@ -243,24 +288,39 @@ class MedsegPredictor(Model):
         ]
 
     async def get_output_types(self) -> list[dict[str, Any]]:
-        return [
-            {"name": "mask", "datatype": "BYTES", "shape": [1]},
-            {"name": "volumes_ml", "datatype": "FP32", "shape": [len(REGIONS)]},
-            {"name": "probabilities", "datatype": "FP16", "shape": [1, len(REGIONS), -1, -1, -1]},
-        ]
+        return [{"name": n, "datatype": d, "shape": s} for n, (d, s) in OUTPUTS.items()]
 
-    # ------------------------------------------------------------ preprocess: validate
+    # ------------------------------------------------------------ preprocess: decode
 
     async def preprocess(
         self, payload: dict[str, Any] | InferRequest, headers: dict[str, str] | None = None
     ) -> list[Any]:
-        """Validate the request; nothing is decoded yet (that waits for a slot)."""
+        """Validate the request, wait for a slot, then decode its cases (bounded).
+
+        Returns:
+            ``[request, (job, case), …]``: each job with its decoded case.
+        """
         try:
             if isinstance(payload, InferRequest):
-                return [payload, self.validate_v2(payload)]
-            return [payload, *self.validate_v1(payload)]
+                jobs = [self.validate_v2(payload)]
+            else:
+                jobs = self.validate_v1(payload)
         except InputError as exc:
             raise _bad(exc) from None
+        ticket = _ticket()
+        await self._acquire(ticket)
+        budget = [self.limits.max_decoded_bytes]  # shared by the request's cases
+        cases = []
+        try:
+            for job in jobs:
+                ticket.check()
+                with metrics.stage("decode"):
+                    case = await self._in_thread(ticket, self._decode, job, budget)
+                metrics.CASE_VOXELS.observe(case.image.size)
+                cases.append((job, case))
+        except InputError as exc:
+            raise _bad(exc) from None
+        return [payload, *cases]
 
     def validate_v2(self, request: InferRequest) -> Job:
         """The one validation of a v2 request (REST and gRPC): inputs, shapes, parameters.
@@ -276,6 +336,7 @@ class MedsegPredictor(Model):
         in_params = plain_params(inp.parameters)
         params = validate_params(req_params, in_params)
         order = params.channel_order(self.channels)
+        outputs = _wanted_outputs(request, params)
         shape = check_shape(inp.shape, f"input {inp.name!r}", self.limits)
         if inp.name == "nifti":
             if inp.datatype != "BYTES":
@@ -284,7 +345,7 @@ class MedsegPredictor(Model):
             if len(blobs) != math.prod(shape):
                 raise InputError(f"input 'nifti': {len(blobs)} BYTES elements for shape {shape}")
             b64 = params.content_encoding == "base64"
-            return Job("input 'nifti'", params, order, blobs=blobs, b64=b64)
+            return Job("input 'nifti'", params, order, outputs, blobs=blobs, b64=b64)
         if inp.name == "image":
             if inp.datatype not in _TENSOR_TYPES:
                 raise InputError(
@@ -299,7 +360,7 @@ class MedsegPredictor(Model):
                 )
             self._check_edges(shape[1:], "input 'image'")
             _check_tensor_size(inp, shape)
-            return Job("input 'image'", params, order, tensor=inp, shape=shape)
+            return Job("input 'image'", params, order, outputs, tensor=inp, shape=shape)
         raise InputError(f"unknown input {inp.name!r}: send 'nifti' (BYTES) or 'image' (FP32/FP16)")
 
     def _blobs(self, inp: InferInput, params: InferParams) -> list[Any]:
@@ -359,7 +420,41 @@ class MedsegPredictor(Model):
                 f"got {dims}"
             )
 
-    # ------------------------------------------------------------ predict: decode, segment
+    # ------------------------------------------------------------ the three stages
+
+    async def __call__(
+        self,
+        body: dict[str, Any] | InferRequest,
+        headers: dict[str, str] | None = None,
+        verb: Any = None,
+    ) -> Any:
+        """Run the three stages that kserve times, within one of ``max_concurrency`` slots.
+
+        ``preprocess`` takes the slot (after validating, before decoding); it is given back
+        here, after ``postprocess`` or whatever stage failed, so that no case is decoded,
+        segmented or encoded outside a slot.
+        """
+        slot = _Slot()
+        token = _current_slot.set(slot)
+        ticket = current_ticket.get()
+        own = current_ticket.set(Ticket(self.limits.request_timeout_s)) if ticket is None else None
+        metrics.INFLIGHT.inc()
+        try:
+            if verb is None:
+                return await super().__call__(body, headers)
+            return await super().__call__(body, headers, verb)
+        except (InvalidInput, RequestAbandoned):
+            raise  # counted where they are answered (log_refusal)
+        except Exception:
+            metrics.count_error(500)
+            raise
+        finally:
+            metrics.INFLIGHT.dec()
+            if own is not None:
+                current_ticket.reset(own)
+            _current_slot.reset(token)
+            if slot.held and self._slots is not None:
+                self._slots.release()
 
     async def predict(
         self,
@@ -367,55 +462,43 @@ class MedsegPredictor(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> list[Any]:
-        """Decode and segment each job, one slot at a time."""
-        request, *jobs = payload
-        ticket = current_ticket.get() or Ticket(self.limits.request_timeout_s)
+        """Segment each decoded case (in a worker thread; the ticket can stop it)."""
+        request, *cases = payload
+        ticket = _ticket()
         done = []
-        for job in jobs:
-            done.append(await self._run(job, ticket))
-        return [request, *done]
-
-    async def _run(self, job: Job, ticket: Ticket) -> Done:
-        if self._slots is None:
-            self._slots = asyncio.Semaphore(self.limits.max_concurrency)
-        await self._acquire(ticket)
-        try:
-            ticket.check()
-            case = await self._in_thread(ticket, self._decode, job)
+        for job, case in cases:
             ticket.check()
             assert self.segmenter is not None
-            started = time.perf_counter()
-            result = await self._in_thread(
-                ticket, segment_case, self.segmenter, case.image, case.affine, ticket.check
-            )
-            return Done(job, result, time.perf_counter() - started)
-        except InputError as exc:
-            raise _bad(exc) from None
-        finally:
-            self._slots.release()
+            with metrics.stage("segment") as timer:
+                result = await self._in_thread(
+                    ticket, segment_case, self.segmenter, case.image, case.affine, ticket.check
+                )
+            done.append(Done(job, result, timer.seconds))
+        return [request, *done]
 
     async def _acquire(self, ticket: Ticket) -> None:
-        """A slot, unless the request is abandoned while it waits."""
-        assert self._slots is not None
+        """This request's slot (given back by :meth:`__call__`), unless it is abandoned first."""
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.limits.max_concurrency)
+        slot = _current_slot.get()
+        if slot is None:
+            raise RuntimeError("MedsegPredictor stages run only through the model's __call__")
         ticket.check()
-        slot = asyncio.ensure_future(self._slots.acquire())
+        waiting = asyncio.ensure_future(self._slots.acquire())
         gone = asyncio.ensure_future(ticket.wait())
         try:
             await asyncio.wait(
-                {slot, gone},
+                {waiting, gone},
                 timeout=max(0.0, ticket.remaining()),
                 return_when=asyncio.FIRST_COMPLETED,
             )
         finally:
             gone.cancel()
-            if not slot.done():
-                slot.cancel()
-        if slot.done() and not slot.cancelled():
-            try:
-                ticket.check()
-            except RequestAbandoned:
-                self._slots.release()
-                raise
+            if not waiting.done():
+                waiting.cancel()
+        if waiting.done() and not waiting.cancelled():
+            slot.held = True  # from here on, __call__ gives it back
+            ticket.check()
             return
         ticket.check()
         raise RequestAbandoned("the request's deadline passed", deadline=True)
@@ -440,8 +523,14 @@ class MedsegPredictor(Model):
                     break
             raise
 
-    def _decode(self, job: Job) -> Case:
-        """The job's case, decoded within the limits, in the model's channel order."""
+    def _decode(self, job: Job, budget: list[int]) -> Case:
+        """The job's case, decoded within the limits, in the model's channel order.
+
+        Args:
+            job: The validated job.
+            budget: ``[bytes]`` that decompression may still produce, shared by a request's
+                cases.
+        """
         limits = self.limits
         if job.tensor is not None:
             arr = job.tensor.as_numpy().reshape(job.shape)
@@ -449,7 +538,6 @@ class MedsegPredictor(Model):
             image = arr if job.order == list(range(len(job.order))) else arr[job.order]
             return self._checked(Case(image, affine), job.what)
         assert job.blobs is not None
-        budget = [limits.max_decoded_bytes]
         if job.b64:
             job.blobs = [_b64(b, f"{job.what} file {i}") for i, b in enumerate(job.blobs)]
         if len(job.blobs) == 1:
@@ -501,38 +589,30 @@ class MedsegPredictor(Model):
         headers: dict[str, str] | None = None,
         response_headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | InferResponse:
-        """The answer: a v2 ``InferResponse``, or a v1 ``predictions`` dict."""
+        """Encode the answer (in a worker thread): a v2 ``InferResponse`` or v1 predictions."""
         request, *done = result
-        if isinstance(request, InferRequest):
-            return self._v2_response(request, done[0])
-        predictions = []
-        for d in done:
-            convention = d.job.params.label_convention
-            mask = encode_label_map(d.result.label_map(convention), d.result.affine)
-            predictions.append(
-                {
-                    "mask_b64": base64.b64encode(mask).decode(),
-                    "label_convention": convention,
-                    "volumes_ml": d.result.volumes_ml,
-                    "compute_ms": round(d.seconds * 1000),
-                }
-            )
-        return {"predictions": predictions}
+        with metrics.stage("encode"):
+            if isinstance(request, InferRequest):
+                return await self._in_thread(_ticket(), self._v2_response, request, done[0])
+            return await self._in_thread(_ticket(), _v1_predictions, done)
 
     def _v2_response(self, request: InferRequest, done: Done) -> InferResponse:
+        """The outputs the request names (all but ``probabilities`` when it names none)."""
         params, result = done.job.params, done.result
-        mask = encode_label_map(result.label_map(params.label_convention), result.affine)
-        outputs = [
-            _output("mask", "BYTES", [1], np.array([mask], dtype=np.object_)),
-            _output(
-                "volumes_ml",
-                "FP32",
-                [len(REGIONS)],
-                np.array([result.volumes_ml[r] for r in REGIONS], dtype=np.float32),
-                {"regions": ",".join(REGIONS)},
-            ),
-        ]
-        if params.probabilities:
+        wanted = done.job.outputs
+        outputs = []
+        label_map = result.label_map(params.label_convention)
+        if "mask" in wanted:
+            mask = encode_label_map(label_map, result.affine)
+            outputs.append(_output("mask", "BYTES", [1], np.array([mask], dtype=np.object_)))
+        if "volumes_ml" in wanted:
+            volumes = np.array([result.volumes_ml[r] for r in REGIONS], dtype=np.float32)
+            regions = {"regions": ",".join(REGIONS)}
+            outputs.append(_output("volumes_ml", "FP32", [len(REGIONS)], volumes, regions))
+        if "labels" in wanted:
+            convention = {"label_convention": params.label_convention}
+            outputs.append(_output("labels", "UINT8", list(label_map.shape), label_map, convention))
+        if "probabilities" in wanted:
             probs = result.probabilities.astype(np.float16)[None]
             outputs.append(_output("probabilities", "FP16", list(probs.shape), probs))
         return InferResponse(
@@ -545,6 +625,40 @@ class MedsegPredictor(Model):
             },
             use_binary_outputs=True,
         )
+
+
+def _v1_predictions(done: list[Done]) -> dict[str, Any]:
+    predictions = []
+    for d in done:
+        convention = d.job.params.label_convention
+        mask = encode_label_map(d.result.label_map(convention), d.result.affine)
+        predictions.append(
+            {
+                "mask_b64": base64.b64encode(mask).decode(),
+                "label_convention": convention,
+                "volumes_ml": d.result.volumes_ml,
+                "compute_ms": round(d.seconds * 1000),
+            }
+        )
+    return {"predictions": predictions}
+
+
+def _wanted_outputs(request: InferRequest, params: InferParams) -> frozenset[str]:
+    """The outputs to answer: those named (known ones only), else all but ``probabilities``.
+
+    Raises:
+        InputError: For an unknown output name.
+    """
+    named = [o.name for o in request.request_outputs or []]
+    unknown = sorted(set(named) - set(OUTPUTS))
+    if unknown:
+        raise InputError(
+            f"unknown output(s) requested: {', '.join(unknown)}; the model answers "
+            f"{', '.join(OUTPUTS)}"
+        )
+    if named:
+        return frozenset(named)
+    return frozenset(n for n in OUTPUTS if n != "probabilities" or params.probabilities)
 
 
 def _check_tensor_size(inp: InferInput, shape: list[int]) -> None:

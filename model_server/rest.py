@@ -53,9 +53,15 @@ from kserve.protocol.infer_type import (
     to_np_dtype,
 )
 
-from medseg.codec import InputError, split_bytes_tensor, validate_params
+from medseg.codec import (
+    HEADER_LENGTH,
+    InputError,
+    encode_v2_body,
+    split_bytes_tensor,
+    validate_params,
+)
 from medseg.settings import ServerLimits
-from model_server import dicom_route
+from model_server import dicom_route, metrics
 from model_server.predictor import RequestAbandoned, Ticket, current_ticket
 
 __all__ = [
@@ -66,9 +72,6 @@ __all__ = [
     "install",
     "parse_request",
 ]
-
-#: The binary tensor data extension's header naming the JSON part's length.
-HEADER_LENGTH = "inference-header-content-length"
 
 
 def _error(status: int, message: str) -> Response:
@@ -230,15 +233,15 @@ def _json_data(
 
 def encode_response(
     response: InferResponse, request: InferRequest, binary_inputs: bool
-) -> tuple[bytes, dict[str, str]]:
-    """Body and headers for a v2 response; binary outputs follow the JSON part."""
+) -> tuple[list[bytes | memoryview], dict[str, str]]:
+    """Body parts and headers for a v2 response; binary outputs follow the JSON part."""
     try:
         asked = validate_params(request.parameters).binary_data_output
     except InputError as exc:
         raise InvalidInput(str(exc)) from None
     default_binary = binary_inputs if asked is None else asked
     wanted = {o.name: o for o in request.request_outputs or []}
-    outputs, chunks = [], []
+    outputs: list[tuple[dict[str, Any], bytes | memoryview | None]] = []
     for out in response.outputs:
         if wanted and out.name not in wanted:
             continue
@@ -248,10 +251,9 @@ def encode_response(
             binary = bool(validate_params(req.parameters).binary_data)
         entry: dict[str, Any] = {"name": out.name, "datatype": out.datatype, "shape": out.shape}
         oparams = dict(out.parameters or {})
+        raw = None
         if binary:
             raw = out._raw_data if out._raw_data is not None else out.as_numpy().tobytes()
-            oparams["binary_data_size"] = len(raw)
-            chunks.append(raw)
         elif out.datatype == "BYTES":
             entry["data"] = [base64.b64encode(bytes(b)).decode() for b in out.as_numpy().ravel()]
             oparams["content_encoding"] = "base64"
@@ -261,23 +263,35 @@ def encode_response(
             entry["data"] = out.as_numpy().ravel().tolist()
         if oparams:
             entry["parameters"] = oparams
-        outputs.append(entry)
-    missing = set(wanted) - {o["name"] for o in outputs}
+        outputs.append((entry, raw))
+    missing = set(wanted) - {o["name"] for o, _ in outputs}
     if missing:
         raise InvalidInput(f"unknown output(s) requested: {', '.join(sorted(missing))}")
     doc: dict[str, Any] = {
         "model_name": response.model_name,
         "model_version": response.model_version,
         "id": response.id,
-        "outputs": outputs,
     }
     if response.parameters:
         doc["parameters"] = dict(response.parameters)
-    head = orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
-    if not chunks:
-        return head, {"content-type": "application/json"}
-    headers = {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
-    return b"".join([head, *chunks]), headers
+    return encode_v2_body(doc, "outputs", outputs)
+
+
+class PartsResponse(Response):
+    """A response whose body is sent part after part, never joined (binary outputs)."""
+
+    def __init__(self, parts: list[bytes | memoryview], headers: dict[str, str]):
+        super().__init__(b"", 200, headers=headers)  # headers hold the parts' Content-Length
+        self.parts = parts
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Send the head, then each part (``more_body`` until the last)."""
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        for n, part in enumerate(self.parts):
+            last = n == len(self.parts) - 1
+            await send({"type": "http.response.body", "body": part, "more_body": not last})
 
 
 class InflightBudget:
@@ -315,7 +329,11 @@ class _Refused(Exception):
 
 
 def log_refusal(status: int, where: str, message: str) -> None:
-    """The one log line of a refused request (no traceback: the client's error, not ours)."""
+    """The one log line of a refused request (no traceback: the client's error, not ours).
+
+    Also counts it in :data:`model_server.metrics.ERRORS`.
+    """
+    metrics.count_error(status)
     logger.warning("refused %s with %d: %s", where, status, message)
 
 
@@ -454,6 +472,7 @@ def install(
     ) -> Response:
         where = f"{request.method} {request.url.path}"
         body = request.scope.pop(BODY_KEY, None) or bytearray()  # read by BodyLimits
+        metrics.REQUEST_BYTES.observe(len(body))
         ticket = Ticket(limits.request_timeout_s)
         token = current_ticket.set(ticket)
         watcher = asyncio.create_task(_watch_disconnect(request.receive, ticket))
@@ -483,13 +502,13 @@ def install(
             result, response_headers = await dataplane.infer(model_name, parsed, headers)
             if not isinstance(result, InferResponse):
                 raise InvalidInput("the model did not answer a v2 response")
-            content, out_headers = encode_response(result, parsed, binary_inputs=header is not None)
+            parts, out_headers = encode_response(result, parsed, binary_inputs=header is not None)
             response_headers = {
                 k: v
                 for k, v in (response_headers or {}).items()
                 if k.lower() not in ("content-length", "content-type")
             }
-            return Response(content, 200, headers={**response_headers, **out_headers})
+            return PartsResponse(parts, {**response_headers, **out_headers})
 
         return await serve(request, model_name, handle)
 

@@ -69,7 +69,7 @@ def model_server(
     model_dir: Path,
     log: Path,
     env: dict[str, str] | None = None,
-    ready_timeout: float = 120,
+    ready_timeout: float = 600,
     **limits: Any,
 ) -> Iterator[RunningServer]:
     """The container's entrypoint serving ``model_dir`` on free ports, until the block ends.

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import orjson
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,16 +25,38 @@ from medseg.client import predict, serialize_bytes
 from medseg.config import REGIONS
 from medseg.errors import MedsegError
 from medseg.infer import load_model, segment_case
+from medseg.model import build_network
 from medseg.storage import Storage
 
-from .conftest import model_server, write_tiny_model
+from .conftest import model_server, tiny_config, write_tiny_model
 
 HEADER = "inference-header-content-length"
 
 
+def write_model(folder: Path, case: Path | None = None) -> Path:
+    """The tiny model artifact (:func:`write_tiny_model`).
+
+    With ``case``, the final layer's biases are shifted so that about half of the case's voxels
+    fall in each region: its label maps then hold every label, not only background.
+    """
+    write_tiny_model(folder)
+    if case is not None:
+        net = build_network(tiny_config().model)
+        net.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        image, affine = _case_array(case)
+        probs = segment_case(load_model(str(folder), Storage()), image, affine).probabilities
+        p = np.clip(np.median(probs.reshape(len(REGIONS), -1), axis=1), 1e-6, 1 - 1e-6)
+        with torch.no_grad():
+            net.conv_final[-1].conv.bias -= torch.as_tensor(
+                np.log(p / (1 - p)), dtype=torch.float32
+            )
+        torch.save(net.state_dict(), folder / "model.pt")
+    return folder
+
+
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return write_tiny_model(tmp_path_factory.mktemp("model") / "m")
+def model_dir(tmp_path_factory: pytest.TempPathFactory, case: Path) -> Path:
+    return write_model(tmp_path_factory.mktemp("model") / "m", case)
 
 
 @pytest.fixture(scope="module")
@@ -115,14 +138,18 @@ for module, url in ((thttp, rest), (tgrpc, grpc)):
     assert client.is_server_ready() and client.is_model_ready("medseg")
     inp = module.InferInput("image", list(x.shape), "FP32")
     inp.set_data_from_numpy(x)
-    outs = [module.InferRequestedOutput("mask"), module.InferRequestedOutput("volumes_ml")]
+    names = ("mask", "volumes_ml", "labels")
+    outs = [module.InferRequestedOutput(n) for n in names]
     result = client.infer("medseg", [inp], outputs=outs, parameters=params)
     mask = nib.Nifti1Image.from_bytes(gzip.decompress(result.as_numpy("mask").ravel()[0]))
+    labels = result.as_numpy("labels")
     meta = client.get_model_metadata("medseg")
     outputs = meta["outputs"] if isinstance(meta, dict) else meta.outputs
     report.append({
         "volumes": result.as_numpy("volumes_ml").tolist(),
         "mask": hashlib.sha256(np.asarray(mask.dataobj).tobytes()).hexdigest(),
+        "plain": [str(labels.dtype), list(labels.shape),
+                  hashlib.sha256(np.ascontiguousarray(labels).tobytes()).hexdigest()],
         "labels": sorted(int(v) for v in np.unique(np.asarray(mask.dataobj))),
         "outputs": [o["name"] if isinstance(o, dict) else o.name for o in outputs],
     })
@@ -159,9 +186,45 @@ def test_standard_oip_clients_work_unchanged(
     assert http["volumes"] == pytest.approx(grpc["volumes"]) and len(http["volumes"]) == 3
     assert http["mask"] == grpc["mask"]
     assert set(http["labels"]) <= {0, 1, 2, 3}  # BraTS 2023 labels, as asked
-    assert http["outputs"] == grpc["outputs"] == ["mask", "volumes_ml", "probabilities"]
+    # the plain UINT8 tensor is the mask's label map, voxel for voxel, over HTTP and gRPC
+    for answer in (http, grpc):
+        assert answer["plain"] == ["uint8", list(image.shape[1:]), http["mask"]]
+    outputs = ["mask", "volumes_ml", "labels", "probabilities"]
+    assert http["outputs"] == grpc["outputs"] == outputs
     ours = predict(server["rest"], [case], label_convention="brats2023")
     assert http["volumes"] == pytest.approx([ours.volumes_ml[r] for r in REGIONS], rel=1e-5)
+
+
+def test_labels_output_to_a_plain_http_client(server: dict[str, str], case: Path) -> None:
+    """A plain HTTP client asks for ``labels`` only: raw UINT8 voxels, equal to the mask's."""
+    blobs = [next(case.glob(f"*_{m}.nii.gz")).read_bytes() for m in ("t1", "t1ce", "t2", "flair")]
+    spec = {"name": "nifti", "datatype": "BYTES", "shape": [4]}
+    want = {"name": "labels", "parameters": {"binary_data": True}}
+    body, headers = _binary_request(
+        [(spec, serialize_bytes(blobs))], outputs=[want], parameters={"label_convention": "msd"}
+    )
+    r = httpx.post(
+        f"{server['rest']}/v2/models/medseg/infer", content=body, headers=headers, timeout=120
+    )
+    assert r.status_code == 200, r.text
+    n = int(r.headers[HEADER])
+    (out,) = orjson.loads(r.content[:n])["outputs"]
+    assert (out["name"], out["datatype"]) == ("labels", "UINT8")
+    assert out["parameters"] == {"label_convention": "msd", "binary_data_size": len(r.content) - n}
+    labels = np.frombuffer(r.content[n:], dtype=np.uint8).reshape(out["shape"])
+    mask = predict(server["rest"], [case], label_convention="msd").mask
+    np.testing.assert_array_equal(labels, np.asarray(_mask(mask).dataobj))
+    assert labels.any()  # a real label map, not zeros
+    meta = httpx.get(f"{server['rest']}/v2/models/medseg", timeout=30).json()
+    assert {"name": "labels", "datatype": "UINT8", "shape": [-1, -1, -1]} in meta["outputs"]
+    unknown = _binary_request([(spec, serialize_bytes(blobs))], outputs=[{"name": "nope"}])
+    r = httpx.post(
+        f"{server['rest']}/v2/models/medseg/infer",
+        content=unknown[0],
+        headers=unknown[1],
+        timeout=60,
+    )
+    assert r.status_code == 400 and "unknown output(s) requested: nope" in r.text
 
 
 def test_json_and_v1_requests(server: dict[str, str], case: Path) -> None:

@@ -65,6 +65,11 @@ def _assert_tensorboard(storage: Storage, run_prefix: str, tmp_path: Path, epoch
     steps = sorted(e.step for run in mux.Runs() for e in mux.Scalars(run, "loss"))
     assert steps == epochs
     assert sorted(e.step for run in mux.Runs() for e in mux.Scalars(run, "dice_wt")) == epochs
+    # progress within epochs: one point per optimiser step, numbered on across a resume
+    per_step = sorted(e.step for run in mux.Runs() for e in mux.Scalars(run, "step/loss"))
+    assert per_step == list(range(1, len(per_step) + 1)) and len(per_step) % len(epochs) == 0
+    rates = [e.value for run in mux.Runs() for e in mux.Scalars(run, "step/samples_per_second")]
+    assert len(rates) == len(per_step) and min(rates) > 0
 
 
 def test_unpreprocessed_dataset_fails_before_training(
