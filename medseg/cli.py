@@ -340,7 +340,9 @@ def serve(
 @_handles_errors
 def deploy_cmd(
     model: Annotated[str, typer.Argument(help="Registered model: s3://BUCKET/models/NAME/vN.")],
-    image: Annotated[str, typer.Option(help="The model server image.")],
+    image: Annotated[
+        str | None, typer.Option(help="The model server image (default: the chart's).")
+    ] = None,
     name: Annotated[str, typer.Option(help="InferenceService (and model) name.")] = (
         "brats-segresnet"
     ),
@@ -355,8 +357,14 @@ def deploy_cmd(
         str | None, typer.Option(help="concurrency/rps (Knative), cpu/memory (Standard).")
     ] = None,
     scale_target: Annotated[int | None, typer.Option(help="Target per replica.")] = None,
-    cpu: Annotated[str, typer.Option(help="CPU per replica.")] = "2",
-    memory: Annotated[str, typer.Option(help="Memory per replica.")] = "8Gi",
+    cpu: Annotated[str | None, typer.Option(help="CPU request per replica (chart: 2).")] = None,
+    memory: Annotated[
+        str | None, typer.Option(help="Memory request per replica (chart: 8Gi).")
+    ] = None,
+    cpu_limit: Annotated[str | None, typer.Option(help="CPU limit per replica (chart: 4).")] = None,
+    memory_limit: Annotated[
+        str | None, typer.Option(help="Memory limit per replica (default: the request).")
+    ] = None,
     gpus: Annotated[int, typer.Option(help="GPUs per replica.")] = 0,
     timeout: Annotated[int, typer.Option(help="Seconds to wait for Ready.")] = 900,
     recreate: Annotated[
@@ -364,26 +372,15 @@ def deploy_cmd(
     ] = False,
 ) -> None:
     """Create or patch the KServe InferenceService of a registered model; wait until Ready."""
-    from medseg.deploy import InferenceServiceSpec, default_scaling, deploy
+    from medseg.deploy import deploy_model
     from medseg.kube import Release
 
-    metric, target = default_scaling(mode, scale_metric)
-    spec = InferenceServiceSpec(
-        name=name,
-        storage_uri=model,
-        image=image,
-        namespace=namespace,
-        service_account=Release(release, namespace).predictor_service_account,
-        deployment_mode=mode,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        scale_metric=metric,
-        scale_target=scale_target or target,
-        cpu=cpu,
-        memory=memory,
-        gpus=gpus,
-    )
-    url = deploy(spec, timeout=timeout, recreate=recreate)
+    url = deploy_model(
+        model, name, Release(release, namespace), timeout=timeout, deployment_mode=mode,
+        scale_metric=scale_metric, scale_target=scale_target, recreate=recreate, image=image,
+        min_replicas=min_replicas, max_replicas=max_replicas, cpu=cpu, memory=memory,
+        cpu_limit=cpu_limit, memory_limit=memory_limit, gpus=gpus,
+    )  # fmt: skip
     console.print(f"InferenceService {namespace}/{name} is Ready: {url}")
 
 

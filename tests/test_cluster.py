@@ -26,7 +26,13 @@ import yaml
 
 from medseg.deploy import InferenceServiceSpec, deploy
 from medseg.errors import MedsegError
-from medseg.kube import MIN_OPERATORS, Release, check_operator, container_security_context
+from medseg.kube import (
+    MIN_OPERATORS,
+    SERVER_IMAGE,
+    Release,
+    check_operator,
+    container_security_context,
+)
 from medseg.launchers import PyTorchJobSpec, S3Secret, submit_pytorchjob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -386,10 +392,10 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
     env = {**os.environ, "KUBECONFIG": str(installed.kubeconfig)}
     done = subprocess.run(
         [sys.executable, "-m", "medseg", "deploy", "s3://medseg/models/brats/v1",
-         "--image", "ghcr.io/medseg/medseg-server:0.1.0", "--name", "brats", "--namespace", ns,
+         "--name", "brats", "--namespace", ns,
          "--release", installed.release.name, "--mode", "Standard", "--min-replicas", "1",
          "--max-replicas", "3", "--scale-metric", "cpu", "--scale-target", "70", "--cpu", "1",
-         "--memory", "2Gi", "--timeout", "180"],
+         "--cpu-limit", "2", "--memory", "2Gi", "--timeout", "180"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -399,7 +405,9 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
     (container,) = [c for c in pod["containers"] if c["name"] == "kserve-container"]
     want = client.api_client.sanitize_for_serialization(container_security_context())
     assert {k: container["securityContext"][k] for k in want} == want
-    assert container["resources"]["limits"] == {"cpu": "1", "memory": "2Gi"}
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
+    assert container["image"] == SERVER_IMAGE  # the server image, the CLI's default
     assert pod["serviceAccountName"] == "prod-medseg-predictor"
     assert kubectl("get", "service", "brats-predictor", "-n", ns).returncode == 0
     hpa = kubectl_json("get", "hpa", "brats-predictor", "-n", ns)["spec"]
