@@ -21,6 +21,7 @@ from medseg.errors import MedsegError
 __all__ = [
     "DEFAULT_RELEASE",
     "MIN_OPERATORS",
+    "PIPELINE_RULES",
     "PIPELINE_SERVICE_ACCOUNT",
     "SERVER_IMAGE",
     "Release",
@@ -28,6 +29,7 @@ __all__ = [
     "container_security_context",
     "pod_security_context",
     "resources",
+    "role_rules",
     "scratch_env",
     "scratch_mount",
     "scratch_volume",
@@ -167,6 +169,28 @@ DEFAULT_RELEASE = Release()
 #: The ServiceAccount the chart grants the pipeline's permissions to, for the default release:
 #: pipeline runs, and the PyTorchJobs they create, run as it.
 PIPELINE_SERVICE_ACCOUNT = DEFAULT_RELEASE.pipeline_service_account
+
+#: Every Kubernetes call the launcher (kubeflow-training SDK: create the PyTorchJob, poll it, list
+#: its pods, read the Master's log) and the deploy step (kserve SDK: read, create, patch, delete
+#: for a deployment-mode change) make, as the chart's pipeline ServiceAccount: the rules of the
+#: chart's Role, one definition. ``make manifests`` writes them to
+#: ``charts/medseg/files/pipeline-rules.yaml``, which the Role renders; ``tests/test_cluster.py``
+#: checks them against the API server's audit log of what the code called.
+PIPELINE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("kubeflow.org", "pytorchjobs", ("create", "get")),
+    ("serving.kserve.io", "inferenceservices", ("create", "get", "patch", "delete")),
+    ("", "pods", ("list",)),
+    ("", "pods/log", ("get",)),
+)
+
+
+def role_rules(rules: tuple[tuple[str, str, tuple[str, ...]], ...] = PIPELINE_RULES) -> list[Any]:
+    """``rules`` as a Role's ``rules`` (``apiGroups``, ``resources``, ``verbs``)."""
+    return [
+        {"apiGroups": [group], "resources": [resource], "verbs": list(verbs)}
+        for group, resource, verbs in rules
+    ]
+
 
 #: Oldest operator releases medseg works with, and the field of their CRD schema that shows it:
 #: KServe 0.16 renamed the deployment modes to ``Standard``/``Knative`` (its InferenceService CRD

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from medseg.kube import PIPELINE_RULES, role_rules
 from tests.k8s import kserve_api_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,17 +142,13 @@ def test_external_s3_and_existing_secret_render_no_secret_value() -> None:
 def test_rbac_and_network_policy() -> None:
     objs = render("-f", str(CHART / "ci/knative-values.yaml"))
     role = next(o for o in objs if o["kind"] == "Role")
-    rules = {(r["apiGroups"][0], tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
-    # What the code calls (tests/test_cluster.py derives it from the API server's audit log).
-    assert rules[("kubeflow.org", ("pytorchjobs",))] == {"create", "get"}
-    assert rules[("serving.kserve.io", ("inferenceservices",))] == {
-        "create",
-        "get",
-        "patch",
-        "delete",
-    }
-    assert rules[("", ("pods",))] == {"list"}
-    assert rules[("", ("pods/log",))] == {"get"}
+    # The one table of the calls the code makes (tests/test_cluster.py checks it against the
+    # API server's audit log), rendered as the Role's rules.
+    assert role["rules"] == role_rules(PIPELINE_RULES)
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
+    assert ("create", "pods") not in {(v, r) for _, r, v in granted}
+    assert not any(r == "secrets" for _, r, _ in granted)
     policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     sources = policy["spec"]["ingress"][0]["from"]
@@ -215,10 +212,14 @@ def test_manifests_are_in_sync_with_the_chart(tmp_path: Path) -> None:
             str(out),
             "--helm",
             HELM,
+            "--rules",
+            str(tmp_path / "pipeline-rules.yaml"),
         ],
         check=True,
         capture_output=True,
     )
+    rules = CHART / "files" / "pipeline-rules.yaml"
+    assert rules.read_text() == (tmp_path / "pipeline-rules.yaml").read_text(), "make manifests"
     committed = {
         p.relative_to(ROOT / "manifests"): p.read_text()
         for p in (ROOT / "manifests").rglob("*.yaml")

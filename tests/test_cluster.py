@@ -28,6 +28,7 @@ from medseg.deploy import InferenceServiceSpec, deploy
 from medseg.errors import MedsegError
 from medseg.kube import (
     MIN_OPERATORS,
+    PIPELINE_RULES,
     SERVER_IMAGE,
     Release,
     check_operator,
@@ -554,6 +555,8 @@ def test_rbac_grants_exactly_the_calls_the_code_made(installed: Installed) -> No
         for resource in rule["resources"]
     }
     assert granted == calls
+    # ... which is medseg.kube.PIPELINE_RULES, the one table the chart's Role is rendered from.
+    assert calls == {(v, g, r) for g, r, verbs in PIPELINE_RULES for v in verbs}
     # A verb the code never calls is forbidden, by impersonation and for real.
     for verb, what in (("delete", "secrets"), ("create", "pods"), ("list", "secrets")):
         can = kubectl("auth", "can-i", verb, what, "-n", ns, f"--as={installed.user}")
