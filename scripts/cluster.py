@@ -204,9 +204,14 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-def _ca(name: str, cn: str, dns: str = "") -> None:
+def _ca(name: str, cn: str, dns: str = "", rsa: bool = False) -> None:
     if (PKI / f"{name}.crt").is_file():
         return
+    key = (
+        ["-newkey", "rsa:2048"]
+        if rsa
+        else ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    )
     ext = [
         "-addext",
         "basicConstraints=critical,CA:TRUE",
@@ -218,10 +223,7 @@ def _ca(name: str, cn: str, dns: str = "") -> None:
     _openssl(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
+        *key,
         "-nodes",
         "-days",
         "3650",
@@ -233,6 +235,9 @@ def _ca(name: str, cn: str, dns: str = "") -> None:
         f"/CN={cn}",
         *ext,
     )
+    if rsa:  # PKCS#1 ("BEGIN RSA PRIVATE KEY"), the only form cert-controller's rotator parses
+        _openssl("rsa", "-in", str(PKI / f"{name}.key"), "-out", str(PKI / f"{name}.key"),
+                 "-traditional")  # fmt: skip
 
 
 def _cert(name: str, ca: str, subject: str, sans: str = "", server: bool = False) -> None:
@@ -300,8 +305,9 @@ CLIENTS = {
 def _pki() -> None:
     PKI.mkdir(parents=True, exist_ok=True)
     _ca("ca", "medseg-cluster-ca")
-    # The Training Operator's cert rotator keeps a Secret's CA only if it verifies for its CA name.
-    _ca("webhook-ca", "training-operator-ca", dns="training-operator-ca")
+    # The Training Operator's cert rotator (open-policy-agent/cert-controller) keeps a Secret's CA
+    # only if it verifies for its CA name, and reads its key only as PKCS#1 RSA.
+    _ca("webhook-ca", "training-operator-ca", dns="training-operator-ca", rsa=True)
     _cert(
         "apiserver",
         "ca",
