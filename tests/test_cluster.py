@@ -365,6 +365,53 @@ def test_pytorchjob_is_reconciled_into_pods_that_succeed(installed: Installed) -
     assert CL.KWOK_LOG_LINE in "".join(logs.values())
 
 
+def test_pipeline_train_step_submits_the_pytorchjob_as_the_chart_service_account(
+    installed: Installed,
+    s3_env: None,
+    storage: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The KFP train component's function with ``launcher=pytorchjob``, as its pod would run it."""
+    from kfp.dsl import Metrics, Model
+
+    from components import train_op
+    from medseg.storage import join
+
+    release, ns, run_id = installed.release, installed.release.namespace, "kfp-train"
+    # kwok runs no container, so no Master writes the run's model record: it is put in place
+    # beforehand (what this checks is the cluster side: the job, its pods, their account).
+    model_uri = join(bucket, "runs", run_id, "model")
+    storage.put_json(join(model_uri, "lineage.json"), {"best": {"epoch": 2, "dice_mean": 0.5}})
+    # The chart's pipeline account: $KUBECONFIG as the kubernetes client read it at import.
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(installed.kubeconfig)
+    )
+    image = "ghcr.io/medseg/medseg:0.1.0"
+    got = train_op.python_func(
+        dataset_spec="brats@abc", store=bucket, config_yaml="", epochs=1, run_id=run_id,
+        launcher="pytorchjob", workers=2, gpus_per_worker=0, image=image, namespace=ns,
+        release=release.name, s3_secret=release.s3_secret, s3_config=release.s3_config,
+        wait_timeout=240, model=Model(name="model", uri=str(tmp_path / "model")),
+        metrics=Metrics(name="metrics", uri=str(tmp_path / "metrics")),
+    )  # fmt: skip
+    assert got == model_uri
+    job = kubectl_json("get", "pytorchjob", f"medseg-{run_id}", "-n", ns)
+    assert any(c["type"] == "Succeeded" and c["status"] == "True"
+               for c in job["status"]["conditions"])  # fmt: skip
+    pods = kubectl_json("get", "pods", "-n", ns, "-l",
+                        f"training.kubeflow.org/job-name=medseg-{run_id}")["items"]  # fmt: skip
+    assert len(pods) == 2
+    config_uri = join(bucket, "runs", run_id, "config.yaml")
+    assert storage.exists(config_uri)  # the step stored the run's config for the pods
+    for pod in pods:
+        assert pod["spec"]["serviceAccountName"] == release.pipeline_service_account
+        (container,) = pod["spec"]["containers"]
+        assert container["image"] == image
+        assert config_uri in container["command"][-1]
+
+
 def _isvc_spec(release: Release, name: str, mode: str, **kw: Any) -> InferenceServiceSpec:
     metric = {"Standard": "cpu", "Knative": "concurrency"}[mode]
     return InferenceServiceSpec(
