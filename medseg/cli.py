@@ -21,7 +21,7 @@ from rich.table import Table
 
 from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
-from medseg.kube import PIPELINE_SERVICE_ACCOUNT
+from medseg.kube import DEFAULT_RELEASE
 
 app = typer.Typer(help="medseg: 3D medical image segmentation MLOps.", no_args_is_help=True)
 datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
@@ -704,23 +704,31 @@ def pipeline_submit(
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "medseg",
     namespace: Annotated[
         str, typer.Option(help="Namespace of the Helm release: the run, its jobs and services.")
-    ] = "kubeflow",
+    ] = DEFAULT_RELEASE.namespace,
+    release: Annotated[
+        str, typer.Option(help="The chart's release (names its ServiceAccount, Secret, ConfigMap).")
+    ] = DEFAULT_RELEASE.name,
     service_account: Annotated[
-        str, typer.Option(help="The run's ServiceAccount (the chart's pipeline.serviceAccount).")
-    ] = PIPELINE_SERVICE_ACCOUNT,
+        str | None,
+        typer.Option(
+            help="The run's ServiceAccount if the chart's pipeline.serviceAccount is set."
+        ),
+    ] = None,
     param: PipelineParams = None,
 ) -> None:
     """Compile and start the pipeline on a Kubeflow Pipelines backend."""
+    from medseg.kube import Release
     from medseg.pipeline_cli import submit
 
     args = _pipeline_arguments(
         source, store, config, epochs, workers, launcher, threshold, model_name, "kserve", param
     )
     package = Path(".medseg/medseg-pipeline.yaml")
-    run_id = submit(host, args, experiment, package, namespace, service_account)
+    names = Release(release, namespace)
+    run_id = submit(host, args, experiment, package, names, service_account)
     console.print(
         f"submitted run {run_id} to {host} (namespace {namespace}, "
-        f"service account {service_account})"
+        f"service account {service_account or names.pipeline_service_account})"
     )
 
 
