@@ -428,26 +428,31 @@ def kubectl(*args: str, stdin: str | None = None, check: bool = True) -> str:
     return done.stdout
 
 
-def _apply(docs: list[dict[str, Any]]) -> None:
+def _apply(docs: list[dict[str, Any]], files: tuple[Path, ...] = ()) -> None:
     kubectl(
         "apply",
         "--server-side",
         "--force-conflicts",
         "--field-manager=medseg-cluster",
+        *(arg for path in files for arg in ("-f", str(path))),
         "-f",
         "-",
         stdin=yaml.safe_dump_all(docs),
     )
 
 
-def _kustomized(path: Path) -> list[dict[str, Any]]:
-    """``kubectl kustomize`` of a module's kustomization, rendered once per cached build."""
+def _kustomized(path: Path) -> Path:
+    """``kubectl kustomize`` of a module's kustomization, rendered once per cached build.
+
+    The file goes to kubectl as it is: parsing megabytes of CRD YAML in Python costs more than
+    the apply.
+    """
     rendered = path / ".medseg-kustomized.yaml"
     if not rendered.is_file():
         tmp = rendered.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(kubectl("kustomize", str(path)))
         tmp.replace(rendered)
-    return [d for d in yaml.safe_load_all(rendered.read_text()) if d]
+    return rendered
 
 
 # --- the parts -----------------------------------------------------------------------------
@@ -779,11 +784,10 @@ def _start_operators() -> None:
         {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
         for ns in (KSERVE_NAMESPACE, TRAINING_NAMESPACE)
     ]
+    crds = (_kustomized(kserve / "config/crd/full"), _kustomized(training / "manifests/base/crds"))
     _apply(
         [
             *namespaces,
-            *_kustomized(kserve / "config/crd/full"),
-            *_kustomized(training / "manifests/base/crds"),
             _inferenceservice_config(kserve / "config/configmap/inferenceservice.yaml"),
             _training_secret(),
             *_webhooks(kserve / "config/webhook/manifests.yaml", PORTS.kserve_webhook),
@@ -795,7 +799,8 @@ def _start_operators() -> None:
             ),
             _node(),
             _storage_class(),
-        ]
+        ],
+        files=crds,
     )
     kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
     _apply([_storage_container(kserve / "config/storagecontainers/default.yaml")])

@@ -451,7 +451,7 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
     deployment = kubectl_json("get", "deployment", "brats-predictor", "-n", ns)
     pod = deployment["spec"]["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == "kserve-container"]
-    want = client.api_client.sanitize_for_serialization(container_security_context())
+    want = client.api_instance.api_client.sanitize_for_serialization(container_security_context())
     assert {k: container["securityContext"][k] for k in want} == want
     assert container["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
     assert container["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
