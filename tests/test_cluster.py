@@ -587,11 +587,11 @@ def test_rbac_grants_exactly_the_calls_the_code_made(installed: Installed) -> No
     assert ("create", "serving.kserve.io", "inferenceservices") in calls
     ns = installed.release.namespace
     for verb, group, resource in sorted(calls):
-        what = resource if not group else f"{resource.split('/')[0]}.{group}" + (
-            f"/{resource.split('/')[1]}" if "/" in resource else ""
-        )  # fmt: skip
-        can = kubectl("auth", "can-i", verb, what, "-n", ns, f"--as={installed.user}")
-        assert can.stdout.strip() == "yes", (verb, what, can.stdout, can.stderr)
+        plural, _, subresource = resource.partition("/")
+        what = f"{plural}.{group}" if group else plural
+        sub = [f"--subresource={subresource}"] if subresource else []
+        can = kubectl("auth", "can-i", verb, what, *sub, "-n", ns, f"--as={installed.user}")
+        assert can.stdout.strip() == "yes", (verb, what, sub, can.stdout, can.stderr)
     # The Role grants those calls and nothing more.
     role = kubectl_json("get", "role", f"{installed.release.fullname}-pipeline", "-n", ns)
     granted = {
