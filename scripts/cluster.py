@@ -470,7 +470,7 @@ def _ensure_binaries() -> None:
     ]
     if all((BIN / n).exists() for n in needed) and (TOOLS / "kserve-manager").exists():
         return
-    log("building the control plane's binaries (cold: ~35 min of CPU; cached afterwards)")
+    log("building the control plane (cold: up to ~2 h niced on a busy machine; cached after)")
     subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "build.sh")], check=True)
 
 
