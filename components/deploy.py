@@ -20,10 +20,11 @@ def deploy_op(
 ) -> str:
     """Deploy the registered model; returns the service URL or the local command.
 
-    ``target`` ``kserve``: create/patch the InferenceService and wait for Ready (its URL).
+    ``target`` ``kserve``: create/patch the InferenceService and wait for Ready (its URL);
+    ``image`` is the model server image.
     ``local``: the equivalent ``medseg serve`` command, recorded as the output.
     """
-    from medseg.deploy import InferenceServiceSpec, deploy, local_command
+    from medseg.deploy import deploy_model, local_command
     from medseg.kube import Release
 
     if target == "local":
@@ -32,16 +33,15 @@ def deploy_op(
         return command
     if target != "kserve":
         raise ValueError(f"deploy target must be local or kserve, got {target!r}")
-    spec = InferenceServiceSpec(
-        name=name,
-        storage_uri=model_uri,
-        image=image,
-        namespace=namespace,
-        service_account=Release(release, namespace).predictor_service_account,
+    return deploy_model(
+        model_uri,
+        name,
+        Release(release, namespace),
+        timeout=timeout,
         deployment_mode=deployment_mode,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
         scale_metric=scale_metric,
         scale_target=scale_target,
+        image=image,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
     )
-    return deploy(spec, timeout=timeout)

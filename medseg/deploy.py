@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import shlex
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from medseg.errors import MedsegError
-from medseg.kube import DEFAULT_RELEASE
+from medseg.kube import DEFAULT_RELEASE, SERVER_IMAGE, Release
+from medseg.settings import ServerLimits
 
 __all__ = [
     "InferenceServiceSpec",
@@ -24,6 +25,7 @@ __all__ = [
     "conditions_text",
     "default_scaling",
     "deploy",
+    "deploy_model",
     "local_command",
 ]
 
@@ -46,14 +48,23 @@ def default_scaling(mode: str, metric: str | None = None) -> tuple[str, int]:
     return metric, _TARGETS[metric]
 
 
+def _max_request_mb() -> int:
+    return ServerLimits().max_request_mb
+
+
 @dataclass(frozen=True)
 class InferenceServiceSpec:
     """An InferenceService for one registered model version.
 
+    The defaults are the chart's ``inferenceService`` values (``charts/medseg/values.yaml``);
+    ``tests/test_chart.py`` renders the chart and compares its InferenceService with
+    :func:`build_inference_service`'s, field by field.
+
     Attributes:
         name: InferenceService (and model) name.
         storage_uri: ``s3://BUCKET/models/NAME/vN``.
-        image: The server image.
+        image: The server image (not the project image).
+        image_pull_policy: The container's ``imagePullPolicy``.
         namespace: Target namespace (the chart's release namespace, where its Role applies).
         service_account: The chart's predictor ServiceAccount; it lists the S3 Secret
             (KServe's ``serving.kserve.io/s3-*`` annotations).
@@ -63,13 +74,16 @@ class InferenceServiceSpec:
         scale_target: Target value of the metric (per replica; percent for cpu/memory).
         container_concurrency: Hard limit of requests per replica (0: none).
         protocol: ``rest`` (port 8080) or ``grpc`` (port 8081, ``h2c``); Knative exposes one port.
-        cpu, memory, gpus: Resources per replica.
-        max_request_mb: The server's request limit (also its gRPC message limits).
+        cpu, memory, gpus: Requests per replica (GPUs: a limit).
+        cpu_limit, memory_limit: Limits per replica (``None``: the request).
+        max_request_mb: The server's request limit (also its gRPC message limits); default
+            :class:`~medseg.settings.ServerLimits`'s.
     """
 
     name: str
     storage_uri: str
-    image: str
+    image: str = SERVER_IMAGE
+    image_pull_policy: str = "IfNotPresent"
     namespace: str = DEFAULT_RELEASE.namespace
     service_account: str = DEFAULT_RELEASE.predictor_service_account
     deployment_mode: str = "Knative"
@@ -82,7 +96,9 @@ class InferenceServiceSpec:
     cpu: str = "2"
     memory: str = "8Gi"
     gpus: int = 0
-    max_request_mb: int = 256
+    cpu_limit: str | None = "4"
+    memory_limit: str | None = None
+    max_request_mb: int = field(default_factory=_max_request_mb)
 
     def __post_init__(self) -> None:
         if self.deployment_mode not in _METRICS:
@@ -104,6 +120,13 @@ class InferenceServiceSpec:
             raise MedsegError(f"protocol must be rest or grpc, got {self.protocol!r}")
         if not self.storage_uri.startswith("s3://"):
             raise MedsegError(f"storage_uri must be an s3:// prefix, got {self.storage_uri!r}")
+        self.resources()  # a request above its limit fails here, before any API call
+
+    def resources(self) -> Any:
+        """The predictor container's ``V1ResourceRequirements``."""
+        from medseg.kube import resources
+
+        return resources(self.cpu, self.memory, self.gpus, self.cpu_limit, self.memory_limit)
 
 
 def _server_args(spec: InferenceServiceSpec) -> list[str]:
@@ -113,7 +136,6 @@ def _server_args(spec: InferenceServiceSpec) -> list[str]:
         "--http_port": "8080",
         "--grpc_port": "8081",
         "--max_request_mb": str(spec.max_request_mb),
-        "--max_concurrency": "1",
     }
     return [item for pair in pairs.items() for item in pair]
 
@@ -123,7 +145,13 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
     from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
     from kubernetes.client import V1Container, V1ContainerPort, V1EnvVar, V1ObjectMeta
 
-    from medseg.kube import container_security_context, pod_security_context, resources
+    from medseg.kube import (
+        container_security_context,
+        pod_security_context,
+        scratch_env,
+        scratch_mount,
+        scratch_volume,
+    )
 
     port = (
         V1ContainerPort(container_port=8080, name="http1", protocol="TCP")
@@ -133,12 +161,14 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
     container = V1Container(
         name="kserve-container",
         image=spec.image,
+        image_pull_policy=spec.image_pull_policy,
         command=["python", "-m", "model_server"],
         args=_server_args(spec),
-        env=[V1EnvVar(name="STORAGE_URI", value=spec.storage_uri)],
+        env=[V1EnvVar(name="STORAGE_URI", value=spec.storage_uri), scratch_env()],
         ports=[port],
-        resources=resources(spec.cpu, spec.memory, spec.gpus),
+        resources=spec.resources(),
         security_context=container_security_context(),
+        volume_mounts=[scratch_mount()],
     )
     annotations = {"serving.kserve.io/deploymentMode": spec.deployment_mode}
     if spec.deployment_mode == "Standard":
@@ -162,6 +192,9 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
                 scale_metric=spec.scale_metric,
                 scale_target=spec.scale_target,
                 container_concurrency=spec.container_concurrency,
+                # Pods carry the platform label: the chart's NetworkPolicy lets them reach MinIO.
+                labels={"app.kubernetes.io/part-of": "medseg"},
+                volumes=[scratch_volume()],
             )
         ),
     )
@@ -289,6 +322,57 @@ def deploy(
                 + conditions_text(current)
             )
         time.sleep(poll_seconds)
+
+
+def deploy_model(
+    model_uri: str,
+    name: str,
+    release: Release = DEFAULT_RELEASE,
+    *,
+    timeout: float,
+    deployment_mode: str = "Knative",
+    scale_metric: str | None = None,
+    scale_target: int | None = None,
+    recreate: bool = False,
+    client: Any = None,
+    **options: Any,
+) -> str:
+    """Deploy a registered model into a chart release's namespace, as its predictor account.
+
+    The one entry point of ``medseg deploy`` and the pipeline's deploy step.
+
+    Args:
+        model_uri: The registered model, ``s3://BUCKET/models/NAME/vN``.
+        name: InferenceService (and model) name.
+        release: The chart's release: its namespace and predictor ServiceAccount.
+        timeout: Seconds to wait for Ready (see :func:`deploy`).
+        deployment_mode: ``Knative`` or ``Standard``.
+        scale_metric: Default: the mode's first (:func:`default_scaling`).
+        scale_target: Default: the metric's (:func:`default_scaling`).
+        recreate: Delete and recreate the service to change its deployment mode.
+        client: A ``kserve.KServeClient`` (default: from the kube config or in-cluster).
+        **options: Further :class:`InferenceServiceSpec` fields (image, replicas, resources);
+            ``None`` keeps the field's default.
+
+    Returns:
+        The service URL.
+
+    Raises:
+        MedsegError: As :func:`deploy`, or for an invalid spec.
+    """
+    metric, target = default_scaling(deployment_mode, scale_metric)
+    given = {key: value for key, value in options.items() if value is not None}
+    spec = InferenceServiceSpec(
+        name=name,
+        storage_uri=model_uri,
+        namespace=release.namespace,
+        service_account=release.predictor_service_account,
+        deployment_mode=deployment_mode,
+        scale_metric=metric,
+        scale_target=scale_target or target,
+        **given,
+    )
+    return deploy(spec, timeout=timeout, client=client, recreate=recreate)
 
 
 def local_command(model_uri: str, name: str, http_port: int = 8080, grpc_port: int = 8081) -> str:

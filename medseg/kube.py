@@ -3,9 +3,12 @@
 The names of the chart's objects (:class:`Release`) and the minimum operator versions
 (:data:`MIN_OPERATORS`, checked against the installed CRDs) live here too.
 
-Every pod medseg creates runs as uid 1000, non-root, with the ``RuntimeDefault`` seccomp profile,
-no privilege escalation and no capabilities; resources are requests equal to limits, plus
-``nvidia.com/gpu`` when GPUs are asked for.
+Every pod medseg creates runs as uid/gid 1000, non-root, with the ``RuntimeDefault`` seccomp
+profile, no privilege escalation, no capabilities and a read-only root filesystem with a writable
+``/tmp`` (an ``emptyDir``, also ``HOME``): the chart's ``podSecurityContext`` and
+``securityContext`` values, which ``tests/test_chart.py`` keeps equal to these. Resources are
+requests and limits (a limit defaults to its request), plus ``nvidia.com/gpu`` when GPUs are
+asked for.
 """
 
 from __future__ import annotations
@@ -14,41 +17,71 @@ from dataclasses import dataclass
 from typing import Any
 
 from medseg.errors import MedsegError
+from medseg.settings import DEFAULT_IMAGES
 
 __all__ = [
     "DEFAULT_RELEASE",
     "MIN_OPERATORS",
+    "PIPELINE_RULES",
     "PIPELINE_SERVICE_ACCOUNT",
+    "SERVER_IMAGE",
     "Release",
     "check_operator",
     "container_security_context",
     "pod_security_context",
     "resources",
+    "role_rules",
+    "scratch_env",
+    "scratch_mount",
+    "scratch_volume",
 ]
 
 UID = 1000
+#: The model server image (kserve ModelServer + medseg predictor): the chart's ``serverImage``.
+SERVER_IMAGE = DEFAULT_IMAGES.server
+#: The writable scratch volume of every pod (the root filesystem is read-only).
+SCRATCH = "tmp"
+SCRATCH_PATH = "/tmp"
 
 
-def resources(cpu: str, memory: str, gpus: int = 0) -> Any:
-    """``V1ResourceRequirements``: cpu/memory requests = limits, GPUs as a limit."""
+def resources(
+    cpu: str,
+    memory: str,
+    gpus: int = 0,
+    cpu_limit: str | None = None,
+    memory_limit: str | None = None,
+) -> Any:
+    """``V1ResourceRequirements``: cpu/memory requests and limits (a limit defaults to its request).
+
+    Raises:
+        MedsegError: If a quantity does not parse or a request exceeds its limit.
+    """
     from kubernetes.client import V1ResourceRequirements
+    from kubernetes.utils import parse_quantity
 
     requests = {"cpu": cpu, "memory": memory}
-    limits = dict(requests)
+    limits = {"cpu": cpu_limit or cpu, "memory": memory_limit or memory}
+    for key, request in requests.items():
+        try:
+            over = parse_quantity(request) > parse_quantity(limits[key])
+        except ValueError as exc:
+            raise MedsegError(f"bad {key} quantity: {exc}") from None
+        if over:
+            raise MedsegError(f"{key} request {request} exceeds its limit {limits[key]}")
     if gpus:
         limits["nvidia.com/gpu"] = str(gpus)
     return V1ResourceRequirements(requests=requests, limits=limits)
 
 
 def container_security_context() -> Any:
-    """``V1SecurityContext``: non-root, no privilege escalation, all capabilities dropped."""
+    """``V1SecurityContext``: non-root, no privilege escalation, no capabilities, read-only root."""
     from kubernetes.client import V1Capabilities, V1SecurityContext
 
     return V1SecurityContext(
         allow_privilege_escalation=False,
-        capabilities=V1Capabilities(drop=["ALL"]),
+        read_only_root_filesystem=True,
         run_as_non_root=True,
-        run_as_user=UID,
+        capabilities=V1Capabilities(drop=["ALL"]),
     )
 
 
@@ -59,9 +92,31 @@ def pod_security_context() -> Any:
     return V1PodSecurityContext(
         run_as_non_root=True,
         run_as_user=UID,
+        run_as_group=UID,
         fs_group=UID,
         seccomp_profile=V1SeccompProfile(type="RuntimeDefault"),
     )
+
+
+def scratch_volume() -> Any:
+    """``V1Volume``: the ``emptyDir`` mounted at ``/tmp`` (the root filesystem is read-only)."""
+    from kubernetes.client import V1EmptyDirVolumeSource, V1Volume
+
+    return V1Volume(name=SCRATCH, empty_dir=V1EmptyDirVolumeSource())
+
+
+def scratch_mount() -> Any:
+    """``V1VolumeMount`` of :func:`scratch_volume` at ``/tmp``."""
+    from kubernetes.client import V1VolumeMount
+
+    return V1VolumeMount(name=SCRATCH, mount_path=SCRATCH_PATH)
+
+
+def scratch_env() -> Any:
+    """``V1EnvVar`` ``HOME=/tmp``: caches under ``~`` land on the writable volume."""
+    from kubernetes.client import V1EnvVar
+
+    return V1EnvVar(name="HOME", value=SCRATCH_PATH)
 
 
 @dataclass(frozen=True)
@@ -115,6 +170,28 @@ DEFAULT_RELEASE = Release()
 #: The ServiceAccount the chart grants the pipeline's permissions to, for the default release:
 #: pipeline runs, and the PyTorchJobs they create, run as it.
 PIPELINE_SERVICE_ACCOUNT = DEFAULT_RELEASE.pipeline_service_account
+
+#: Every Kubernetes call the launcher (kubeflow-training SDK: create the PyTorchJob, poll it, list
+#: its pods, read the Master's log) and the deploy step (kserve SDK: read, create, patch, delete
+#: for a deployment-mode change) make, as the chart's pipeline ServiceAccount: the rules of the
+#: chart's Role, one definition. ``make manifests`` writes them to
+#: ``charts/medseg/files/pipeline-rules.yaml``, which the Role renders; ``tests/test_cluster.py``
+#: checks them against the API server's audit log of what the code called.
+PIPELINE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("kubeflow.org", "pytorchjobs", ("create", "get")),
+    ("serving.kserve.io", "inferenceservices", ("create", "get", "patch", "delete")),
+    ("", "pods", ("list",)),
+    ("", "pods/log", ("get",)),
+)
+
+
+def role_rules(rules: tuple[tuple[str, str, tuple[str, ...]], ...] = PIPELINE_RULES) -> list[Any]:
+    """``rules`` as a Role's ``rules`` (``apiGroups``, ``resources``, ``verbs``)."""
+    return [
+        {"apiGroups": [group], "resources": [resource], "verbs": list(verbs)}
+        for group, resource, verbs in rules
+    ]
+
 
 #: Oldest operator releases medseg works with, and the field of their CRD schema that shows it:
 #: KServe 0.16 renamed the deployment modes to ``Standard``/``Knative`` (its InferenceService CRD

@@ -202,15 +202,22 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
         V1VolumeMount,
     )
 
-    from medseg.kube import container_security_context, pod_security_context, resources
+    from medseg.kube import (
+        container_security_context,
+        pod_security_context,
+        resources,
+        scratch_env,
+        scratch_mount,
+        scratch_volume,
+    )
 
     container = V1Container(
         name="pytorch",  # the operator looks for this container name
         image=spec.image,
         command=spec.command(),
-        env=spec.s3.env(),
+        env=[*spec.s3.env(), scratch_env()],
         resources=resources(spec.cpu, spec.memory, spec.gpus_per_worker),
-        volume_mounts=[V1VolumeMount(name="dshm", mount_path="/dev/shm")],
+        volume_mounts=[V1VolumeMount(name="dshm", mount_path="/dev/shm"), scratch_mount()],
         security_context=container_security_context(),
     )
     template = V1PodTemplateSpec(
@@ -222,7 +229,8 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
                 V1Volume(
                     name="dshm",
                     empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size),
-                )
+                ),
+                scratch_volume(),
             ],
             security_context=pod_security_context(),
         ),

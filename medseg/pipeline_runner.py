@@ -23,7 +23,7 @@ from typing import Any, Protocol, TextIO
 
 from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
-from medseg.kube import PIPELINE_SERVICE_ACCOUNT
+from medseg.kube import DEFAULT_RELEASE, Release
 
 #: A ``@dsl.pipeline`` function (a KFP ``GraphComponent``): called with its arguments it runs
 #: through ``kfp.local``; the compiler turns it into IR YAML.
@@ -223,15 +223,16 @@ def submit(
     arguments: dict[str, Any],
     experiment: str,
     package: Path,
-    namespace: str,
-    service_account: str = PIPELINE_SERVICE_ACCOUNT,
+    release: Release = DEFAULT_RELEASE,
+    service_account: str | None = None,
 ) -> str:
     """Start a run on a KFP backend (the compiled package is sent with the run); its id.
 
-    The run's pods run as ``service_account`` in ``namespace``: the ServiceAccount and the
-    namespace the Helm chart's RBAC grants the pipeline's permissions in (creating PyTorchJobs
-    and InferenceServices). The pipeline's own ``namespace`` parameter, where those objects are
-    created, is set to the same namespace.
+    The run's pods run in the release's namespace as its pipeline ServiceAccount (or
+    ``service_account``, the chart's ``pipeline.serviceAccount``), where the chart's Role grants
+    the pipeline's permissions (creating PyTorchJobs and InferenceServices). The pipeline's
+    ``namespace``, ``release``, ``s3_secret`` and ``s3_config`` parameters default to the same
+    release's (an explicit argument, e.g. an ``s3.existingSecret``, wins).
 
     Raises:
         MedsegError: If the backend cannot be reached or refuses the run.
@@ -239,14 +240,20 @@ def submit(
     import kfp
 
     compile_pipeline(pipeline, package)
+    names = {
+        "namespace": release.namespace,
+        "release": release.name,
+        "s3_secret": release.s3_secret,
+        "s3_config": release.s3_config,
+    }
     with _backend_errors(host):
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(
             str(package),
-            arguments={**arguments, "namespace": namespace},
+            arguments={**names, **arguments},
             experiment_name=experiment,
-            namespace=namespace,
-            service_account=service_account,
+            namespace=release.namespace,
+            service_account=service_account or release.pipeline_service_account,
         )
     return str(run.run_id)
 

@@ -23,7 +23,7 @@ from components import (
     train_op,
 )
 from components.base import IMAGE
-from medseg.kube import DEFAULT_RELEASE
+from medseg.kube import DEFAULT_RELEASE, SERVER_IMAGE
 from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
 
 __all__ = ["PIPELINE_NAME", "medseg_pipeline"]
@@ -84,6 +84,7 @@ def medseg_pipeline(
     model_name: str = DEFAULT_MODEL_NAME,
     deploy_target: str = "local",
     image: str = IMAGE,
+    server_image: str = SERVER_IMAGE,
     namespace: str = DEFAULT_RELEASE.namespace,
     release: str = DEFAULT_RELEASE.name,
     s3_secret: str = DEFAULT_RELEASE.s3_secret,
@@ -112,7 +113,8 @@ def medseg_pipeline(
         dice_threshold: Quality gate on the validation mean Dice of TC/WT/ET.
         model_name: Registry name (also the InferenceService name).
         deploy_target: ``local`` (record the ``medseg serve`` command) or ``kserve``.
-        image: The project image for the PyTorchJob and the predictor.
+        image: The project image, for the PyTorchJob.
+        server_image: The model server image, for the predictor.
         namespace: Namespace of the PyTorchJob and the InferenceService: the Helm release's,
             where the chart's Role and ServiceAccounts are.
         release: The Helm release: its ServiceAccounts run the PyTorchJob pods and the predictor.
@@ -215,7 +217,7 @@ def medseg_pipeline(
             model_uri=register.outputs["Output"],
             name=model_name,
             target=deploy_target,
-            image=image,
+            image=server_image,
             namespace=namespace,
             release=release,
             deployment_mode=deployment_mode,

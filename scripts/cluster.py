@@ -163,6 +163,10 @@ def _stop(name: str) -> None:
         (PIDS / f"{name}{suffix}").unlink(missing_ok=True)
 
 
+#: When this invocation started (start-up times are logged against it).
+_T0 = time.monotonic()
+
+
 def _wait(name: str, check: Any, timeout: float = START_TIMEOUT) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -172,6 +176,7 @@ def _wait(name: str, check: Any, timeout: float = START_TIMEOUT) -> None:
             )
         try:
             if check():
+                log(f"{name} ready ({time.monotonic() - _T0:.0f} s)")
                 return
         except (OSError, ssl.SSLError, subprocess.SubprocessError):
             pass
@@ -204,9 +209,14 @@ def _openssl(*args: str) -> None:
     subprocess.run(["openssl", *args], check=True, capture_output=True)
 
 
-def _ca(name: str, cn: str, dns: str = "") -> None:
+def _ca(name: str, cn: str, dns: str = "", rsa: bool = False) -> None:
     if (PKI / f"{name}.crt").is_file():
         return
+    key = (
+        ["-newkey", "rsa:2048"]
+        if rsa
+        else ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"]
+    )
     ext = [
         "-addext",
         "basicConstraints=critical,CA:TRUE",
@@ -218,10 +228,7 @@ def _ca(name: str, cn: str, dns: str = "") -> None:
     _openssl(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
+        *key,
         "-nodes",
         "-days",
         "3650",
@@ -233,6 +240,9 @@ def _ca(name: str, cn: str, dns: str = "") -> None:
         f"/CN={cn}",
         *ext,
     )
+    if rsa:  # PKCS#1 ("BEGIN RSA PRIVATE KEY"), the only form cert-controller's rotator parses
+        _openssl("rsa", "-in", str(PKI / f"{name}.key"), "-out", str(PKI / f"{name}.key"),
+                 "-traditional")  # fmt: skip
 
 
 def _cert(name: str, ca: str, subject: str, sans: str = "", server: bool = False) -> None:
@@ -300,8 +310,9 @@ CLIENTS = {
 def _pki() -> None:
     PKI.mkdir(parents=True, exist_ok=True)
     _ca("ca", "medseg-cluster-ca")
-    # The Training Operator's cert rotator keeps a Secret's CA only if it verifies for its CA name.
-    _ca("webhook-ca", "training-operator-ca", dns="training-operator-ca")
+    # The Training Operator's cert rotator (open-policy-agent/cert-controller) keeps a Secret's CA
+    # only if it verifies for its CA name, and reads its key only as PKCS#1 RSA.
+    _ca("webhook-ca", "training-operator-ca", dns="training-operator-ca", rsa=True)
     _cert(
         "apiserver",
         "ca",
@@ -380,12 +391,22 @@ def _kubeconfig(name: str) -> Path:
 # --- API access ----------------------------------------------------------------------------
 
 
-def _api_ok(path: str) -> bool:
+def _api(path: str) -> tuple[int, bytes]:
     ctx = ssl.create_default_context(cafile=str(PKI / "ca.crt"))
     ctx.load_cert_chain(str(PKI / "admin.crt"), str(PKI / "admin.key"))
     url = f"https://127.0.0.1:{PORTS.apiserver}{path}"
     with urllib.request.urlopen(url, context=ctx, timeout=5) as resp:
-        return bool(resp.status == 200)
+        return int(resp.status), resp.read()
+
+
+def _api_ok(path: str) -> bool:
+    return _api(path)[0] == 200
+
+
+def _api_json(path: str) -> dict[str, Any]:
+    """A GET on the API server as the admin (no kubectl process: polls stay cheap)."""
+    doc: dict[str, Any] = json.loads(_api(path)[1])
+    return doc
 
 
 def _http_ok(url: str) -> bool:
@@ -407,16 +428,31 @@ def kubectl(*args: str, stdin: str | None = None, check: bool = True) -> str:
     return done.stdout
 
 
-def _apply(docs: list[dict[str, Any]]) -> None:
+def _apply(docs: list[dict[str, Any]], files: tuple[Path, ...] = ()) -> None:
     kubectl(
         "apply",
         "--server-side",
         "--force-conflicts",
         "--field-manager=medseg-cluster",
+        *(arg for path in files for arg in ("-f", str(path))),
         "-f",
         "-",
         stdin=yaml.safe_dump_all(docs),
     )
+
+
+def _kustomized(path: Path) -> Path:
+    """``kubectl kustomize`` of a module's kustomization, rendered once per cached build.
+
+    The file goes to kubectl as it is: parsing megabytes of CRD YAML in Python costs more than
+    the apply.
+    """
+    rendered = path / ".medseg-kustomized.yaml"
+    if not rendered.is_file():
+        tmp = rendered.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(kubectl("kustomize", str(path)))
+        tmp.replace(rendered)
+    return rendered
 
 
 # --- the parts -----------------------------------------------------------------------------
@@ -434,7 +470,7 @@ def _ensure_binaries() -> None:
     ]
     if all((BIN / n).exists() for n in needed) and (TOOLS / "kserve-manager").exists():
         return
-    log("building the control plane's binaries (cold: ~35 min of CPU; cached afterwards)")
+    log("building the control plane (cold: up to ~2 h niced on a busy machine; cached after)")
     subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "build.sh")], check=True)
 
 
@@ -742,33 +778,32 @@ def _storage_class() -> dict[str, Any]:
 def _start_operators() -> None:
     kserve = TOOLS / "kserve-manager"
     training = TOOLS / "training-operator"
+    # One apply for everything that needs no CRD to be established (each kubectl costs seconds
+    # on a busy machine); the node's capacity is patched into its status afterwards.
+    namespaces = [
+        {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
+        for ns in (KSERVE_NAMESPACE, TRAINING_NAMESPACE)
+    ]
+    crds = (_kustomized(kserve / "config/crd/full"), _kustomized(training / "manifests/base/crds"))
     _apply(
         [
-            {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}
-            for ns in (KSERVE_NAMESPACE, TRAINING_NAMESPACE)
-        ]
-    )
-    kubectl("apply", "--server-side", "--force-conflicts", "-k", str(kserve / "config/crd/full"))
-    kubectl(
-        "apply", "--server-side", "--force-conflicts", "-k", str(training / "manifests/base/crds")
-    )
-    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
-    _apply(
-        [
+            *namespaces,
             _inferenceservice_config(kserve / "config/configmap/inferenceservice.yaml"),
             _training_secret(),
-        ]
+            *_webhooks(kserve / "config/webhook/manifests.yaml", PORTS.kserve_webhook),
+            *_webhooks(
+                training / "manifests/base/webhook/manifests.yaml",
+                PORTS.training_webhook,
+                keep=lambda h: "pytorchjob" in h["name"],
+                name=TO_WEBHOOK_CONFIG,
+            ),
+            _node(),
+            _storage_class(),
+        ],
+        files=crds,
     )
-    _apply(_webhooks(kserve / "config/webhook/manifests.yaml", PORTS.kserve_webhook))
+    kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd", "--all")
     _apply([_storage_container(kserve / "config/storagecontainers/default.yaml")])
-    _apply(
-        _webhooks(
-            training / "manifests/base/webhook/manifests.yaml",
-            PORTS.training_webhook,
-            keep=lambda h: "pytorchjob" in h["name"],
-            name=TO_WEBHOOK_CONFIG,
-        )
-    )
     _start(
         "kserve-manager",
         [
@@ -802,8 +837,7 @@ def _start_operators() -> None:
             "TMPDIR": str(RUN / "tmp-training"),
         },
     )
-    # The node first, with its capacity (kwok keeps a node's own capacity), then kwok.
-    _apply([_node(), _storage_class()])
+    # The node's capacity before kwok starts (kwok keeps a node's own capacity).
     status = {"status": {"capacity": NODE_CAPACITY, "allocatable": NODE_CAPACITY}}
     kubectl("patch", "node", NODE_NAME, "--subresource=status", "--type=merge",
             "-p", json.dumps(status))  # fmt: skip
@@ -825,20 +859,13 @@ def _start_operators() -> None:
     )
     _wait("kserve-manager", lambda: _http_ok(f"http://127.0.0.1:{PORTS.kserve_probe}/readyz"))
     _wait("training-operator", lambda: _http_ok(f"http://127.0.0.1:{PORTS.training_probe}/readyz"))
-    _wait(
-        "kwok",
-        lambda: (
-            "True"
-            in kubectl(
-                "get",
-                "node",
-                NODE_NAME,
-                "-o",
-                "jsonpath={.status.conditions[?(@.type=='Ready')].status}",
-                check=False,
-            )
-        ),
-    )
+    _wait("kwok", _node_ready)
+
+
+def _node_ready() -> bool:
+    node = _api_json(f"/api/v1/nodes/{NODE_NAME}")
+    conditions = (node.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
 PARTS = (

@@ -7,7 +7,10 @@ object that the chart renders differently with ``charts/medseg/ci/gpu-values.yam
 (see docs/install.md). ``tests/test_chart.py`` re-renders and fails when the files drift, and
 checks that ``kubectl kustomize`` of each overlay equals the chart render it came from.
 
-Usage: ``python scripts/render_manifests.py [--out manifests] [--helm helm]``
+First it writes ``charts/medseg/files/pipeline-rules.yaml``, the rules of the chart's pipeline Role,
+from ``medseg.kube.PIPELINE_RULES`` (their one definition: the calls the code makes).
+
+Usage: ``python scripts/render_manifests.py [--out manifests] [--helm helm] [--rules PATH]``
 """
 
 from __future__ import annotations
@@ -20,8 +23,11 @@ from typing import Any
 
 import yaml
 
+from medseg.kube import role_rules
+
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "medseg"
+RULES = CHART / "files" / "pipeline-rules.yaml"
 RELEASE = NAMESPACE = "medseg"
 COMMON = ["--set", "s3.existingSecret=medseg-s3"]
 OVERLAYS = {"cpu": [], "gpu": [CHART / "ci" / "gpu-values.yaml"]}
@@ -44,6 +50,13 @@ def key(obj: dict[str, Any]) -> tuple[str, str, str]:
 
 def _dump(objs: list[dict[str, Any]]) -> str:
     return HEADER + "---\n".join(yaml.safe_dump(o, sort_keys=True) for o in objs)
+
+
+def write_rules(path: Path = RULES) -> None:
+    """Write the pipeline Role's rules (``medseg.kube.PIPELINE_RULES``) for the chart."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(HEADER.replace("from charts/medseg", "from medseg.kube.PIPELINE_RULES")
+                    + yaml.safe_dump(role_rules()))  # fmt: skip
 
 
 def write(out: Path, helm: str) -> None:
@@ -95,7 +108,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "manifests")
     parser.add_argument("--helm", default=str(ROOT / ".tools" / "bin" / "helm"))
+    parser.add_argument("--rules", type=Path, default=RULES)
     args = parser.parse_args()
+    write_rules(args.rules)
     write(args.out, args.helm)
     print(f"wrote {args.out}")
 

@@ -14,6 +14,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from medseg.kube import PIPELINE_RULES, role_rules
 from tests.k8s import kserve_api_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,17 +142,13 @@ def test_external_s3_and_existing_secret_render_no_secret_value() -> None:
 def test_rbac_and_network_policy() -> None:
     objs = render("-f", str(CHART / "ci/knative-values.yaml"))
     role = next(o for o in objs if o["kind"] == "Role")
-    rules = {(r["apiGroups"][0], tuple(r["resources"])): set(r["verbs"]) for r in role["rules"]}
-    # What the code calls (tests/test_cluster.py derives it from the API server's audit log).
-    assert rules[("kubeflow.org", ("pytorchjobs",))] == {"create", "get"}
-    assert rules[("serving.kserve.io", ("inferenceservices",))] == {
-        "create",
-        "get",
-        "patch",
-        "delete",
-    }
-    assert rules[("", ("pods",))] == {"list"}
-    assert rules[("", ("pods/log",))] == {"get"}
+    # The one table of the calls the code makes (tests/test_cluster.py checks it against the
+    # API server's audit log), rendered as the Role's rules.
+    assert role["rules"] == role_rules(PIPELINE_RULES)
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
+    assert ("create", "pods") not in {(v, r) for _, r, v in granted}
+    assert not any(r == "secrets" for _, r, _ in granted)
     policy = next(o for o in objs if o["kind"] == "NetworkPolicy")
     assert policy["spec"]["policyTypes"] == ["Ingress"]
     sources = policy["spec"]["ingress"][0]["from"]
@@ -215,10 +212,14 @@ def test_manifests_are_in_sync_with_the_chart(tmp_path: Path) -> None:
             str(out),
             "--helm",
             HELM,
+            "--rules",
+            str(tmp_path / "pipeline-rules.yaml"),
         ],
         check=True,
         capture_output=True,
     )
+    rules = CHART / "files" / "pipeline-rules.yaml"
+    assert rules.read_text() == (tmp_path / "pipeline-rules.yaml").read_text(), "make manifests"
     committed = {
         p.relative_to(ROOT / "manifests"): p.read_text()
         for p in (ROOT / "manifests").rglob("*.yaml")
@@ -272,3 +273,112 @@ def test_minimum_operator_versions_are_stated_once() -> None:
     annotations = yaml.safe_load((CHART / "Chart.yaml").read_text())["annotations"]
     assert annotations["medseg.io/min-kserve"] == MIN_OPERATORS["KServe"][0]
     assert annotations["medseg.io/min-training-operator"] == MIN_OPERATORS["Training Operator"][0]
+
+
+# --- one definition of each cluster object: what the chart renders is what medseg applies ----
+
+
+def _merged_values(values: Path) -> dict[str, Any]:
+    """The chart's values.yaml overlaid with a ``ci/`` file, as helm merges them."""
+
+    def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in over.items():
+            is_map = isinstance(value, dict) and isinstance(out.get(key), dict)
+            out[key] = merge(out[key], value) if is_map else value
+        return out
+
+    defaults = yaml.safe_load((CHART / "values.yaml").read_text())
+    return merge(defaults, yaml.safe_load(values.read_text()) or {})
+
+
+def _spec_of_values(values: dict[str, Any]) -> Any:
+    """The InferenceServiceSpec that `medseg deploy` builds for the same settings."""
+    from medseg.deploy import InferenceServiceSpec
+    from medseg.kube import Release
+
+    isvc, image = values["inferenceService"], values["serverImage"]
+    res = isvc["resources"]
+    return InferenceServiceSpec(
+        name=isvc["name"],
+        storage_uri=f"s3://{values['s3']['bucket']}/models/{isvc['name']}/v1",
+        image=f"{image['repository']}:{image['tag']}",
+        image_pull_policy=image["pullPolicy"],
+        service_account=Release("medseg", "medseg").predictor_service_account,
+        deployment_mode=isvc["deploymentMode"],
+        min_replicas=isvc["minReplicas"],
+        max_replicas=isvc["maxReplicas"],
+        scale_metric=isvc["scaleMetric"],
+        scale_target=isvc["scaleTarget"],
+        container_concurrency=isvc["containerConcurrency"],
+        protocol=isvc["protocol"],
+        cpu=res["requests"]["cpu"],
+        memory=res["requests"]["memory"],
+        cpu_limit=res["limits"]["cpu"],
+        memory_limit=res["limits"]["memory"],
+        gpus=isvc["gpus"],
+        max_request_mb=isvc["maxRequestMb"],
+    )
+
+
+def _applied(isvc: Any) -> dict[str, Any]:
+    """An InferenceService as medseg sends it to the API server (camelCase JSON)."""
+    data: dict[str, Any] = kserve_api_client().sanitize_for_serialization(isvc)
+    return data
+
+
+def _compare(rendered: dict[str, Any], applied: dict[str, Any]) -> None:
+    """Equal but for helm's own labels (a superset) and the namespace (helm's -n)."""
+    rendered, applied = json.loads(json.dumps(rendered)), json.loads(json.dumps(applied))
+    assert applied["metadata"].pop("namespace") == "medseg"
+    labels, own = rendered["metadata"].pop("labels"), applied["metadata"].pop("labels")
+    assert own.items() <= labels.items()
+    assert applied == rendered
+
+
+@pytest.mark.parametrize(
+    "values", [v for v in VALUES if "external" not in v.name], ids=lambda p: p.stem
+)
+def test_chart_and_deploy_build_the_same_inference_service(values: Path) -> None:
+    """`medseg deploy` and the pipeline's deploy step apply the object the chart renders."""
+    from medseg.deploy import build_inference_service
+
+    (rendered,) = [o for o in render("-f", str(values)) if o["kind"] == "InferenceService"]
+    _compare(rendered, _applied(build_inference_service(_spec_of_values(_merged_values(values)))))
+
+
+def test_deploy_defaults_are_the_chart_defaults() -> None:
+    """With nothing but a name and a model, medseg deploys what the chart's defaults render."""
+    from medseg.deploy import InferenceServiceSpec, build_inference_service
+    from medseg.kube import SERVER_IMAGE
+    from medseg.settings import ServerLimits
+
+    (rendered,) = [o for o in render() if o["kind"] == "InferenceService"]
+    spec = InferenceServiceSpec(
+        name="brats-segresnet", storage_uri="s3://medseg/models/brats-segresnet/v1"
+    )
+    assert spec.image == SERVER_IMAGE and spec.max_request_mb == ServerLimits().max_request_mb
+    _compare(rendered, _applied(build_inference_service(spec)))
+
+
+def test_pytorchjob_pods_carry_the_chart_security_contexts() -> None:
+    """The one PyTorchJob builder uses the chart's pod and container security settings."""
+    from kubernetes.client import ApiClient
+
+    from medseg.launchers import PyTorchJobSpec, build_pytorchjob
+
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    job = build_pytorchjob(
+        PyTorchJobSpec(
+            name="j", image="i", dataset="d@v", store="s3://b", run_id="r", config_uri="s3://b/c"
+        )
+    )
+    data = ApiClient().sanitize_for_serialization(job)
+    for replica in data["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["securityContext"] == values["podSecurityContext"]
+        (container,) = pod["containers"]
+        assert container["securityContext"] == values["securityContext"]
+        assert {"name": "HOME", "value": "/tmp"} in container["env"]
+        assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
+        assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]

@@ -286,7 +286,7 @@ def test_submit_runs_as_the_charts_service_account_in_its_namespace(
     kfp_api = _KfpApiRecorder()
     try:
         args = ["pipeline", "submit", "--host", kfp_api.url, "--source", "s3://medseg/raw"]
-        r = runner.invoke(app, [*args, "--namespace", subject["namespace"]])
+        r = runner.invoke(app, args)  # the defaults: the chart's default release and namespace
     finally:
         kfp_api.server.shutdown()
     assert r.exit_code == 0, r.output
@@ -304,3 +304,23 @@ def test_submit_runs_as_the_charts_service_account_in_its_namespace(
     experiment = kfp_api.posted("/apis/v2beta1/experiments")
     assert experiment["namespace"] == subject["namespace"]
     assert experiment["display_name"] == "medseg"
+
+
+def test_submit_takes_every_name_from_the_release(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another release in another namespace: account, Secret and ConfigMap follow its fullname."""
+    monkeypatch.chdir(tmp_path)
+    kfp_api = _KfpApiRecorder()
+    try:
+        args = ["pipeline", "submit", "--host", kfp_api.url, "--source", "s3://medseg/raw"]
+        r = runner.invoke(app, [*args, "--release", "prod", "--namespace", "ml"])
+    finally:
+        kfp_api.server.shutdown()
+    assert r.exit_code == 0, r.output
+    run = kfp_api.posted("/apis/v2beta1/runs")
+    assert run["service_account"] == "prod-medseg-pipeline"
+    params = run["runtime_config"]["parameters"]
+    assert (params["namespace"], params["release"]) == ("ml", "prod")
+    assert params["s3_secret"] == params["s3_config"] == "prod-medseg-s3"
+    assert kfp_api.posted("/apis/v2beta1/experiments")["namespace"] == "ml"

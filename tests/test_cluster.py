@@ -26,7 +26,14 @@ import yaml
 
 from medseg.deploy import InferenceServiceSpec, deploy
 from medseg.errors import MedsegError
-from medseg.kube import MIN_OPERATORS, Release, check_operator, container_security_context
+from medseg.kube import (
+    MIN_OPERATORS,
+    PIPELINE_RULES,
+    SERVER_IMAGE,
+    Release,
+    check_operator,
+    container_security_context,
+)
 from medseg.launchers import PyTorchJobSpec, S3Secret, submit_pytorchjob
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -358,6 +365,53 @@ def test_pytorchjob_is_reconciled_into_pods_that_succeed(installed: Installed) -
     assert CL.KWOK_LOG_LINE in "".join(logs.values())
 
 
+def test_pipeline_train_step_submits_the_pytorchjob_as_the_chart_service_account(
+    installed: Installed,
+    s3_env: None,
+    storage: Any,
+    bucket: str,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+) -> None:
+    """The KFP train component's function with ``launcher=pytorchjob``, as its pod would run it."""
+    from kfp.dsl import Metrics, Model
+
+    from components import train_op
+    from medseg.storage import join
+
+    release, ns, run_id = installed.release, installed.release.namespace, "kfp-train"
+    # kwok runs no container, so no Master writes the run's model record: it is put in place
+    # beforehand (what this checks is the cluster side: the job, its pods, their account).
+    model_uri = join(bucket, "runs", run_id, "model")
+    storage.put_json(join(model_uri, "lineage.json"), {"best": {"epoch": 2, "dice_mean": 0.5}})
+    # The chart's pipeline account: $KUBECONFIG as the kubernetes client read it at import.
+    monkeypatch.setattr(
+        "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(installed.kubeconfig)
+    )
+    image = "ghcr.io/medseg/medseg:0.1.0"
+    got = train_op.python_func(
+        dataset_spec="brats@abc", store=bucket, config_yaml="", epochs=1, run_id=run_id,
+        launcher="pytorchjob", workers=2, gpus_per_worker=0, image=image, namespace=ns,
+        release=release.name, s3_secret=release.s3_secret, s3_config=release.s3_config,
+        wait_timeout=240, model=Model(name="model", uri=str(tmp_path / "model")),
+        metrics=Metrics(name="metrics", uri=str(tmp_path / "metrics")),
+    )  # fmt: skip
+    assert got == model_uri
+    job = kubectl_json("get", "pytorchjob", f"medseg-{run_id}", "-n", ns)
+    assert any(c["type"] == "Succeeded" and c["status"] == "True"
+               for c in job["status"]["conditions"])  # fmt: skip
+    pods = kubectl_json("get", "pods", "-n", ns, "-l",
+                        f"training.kubeflow.org/job-name=medseg-{run_id}")["items"]  # fmt: skip
+    assert len(pods) == 2
+    config_uri = join(bucket, "runs", run_id, "config.yaml")
+    assert storage.exists(config_uri)  # the step stored the run's config for the pods
+    for pod in pods:
+        assert pod["spec"]["serviceAccountName"] == release.pipeline_service_account
+        (container,) = pod["spec"]["containers"]
+        assert container["image"] == image
+        assert config_uri in container["command"][-1]
+
+
 def _isvc_spec(release: Release, name: str, mode: str, **kw: Any) -> InferenceServiceSpec:
     metric = {"Standard": "cpu", "Knative": "concurrency"}[mode]
     return InferenceServiceSpec(
@@ -386,10 +440,10 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
     env = {**os.environ, "KUBECONFIG": str(installed.kubeconfig)}
     done = subprocess.run(
         [sys.executable, "-m", "medseg", "deploy", "s3://medseg/models/brats/v1",
-         "--image", "ghcr.io/medseg/medseg-server:0.1.0", "--name", "brats", "--namespace", ns,
+         "--name", "brats", "--namespace", ns,
          "--release", installed.release.name, "--mode", "Standard", "--min-replicas", "1",
          "--max-replicas", "3", "--scale-metric", "cpu", "--scale-target", "70", "--cpu", "1",
-         "--memory", "2Gi", "--timeout", "180"],
+         "--cpu-limit", "2", "--memory", "2Gi", "--timeout", "180"],
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
@@ -397,9 +451,11 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
     deployment = kubectl_json("get", "deployment", "brats-predictor", "-n", ns)
     pod = deployment["spec"]["template"]["spec"]
     (container,) = [c for c in pod["containers"] if c["name"] == "kserve-container"]
-    want = client.api_client.sanitize_for_serialization(container_security_context())
+    want = client.api_instance.api_client.sanitize_for_serialization(container_security_context())
     assert {k: container["securityContext"][k] for k in want} == want
-    assert container["resources"]["limits"] == {"cpu": "1", "memory": "2Gi"}
+    assert container["resources"]["requests"] == {"cpu": "1", "memory": "2Gi"}
+    assert container["resources"]["limits"] == {"cpu": "2", "memory": "2Gi"}
+    assert container["image"] == SERVER_IMAGE  # the server image, the CLI's default
     assert pod["serviceAccountName"] == "prod-medseg-predictor"
     assert kubectl("get", "service", "brats-predictor", "-n", ns).returncode == 0
     hpa = kubectl_json("get", "hpa", "brats-predictor", "-n", ns)["spec"]
@@ -531,11 +587,11 @@ def test_rbac_grants_exactly_the_calls_the_code_made(installed: Installed) -> No
     assert ("create", "serving.kserve.io", "inferenceservices") in calls
     ns = installed.release.namespace
     for verb, group, resource in sorted(calls):
-        what = resource if not group else f"{resource.split('/')[0]}.{group}" + (
-            f"/{resource.split('/')[1]}" if "/" in resource else ""
-        )  # fmt: skip
-        can = kubectl("auth", "can-i", verb, what, "-n", ns, f"--as={installed.user}")
-        assert can.stdout.strip() == "yes", (verb, what, can.stdout, can.stderr)
+        plural, _, subresource = resource.partition("/")
+        what = f"{plural}.{group}" if group else plural
+        sub = [f"--subresource={subresource}"] if subresource else []
+        can = kubectl("auth", "can-i", verb, what, *sub, "-n", ns, f"--as={installed.user}")
+        assert can.stdout.strip() == "yes", (verb, what, sub, can.stdout, can.stderr)
     # The Role grants those calls and nothing more.
     role = kubectl_json("get", "role", f"{installed.release.fullname}-pipeline", "-n", ns)
     granted = {
@@ -546,6 +602,8 @@ def test_rbac_grants_exactly_the_calls_the_code_made(installed: Installed) -> No
         for resource in rule["resources"]
     }
     assert granted == calls
+    # ... which is medseg.kube.PIPELINE_RULES, the one table the chart's Role is rendered from.
+    assert calls == {(v, g, r) for g, r, verbs in PIPELINE_RULES for v in verbs}
     # A verb the code never calls is forbidden, by impersonation and for real.
     for verb, what in (("delete", "secrets"), ("create", "pods"), ("list", "secrets")):
         can = kubectl("auth", "can-i", verb, what, "-n", ns, f"--as={installed.user}")

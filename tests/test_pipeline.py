@@ -16,6 +16,7 @@ import yaml
 
 from medseg.deploy import InferenceServiceSpec, build_inference_service
 from medseg.errors import MedsegError
+from medseg.kube import SERVER_IMAGE
 from medseg.launchers import PyTorchJobSpec, S3Secret, build_pytorchjob, submit_pytorchjob
 from medseg.pipeline_runner import compile_pipeline
 from medseg.storage import Storage, join
@@ -64,6 +65,12 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
     # evaluate scores the predict step's label maps, handed over as a typed artifact
     inputs = tasks["evaluate-op"]["inputs"]["artifacts"]["predictions"]["taskOutputArtifact"]
     assert inputs == {"outputArtifactKey": "predictions", "producerTask": "predict-op"}
+    # the predictor runs the model server image, the PyTorchJob the project image
+    deploy_image = tasks["deploy-op"]["inputs"]["parameters"]["image"]
+    assert deploy_image == {"componentInputParameter": "server_image"}
+    assert params["server_image"]["defaultValue"] == SERVER_IMAGE
+    train_image = tasks["train-op"]["inputs"]["parameters"]["image"]
+    assert train_image == {"componentInputParameter": "image"}
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
     for step in STEPS:

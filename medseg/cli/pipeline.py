@@ -17,7 +17,7 @@ from medseg.cli.common import (
     load_config,
 )
 from medseg.errors import MedsegError
-from medseg.kube import PIPELINE_SERVICE_ACCOUNT
+from medseg.kube import DEFAULT_RELEASE, Release
 from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
 
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit.")
@@ -34,8 +34,12 @@ HostOpt = Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pip
 NamespaceOpt = Annotated[
     str, typer.Option(help="Namespace of the Helm release: the run, its jobs and services.")
 ]
+ReleaseOpt = Annotated[
+    str, typer.Option(help="The chart's release (names its ServiceAccount, Secret, ConfigMap).")
+]
 ServiceAccountOpt = Annotated[
-    str, typer.Option(help="The run's ServiceAccount (the chart's pipeline.serviceAccount).")
+    str | None,
+    typer.Option(help="The run's ServiceAccount if the chart's pipeline.serviceAccount is set."),
 ]
 
 
@@ -114,8 +118,9 @@ def pipeline_submit(
     threshold: ThresholdOpt = 0.8,
     model_name: ModelNameOpt = DEFAULT_MODEL_NAME,
     experiment: Annotated[str, typer.Option(help="KFP experiment.")] = "medseg",
-    namespace: NamespaceOpt = "kubeflow",
-    service_account: ServiceAccountOpt = PIPELINE_SERVICE_ACCOUNT,
+    namespace: NamespaceOpt = DEFAULT_RELEASE.namespace,
+    release: ReleaseOpt = DEFAULT_RELEASE.name,
+    service_account: ServiceAccountOpt = None,
     param: PipelineParams = None,
 ) -> None:
     """Compile and start the pipeline on a Kubeflow Pipelines backend."""
@@ -127,8 +132,9 @@ def pipeline_submit(
     cfg = load_config(config) if config else None
     args = pipeline_arguments({**params, "deploy_target": "kserve"}, cfg, param or [])
     package = Path(".medseg/medseg-pipeline.yaml")
-    run_id = submit(medseg_pipeline, host, args, experiment, package, namespace, service_account)
+    names = Release(release, namespace)
+    run_id = submit(medseg_pipeline, host, args, experiment, package, names, service_account)
     console.print(
         f"submitted run {run_id} to {host} (namespace {namespace}, "
-        f"service account {service_account})"
+        f"service account {service_account or names.pipeline_service_account})"
     )

@@ -10,8 +10,8 @@ from rich.table import Table
 
 from medseg.cli.common import StoreOpt, app, console, err_console, handles_errors
 from medseg.errors import MedsegError
+from medseg.kube import DEFAULT_RELEASE
 from medseg.settings import (
-    DEFAULT_IMAGES,
     DEFAULT_MODEL_NAME,
     DEFAULT_PORTS,
     DEFAULT_SERVED_NAME,
@@ -62,7 +62,9 @@ def serve(
 RegisteredModel = Annotated[
     str, typer.Argument(help="Registered model: s3://BUCKET/models/NAME/vN.")
 ]
-ImageOpt = Annotated[str, typer.Option(help="The model server image.")]
+ImageOpt = Annotated[
+    str | None, typer.Option(help="The model server image (default: the chart's).")
+]
 IsvcName = Annotated[str, typer.Option(help="InferenceService (and model) name.")]
 NamespaceOpt = Annotated[str, typer.Option(help="The chart's release namespace.")]
 ReleaseOpt = Annotated[str, typer.Option(help="The chart's release (names its objects).")]
@@ -79,42 +81,33 @@ RecreateOpt = Annotated[
 @handles_errors
 def deploy_cmd(
     model: RegisteredModel,
-    image: ImageOpt = DEFAULT_IMAGES.server,
+    image: ImageOpt = None,
     name: IsvcName = DEFAULT_MODEL_NAME,
-    namespace: NamespaceOpt = "medseg",
-    release: ReleaseOpt = "medseg",
+    namespace: NamespaceOpt = DEFAULT_RELEASE.namespace,
+    release: ReleaseOpt = DEFAULT_RELEASE.name,
     mode: ModeOpt = "Knative",
     min_replicas: Annotated[int, typer.Option(help="Fewest replicas.")] = 1,
     max_replicas: Annotated[int, typer.Option(help="Most replicas.")] = 3,
     scale_metric: ScaleMetricOpt = None,
     scale_target: Annotated[int | None, typer.Option(help="Target per replica.")] = None,
-    cpu: Annotated[str, typer.Option(help="CPU per replica.")] = "2",
-    memory: Annotated[str, typer.Option(help="Memory per replica.")] = "8Gi",
+    cpu: Annotated[str | None, typer.Option(help="CPU request per replica (chart: 2).")] = None,
+    memory: Annotated[str | None, typer.Option(help="Memory request (chart: 8Gi).")] = None,
+    cpu_limit: Annotated[str | None, typer.Option(help="CPU limit (chart: 4).")] = None,
+    memory_limit: Annotated[str | None, typer.Option(help="Memory limit (the request).")] = None,
     gpus: Annotated[int, typer.Option(help="GPUs per replica.")] = 0,
     timeout: Annotated[int, typer.Option(help="Seconds to wait for Ready.")] = 900,
     recreate: RecreateOpt = False,
 ) -> None:
     """Create or patch the KServe InferenceService of a registered model; wait until Ready."""
-    from medseg.deploy import InferenceServiceSpec, default_scaling, deploy
+    from medseg.deploy import deploy_model
     from medseg.kube import Release
 
-    metric, target = default_scaling(mode, scale_metric)
-    spec = InferenceServiceSpec(
-        name=name,
-        storage_uri=model,
-        image=image,
-        namespace=namespace,
-        service_account=Release(release, namespace).predictor_service_account,
-        deployment_mode=mode,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        scale_metric=metric,
-        scale_target=scale_target or target,
-        cpu=cpu,
-        memory=memory,
-        gpus=gpus,
-    )
-    url = deploy(spec, timeout=timeout, recreate=recreate)
+    url = deploy_model(
+        model, name, Release(release, namespace), timeout=timeout, deployment_mode=mode,
+        scale_metric=scale_metric, scale_target=scale_target, recreate=recreate, image=image,
+        min_replicas=min_replicas, max_replicas=max_replicas, cpu=cpu, memory=memory,
+        cpu_limit=cpu_limit, memory_limit=memory_limit, gpus=gpus,
+    )  # fmt: skip
     console.print(f"InferenceService {namespace}/{name} is Ready: {url}")
 
 
