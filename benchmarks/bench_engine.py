@@ -1,0 +1,152 @@
+"""CPU inference engines on a full-size case, against the PyTorch path in the same run.
+
+Part A (latency): the served default (``MedsegConfig()``: SegResNet init_filters 16, ROI
+96×96×64, overlap 0.25) with seeded weights (the weights do not change the speed), exported to
+ONNX next to them, segments one synthetic full-size case (4×240×240×155, ``medseg.synth``)
+through :func:`medseg.infer.segment_case` once per variant. Each variant runs in a process of its
+own so its peak RSS (``ru_maxrss``) is its own. Printed: load seconds, segment seconds, the
+speed-up against ``torch`` (today's served default) and peak RSS.
+
+Part B (equal Dice, with ``--model``): a trained model artifact (e.g. the demo's registered
+``s3://medseg/models/demo-segresnet/v1``, MinIO from the environment) is exported, then its
+held-out validation split is scored by :func:`medseg.evaluate.evaluate` (served label maps) once
+per engine; printed: mean Dice per engine and |ΔDice| against ``torch``.
+
+    python benchmarks/bench_engine.py                        # part A, every variant
+    python benchmarks/bench_engine.py --only torch,openvino  # some variants
+    python benchmarks/bench_engine.py --skip-latency --model s3://medseg/models/demo-segresnet/v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from medseg.config import MedsegConfig
+from medseg.engine import export_model
+from medseg.infer import load_model, segment_case
+from medseg.model import build_network
+from medseg.storage import Storage, join
+from medseg.synth import make_case
+
+FULL = (240, 240, 155)
+#: name -> (engine, InferConfig overrides, torch.compile the network)
+VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "torch": ("torch", {}, False),
+    "torch-sw4": ("torch", {"sw_batch_size": 4}, False),
+    "torch-channels-last": ("torch", {"channels_last": True}, False),
+    "torch-compile": ("torch", {}, True),
+    "onnxruntime": ("onnxruntime", {}, False),
+    "onnxruntime-sw4": ("onnxruntime", {"sw_batch_size": 4}, False),
+    "openvino": ("openvino", {}, False),
+    "openvino-sw4": ("openvino", {"sw_batch_size": 4}, False),
+}
+
+
+def _artifact(folder: Path, infer: dict[str, Any]) -> str:
+    """A model artifact of the served default with ``infer`` overrides, with its graph."""
+    cfg = MedsegConfig.model_validate({"infer": infer})
+    torch.manual_seed(0)
+    net = build_network(cfg.model)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), folder / "model.pt")
+    (folder / "model.yaml").write_text(cfg.to_yaml())
+    export_model(str(folder), Storage())
+    return str(folder)
+
+
+def _one(name: str, folder: Path) -> dict[str, Any]:
+    """Run one variant in this process: load, segment the full-size case once."""
+    engine, infer, compiled = VARIANTS[name]
+    uri = _artifact(folder / name, infer)
+    case = make_case(0, shape=FULL, seed=0)
+    started = time.perf_counter()
+    seg = load_model(uri, Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
+    if compiled:
+        seg.net = torch.compile(seg.net)  # type: ignore[assignment]
+    loaded = time.perf_counter() - started
+    started = time.perf_counter()
+    result = segment_case(seg, case.image, case.affine)
+    seconds = time.perf_counter() - started
+    return {
+        "variant": name,
+        "engine": seg.engine,
+        "load_s": loaded,
+        "segment_s": seconds,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "wt_ml": result.volumes_ml["WT"],
+    }
+
+
+def latency(names: list[str]) -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        rows = []
+        for name in names:
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", name, "--folder", tmp],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(f"  done {name}: {rows[-1]['segment_s']:.1f} s", file=sys.stderr, flush=True)
+    base = next((r["segment_s"] for r in rows if r["variant"] == "torch"), None)
+    print(f"full-size case {FULL}, served default (ROI 96x96x64, overlap 0.25), CPU")
+    print(f"load average at the end: {os.getloadavg()}")
+    print(f"{'variant':22} {'load s':>7} {'segment s':>10} {'vs torch':>9} {'peak RSS MiB':>13}")
+    for r in rows:
+        ratio = f"{base / r['segment_s']:.2f}x" if base else "-"
+        print(
+            f"{r['variant']:22} {r['load_s']:7.1f} {r['segment_s']:10.1f} {ratio:>9} "
+            f"{r['peak_rss_mib']:13.0f}"
+        )
+
+
+def dice(model: str, engines: list[str], out: str) -> None:
+    from medseg.evaluate import evaluate
+
+    storage = Storage()
+    export_model(model, storage)
+    means = {}
+    for engine in engines:
+        seg = load_model(model, storage, device="cpu", engine=engine)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        result = evaluate(model, storage=storage, segmenter=seg, out=join(out, engine))
+        means[engine] = (result.dice_mean, time.perf_counter() - started)
+    base = means["torch"][0]
+    print(f"held-out validation split of {model}, served label maps (medseg.evaluate)")
+    print(f"{'engine':12} {'mean Dice':>10} {'|dDice|':>8} {'evaluate s':>11}")
+    for engine, (mean, seconds) in means.items():
+        print(f"{engine:12} {mean:10.4f} {abs(mean - base):8.4f} {seconds:11.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(VARIANTS))
+    parser.add_argument("--model", help="A trained model artifact for the Dice part.")
+    parser.add_argument("--out", default="/tmp/bench-engine-eval")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(_one(args.one, Path(args.folder))))
+        return
+    if not args.skip_latency:
+        latency(args.only.split(","))
+    if args.model:
+        dice(args.model, ["torch", "onnxruntime", "openvino"], args.out)
+
+
+if __name__ == "__main__":
+    main()
