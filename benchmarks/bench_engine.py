@@ -10,7 +10,9 @@ speed-up against ``torch`` (today's served default) and peak RSS.
 Part B (equal Dice, with ``--model``): a trained model artifact (e.g. the demo's registered
 ``s3://medseg/models/demo-segresnet/v1``, MinIO from the environment) is exported, then its
 held-out validation split is scored by :func:`medseg.evaluate.evaluate` (served label maps) once
-per engine; printed: mean Dice per engine and |ΔDice| against ``torch``.
+per engine; printed: mean Dice per engine and |ΔDice| against ``torch``. The WT volume column of
+part A is a cross-check that the engines agree on the full-size case too. Run ``torch`` first:
+the ratios are against it.
 
     python benchmarks/bench_engine.py                        # part A, every variant
     python benchmarks/bench_engine.py --only torch,openvino  # some variants
@@ -23,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -30,10 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from medseg.config import MedsegConfig
-from medseg.engine import export_model
+from medseg.engine import GRAPH_FILE, export_model
 from medseg.infer import load_model, segment_case
 from medseg.model import build_network
 from medseg.storage import Storage, join
@@ -53,30 +57,49 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
 }
 
 
-def _artifact(folder: Path, infer: dict[str, Any]) -> str:
-    """A model artifact of the served default with ``infer`` overrides, with its graph."""
+def _artifact(base: Path, folder: Path, infer: dict[str, Any]) -> str:
+    """A copy of the base artifact (weights and graph) with ``infer`` overrides in its config.
+
+    The graph has a free batch size, so one export serves every ``sw_batch_size``.
+    """
     cfg = MedsegConfig.model_validate({"infer": infer})
-    torch.manual_seed(0)
-    net = build_network(cfg.model)
     folder.mkdir(parents=True, exist_ok=True)
-    torch.save(net.state_dict(), folder / "model.pt")
+    for name in ("model.pt", GRAPH_FILE):
+        shutil.copy(base / name, folder / name)
     (folder / "model.yaml").write_text(cfg.to_yaml())
-    export_model(str(folder), Storage())
     return str(folder)
+
+
+def _base(folder: Path) -> Path:
+    """The served default with seeded weights, exported; and the full-size case, once."""
+    cfg = MedsegConfig()
+    torch.manual_seed(0)
+    base = folder / "base"
+    base.mkdir(parents=True)
+    torch.save(build_network(cfg.model).state_dict(), base / "model.pt")
+    (base / "model.yaml").write_text(cfg.to_yaml())
+    started = time.perf_counter()
+    export_model(str(base), Storage())
+    print(f"export: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    case = make_case(0, shape=FULL, seed=0)
+    np.save(base / "image.npy", case.image)
+    np.save(base / "affine.npy", case.affine)
+    return base
 
 
 def _one(name: str, folder: Path) -> dict[str, Any]:
     """Run one variant in this process: load, segment the full-size case once."""
     engine, infer, compiled = VARIANTS[name]
-    uri = _artifact(folder / name, infer)
-    case = make_case(0, shape=FULL, seed=0)
+    base = folder / "base"
+    uri = _artifact(base, folder / name, infer)
+    image, affine = np.load(base / "image.npy"), np.load(base / "affine.npy")
     started = time.perf_counter()
     seg = load_model(uri, Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
     if compiled:
         seg.net = torch.compile(seg.net)  # type: ignore[assignment]
     loaded = time.perf_counter() - started
     started = time.perf_counter()
-    result = segment_case(seg, case.image, case.affine)
+    result = segment_case(seg, image, affine)
     seconds = time.perf_counter() - started
     return {
         "variant": name,
@@ -88,9 +111,22 @@ def _one(name: str, folder: Path) -> dict[str, Any]:
     }
 
 
+def _row(r: dict[str, Any], base: float | None) -> str:
+    ratio = f"{base / r['segment_s']:.2f}x" if base else "-"
+    return (
+        f"{r['variant']:22} {r['load_s']:7.1f} {r['segment_s']:10.1f} {ratio:>9} "
+        f"{r['peak_rss_mib']:13.0f} {r['wt_ml']:8.1f}"
+    )
+
+
 def latency(names: list[str]) -> None:
+    print(f"full-size case {FULL}, served default (ROI 96x96x64, overlap 0.25), CPU", flush=True)
+    print(f"load average at the start: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
-        rows = []
+        _base(Path(tmp))
+        header = f"{'variant':22} {'load s':>7} {'segment s':>10} {'vs torch':>9} "
+        print(header + f"{'peak RSS MiB':>13} {'WT mL':>8}", flush=True)
+        base = None
         for name in names:
             out = subprocess.run(
                 [sys.executable, __file__, "--one", name, "--folder", tmp],
@@ -98,18 +134,11 @@ def latency(names: list[str]) -> None:
                 capture_output=True,
                 text=True,
             )
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-            print(f"  done {name}: {rows[-1]['segment_s']:.1f} s", file=sys.stderr, flush=True)
-    base = next((r["segment_s"] for r in rows if r["variant"] == "torch"), None)
-    print(f"full-size case {FULL}, served default (ROI 96x96x64, overlap 0.25), CPU")
+            row = json.loads(out.stdout.strip().splitlines()[-1])
+            if name == "torch":
+                base = row["segment_s"]
+            print(_row(row, base), flush=True)
     print(f"load average at the end: {os.getloadavg()}")
-    print(f"{'variant':22} {'load s':>7} {'segment s':>10} {'vs torch':>9} {'peak RSS MiB':>13}")
-    for r in rows:
-        ratio = f"{base / r['segment_s']:.2f}x" if base else "-"
-        print(
-            f"{r['variant']:22} {r['load_s']:7.1f} {r['segment_s']:10.1f} {ratio:>9} "
-            f"{r['peak_rss_mib']:13.0f}"
-        )
 
 
 def dice(model: str, engines: list[str], out: str) -> None:

@@ -176,13 +176,12 @@ def graph_forward(
             load on the runtime (the message names the artifact and the reason).
     """
     import onnx
-    from google.protobuf.message import DecodeError
 
     name = f"{where}/{GRAPH_FILE}"
     try:
         model = onnx.load_from_string(graph)
         onnx.checker.check_model(model)
-    except (DecodeError, onnx.checker.ValidationError, ValueError) as exc:
+    except Exception as exc:  # protobuf's DecodeError, the checker's ValidationError, …
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise MedsegError(f"{name} is not a valid ONNX model: {reason}") from None
     stamped = {p.key: p.value for p in model.metadata_props}.get(_WEIGHTS_KEY)
