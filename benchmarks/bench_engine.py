@@ -4,7 +4,7 @@ Part A (latency): the served default (``MedsegConfig()``: SegResNet init_filters
 96×96×64, overlap 0.25) with seeded weights (the weights do not change the speed), exported to
 ONNX next to them, segments one synthetic full-size case (4×240×240×155, ``medseg.synth``)
 through :func:`medseg.infer.segment_case` once per variant. Each variant runs in a process of its
-own so its peak RSS (``ru_maxrss``) is its own. Printed: load seconds, segment seconds, the
+own so its peak RSS (``VmHWM``) is its own. Printed: load seconds, segment seconds, the
 speed-up against ``torch`` (today's served default) and peak RSS.
 
 Part B (equal Dice, with ``--model``): a trained model artifact (e.g. the demo's registered
@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -106,9 +105,17 @@ def _one(name: str, folder: Path) -> dict[str, Any]:
         "engine": seg.engine,
         "load_s": loaded,
         "segment_s": seconds,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": _peak_rss_mib(),
         "wt_ml": result.volumes_ml["WT"],
     }
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``): ``ru_maxrss`` would keep the parent's across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def _row(r: dict[str, Any], base: float | None) -> str:
