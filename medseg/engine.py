@@ -24,8 +24,10 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import tempfile
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -87,20 +89,21 @@ def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -
 
     net = net.to("cpu").eval()
     window = torch.zeros(1, cfg.model.in_channels, *cfg.infer.roi_size)
-    buf = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
-        torch.onnx.export(
-            net,
-            (window,),
-            buf,
-            dynamo=False,
-            input_names=[_INPUT],
-            output_names=[_OUTPUT],
-            dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
-            opset_version=_OPSET,
-        )
-    model = onnx.load_from_string(buf.getvalue())
+    with tempfile.TemporaryDirectory(prefix="medseg-export-") as tmp:
+        path = Path(tmp) / GRAPH_FILE
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
+            torch.onnx.export(
+                net,
+                (window,),
+                path,
+                dynamo=False,
+                input_names=[_INPUT],
+                output_names=[_OUTPUT],
+                dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
+                opset_version=_OPSET,
+            )
+        model = onnx.load_from_string(path.read_bytes())
     entry = model.metadata_props.add()
     entry.key, entry.value = _WEIGHTS_KEY, weights_sha256
     return bytes(model.SerializeToString())

@@ -225,7 +225,7 @@ def load_model(
         raise MedsegError(f"{uri} is not a model artifact: {exc}") from None
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_network(cfg, weights, uri)
-    net.to(dev, memory_format=memory_format(cfg.infer.channels_last)).eval()
+    net.to(dev).to(memory_format=memory_format(cfg.infer.channels_last)).eval()
     graph = _optional_bytes(storage, join(uri, GRAPH_FILE))
     chosen = choose_engine(engine or cfg.infer.engine, graph is not None, dev, uri)
     if chosen == "torch":

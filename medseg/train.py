@@ -256,7 +256,7 @@ def train(
         persistent_workers=t.num_workers > 0,
     )
     layout = memory_format(t.channels_last)
-    net = build_network(cfg.model).to(device, memory_format=layout)
+    net = build_network(cfg.model).to(device).to(memory_format=layout)
     model: torch.nn.Module = (
         DistributedDataParallel(net, device_ids=[local_rank] if cuda else None)
         if world > 1
