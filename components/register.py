@@ -12,7 +12,8 @@ def register_op(run_id: str, store: str, name: str, eval_uri: str, card: Output[
     from medseg.storage import Storage, join
 
     storage = Storage()
-    model_card = register(storage, store, run_id, name, evaluation=join(eval_uri, "metrics.json"))
+    evaluation = join(eval_uri, "metrics.json")
+    model_card = register(storage, store, run_id, name, evaluation=evaluation, export=True)
     uri = join(store, "models", name, model_card["version"])
     lines = [
         f"# {name} {model_card['version']}",

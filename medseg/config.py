@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medseg.errors import InvalidInput
+from medseg.precision import AmpDtype
 
 #: Canonical channel order of every image tensor in medseg.
 CHANNELS: tuple[str, ...] = ("t1", "t1gd", "t2", "flair")
@@ -80,7 +81,11 @@ class ModelConfig(_Frozen):
 
 
 class TrainConfig(_Frozen):
-    """Optimisation and the random (per-epoch) augmentation."""
+    """Optimisation and the random (per-epoch) augmentation.
+
+    ``amp`` (autocast in ``amp_dtype``, CUDA only) and ``channels_last`` are the GPU path's
+    switches, see :mod:`medseg.precision`.
+    """
 
     epochs: int = Field(default=50, gt=0)
     batch_size: int = Field(default=1, gt=0)
@@ -90,12 +95,19 @@ class TrainConfig(_Frozen):
     num_workers: int = Field(default=2, ge=0)
     val_every: int = Field(default=1, gt=0)
     amp: bool = True
+    amp_dtype: AmpDtype = "float16"
+    channels_last: bool = False
     seed: int = 0
 
 
 #: How the three region outputs are made nested (ET ⊆ TC ⊆ WT) before they become a label map
 #: (see :func:`medseg.infer.nest_regions`).
 Nesting = Literal["disjoint", "intersect", "union"]
+
+#: What runs the network's forward pass at inference (see :mod:`medseg.engine`): ``torch`` (the
+#: reference), ``onnxruntime`` or ``openvino`` (the artifact's exported ``model.onnx``), or
+#: ``auto`` (the fastest on this machine when the artifact carries the graph, else ``torch``).
+Engine = Literal["auto", "torch", "onnxruntime", "openvino"]
 
 
 class InferConfig(_Frozen):
@@ -111,6 +123,10 @@ class InferConfig(_Frozen):
             WT := WT ∨ TC). ``disjoint`` scored best on the demo's validation cases (label-map
             mean Dice, two training seeds: 0.909 and 0.870, against 0.903/0.856 for
             ``intersect`` and 0.871/0.799 for ``union``, the label map of the raw thresholds).
+        engine: What runs the forward pass (:data:`Engine`); overridable at load time.
+        amp: Autocast on CUDA (never on the CPU, see :mod:`medseg.precision`).
+        amp_dtype: Autocast's half-precision type.
+        channels_last: Windows in channels-last 3D layout (PyTorch engine).
     """
 
     roi_size: tuple[int, int, int] = (96, 96, 64)
@@ -118,6 +134,10 @@ class InferConfig(_Frozen):
     sw_batch_size: int = Field(default=1, gt=0)
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     nesting: Nesting = "disjoint"
+    engine: Engine = "auto"
+    amp: bool = True
+    amp_dtype: AmpDtype = "float16"
+    channels_last: bool = False
 
 
 class MedsegConfig(_Frozen):

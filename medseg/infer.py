@@ -22,10 +22,12 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 
-from medseg.config import REGIONS, InferConfig, MedsegConfig
+from medseg.config import REGIONS, Engine, InferConfig, MedsegConfig
+from medseg.engine import GRAPH_FILE, Forward, choose_engine, graph_forward, weights_digest
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.labels import get_convention
 from medseg.model import build_network
+from medseg.precision import autocast, memory_format
 from medseg.storage import Storage, join
 from medseg.transforms import static_transforms
 
@@ -33,7 +35,9 @@ __all__ = [
     "CaseSegmentation",
     "Segmenter",
     "load_model",
+    "load_network",
     "nest_regions",
+    "parse_config",
     "read_config",
     "segment_case",
 ]
@@ -93,13 +97,18 @@ class Segmenter:
 
     Attributes:
         cfg: The model's config (``model.yaml``).
-        net: The network, on ``device``, in eval mode.
+        net: The network, on ``device``, in eval mode (the reference).
         device: Where inference runs (CUDA when present).
+        forward: The forward pass of an exported graph (see :mod:`medseg.engine`); ``None``:
+            ``net`` runs, under the config's autocast and memory format.
+        engine: The engine that runs (``torch``, ``onnxruntime`` or ``openvino``).
     """
 
     cfg: MedsegConfig
     net: torch.nn.Module
     device: torch.device
+    forward: Forward | None = None
+    engine: str = "torch"
 
     @torch.no_grad()
     def probabilities(
@@ -114,15 +123,23 @@ class Segmenter:
         Returns:
             Float32 probabilities ``[3, X, Y, Z]`` (TC, WT, ET) on the CPU.
         """
-        batch = image.to(self.device, torch.float32).unsqueeze(0)
         infer = self.cfg.infer
+        if self.forward is not None:
+            batch = image.to("cpu", torch.float32).unsqueeze(0)
+            run: Forward = self.forward
+        else:
+            layout = memory_format(infer.channels_last)
+            batch = image.to(self.device, torch.float32).unsqueeze(0)
+
+            def run(x: torch.Tensor) -> torch.Tensor:
+                return self.net(x.contiguous(memory_format=layout))
 
         def net(x: torch.Tensor) -> torch.Tensor:
             if check is not None:
                 check()
-            return self.net(x)
+            return run(x)
 
-        with torch.autocast(self.device.type, enabled=self.device.type == "cuda"):
+        with autocast(self.device, infer.amp, infer.amp_dtype):
             logits = sliding_window_inference(
                 batch,
                 roi_size=infer.roi_size,
@@ -139,6 +156,18 @@ class Segmenter:
         return torch.from_numpy(nest_regions(self.probabilities(image).numpy(), self.cfg.infer))
 
 
+def parse_config(raw: bytes, uri: str) -> MedsegConfig:
+    """The config in the bytes of ``uri``'s ``model.yaml``.
+
+    Raises:
+        MedsegError: If it is not a valid config.
+    """
+    try:
+        return MedsegConfig.model_validate(yaml.safe_load(raw) or {})
+    except ValueError as exc:
+        raise MedsegError(f"{uri}/model.yaml is not a valid medseg config: {exc}") from None
+
+
 def read_config(uri: str, storage: Storage) -> MedsegConfig:
     """The config a model artifact was trained with (its ``model.yaml``).
 
@@ -149,27 +178,15 @@ def read_config(uri: str, storage: Storage) -> MedsegConfig:
         raw_cfg = storage.get_bytes(join(uri, "model.yaml"))
     except ObjectNotFound as exc:
         raise MedsegError(f"{uri} is not a model artifact: {exc}") from None
-    try:
-        return MedsegConfig.model_validate(yaml.safe_load(raw_cfg) or {})
-    except ValueError as exc:
-        raise MedsegError(f"{uri}/model.yaml is not a valid medseg config: {exc}") from None
+    return parse_config(raw_cfg, uri)
 
 
-def load_model(
-    uri: str, storage: Storage | None = None, device: torch.device | str | None = None
-) -> Segmenter:
-    """Load ``model.yaml`` and ``model.pt`` from ``uri`` (local folder or ``s3://`` prefix).
+def load_network(cfg: MedsegConfig, weights: bytes, uri: str) -> torch.nn.Module:
+    """The network of ``cfg`` holding ``weights`` (the bytes of ``uri``'s ``model.pt``), on the CPU.
 
     Raises:
-        MedsegError: If either file is missing or does not fit the other.
+        MedsegError: If the weights do not fit the network.
     """
-    storage = storage or Storage()
-    cfg = read_config(uri, storage)
-    try:
-        weights = storage.get_bytes(join(uri, "model.pt"))
-    except ObjectNotFound as exc:
-        raise MedsegError(f"{uri} is not a model artifact: {exc}") from None
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = build_network(cfg.model)
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
@@ -179,8 +196,50 @@ def load_model(
         raise MedsegError(
             f"{uri}/model.pt does not fit the network of model.yaml: {reason}"
         ) from None
-    net.to(dev).eval()
-    return Segmenter(cfg, net, dev)
+    return net.eval()
+
+
+def load_model(
+    uri: str,
+    storage: Storage | None = None,
+    device: torch.device | str | None = None,
+    engine: Engine | None = None,
+) -> Segmenter:
+    """Load ``model.yaml`` and ``model.pt`` (and ``model.onnx``) from ``uri`` (folder or ``s3://``).
+
+    Args:
+        uri: The model artifact.
+        storage: Storage to use; from the environment when omitted.
+        device: Where PyTorch runs; CUDA when present, else the CPU.
+        engine: Overrides the config's ``infer.engine`` (see :mod:`medseg.engine`).
+
+    Raises:
+        MedsegError: If a file is missing or does not fit the others, or the engine asked for
+            cannot run (see :mod:`medseg.engine` for which cases are errors).
+    """
+    storage = storage or Storage()
+    cfg = read_config(uri, storage)
+    try:
+        weights = storage.get_bytes(join(uri, "model.pt"))
+    except ObjectNotFound as exc:
+        raise MedsegError(f"{uri} is not a model artifact: {exc}") from None
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    net = load_network(cfg, weights, uri)
+    net.to(dev).to(memory_format=memory_format(cfg.infer.channels_last)).eval()
+    graph = _optional_bytes(storage, join(uri, GRAPH_FILE))
+    chosen = choose_engine(engine or cfg.infer.engine, graph is not None, dev, uri)
+    if chosen == "torch":
+        return Segmenter(cfg, net, dev)
+    assert graph is not None
+    forward = graph_forward(chosen, graph, cfg, weights_digest(weights), uri)
+    return Segmenter(cfg, net, dev, forward=forward, engine=chosen)
+
+
+def _optional_bytes(storage: Storage, uri: str) -> bytes | None:
+    try:
+        return storage.get_bytes(uri)
+    except ObjectNotFound:
+        return None
 
 
 @dataclass

@@ -1,7 +1,8 @@
 """The model registry: immutable, growing versions of trained models with their lineage.
 
-``STORE/models/NAME/vN/`` holds ``model.pt``, ``model.yaml`` and ``model_card.json``; the card is
-written last, so a version exists only once it is complete. Versions only grow (v1, v2, …);
+``STORE/models/NAME/vN/`` holds ``model.pt``, ``model.yaml``, ``model.onnx`` when registered with
+``export`` (the graph the CPU engines run, see :mod:`medseg.engine`) and ``model_card.json``; the
+card is written last, so a version exists only once it is complete. Versions only grow (v1, v2, …);
 ``NAME@latest`` is the highest.
 
 A version number is taken by creating ``vN/claim.json`` exclusively (S3 ``If-None-Match: *``,
@@ -100,7 +101,12 @@ def model_uri(storage: Storage, store: str, model: str) -> str:
 
 
 def register(
-    storage: Storage, store: str, run_id: str, name: str, evaluation: str | None = None
+    storage: Storage,
+    store: str,
+    run_id: str,
+    name: str,
+    evaluation: str | None = None,
+    export: bool = False,
 ) -> dict[str, Any]:
     """Copy a finished run's model into the registry as the next version of ``name``.
 
@@ -111,13 +117,16 @@ def register(
         name: Model name.
         evaluation: ``metrics.json`` of a ``medseg evaluate`` run on this model; its means,
             gate and metric definition go into the card.
+        export: Also export the network as ``model.onnx`` (from the verified ``model.pt``) for
+            the CPU engines of :mod:`medseg.engine`; its sha256 joins the card's ``files``.
 
     Returns:
         The model card.
 
     Raises:
         InvalidName: If ``name`` or ``run_id`` breaks the naming rule.
-        MedsegError: If the run has no finished model.
+        MedsegError: If the run has no finished model (or, with ``export``, one that does not
+            load).
         ChecksumMismatch: If a model file no longer matches the hash its run recorded.
     """
     check_name(name, "model name")
@@ -131,6 +140,10 @@ def register(
         ) from None
     recorded = lineage.get("files", {})
     blobs = {f: storage.get_bytes(join(run_model, f), sha256=recorded.get(f)) for f in _FILES}
+    if export:
+        from medseg.engine import GRAPH_FILE
+
+        blobs[GRAPH_FILE] = _export(blobs["model.pt"], blobs["model.yaml"], run_model)
     summary = None
     if evaluation is not None:  # read everything before a version number is taken
         ev = storage.get_json(evaluation)
@@ -158,6 +171,15 @@ def register(
         card["evaluation"] = summary
     storage.put_json(join(prefix, "model_card.json"), card)
     return card
+
+
+def _export(weights: bytes, config: bytes, where: str) -> bytes:
+    """The ONNX graph of the network in ``weights`` (see :func:`medseg.engine.export_graph`)."""
+    from medseg.engine import export_graph, weights_digest
+    from medseg.infer import load_network, parse_config
+
+    cfg = parse_config(config, where)
+    return export_graph(load_network(cfg, weights, where), cfg, weights_digest(weights))
 
 
 def _claim_version(storage: Storage, store: str, name: str, run_id: str) -> int:

@@ -44,6 +44,7 @@ from medseg.infer import Segmenter
 from medseg.manifest import DatasetRef
 from medseg.model import build_network
 from medseg.names import check_name
+from medseg.precision import autocast, memory_format
 from medseg.preprocess import preprocessed_prefix
 from medseg.settings import DEFAULT_STORE
 from medseg.storage import Storage, is_s3, join
@@ -263,7 +264,8 @@ def train(
         num_workers=t.num_workers,
         persistent_workers=t.num_workers > 0,
     )
-    net = build_network(cfg.model).to(device)
+    layout = memory_format(t.channels_last)
+    net = build_network(cfg.model).to(device).to(memory_format=layout)
     model: torch.nn.Module = (
         DistributedDataParallel(net, device_ids=[local_rank] if cuda else None)
         if world > 1
@@ -272,7 +274,8 @@ def train(
     loss_fn = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.amp)
+    # bfloat16 has float32's range: only float16 needs its loss scaled.
+    scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.amp and t.amp_dtype == "float16")
 
     run_prefix = join(store, "runs", run_id)
     checkpoints = CheckpointStore(storage, run_prefix)
@@ -306,9 +309,10 @@ def train(
             batches = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(loader))
             step_started = time.perf_counter()
             for step, batch in enumerate(loader):
-                image, label = batch["image"].to(device), batch["label"].to(device)
+                image = batch["image"].to(device, memory_format=layout)
+                label = batch["label"].to(device)
                 optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, enabled=cuda and t.amp):
+                with autocast(device, t.amp, t.amp_dtype):
                     loss = loss_fn(model(image), label)
                 if not torch.isfinite(loss):
                     raise NonFiniteLoss(

@@ -1,0 +1,198 @@
+"""CPU inference engines on a full-size case, against the PyTorch path in the same run.
+
+Part A (latency): the served default (``MedsegConfig()``: SegResNet init_filters 16, ROI
+96×96×64, overlap 0.25) with seeded weights (the weights do not change the speed), exported to
+ONNX next to them, segments one synthetic full-size case (4×240×240×155, ``medseg.synth``)
+through :func:`medseg.infer.segment_case` once per variant. Each variant runs in a process of its
+own so its peak RSS (``VmHWM``) is its own. Printed: load seconds, segment seconds, the
+speed-up against ``torch`` (today's served default) and peak RSS.
+
+Part B (equal Dice, with ``--model``): a trained model artifact (e.g. the demo's registered
+``s3://medseg/models/demo-segresnet/v1``, MinIO from the environment) is exported, then its
+held-out validation split is scored by :func:`medseg.evaluate.evaluate` (served label maps) once
+per engine; printed: mean Dice per engine and |ΔDice| against ``torch``. The WT volume column of
+part A is a cross-check that the engines agree on the full-size case too. Run ``torch`` first:
+the ratios are against it.
+
+    python benchmarks/bench_engine.py                        # part A, every variant
+    python benchmarks/bench_engine.py --only torch,openvino  # some variants
+    python benchmarks/bench_engine.py --skip-latency --model s3://medseg/models/demo-segresnet/v1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config import MedsegConfig
+from medseg.engine import GRAPH_FILE, export_model
+from medseg.infer import load_model, segment_case
+from medseg.model import build_network
+from medseg.storage import Storage, join
+from medseg.synth import make_case
+
+FULL = (240, 240, 155)
+#: name -> (engine, InferConfig overrides, torch.compile the network)
+VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
+    "torch": ("torch", {}, False),
+    "torch-sw4": ("torch", {"sw_batch_size": 4}, False),
+    "torch-channels-last": ("torch", {"channels_last": True}, False),
+    "torch-compile": ("torch", {}, True),
+    "onnxruntime": ("onnxruntime", {}, False),
+    "onnxruntime-sw4": ("onnxruntime", {"sw_batch_size": 4}, False),
+    "openvino": ("openvino", {}, False),
+    "openvino-sw4": ("openvino", {"sw_batch_size": 4}, False),
+}
+
+
+def _artifact(base: Path, folder: Path, infer: dict[str, Any]) -> str:
+    """A copy of the base artifact (weights and graph) with ``infer`` overrides in its config.
+
+    The graph has a free batch size, so one export serves every ``sw_batch_size``.
+    """
+    cfg = MedsegConfig.model_validate({"infer": infer})
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in ("model.pt", GRAPH_FILE):
+        shutil.copy(base / name, folder / name)
+    (folder / "model.yaml").write_text(cfg.to_yaml())
+    return str(folder)
+
+
+def _base(folder: Path) -> Path:
+    """The served default with seeded weights, exported; and the full-size case, once."""
+    cfg = MedsegConfig()
+    torch.manual_seed(0)
+    base = folder / "base"
+    base.mkdir(parents=True)
+    torch.save(build_network(cfg.model).state_dict(), base / "model.pt")
+    (base / "model.yaml").write_text(cfg.to_yaml())
+    started = time.perf_counter()
+    export_model(str(base), Storage())
+    print(f"export: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)
+    case = make_case(0, shape=FULL, seed=0)
+    np.save(base / "image.npy", case.image)
+    np.save(base / "affine.npy", case.affine)
+    return base
+
+
+def _one(name: str, folder: Path) -> dict[str, Any]:
+    """Run one variant in this process: load, segment the full-size case once."""
+    engine, infer, compiled = VARIANTS[name]
+    base = folder / "base"
+    uri = _artifact(base, folder / name, infer)
+    image, affine = np.load(base / "image.npy"), np.load(base / "affine.npy")
+    started = time.perf_counter()
+    seg = load_model(uri, Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
+    if compiled:
+        seg.net = torch.compile(seg.net)  # type: ignore[assignment]
+    loaded = time.perf_counter() - started
+    started = time.perf_counter()
+    result = segment_case(seg, image, affine)
+    seconds = time.perf_counter() - started
+    return {
+        "variant": name,
+        "engine": seg.engine,
+        "load_s": loaded,
+        "segment_s": seconds,
+        "peak_rss_mib": _peak_rss_mib(),
+        "wt_ml": result.volumes_ml["WT"],
+    }
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (``VmHWM``): ``ru_maxrss`` would keep the parent's across exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _row(r: dict[str, Any], base: float | None) -> str:
+    ratio = f"{base / r['segment_s']:.2f}x" if base else "-"
+    return (
+        f"{r['variant']:22} {r['load_s']:7.1f} {r['segment_s']:10.1f} {ratio:>9} "
+        f"{r['peak_rss_mib']:13.0f} {r['wt_ml']:8.1f}"
+    )
+
+
+def latency(names: list[str], rounds: int) -> None:
+    print(f"full-size case {FULL}, served default (ROI 96x96x64, overlap 0.25), CPU", flush=True)
+    print(f"load average at the start: {os.getloadavg()}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        _base(Path(tmp))
+        header = f"{'variant':22} {'load s':>7} {'segment s':>10} {'vs torch':>9} "
+        print(header + f"{'peak RSS MiB':>13} {'WT mL':>8}", flush=True)
+        best: dict[str, dict[str, Any]] = {}
+        for _ in range(rounds):  # variants interleaved, so a change of load hits them all
+            for name in names:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--one", name, "--folder", tmp],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                )
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                base = best.get("torch", row)["segment_s"] if "torch" in names else None
+                print(_row(row, base), flush=True)
+                if name not in best or row["segment_s"] < best[name]["segment_s"]:
+                    best[name] = row
+        if rounds > 1:
+            print(f"best of {rounds} rounds:")
+            base = best["torch"]["segment_s"] if "torch" in best else None
+            for name in names:
+                print(_row(best[name], base), flush=True)
+    print(f"load average at the end: {os.getloadavg()}")
+
+
+def dice(model: str, engines: list[str], out: str) -> None:
+    from medseg.evaluate import evaluate
+
+    storage = Storage()
+    export_model(model, storage)
+    means = {}
+    for engine in engines:
+        seg = load_model(model, storage, device="cpu", engine=engine)  # type: ignore[arg-type]
+        started = time.perf_counter()
+        result = evaluate(
+            model, storage=storage, segmenter=seg, out=join(out, engine), max_overlays=0
+        )
+        means[engine] = (result.dice_mean, time.perf_counter() - started)
+    base = means["torch"][0]
+    print(f"held-out validation split of {model}, served label maps (medseg.evaluate)")
+    print(f"{'engine':12} {'mean Dice':>10} {'|dDice|':>8} {'evaluate s':>11}")
+    for engine, (mean, seconds) in means.items():
+        print(f"{engine:12} {mean:10.4f} {abs(mean - base):8.4f} {seconds:11.1f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default=",".join(VARIANTS))
+    parser.add_argument("--model", help="A trained model artifact for the Dice part.")
+    parser.add_argument("--out", default="/tmp/bench-engine-eval")
+    parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--rounds", type=int, default=1, help="Latency rounds; best is kept.")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(_one(args.one, Path(args.folder))))
+        return
+    if not args.skip_latency:
+        latency(args.only.split(","), args.rounds)
+    if args.model:
+        dice(args.model, ["torch", "onnxruntime", "openvino"], args.out)
+
+
+if __name__ == "__main__":
+    main()

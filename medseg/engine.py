@@ -1,0 +1,245 @@
+"""Inference engines: what runs the network's forward pass on the sliding windows.
+
+A model artifact's weights (``model.pt``) are the reference. An artifact may also carry
+:data:`GRAPH_FILE` (``model.onnx``): the same network exported as an ONNX graph for one window
+shape (the config's ``infer.roi_size``, any batch), stamped with the sha256 of the weights it was
+exported from. The engine is chosen at load time by ``infer.engine`` (:data:`~medseg.config.
+Engine`, overridable by :func:`medseg.infer.load_model`'s ``engine``):
+
+* ``torch``: the PyTorch network (the reference, and the only engine using the GPU);
+* ``onnxruntime`` / ``openvino``: the exported graph on ONNX Runtime's or OpenVINO's CPU runtime;
+* ``auto``: :data:`AUTO_ENGINE` when the artifact carries a graph and no GPU is present, else
+  ``torch``; a missing graph is logged, not an error.
+
+Failure contract: an engine asked for by name whose graph is missing is an error. A graph that
+is present but unreadable, or exported from other weights than the artifact's ``model.pt``, is an
+error whatever the engine setting (a broken artifact is refused, never quietly served by another
+engine). Export is done by :func:`export_graph` (from a network) or :func:`export_model` (adds the
+graph to an existing artifact); :func:`medseg.register.register` exports every version it
+registers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import tempfile
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from medseg.config import Engine, MedsegConfig
+from medseg.errors import MedsegError
+
+__all__ = [
+    "AUTO_ENGINE",
+    "GRAPH_FILE",
+    "Forward",
+    "choose_engine",
+    "export_graph",
+    "export_model",
+    "graph_forward",
+    "weights_digest",
+]
+
+log = logging.getLogger(__name__)
+
+#: The exported graph's file name in a model artifact, next to ``model.pt`` and ``model.yaml``.
+GRAPH_FILE = "model.onnx"
+#: ``auto``'s engine when a graph is there: fastest on a full-size case on this project's CPU
+#: (``benchmarks/bench_engine.py``).
+AUTO_ENGINE: Engine = "openvino"
+#: ONNX metadata key holding the sha256 of the ``model.pt`` bytes the graph was exported from.
+_WEIGHTS_KEY = "medseg.weights_sha256"
+_INPUT, _OUTPUT = "image", "logits"
+#: ONNX opset of the export (GroupNormalization and the resize modes SegResNet uses).
+_OPSET = 18
+
+#: A forward pass: a batch of windows ``[B, C, *roi]`` to logits ``[B, 3, *roi]`` (float32).
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def weights_digest(weights: bytes) -> str:
+    """The sha256 that ties an exported graph to the ``model.pt`` bytes it came from."""
+    return hashlib.sha256(weights).hexdigest()
+
+
+def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -> bytes:
+    """Export ``net`` as ONNX for windows of ``cfg.infer.roi_size`` (batch size free).
+
+    Uses the TorchScript-based exporter: the ``torch.export`` one gives the same graph here
+    but takes 4× as long (66 s against 25 s for the default SegResNet on this machine), which
+    every registration and test would pay.
+
+    Args:
+        net: The network (put in eval mode on the CPU for the export).
+        cfg: The model's config (window shape, channels).
+        weights_sha256: :func:`weights_digest` of the weights ``net`` holds; stamped into the
+            graph so a graph never runs with the wrong weights' artifact.
+
+    Returns:
+        The serialised ONNX model.
+    """
+    import onnx
+
+    net = net.to("cpu").eval()
+    window = torch.zeros(1, cfg.model.in_channels, *cfg.infer.roi_size)
+    with tempfile.TemporaryDirectory(prefix="medseg-export-") as tmp:
+        path = Path(tmp) / GRAPH_FILE
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
+            torch.onnx.export(
+                net,
+                (window,),
+                path,
+                dynamo=False,
+                input_names=[_INPUT],
+                output_names=[_OUTPUT],
+                dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
+                opset_version=_OPSET,
+            )
+        model = onnx.load_from_string(path.read_bytes())
+    entry = model.metadata_props.add()
+    entry.key, entry.value = _WEIGHTS_KEY, weights_sha256
+    return bytes(model.SerializeToString())
+
+
+def export_model(uri: str, storage: Any = None) -> str:
+    """Add :data:`GRAPH_FILE` to the model artifact at ``uri`` (exported from its ``model.pt``).
+
+    Args:
+        uri: A model artifact (see :mod:`medseg.infer`).
+        storage: A :class:`~medseg.storage.Storage`; from the environment when omitted.
+
+    Returns:
+        The sha256 of the graph written.
+
+    Raises:
+        MedsegError: If ``uri`` is no loadable model artifact.
+    """
+    from medseg.infer import load_model
+    from medseg.storage import Storage, join
+
+    storage = storage or Storage()
+    seg = load_model(uri, storage, device="cpu", engine="torch")
+    digest = weights_digest(storage.get_bytes(join(uri, "model.pt")))
+    graph = export_graph(seg.net, seg.cfg, digest)
+    return str(storage.put_bytes(join(uri, GRAPH_FILE), graph).sha256)
+
+
+def choose_engine(requested: Engine, has_graph: bool, device: torch.device, where: str) -> str:
+    """The engine that will run, from the setting, the artifact and the device.
+
+    Args:
+        requested: The engine setting.
+        has_graph: Whether the artifact carries :data:`GRAPH_FILE`.
+        device: The device PyTorch would use.
+        where: The artifact's URI (for messages).
+
+    Raises:
+        MedsegError: If a graph engine is asked for and the artifact has no graph.
+    """
+    if requested == "auto":
+        if device.type == "cuda":
+            return "torch"
+        if not has_graph:
+            log.info("%s has no %s: inference runs on PyTorch", where, GRAPH_FILE)
+            return "torch"
+        return AUTO_ENGINE
+    if requested != "torch" and not has_graph:
+        raise MedsegError(
+            f"{where}: engine {requested!r} needs {GRAPH_FILE} in the model artifact and there "
+            "is none: export it (medseg.engine.export_model) or use engine 'torch' or 'auto'"
+        )
+    return requested
+
+
+def graph_forward(
+    engine: str, graph: bytes, cfg: MedsegConfig, weights_sha256: str, where: str
+) -> Forward:
+    """Open the exported graph on ``engine`` (``onnxruntime`` or ``openvino``).
+
+    Args:
+        engine: The runtime.
+        graph: The bytes of :data:`GRAPH_FILE`.
+        cfg: The model's config (window shape and batch).
+        weights_sha256: :func:`weights_digest` of the artifact's ``model.pt``.
+        where: The artifact's URI (for messages).
+
+    Returns:
+        The forward pass on the CPU.
+
+    Raises:
+        MedsegError: If the graph is unreadable, was exported from other weights, or does not
+            load on the runtime (the message names the artifact and the reason).
+    """
+    import onnx
+
+    name = f"{where}/{GRAPH_FILE}"
+    try:
+        model = onnx.load_from_string(graph)
+        onnx.checker.check_model(model)
+    except Exception as exc:  # protobuf's DecodeError, the checker's ValidationError, …
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise MedsegError(f"{name} is not a valid ONNX model: {reason}") from None
+    stamped = {p.key: p.value for p in model.metadata_props}.get(_WEIGHTS_KEY)
+    if stamped != weights_sha256:
+        raise MedsegError(
+            f"{name} was exported from other weights than {where}/model.pt "
+            f"(graph: {stamped}, weights: {weights_sha256}): export it again"
+        )
+    try:
+        if engine == "onnxruntime":
+            return _onnxruntime_forward(graph)
+        if engine == "openvino":
+            return _openvino_forward(graph, cfg)
+    except Exception as exc:  # whatever the runtime raises on a graph it cannot compile
+        reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise MedsegError(f"{name} does not load on {engine}: {reason}") from None
+    raise MedsegError(f"unknown inference engine {engine!r}")
+
+
+def _onnxruntime_forward(graph: bytes) -> Forward:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        batch = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        return torch.from_numpy(session.run([_OUTPUT], {_INPUT: batch})[0])
+
+    return forward
+
+
+def _openvino_forward(graph: bytes, cfg: MedsegConfig) -> Forward:
+    import openvino as ov
+
+    batch_size = cfg.infer.sw_batch_size
+    model = ov.convert_model(io.BytesIO(graph))
+    # A static shape lets OpenVINO plan every layer once; the last, smaller window batch of a
+    # case is padded up to it.
+    model.reshape({_INPUT: [batch_size, cfg.model.in_channels, *cfg.infer.roi_size]})
+    compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+    request = compiled.create_infer_request()
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        windows = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        outs = []
+        for start in range(0, len(windows), batch_size):
+            batch = windows[start : start + batch_size]
+            n = len(batch)
+            if n < batch_size:
+                pad = np.zeros((batch_size - n, *batch.shape[1:]), dtype=np.float32)
+                batch = np.concatenate([batch, pad])
+            out = request.infer({_INPUT: batch})[compiled.output(0)]
+            outs.append(np.array(out[:n], dtype=np.float32))
+        return torch.from_numpy(np.concatenate(outs))
+
+    return forward
