@@ -354,7 +354,7 @@ def run_demo(
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
         try:
             rest_url = f"http://127.0.0.1:{http_port}"
-            wait_ready(rest_url, 180, proc, log_path)
+            wait_ready(rest_url, 600, proc, log_path)  # a loaded machine imports slowly
             out.done("serve", time.perf_counter() - t0, f"kserve ModelServer, REST :{http_port}")
             t0 = time.perf_counter()
             rest = send_case(rest_url, case, DEMO_MODEL)

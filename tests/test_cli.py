@@ -159,7 +159,7 @@ BAD_INPUT = [
     (["predict", "{raw}/BraTS2021_00000"], "give --model"),
     (
         ["predict", "{raw}/BraTS2021_00000", "--url", "http://127.0.0.1:{closed}"],
-        "ConnectError",
+        "Connection refused",
     ),
     (["pipeline", "compile", "--out", "{tmp}/afile/x.yaml"], "afile"),
     (["pipeline", "run", "--source", "x"], "only --local runs here"),
