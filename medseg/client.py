@@ -27,6 +27,7 @@ from medseg.codec import (
 from medseg.config import CHANNELS, REGIONS
 from medseg.errors import MedsegError
 from medseg.layouts import SUFFIXES
+from medseg.settings import ServerLimits
 
 __all__ = [
     "Prediction",
@@ -38,8 +39,8 @@ __all__ = [
     "wait_ready",
 ]
 
-#: gRPC message limit of the client (the server's default limit is 256 MiB too).
-GRPC_LIMIT = 256 * 1024 * 1024
+#: gRPC message limit of the client: the server's default request limit.
+GRPC_LIMIT = ServerLimits.model_fields["max_request_mb"].default * 1024 * 1024
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -226,6 +227,9 @@ def test_train_command(dataset: str, tmp_path: Path) -> None:
         app, ["register", "--run-id", "cli-run", "--name", "m", "--store", dataset]
     )
     assert result.exit_code == 0 and "registered m@v1" in result.output, result.output
+    assert "with model.onnx" in result.output  # the CPU engines' graph, as the pipeline stores
+    card = json.loads(Storage().get_bytes(join(dataset, "models/m/v1/model_card.json")))
+    assert "model.onnx" in card["files"]
     result = CliRunner().invoke(app, ["models", "list", "--store", dataset])
     assert result.exit_code == 0 and "cli-run" in result.output
 

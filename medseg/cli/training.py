@@ -116,13 +116,21 @@ def register_cmd(
     run_id: Annotated[str, typer.Option(help="Finished training run.")],
     name: Annotated[str, typer.Option(help="Model name in the registry.")],
     store: StoreOpt = DEFAULT_STORE,
+    export: Annotated[
+        bool,
+        typer.Option(
+            "--export/--no-export",
+            help="Also store model.onnx for the CPU engines (infer.engine: auto picks OpenVINO).",
+        ),
+    ] = True,
 ) -> None:
     """Register a run's model as the next version of NAME, with its model card."""
     from medseg.register import register
     from medseg.storage import Storage
 
-    card = register(Storage(), store, run_id, name)
-    console.print(f"registered {card['name']}@{card['version']} from run {run_id}")
+    card = register(Storage(), store, run_id, name, export=export)
+    graph = " (with model.onnx)" if export else ""
+    console.print(f"registered {card['name']}@{card['version']} from run {run_id}{graph}")
 
 
 @models_app.command("list")
