@@ -11,8 +11,10 @@ loopback, and cluster IPs are allocated but never dialed (there is no kube-proxy
 
 State lives in ``.medseg/cluster/`` (or ``MEDSEG_CLUSTER_DIR``): certificates, kubeconfigs, logs,
 pid files and etcd's data. ``up`` is idempotent (a running, healthy cluster is reused), ``down``
-stops every process it started and removes the state. Ports are ``MEDSEG_CLUSTER_PORT_BASE``
-(default 16440) and the next eleven.
+stops every process it started and removes the state. Ports are twelve in a row from
+``MEDSEG_CLUSTER_PORT_BASE`` when it is set (busy ports are then an error); otherwise from 16440, or
+from the next free range of twelve when another checkout's cluster holds those. ``up`` records the
+base in the run dir (``ports.json``) so ``down``, ``status`` and the tests use the same ports.
 
 Usage: ``python scripts/cluster.py up|down|status|env``.
 """
@@ -85,8 +87,28 @@ PORT_NAMES = (
     "training_metrics",
     "training_probe",
 )
-_BASE = int(os.environ.get("MEDSEG_CLUSTER_PORT_BASE", "16440"))
-PORTS = SimpleNamespace(**{name: _BASE + i for i, name in enumerate(PORT_NAMES)})
+DEFAULT_PORT_BASE = 16440
+PORTS_FILE = RUN / "ports.json"
+
+
+def _ports(base: int) -> dict[str, int]:
+    return {name: base + i for i, name in enumerate(PORT_NAMES)}
+
+
+def _recorded_base() -> int:
+    """The base ``up`` recorded for this run dir, else the environment's, else the default."""
+    if PORTS_FILE.is_file():
+        return int(json.loads(PORTS_FILE.read_text())["base"])
+    return int(os.environ.get("MEDSEG_CLUSTER_PORT_BASE", DEFAULT_PORT_BASE))
+
+
+#: The ports in use (updated in place when ``up`` has to move to a free range).
+PORTS = SimpleNamespace(**_ports(_recorded_base()))
+
+
+def load_ports() -> None:
+    """Read the ports again (after another process ran ``up`` on this run dir)."""
+    vars(PORTS).update(_ports(_recorded_base()))
 
 
 def versions() -> dict[str, str]:
@@ -898,13 +920,9 @@ def up() -> None:
     down(quiet=True)  # a half-started cluster: start clean
     _ensure_binaries()
     etcd = _ensure_etcd()
-    busy = [p for p in vars(PORTS).values() if not _port_free(p)]
-    if busy:
-        raise ClusterError(
-            f"ports {busy} on 127.0.0.1 are in use; set MEDSEG_CLUSTER_PORT_BASE "
-            "to a free range of 12 ports"
-        )
+    vars(PORTS).update(_ports(_free_base()))
     RUN.mkdir(parents=True, exist_ok=True)
+    PORTS_FILE.write_text(json.dumps({"base": PORTS.etcd}))
     _pki()
     _kubeconfig("admin")
     try:
@@ -914,6 +932,29 @@ def up() -> None:
         down(quiet=True)
         raise
     log(f"up in {time.monotonic() - started:.0f} s; KUBECONFIG={KUBECONFIG}")
+
+
+def _free_base() -> int:
+    """The first range of free ports: the environment's (which must be free) or from the default."""
+    count = len(PORT_NAMES)
+    if "MEDSEG_CLUSTER_PORT_BASE" in os.environ:
+        base = int(os.environ["MEDSEG_CLUSTER_PORT_BASE"])
+        busy = [p for p in _ports(base).values() if not _port_free(p)]
+        if busy:
+            raise ClusterError(
+                f"ports {busy} on 127.0.0.1 are in use; set MEDSEG_CLUSTER_PORT_BASE "
+                f"to a free range of {count} ports"
+            )
+        return base
+    for base in range(DEFAULT_PORT_BASE, DEFAULT_PORT_BASE + 40 * count, count):
+        if all(_port_free(p) for p in _ports(base).values()):
+            if base != DEFAULT_PORT_BASE:
+                log(f"ports from {DEFAULT_PORT_BASE} are in use (another cluster?): using {base}")
+            return base
+    raise ClusterError(
+        f"no free range of {count} ports on 127.0.0.1 from {DEFAULT_PORT_BASE}; "
+        "set MEDSEG_CLUSTER_PORT_BASE"
+    )
 
 
 def down(quiet: bool = False) -> None:

@@ -9,6 +9,7 @@ moves them through their phases. Every namespace enforces Pod Security "restrict
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -55,13 +56,18 @@ def _load_cluster_module() -> ModuleType:
 CL = _load_cluster_module()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster() -> Iterator[ModuleType]:
-    """The control plane: reused when running, else started (and built, on a cold machine)."""
+    """The control plane, once for the test run: reused when running, else started.
+
+    A cold machine builds the binaries first. A cluster this fixture started stops after this
+    module, so the rest of the suite does not share the two cores with an idle control plane.
+    """
     reuse = CL.healthy()
     if not reuse:
         done = subprocess.run([sys.executable, str(SCRIPT), "up"], timeout=3 * 3600)
         assert done.returncode == 0, f"the cluster did not come up; logs in {CL.LOGS}"
+        CL.load_ports()  # `up` may have moved to a free range of ports
     yield CL
     if not reuse:
         subprocess.run([sys.executable, str(SCRIPT), "down"], timeout=300, check=False)
@@ -610,3 +616,22 @@ def test_rbac_grants_exactly_the_calls_the_code_made(installed: Installed) -> No
         assert can.stdout.strip() == "no", (verb, what)
     denied = kubectl("get", "secrets", "-n", ns, kubeconfig=installed.kubeconfig)
     assert denied.returncode != 0 and "Forbidden" in denied.stderr
+
+
+def test_busy_ports_move_the_cluster_unless_the_range_was_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another checkout's cluster on the default ports: ``up`` takes the next free range."""
+    import socket
+
+    monkeypatch.delenv("MEDSEG_CLUSTER_PORT_BASE", raising=False)
+    with socket.socket() as held:
+        with contextlib.suppress(OSError):  # already held by someone else: busy all the same
+            held.bind(("127.0.0.1", CL.DEFAULT_PORT_BASE + 2))
+            held.listen()
+        base = CL._free_base()
+        assert base != CL.DEFAULT_PORT_BASE
+        assert CL.DEFAULT_PORT_BASE + 2 not in CL._ports(base).values()
+        monkeypatch.setenv("MEDSEG_CLUSTER_PORT_BASE", str(CL.DEFAULT_PORT_BASE))
+        with pytest.raises(CL.ClusterError, match="in use; set MEDSEG_CLUSTER_PORT_BASE"):
+            CL._free_base()

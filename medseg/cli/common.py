@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Annotated, NoReturn, ParamSpec, TypeVar
+from typing import Annotated, NoReturn, ParamSpec, Protocol, TypeVar
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
@@ -21,6 +22,7 @@ __all__ = [
     "console",
     "err_console",
     "fail",
+    "failures_table",
     "handles_errors",
     "load_config",
 ]
@@ -68,3 +70,26 @@ def fail(message: str) -> NoReturn:
 def load_config(path: Path | None) -> MedsegConfig:
     """The config in ``path``, else the defaults."""
     return MedsegConfig.load(path) if path else MedsegConfig()
+
+
+class CaseFailure(Protocol):
+    """A case that was set aside: its id, the file at fault (if one) and why."""
+
+    @property
+    def case_id(self) -> str: ...
+
+    @property
+    def file(self) -> str | None: ...
+
+    @property
+    def reason(self) -> str: ...
+
+
+def failures_table(title: str, failures: Iterable[CaseFailure]) -> Table:
+    """The case/file/reason table of cases set aside (ingest's quarantine, predict's failures)."""
+    table = Table(title=title)
+    for col in ("case", "file", "reason"):
+        table.add_column(col)
+    for f in failures:
+        table.add_row(f.case_id, f.file or "", f.reason)
+    return table

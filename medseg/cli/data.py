@@ -9,7 +9,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from medseg.cli.common import ConfigOpt, StoreOpt, app, console, handles_errors, load_config
+from medseg.cli.common import (
+    ConfigOpt,
+    StoreOpt,
+    app,
+    console,
+    failures_table,
+    handles_errors,
+    load_config,
+)
 from medseg.settings import DEFAULT_STORE
 
 datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
@@ -80,12 +88,7 @@ def ingest(
         f"{len(m.split_ids('validation'))} validation), {result.uploaded} files uploaded"
     )
     if m.quarantined:
-        table = Table(title=f"{len(m.quarantined)} quarantined cases")
-        for col in ("case", "file", "reason"):
-            table.add_column(col)
-        for q in m.quarantined:
-            table.add_row(q.case_id, q.file or "", q.reason)
-        console.print(table)
+        console.print(failures_table(f"{len(m.quarantined)} quarantined cases", m.quarantined))
     console.print(f"manifest: {result.ref.manifest_uri}")
 
 

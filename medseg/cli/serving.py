@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medseg.cli.common import StoreOpt, app, console, err_console, handles_errors
+from medseg.cli.common import StoreOpt, app, console, err_console, failures_table, handles_errors
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE
 from medseg.settings import (
@@ -246,12 +246,8 @@ def _print_predictions(result: Any) -> None:
         f"({result.seconds:.1f} s)"
     )
     if result.failed:
-        failed = Table(title=f"{len(result.failed)} cases not predicted")
-        for col in ("case", "file", "reason"):
-            failed.add_column(col)
-        for f in result.failed:
-            failed.add_row(f.case_id, f.file or "", f.reason)
-        err_console.print(failed)
+        title = f"{len(result.failed)} cases not predicted"
+        err_console.print(failures_table(title, result.failed))
 
 
 def _predict_remote(
