@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from medseg.config import MedsegConfig
@@ -169,3 +171,62 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+def case_array(case: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A case folder's four channels (t1, t1ce, t2, flair) as one array, and their affine."""
+    imgs = [nib.load(next(case.glob(f"*_{m}.nii.gz"))) for m in ("t1", "t1ce", "t2", "flair")]
+    return np.stack([i.get_fdata(dtype=np.float32) for i in imgs]), imgs[0].affine  # type: ignore[attr-defined]
+
+
+def write_biased_model(folder: Path, case: Path | None = None) -> Path:
+    """The tiny model artifact (:func:`write_tiny_model`).
+
+    With ``case``, the final layer's biases are shifted so that about half of the case's voxels
+    fall in each region: its label maps then hold every label, not only background.
+    """
+    import torch
+
+    from medseg.config import REGIONS
+    from medseg.infer import load_model, segment_case
+    from medseg.model import build_network
+
+    write_tiny_model(folder)
+    if case is not None:
+        net = build_network(tiny_config().model)
+        net.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
+        image, affine = case_array(case)
+        probs = segment_case(load_model(str(folder), Storage()), image, affine).probabilities
+        p = np.clip(np.median(probs.reshape(len(REGIONS), -1), axis=1), 1e-6, 1 - 1e-6)
+        with torch.no_grad():
+            net.conv_final[-1].conv.bias -= torch.as_tensor(
+                np.log(p / (1 - p)), dtype=torch.float32
+            )
+        torch.save(net.state_dict(), folder / "model.pt")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def served_case(synth_root: Path) -> Path:
+    """A BraTS 2021 case folder (48×48×32; stored LPS, to exercise the reorientation)."""
+    return sorted(p for p in (synth_root / "brats2021").iterdir() if p.is_dir())[0]
+
+
+@pytest.fixture(scope="session")
+def served_model_dir(tmp_path_factory: pytest.TempPathFactory, served_case: Path) -> Path:
+    """The biased tiny model (every label present in the served case's label map)."""
+    return write_biased_model(tmp_path_factory.mktemp("model") / "m", served_case)
+
+
+@pytest.fixture(scope="session")
+def served(
+    served_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[dict[str, str]]:
+    """``python -m model_server`` (the container's entrypoint) on free loopback ports.
+
+    One for the session: the serving, metrics and DICOM-serving tests share it (each checks
+    deltas of what it sent, never absolute counts).
+    """
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with model_server(served_model_dir, log, {"OMP_NUM_THREADS": "2"}, max_request_mb=4) as running:
+        yield {"rest": running.rest, "grpc": running.grpc}

@@ -8,7 +8,6 @@ import json
 import struct
 import subprocess
 import sys
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +16,6 @@ import nibabel as nib
 import numpy as np
 import orjson
 import pytest
-import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -25,57 +23,29 @@ from medseg.client import predict, serialize_bytes
 from medseg.config import REGIONS
 from medseg.errors import MedsegError
 from medseg.infer import load_model, segment_case
-from medseg.model import build_network
 from medseg.storage import Storage
 
-from .conftest import model_server, tiny_config, write_tiny_model
+from .conftest import case_array as _case_array
 
 HEADER = "inference-header-content-length"
 
 
-def write_model(folder: Path, case: Path | None = None) -> Path:
-    """The tiny model artifact (:func:`write_tiny_model`).
-
-    With ``case``, the final layer's biases are shifted so that about half of the case's voxels
-    fall in each region: its label maps then hold every label, not only background.
-    """
-    write_tiny_model(folder)
-    if case is not None:
-        net = build_network(tiny_config().model)
-        net.load_state_dict(torch.load(folder / "model.pt", weights_only=True))
-        image, affine = _case_array(case)
-        probs = segment_case(load_model(str(folder), Storage()), image, affine).probabilities
-        p = np.clip(np.median(probs.reshape(len(REGIONS), -1), axis=1), 1e-6, 1 - 1e-6)
-        with torch.no_grad():
-            net.conv_final[-1].conv.bias -= torch.as_tensor(
-                np.log(p / (1 - p)), dtype=torch.float32
-            )
-        torch.save(net.state_dict(), folder / "model.pt")
-    return folder
+@pytest.fixture(scope="module")
+def case(served_case: Path) -> Path:
+    """The served case (one for the session: tests/conftest.py)."""
+    return served_case
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory: pytest.TempPathFactory, case: Path) -> Path:
-    return write_model(tmp_path_factory.mktemp("model") / "m", case)
+def model_dir(served_model_dir: Path) -> Path:
+    """The served model (one for the session)."""
+    return served_model_dir
 
 
 @pytest.fixture(scope="module")
-def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
-    """``python -m model_server`` (the container's entrypoint) on free loopback ports."""
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with model_server(model_dir, log, {"OMP_NUM_THREADS": "2"}, max_request_mb=4) as running:
-        yield {"rest": running.rest, "grpc": running.grpc}
-
-
-@pytest.fixture(scope="module")
-def case(synth_root: Path) -> Path:
-    """A BraTS 2021 case folder (48×48×32; stored LPS, to exercise the reorientation)."""
-    return sorted(p for p in (synth_root / "brats2021").iterdir() if p.is_dir())[0]
-
-
-def _case_array(case: Path) -> tuple[np.ndarray, np.ndarray]:
-    imgs = [nib.load(next(case.glob(f"*_{m}.nii.gz"))) for m in ("t1", "t1ce", "t2", "flair")]
-    return np.stack([i.get_fdata(dtype=np.float32) for i in imgs]), imgs[0].affine  # type: ignore[attr-defined]
+def server(served: dict[str, str]) -> dict[str, str]:
+    """The one model server of the session (``python -m model_server`` on loopback)."""
+    return served
 
 
 def _mask(data: bytes) -> nib.Nifti1Image:
