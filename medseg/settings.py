@@ -225,6 +225,21 @@ class DeidSettings(BaseSettings):
     )
 
 
+class TrainTelemetry(BaseSettings):
+    """Where training reports its progress besides TensorBoard, from the environment.
+
+    Attributes:
+        metrics_textfile: ``MEDSEG_TRAIN_METRICS_TEXTFILE``: a Prometheus text-format file that
+            rank 0 rewrites (atomically) after every optimiser step and epoch: step, loss,
+            samples/s, epoch and validation Dice. Point node-exporter's textfile collector (or
+            any sidecar that serves the file) at it; unset, no file is written.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MEDSEG_TRAIN_", extra="ignore")
+
+    metrics_textfile: Path | None = None
+
+
 class Images(BaseModel):
     """The container images, pinned (the chart's ``image`` and ``serverImage``).
 

@@ -79,16 +79,28 @@ class TrainResult:
 
 
 class _Board:
-    """TensorBoard scalars, written locally by rank 0 and mirrored to ``RUN/tensorboard/``."""
+    """TensorBoard scalars, written locally by rank 0 and mirrored to ``RUN/tensorboard/``.
 
-    def __init__(self, storage: Storage, run_prefix: str):
+    With ``MEDSEG_TRAIN_METRICS_TEXTFILE`` set, the same progress also goes to a Prometheus
+    textfile (:mod:`medseg.train_telemetry`).
+    """
+
+    def __init__(self, storage: Storage, run_prefix: str, run_id: str):
         import tempfile
 
         from torch.utils.tensorboard import SummaryWriter
 
+        from medseg.settings import TrainTelemetry
+
         self.storage, self.prefix = storage, join(run_prefix, "tensorboard")
         self.dir = Path(tempfile.mkdtemp(prefix="medseg-tb-"))
         self.writer = SummaryWriter(log_dir=str(self.dir))
+        textfile = TrainTelemetry().metrics_textfile
+        self.textfile = None
+        if textfile is not None:
+            from medseg.train_telemetry import TrainTextfile
+
+            self.textfile = TrainTextfile(textfile, run_id)
 
     def step(self, step: int, loss: float, samples_per_second: float) -> None:
         """Progress within an epoch: ``step/loss`` and ``step/samples_per_second`` per step.
@@ -97,12 +109,16 @@ class _Board:
         """
         self.writer.add_scalar("step/loss", loss, step)
         self.writer.add_scalar("step/samples_per_second", samples_per_second, step)
+        if self.textfile is not None:
+            self.textfile.on_step(step, loss, samples_per_second)
 
     def log(self, record: dict[str, Any]) -> None:
         for key, value in record.items():
             if key != "epoch" and isinstance(value, int | float):
                 self.writer.add_scalar(key, value, record["epoch"])
         self.writer.flush()
+        if self.textfile is not None:
+            self.textfile.on_epoch(record)
         for path in self.dir.iterdir():
             self.storage.put_file(join(self.prefix, path.name), path)
 
@@ -296,7 +312,7 @@ def train(
                 print(f"[medseg.train] skipped checkpoint {key}: {reason}", file=sys.stderr)
             print(f"[medseg.train] resuming {run_id} after epoch {epoch}", file=sys.stderr)
 
-    board = _Board(storage, run_prefix) if rank == 0 else None
+    board = _Board(storage, run_prefix, run_id) if rank == 0 else None
     progress = _progress(rank)
     progress.start()
     try:

@@ -203,10 +203,14 @@ def _worker_pid(root: int, rank: int) -> int:
     raise AssertionError(f"no worker with RANK={rank} under pid {root}")
 
 
-def test_train_command(dataset: str, tmp_path: Path) -> None:
+def test_train_command(dataset: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
     from typer.testing import CliRunner
 
     from medseg.cli import app
+
+    textfile = tmp_path / "textfile" / "medseg-train.prom"
+    monkeypatch.setenv("MEDSEG_TRAIN_METRICS_TEXTFILE", str(textfile))
 
     (tmp_path / "cfg.yaml").write_text(_cfg(1).to_yaml())
     args = [
@@ -223,6 +227,26 @@ def test_train_command(dataset: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "run cli-run: 1 epochs (resumed after 0)" in " ".join(result.output.split())
+    # The Prometheus textfile holds the run's progress, equal to what metrics.jsonl recorded.
+    (record,) = [
+        json.loads(line)
+        for line in Storage().get_bytes(join(dataset, "runs/cli-run/metrics.jsonl")).splitlines()
+    ]
+    samples = {
+        (s.name, s.labels.get("region")): s.value
+        for family in text_string_to_metric_families(textfile.read_text())
+        for s in family.samples
+        if s.labels.get("run_id") == "cli-run"
+    }
+    batch = _cfg(1).train.batch_size
+    assert samples[("medseg_train_step", None)] == -(-record["samples"] // batch)  # ceil
+    assert samples[("medseg_train_epoch", None)] == 1
+    assert samples[("medseg_train_epoch_loss", None)] == pytest.approx(record["loss"])
+    for region in ("TC", "WT", "ET"):
+        assert samples[("medseg_train_val_dice", region)] == pytest.approx(
+            record[f"dice_{region.lower()}"]
+        )
+    assert samples[("medseg_train_samples_per_second", None)] > 0
     result = CliRunner().invoke(
         app, ["register", "--run-id", "cli-run", "--name", "m", "--store", dataset]
     )
