@@ -165,6 +165,22 @@ BAD_INPUT = [
     (["pipeline", "run", "--source", "x"], "only --local runs here"),
     (["pipeline", "run", "--local", "--source", "x", "--param", "oops"], "--param takes KEY=VALUE"),
     (["pipeline", "run", "--local", "--source", "x", "-c", "{tmp}/bad.yaml"], "not valid YAML"),
+    (
+        ["pipeline", "run", "--local", "--source", "x", "--param", "training.workers=0"],
+        "bad pipeline parameter training.workers: Input should be greater than or equal to 1",
+    ),
+    (
+        ["pipeline", "run", "--local", "--source", "x", "--param", "train.epochs=2"],
+        "no group 'train' (groups: training, cluster, deployment)",
+    ),
+    (
+        ["pipeline", "submit", "--source", "x", "--host", "h", "--param", "cluster.relase=p"],
+        "bad pipeline parameter cluster.relase: Extra inputs are not permitted",
+    ),
+    (
+        ["pipeline", "run", "--local", "--source", "x", "--param", "deployment.min_replicas=4"],
+        "deployment: need 0 <= min_replicas",
+    ),
     (["pipeline", "submit", "--source", "x", "--host", "http://127.0.0.1:{closed}"], "unreachable"),
     (["pipeline", "upload", "--host", "http://127.0.0.1:{closed}"], "unreachable"),
     (["minio", "--port", "{busy}", "--data-dir", "{tmp}/m"], "{busy}"),
