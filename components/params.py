@@ -6,9 +6,12 @@ from components.base import component
 
 
 @component
-def params_op(config_yaml: str, training: dict, cluster: dict, deployment: dict) -> NamedTuple(
-    "ClusterNames", s3_secret=str, s3_config=str
-):  # type: ignore[valid-type]
+def params_op(
+    config_yaml: str,
+    training: dict,
+    cluster: dict,
+    deployment: dict,
+) -> NamedTuple("ClusterNames", s3_secret=str, s3_config=str):  # type: ignore[valid-type]
     """Validate the run's config and parameter groups before any work; the S3 object names.
 
     The Secret and ConfigMap follow the release (``cluster.release``) unless the ``cluster``

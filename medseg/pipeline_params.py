@@ -53,7 +53,7 @@ __all__ = [
     "write_ref",
 ]
 
-_SPEC_DEFAULTS = {f.name: f.default for f in dataclasses.fields(InferenceServiceSpec)}
+_SPEC_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(InferenceServiceSpec)}
 
 
 class _Group(BaseModel):
