@@ -53,7 +53,10 @@ __all__ = [
     "write_ref",
 ]
 
-_SPEC_DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(InferenceServiceSpec)}
+#: The InferenceService's defaults (replicas, scaling), the deployment group's.
+_SPEC_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(InferenceServiceSpec)
+}
 
 
 class _Group(BaseModel):
@@ -204,6 +207,16 @@ def parse_config(config_yaml: str) -> MedsegConfig:
         raise MedsegError(f"bad pipeline parameter {_field_errors(exc, 'config_yaml')}") from None
 
 
+def _scalar(value: str) -> int | float | str:
+    """A plain parameter's value from the command line: an int, a float, else the string."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def pipeline_arguments(
     params: Mapping[str, Any], config: MedsegConfig | None = None, extra: Iterable[str] = ()
 ) -> dict[str, Any]:
@@ -234,7 +247,7 @@ def pipeline_arguments(
         elif key in GROUPS:
             raise MedsegError(f"--param {item!r}: {key} is a group, set GROUP.FIELD=VALUE")
         else:
-            args[key] = int(value) if value.lstrip("-").isdigit() else value
+            args[key] = _scalar(value)
     if "config_yaml" in args:
         parse_config(args["config_yaml"])
     for name, model in GROUPS.items():
