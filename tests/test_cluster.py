@@ -498,12 +498,17 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
 def test_pipeline_deploy_step_runs_as_the_chart_service_account(installed: Installed) -> None:
     """The KFP deploy component's function, as the pipeline pod would run it on the cluster."""
     ns = installed.release.namespace
+    model = "s3://medseg/models/brats/v2"
     call = (
-        "from components import deploy_op; print(deploy_op.python_func("
-        "model_uri='s3://medseg/models/brats/v2', name='brats-kfp', target='kserve', "
-        f"image='ghcr.io/medseg/medseg-server:0.1.0', namespace='{ns}', "
-        f"release='{installed.release.name}', deployment_mode='Standard', min_replicas=1, "
-        "max_replicas=2, scale_metric='cpu', scale_target=60, timeout=180))"
+        "from kfp.dsl import Model\n"
+        "from components import deploy_op\n"
+        "from medseg.pipeline_params import ModelArtifact, write_ref\n"
+        "m = Model(name='model', uri='/tmp/medseg-kfp-model'); m.path = m.uri\n"
+        f"write_ref(m, ModelArtifact(uri='{model}', digest='0' * 64, run_id='r', dataset='d@v'))\n"
+        "print(deploy_op.python_func(model=m, name='brats-kfp', deployment={'target': 'kserve', "
+        "'mode': 'Standard', 'min_replicas': 1, 'max_replicas': 2, 'scale_metric': 'cpu', "
+        "'scale_target': 60, 'timeout': 180, 'image': 'ghcr.io/medseg/medseg-server:0.1.0'}, "
+        f"cluster={{'namespace': '{ns}', 'release': '{installed.release.name}'}}))"
     )
     env = {**os.environ, "KUBECONFIG": str(installed.kubeconfig)}
     done = subprocess.run(
