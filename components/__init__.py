@@ -2,15 +2,18 @@
 
 Every component runs in the project image (``base_image``, from ``MEDSEG_IMAGES__PROJECT``),
 which already holds kfp and medseg: ``install_kfp_package=False`` and nothing installed at run
-time, which is also exactly what ``kfp.local``'s SubprocessRunner runs. Object-store locations
-travel in the artifacts' metadata (``uri``); credentials come from the environment (a Kubernetes
-Secret on a cluster, see :mod:`pipelines.medseg_pipeline`).
+time, which is also exactly what ``kfp.local``'s SubprocessRunner runs. Steps hand each other
+typed artifacts whose file is a reference to the data in the object store, naming its content
+(:mod:`medseg.pipeline_params`); parameter groups arrive as ``dict`` and are validated there too.
+Credentials come from the environment (a Kubernetes Secret on a cluster, see
+:mod:`pipelines.medseg_pipeline`).
 """
 
 from components.deploy import deploy_op
 from components.evaluate import evaluate_op
 from components.gate import gate_op
 from components.ingest import ingest_op
+from components.params import params_op
 from components.predict import predict_op
 from components.preprocess import preprocess_op
 from components.register import register_op
@@ -21,6 +24,7 @@ __all__ = [
     "evaluate_op",
     "gate_op",
     "ingest_op",
+    "params_op",
     "predict_op",
     "preprocess_op",
     "register_op",

@@ -2,34 +2,45 @@
 
 from typing import NamedTuple
 
-from kfp.dsl import HTML, Dataset, Input, Metrics, Output
+from kfp.dsl import HTML, Artifact, Dataset, Input, Metrics, Model, Output
 
 from components.base import component
 
 
 @component
 def evaluate_op(
-    model_uri: str,
+    model: Input[Model],
     predictions: Input[Dataset],
     threshold: float,
     report: Output[HTML],
     metrics: Output[Metrics],
-) -> NamedTuple("EvalOutputs", passed=bool, dice_mean=float, eval_uri=str):  # type: ignore[valid-type]
+    evaluation: Output[Artifact],
+) -> NamedTuple("EvalOutputs", passed=bool, dice_mean=float):  # type: ignore[valid-type]
     """Score the predicted label maps of the validation split; the report shows in the KFP UI."""
     from collections import namedtuple
 
     from medseg.evaluate import evaluate
+    from medseg.pipeline_params import (
+        EvaluationArtifact,
+        ModelArtifact,
+        PredictionsArtifact,
+        object_digest,
+        read_ref,
+        write_ref,
+    )
     from medseg.storage import Storage, join
 
+    weights = read_ref(model, ModelArtifact)
+    scored = read_ref(predictions, PredictionsArtifact)
     storage = Storage()
     result = evaluate(
-        model_uri,
-        split=predictions.metadata["split"],
-        dataset=predictions.metadata["dataset"],
-        store=predictions.metadata["store"],
+        weights.uri,
+        split=scored.split,
+        dataset=scored.dataset,
+        store=scored.store,
         threshold=threshold,
         storage=storage,
-        predictions=predictions.metadata["uri"],
+        predictions=scored.uri,
     )
     for region, value in result.dice.items():
         metrics.log_metric(f"dice_{region.lower()}", round(value, 4))
@@ -39,5 +50,12 @@ def evaluate_op(
     with open(report.path, "wb") as f:
         f.write(storage.get_bytes(join(result.out, "report.html")))
     report.metadata.update({"uri": join(result.out, "report.html"), "metric": result.definition})
-    EvalOutputs = namedtuple("EvalOutputs", ["passed", "dice_mean", "eval_uri"])
-    return EvalOutputs(result.passed, result.dice_mean, result.out)
+    ref = EvaluationArtifact(
+        uri=result.out,
+        digest=object_digest(storage, join(result.out, "metrics.json")),
+        passed=result.passed,
+        dice_mean=result.dice_mean,
+    )
+    write_ref(evaluation, ref)
+    EvalOutputs = namedtuple("EvalOutputs", ["passed", "dice_mean"])
+    return EvalOutputs(result.passed, result.dice_mean)

@@ -1,30 +1,32 @@
 """Preprocess: ``medseg.preprocess`` — the static chain once per case, cached in the store."""
 
-from kfp.dsl import Dataset, Output
+from kfp.dsl import Dataset, Input, Output
 
 from components.base import component
 
 
 @component
-def preprocess_op(
-    dataset_spec: str, store: str, config_yaml: str, preprocessed: Output[Dataset]
-) -> str:
-    """Preprocess ``dataset_spec`` with the config's data section; returns the cache prefix."""
-    import yaml
-
-    from medseg.config import MedsegConfig
+def preprocess_op(dataset: Input[Dataset], config_yaml: str, preprocessed: Output[Dataset]) -> None:
+    """Preprocess the dataset version with the config's data section (its fingerprint)."""
+    from medseg.pipeline_params import (
+        DatasetArtifact,
+        PreprocessedArtifact,
+        parse_config,
+        read_ref,
+        write_ref,
+    )
     from medseg.preprocess import preprocess
 
-    cfg = MedsegConfig.model_validate(yaml.safe_load(config_yaml) or {})
-    result = preprocess(dataset_spec, store, cfg.data, progress=False)
-    preprocessed.metadata.update(
-        {
-            "uri": result.prefix,
-            "fingerprint": cfg.data.fingerprint(),
-            "cases": len(result.index["cases"]),
-            "processed_now": result.processed,
-        }
+    source = read_ref(dataset, DatasetArtifact)
+    cfg = parse_config(config_yaml)
+    result = preprocess(source.dataset, source.store, cfg.data, progress=False)
+    write_ref(
+        preprocessed,
+        PreprocessedArtifact(
+            uri=result.prefix,
+            digest=cfg.data.fingerprint(),
+            dataset=source.dataset,
+            cases=len(result.index["cases"]),
+        ),
     )
-    with open(preprocessed.path, "w") as f:
-        f.write(result.prefix)
-    return result.prefix
+    preprocessed.metadata["processed_now"] = result.processed

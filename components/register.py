@@ -1,31 +1,44 @@
 """Register: ``medseg.register`` — the next version of the model, with its model card."""
 
-from kfp.dsl import Markdown, Output
+from kfp.dsl import Artifact, Input, Markdown, Model, Output
 
 from components.base import component
 
 
 @component
-def register_op(run_id: str, store: str, name: str, eval_uri: str, card: Output[Markdown]) -> str:
-    """Register run ``run_id``'s model as ``name``; returns the version's URI."""
-    from medseg.register import register
+def register_op(
+    model: Input[Model],
+    evaluation: Input[Artifact],
+    store: str,
+    name: str,
+    registered: Output[Model],
+    card: Output[Markdown],
+) -> None:
+    """Register the run's model as the next version of ``name``, with its evaluation."""
+    from medseg.pipeline_params import (
+        EvaluationArtifact,
+        ModelArtifact,
+        read_ref,
+        write_ref,
+    )
+    from medseg.register import model_card_markdown, register
     from medseg.storage import Storage, join
 
+    run = read_ref(model, ModelArtifact)
+    scored = read_ref(evaluation, EvaluationArtifact)
     storage = Storage()
-    evaluation = join(eval_uri, "metrics.json")
-    model_card = register(storage, store, run_id, name, evaluation=evaluation, export=True)
-    uri = join(store, "models", name, model_card["version"])
-    lines = [
-        f"# {name} {model_card['version']}",
-        "",
-        f"- model: `{uri}`",
-        f"- dataset: `{model_card['dataset']['name']}@{model_card['dataset']['version']}`",
-        f"- preprocessing: `{model_card['preprocessing']}`",
-        f"- run: `{run_id}`, code `{model_card['code_version']}`",
-    ]
-    for key, value in sorted((model_card.get("evaluation") or {}).get("dice", {}).items()):
-        lines.append(f"- validation Dice {key}: {value:.4f}")
+    metrics = join(scored.uri, "metrics.json")
+    model_card = register(storage, store, run.run_id, name, evaluation=metrics, export=True)
+    version = model_card["version"]
+    uri = join(store, "models", name, version)
     with open(card.path, "w") as f:
-        f.write("\n".join(lines) + "\n")
+        f.write(model_card_markdown(name, uri, model_card))
     card.metadata["uri"] = uri
-    return uri
+    ref = ModelArtifact(
+        uri=uri,
+        digest=model_card["files"]["model.pt"],
+        run_id=run.run_id,
+        dataset=run.dataset,
+        version=version,
+    )
+    write_ref(registered, ref)

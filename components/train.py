@@ -1,52 +1,63 @@
 """Train: ``medseg.train`` through a launcher — torchrun here, or a PyTorchJob on the cluster."""
 
-from kfp.dsl import Metrics, Model, Output
+from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
 from components.base import component
 
 
 @component
 def train_op(
-    dataset_spec: str,
-    store: str,
+    dataset: Input[Dataset],
+    preprocessed: Input[Dataset],
     config_yaml: str,
-    epochs: int,
     run_id: str,
-    launcher: str,
-    workers: int,
-    gpus_per_worker: int,
-    image: str,
-    namespace: str,
-    release: str,
-    s3_secret: str,
-    s3_config: str,
-    wait_timeout: int,
+    training: dict,
+    cluster: dict,
     model: Output[Model],
     metrics: Output[Metrics],
-) -> str:
-    """Train run ``run_id`` (resuming it if it has checkpoints); returns its model URI."""
-    import yaml
-
-    from medseg.config import MedsegConfig
-    from medseg.kube import Release
-    from medseg.launchers import S3Secret, TrainRun, TrainTarget
+) -> None:
+    """Train run ``run_id`` (resuming it if it has checkpoints) on the preprocessed version."""
+    from medseg.errors import MedsegError
+    from medseg.launchers import S3Secret, TrainRun
+    from medseg.pipeline_params import (
+        ClusterParams,
+        DatasetArtifact,
+        ModelArtifact,
+        PreprocessedArtifact,
+        TrainingParams,
+        parse_config,
+        parse_group,
+        read_ref,
+        write_ref,
+    )
     from medseg.storage import Storage, join
 
-    cfg = MedsegConfig.model_validate(yaml.safe_load(config_yaml) or {})
-    if epochs > 0:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+    data = read_ref(dataset, DatasetArtifact)
+    prep = read_ref(preprocessed, PreprocessedArtifact)
+    params = parse_group(TrainingParams, training, "training")
+    names = parse_group(ClusterParams, cluster, "cluster").resolved()
+    cfg = parse_config(config_yaml)
+    if (prep.dataset, prep.digest) != (data.dataset, cfg.data.fingerprint()):
+        raise MedsegError(
+            f"preprocessed artifact {prep.dataset} ({prep.digest}) is not the dataset "
+            f"{data.dataset} with this config's data fingerprint {cfg.data.fingerprint()}"
+        )
+    if params.epochs > 0:
+        cfg = cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"epochs": params.epochs})}
+        )
     storage = Storage()
-    run_prefix = join(store, "runs", run_id)
+    run_prefix = join(data.store, "runs", run_id)
     config_uri = join(run_prefix, "config.yaml")
     storage.put_bytes(config_uri, cfg.to_yaml().encode())
-    chosen = TrainTarget(launcher, workers, gpus_per_worker).launcher_for(
-        image,
-        namespace,
-        Release(release, namespace).pipeline_service_account,
-        S3Secret(name=s3_secret, config=s3_config),
-        wait_timeout,
+    chosen = params.target().launcher_for(
+        params.image,
+        names.namespace,
+        names.names.pipeline_service_account,
+        S3Secret(name=names.s3_secret, config=names.s3_config),
+        params.timeout,
     )
-    chosen.launch(TrainRun(dataset_spec, store, run_id, config_uri))
+    chosen.launch(TrainRun(data.dataset, data.store, run_id, config_uri))
     model_uri = join(run_prefix, "model")
     lineage = storage.get_json(join(model_uri, "lineage.json"))
     best = lineage["best"]
@@ -54,7 +65,7 @@ def train_op(
         if best.get(key) is not None:
             metrics.log_metric(f"best_val_{key}", round(float(best[key]), 4))
     metrics.log_metric("best_epoch", best.get("epoch", 0))
-    model.metadata.update({"uri": model_uri, "run_id": run_id, "dataset": dataset_spec})
-    with open(model.path, "w") as f:
-        f.write(model_uri)
-    return model_uri
+    digest = lineage["files"]["model.pt"]
+    write_ref(
+        model, ModelArtifact(uri=model_uri, digest=digest, run_id=run_id, dataset=data.dataset)
+    )

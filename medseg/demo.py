@@ -291,6 +291,7 @@ def run_demo(
     from medseg.client import wait_ready
     from medseg.manifest import DatasetRef
     from medseg.minio_server import free_port
+    from medseg.pipeline_params import pipeline_arguments
     from medseg.pipeline_runner import run_local
     from medseg.register import list_models
     from medseg.storage import Storage, join
@@ -315,17 +316,17 @@ def run_demo(
         out = DemoConsole(console, log, cfg.train.epochs)
         out.say(f"data: {what}")
         out.say("the Kubeflow pipeline, through kfp.local:")
+        arguments = {
+            "source": str(source),
+            "dataset_name": "demo",
+            "store": store,
+            "training": {"workers": 2},
+            "dice_threshold": threshold,
+            "model_name": DEMO_MODEL,
+        }
         run_local(
             pipeline,
-            {
-                "source": str(source),
-                "dataset_name": "demo",
-                "store": store,
-                "config_yaml": cfg.to_yaml(),
-                "workers": 2,
-                "dice_threshold": threshold,
-                "model_name": DEMO_MODEL,
-            },
+            pipeline_arguments(arguments, cfg),
             workdir / "kfp-local",
             sink=log,
             events=out,

@@ -17,11 +17,10 @@ import sys
 import time
 import warnings
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
-from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE, Release
 
@@ -34,7 +33,6 @@ __all__ = [
     "Pipeline",
     "StepEvents",
     "compile_pipeline",
-    "pipeline_arguments",
     "run_local",
     "submit",
     "upload",
@@ -128,30 +126,6 @@ class KfpLocalLog(io.TextIOBase):
         return lines[-1] if lines else "no output"
 
 
-def pipeline_arguments(
-    params: dict[str, Any], config: MedsegConfig | None = None, extra: Iterable[str] = ()
-) -> dict[str, Any]:
-    """The pipeline's arguments: ``params``, the config as YAML, then ``KEY=VALUE`` overrides.
-
-    Args:
-        params: Pipeline parameters by name.
-        config: The run's config; sent whole as ``config_yaml`` (defaults when None).
-        extra: ``KEY=VALUE`` items (``--param``); a value of digits is an int.
-
-    Raises:
-        MedsegError: If an item is not ``KEY=VALUE``.
-    """
-    args = dict(params)
-    if config is not None:
-        args["config_yaml"] = config.to_yaml()
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise MedsegError(f"--param takes KEY=VALUE, got {item!r}")
-        args[key] = int(value) if value.lstrip("-").isdigit() else value
-    return args
-
-
 def compile_pipeline(pipeline: Pipeline, out: Path) -> Path:
     """Write ``pipeline``'s IR YAML to ``out``."""
     from kfp import compiler
@@ -230,9 +204,8 @@ def submit(
 
     The run's pods run in the release's namespace as its pipeline ServiceAccount (or
     ``service_account``, the chart's ``pipeline.serviceAccount``), where the chart's Role grants
-    the pipeline's permissions (creating PyTorchJobs and InferenceServices). The pipeline's
-    ``namespace``, ``release``, ``s3_secret`` and ``s3_config`` parameters default to the same
-    release's (an explicit argument, e.g. an ``s3.existingSecret``, wins).
+    the pipeline's permissions (creating PyTorchJobs and InferenceServices); ``release`` is the
+    one the ``cluster`` argument names (see :func:`medseg.pipeline_params.pipeline_arguments`).
 
     Raises:
         MedsegError: If the backend cannot be reached or refuses the run.
@@ -240,17 +213,11 @@ def submit(
     import kfp
 
     compile_pipeline(pipeline, package)
-    names = {
-        "namespace": release.namespace,
-        "release": release.name,
-        "s3_secret": release.s3_secret,
-        "s3_config": release.s3_config,
-    }
     with _backend_errors(host):
         client = kfp.Client(host=host)
         run = client.create_run_from_pipeline_package(
             str(package),
-            arguments={**names, **arguments},
+            arguments=arguments,
             experiment_name=experiment,
             namespace=release.namespace,
             service_account=service_account or release.pipeline_service_account,

@@ -25,7 +25,7 @@ from medseg.errors import MedsegError
 from medseg.names import check_name
 from medseg.storage import Storage, is_s3, join
 
-__all__ = ["list_models", "model_uri", "register", "resolve_model"]
+__all__ = ["list_models", "model_card_markdown", "model_uri", "register", "resolve_model"]
 
 _VERSION = re.compile(r"/models/([^/]+)/v(\d+)/model_card\.json$")
 _TAKEN = re.compile(r"/models/[^/]+/v(\d+)/")
@@ -98,6 +98,22 @@ def model_uri(storage: Storage, store: str, model: str) -> str:
     if "@" in model:
         return resolve_model(storage, store, model)
     return join(store, "runs", model, "model")
+
+
+def model_card_markdown(name: str, uri: str, card: dict[str, Any]) -> str:
+    """A registered version's model card as Markdown (the pipeline's card artifact)."""
+    dataset = card["dataset"]
+    lines = [
+        f"# {name} {card['version']}",
+        "",
+        f"- model: `{uri}`",
+        f"- dataset: `{dataset['name']}@{dataset['version']}`",
+        f"- preprocessing: `{card['preprocessing']}`",
+        f"- run: `{card['run_id']}`, code `{card['code_version']}`",
+    ]
+    for key, value in sorted((card.get("evaluation") or {}).get("dice", {}).items()):
+        lines.append(f"- validation Dice {key}: {value:.4f}")
+    return "\n".join(lines) + "\n"
 
 
 def register(

@@ -1,10 +1,13 @@
-"""The medseg pipeline: ingest → preprocess → train → predict → evaluate → gate → register → deploy.
+"""The medseg pipeline: params → ingest → preprocess → train → predict → evaluate → … → deploy.
 
 The same definition runs through ``kfp.local`` on one machine (``medseg pipeline run --local``)
-and on a Kubeflow Pipelines backend (``medseg pipeline submit``). On a cluster every step gets
-the object-store credentials from the Kubernetes Secret ``s3_secret`` and the endpoint from the
-ConfigMap ``s3_config`` (kfp-kubernetes), CPU/memory requests and limits, and caching only where
-the step is deterministic. Register and deploy run only when the quality gate passes: the gate
+and on a Kubeflow Pipelines backend (``medseg pipeline submit``). Steps hand each other typed
+artifacts (``Dataset``, ``Model``, ``Metrics``, ``HTML``) that reference the data in the object
+store by content (:mod:`medseg.pipeline_params`). The first step checks every parameter group
+and names the release's S3 Secret and ConfigMap; on a cluster every later step gets the
+object-store credentials from that Secret and the endpoint from that ConfigMap (kfp-kubernetes),
+CPU/memory requests and limits, and caching only where its key names its inputs' content (see
+``docs/architecture.md``). Register and deploy run only when the quality gate passes: the gate
 step fails the run otherwise.
 """
 
@@ -17,20 +20,21 @@ from components import (
     evaluate_op,
     gate_op,
     ingest_op,
+    params_op,
     predict_op,
     preprocess_op,
     register_op,
     train_op,
 )
-from components.base import IMAGE
-from medseg.kube import DEFAULT_RELEASE, SERVER_IMAGE
+from medseg.pipeline_params import ClusterParams, DeploymentParams, TrainingParams
 from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
 
-__all__ = ["PIPELINE_NAME", "medseg_pipeline"]
+__all__ = ["CACHED", "PIPELINE_NAME", "medseg_pipeline"]
 
 PIPELINE_NAME = "medseg-brats"
 #: Resources per step: (cpu request, cpu limit, memory request, memory limit).
 RESOURCES = {
+    "params": ("100m", "250m", "256Mi", "512Mi"),
     "ingest": ("1", "2", "2Gi", "4Gi"),
     "preprocess": ("2", "4", "8Gi", "16Gi"),
     "train": ("1", "2", "2Gi", "4Gi"),  # the launcher; PyTorchJob pods have their own
@@ -40,27 +44,36 @@ RESOURCES = {
     "register": ("500m", "1", "1Gi", "2Gi"),
     "deploy": ("250m", "500m", "512Mi", "1Gi"),
 }
-#: Steps whose inputs name their content are cached (same inputs, same outputs). Not ingest:
-#: its input is a folder or prefix whose content can change under the same name, so KFP's cache
-#: (keyed on the input strings) would return a stale version; medseg.ingest keys its own cache
-#: on the source's content instead.
+#: Steps KFP may answer from its cache. A KFP backend keys a step on its component (image,
+#: command), its input parameter values and its input artifacts' MLMD ids; here every input
+#: names its content: artifacts whose reference carries a content hash or sha256, made in
+#: this run by an uncached step, and parameters (config, split, threshold) that are content.
+#: Not params or gate (instant), not ingest (its source is a location whose content can change
+#: under the same name; medseg.ingest keys its own cache on the source's content), not train
+#: (a run id per run), register (a new version each time) or deploy (cluster state).
 CACHED = {"preprocess", "predict", "evaluate"}
+#: The parameter groups' defaults (the pipeline's ``dict`` parameters).
+TRAINING = TrainingParams().model_dump(mode="json")
+CLUSTER = ClusterParams().model_dump(mode="json")
+DEPLOYMENT = DeploymentParams().model_dump(mode="json")
 
 
-def _configure(task: Any, step: str, s3_secret: Any, s3_config: Any) -> Any:
+def _configure(task: Any, step: str, names: Any) -> Any:
     cpu_req, cpu_lim, mem_req, mem_lim = RESOURCES[step]
     task.set_cpu_request(cpu_req).set_cpu_limit(cpu_lim)
     task.set_memory_request(mem_req).set_memory_limit(mem_lim)
     task.set_caching_options(step in CACHED)
     task.set_display_name(step)
+    if names is None:  # the params step: no object store
+        return task
     kubernetes.use_config_map_as_env(
         task,
-        config_map_name=s3_config,
+        config_map_name=names.outputs["s3_config"],
         config_map_key_to_env={"S3_ENDPOINT": "S3_ENDPOINT", "S3_USE_HTTPS": "S3_USE_HTTPS"},
     )
     kubernetes.use_secret_as_env(
         task,
-        secret_name=s3_secret,
+        secret_name=names.outputs["s3_secret"],
         secret_key_to_env={
             "AWS_ACCESS_KEY_ID": "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY": "AWS_SECRET_ACCESS_KEY",
@@ -76,26 +89,11 @@ def medseg_pipeline(
     store: str = DEFAULT_STORE,
     labels: str = "",
     config_yaml: str = "",
-    epochs: int = 0,
-    launcher: str = "local",
-    workers: int = 2,
-    gpus_per_worker: int = 0,
     dice_threshold: float = 0.8,
     model_name: str = DEFAULT_MODEL_NAME,
-    deploy_target: str = "local",
-    image: str = IMAGE,
-    server_image: str = SERVER_IMAGE,
-    namespace: str = DEFAULT_RELEASE.namespace,
-    release: str = DEFAULT_RELEASE.name,
-    s3_secret: str = DEFAULT_RELEASE.s3_secret,
-    s3_config: str = DEFAULT_RELEASE.s3_config,
-    train_timeout: int = 86400,
-    deployment_mode: str = "Knative",
-    min_replicas: int = 1,
-    max_replicas: int = 3,
-    scale_metric: str = "concurrency",
-    scale_target: int = 1,
-    deploy_timeout: int = 900,
+    training: dict = TRAINING,
+    cluster: dict = CLUSTER,
+    deployment: dict = DEPLOYMENT,
 ) -> None:
     """Train, evaluate, register and deploy a BraTS segmentation model.
 
@@ -106,90 +104,53 @@ def medseg_pipeline(
         labels: Label convention override (default: detected from the layout).
         config_yaml: The full :class:`medseg.config.MedsegConfig` as YAML (empty: defaults).
             One line of YAML flow style is safest: KFP copies defaults into a YAML comment.
-        epochs: Overrides ``train.epochs`` when above 0.
-        launcher: ``local`` (torchrun in the step) or ``pytorchjob``.
-        workers: torchrun processes (local) or PyTorchJob pods.
-        gpus_per_worker: GPUs per PyTorchJob pod (one process each).
-        dice_threshold: Quality gate on the validation mean Dice of TC/WT/ET.
+        dice_threshold: Quality gate on the validation mean Dice.
         model_name: Registry name (also the InferenceService name).
-        deploy_target: ``local`` (record the ``medseg serve`` command) or ``kserve``.
-        image: The project image, for the PyTorchJob.
-        server_image: The model server image, for the predictor.
-        namespace: Namespace of the PyTorchJob and the InferenceService: the Helm release's,
-            where the chart's Role and ServiceAccounts are.
-        release: The Helm release: its ServiceAccounts run the PyTorchJob pods and the predictor.
-        s3_secret: Secret with ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``.
-        s3_config: ConfigMap with ``S3_ENDPOINT`` and ``S3_USE_HTTPS`` (the Helm chart's).
-        train_timeout: Seconds to wait for the PyTorchJob.
-        deployment_mode: ``Knative`` or ``Standard``.
-        min_replicas: Fewest predictor replicas (0 scales to zero with Knative).
-        max_replicas: Most predictor replicas.
-        scale_metric: concurrency or rps (Knative), cpu or memory (Standard).
-        scale_target: Target of the scale metric per replica.
-        deploy_timeout: Seconds to wait for the InferenceService to be Ready.
+        training: :class:`medseg.pipeline_params.TrainingParams` (epochs, launcher, workers,
+            gpus_per_worker, image, timeout).
+        cluster: :class:`medseg.pipeline_params.ClusterParams` (namespace, release, s3_secret,
+            s3_config; the S3 names follow the release unless given).
+        deployment: :class:`medseg.pipeline_params.DeploymentParams` (target, image, mode,
+            min_replicas, max_replicas, scale_metric, scale_target, timeout).
     """
+    names = _configure(
+        params_op(
+            config_yaml=config_yaml, training=training, cluster=cluster, deployment=deployment
+        ),
+        "params",
+        None,
+    )
     ingest = _configure(
         ingest_op(
-            source=source,
-            name=dataset_name,
-            store=store,
-            labels=labels,
-            config_yaml=config_yaml,
-            launcher=launcher,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
+            source=source, name=dataset_name, store=store, labels=labels, config_yaml=config_yaml
         ),
         "ingest",
-        s3_secret,
-        s3_config,
+        names,
     )
-    prep = _configure(
-        preprocess_op(dataset_spec=ingest.outputs["Output"], store=store, config_yaml=config_yaml),
-        "preprocess",
-        s3_secret,
-        s3_config,
-    )
+    dataset = ingest.outputs["dataset"]
+    prep = _configure(preprocess_op(dataset=dataset, config_yaml=config_yaml), "preprocess", names)
     train = _configure(
         train_op(
-            dataset_spec=ingest.outputs["Output"],
-            store=store,
+            dataset=dataset,
+            preprocessed=prep.outputs["preprocessed"],
             config_yaml=config_yaml,
-            epochs=epochs,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            launcher=launcher,
-            workers=workers,
-            gpus_per_worker=gpus_per_worker,
-            image=image,
-            namespace=namespace,
-            release=release,
-            s3_secret=s3_secret,
-            s3_config=s3_config,
-            wait_timeout=train_timeout,
+            training=training,
+            cluster=cluster,
         ),
         "train",
-        s3_secret,
-        s3_config,
-    ).after(prep)
+        names,
+    )
+    model = train.outputs["model"]
     predict = _configure(
-        predict_op(
-            model_uri=train.outputs["Output"],
-            dataset_spec=ingest.outputs["Output"],
-            store=store,
-            split="validation",
-        ),
-        "predict",
-        s3_secret,
-        s3_config,
+        predict_op(model=model, dataset=dataset, split="validation"), "predict", names
     )
     evaluate = _configure(
         evaluate_op(
-            model_uri=train.outputs["Output"],
-            predictions=predict.outputs["predictions"],
-            threshold=dice_threshold,
+            model=model, predictions=predict.outputs["predictions"], threshold=dice_threshold
         ),
         "evaluate",
-        s3_secret,
-        s3_config,
+        names,
     )
     gate = _configure(
         gate_op(
@@ -198,36 +159,25 @@ def medseg_pipeline(
             threshold=dice_threshold,
         ),
         "gate",
-        s3_secret,
-        s3_config,
+        names,
     )
     register = _configure(
         register_op(
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            model=model,
+            evaluation=evaluate.outputs["evaluation"],
             store=store,
             name=model_name,
-            eval_uri=evaluate.outputs["eval_uri"],
         ),
         "register",
-        s3_secret,
-        s3_config,
+        names,
     ).after(gate)
     _configure(
         deploy_op(
-            model_uri=register.outputs["Output"],
+            model=register.outputs["registered"],
             name=model_name,
-            target=deploy_target,
-            image=server_image,
-            namespace=namespace,
-            release=release,
-            deployment_mode=deployment_mode,
-            min_replicas=min_replicas,
-            max_replicas=max_replicas,
-            scale_metric=scale_metric,
-            scale_target=scale_target,
-            timeout=deploy_timeout,
+            deployment=deployment,
+            cluster=cluster,
         ),
         "deploy",
-        s3_secret,
-        s3_config,
+        names,
     )

@@ -165,6 +165,22 @@ BAD_INPUT = [
     (["pipeline", "run", "--source", "x"], "only --local runs here"),
     (["pipeline", "run", "--local", "--source", "x", "--param", "oops"], "--param takes KEY=VALUE"),
     (["pipeline", "run", "--local", "--source", "x", "-c", "{tmp}/bad.yaml"], "not valid YAML"),
+    (
+        ["pipeline", "run", "--local", "--source", "x", "--param", "training.workers=0"],
+        "bad pipeline parameter training.workers: Input should be greater than or equal to 1",
+    ),
+    (
+        ["pipeline", "run", "--local", "--source", "x", "--param", "train.epochs=2"],
+        "no group 'train' (groups: training, cluster, deployment)",
+    ),
+    (
+        ["pipeline", "submit", "--source", "x", "--host", "h", "--param", "cluster.relase=p"],
+        "bad pipeline parameter cluster.relase: Extra inputs are not permitted",
+    ),
+    (
+        ["pipeline", "run", "--local", "--source", "x", "--param", "deployment.min_replicas=4"],
+        "deployment: need 0 <= min_replicas",
+    ),
     (["pipeline", "submit", "--source", "x", "--host", "http://127.0.0.1:{closed}"], "unreachable"),
     (["pipeline", "upload", "--host", "http://127.0.0.1:{closed}"], "unreachable"),
     (["minio", "--port", "{busy}", "--data-dir", "{tmp}/m"], "{busy}"),
@@ -296,8 +312,10 @@ def test_submit_runs_as_the_charts_service_account_in_its_namespace(
     assert run["service_account"] == subject["name"] == "medseg-pipeline"
     assert run["experiment_id"] == "exp-1"
     params = run["runtime_config"]["parameters"]
-    assert params["namespace"] == subject["namespace"]  # where PyTorchJob and ISVC are created
-    assert params["launcher"] == "pytorchjob" and params["deploy_target"] == "kserve"
+    # where PyTorchJob and ISVC are created
+    assert params["cluster"]["namespace"] == subject["namespace"]
+    assert params["training"]["launcher"] == "pytorchjob"
+    assert params["deployment"]["target"] == "kserve"
     spec, platform = run["pipeline_spec"]["pipeline_spec"], run["pipeline_spec"]["platform_spec"]
     assert spec["pipelineInfo"]["name"] == "medseg-brats"
     assert "kubernetes" in platform["platforms"]  # the steps' Secret and ConfigMap env
@@ -321,6 +339,11 @@ def test_submit_takes_every_name_from_the_release(
     run = kfp_api.posted("/apis/v2beta1/runs")
     assert run["service_account"] == "prod-medseg-pipeline"
     params = run["runtime_config"]["parameters"]
-    assert (params["namespace"], params["release"]) == ("ml", "prod")
-    assert params["s3_secret"] == params["s3_config"] == "prod-medseg-s3"
+    cluster = params["cluster"]
+    assert (cluster["namespace"], cluster["release"]) == ("ml", "prod")
+    # the run's first step names the release's Secret and ConfigMap for every later step
+    from components import params_op
+
+    names = params_op.python_func(config_yaml="", training={}, cluster=cluster, deployment={})
+    assert names.s3_secret == names.s3_config == "prod-medseg-s3"
     assert kfp_api.posted("/apis/v2beta1/experiments")["namespace"] == "ml"

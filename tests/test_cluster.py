@@ -380,29 +380,49 @@ def test_pipeline_train_step_submits_the_pytorchjob_as_the_chart_service_account
     tmp_path: Path,
 ) -> None:
     """The KFP train component's function with ``launcher=pytorchjob``, as its pod would run it."""
-    from kfp.dsl import Metrics, Model
+    from kfp.dsl import Dataset, Metrics, Model
 
     from components import train_op
+    from medseg.config import MedsegConfig
+    from medseg.pipeline_params import (
+        DatasetArtifact,
+        ModelArtifact,
+        PreprocessedArtifact,
+        read_ref,
+        write_ref,
+    )
     from medseg.storage import join
 
     release, ns, run_id = installed.release, installed.release.namespace, "kfp-train"
     # kwok runs no container, so no Master writes the run's model record: it is put in place
     # beforehand (what this checks is the cluster side: the job, its pods, their account).
     model_uri = join(bucket, "runs", run_id, "model")
-    storage.put_json(join(model_uri, "lineage.json"), {"best": {"epoch": 2, "dice_mean": 0.5}})
     # The chart's pipeline account: $KUBECONFIG as the kubernetes client read it at import.
     monkeypatch.setattr(
         "kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(installed.kubeconfig)
     )
     image = "ghcr.io/medseg/medseg:0.1.0"
-    got = train_op.python_func(
-        dataset_spec="brats@abc", store=bucket, config_yaml="", epochs=1, run_id=run_id,
-        launcher="pytorchjob", workers=2, gpus_per_worker=0, image=image, namespace=ns,
-        release=release.name, s3_secret=release.s3_secret, s3_config=release.s3_config,
-        wait_timeout=240, model=Model(name="model", uri=str(tmp_path / "model")),
+    lineage = {"best": {"epoch": 2, "dice_mean": 0.5}, "files": {"model.pt": "0" * 64}}
+    storage.put_json(join(model_uri, "lineage.json"), lineage)
+    arts = {n: kind(name=n, uri=str(tmp_path / n)) for n, kind in
+            (("dataset", Dataset), ("prep", Dataset), ("model", Model))}  # fmt: skip
+    for art in arts.values():
+        art.path = art.uri  # a local file, as the KFP launcher maps it
+    dataset, prep, model = arts["dataset"], arts["prep"], arts["model"]
+    data_prefix = join(bucket, "datasets", "brats", "abc")
+    write_ref(dataset, DatasetArtifact(uri=data_prefix, digest="abc", store=bucket,
+                                       dataset="brats@abc"))  # fmt: skip
+    fingerprint = MedsegConfig().data.fingerprint()
+    write_ref(prep, PreprocessedArtifact(uri=join(data_prefix, "preprocessed", fingerprint),
+                                         dataset="brats@abc", digest=fingerprint))  # fmt: skip
+    train_op.python_func(
+        dataset=dataset, preprocessed=prep, config_yaml="", run_id=run_id,
+        training={"epochs": 1, "launcher": "pytorchjob", "workers": 2, "image": image,
+                  "timeout": 240},
+        cluster={"namespace": ns, "release": release.name}, model=model,
         metrics=Metrics(name="metrics", uri=str(tmp_path / "metrics")),
     )  # fmt: skip
-    assert got == model_uri
+    assert read_ref(model, ModelArtifact).uri == model_uri
     job = kubectl_json("get", "pytorchjob", f"medseg-{run_id}", "-n", ns)
     assert any(c["type"] == "Succeeded" and c["status"] == "True"
                for c in job["status"]["conditions"])  # fmt: skip
@@ -484,12 +504,17 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
 def test_pipeline_deploy_step_runs_as_the_chart_service_account(installed: Installed) -> None:
     """The KFP deploy component's function, as the pipeline pod would run it on the cluster."""
     ns = installed.release.namespace
+    model = "s3://medseg/models/brats/v2"
     call = (
-        "from components import deploy_op; print(deploy_op.python_func("
-        "model_uri='s3://medseg/models/brats/v2', name='brats-kfp', target='kserve', "
-        f"image='ghcr.io/medseg/medseg-server:0.1.0', namespace='{ns}', "
-        f"release='{installed.release.name}', deployment_mode='Standard', min_replicas=1, "
-        "max_replicas=2, scale_metric='cpu', scale_target=60, timeout=180))"
+        "from kfp.dsl import Model\n"
+        "from components import deploy_op\n"
+        "from medseg.pipeline_params import ModelArtifact, write_ref\n"
+        "m = Model(name='model', uri='/tmp/medseg-kfp-model'); m.path = m.uri\n"
+        f"write_ref(m, ModelArtifact(uri='{model}', digest='0' * 64, run_id='r', dataset='d@v'))\n"
+        "print(deploy_op.python_func(model=m, name='brats-kfp', deployment={'target': 'kserve', "
+        "'mode': 'Standard', 'min_replicas': 1, 'max_replicas': 2, 'scale_metric': 'cpu', "
+        "'scale_target': 60, 'timeout': 180, 'image': 'ghcr.io/medseg/medseg-server:0.1.0'}, "
+        f"cluster={{'namespace': '{ns}', 'release': '{installed.release.name}'}}))"
     )
     env = {**os.environ, "KUBECONFIG": str(installed.kubeconfig)}
     done = subprocess.run(

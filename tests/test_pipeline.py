@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import json
 import os
@@ -18,14 +19,25 @@ from medseg.deploy import InferenceServiceSpec, build_inference_service
 from medseg.errors import MedsegError
 from medseg.kube import SERVER_IMAGE
 from medseg.launchers import PyTorchJobSpec, S3Secret, build_pytorchjob, submit_pytorchjob
-from medseg.pipeline_runner import compile_pipeline
+from medseg.pipeline_params import GROUPS
+from medseg.pipeline_runner import compile_pipeline, run_local
 from medseg.storage import Storage, join
-from pipelines.medseg_pipeline import medseg_pipeline
+from pipelines.medseg_pipeline import CACHED, medseg_pipeline
 from tests.k8s import kserve_api_client
 
 from .conftest import tiny_config
 
-STEPS = ["ingest", "preprocess", "train", "predict", "evaluate", "gate", "register", "deploy"]
+STEPS = [
+    "params",
+    "ingest",
+    "preprocess",
+    "train",
+    "predict",
+    "evaluate",
+    "gate",
+    "register",
+    "deploy",
+]
 
 
 @pytest.fixture(scope="module")
@@ -42,54 +54,110 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
     # each step waits for the one before it
     for before, after in itertools.pairwise(STEPS):
         assert f"{before}-op" in deps[f"{after}-op"], (before, after, deps[f"{after}-op"])
-    assert deps["ingest-op"] == set()
+    assert deps["params-op"] == set()
     params = spec["root"]["inputDefinitions"]["parameters"]
-    for name in (
-        "source",
-        "epochs",
-        "workers",
-        "gpus_per_worker",
-        "launcher",
-        "dice_threshold",
-        "min_replicas",
-        "max_replicas",
-        "deploy_target",
-        "s3_secret",
-    ):
-        assert name in params
-    assert params["launcher"]["defaultValue"] == "local"
+    assert set(params) == {
+        *("source", "dataset_name", "store", "labels", "config_yaml", "dice_threshold"),
+        *("model_name", "training", "cluster", "deployment"),
+    }
+    # the groups are dict (STRUCT) parameters whose defaults are the library's single definitions
+    for group, model in GROUPS.items():
+        assert params[group]["parameterType"] == "STRUCT"
+        assert model.model_validate(params[group]["defaultValue"]) == model()
+    assert params["training"]["defaultValue"]["launcher"] == "local"
     assert params["dice_threshold"]["defaultValue"] == 0.8
-    cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
-    # Not ingest: its source path names no content (new files under it are a new version).
-    assert cached == {"preprocess-op", "predict-op", "evaluate-op"}
-    # evaluate scores the predict step's label maps, handed over as a typed artifact
-    inputs = tasks["evaluate-op"]["inputs"]["artifacts"]["predictions"]["taskOutputArtifact"]
-    assert inputs == {"outputArtifactKey": "predictions", "producerTask": "predict-op"}
     # the predictor runs the model server image, the PyTorchJob the project image
-    deploy_image = tasks["deploy-op"]["inputs"]["parameters"]["image"]
-    assert deploy_image == {"componentInputParameter": "server_image"}
-    assert params["server_image"]["defaultValue"] == SERVER_IMAGE
-    train_image = tasks["train-op"]["inputs"]["parameters"]["image"]
-    assert train_image == {"componentInputParameter": "image"}
+    assert params["deployment"]["defaultValue"]["image"] == SERVER_IMAGE
+    assert params["training"]["defaultValue"]["image"] == "ghcr.io/medseg/medseg:0.1.0"
+    cached = {n for n, t in tasks.items() if t.get("cachingOptions", {}).get("enableCache")}
+    assert (
+        cached
+        == {f"{step}-op" for step in CACHED}
+        == {"preprocess-op", "predict-op", "evaluate-op"}
+    )
+    # steps hand over typed artifacts: the dataset, the preprocessed data, the model
+    artifacts = {
+        name: {k: v["taskOutputArtifact"] for k, v in t["inputs"].get("artifacts", {}).items()}
+        for name, t in tasks.items()
+    }
+    assert artifacts["preprocess-op"]["dataset"]["producerTask"] == "ingest-op"
+    assert artifacts["train-op"]["preprocessed"]["producerTask"] == "preprocess-op"
+    assert artifacts["predict-op"]["model"]["producerTask"] == "train-op"
+    assert artifacts["evaluate-op"]["predictions"] == {
+        "outputArtifactKey": "predictions",
+        "producerTask": "predict-op",
+    }
+    assert artifacts["register-op"]["evaluation"]["producerTask"] == "evaluate-op"
+    assert artifacts["deploy-op"]["model"] == {
+        "outputArtifactKey": "registered",
+        "producerTask": "register-op",
+    }
     executors = spec["deploymentSpec"]["executors"]
     k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    # every step but params (which reads no store) gets the S3 Secret and ConfigMap the params
+    # step named from the release: they follow cluster.release inside the pipeline
+    assert "exec-params-op" not in k8s
+    from_params = {"producerTask": "params-op", "outputParameterKey": "s3_secret"}
     for step in STEPS:
         container = executors[f"exec-{step}-op"]["container"]
         assert container["image"] == "ghcr.io/medseg/medseg:0.1.0"
         assert "pip install" not in " ".join(container["command"])  # nothing installed at run
         res = container["resources"]
         assert res["resourceCpuRequest"] and res["resourceMemoryLimit"]
+        if step == "params":
+            continue
         secret = k8s[f"exec-{step}-op"]["secretAsEnv"][0]
-        assert secret["secretNameParameter"] == {"componentInputParameter": "s3_secret"}
+        assert secret["secretNameParameter"] == {"taskOutputParameter": from_params}
         assert {e["envVar"] for e in secret["keyToEnv"]} == {
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
         }
         config = k8s[f"exec-{step}-op"]["configMapAsEnv"][0]
+        assert config["configMapNameParameter"] == {
+            "taskOutputParameter": {**from_params, "outputParameterKey": "s3_config"}
+        }
         assert {e["envVar"] for e in config["keyToEnv"]} == {"S3_ENDPOINT", "S3_USE_HTTPS"}
     # no credential value anywhere in the compiled pipeline
     text = yaml.safe_dump(compiled)
     assert "secretKey" in text and "minioadmin" not in text
+
+
+#: Pipeline parameters that are content, not a location: the run's config and its gate.
+CONTENT_PARAMETERS = {"config_yaml", "dice_threshold"}
+
+
+def test_cached_steps_are_keyed_on_content(compiled: list[dict[str, Any]]) -> None:
+    """What KFP's cache key of each cached step holds names content, never a location.
+
+    A KFP backend keys a step on its image and command, its input parameter values and its
+    input artifacts' MLMD ids (backend/src/v2/cacheutils/cache.go). So a cached step may take
+    only parameters that are content (the config, a constant split, the threshold) and
+    artifacts; the artifacts it reads are references that name their content (a manifest's
+    content hash, a weights sha256: tests/test_components.py), made by uncached steps or by
+    cached steps keyed the same way. The one location parameter, ``source``, whose content can
+    change under the same name, feeds only the uncached ingest step.
+    """
+    spec, _ = compiled
+    tasks = spec["root"]["dag"]["tasks"]
+    cached = {
+        n.removesuffix("-op") for n, t in tasks.items() if t["cachingOptions"].get("enableCache")
+    }
+    assert cached == CACHED
+    for step in CACHED:
+        inputs = tasks[f"{step}-op"]["inputs"]
+        for name, value in inputs.get("parameters", {}).items():
+            if "componentInputParameter" in value:
+                assert value["componentInputParameter"] in CONTENT_PARAMETERS, (step, name)
+            else:  # a constant (the split)
+                assert "constant" in value["runtimeValue"], (step, name, value)
+        for name, value in inputs.get("artifacts", {}).items():
+            producer = value["taskOutputArtifact"]["producerTask"].removesuffix("-op")
+            assert producer in {"ingest", "train"} | CACHED, (step, name, producer)
+    readers = {
+        n for n, t in tasks.items()
+        if t["inputs"].get("parameters", {}).get("source", {}).get("componentInputParameter")
+    }  # fmt: skip
+    assert readers == {"ingest-op"} and "ingest" not in CACHED and "train" not in CACHED
 
 
 def _roundtrip(obj: Any, api_client: Any, klass: str) -> Any:
@@ -164,28 +232,6 @@ def test_bad_launcher_parameters_fail_early() -> None:
     common = {"name": "j", "image": "i", "dataset": "d@v", "store": "s3://b", "run_id": "r"}
     with pytest.raises(MedsegError, match="at least 1 worker"):
         PyTorchJobSpec(**common, config_uri="s3://b/c.yaml", workers=0)
-
-
-def test_ingest_component_checks_the_launch_parameters_before_any_work(tmp_path: Path) -> None:
-    from kfp.dsl import Dataset
-
-    from components import ingest_op
-
-    out = Dataset(name="dataset", uri=str(tmp_path / "dataset"))
-    out.path = str(tmp_path / "dataset")
-    with pytest.raises(MedsegError, match="workers must be at least 1, got 0"):
-        ingest_op.python_func(
-            source=str(tmp_path / "absent"),  # never read: the parameters fail first
-            name="d",
-            store=str(tmp_path / "store"),
-            labels="",
-            config_yaml="",
-            launcher="local",
-            workers=0,
-            gpus_per_worker=0,
-            dataset=out,
-        )
-    assert not (tmp_path / "store").exists() and not (tmp_path / "dataset").exists()
 
 
 def test_gate_component_stops_the_run_below_the_threshold() -> None:
@@ -337,24 +383,14 @@ def test_local_pipeline_run_end_to_end(
 def test_bad_pipeline_parameter_fails_in_the_first_step(
     synth_root: Path, pipeline_env: dict[str, str], bucket: str, tmp_path: Path
 ) -> None:
-    args = [
-        "pipeline",
-        "run",
-        "--local",
-        "--source",
-        str(synth_root / "brats2021"),
-        "--store",
-        bucket,
-        "--launcher",
-        "slurm",
-        "--root",
-        str(tmp_path / "root"),
-    ]
-    done = _cli(args, pipeline_env, tmp_path)
+    base = ["pipeline", "run", "--local", "--source", str(synth_root / "brats2021")]
+    base += ["--store", bucket, "--root", str(tmp_path / "root")]
+    # the command line checks the groups before kfp.local starts, naming the field
+    done = _cli([*base, "--launcher", "slurm"], pipeline_env, tmp_path)
     out = done.stdout + done.stderr
-    assert done.returncode != 0
-    assert "launcher must be one of local, pytorchjob, got 'slurm'" in out
-    assert "ingest-op" in out and "preprocess-op" not in out.split("launcher must be")[1]
+    assert done.returncode == 1 and "Executing task" not in out
+    assert "bad pipeline parameter training.launcher: Input should be 'local'" in out
+    # more bad --param values: tests/test_cli.py (BAD_INPUT)
     missing = _cli(
         [
             "pipeline",
@@ -372,3 +408,21 @@ def test_bad_pipeline_parameter_fails_in_the_first_step(
     )
     assert missing.returncode != 0
     assert "is not a folder" in missing.stdout + missing.stderr
+
+
+def test_the_pipeline_checks_its_groups_in_its_first_step(
+    pipeline_env: dict[str, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Arguments that skip the command line (a KFP UI run) stop in the params step."""
+    for key, value in pipeline_env.items():
+        monkeypatch.setenv(key, value)
+    log = io.StringIO()
+    with pytest.raises(MedsegError, match=r"pipeline step params failed: .*training\.workers"):
+        run_local(
+            medseg_pipeline,
+            {"source": str(tmp_path / "never-read"), "training": {"workers": 0}},
+            tmp_path / "root",
+            sink=log,
+        )
+    assert "Executing task 'params-op'" in log.getvalue()
+    assert "Executing task 'ingest-op'" not in log.getvalue()

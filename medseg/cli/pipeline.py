@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -28,7 +28,12 @@ EpochsOpt = Annotated[int, typer.Option(help="Overrides train.epochs when above 
 ModelNameOpt = Annotated[str, typer.Option(help="Registry name.")]
 LauncherOpt = Annotated[str, typer.Option(help="local or pytorchjob.")]
 PipelineParams = Annotated[
-    list[str] | None, typer.Option("--param", help="Any other pipeline parameter, KEY=VALUE.")
+    list[str] | None,
+    typer.Option(
+        "--param",
+        help="Any other pipeline parameter: KEY=VALUE, or GROUP.FIELD=VALUE for a field of the "
+        "training, cluster or deployment group (e.g. training.epochs=2, deployment.mode=Standard).",
+    ),
 ]
 HostOpt = Annotated[str, typer.Option(help="KFP API endpoint, e.g. http://ml-pipeline:8888.")]
 NamespaceOpt = Annotated[
@@ -41,6 +46,27 @@ ServiceAccountOpt = Annotated[
     str | None,
     typer.Option(help="The run's ServiceAccount if the chart's pipeline.serviceAccount is set."),
 ]
+
+
+def _params(
+    source: str,
+    store: str,
+    threshold: float,
+    model_name: str,
+    target: str,
+    epochs: int,
+    workers: int,
+    launcher: str,
+) -> dict[str, Any]:
+    """The pipeline parameters the run and submit options set (``--param`` may override)."""
+    return {
+        "source": source,
+        "store": store,
+        "dice_threshold": threshold,
+        "model_name": model_name,
+        "deployment": {"target": target},
+        "training": {"epochs": epochs, "workers": workers, "launcher": launcher},
+    }
 
 
 @pipeline_app.command("compile")
@@ -94,13 +120,13 @@ def pipeline_run(
     """Run the whole pipeline on this machine through kfp.local."""
     if not local:
         raise MedsegError("only --local runs here; use `medseg pipeline submit` for a cluster")
-    from medseg.pipeline_runner import pipeline_arguments, run_local
+    from medseg.pipeline_params import pipeline_arguments
+    from medseg.pipeline_runner import run_local
     from pipelines.medseg_pipeline import medseg_pipeline
 
-    params = {"source": source, "store": store, "epochs": epochs, "workers": workers}
-    params |= {"launcher": launcher, "dice_threshold": threshold, "model_name": model_name}
+    params = _params(source, store, threshold, model_name, "local", epochs, workers, launcher)
     cfg = load_config(config) if config else None
-    args = pipeline_arguments({**params, "deploy_target": "local"}, cfg, param or [])
+    args = pipeline_arguments(params, cfg, param or [])
     run_local(medseg_pipeline, args, root)
     console.print(f"pipeline finished; local outputs under {root}")
 
@@ -124,17 +150,18 @@ def pipeline_submit(
     param: PipelineParams = None,
 ) -> None:
     """Compile and start the pipeline on a Kubeflow Pipelines backend."""
-    from medseg.pipeline_runner import pipeline_arguments, submit
+    from medseg.pipeline_params import pipeline_arguments
+    from medseg.pipeline_runner import submit
     from pipelines.medseg_pipeline import medseg_pipeline
 
-    params = {"source": source, "store": store, "epochs": epochs, "workers": workers}
-    params |= {"launcher": launcher, "dice_threshold": threshold, "model_name": model_name}
+    params = _params(source, store, threshold, model_name, "kserve", epochs, workers, launcher)
+    params["cluster"] = {"namespace": namespace, "release": release}
     cfg = load_config(config) if config else None
-    args = pipeline_arguments({**params, "deploy_target": "kserve"}, cfg, param or [])
+    args = pipeline_arguments(params, cfg, param or [])
     package = Path(".medseg/medseg-pipeline.yaml")
-    names = Release(release, namespace)
+    names = Release(args["cluster"]["release"], args["cluster"]["namespace"])
     run_id = submit(medseg_pipeline, host, args, experiment, package, names, service_account)
     console.print(
-        f"submitted run {run_id} to {host} (namespace {namespace}, "
+        f"submitted run {run_id} to {host} (namespace {names.namespace}, "
         f"service account {service_account or names.pipeline_service_account})"
     )

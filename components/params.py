@@ -1,0 +1,35 @@
+"""Params: check every parameter group first (fail fast) and name the release's S3 objects."""
+
+from typing import NamedTuple
+
+from components.base import component
+
+
+@component
+def params_op(
+    config_yaml: str,
+    training: dict,
+    cluster: dict,
+    deployment: dict,
+) -> NamedTuple("ClusterNames", s3_secret=str, s3_config=str):  # type: ignore[valid-type]
+    """Validate the run's config and parameter groups before any work; the S3 object names.
+
+    The Secret and ConfigMap follow the release (``cluster.release``) unless the ``cluster``
+    group names them; every later step reads the object-store settings from those two.
+    """
+    from collections import namedtuple
+
+    from medseg.pipeline_params import (
+        ClusterParams,
+        DeploymentParams,
+        TrainingParams,
+        parse_config,
+        parse_group,
+    )
+
+    parse_config(config_yaml)
+    parse_group(TrainingParams, training, "training").target()
+    parse_group(DeploymentParams, deployment, "deployment")
+    names = parse_group(ClusterParams, cluster, "cluster").resolved()
+    ClusterNames = namedtuple("ClusterNames", ["s3_secret", "s3_config"])
+    return ClusterNames(names.s3_secret, names.s3_config)

@@ -1,0 +1,86 @@
+"""The pipeline's parameter groups and its ``--param`` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from medseg.deploy import InferenceServiceSpec
+from medseg.errors import MedsegError
+from medseg.kube import DEFAULT_RELEASE
+from medseg.pipeline_params import (
+    ClusterParams,
+    DeploymentParams,
+    TrainingParams,
+    parse_group,
+    pipeline_arguments,
+)
+from medseg.settings import PlatformSettings
+
+from .conftest import tiny_config
+
+
+def test_group_defaults_are_the_single_definitions() -> None:
+    spec = {f.name: f.default for f in dataclasses.fields(InferenceServiceSpec)}
+    deployment = DeploymentParams()
+    assert (deployment.mode, deployment.min_replicas, deployment.max_replicas) == (
+        spec["deployment_mode"],
+        spec["min_replicas"],
+        spec["max_replicas"],
+    )
+    assert (deployment.scale_metric, deployment.scale_target) == (
+        spec["scale_metric"],
+        spec["scale_target"],
+    )
+    images = PlatformSettings().images
+    assert deployment.image == images.server and TrainingParams().image == images.project
+    cluster = ClusterParams().resolved()
+    assert (cluster.namespace, cluster.release) == (DEFAULT_RELEASE.namespace, DEFAULT_RELEASE.name)
+    assert (cluster.s3_secret, cluster.s3_config) == (
+        DEFAULT_RELEASE.s3_secret,
+        DEFAULT_RELEASE.s3_config,
+    )
+
+
+def test_param_overrides_set_plain_parameters_and_group_fields() -> None:
+    args = pipeline_arguments(
+        {"source": "s3://b/raw", "training": {"workers": 3}},
+        tiny_config(),
+        [
+            "training.epochs=2",
+            "cluster.release=prod",
+            "deployment.mode=Standard",
+            "deployment.scale_metric=cpu",
+            "dice_threshold=0.5",
+            "dataset_name=brats",
+        ],
+    )
+    assert args["training"] == {**TrainingParams().model_dump(), "workers": 3, "epochs": 2}
+    assert args["cluster"]["release"] == "prod" and args["cluster"]["s3_secret"] == ""
+    assert args["deployment"]["mode"] == "Standard" and args["deployment"]["min_replicas"] == 1
+    assert args["dice_threshold"] == 0.5 and args["dataset_name"] == "brats"
+    assert args["config_yaml"] == tiny_config().to_yaml()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ("training", r"--param takes KEY=VALUE or GROUP\.FIELD=VALUE"),
+        ("training=2", "training is a group, set GROUP.FIELD=VALUE"),
+        ("train.epochs=2", "no group 'train'"),
+        ("training.epochs=two", r"training\.epochs: Input should be a valid integer"),
+        ("training.gpus_per_worker=-1", r"training\.gpus_per_worker: Input should be greater"),
+        ("deployment.mode=Serverless", r"deployment\.mode: Input should be 'Knative'"),
+        ("config_yaml=train: [", "config_yaml: not YAML"),
+    ],
+)
+def test_a_bad_override_names_the_field(extra: str, message: str) -> None:
+    with pytest.raises(MedsegError, match=message):
+        pipeline_arguments({"source": "x"}, None, [extra])
+
+
+def test_kfp_floats_validate_as_ints_but_fractions_do_not() -> None:
+    assert parse_group(TrainingParams, {"workers": 2.0}, "training").workers == 2
+    with pytest.raises(MedsegError, match=r"training\.workers: Input should be a valid integer"):
+        parse_group(TrainingParams, {"workers": 2.5}, "training")
