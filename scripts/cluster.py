@@ -492,7 +492,7 @@ def _ensure_binaries() -> None:
     ]
     if all((BIN / n).exists() for n in needed) and (TOOLS / "kserve-manager").exists():
         return
-    log("building the control plane (cold: ~50 min niced on a busy 2-core machine, ~16 min of CPU; cached after)")
+    log("building the control plane (cold: ~50 min niced on a busy 2-core machine; cached after)")
     subprocess.run(["bash", str(ROOT / "scripts" / "cluster" / "build.sh")], check=True)
 
 
