@@ -17,14 +17,12 @@ Usage: ``python benchmarks/bench_dicom_read.py [--repeats 5] [--shape 240 240 15
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from _timing import median_time
 
 from medseg.config import CHANNELS
 from medseg.dicom import StudyInfo, read_study, write_study
@@ -35,15 +33,6 @@ def _read_nifti(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     imgs = [nib.load(f) for f in files]
     image = np.stack([np.asarray(i.dataobj, dtype=np.float32) for i in imgs])
     return image, imgs[0].affine
-
-
-def _median(fn: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def main() -> None:
@@ -76,8 +65,8 @@ def main() -> None:
         assert np.array_equal(study.image, nifti_image), "DICOM and NIfTI images differ"
         assert np.allclose(study.affine, nifti_affine, atol=1e-5), "affines differ"
 
-        nifti_s = _median(lambda: _read_nifti(files), args.repeats)
-        dicom_s = _median(lambda: read_study(root / "dicom"), args.repeats)
+        nifti_s = median_time(lambda: _read_nifti(files), args.repeats)
+        dicom_s = median_time(lambda: read_study(root / "dicom"), args.repeats)
     print(f"case {shape}, 4 series, {n_files} DICOM files; median of {args.repeats}")
     print(f"  NIfTI (.nii.gz, nibabel): {nifti_s:.3f} s")
     print(f"  DICOM (read_study):       {dicom_s:.3f} s")

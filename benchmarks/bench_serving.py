@@ -38,6 +38,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import torch
+from _timing import median_time
 
 from medseg.client import infer, predict, wait_ready
 from medseg.codec import serialize_bytes
@@ -65,15 +66,6 @@ class Server:
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(30)
-
-
-def _median(fn: Any, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 #: The socket baseline's server (its own process, no imports beyond the standard library): per
@@ -156,7 +148,7 @@ def part_a(x: np.ndarray, tmp: Path, repeats: int) -> None:
                 break
             except OSError:
                 time.sleep(0.1)
-        socket_s = _median(_socket_call(port, [payload], answer), repeats)
+        socket_s = median_time(_socket_call(port, [payload], answer), repeats)
     finally:
         sock.terminate()
         sock.wait(30)
@@ -186,7 +178,7 @@ def part_a(x: np.ndarray, tmp: Path, repeats: int) -> None:
         for name, call in calls.items():
             call()  # warm-up (connections, imports, the server's first allocation)
             peaks[name] = _peak_over(server.proc.pid, call)
-            rows[name] = _median(call, repeats)
+            rows[name] = median_time(call, repeats)
     finally:
         server.stop()
     print(f"  {'raw loopback TCP socket':<30} {socket_s:8.3f} s   (1.00x socket)")
@@ -204,7 +196,7 @@ def part_b(case: Path, model_dir: Path, tmp: Path, repeats: int) -> None:
     affine = imgs[0].affine  # type: ignore[attr-defined]
     seg = load_model(str(model_dir), Storage())
     segment_case(seg, image, affine)  # warm-up
-    compute = _median(lambda: segment_case(seg, image, affine), repeats)
+    compute = median_time(lambda: segment_case(seg, image, affine), repeats)
     print(
         f"\nB. real predictor on a synthetic case {list(image.shape)}; torch threads "
         f"{torch.get_num_threads()}\n  in-process compute            {compute:8.2f} s"
@@ -235,7 +227,7 @@ def part_b(case: Path, model_dir: Path, tmp: Path, repeats: int) -> None:
         results, own = {}, {}
         for name, fn in paths.items():
             answers: list[Any] = []
-            results[name] = _median(lambda fn=fn, out=answers: out.append(fn()), repeats)
+            results[name] = median_time(lambda fn=fn, out=answers: out.append(fn()), repeats)
             # the same request's own compute (server-side segment_case), so that run-to-run
             # variation of the compute does not count as overhead
             own[name] = statistics.median(a.latency_s - a.compute_ms / 1000 for a in answers)

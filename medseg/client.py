@@ -3,7 +3,10 @@
 ``medseg predict`` sends a case — a BraTS case folder, one 4D NIfTI, or four 3D files — as NIfTI
 bytes (or, with ``tensor=True``, as a raw FP16/FP32 tensor read here), and gets back the mask
 NIfTI and the region volumes. REST uses the binary tensor data extension both ways; gRPC uses
-``raw_input_contents`` with message limits raised to fit a full case.
+``raw_input_contents`` with message limits raised to fit a full case, written after the rest of
+the message and read back as views (:func:`~medseg.codec.join_grpc_raw`,
+:func:`~medseg.codec.split_grpc_raw`): the tensors are never copied into or out of protobuf
+objects.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import numpy as np
 from medseg.codec import (
     HEADER_LENGTH,
     encode_v2_body,
+    join_grpc_raw,
     serialize_bytes,
     split_bytes_tensor,
+    split_grpc_raw,
     split_v2_body,
     tensor_view,
 )
@@ -313,7 +318,6 @@ def _grpc_infer(
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
-    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
 
     def _param(value: Any) -> Any:
         if isinstance(value, bool):
@@ -322,7 +326,7 @@ def _grpc_infer(
             return pb.InferParameter(int64_param=value)
         return pb.InferParameter(string_param=str(value))
 
-    request = pb.ModelInferRequest(
+    head = pb.ModelInferRequest(
         model_name=model,
         inputs=[
             pb.ModelInferRequest.InferInputTensor(
@@ -334,20 +338,34 @@ def _grpc_infer(
         ],
         parameters={k: _param(v) for k, v in params.items()},
         outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
-        raw_input_contents=[payload if isinstance(payload, bytes) else bytes(payload)],
-    )
+    ).SerializeToString()
+    raw_in = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+    raw_out = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
+    message = join_grpc_raw(head, raw_in, [payload])
+
+    def received(data: bytes) -> tuple[Any, list[memoryview]]:
+        rest, raws = split_grpc_raw(data, raw_out, "the server's ModelInferResponse")
+        return pb.ModelInferResponse.FromString(rest), raws
+
     options = [
         ("grpc.max_send_message_length", GRPC_LIMIT),
         ("grpc.max_receive_message_length", GRPC_LIMIT),
     ]
     with grpc.insecure_channel(url.removeprefix("grpc://"), options=options) as channel:
+        call = channel.unary_unary(
+            f"/{pb.DESCRIPTOR.services_by_name['GRPCInferenceService'].full_name}/ModelInfer",
+            request_serializer=None,  # the message is serialised above
+            response_deserializer=received,
+        )
         try:
-            reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=timeout)
+            reply, raws = call(message, timeout=timeout)
         except grpc.RpcError as exc:
             raise MedsegError(f"server answered {exc.code().name}: {exc.details()}") from None
+    if len(raws) != len(reply.outputs):
+        raise MedsegError("the server's answer lacks a binary output it was asked for")
     out = {
-        o.name: Tensor(o.datatype, list(o.shape), memoryview(raw))
-        for o, raw in zip(reply.outputs, reply.raw_output_contents, strict=True)
+        o.name: Tensor(o.datatype, list(o.shape), raw)
+        for o, raw in zip(reply.outputs, raws, strict=True)
     }
     reply_params = {
         k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in reply.parameters.items()

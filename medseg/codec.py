@@ -16,7 +16,12 @@ input, the problem and, for a size, the :class:`~medseg.settings.ServerLimits` f
 * :func:`validate_params` is the one validation of request parameters (types and ranges);
 * :func:`encode_v2_body` / :func:`split_v2_body` are the binary tensor data extension's framing
   (a JSON part of :data:`HEADER_LENGTH` bytes, then each binary tensor's bytes in order), and
-  :func:`tensor_view` reads a tensor's raw bytes as an array, without a copy.
+  :func:`tensor_view` reads a tensor's raw bytes as an array, without a copy;
+* :func:`split_grpc_raw` / :func:`join_grpc_raw` are the gRPC ``ModelInferRequest`` /
+  ``ModelInferResponse`` wire framing of their ``raw_*_contents`` (a repeated ``bytes`` field):
+  the tensors are viewed in the received message and written after the rest, never copied into
+  or out of a protobuf object (protobuf's Python messages copy a ``bytes`` field on every
+  access, and ``ByteSize`` serialises the whole message).
 """
 
 from __future__ import annotations
@@ -47,8 +52,10 @@ __all__ = [
     "check_shape",
     "decode_nifti",
     "encode_v2_body",
+    "join_grpc_raw",
     "serialize_bytes",
     "split_bytes_tensor",
+    "split_grpc_raw",
     "split_v2_body",
     "tensor_view",
     "validate_params",
@@ -603,3 +610,88 @@ def validate_params(*layers: Mapping[str, Any] | None) -> InferParams:
         got = got if len(got) <= 80 else got[:77] + "..."
         msg = str(err["msg"]).removeprefix("Value error, ")
         raise InputError(f"parameter {name!r}: {msg} (got {got})") from None
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _read_varint(data: memoryview, pos: int, what: str) -> tuple[int, int]:
+    value = shift = 0
+    while pos < len(data) and shift < 64:
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, pos
+        shift += 7
+    raise InputError(f"{what}: truncated or overlong varint at byte {pos}")
+
+
+#: Protobuf wire types (varint, 64-bit, length-delimited, 32-bit) and the fixed sizes.
+_FIXED = {1: 8, 5: 4}
+
+
+def split_grpc_raw(
+    message: bytes | memoryview, field: int, what: str
+) -> tuple[bytes, list[memoryview]]:
+    """A serialised protobuf message without its ``bytes`` field ``field``, and that field's values.
+
+    The values are views into ``message`` (no copy); the rest (a few hundred bytes of names,
+    shapes and parameters) is returned as its own message, for protobuf to parse.
+
+    Args:
+        message: The serialised message (e.g. a ``ModelInferRequest``).
+        field: The field number of the repeated ``bytes`` field (7: ``raw_input_contents``).
+        what: The message, named in errors.
+
+    Raises:
+        InputError: If the message is not well-formed protobuf at its top level.
+    """
+    data = memoryview(message).cast("B")
+    rest: list[memoryview] = []
+    raws: list[memoryview] = []
+    pos = 0
+    while pos < len(data):
+        start = pos
+        key, pos = _read_varint(data, pos, what)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _read_varint(data, pos, what)
+        elif wire in _FIXED:
+            pos += _FIXED[wire]
+        elif wire == 2:
+            length, pos = _read_varint(data, pos, what)
+            if number == field:
+                if pos + length > len(data):
+                    raise InputError(
+                        f"{what}: field {field} of {length} bytes runs past the message's end"
+                    )
+                raws.append(data[pos : pos + length])
+                pos += length
+                continue
+            pos += length
+        else:
+            raise InputError(f"{what}: unsupported wire type {wire} at byte {start}")
+        if pos > len(data):
+            raise InputError(f"{what}: field {number} runs past the message's end")
+        rest.append(data[start:pos])
+    return b"".join(rest), raws
+
+
+def join_grpc_raw(head: bytes, field: int, raws: Sequence[bytes | memoryview]) -> bytes:
+    """``head`` (a serialised message without field ``field``) with ``raws`` as that field.
+
+    Protobuf messages concatenate: the result parses as ``head`` with ``raws`` appended to the
+    repeated ``bytes`` field ``field``. The one copy is the join (gRPC sends one ``bytes``).
+    """
+    key = _varint(field << 3 | 2)
+    parts: list[bytes | memoryview] = [head]
+    for raw in raws:
+        parts += [key, _varint(memoryview(raw).nbytes), raw]
+    return b"".join(parts)

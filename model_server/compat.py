@@ -10,7 +10,12 @@ and changes only that:
 * a bad request (``InvalidInput``, unknown model) is answered as kserve does, logged in one line;
 * gRPC ``ModelInfer`` counts its message in the in-flight budget, gives the request a
   :class:`~model_server.predictor.Ticket` (the call's deadline; its cancellation stops the work)
-  and answers a malformed message with INVALID_ARGUMENT.
+  and answers a malformed message with INVALID_ARGUMENT;
+* gRPC ``ModelInfer`` parses its message without copying the tensors: kserve's generated
+  handler parses the whole ``ModelInferRequest`` with protobuf, whose Python objects copy
+  ``raw_input_contents`` on every access (and ``ByteSize`` serialises the message again); here
+  the tensors stay views into the received bytes (:func:`~medseg.codec.split_grpc_raw`), and
+  only the small rest is a protobuf message. See ``benchmarks/bench_serving.py`` part A.
 
 It relies on private parts of kserve (``ModelServer._serve`` and
 ``_register_and_check_atleast_one_model_is_ready``, ``RESTServer.config``, ``GRPCServer._port``,
@@ -27,6 +32,7 @@ from concurrent import futures
 from importlib import metadata
 from typing import Any
 
+from medseg.codec import split_grpc_raw
 from medseg.kserve_import import clean_argv
 from medseg.settings import ServerLimits
 
@@ -51,6 +57,7 @@ with clean_argv():  # kserve parses sys.argv on import
     from kserve.constants.constants import FASTAPI_APP_IMPORT_STRING
     from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
     from kserve.logging import logger
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
     from kserve.protocol.grpc.server import GRPCServer
@@ -113,14 +120,67 @@ class _ExceptionToStatus(ExceptionToStatusInterceptor):
             await super().handle_exception(ex, request_or_iterator, context, method_name)
 
 
+#: ``ModelInferRequest.raw_input_contents``'s field number.
+_RAW_INPUT_FIELD = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
+_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+class _Received:
+    """A received ``ModelInferRequest``: its small part parsed, its tensors viewed in the message.
+
+    A message that does not parse keeps its error, raised as INVALID_ARGUMENT by the servicer
+    (an exception in a deserializer would be answered INTERNAL by grpc).
+    """
+
+    def __init__(self, message: bytes):
+        self.size = len(message)
+        self.error: str | None = None
+        self.raws: list[memoryview] = []
+        try:
+            head, self.raws = split_grpc_raw(message, _RAW_INPUT_FIELD, "ModelInferRequest")
+            self.request = pb.ModelInferRequest.FromString(head)
+        except Exception as exc:  # protobuf's DecodeError, or our InputError
+            self.error = f"malformed ModelInferRequest: {exc}"
+            self.request = pb.ModelInferRequest()
+
+
+def _infer_request(received: _Received) -> InferRequest:
+    """The kserve ``InferRequest`` of a received message, the tensors as views (no copy)."""
+    if received.error is not None:
+        raise InvalidInput(received.error)
+    request = received.request
+    if received.raws:  # kserve's validate_grpc_request, on the tensors we kept aside
+        if len(received.raws) != len(request.inputs):
+            raise InvalidInput(
+                f"the number of inputs ({len(request.inputs)}) does not match the number of "
+                f"raw_input_contents ({len(received.raws)})"
+            )
+        named = [i.name for i in request.inputs if i.HasField("contents")]
+        if named:
+            raise InvalidInput(
+                f"contents must not be given with raw_input_contents (input {named[0]!r})"
+            )
+    try:
+        infer_request = InferRequest.from_grpc(request)
+    except Exception as exc:  # kserve's conversion of a hostile message
+        raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+    if received.raws:
+        for inp, raw in zip(infer_request.inputs, received.raws, strict=True):
+            inp._raw_data = raw  # as_numpy() is np.frombuffer on this view
+        infer_request._use_raw_outputs = True  # raw inputs: raw outputs (kserve's rule)
+    return infer_request
+
+
 class _Servicer(InferenceServicer):
     def __init__(self, *args: Any, limits: ServerLimits, budget: InflightBudget):
         super().__init__(*args)
         self._limits = limits
         self._budget = budget
 
-    async def ModelInfer(self, request: Any, context: Any) -> Any:
-        size = request.ByteSize()
+    async def ModelInfer(self, received: _Received, context: Any) -> Any:
+        """The kserve ``ModelInfer`` on a :class:`_Received` message, bounded and cancellable."""
+        request = received.request
+        size = received.size
         if not self._budget.take(size):
             message = (
                 f"the replica holds {self._budget.used} request bytes; this call would exceed "
@@ -134,11 +194,7 @@ class _Servicer(InferenceServicer):
         token = current_ticket.set(ticket)
         started = time.monotonic()
         try:
-            self.validate_grpc_request(request)
-            try:
-                infer_request = InferRequest.from_grpc(request)
-            except Exception as exc:  # kserve's conversion of a hostile message
-                raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
+            infer_request = _infer_request(received)
             response, _ = await self._data_plane.infer(
                 request=infer_request, headers=to_headers(context), model_name=request.model_name
             )
@@ -151,6 +207,34 @@ class _Servicer(InferenceServicer):
         finally:
             current_ticket.reset(token)
             self._budget.give(size)
+
+
+class _Handlers:
+    """Stands in for a server to receive the generated code's method handlers."""
+
+    def __init__(self) -> None:
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: the same handlers come by name below."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        """Keep the handlers by method name."""
+        self.handlers.update(handlers)
+
+
+def _add_servicer(servicer: _Servicer, server: Any) -> None:
+    """The kserve method handlers on ``server``; ``ModelInfer`` receives a :class:`_Received`."""
+    captured = _Handlers()
+    grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, captured)
+    handlers = dict(captured.handlers)
+    handlers["ModelInfer"] = grpc.unary_unary_rpc_method_handler(
+        servicer.ModelInfer,
+        request_deserializer=_Received,
+        response_serializer=pb.ModelInferResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(_SERVICE, handlers),))
+    server.add_registered_method_handlers(_SERVICE, handlers)
 
 
 class _GRPCServer(GRPCServer):
@@ -176,7 +260,7 @@ class _GRPCServer(GRPCServer):
             ],
             maximum_concurrent_rpcs=self._limits.grpc_concurrent_calls,
         )
-        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self._server)
+        _add_servicer(servicer, self._server)
         address = listen_address(self._limits.host, self._port)
         self._server.add_insecure_port(address)
         logger.info("Starting gRPC server on %s", address)

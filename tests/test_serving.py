@@ -10,6 +10,7 @@ import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import nibabel as nib
@@ -353,6 +354,76 @@ def test_bad_grpc_input_is_invalid_argument(
     with pytest.raises(MedsegError, match=r"INVALID_ARGUMENT.*unknown label_convention"):
         predict(server["grpc"], [case], grpc=True, label_convention="nope")
     assert predict(server["grpc"], [case], grpc=True).compute_ms is not None
+
+
+def _pb() -> object:
+    from medseg.kserve_import import clean_argv
+
+    with clean_argv([]):
+        from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    return pb
+
+
+def test_grpc_raw_contents_split_and_join_as_protobuf_does() -> None:
+    """The gRPC framing of ``raw_input_contents``: protobuf's own parse is the reference."""
+    from medseg.codec import InputError, join_grpc_raw, split_grpc_raw
+
+    pb: Any = _pb()
+    tensors = [np.arange(300, dtype=np.uint8).tobytes(), b"", b"\x07" * 200]
+    request = pb.ModelInferRequest(
+        model_name="medseg",
+        id="r1",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name=f"i{n}",
+                datatype="UINT8",
+                shape=[len(t)],
+                parameters={"affine": pb.InferParameter(string_param="1,0,0")},
+            )
+            for n, t in enumerate(tensors)
+        ],
+        parameters={"k": pb.InferParameter(int64_param=-3), "f": pb.InferParameter(bool_param=1)},
+        raw_input_contents=tensors,
+    )
+    message = request.SerializeToString()
+    head, raws = split_grpc_raw(message, 7, "request")
+    assert [bytes(r) for r in raws] == tensors
+    rest = pb.ModelInferRequest.FromString(head)
+    assert not rest.raw_input_contents
+    rest.raw_input_contents.extend(tensors)
+    assert rest == request
+    # views into the message, not copies
+    assert np.shares_memory(np.frombuffer(raws[0], np.uint8), np.frombuffer(message, np.uint8))
+    assert pb.ModelInferRequest.FromString(join_grpc_raw(head, 7, raws)) == request
+    for bad in (message[:-5], message[:3], b"\x3f\x3f"):
+        with pytest.raises(InputError, match="request"):
+            split_grpc_raw(bad, 7, "request")
+
+
+def test_malformed_grpc_messages_are_invalid_argument(server: dict[str, str], case: Path) -> None:
+    """Bytes that are no ``ModelInferRequest`` are INVALID_ARGUMENT, never INTERNAL."""
+    import grpc
+
+    pb: Any = _pb()
+    good = pb.ModelInferRequest(
+        model_name="medseg",
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(name="nifti", datatype="BYTES", shape=[1]),
+            pb.ModelInferRequest.InferInputTensor(name="other", datatype="BYTES", shape=[1]),
+        ],
+        raw_input_contents=[b"\0" * 8],
+    ).SerializeToString()
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        for name, message in {
+            "truncated": good[:-3],
+            "not protobuf": b"\xff" * 40,
+            "two inputs, one raw tensor": good,
+        }.items():
+            with pytest.raises(grpc.RpcError) as err:
+                call(message, timeout=60)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value)
+    assert predict(server["grpc"], [case], grpc=True).volumes_ml.keys() == set(REGIONS)
 
 
 def test_concurrent_requests_queue_and_all_succeed(server: dict[str, str], case: Path) -> None:
