@@ -19,7 +19,8 @@ and changes only that:
 
 It relies on private parts of kserve (``ModelServer._serve`` and
 ``_register_and_check_atleast_one_model_is_ready``, ``RESTServer.config``, ``GRPCServer._port``,
-``InferInput._raw_data``):
+``InferInput._raw_data``/``_data``, read and set only through :func:`raw_contents` and
+:func:`set_contents`, which the predictor and the REST route call):
 :data:`KSERVE_TESTED` names the versions it was written against, and importing it under another
 kserve fails with a message instead of misbehaving.
 """
@@ -36,7 +37,13 @@ from medseg.codec import split_grpc_raw
 from medseg.kserve_import import clean_argv
 from medseg.settings import ServerLimits
 
-__all__ = ["KSERVE_TESTED", "MedsegModelServer", "listen_address"]
+__all__ = [
+    "KSERVE_TESTED",
+    "MedsegModelServer",
+    "listen_address",
+    "raw_contents",
+    "set_contents",
+]
 
 #: kserve versions (major.minor) whose internals this module was written against.
 KSERVE_TESTED = ("0.21",)
@@ -86,6 +93,29 @@ async def _one_line(request: Request, exc: Exception) -> JSONResponse:
     )
     log_refusal(status, f"{request.method} {request.url.path}", str(exc))
     return JSONResponse(status_code=status, content={"error": str(exc)})
+
+
+def raw_contents(tensor: Any) -> Any | None:
+    """A kserve ``InferInput``/``InferOutput``'s binary contents, or None when it holds values.
+
+    Binary contents are what the REST binary extension and gRPC's raw contents carry: a buffer of
+    the tensor's bytes (kserve keeps it privately in ``_raw_data``).
+    """
+    return getattr(tensor, "_raw_data", None)
+
+
+def set_contents(inp: Any, *, raw: Any | None = None, data: Any | None = None) -> None:
+    """Give a kserve ``InferInput`` its contents without a copy: a buffer (``raw``) or an array.
+
+    kserve's public ``set_data_from_numpy`` copies the array into bytes; a 136 MiB tensor stays a
+    view here.
+    """
+    if (raw is None) == (data is None):
+        raise ValueError("set_contents takes exactly one of raw and data")
+    if raw is not None:
+        inp._raw_data = raw
+    else:
+        inp._data = data
 
 
 class _Busy(Exception):
@@ -166,7 +196,7 @@ def _infer_request(received: _Received) -> InferRequest:
         raise InvalidInput(f"malformed ModelInferRequest: {exc}") from None
     if received.raws:
         for inp, raw in zip(infer_request.inputs, received.raws, strict=True):
-            inp._raw_data = raw  # as_numpy() is np.frombuffer on this view
+            set_contents(inp, raw=raw)  # as_numpy() is np.frombuffer on this view
         infer_request._use_raw_outputs = True  # raw inputs: raw outputs (kserve's rule)
     return infer_request
 

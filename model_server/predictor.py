@@ -364,7 +364,9 @@ class MedsegPredictor(Model):
         raise InputError(f"unknown input {inp.name!r}: send 'nifti' (BYTES) or 'image' (FP32/FP16)")
 
     def _blobs(self, inp: InferInput, params: InferParams) -> list[Any]:
-        raw = getattr(inp, "_raw_data", None)
+        from model_server import compat  # here: compat imports this module
+
+        raw = compat.raw_contents(inp)
         if raw is not None:  # gRPC raw_input_contents: our own framing check
             items: list[Any] = split_bytes_tensor(raw, "input 'nifti'")
         else:
@@ -663,8 +665,10 @@ def _wanted_outputs(request: InferRequest, params: InferParams) -> frozenset[str
 
 def _check_tensor_size(inp: InferInput, shape: list[int]) -> None:
     """The tensor's data hold exactly its shape (gRPC does not check this for us)."""
+    from model_server import compat  # here: compat imports this module
+
     count = math.prod(shape)
-    raw = getattr(inp, "_raw_data", None)
+    raw = compat.raw_contents(inp)
     if raw is not None:
         itemsize = np.dtype(_TENSOR_TYPES[inp.datatype]).itemsize
         if len(memoryview(raw).cast("B")) != count * itemsize:

@@ -114,6 +114,8 @@ def parse_request(
     Raises:
         InvalidInput: For anything that is not a well-formed v2 request.
     """
+    from model_server import compat  # here: compat imports this module
+
     if not body:
         raise InvalidInput("empty request body")
     if json_length is None:
@@ -171,16 +173,17 @@ def parse_request(
                     )
                 items = np.empty(len(blobs), dtype=np.object_)
                 items[:] = blobs  # views into the body, no copy
-                inp._data = items.reshape(shape)
+                compat.set_contents(inp, data=items.reshape(shape))
             else:
                 if size != count * np.dtype(dtype).itemsize:
                     raise InvalidInput(
                         f"input {name!r}: {size} bytes do not hold {datatype} of shape {shape} "
                         f"({count * np.dtype(dtype).itemsize} bytes)"
                     )
-                inp._raw_data = raw  # as_numpy() is np.frombuffer on this view: no copy
+                compat.set_contents(inp, raw=raw)  # as_numpy() is np.frombuffer on it: no copy
         elif "data" in spec:
-            inp._data = _json_data(spec["data"], name, datatype, dtype, shape, count)
+            data = _json_data(spec["data"], name, datatype, dtype, shape, count)
+            compat.set_contents(inp, data=data)
         else:
             raise InvalidInput(f"input {name!r} has neither 'data' nor 'binary_data_size'")
         inputs.append(inp)
@@ -235,6 +238,8 @@ def encode_response(
     response: InferResponse, request: InferRequest, binary_inputs: bool
 ) -> tuple[list[bytes | memoryview], dict[str, str]]:
     """Body parts and headers for a v2 response; binary outputs follow the JSON part."""
+    from model_server import compat  # here: compat imports this module
+
     try:
         asked = validate_params(request.parameters).binary_data_output
     except InputError as exc:
@@ -253,7 +258,9 @@ def encode_response(
         oparams = dict(out.parameters or {})
         raw = None
         if binary:
-            raw = out._raw_data if out._raw_data is not None else out.as_numpy().tobytes()
+            raw = compat.raw_contents(out)
+            if raw is None:
+                raw = out.as_numpy().tobytes()
         elif out.datatype == "BYTES":
             entry["data"] = [base64.b64encode(bytes(b)).decode() for b in out.as_numpy().ravel()]
             oparams["content_encoding"] = "base64"
