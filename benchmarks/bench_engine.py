@@ -43,16 +43,32 @@ from medseg.storage import Storage, join
 from medseg.synth import make_case
 
 FULL = (240, 240, 155)
+#: Today's served default before ``infer.window`` existed: overlapping 96x96x64 windows.
+SLIDING: dict[str, Any] = {"window": "sliding"}
+VOLUME: dict[str, Any] = {"window": "volume"}
 #: name -> (engine, InferConfig overrides, torch.compile the network)
 VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "torch": ("torch", {}, False),
-    "torch-sw4": ("torch", {"sw_batch_size": 4}, False),
-    "torch-channels-last": ("torch", {"channels_last": True}, False),
-    "torch-compile": ("torch", {}, True),
-    "onnxruntime": ("onnxruntime", {}, False),
-    "onnxruntime-sw4": ("onnxruntime", {"sw_batch_size": 4}, False),
-    "openvino": ("openvino", {}, False),
-    "openvino-sw4": ("openvino", {"sw_batch_size": 4}, False),
+    "torch": ("torch", SLIDING, False),
+    "torch-sw4": ("torch", {**SLIDING, "sw_batch_size": 4}, False),
+    "torch-channels-last": ("torch", {**SLIDING, "channels_last": True}, False),
+    "torch-compile": ("torch", SLIDING, True),
+    "torch-roi128": ("torch", {**SLIDING, "roi_size": (128, 128, 128), "overlap": 0.1}, False),
+    "onnxruntime": ("onnxruntime", SLIDING, False),
+    "onnxruntime-sw4": ("onnxruntime", {**SLIDING, "sw_batch_size": 4}, False),
+    "openvino": ("openvino", SLIDING, False),
+    "openvino-sw4": ("openvino", {**SLIDING, "sw_batch_size": 4}, False),
+    "torch-volume": ("torch", VOLUME, False),
+    "torch-volume-channels-last": ("torch", {**VOLUME, "channels_last": True}, False),
+    "onnxruntime-volume": ("onnxruntime", VOLUME, False),
+    "openvino-volume": ("openvino", VOLUME, False),
+}
+#: Part B: name -> (engine, InferConfig overrides of the model's own config).
+DICE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "torch": ("torch", SLIDING),
+    "openvino": ("openvino", SLIDING),
+    "torch-volume": ("torch", VOLUME),
+    "onnxruntime-volume": ("onnxruntime", VOLUME),
+    "openvino-volume": ("openvino", VOLUME),
 }
 
 
@@ -155,30 +171,36 @@ def latency(names: list[str], rounds: int) -> None:
     print(f"load average at the end: {os.getloadavg()}")
 
 
-def dice(model: str, engines: list[str], out: str) -> None:
+def dice(model: str, names: list[str], out: str) -> None:
     from medseg.evaluate import evaluate
 
     storage = Storage()
     export_model(model, storage)
     means = {}
-    for engine in engines:
+    for name in names:
+        engine, infer = DICE_VARIANTS[name]
         seg = load_model(model, storage, device="cpu", engine=engine)  # type: ignore[arg-type]
+        seg.cfg = seg.cfg.model_copy(update={"infer": seg.cfg.infer.model_copy(update=infer)})
         started = time.perf_counter()
         result = evaluate(
-            model, storage=storage, segmenter=seg, out=join(out, engine), max_overlays=0
+            model, storage=storage, segmenter=seg, out=join(out, name), max_overlays=0
         )
-        means[engine] = (result.dice_mean, time.perf_counter() - started)
-    base = means["torch"][0]
+        means[name] = (result.dice_mean, result.dice, time.perf_counter() - started)
+    base = means[names[0]][0]
     print(f"held-out validation split of {model}, served label maps (medseg.evaluate)")
-    print(f"{'engine':12} {'mean Dice':>10} {'|dDice|':>8} {'evaluate s':>11}")
-    for engine, (mean, seconds) in means.items():
-        print(f"{engine:12} {mean:10.4f} {abs(mean - base):8.4f} {seconds:11.1f}")
+    print(f"|dDice| against {names[0]}; load average {os.getloadavg()}")
+    regions = " ".join(f"{r:>7}" for r in ("TC", "WT", "ET"))
+    print(f"{'variant':20} {'mean Dice':>10} {'|dDice|':>8} {regions} {'eval s':>7}")
+    for name, (mean, per, seconds) in means.items():
+        regions = " ".join(f"{per[r]:7.4f}" for r in ("TC", "WT", "ET"))
+        print(f"{name:20} {mean:10.4f} {abs(mean - base):8.4f} {regions} {seconds:7.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(VARIANTS))
     parser.add_argument("--model", help="A trained model artifact for the Dice part.")
+    parser.add_argument("--dice-only", default=",".join(DICE_VARIANTS), help="Part B variants.")
     parser.add_argument("--out", default="/tmp/bench-engine-eval")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--rounds", type=int, default=1, help="Latency rounds; best is kept.")
@@ -191,7 +213,7 @@ def main() -> None:
     if not args.skip_latency:
         latency(args.only.split(","), args.rounds)
     if args.model:
-        dice(args.model, ["torch", "onnxruntime", "openvino"], args.out)
+        dice(args.model, args.dice_only.split(","), args.out)
 
 
 if __name__ == "__main__":
