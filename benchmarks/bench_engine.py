@@ -1,21 +1,25 @@
 """CPU inference engines on a full-size case, against the PyTorch path in the same run.
 
-Part A (latency): the served default (``MedsegConfig()``: SegResNet init_filters 16, ROI
-96×96×64, overlap 0.25) with seeded weights (the weights do not change the speed), exported to
-ONNX next to them, segments one synthetic full-size case (4×240×240×155, ``medseg.synth``)
-through :func:`medseg.infer.segment_case` once per variant. Each variant runs in a process of its
-own so its peak RSS (``VmHWM``) is its own. Printed: load seconds, segment seconds, the
-speed-up against ``torch`` (today's served default) and peak RSS.
+Part A (latency): the default SegResNet (init_filters 16) with seeded weights (the weights do not
+change the speed), exported to ONNX next to them, segments one synthetic full-size case
+(4×240×240×155, ``medseg.synth``; 183×206×136 after the foreground crop) through
+:func:`medseg.infer.segment_case` once per variant. ``torch`` is the served default before
+``infer.window`` existed and the baseline of every ratio: PyTorch, ``window: sliding``, ROI
+96×96×64, overlap 0.25. ``*-volume`` variants run the whole cropped volume as one window
+(today's default). Each variant runs in a process of its own so its peak RSS (``VmHWM``) is its
+own. Printed: load seconds, segment seconds (for OpenVINO, compiling the plan of the case's
+shape included), the speed-up against ``torch`` and peak RSS.
 
 Part B (equal Dice, with ``--model``): a trained model artifact (e.g. the demo's registered
 ``s3://medseg/models/demo-segresnet/v1``, MinIO from the environment) is exported, then its
 held-out validation split is scored by :func:`medseg.evaluate.evaluate` (served label maps) once
-per engine; printed: mean Dice per engine and |ΔDice| against ``torch``. The WT volume column of
-part A is a cross-check that the engines agree on the full-size case too. Run ``torch`` first:
-the ratios are against it.
+per variant of :data:`DICE_VARIANTS` (engine and window, the model's other settings as they
+are); printed: mean Dice and per region, and |ΔDice| against ``torch`` (sliding windows). The
+WT volume column of part A is a cross-check that the engines agree on the full-size case too.
+Run ``torch`` first: the ratios are against it.
 
     python benchmarks/bench_engine.py                        # part A, every variant
-    python benchmarks/bench_engine.py --only torch,openvino  # some variants
+    python benchmarks/bench_engine.py --only torch,openvino-volume  # some variants
     python benchmarks/bench_engine.py --skip-latency --model s3://medseg/models/demo-segresnet/v1
 """
 
@@ -143,7 +147,8 @@ def _row(r: dict[str, Any], base: float | None) -> str:
 
 
 def latency(names: list[str], rounds: int) -> None:
-    print(f"full-size case {FULL}, served default (ROI 96x96x64, overlap 0.25), CPU", flush=True)
+    print(f"full-size case {FULL}, SegResNet init_filters 16, CPU, vs torch", flush=True)
+    print("(torch: window sliding, ROI 96x96x64, overlap 0.25)", flush=True)
     print(f"load average at the start: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         _base(Path(tmp))

@@ -1,8 +1,9 @@
-"""Inference engines: what runs the network's forward pass on the sliding windows.
+"""Inference engines: what runs the network's forward pass on a volume or its windows.
 
 A model artifact's weights (``model.pt``) are the reference. An artifact may also carry
-:data:`GRAPH_FILE` (``model.onnx``): the same network exported as an ONNX graph for one window
-shape (the config's ``infer.roi_size``, any batch), stamped with the sha256 of the weights it was
+:data:`GRAPH_FILE` (``model.onnx``): the same network exported as an ONNX graph with free batch
+and spatial sizes (traced on the config's ``infer.roi_size``), so that it runs sliding windows
+and whole volumes alike (``infer.window``), stamped with the sha256 of the weights it was
 exported from. The engine is chosen at load time by ``infer.engine`` (:data:`~medseg.config.
 Engine`, overridable by :func:`medseg.infer.load_model`'s ``engine``):
 
@@ -12,7 +13,8 @@ Engine`, overridable by :func:`medseg.infer.load_model`'s ``engine``):
   ``torch``; a missing graph is logged, not an error.
 
 Failure contract: an engine asked for by name whose graph is missing is an error. A graph that
-is present but unreadable, or exported from other weights than the artifact's ``model.pt``, is an
+is present but unreadable, exported from other weights than the artifact's ``model.pt``, or
+exported for fixed window sizes (an older medseg) while ``infer.window`` is ``volume``, is an
 error whatever the engine setting (a broken artifact is refused, never quietly served by another
 engine). Export is done by :func:`export_graph` (from a network) or :func:`export_model` (adds the
 graph to an existing artifact); :func:`medseg.register.register` exports every version it
