@@ -71,6 +71,7 @@ DICE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch": ("torch", SLIDING),
     "openvino": ("openvino", SLIDING),
     "torch-volume": ("torch", VOLUME),
+    "torch-volume-channels-last": ("torch", {**VOLUME, "channels_last": True}),
     "onnxruntime-volume": ("onnxruntime", VOLUME),
     "openvino-volume": ("openvino", VOLUME),
 }
@@ -141,7 +142,7 @@ def _peak_rss_mib() -> float:
 def _row(r: dict[str, Any], base: float | None) -> str:
     ratio = f"{base / r['segment_s']:.2f}x" if base else "-"
     return (
-        f"{r['variant']:22} {r['load_s']:7.1f} {r['segment_s']:10.1f} {ratio:>9} "
+        f"{r['variant']:27} {r['load_s']:7.1f} {r['segment_s']:10.1f} {ratio:>9} "
         f"{r['peak_rss_mib']:13.0f} {r['wt_ml']:8.1f}"
     )
 
@@ -152,7 +153,7 @@ def latency(names: list[str], rounds: int) -> None:
     print(f"load average at the start: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         _base(Path(tmp))
-        header = f"{'variant':22} {'load s':>7} {'segment s':>10} {'vs torch':>9} "
+        header = f"{'variant':27} {'load s':>7} {'segment s':>10} {'vs torch':>9} "
         print(header + f"{'peak RSS MiB':>13} {'WT mL':>8}", flush=True)
         best: dict[str, dict[str, Any]] = {}
         for _ in range(rounds):  # variants interleaved, so a change of load hits them all
@@ -195,10 +196,10 @@ def dice(model: str, names: list[str], out: str) -> None:
     print(f"held-out validation split of {model}, served label maps (medseg.evaluate)")
     print(f"|dDice| against {names[0]}; load average {os.getloadavg()}")
     regions = " ".join(f"{r:>7}" for r in ("TC", "WT", "ET"))
-    print(f"{'variant':20} {'mean Dice':>10} {'|dDice|':>8} {regions} {'eval s':>7}")
+    print(f"{'variant':27} {'mean Dice':>10} {'|dDice|':>8} {regions} {'eval s':>7}")
     for name, (mean, per, seconds) in means.items():
         regions = " ".join(f"{per[r]:7.4f}" for r in ("TC", "WT", "ET"))
-        print(f"{name:20} {mean:10.4f} {abs(mean - base):8.4f} {regions} {seconds:7.1f}")
+        print(f"{name:27} {mean:10.4f} {abs(mean - base):8.4f} {regions} {seconds:7.1f}")
 
 
 def main() -> None:
