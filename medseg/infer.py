@@ -15,6 +15,7 @@ import io
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -158,9 +159,11 @@ class Segmenter:
             return run(x)
 
         with autocast(self.device, infer.amp, infer.amp_dtype):
+            logits: Any
             if self.one_window(tuple(image.shape[1:])):
+                x, y, z = image.shape[1:]
                 logits = net(pad_to_multiple(batch, size_multiple(self.cfg.model)))
-                logits = logits[(..., *(slice(0, n) for n in image.shape[1:]))]
+                logits = logits[..., :x, :y, :z]
             else:
                 logits = sliding_window_inference(
                     batch,
