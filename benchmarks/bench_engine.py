@@ -1,21 +1,25 @@
 """CPU inference engines on a full-size case, against the PyTorch path in the same run.
 
-Part A (latency): the served default (``MedsegConfig()``: SegResNet init_filters 16, ROI
-96×96×64, overlap 0.25) with seeded weights (the weights do not change the speed), exported to
-ONNX next to them, segments one synthetic full-size case (4×240×240×155, ``medseg.synth``)
-through :func:`medseg.infer.segment_case` once per variant. Each variant runs in a process of its
-own so its peak RSS (``VmHWM``) is its own. Printed: load seconds, segment seconds, the
-speed-up against ``torch`` (today's served default) and peak RSS.
+Part A (latency): the default SegResNet (init_filters 16) with seeded weights (the weights do not
+change the speed), exported to ONNX next to them, segments one synthetic full-size case
+(4×240×240×155, ``medseg.synth``; 183×206×136 after the foreground crop) through
+:func:`medseg.infer.segment_case` once per variant. ``torch`` is the served default before
+``infer.window`` existed and the baseline of every ratio: PyTorch, ``window: sliding``, ROI
+96×96×64, overlap 0.25. ``*-volume`` variants run the whole cropped volume as one window
+(today's default). Each variant runs in a process of its own so its peak RSS (``VmHWM``) is its
+own. Printed: load seconds, segment seconds (for OpenVINO, compiling the plan of the case's
+shape included), the speed-up against ``torch`` and peak RSS.
 
 Part B (equal Dice, with ``--model``): a trained model artifact (e.g. the demo's registered
 ``s3://medseg/models/demo-segresnet/v1``, MinIO from the environment) is exported, then its
 held-out validation split is scored by :func:`medseg.evaluate.evaluate` (served label maps) once
-per engine; printed: mean Dice per engine and |ΔDice| against ``torch``. The WT volume column of
-part A is a cross-check that the engines agree on the full-size case too. Run ``torch`` first:
-the ratios are against it.
+per variant of :data:`DICE_VARIANTS` (engine and window, the model's other settings as they
+are); printed: mean Dice and per region, and |ΔDice| against ``torch`` (sliding windows). The
+WT volume column of part A is a cross-check that the engines agree on the full-size case too.
+Run ``torch`` first: the ratios are against it.
 
     python benchmarks/bench_engine.py                        # part A, every variant
-    python benchmarks/bench_engine.py --only torch,openvino  # some variants
+    python benchmarks/bench_engine.py --only torch,openvino-volume  # some variants
     python benchmarks/bench_engine.py --skip-latency --model s3://medseg/models/demo-segresnet/v1
 """
 
@@ -43,16 +47,33 @@ from medseg.storage import Storage, join
 from medseg.synth import make_case
 
 FULL = (240, 240, 155)
+#: Today's served default before ``infer.window`` existed: overlapping 96x96x64 windows.
+SLIDING: dict[str, Any] = {"window": "sliding"}
+VOLUME: dict[str, Any] = {"window": "volume"}
 #: name -> (engine, InferConfig overrides, torch.compile the network)
 VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
-    "torch": ("torch", {}, False),
-    "torch-sw4": ("torch", {"sw_batch_size": 4}, False),
-    "torch-channels-last": ("torch", {"channels_last": True}, False),
-    "torch-compile": ("torch", {}, True),
-    "onnxruntime": ("onnxruntime", {}, False),
-    "onnxruntime-sw4": ("onnxruntime", {"sw_batch_size": 4}, False),
-    "openvino": ("openvino", {}, False),
-    "openvino-sw4": ("openvino", {"sw_batch_size": 4}, False),
+    "torch": ("torch", SLIDING, False),
+    "torch-sw4": ("torch", {**SLIDING, "sw_batch_size": 4}, False),
+    "torch-channels-last": ("torch", {**SLIDING, "channels_last": True}, False),
+    "torch-compile": ("torch", SLIDING, True),
+    "torch-roi128": ("torch", {**SLIDING, "roi_size": (128, 128, 128), "overlap": 0.1}, False),
+    "onnxruntime": ("onnxruntime", SLIDING, False),
+    "onnxruntime-sw4": ("onnxruntime", {**SLIDING, "sw_batch_size": 4}, False),
+    "openvino": ("openvino", SLIDING, False),
+    "openvino-sw4": ("openvino", {**SLIDING, "sw_batch_size": 4}, False),
+    "torch-volume": ("torch", VOLUME, False),
+    "torch-volume-channels-last": ("torch", {**VOLUME, "channels_last": True}, False),
+    "onnxruntime-volume": ("onnxruntime", VOLUME, False),
+    "openvino-volume": ("openvino", VOLUME, False),
+}
+#: Part B: name -> (engine, InferConfig overrides of the model's own config).
+DICE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "torch": ("torch", SLIDING),
+    "openvino": ("openvino", SLIDING),
+    "torch-volume": ("torch", VOLUME),
+    "torch-volume-channels-last": ("torch", {**VOLUME, "channels_last": True}),
+    "onnxruntime-volume": ("onnxruntime", VOLUME),
+    "openvino-volume": ("openvino", VOLUME),
 }
 
 
@@ -121,17 +142,18 @@ def _peak_rss_mib() -> float:
 def _row(r: dict[str, Any], base: float | None) -> str:
     ratio = f"{base / r['segment_s']:.2f}x" if base else "-"
     return (
-        f"{r['variant']:22} {r['load_s']:7.1f} {r['segment_s']:10.1f} {ratio:>9} "
+        f"{r['variant']:27} {r['load_s']:7.1f} {r['segment_s']:10.1f} {ratio:>9} "
         f"{r['peak_rss_mib']:13.0f} {r['wt_ml']:8.1f}"
     )
 
 
 def latency(names: list[str], rounds: int) -> None:
-    print(f"full-size case {FULL}, served default (ROI 96x96x64, overlap 0.25), CPU", flush=True)
+    print(f"full-size case {FULL}, SegResNet init_filters 16, CPU, vs torch", flush=True)
+    print("(torch: window sliding, ROI 96x96x64, overlap 0.25)", flush=True)
     print(f"load average at the start: {os.getloadavg()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
         _base(Path(tmp))
-        header = f"{'variant':22} {'load s':>7} {'segment s':>10} {'vs torch':>9} "
+        header = f"{'variant':27} {'load s':>7} {'segment s':>10} {'vs torch':>9} "
         print(header + f"{'peak RSS MiB':>13} {'WT mL':>8}", flush=True)
         best: dict[str, dict[str, Any]] = {}
         for _ in range(rounds):  # variants interleaved, so a change of load hits them all
@@ -155,30 +177,36 @@ def latency(names: list[str], rounds: int) -> None:
     print(f"load average at the end: {os.getloadavg()}")
 
 
-def dice(model: str, engines: list[str], out: str) -> None:
+def dice(model: str, names: list[str], out: str) -> None:
     from medseg.evaluate import evaluate
 
     storage = Storage()
     export_model(model, storage)
     means = {}
-    for engine in engines:
+    for name in names:
+        engine, infer = DICE_VARIANTS[name]
         seg = load_model(model, storage, device="cpu", engine=engine)  # type: ignore[arg-type]
+        seg.cfg = seg.cfg.model_copy(update={"infer": seg.cfg.infer.model_copy(update=infer)})
         started = time.perf_counter()
         result = evaluate(
-            model, storage=storage, segmenter=seg, out=join(out, engine), max_overlays=0
+            model, storage=storage, segmenter=seg, out=join(out, name), max_overlays=0
         )
-        means[engine] = (result.dice_mean, time.perf_counter() - started)
-    base = means["torch"][0]
+        means[name] = (result.dice_mean, result.dice, time.perf_counter() - started)
+    base = means[names[0]][0]
     print(f"held-out validation split of {model}, served label maps (medseg.evaluate)")
-    print(f"{'engine':12} {'mean Dice':>10} {'|dDice|':>8} {'evaluate s':>11}")
-    for engine, (mean, seconds) in means.items():
-        print(f"{engine:12} {mean:10.4f} {abs(mean - base):8.4f} {seconds:11.1f}")
+    print(f"|dDice| against {names[0]}; load average {os.getloadavg()}")
+    regions = " ".join(f"{r:>7}" for r in ("TC", "WT", "ET"))
+    print(f"{'variant':27} {'mean Dice':>10} {'|dDice|':>8} {regions} {'eval s':>7}")
+    for name, (mean, per, seconds) in means.items():
+        regions = " ".join(f"{per[r]:7.4f}" for r in ("TC", "WT", "ET"))
+        print(f"{name:27} {mean:10.4f} {abs(mean - base):8.4f} {regions} {seconds:7.1f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default=",".join(VARIANTS))
     parser.add_argument("--model", help="A trained model artifact for the Dice part.")
+    parser.add_argument("--dice-only", default=",".join(DICE_VARIANTS), help="Part B variants.")
     parser.add_argument("--out", default="/tmp/bench-engine-eval")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--rounds", type=int, default=1, help="Latency rounds; best is kept.")
@@ -191,7 +219,7 @@ def main() -> None:
     if not args.skip_latency:
         latency(args.only.split(","), args.rounds)
     if args.model:
-        dice(args.model, ["torch", "onnxruntime", "openvino"], args.out)
+        dice(args.model, args.dice_only.split(","), args.out)
 
 
 if __name__ == "__main__":

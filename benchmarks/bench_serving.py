@@ -16,8 +16,9 @@ B. The real predictor (SegResNet from the default config, fixed random weights; 
    (:func:`medseg.infer.segment_case`) against end to end (client send → mask received) over
    REST-binary and gRPC, NIfTI and raw-tensor inputs. Overhead = (end to end − compute) /
    compute (target ≤ 5 %). Then throughput with 1, 2 and 4 concurrent clients.
-C. Inference settings: CPU latency of the served default (``InferConfig``: ROI 96×96×64, overlap
-   0.25, Gaussian blending) against MONAI's common default (ROI 128³, overlap 0.5); with
+C. Inference settings: CPU latency of the served default (``InferConfig``: the whole cropped
+   volume in one window, ``infer.window``; ``benchmarks/bench_engine.py`` compares it with the
+   sliding windows) against MONAI's common default (ROI 128³, overlap 0.5); with
    ``--model`` (a trained model artifact) also their mean Dice on held-out synthetic cases.
 
 Usage: ``python benchmarks/bench_serving.py [--shape 240 240 155] [--repeats 2] [--model DIR]``
@@ -260,7 +261,11 @@ def part_b(case: Path, model_dir: Path, tmp: Path, repeats: int) -> None:
 def part_c(case_dirs: list[Path], model_dir: Path | None, shape_cfg: MedsegConfig) -> None:
     settings = {
         "the model's own InferConfig": {},
-        "MONAI default (128^3, overlap 0.5)": {"roi_size": [128, 128, 128], "overlap": 0.5},
+        "MONAI default (128^3, overlap 0.5)": {
+            "window": "sliding",
+            "roi_size": [128, 128, 128],
+            "overlap": 0.5,
+        },
     }
     print("\nC. inference settings (in-process, CPU)")
     for name, over in settings.items():
@@ -294,7 +299,7 @@ def part_c(case_dirs: list[Path], model_dir: Path | None, shape_cfg: MedsegConfi
                 dices.extend(scores.dice.values())
         dice = f", mean Dice {np.mean(dices):.4f}" if dices else ""
         i = cfg.infer
-        label = f"{name} (ROI {list(i.roi_size)}, overlap {i.overlap})"
+        label = f"{name} ({i.window}, ROI {list(i.roi_size)}, overlap {i.overlap})"
         print(f"  {label:<62} {statistics.median(times):7.2f} s/case{dice}")
 
 

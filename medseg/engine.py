@@ -1,8 +1,9 @@
-"""Inference engines: what runs the network's forward pass on the sliding windows.
+"""Inference engines: what runs the network's forward pass on a volume or its windows.
 
 A model artifact's weights (``model.pt``) are the reference. An artifact may also carry
-:data:`GRAPH_FILE` (``model.onnx``): the same network exported as an ONNX graph for one window
-shape (the config's ``infer.roi_size``, any batch), stamped with the sha256 of the weights it was
+:data:`GRAPH_FILE` (``model.onnx``): the same network exported as an ONNX graph with free batch
+and spatial sizes (traced on the config's ``infer.roi_size``), so that it runs sliding windows
+and whole volumes alike (``infer.window``), stamped with the sha256 of the weights it was
 exported from. The engine is chosen at load time by ``infer.engine`` (:data:`~medseg.config.
 Engine`, overridable by :func:`medseg.infer.load_model`'s ``engine``):
 
@@ -12,7 +13,8 @@ Engine`, overridable by :func:`medseg.infer.load_model`'s ``engine``):
   ``torch``; a missing graph is logged, not an error.
 
 Failure contract: an engine asked for by name whose graph is missing is an error. A graph that
-is present but unreadable, or exported from other weights than the artifact's ``model.pt``, is an
+is present but unreadable, exported from other weights than the artifact's ``model.pt``, or
+exported for fixed window sizes (an older medseg) while ``infer.window`` is ``volume``, is an
 error whatever the engine setting (a broken artifact is refused, never quietly served by another
 engine). Export is done by :func:`export_graph` (from a network) or :func:`export_model` (adds the
 graph to an existing artifact); :func:`medseg.register.register` exports every version it
@@ -25,6 +27,7 @@ import hashlib
 import io
 import logging
 import tempfile
+import threading
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -57,6 +60,8 @@ AUTO_ENGINE: Engine = "openvino"
 #: ONNX metadata key holding the sha256 of the ``model.pt`` bytes the graph was exported from.
 _WEIGHTS_KEY = "medseg.weights_sha256"
 _INPUT, _OUTPUT = "image", "logits"
+#: The graph's free axes: the batch and the three spatial ones (a whole volume is one window).
+_FREE_AXES = {0: "batch", 2: "x", 3: "y", 4: "z"}
 #: ONNX opset of the export (GroupNormalization and the resize modes SegResNet uses).
 _OPSET = 18
 
@@ -70,7 +75,10 @@ def weights_digest(weights: bytes) -> str:
 
 
 def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -> bytes:
-    """Export ``net`` as ONNX for windows of ``cfg.infer.roi_size`` (batch size free).
+    """Export ``net`` as ONNX, traced on a ``cfg.infer.roi_size`` window.
+
+    The batch size and the spatial sizes are free (any multiple of
+    :func:`~medseg.model.size_multiple`), so the graph runs sliding windows and whole volumes.
 
     Uses the TorchScript-based exporter: the ``torch.export`` one gives the same graph here
     but takes 4× as long (66 s against 25 s for the default SegResNet on this machine), which
@@ -100,7 +108,7 @@ def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -
                 dynamo=False,
                 input_names=[_INPUT],
                 output_names=[_OUTPUT],
-                dynamic_axes={_INPUT: {0: "batch"}, _OUTPUT: {0: "batch"}},
+                dynamic_axes={_INPUT: _FREE_AXES, _OUTPUT: _FREE_AXES},
                 opset_version=_OPSET,
             )
         model = onnx.load_from_string(path.read_bytes())
@@ -187,6 +195,13 @@ def graph_forward(
     except Exception as exc:  # protobuf's DecodeError, the checker's ValidationError, …
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise MedsegError(f"{name} is not a valid ONNX model: {reason}") from None
+    fixed = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[2:]]
+    if cfg.infer.window == "volume" and any(fixed):
+        raise MedsegError(
+            f"{name} was exported for windows of {fixed} voxels only and infer.window is "
+            "'volume' (whole volumes): export it again (medseg.engine.export_model), or set "
+            "infer.window to 'sliding'"
+        )
     stamped = {p.key: p.value for p in model.metadata_props}.get(_WEIGHTS_KEY)
     if stamped != weights_sha256:
         raise MedsegError(
@@ -219,27 +234,49 @@ def _onnxruntime_forward(graph: bytes) -> Forward:
 
 
 def _openvino_forward(graph: bytes, cfg: MedsegConfig) -> Forward:
+    """OpenVINO on the CPU, one compiled plan per input shape.
+
+    A static shape lets OpenVINO plan every layer once (a dynamic-shape plan ran a full-size
+    volume 1.5× slower): sliding windows are run in batches of ``sw_batch_size`` (the last,
+    smaller batch padded up to it), a whole volume with a plan compiled for its shape. The
+    window plan is kept, and the last volume's (a new volume shape compiles in ~3 s); calls
+    are serialised, as one plan's infer request runs one call at a time and uses every core.
+    """
     import openvino as ov
 
-    batch_size = cfg.infer.sw_batch_size
+    core = ov.Core()
     model = ov.convert_model(io.BytesIO(graph))
-    # A static shape lets OpenVINO plan every layer once; the last, smaller window batch of a
-    # case is padded up to it.
-    model.reshape({_INPUT: [batch_size, cfg.model.in_channels, *cfg.infer.roi_size]})
-    compiled = ov.Core().compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
-    request = compiled.create_infer_request()
+    batch_size = cfg.infer.sw_batch_size
+    window = (batch_size, cfg.model.in_channels, *cfg.infer.roi_size)
+    plans: dict[tuple[int, ...], Any] = {}
+    lock = threading.Lock()
+
+    def plan(shape: tuple[int, ...]) -> Any:
+        if shape not in plans:
+            for old in [s for s in plans if s != window]:
+                del plans[old]  # the previous volume's plan and its buffers
+            model.reshape({_INPUT: list(shape)})
+            compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+            plans[shape] = (compiled, compiled.create_infer_request())
+        return plans[shape]
+
+    def infer(batch: np.ndarray) -> np.ndarray:
+        compiled, request = plan(batch.shape)
+        return np.array(request.infer({_INPUT: batch})[compiled.output(0)], dtype=np.float32)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         windows = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-        outs = []
-        for start in range(0, len(windows), batch_size):
-            batch = windows[start : start + batch_size]
-            n = len(batch)
-            if n < batch_size:
-                pad = np.zeros((batch_size - n, *batch.shape[1:]), dtype=np.float32)
-                batch = np.concatenate([batch, pad])
-            out = request.infer({_INPUT: batch})[compiled.output(0)]
-            outs.append(np.array(out[:n], dtype=np.float32))
+        with lock:
+            if windows.shape[1:] != window[1:]:  # a whole volume
+                return torch.from_numpy(infer(windows))
+            outs = []
+            for start in range(0, len(windows), batch_size):
+                batch = windows[start : start + batch_size]
+                n = len(batch)
+                if n < batch_size:
+                    pad = np.zeros((batch_size - n, *batch.shape[1:]), dtype=np.float32)
+                    batch = np.concatenate([batch, pad])
+                outs.append(infer(batch)[:n])
         return torch.from_numpy(np.concatenate(outs))
 
     return forward

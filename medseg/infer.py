@@ -12,8 +12,10 @@ server, ``medseg predict`` and batch prediction alike.
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,7 +28,7 @@ from medseg.config import REGIONS, Engine, InferConfig, MedsegConfig
 from medseg.engine import GRAPH_FILE, Forward, choose_engine, graph_forward, weights_digest
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.labels import get_convention
-from medseg.model import build_network
+from medseg.model import build_network, size_multiple
 from medseg.precision import autocast, memory_format
 from medseg.storage import Storage, join
 from medseg.transforms import static_transforms
@@ -37,6 +39,7 @@ __all__ = [
     "load_model",
     "load_network",
     "nest_regions",
+    "pad_to_multiple",
     "parse_config",
     "read_config",
     "segment_case",
@@ -110,11 +113,27 @@ class Segmenter:
     forward: Forward | None = None
     engine: str = "torch"
 
+    def one_window(self, spatial: tuple[int, ...]) -> bool:
+        """Whether a preprocessed volume of this size runs as one window (``infer.window``).
+
+        ``volume`` windows up to ``infer.volume_max_voxels`` (after padding); larger volumes,
+        and every volume under ``sliding``, run in ``roi_size`` windows.
+        """
+        infer = self.cfg.infer
+        if infer.window != "volume":
+            return False
+        multiple = size_multiple(self.cfg.model)
+        return math.prod(-(-n // multiple) * multiple for n in spatial) <= infer.volume_max_voxels
+
     @torch.no_grad()
     def probabilities(
         self, image: torch.Tensor, check: Callable[[], None] | None = None
     ) -> torch.Tensor:
-        """Per-region sigmoid probabilities by sliding-window inference.
+        """Per-region sigmoid probabilities, in one window or sliding ones (``infer.window``).
+
+        One window: the volume is zero-padded at its far ends up to
+        :func:`~medseg.model.size_multiple` (zero is the background of a normalised volume, and
+        what the sliding windows pad with too), and the logits are cut back to its size.
 
         Args:
             image: A preprocessed volume ``[C, X, Y, Z]`` (any float dtype).
@@ -140,20 +159,34 @@ class Segmenter:
             return run(x)
 
         with autocast(self.device, infer.amp, infer.amp_dtype):
-            logits = sliding_window_inference(
-                batch,
-                roi_size=infer.roi_size,
-                sw_batch_size=infer.sw_batch_size,
-                predictor=net,
-                overlap=infer.overlap,
-                mode="gaussian",
-            )
+            logits: Any
+            if self.one_window(tuple(image.shape[1:])):
+                x, y, z = image.shape[1:]
+                logits = net(pad_to_multiple(batch, size_multiple(self.cfg.model)))
+                logits = logits[..., :x, :y, :z]
+            else:
+                logits = sliding_window_inference(
+                    batch,
+                    roi_size=infer.roi_size,
+                    sw_batch_size=infer.sw_batch_size,
+                    predictor=net,
+                    overlap=infer.overlap,
+                    mode="gaussian",
+                )
         assert isinstance(logits, torch.Tensor)
         return torch.sigmoid(logits[0].float()).cpu()
 
     def segment(self, image: torch.Tensor) -> torch.Tensor:
         """Nested binary region masks ``[3, X, Y, Z]`` (uint8), see :func:`nest_regions`."""
         return torch.from_numpy(nest_regions(self.probabilities(image).numpy(), self.cfg.infer))
+
+
+def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Zero-pad ``[B, C, *spatial]`` at the far end of each spatial axis to a multiple."""
+    pads: list[int] = []
+    for n in reversed(batch.shape[2:]):  # torch's pad takes the last axis first
+        pads += [0, -n % multiple]
+    return torch.nn.functional.pad(batch, pads) if any(pads) else batch
 
 
 def parse_config(raw: bytes, uri: str) -> MedsegConfig:

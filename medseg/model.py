@@ -10,7 +10,7 @@ from monai.networks.nets import SegResNet
 
 from medseg.config import ModelConfig
 
-__all__ = ["build_network"]
+__all__ = ["build_network", "size_multiple"]
 
 
 def build_network(cfg: ModelConfig) -> SegResNet:
@@ -23,3 +23,12 @@ def build_network(cfg: ModelConfig) -> SegResNet:
         out_channels=cfg.out_channels,
         dropout_prob=cfg.dropout_prob,
     )
+
+
+def size_multiple(cfg: ModelConfig) -> int:
+    """What every spatial size of the network's input must be a multiple of.
+
+    SegResNet halves the resolution ``len(blocks_down) - 1`` times and doubles it back, so a
+    size that does not divide evenly comes out of the decoder with another shape.
+    """
+    return int(2 ** (len(cfg.blocks_down) - 1))

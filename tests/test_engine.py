@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from monai.inferers import sliding_window_inference
 from pydantic import ValidationError
 
@@ -62,24 +63,52 @@ def case() -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def reference(exported: Path, case: tuple[np.ndarray, np.ndarray]) -> CaseSegmentation:
-    seg = load_model(str(exported), Storage(), device="cpu", engine="torch")
-    return segment_case(seg, *case)
+def sliding(exported: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:func:`exported` with ``infer.window: sliding``."""
+    folder = Path(shutil.copytree(exported, tmp_path_factory.mktemp("sliding") / "model"))
+    _set_infer(folder, window="sliding")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def references(
+    exported: Path, sliding: Path, case: tuple[np.ndarray, np.ndarray]
+) -> dict[str, CaseSegmentation]:
+    """The PyTorch engine's answer per ``infer.window``."""
+    return {
+        window: segment_case(
+            load_model(str(folder), Storage(), device="cpu", engine="torch"), *case
+        )
+        for window, folder in (("volume", exported), ("sliding", sliding))
+    }
 
 
 def _copy(exported: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(exported, tmp_path / "model"))
 
 
+def _set_infer(folder: Path, **infer: object) -> None:
+    cfg = MedsegConfig.model_validate(yaml.safe_load((folder / "model.yaml").read_text()))
+    cfg = cfg.model_copy(update={"infer": cfg.infer.model_copy(update=infer)})
+    (folder / "model.yaml").write_text(cfg.to_yaml())
+
+
+@pytest.mark.parametrize("window", ["volume", "sliding"])
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)
 def test_graph_engines_give_the_reference_label_map(
     exported: Path,
+    sliding: Path,
     case: tuple[np.ndarray, np.ndarray],
-    reference: CaseSegmentation,
+    references: dict[str, CaseSegmentation],
     engine: str,
+    window: str,
 ) -> None:
-    seg = load_model(str(exported), Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
+    """One exported graph (free spatial sizes) runs whole volumes and sliding windows."""
+    folder = exported if window == "volume" else sliding
+    reference = references[window]
+    seg = load_model(str(folder), Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
     assert seg.engine == engine and seg.forward is not None
+    assert seg.cfg.infer.window == window
     got = segment_case(seg, *case)
     assert np.abs(got.probabilities - reference.probabilities).max() <= PROB_TOL
     assert np.array_equal(got.regions, reference.regions)
@@ -133,35 +162,108 @@ def test_the_engine_setting_is_validated(tmp_path: Path) -> None:
     bad.write_text("infer:\n  engine: tensorrt\n")
     with pytest.raises(InvalidInput, match=r"bad\.yaml: infer\.engine"):
         MedsegConfig.load(bad)
+    for bad_infer in ({"window": "tiles"}, {"volume_max_voxels": 0}):
+        with pytest.raises(ValidationError, match=next(iter(bad_infer))):
+            InferConfig(**bad_infer)  # type: ignore[arg-type]
+    bad.write_text("infer:\n  window: tiles\n")
+    with pytest.raises(InvalidInput, match=r"bad\.yaml: infer\.window"):
+        MedsegConfig.load(bad)
+    assert InferConfig().window == "volume"
     with pytest.raises(ValidationError, match="amp_dtype"):
         MedsegConfig.model_validate({"train": {"amp_dtype": "float8"}})
 
 
-def test_the_cpu_path_is_plain_float32(exported: Path, case: tuple[np.ndarray, np.ndarray]) -> None:
-    """amp on (the default) changes nothing on the CPU; channels-last gives the same answer."""
-    seg = load_model(str(exported), Storage(), device="cpu", engine="torch")
-    assert seg.cfg.infer.amp
-    with autocast(torch.device("cpu"), True, "float16"):
-        assert not torch.is_autocast_enabled("cpu")
-    image = torch.rand(4, *SHAPE)
-    with torch.no_grad():
-        plain = sliding_window_inference(
-            image.unsqueeze(0),
-            roi_size=seg.cfg.infer.roi_size,
-            sw_batch_size=seg.cfg.infer.sw_batch_size,
-            predictor=seg.net,
-            overlap=seg.cfg.infer.overlap,
-            mode="gaussian",
+def test_the_cpu_path_is_plain_float32(exported: Path, sliding: Path) -> None:
+    """amp on (the default) changes nothing on the CPU; channels-last gives the same answer.
+
+    ``volume``: the network on the volume zero-padded at its far ends to a multiple of 8, cut
+    back; ``sliding``: MONAI's sliding-window inference, exactly.
+    """
+    image = torch.rand(4, 45, 38, 21)  # no size a multiple of 8: the padding is exercised
+    for folder in (exported, sliding):
+        seg = load_model(str(folder), Storage(), device="cpu", engine="torch")
+        assert seg.cfg.infer.amp
+        with autocast(torch.device("cpu"), True, "float16"):
+            assert not torch.is_autocast_enabled("cpu")
+        infer = seg.cfg.infer
+        with torch.no_grad():
+            if infer.window == "volume":
+                padded = torch.zeros(1, 4, 48, 40, 24)
+                padded[0, :, :45, :38, :21] = image
+                plain = seg.net(padded)[..., :45, :38, :21]
+            else:
+                plain = sliding_window_inference(
+                    image.unsqueeze(0),
+                    roi_size=infer.roi_size,
+                    sw_batch_size=infer.sw_batch_size,
+                    predictor=seg.net,
+                    overlap=infer.overlap,
+                    mode="gaussian",
+                )
+        assert isinstance(plain, torch.Tensor)
+        probs = seg.probabilities(image)
+        assert probs.dtype == torch.float32 and probs.shape == (3, 45, 38, 21)
+        assert torch.equal(probs, torch.sigmoid(plain[0])), infer.window
+        seg.cfg = seg.cfg.model_copy(
+            update={"infer": infer.model_copy(update={"channels_last": True})}
         )
-    assert isinstance(plain, torch.Tensor)
-    probs = seg.probabilities(image)
-    assert probs.dtype == torch.float32
-    assert torch.equal(probs, torch.sigmoid(plain[0]))
-    cfg = seg.cfg.model_copy(
-        update={"infer": seg.cfg.infer.model_copy(update={"channels_last": True})}
-    )
-    seg.cfg = cfg
-    assert torch.allclose(seg.probabilities(image), probs, atol=1e-5)
+        assert torch.allclose(seg.probabilities(image), probs, atol=1e-5)
+
+
+def test_one_window_is_the_sliding_answer_where_one_window_covers_the_volume(
+    exported: Path, sliding: Path
+) -> None:
+    """A volume of exactly ``roi_size``: one sliding window, no padding; both paths agree."""
+    image = torch.rand(4, *MedsegConfig.model_validate(TINY).infer.roi_size)
+    volume = load_model(str(exported), Storage(), device="cpu", engine="torch")
+    windows = load_model(str(sliding), Storage(), device="cpu", engine="torch")
+    assert volume.one_window(tuple(image.shape[1:]))
+    assert not windows.one_window(tuple(image.shape[1:]))
+    assert torch.allclose(volume.probabilities(image), windows.probabilities(image), atol=1e-6)
+
+
+def test_a_volume_above_volume_max_voxels_runs_in_sliding_windows(
+    exported: Path, sliding: Path, tmp_path: Path
+) -> None:
+    capped = _copy(exported, tmp_path)
+    _set_infer(capped, volume_max_voxels=48 * 40 * 24 - 1)  # the padded size of the image
+    image = torch.rand(4, 45, 38, 21)
+    seg = load_model(str(capped), Storage(), device="cpu", engine="torch")
+    assert not seg.one_window((45, 38, 21)) and seg.one_window((40, 40, 24))
+    windows = load_model(str(sliding), Storage(), device="cpu", engine="torch")
+    assert torch.equal(seg.probabilities(image), windows.probabilities(image))
+
+
+def test_openvino_plans_each_volume_shape(exported: Path) -> None:
+    """Volumes of new shapes, then the first again: each answer is PyTorch's."""
+    seg = load_model(str(exported), Storage(), device="cpu", engine="openvino")
+    ref = load_model(str(exported), Storage(), device="cpu", engine="torch")
+    for shape in [(45, 38, 21), (30, 30, 30), (45, 38, 21)]:
+        image = torch.rand(4, *shape)
+        diff = (seg.probabilities(image) - ref.probabilities(image)).abs().max()
+        assert diff <= PROB_TOL, shape
+
+
+@pytest.mark.parametrize("engine", GRAPH_ENGINES)
+def test_a_graph_of_fixed_window_size_is_refused_for_whole_volumes(
+    exported: Path, tmp_path: Path, engine: str
+) -> None:
+    """A graph exported for fixed windows (before infer.window) cannot run whole volumes."""
+    import onnx
+
+    old = _copy(exported, tmp_path)
+    graph = onnx.load(old / GRAPH_FILE)
+    roi = MedsegConfig.model_validate(TINY).infer.roi_size
+    for axis, size in zip(graph.graph.input[0].type.tensor_type.shape.dim[2:], roi, strict=True):
+        axis.dim_value = size
+    onnx.save(graph, old / GRAPH_FILE)
+    with pytest.raises(MedsegError, match=r"exported for windows of \[32, 32, 16\] voxels only"):
+        load_model(str(old), Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
+    _set_infer(old, window="sliding")
+    image = torch.rand(4, 40, 40, 20)
+    seg = load_model(str(old), Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
+    ref = load_model(str(old), Storage(), device="cpu", engine="torch")
+    assert (seg.probabilities(image) - ref.probabilities(image)).abs().max() <= PROB_TOL
 
 
 def test_register_exports_the_graph_next_to_the_weights(storage: Storage, bucket: str) -> None:

@@ -101,7 +101,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         seed=1,
         data={"channels": list(MODEL_CHANNELS)},
         # many windows: a 64³ case takes seconds on a CPU, so that clients can leave it
-        infer={"overlap": 0.875},
+        infer={"window": "sliding", "overlap": 0.875},
     )
 
 
