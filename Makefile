@@ -48,7 +48,7 @@ bench: setup
 	$(VENV)/python benchmarks/bench_train_throughput.py
 	$(VENV)/python benchmarks/bench_batch_predict.py
 	$(VENV)/python benchmarks/bench_serving.py
-	$(VENV)/python benchmarks/bench_engine.py
+	$(VENV)/python benchmarks/bench_engine.py --per-voxel
 
 ## Regenerate manifests/ (kustomize) from the Helm chart; tests fail when they drift.
 manifests: setup

@@ -11,22 +11,33 @@ own. Printed: load seconds, segment seconds (for OpenVINO, compiling the plan of
 shape included), the speed-up against ``torch`` and peak RSS.
 
 Part B (equal Dice, with ``--model``): a trained model artifact (e.g. the demo's registered
-``s3://medseg/models/demo-segresnet/v1``, MinIO from the environment) is exported, then its
-held-out validation split is scored by :func:`medseg.evaluate.evaluate` (served label maps) once
-per variant of :data:`DICE_VARIANTS` (engine and window, the model's other settings as they
-are); printed: mean Dice and per region, and |ΔDice| against ``torch`` (sliding windows). The
-WT volume column of part A is a cross-check that the engines agree on the full-size case too.
+``s3://medseg/models/demo-segresnet/v1``, MinIO from the environment) is exported unless it
+carries its graph already (a registered version does), then its held-out validation split is
+scored by :func:`medseg.evaluate.evaluate` (served label maps) once per variant of
+:data:`DICE_VARIANTS` (engine and window, the model's other settings as they are); printed:
+mean Dice and per region, and |ΔDice| against ``torch`` (sliding windows). The WT volume
+column of part A is a cross-check that the engines agree on the full-size case too.
 Run ``torch`` first: the ratios are against it.
+
+Part C (``--per-voxel``): what bounds an engine at equal output. Sliding windows compute some
+voxels several times (MONAI's own window grid, ``monai.data.utils.dense_patch_slices``); the
+redundancy printed is the voxels the windows compute over the voxels of the padded volume. Each
+engine's network alone (the exported graph, no pre- or post-processing) is timed on one window
+and on the whole cropped volume of the part A case, best of ``--rounds``, in µs per voxel and as
+a speed-up against PyTorch's. A sliding-window run on an engine cannot be faster than torch's by
+more than that engine's window speed-up: the same windows are computed.
 
     python benchmarks/bench_engine.py                        # part A, every variant
     python benchmarks/bench_engine.py --only torch,openvino-volume  # some variants
     python benchmarks/bench_engine.py --skip-latency --model s3://medseg/models/demo-segresnet/v1
+    python benchmarks/bench_engine.py --skip-latency --per-voxel --rounds 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -41,8 +52,8 @@ import torch
 
 from medseg.config import MedsegConfig
 from medseg.engine import GRAPH_FILE, export_model
-from medseg.infer import load_model, segment_case
-from medseg.model import build_network
+from medseg.infer import load_model, pad_to_multiple, recorded_hashes, segment_case
+from medseg.model import build_network, size_multiple
 from medseg.storage import Storage, join
 from medseg.synth import make_case
 
@@ -177,11 +188,58 @@ def latency(names: list[str], rounds: int) -> None:
     print(f"load average at the end: {os.getloadavg()}")
 
 
+def per_voxel(rounds: int) -> None:
+    """Part C: each engine's network per voxel, on a window and on the whole volume."""
+    from monai.data import MetaTensor
+    from monai.data.utils import dense_patch_slices
+
+    from medseg.transforms import static_transforms
+
+    cfg, infer = MedsegConfig(), MedsegConfig().infer
+    with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
+        base = _base(Path(tmp))
+        image = MetaTensor(np.load(base / "image.npy"), affine=np.load(base / "affine.npy"))
+        pre = static_transforms(cfg.data, load=False)({"image": image})["image"].as_tensor()
+        volume = pad_to_multiple(pre[None].float(), size_multiple(cfg.model))
+        spatial = tuple(volume.shape[2:])
+        interval = tuple(int(r * (1 - infer.overlap)) for r in infer.roi_size)
+        windows = len(dense_patch_slices(spatial, infer.roi_size, interval))
+        redundancy = windows * math.prod(infer.roi_size) / math.prod(spatial)
+        print(f"cropped, padded volume {spatial}: {windows} windows of {infer.roi_size} at")
+        print(f"overlap {infer.overlap} compute {redundancy:.2f}x its voxels")
+        print(f"load average at the start: {os.getloadavg()}", flush=True)
+        window = torch.randn(1, cfg.model.in_channels, *infer.roi_size)
+        ratio = f"{'vs torch':>9}"
+        print(f"{'engine':12} {'window us/vox':>14} {ratio} {'volume us/vox':>14} {ratio}")
+        first: tuple[float, float] | None = None
+        for engine in ("torch", "onnxruntime", "openvino"):
+            seg = load_model(str(base), Storage(), device="cpu", engine=engine)
+            costs = []
+            for x in (window, volume):
+                seconds = []
+                with torch.no_grad():
+                    run = seg.forward or seg.net
+                    run(x)  # warm-up (OpenVINO compiles the plan of this shape)
+                    for _ in range(rounds):
+                        started = time.perf_counter()
+                        run(x)
+                        seconds.append(time.perf_counter() - started)
+                costs.append(min(seconds) / math.prod(x.shape[2:]) * 1e6)
+            first = first or (costs[0], costs[1])
+            print(
+                f"{engine:12} {costs[0]:14.2f} {first[0] / costs[0]:8.2f}x "
+                f"{costs[1]:14.2f} {first[1] / costs[1]:8.2f}x",
+                flush=True,
+            )
+    print(f"load average at the end: {os.getloadavg()}")
+
+
 def dice(model: str, names: list[str], out: str) -> None:
     from medseg.evaluate import evaluate
 
     storage = Storage()
-    export_model(model, storage)
+    if GRAPH_FILE not in recorded_hashes(model, storage)[1]:
+        export_model(model, storage)  # a version registered with its graph has one already
     means = {}
     for name in names:
         engine, infer = DICE_VARIANTS[name]
@@ -209,6 +267,7 @@ def main() -> None:
     parser.add_argument("--dice-only", default=",".join(DICE_VARIANTS), help="Part B variants.")
     parser.add_argument("--out", default="/tmp/bench-engine-eval")
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--per-voxel", action="store_true", help="Part C: network per voxel.")
     parser.add_argument("--rounds", type=int, default=1, help="Latency rounds; best is kept.")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--folder", help=argparse.SUPPRESS)
@@ -218,6 +277,8 @@ def main() -> None:
         return
     if not args.skip_latency:
         latency(args.only.split(","), args.rounds)
+    if args.per_voxel:
+        per_voxel(max(args.rounds, 2))
     if args.model:
         dice(args.model, args.dice_only.split(","), args.out)
 

@@ -120,6 +120,10 @@ def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -
 def export_model(uri: str, storage: Any = None) -> str:
     """Add :data:`GRAPH_FILE` to the model artifact at ``uri`` (exported from its ``model.pt``).
 
+    A graph that the artifact's record lists (a version registered with its graph) is never
+    written again: the export is not byte-for-byte reproducible, and a registered version does
+    not change.
+
     Args:
         uri: A model artifact (see :mod:`medseg.infer`).
         storage: A :class:`~medseg.storage.Storage`; from the environment when omitted.
@@ -128,12 +132,18 @@ def export_model(uri: str, storage: Any = None) -> str:
         The sha256 of the graph written.
 
     Raises:
-        MedsegError: If ``uri`` is no loadable model artifact.
+        MedsegError: If ``uri`` is no loadable model artifact, or its record lists a graph.
     """
-    from medseg.infer import load_model
+    from medseg.infer import load_model, recorded_hashes
     from medseg.storage import Storage, join
 
     storage = storage or Storage()
+    record, hashes = recorded_hashes(uri, storage)
+    if GRAPH_FILE in hashes:
+        raise MedsegError(
+            f"{uri}/{GRAPH_FILE} is recorded in {record}: the artifact is exported already, "
+            "and a recorded file is never rewritten"
+        )
     seg = load_model(uri, storage, device="cpu", engine="torch")
     digest = weights_digest(storage.get_bytes(join(uri, "model.pt")))
     graph = export_graph(seg.net, seg.cfg, digest)

@@ -12,6 +12,7 @@ server, ``medseg predict`` and batch prediction alike.
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from monai.transforms import Invertd
 
 from medseg.config import REGIONS, Engine, InferConfig, MedsegConfig
 from medseg.engine import GRAPH_FILE, Forward, choose_engine, graph_forward, weights_digest
-from medseg.errors import MedsegError, ObjectNotFound
+from medseg.errors import ChecksumMismatch, MedsegError, ObjectNotFound
 from medseg.labels import get_convention
 from medseg.model import build_network, size_multiple
 from medseg.precision import autocast, memory_format
@@ -42,8 +43,13 @@ __all__ = [
     "pad_to_multiple",
     "parse_config",
     "read_config",
+    "recorded_hashes",
     "segment_case",
 ]
+
+#: Where a model artifact records the sha256 of its files, first found wins: a registered
+#: version's card (:func:`medseg.register.register`), a training run's lineage.
+HASH_RECORDS = ("model_card.json", "lineage.json")
 
 _TC, _WT, _ET = (REGIONS.index(r) for r in ("TC", "WT", "ET"))
 
@@ -232,6 +238,32 @@ def load_network(cfg: MedsegConfig, weights: bytes, uri: str) -> torch.nn.Module
     return net.eval()
 
 
+def recorded_hashes(uri: str, storage: Storage) -> tuple[str, dict[str, str]]:
+    """The sha256 of each file of the artifact at ``uri``, as its record holds them.
+
+    Returns:
+        The record's file name (one of :data:`HASH_RECORDS`) and its ``files`` map (file name
+        to sha256); ``("", {})`` for an artifact with neither record (a hand-made folder).
+
+    Raises:
+        MedsegError: If the record is there but holds no such map.
+    """
+    for record in HASH_RECORDS:
+        raw = _optional_bytes(storage, join(uri, record))
+        if raw is None:
+            continue
+        try:
+            files = json.loads(raw)["files"]
+            if not all(isinstance(v, str) for v in files.values()):
+                raise TypeError("a file's sha256 is not a string")
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise MedsegError(
+                f"{uri}/{record} holds no valid 'files' map of sha256s: {exc}"
+            ) from None
+        return record, dict(files)
+    return "", {}
+
+
 def load_model(
     uri: str,
     storage: Storage | None = None,
@@ -240,6 +272,11 @@ def load_model(
 ) -> Segmenter:
     """Load ``model.yaml`` and ``model.pt`` (and ``model.onnx``) from ``uri`` (folder or ``s3://``).
 
+    Each file is checked against the sha256 the artifact's record holds
+    (:func:`recorded_hashes`): a copy of a registered version, such as KServe's
+    ``/mnt/models``, is served only if it is byte for byte the version its card describes. A file
+    the record lists must be there.
+
     Args:
         uri: The model artifact.
         storage: Storage to use; from the environment when omitted.
@@ -247,19 +284,35 @@ def load_model(
         engine: Overrides the config's ``infer.engine`` (see :mod:`medseg.engine`).
 
     Raises:
-        MedsegError: If a file is missing or does not fit the others, or the engine asked for
-            cannot run (see :mod:`medseg.engine` for which cases are errors).
+        MedsegError: If a file is missing, differs from its record, or does not fit the others,
+            or the engine asked for cannot run (see :mod:`medseg.engine` for which cases are
+            errors).
     """
     storage = storage or Storage()
-    cfg = read_config(uri, storage)
-    try:
-        weights = storage.get_bytes(join(uri, "model.pt"))
-    except ObjectNotFound as exc:
-        raise MedsegError(f"{uri} is not a model artifact: {exc}") from None
+    record, hashes = recorded_hashes(uri, storage)
+
+    def read(name: str) -> bytes | None:
+        try:
+            return storage.get_bytes(join(uri, name), sha256=hashes.get(name))
+        except ObjectNotFound:
+            if name in hashes:
+                raise MedsegError(f"{uri}/{name} is missing, and {record} lists it") from None
+            return None
+        except ChecksumMismatch as exc:
+            raise MedsegError(
+                f"{uri}/{name} is not the file {record} records (sha256 {hashes[name][:12]}…): "
+                f"{exc}"
+            ) from None
+
+    raw_cfg, weights = read("model.yaml"), read("model.pt")
+    if raw_cfg is None or weights is None:
+        missing = "model.yaml" if raw_cfg is None else "model.pt"
+        raise MedsegError(f"{uri} is not a model artifact: it has no {missing}")
+    cfg = parse_config(raw_cfg, uri)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_network(cfg, weights, uri)
     net.to(dev).to(memory_format=memory_format(cfg.infer.channels_last)).eval()
-    graph = _optional_bytes(storage, join(uri, GRAPH_FILE))
+    graph = read(GRAPH_FILE)
     chosen = choose_engine(engine or cfg.infer.engine, graph is not None, dev, uri)
     if chosen == "torch":
         return Segmenter(cfg, net, dev)

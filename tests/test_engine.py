@@ -289,3 +289,56 @@ def test_register_exports_the_graph_next_to_the_weights(storage: Storage, bucket
     assert seg.engine == "openvino"
     plain = register(storage, bucket, "r1", "tiny")  # without export: weights only
     assert GRAPH_FILE not in plain["files"]
+
+
+def test_a_copy_of_a_version_is_served_only_as_its_card_records(
+    storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    """KServe's ``/mnt/models`` is a copy of a registered version: checked against its card."""
+    run_model = join(bucket, "runs", "r2", "model")
+    cfg = MedsegConfig.model_validate(TINY)
+    torch.manual_seed(1)
+    buf = io.BytesIO()
+    torch.save(build_network(cfg.model).state_dict(), buf)
+    files = {
+        "model.pt": storage.put_bytes(join(run_model, "model.pt"), buf.getvalue()).sha256,
+        "model.yaml": storage.put_bytes(
+            join(run_model, "model.yaml"), cfg.to_yaml().encode()
+        ).sha256,
+    }
+    lineage = {
+        "files": files,
+        "dataset": {"store": bucket, "name": "d", "version": "0123456789abcdef"},
+        "preprocessing": "fp",
+        "best": {"dice_mean": 0.5},
+    }
+    storage.put_json(join(run_model, "lineage.json"), lineage)
+    card = register(storage, bucket, "r2", "carded", export=True)
+    version = join(bucket, "models", "carded", card["version"])
+    served = tmp_path / "mnt-models"  # what the storage initializer writes
+    for obj in storage.list(version):
+        storage.get_file(obj.uri, served / obj.uri.rsplit("/", 1)[1])
+    assert load_model(str(served), Storage(), device="cpu").engine == "openvino"
+
+    # A registered version is never re-exported: the export is not byte-for-byte reproducible.
+    with pytest.raises(MedsegError, match=r"model.onnx is recorded in model_card.json"):
+        export_model(version, storage)
+    assert storage.get_bytes(join(version, GRAPH_FILE), sha256=card["files"][GRAPH_FILE])
+
+    # A config that loads as well as the recorded one, but is not it, is refused by name.
+    good_yaml = (served / "model.yaml").read_bytes()
+    other = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"threshold": 0.3})})
+    (served / "model.yaml").write_text(other.to_yaml())
+    with pytest.raises(MedsegError, match=r"mnt-models/model.yaml is not the file model_card"):
+        load_model(str(served), Storage(), device="cpu")
+    (served / "model.yaml").write_bytes(good_yaml)
+
+    # A file the card lists must be there: no quiet fall-back to another engine.
+    (served / GRAPH_FILE).unlink()
+    with pytest.raises(MedsegError, match=r"model.onnx is missing, and model_card.json lists it"):
+        load_model(str(served), Storage(), device="cpu")
+
+    # A training run's model is checked against its lineage the same way.
+    storage.put_bytes(join(run_model, "model.yaml"), other.to_yaml().encode())
+    with pytest.raises(MedsegError, match=r"model.yaml is not the file lineage.json records"):
+        load_model(run_model, storage, device="cpu")
