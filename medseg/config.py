@@ -17,7 +17,10 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from medseg.errors import InvalidInput
-from medseg.precision import AmpDtype
+
+#: The half-precision type autocast computes in (see :mod:`medseg.precision`): ``float16`` (any
+#: CUDA GPU) or ``bfloat16`` (Ampere and newer; no loss scaling needed).
+AmpDtype = Literal["float16", "bfloat16"]
 
 #: Canonical channel order of every image tensor in medseg.
 CHANNELS: tuple[str, ...] = ("t1", "t1gd", "t2", "flair")

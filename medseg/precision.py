@@ -9,15 +9,11 @@ FP32 path. Channels-last (NDHWC) applies on any device when asked for.
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 
-__all__ = ["AmpDtype", "autocast", "memory_format"]
+from medseg.config import AmpDtype
 
-#: The half-precision type autocast computes in: ``float16`` (any CUDA GPU) or ``bfloat16``
-#: (Ampere and newer; no loss scaling needed).
-AmpDtype = Literal["float16", "bfloat16"]
+__all__ = ["autocast", "memory_format"]
 
 
 def autocast(device: torch.device, enabled: bool, dtype: AmpDtype) -> torch.autocast:

@@ -29,6 +29,19 @@ def _wide_console(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cli.console, "width", 200)
 
 
+def test_cli_client_and_config_start_without_torch() -> None:
+    """``medseg --help``, the REST/gRPC client and the config load no torch or MONAI.
+
+    Their import cost several seconds before (``medseg.config`` pulled torch in for one type
+    name); commands import the heavy libraries when they run.
+    """
+    modules = "medseg.cli, medseg.client, medseg.config, medseg.pipeline_params"
+    code = f"import sys, {modules}; print(sorted({{'torch', 'monai'}} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
 def test_synth_ingest_preprocess_list(tmp_path: Path, s3_env: None, bucket: str) -> None:
     raw = tmp_path / "raw"
     r = runner.invoke(
