@@ -266,10 +266,11 @@ def test_a_graph_of_fixed_window_size_is_refused_for_whole_volumes(
     assert (seg.probabilities(image) - ref.probabilities(image)).abs().max() <= PROB_TOL
 
 
-def test_register_exports_the_graph_next_to_the_weights(storage: Storage, bucket: str) -> None:
-    run_model = join(bucket, "runs", "r1", "model")
+def _finished_run(storage: Storage, bucket: str, run_id: str, seed: int) -> str:
+    """A training run's model (seeded tiny weights, config, lineage) as training leaves it."""
+    run_model = join(bucket, "runs", run_id, "model")
     cfg = MedsegConfig.model_validate(TINY)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     buf = io.BytesIO()
     torch.save(build_network(cfg.model).state_dict(), buf)
     pt = storage.put_bytes(join(run_model, "model.pt"), buf.getvalue())
@@ -281,6 +282,11 @@ def test_register_exports_the_graph_next_to_the_weights(storage: Storage, bucket
         "best": {"dice_mean": 0.5},
     }
     storage.put_json(join(run_model, "lineage.json"), lineage)
+    return run_model
+
+
+def test_register_exports_the_graph_next_to_the_weights(storage: Storage, bucket: str) -> None:
+    _finished_run(storage, bucket, "r1", seed=0)
     card = register(storage, bucket, "r1", "tiny", export=True)
     version = join(bucket, "models", "tiny", card["version"])
     # The card records the graph's sha256 and the stored graph matches it (get_bytes verifies).
@@ -295,24 +301,7 @@ def test_a_copy_of_a_version_is_served_only_as_its_card_records(
     storage: Storage, bucket: str, tmp_path: Path
 ) -> None:
     """KServe's ``/mnt/models`` is a copy of a registered version: checked against its card."""
-    run_model = join(bucket, "runs", "r2", "model")
-    cfg = MedsegConfig.model_validate(TINY)
-    torch.manual_seed(1)
-    buf = io.BytesIO()
-    torch.save(build_network(cfg.model).state_dict(), buf)
-    files = {
-        "model.pt": storage.put_bytes(join(run_model, "model.pt"), buf.getvalue()).sha256,
-        "model.yaml": storage.put_bytes(
-            join(run_model, "model.yaml"), cfg.to_yaml().encode()
-        ).sha256,
-    }
-    lineage = {
-        "files": files,
-        "dataset": {"store": bucket, "name": "d", "version": "0123456789abcdef"},
-        "preprocessing": "fp",
-        "best": {"dice_mean": 0.5},
-    }
-    storage.put_json(join(run_model, "lineage.json"), lineage)
+    run_model = _finished_run(storage, bucket, "r2", seed=1)
     card = register(storage, bucket, "r2", "carded", export=True)
     version = join(bucket, "models", "carded", card["version"])
     served = tmp_path / "mnt-models"  # what the storage initializer writes
@@ -327,6 +316,7 @@ def test_a_copy_of_a_version_is_served_only_as_its_card_records(
 
     # A config that loads as well as the recorded one, but is not it, is refused by name.
     good_yaml = (served / "model.yaml").read_bytes()
+    cfg = MedsegConfig.model_validate(TINY)
     other = cfg.model_copy(update={"infer": cfg.infer.model_copy(update={"threshold": 0.3})})
     (served / "model.yaml").write_text(other.to_yaml())
     with pytest.raises(MedsegError, match=r"mnt-models/model.yaml is not the file model_card"):
