@@ -234,7 +234,9 @@ def per_voxel(rounds: int) -> None:
     print(f"load average at the end: {os.getloadavg()}")
 
 
-def dice(model: str, names: list[str], out: str) -> None:
+def dice(
+    model: str, names: list[str], out: str, dataset: str | None = None, split: str = "validation"
+) -> None:
     from medseg.evaluate import evaluate
 
     storage = Storage()
@@ -247,11 +249,19 @@ def dice(model: str, names: list[str], out: str) -> None:
         seg.cfg = seg.cfg.model_copy(update={"infer": seg.cfg.infer.model_copy(update=infer)})
         started = time.perf_counter()
         result = evaluate(
-            model, storage=storage, segmenter=seg, out=join(out, name), max_overlays=0
+            model,
+            dataset=dataset,
+            store=model.split("/models/")[0] if dataset else None,
+            split=split,
+            storage=storage,
+            segmenter=seg,
+            out=join(out, name),
+            max_overlays=0,
         )
         means[name] = (result.dice_mean, result.dice, time.perf_counter() - started)
     base = means[names[0]][0]
-    print(f"held-out validation split of {model}, served label maps (medseg.evaluate)")
+    cases = f"split {split!r} of {dataset}" if dataset else "held-out validation split"
+    print(f"{cases}, {model}, served label maps (medseg.evaluate)")
     print(f"|dDice| against {names[0]}; load average {os.getloadavg()}")
     regions = " ".join(f"{r:>7}" for r in ("TC", "WT", "ET"))
     print(f"{'variant':27} {'mean Dice':>10} {'|dDice|':>8} {regions} {'eval s':>7}")
@@ -266,6 +276,10 @@ def main() -> None:
     parser.add_argument("--model", help="A trained model artifact for the Dice part.")
     parser.add_argument("--dice-only", default=",".join(DICE_VARIANTS), help="Part B variants.")
     parser.add_argument("--out", default="/tmp/bench-engine-eval")
+    parser.add_argument(
+        "--dataset", help="Part B on NAME@VERSION of the model's store, not its training data."
+    )
+    parser.add_argument("--split", default="validation", help="Part B's split of --dataset.")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--per-voxel", action="store_true", help="Part C: network per voxel.")
     parser.add_argument("--rounds", type=int, default=1, help="Latency rounds; best is kept.")
@@ -280,7 +294,7 @@ def main() -> None:
     if args.per_voxel:
         per_voxel(max(args.rounds, 2))
     if args.model:
-        dice(args.model, args.dice_only.split(","), args.out)
+        dice(args.model, args.dice_only.split(","), args.out, args.dataset, args.split)
 
 
 if __name__ == "__main__":

@@ -209,7 +209,8 @@ def graph_forward(
     if cfg.infer.window == "volume" and any(fixed):
         raise MedsegError(
             f"{name} was exported for windows of {fixed} voxels only and infer.window is "
-            "'volume' (whole volumes): export it again (medseg.engine.export_model), or set "
+            "'volume' (whole volumes): export it again (medseg.engine.export_model; for a "
+            "registered version, register its run again: a version never changes), or set "
             "infer.window to 'sliding'"
         )
     stamped = {p.key: p.value for p in model.metadata_props}.get(_WEIGHTS_KEY)
