@@ -299,10 +299,9 @@ def load_model(
                 raise MedsegError(f"{uri}/{name} is missing, and {record} lists it") from None
             return None
         except ChecksumMismatch as exc:
-            raise MedsegError(
-                f"{uri}/{name} is not the file {record} records (sha256 {hashes[name][:12]}…): "
-                f"{exc}"
-            ) from None
+            if name not in hashes:
+                raise  # the object store's own record of the object: the message names it
+            raise MedsegError(f"{uri}/{name} is not the file {record} records: {exc}") from None
 
     raw_cfg, weights = read("model.yaml"), read("model.pt")
     if raw_cfg is None or weights is None:
