@@ -250,8 +250,7 @@ def dice(
         started = time.perf_counter()
         result = evaluate(
             model,
-            dataset=dataset,
-            store=model.split("/models/")[0] if dataset else None,
+            dataset=dataset,  # in the store the model was trained in
             split=split,
             storage=storage,
             segmenter=seg,
@@ -277,7 +276,7 @@ def main() -> None:
     parser.add_argument("--dice-only", default=",".join(DICE_VARIANTS), help="Part B variants.")
     parser.add_argument("--out", default="/tmp/bench-engine-eval")
     parser.add_argument(
-        "--dataset", help="Part B on NAME@VERSION of the model's store, not its training data."
+        "--dataset", help="Part B on NAME@VERSION (in the model's training store), not its own."
     )
     parser.add_argument("--split", default="validation", help="Part B's split of --dataset.")
     parser.add_argument("--skip-latency", action="store_true")
