@@ -112,6 +112,12 @@ Nesting = Literal["disjoint", "intersect", "union"]
 #: ``auto`` (the fastest on this machine when the artifact carries the graph, else ``torch``).
 Engine = Literal["auto", "torch", "onnxruntime", "openvino"]
 
+#: The arithmetic of the CPU graph engines (see :mod:`medseg.engine`): ``f32`` (the default, the
+#: same numbers on every CPU) or ``bf16`` (OpenVINO only, and only on CPUs with native bf16; on
+#: others it runs as ``f32``). Never left to the runtime: OpenVINO's CPU plugin would otherwise
+#: pick bf16 by itself wherever the CPU has it, so one model would answer differently by node.
+Precision = Literal["f32", "bf16"]
+
 #: How inference tiles a preprocessed volume (see :meth:`medseg.infer.Segmenter.probabilities`):
 #: ``volume`` runs the whole (foreground-cropped) volume as one window, padded up to
 #: :func:`medseg.model.size_multiple`; ``sliding`` runs overlapping ``roi_size`` windows blended
@@ -142,6 +148,10 @@ class InferConfig(_Frozen):
             mean Dice, two training seeds: 0.909 and 0.870, against 0.903/0.856 for
             ``intersect`` and 0.871/0.799 for ``union``, the label map of the raw thresholds).
         engine: What runs the forward pass (:data:`Engine`); overridable at load time.
+        precision: The graph engines' arithmetic (:data:`Precision`): ``f32`` by default;
+            ``bf16`` is an explicit choice for the ``openvino`` engine (faster on CPUs with
+            native bf16, probabilities within ~1e-2 of ``f32``: ``benchmarks/bench_engine.py``
+            reports its Dice against ``f32``).
         amp: Autocast on CUDA (never on the CPU, see :mod:`medseg.precision`).
         amp_dtype: Autocast's half-precision type.
         channels_last: Windows in channels-last 3D layout (PyTorch engine).
@@ -155,6 +165,7 @@ class InferConfig(_Frozen):
     threshold: float = Field(default=0.5, gt=0.0, lt=1.0)
     nesting: Nesting = "disjoint"
     engine: Engine = "auto"
+    precision: Precision = "f32"
     amp: bool = True
     amp_dtype: AmpDtype = "float16"
     channels_last: bool = False

@@ -12,6 +12,14 @@ Engine`, overridable by :func:`medseg.infer.load_model`'s ``engine``):
 * ``auto``: :data:`AUTO_ENGINE` when the artifact carries a graph and no GPU is present, else
   ``torch``; a missing graph is logged, not an error.
 
+Precision is pinned, never left to the runtime (``infer.precision``, :data:`~medseg.config.
+Precision`): OpenVINO's CPU plugin defaults ``INFERENCE_PRECISION_HINT`` to bf16 on CPUs with
+native bf16 (AVX-512 BF16, AMX), which moved probabilities by up to 8e-3 against PyTorch, so the
+same model would answer differently by node; medseg compiles every plan with the configured
+precision (``f32`` by default) and checks what the plan reports. ONNX Runtime's CPU provider and
+PyTorch on the CPU compute FP32 unless told otherwise (no fast-math option is set, and
+``torch.get_float32_matmul_precision()`` stays ``highest``); ``bf16`` is refused for them.
+
 Failure contract: an engine asked for by name whose graph is missing is an error. A graph that
 is present but unreadable, exported from other weights than the artifact's ``model.pt``, or
 exported for fixed window sizes (an older medseg) while ``infer.window`` is ``volume``, is an
@@ -36,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.config import Engine, MedsegConfig
+from medseg.config import Engine, MedsegConfig, Precision
 from medseg.errors import MedsegError
 
 __all__ = [
@@ -47,6 +55,7 @@ __all__ = [
     "export_graph",
     "export_model",
     "graph_forward",
+    "openvino_precision",
     "weights_digest",
 ]
 
@@ -64,6 +73,8 @@ _INPUT, _OUTPUT = "image", "logits"
 _FREE_AXES = {0: "batch", 2: "x", 3: "y", 4: "z"}
 #: ONNX opset of the export (GroupNormalization and the resize modes SegResNet uses).
 _OPSET = 18
+#: OpenVINO's element type for each ``infer.precision`` (its ``INFERENCE_PRECISION_HINT``).
+_OPENVINO_PRECISION: dict[str, str] = {"f32": "f32", "bf16": "bf16"}
 
 #: A forward pass: a batch of windows ``[B, C, *roi]`` to logits ``[B, 3, *roi]`` (float32).
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -150,7 +161,13 @@ def export_model(uri: str, storage: Any = None) -> str:
     return str(storage.put_bytes(join(uri, GRAPH_FILE), graph).sha256)
 
 
-def choose_engine(requested: Engine, has_graph: bool, device: torch.device, where: str) -> str:
+def choose_engine(
+    requested: Engine,
+    has_graph: bool,
+    device: torch.device,
+    where: str,
+    precision: Precision = "f32",
+) -> str:
     """The engine that will run, from the setting, the artifact and the device.
 
     Args:
@@ -158,10 +175,24 @@ def choose_engine(requested: Engine, has_graph: bool, device: torch.device, wher
         has_graph: Whether the artifact carries :data:`GRAPH_FILE`.
         device: The device PyTorch would use.
         where: The artifact's URI (for messages).
+        precision: The ``infer.precision`` setting; ``bf16`` is for the ``openvino`` engine.
 
     Raises:
-        MedsegError: If a graph engine is asked for and the artifact has no graph.
+        MedsegError: If a graph engine is asked for and the artifact has no graph, or the
+            precision is one the chosen engine does not run.
     """
+    chosen = _engine(requested, has_graph, device, where)
+    if precision != "f32" and chosen != "openvino":
+        raise MedsegError(
+            f"{where}: infer.precision {precision!r} is run by the openvino engine only, and "
+            f"this model runs on {chosen} (engine setting {requested!r}"
+            f"{'' if has_graph else f', no {GRAPH_FILE}'}): set infer.precision to 'f32', or "
+            "engine to 'openvino' (on CUDA, reduced precision is infer.amp)"
+        )
+    return chosen
+
+
+def _engine(requested: Engine, has_graph: bool, device: torch.device, where: str) -> str:
     if requested == "auto":
         if device.type == "cuda":
             return "torch"
@@ -175,6 +206,11 @@ def choose_engine(requested: Engine, has_graph: bool, device: torch.device, wher
             "is none: export it (medseg.engine.export_model) or use engine 'torch' or 'auto'"
         )
     return requested
+
+
+def openvino_precision(compiled: Any) -> str:
+    """The precision a compiled OpenVINO plan runs (its ``INFERENCE_PRECISION_HINT``, e.g. f32)."""
+    return str(compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name())
 
 
 def graph_forward(
@@ -247,6 +283,11 @@ def _onnxruntime_forward(graph: bytes) -> Forward:
 def _openvino_forward(graph: bytes, cfg: MedsegConfig) -> Forward:
     """OpenVINO on the CPU, one compiled plan per input shape.
 
+    Every plan is compiled with ``INFERENCE_PRECISION_HINT`` set from ``cfg.infer.precision``
+    (the plugin's own default is bf16 on CPUs with native bf16). A plan that reports another
+    precision than ``f32`` when ``f32`` was asked for is an error; ``bf16`` asked for on a CPU
+    without it runs as ``f32``, which is logged.
+
     A static shape lets OpenVINO plan every layer once (a dynamic-shape plan ran a full-size
     volume 1.5× slower): sliding windows are run in batches of ``sw_batch_size`` (the last,
     smaller batch padded up to it), a whole volume with a plan compiled for its shape. The
@@ -261,13 +302,18 @@ def _openvino_forward(graph: bytes, cfg: MedsegConfig) -> Forward:
     window = (batch_size, cfg.model.in_channels, *cfg.infer.roi_size)
     plans: dict[tuple[int, ...], Any] = {}
     lock = threading.Lock()
+    properties = {
+        "PERFORMANCE_HINT": "LATENCY",
+        "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[cfg.infer.precision],
+    }
 
     def plan(shape: tuple[int, ...]) -> Any:
         if shape not in plans:
             for old in [s for s in plans if s != window]:
                 del plans[old]  # the previous volume's plan and its buffers
             model.reshape({_INPUT: list(shape)})
-            compiled = core.compile_model(model, "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+            compiled = core.compile_model(model, "CPU", properties)
+            _check_plan_precision(compiled, cfg.infer.precision)
             plans[shape] = (compiled, compiled.create_infer_request())
         return plans[shape]
 
@@ -291,3 +337,12 @@ def _openvino_forward(graph: bytes, cfg: MedsegConfig) -> Forward:
         return torch.from_numpy(np.concatenate(outs))
 
     return forward
+
+
+def _check_plan_precision(compiled: Any, precision: Precision) -> None:
+    ran = openvino_precision(compiled)
+    if ran == _OPENVINO_PRECISION[precision]:
+        return
+    if precision == "f32":  # never expected: the hint is explicit
+        raise MedsegError(f"OpenVINO compiled an {ran} plan where f32 was asked for")
+    log.warning("infer.precision %s is not native on this CPU: OpenVINO runs %s", precision, ran)

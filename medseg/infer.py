@@ -312,7 +312,9 @@ def load_model(
     net = load_network(cfg, weights, uri)
     net.to(dev).to(memory_format=memory_format(cfg.infer.channels_last)).eval()
     graph = read(GRAPH_FILE)
-    chosen = choose_engine(engine or cfg.infer.engine, graph is not None, dev, uri)
+    chosen = choose_engine(
+        engine or cfg.infer.engine, graph is not None, dev, uri, cfg.infer.precision
+    )
     if chosen == "torch":
         return Segmenter(cfg, net, dev)
     assert graph is not None

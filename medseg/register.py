@@ -111,6 +111,9 @@ def model_card_markdown(name: str, uri: str, card: dict[str, Any]) -> str:
         f"- preprocessing: `{card['preprocessing']}`",
         f"- run: `{card['run_id']}`, code `{card['code_version']}`",
     ]
+    if "inference" in card:  # cards of versions registered before it was recorded lack it
+        settings = ", ".join(f"{k} `{v}`" for k, v in card["inference"].items())
+        lines.append(f"- inference: {settings}")
     for key, value in sorted((card.get("evaluation") or {}).get("dice", {}).items()):
         lines.append(f"- validation Dice {key}: {value:.4f}")
     return "\n".join(lines) + "\n"
@@ -179,6 +182,7 @@ def register(
         "dataset": lineage["dataset"],
         "preprocessing": lineage["preprocessing"],
         "metrics": lineage["best"],
+        "inference": _inference_settings(blobs["model.yaml"], run_model),
         "files": files,
         "code_version": _code_version(),
         "created_at": datetime.now(UTC).isoformat(),
@@ -187,6 +191,14 @@ def register(
         card["evaluation"] = summary
     storage.put_json(join(prefix, "model_card.json"), card)
     return card
+
+
+def _inference_settings(config: bytes, where: str) -> dict[str, Any]:
+    """What decides the served numbers besides the weights: engine, precision, window, nesting."""
+    from medseg.infer import parse_config
+
+    infer = parse_config(config, where).infer
+    return {k: getattr(infer, k) for k in ("engine", "precision", "window", "nesting")}
 
 
 def _export(weights: bytes, config: bytes, where: str) -> bytes:

@@ -332,3 +332,26 @@ def test_a_copy_of_a_version_is_served_only_as_its_card_records(
     storage.put_bytes(join(run_model, "model.yaml"), other.to_yaml().encode())
     with pytest.raises(MedsegError, match=r"model.yaml is not the file lineage.json records"):
         load_model(run_model, storage, device="cpu")
+
+
+def test_bf16_is_an_explicit_openvino_setting(
+    exported: Path,
+    tmp_path: Path,
+    case: tuple[np.ndarray, np.ndarray],
+    references: dict[str, CaseSegmentation],
+) -> None:
+    """``infer.precision: bf16`` runs on OpenVINO (near f32); other engines refuse it by name."""
+    folder = _copy(exported, tmp_path)
+    _set_infer(folder, precision="bf16")
+    got = segment_case(load_model(str(folder), Storage(), device="cpu", engine="openvino"), *case)
+    # bf16 keeps 8 bits of mantissa: probabilities stay close to f32, not within PROB_TOL.
+    assert np.abs(got.probabilities - references["volume"].probabilities).max() < 0.05
+    for engine in ("torch", "onnxruntime"):
+        with pytest.raises(
+            MedsegError,
+            match=f"precision 'bf16' is run by the openvino engine "
+            f"only, and this model runs on {engine}",
+        ):
+            load_model(str(folder), Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError):
+        InferConfig.model_validate({"precision": "f16"})

@@ -27,12 +27,14 @@ print(register(storage, store, run_id, name)["version"], flush=True)
 """
 
 
-def _finished_run(storage: Storage, store: str, run_id: str) -> bytes:
+def _finished_run(
+    storage: Storage, store: str, run_id: str, config: bytes = b"model: {}\n"
+) -> bytes:
     """A run's model folder as training leaves it (its bytes are this run's own)."""
     weights = f"weights of {run_id}".encode()
     model = join(store, "runs", run_id, "model")
     pt = storage.put_bytes(join(model, "model.pt"), weights)
-    yaml = storage.put_bytes(join(model, "model.yaml"), b"model: {}\n")
+    yaml = storage.put_bytes(join(model, "model.yaml"), config)
     lineage = {
         "run_id": run_id,
         "dataset": {"store": store, "name": "d", "version": "0123456789abcdef"},
@@ -85,6 +87,23 @@ def test_concurrent_registrations_get_distinct_versions(
         prefix = join(store, "models", "same-name", card["version"])
         assert storage.get_bytes(join(prefix, "model.pt")) == runs[card["run_id"]]
     assert sorted(c["run_id"] for c in cards) == sorted(runs)
+
+
+def test_the_card_records_the_inference_precision(storage: Storage, store: str) -> None:
+    """The served numbers depend on the precision: the card says which (f32 unless chosen)."""
+    _finished_run(storage, store, "r1")
+    card = register(storage, store, "r1", "m")
+    assert card["inference"] == {
+        "engine": "auto",
+        "precision": "f32",
+        "window": "volume",
+        "nesting": "disjoint",
+    }
+    _finished_run(storage, store, "r2", b"infer: {engine: openvino, precision: bf16}\n")
+    card = register(storage, store, "r2", "m")
+    assert card["inference"]["precision"] == "bf16"
+    stored = storage.get_json(join(store, "models", "m", card["version"], "model_card.json"))
+    assert stored["inference"] == card["inference"]
 
 
 def test_versions_only_grow_and_resolve(storage: Storage, store: str) -> None:
