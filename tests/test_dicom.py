@@ -271,3 +271,21 @@ def test_synth_cli_writes_dicom_studies(tmp_path: Path) -> None:
     assert label.shape == (16, 16, 8)
     bad = CliRunner().invoke(app, ["synth", str(tmp_path / "x"), "--format", "png"])
     assert bad.exit_code != 0 and "unknown format 'png'" in bad.output
+
+
+def test_a_member_that_lies_about_its_size_is_refused_at_bounded_memory() -> None:
+    """A member declaring 1000 bytes stops inflating just past them, not at its real 64 MiB."""
+    import tracemalloc
+
+    from medseg.settings import ServerLimits
+    from tests.test_dicom_serving import _bomb
+
+    bomb = _bomb(64, declared_small=True)
+    tracemalloc.start()
+    try:
+        with pytest.raises(DicomStudyError, match=r"IM0001\.dcm cannot be unzipped"):
+            read_study(bomb, limits=ServerLimits())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB traced while refusing the member"
