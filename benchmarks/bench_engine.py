@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from medseg.config import MedsegConfig
-from medseg.engine import GRAPH_FILE, export_model
+from medseg.engine import GRAPH_FILE, export_model, graph_forward, weights_digest
 from medseg.infer import load_model, pad_to_multiple, recorded_hashes, segment_case
 from medseg.model import build_network, size_multiple
 from medseg.storage import Storage, join
@@ -76,6 +76,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any], bool]] = {
     "torch-volume-channels-last": ("torch", {**VOLUME, "channels_last": True}, False),
     "onnxruntime-volume": ("onnxruntime", VOLUME, False),
     "openvino-volume": ("openvino", VOLUME, False),
+    "openvino-volume-bf16": ("openvino", {**VOLUME, "precision": "bf16"}, False),
 }
 #: Part B: name -> (engine, InferConfig overrides of the model's own config).
 DICE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -85,6 +86,7 @@ DICE_VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "torch-volume-channels-last": ("torch", {**VOLUME, "channels_last": True}),
     "onnxruntime-volume": ("onnxruntime", VOLUME),
     "openvino-volume": ("openvino", VOLUME),
+    "openvino-volume-bf16": ("openvino", {**VOLUME, "precision": "bf16"}),
 }
 
 
@@ -247,6 +249,10 @@ def dice(
         engine, infer = DICE_VARIANTS[name]
         seg = load_model(model, storage, device="cpu", engine=engine)  # type: ignore[arg-type]
         seg.cfg = seg.cfg.model_copy(update={"infer": seg.cfg.infer.model_copy(update=infer)})
+        if seg.cfg.infer.precision != "f32":  # plans are compiled for the precision at load
+            weights = storage.get_bytes(join(model, "model.pt"))
+            graph = storage.get_bytes(join(model, GRAPH_FILE))
+            seg.forward = graph_forward(engine, graph, seg.cfg, weights_digest(weights), model)
         started = time.perf_counter()
         result = evaluate(
             model,
