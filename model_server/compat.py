@@ -8,6 +8,11 @@ and changes only that:
 * :class:`MedsegModelServer` starts REST and gRPC on :attr:`ServerLimits.host`, with uvicorn's
   connection cap and the gRPC call cap of :class:`~medseg.settings.ServerLimits`;
 * a bad request (``InvalidInput``, unknown model) is answered as kserve does, logged in one line;
+* the model repository extension (load/unload over REST and gRPC) is refused, 403 and
+  PERMISSION_DENIED: a single-model predictor needs none of it, and kserve lets any client
+  unload the model;
+* readiness (REST ``/v2/health/ready``, gRPC ``ServerReady``) is that of the served model, not
+  kserve's constant True;
 * gRPC ``ModelInfer`` counts its message in the in-flight budget, gives the request a
   :class:`~model_server.predictor.Ticket` (the call's deadline; its cancellation stops the work)
   and answers a malformed message with INVALID_ARGUMENT;
@@ -67,6 +72,7 @@ with clean_argv():  # kserve parses sys.argv on import
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
     from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc
     from kserve.protocol.grpc.interceptors import ExceptionToStatusInterceptor, LoggingInterceptor
+    from kserve.protocol.dataplane import DataPlane
     from kserve.protocol.grpc.server import GRPCServer
     from kserve.protocol.grpc.servicer import InferenceServicer
     from kserve.protocol.infer_type import InferRequest, InferResponse
@@ -75,7 +81,7 @@ with clean_argv():  # kserve parses sys.argv on import
 
 from model_server import metrics  # noqa: E402
 from model_server.predictor import RequestAbandoned, Ticket, current_ticket  # noqa: E402
-from model_server.rest import InflightBudget, log_refusal  # noqa: E402
+from model_server.rest import InflightBudget, RepositoryDisabled, log_refusal  # noqa: E402
 
 _ALL_INTERFACES = ("0.0.0.0", "::", "")
 
@@ -122,6 +128,21 @@ class _Busy(Exception):
     """The in-flight budget is spent: the client should retry later."""
 
 
+class _DataPlane(DataPlane):
+    """kserve's ``DataPlane``, ready only when every served model can answer.
+
+    kserve's ``ready`` answers True whatever its models' state.
+    """
+
+    async def ready(self) -> bool:
+        """True when the server is up and each of its models is ready."""
+        if not await super().ready():
+            return False
+        registry = self.model_registry
+        names = list(registry.get_models())
+        return bool(names) and all([await registry.is_model_ready(n) for n in names])
+
+
 class _RESTServer(RESTServer):
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
@@ -143,6 +164,9 @@ class _ExceptionToStatus(ExceptionToStatusInterceptor):
         elif isinstance(ex, _Busy):
             log_refusal(503, method_name, str(ex))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(ex))
+        elif isinstance(ex, RepositoryDisabled):
+            log_refusal(403, method_name, str(ex))
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(ex))
         elif isinstance(ex, ModelNotFound):
             log_refusal(404, method_name, str(ex))
             await context.abort(grpc.StatusCode.NOT_FOUND, str(ex))
@@ -206,6 +230,14 @@ class _Servicer(InferenceServicer):
         super().__init__(*args)
         self._limits = limits
         self._budget = budget
+
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> Any:
+        """Refused: the model repository extension is off (:class:`RepositoryDisabled`)."""
+        raise RepositoryDisabled()
+
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> Any:
+        """Refused: the model repository extension is off (:class:`RepositoryDisabled`)."""
+        raise RepositoryDisabled()
 
     async def ModelInfer(self, received: _Received, context: Any) -> Any:
         """The kserve ``ModelInfer`` on a :class:`_Received` message, bounded and cancellable."""
@@ -309,6 +341,7 @@ class MedsegModelServer(ModelServer):
 
     def __init__(self, limits: ServerLimits, budget: InflightBudget, **kwargs: Any):
         super().__init__(workers=1, **kwargs)  # the fast REST routes live in this process's app
+        self.dataplane = _DataPlane(model_registry=self.registered_models)
         self.limits = limits
         self.budget = budget
 

@@ -22,7 +22,9 @@ What :func:`install` adds to kserve's own FastAPI app, before kserve registers i
   as raw bytes after the JSON header (``Inference-Header-Content-Length``) when the request sets
   ``binary_data_output`` or an output's ``binary_data``, or sent binary inputs; JSON otherwise
   (BYTES outputs then travel base64-encoded, marked by ``content_encoding: base64``);
-* ``POST /v1/models/{name}:predict``, the same for v1 JSON.
+* ``POST /v1/models/{name}:predict``, the same for v1 JSON;
+* ``POST /v2/repository/models/{name}/load`` and ``…/unload`` answered 403
+  (:class:`RepositoryDisabled`): kserve's would let any client unload the one model.
 
 Both routes give the request a :class:`~model_server.predictor.Ticket`: the client's disconnect
 or the request's deadline stops its work before and between the expensive stages. A bad request
@@ -68,10 +70,40 @@ __all__ = [
     "HEADER_LENGTH",
     "BodyLimits",
     "InflightBudget",
+    "RepositoryDisabled",
     "encode_response",
     "install",
+    "json_length",
     "parse_request",
 ]
+
+
+class RepositoryDisabled(Exception):
+    """A model repository call (load/unload): this predictor serves its one model, always."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "the model repository extension is disabled: this server serves one model, "
+            "loaded at start, and does not load or unload models on request"
+        )
+
+
+def json_length(header: str | None, body_size: int) -> int | None:
+    """The ``Inference-Header-Content-Length`` header's value, or None when it is absent.
+
+    Raises:
+        InvalidInput: Unless it is a plain ASCII decimal of at most ``body_size``.
+    """
+    if header is None:
+        return None
+    digits = header
+    # ASCII digits only (str.isdigit() accepts "²"), never longer than the body's size
+    if not (digits.isascii() and digits.isdigit()) or len(digits) > len(str(body_size)):
+        raise InvalidInput(
+            f"{HEADER_LENGTH} must be a decimal integer of at most the body's "
+            f"{body_size} bytes, got {header[:40]!r}"
+        )
+    return int(digits)
 
 
 def _error(status: int, message: str) -> Response:
@@ -399,7 +431,7 @@ class BodyLimits:
         declared = headers.get(b"content-length")
         size = 0
         if declared is not None:
-            if not declared.isdigit():
+            if not declared.isdigit() or len(declared) > len(str(limit)):
                 raise _Refused(400, f"Content-Length {declared[:40]!r} is not a number")
             size = int(declared)
             if size > limit:
@@ -502,9 +534,7 @@ def install(
     async def infer(request: Request, model_name: str, v: str | None = None) -> Response:
         async def handle(body: bytearray) -> Response:
             header = request.headers.get(HEADER_LENGTH)
-            if header is not None and not header.isdigit():
-                raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header[:40]!r}")
-            parsed = parse_request(body, int(header) if header else None, model_name, limits)
+            parsed = parse_request(body, json_length(header, len(body)), model_name, limits)
             headers = {k.lower(): v for k, v in request.headers.items()}
             result, response_headers = await dataplane.infer(model_name, parsed, headers)
             if not isinstance(result, InferResponse):
@@ -532,6 +562,15 @@ def install(
 
         return await serve(request, model_name, handle)
 
+    async def repository(request: Request, model_name: str) -> Response:
+        refused = RepositoryDisabled()
+        log_refusal(403, f"{request.method} {request.url.path}", str(refused))
+        return _error(403, str(refused))
+
+    for action in ("load", "unload"):
+        app.add_api_route(
+            f"/v2/repository/models/{{model_name}}/{action}", repository, methods=["POST"]
+        )
     paths = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{v}/infer")
     for path in paths:
         app.add_api_route(path, infer, methods=["POST"], include_in_schema="{v}" not in path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import math
 import re
 from collections.abc import Iterator
 from html.parser import HTMLParser
@@ -269,25 +270,70 @@ def test_overlays_use_the_models_channel_order() -> None:
         display_channel(image[:3], ("t1", "t1gd", "t2"))
 
 
-def test_hd95_equals_monais_metric_without_its_future_warning() -> None:
-    import warnings
+def test_hd95_pools_both_directed_distance_sets() -> None:
+    """HD95 is the BraTS scorer's: the 95th percentile of both directed sets pooled (issue 22.2).
 
-    from monai.metrics import HausdorffDistanceMetric
-
+    In a one-row image every mask voxel is a surface voxel (the row has no inside), so the
+    distances can be listed by hand. Truth: columns 0-3; prediction: columns 0-3 and 9.
+    Prediction to truth: 0, 0, 0, 0, 6; truth to prediction: 0, 0, 0, 0. Pooled, sorted, the
+    95th percentile lies 0.95 * 8 = 7.6 of the way along: 0 + 0.6 * 6 = 3.6 voxels. (MONAI's
+    larger of the two directed 95th percentiles: 0.8 * 6 = 4.8.)
+    """
     from medseg.evaluate import hd95
 
-    rng = np.random.default_rng(3)
-    spacing = (1.0, 1.5, 2.5)
-    for _ in range(3):
-        pred = torch.zeros(30, 28, 20)
-        truth = torch.zeros(30, 28, 20)
-        pred[5:20, 4:18, 3:15] = 1
-        truth[7:22, 6:20, 2:12] = 1
-        pred[torch.as_tensor(rng.random(pred.shape) < 0.01)] = 1  # outliers move the 95th pct
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # MONAI's own deprecated call
-            metric = HausdorffDistanceMetric(include_background=True, percentile=95)
-            expected = float(metric(pred[None, None], truth[None, None], spacing=list(spacing)))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # hd95 emits no warning at all
-            assert hd95(pred, truth, spacing) == pytest.approx(expected, rel=1e-6)
+    truth = np.zeros((1, 12), dtype=bool)
+    truth[0, 0:4] = True
+    pred = truth.copy()
+    pred[0, 9] = True
+    assert hd95(pred, truth, (1.0, 1.0)) == pytest.approx(3.6)
+    assert hd95(truth, pred, (1.0, 1.0)) == pytest.approx(3.6)  # symmetric
+    assert hd95(pred, truth, (4.0, 0.5)) == pytest.approx(1.8)  # columns 0.5 mm apart
+
+
+def test_hd95_anisotropic_3d_by_hand() -> None:
+    """Distances in mm on an anisotropic 3D grid, nearest voxel chosen in mm (issue 22.2).
+
+    Grid 1 x 2 x 8 at 3.0 x 2.0 x 0.5 mm: every mask voxel is a surface voxel. Truth (0,0,0),
+    (0,0,1); prediction (0,1,0), (0,0,7). Prediction to truth: 2.0 (one step along y) and
+    3.0 (six steps along z); truth to prediction: 2.0, and hypot(2.0, 0.5) from (0,0,1) to
+    (0,1,0), nearer than the 3.0 mm to (0,0,7). Pooled and sorted: 2, 2, h, 3; the 95th
+    percentile lies 0.95 * 3 = 2.85 along: h + 0.85 * (3 - h).
+    """
+    from medseg.evaluate import hd95
+
+    truth = np.zeros((1, 2, 8), dtype=bool)
+    pred = truth.copy()
+    truth[0, 0, 0] = truth[0, 0, 1] = True
+    pred[0, 1, 0] = pred[0, 0, 7] = True
+    h = math.hypot(2.0, 0.5)
+    assert hd95(pred, truth, (3.0, 2.0, 0.5)) == pytest.approx(h + 0.85 * (3.0 - h))
+    # a solid cube's surface is its outer shell: a 3x3x3 cube against its own centre voxel
+    cube = np.zeros((5, 5, 5), dtype=bool)
+    cube[1:4, 1:4, 1:4] = True
+    centre = np.zeros_like(cube)
+    centre[2, 2, 2] = True
+    # shell (26 voxels): 6 face centres at 1, 12 edge centres at sqrt 2, 8 corners at sqrt 3;
+    # the centre to the shell: 1. Pooled (27 values), the 95th percentile lies 0.95 * 26 =
+    # 24.7 along, among the 8 corners: sqrt 3.
+    assert hd95(cube, centre, (1.0, 1.0, 1.0)) == pytest.approx(math.sqrt(3))
+
+
+def test_hd95_of_an_empty_mask_is_the_conventions() -> None:
+    """hd95 measures two surfaces; an empty mask is score_case's convention, not a distance."""
+    from medseg.evaluate import hd95
+
+    empty = np.zeros((4, 4, 4), dtype=bool)
+    voxel = empty.copy()
+    voxel[1, 1, 1] = True
+    for pred, truth in ((empty, voxel), (voxel, empty), (empty, empty)):
+        with pytest.raises(ValueError, match="empty"):
+            hd95(pred, truth, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="spacing"):
+        hd95(voxel, voxel, (1.0, 1.0))
+    # anisotropic spacing does not change the conventions
+    t = torch.zeros(3, 4, 4, 4, dtype=torch.uint8)
+    v = t.clone()
+    v[:, 1, 1, 1] = 1
+    assert score_case("e", t, t, (1.0, 2.0, 3.0)).hd95 == dict.fromkeys(REGIONS, 0.0)
+    assert score_case("m", t, v, (1.0, 2.0, 3.0)).hd95 == dict.fromkeys(REGIONS, HD95_EMPTY)
+    assert score_case("i", v, t, (1.0, 2.0, 3.0)).hd95 == dict.fromkeys(REGIONS, HD95_EMPTY)

@@ -685,3 +685,59 @@ def test_after_the_fuzzing_the_server_is_fine(
     """Runs after the two property tests (file order): good answers, RSS within the bound."""
     _still_fine(server, case, baseline)
     assert predict(server["grpc"], [case], grpc=True).volumes_ml.keys() == set(REGIONS)
+
+
+def test_header_length_that_is_not_a_plain_decimal_is_a_400(
+    server: dict[str, Any], case: Path, baseline: int
+) -> None:
+    """Issue 22 item 4: "²" passes ``str.isdigit()`` and 5000 digits pass it too; ``int()``
+    rejects both (a 500 with a traceback). Each is a 400 that names the header."""
+    body = orjson.dumps(_tensor_doc([1, 4, 8, 8, 8]))
+    values = ["²", "1²", "1" * 5000, "9" * 40, "-1", "+12", "0x10", "1e3", "", str(len(body) + 1)]
+    before = server["log"].read_text()
+    for value in values:
+        r = httpx.post(  # latin-1 on the wire, as uvicorn decodes it
+            f"{server['rest']}/v2/models/medseg/infer",
+            content=body,
+            headers={HEADER: value.encode("latin-1")},
+            timeout=60,
+        )
+        assert r.status_code == 400, (value[:20], r.text)
+        assert HEADER in r.json()["error"], (value[:20], r.text)
+        assert "ValueError" not in r.text and "int()" not in r.text
+    logged = server["log"].read_text()[len(before) :]
+    assert logged.count("refused POST /v2/models/medseg/infer with 400") == len(values)
+    assert "Traceback" not in logged
+    _still_fine(server, case, baseline)
+
+
+def test_the_model_cannot_be_unloaded_and_readiness_is_the_models(
+    server: dict[str, Any], case: Path, baseline: int
+) -> None:
+    """Issue 22 item 3: kserve's repository extension let any client unload the one model
+    (REST 200, gRPC INTERNAL) while ``/v2/health/ready`` still said ready and every infer was a
+    404. Both are refused, and the model still answers; readiness over REST and gRPC is true."""
+    import grpc
+
+    with clean_argv():
+        from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+    pb = _pb()
+    for action in ("unload", "load"):
+        r = httpx.post(f"{server['rest']}/v2/repository/models/medseg/{action}", timeout=30)
+        assert r.status_code == 403, (action, r.text)
+        assert "repository extension is disabled" in r.json()["error"]
+    with grpc.insecure_channel(server["grpc"]) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        for call, request in (
+            (stub.RepositoryModelUnload, pb.RepositoryModelUnloadRequest(model_name="medseg")),
+            (stub.RepositoryModelLoad, pb.RepositoryModelLoadRequest(model_name="medseg")),
+        ):
+            with pytest.raises(grpc.RpcError) as err:
+                call(request, timeout=30)
+            assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED, err.value.details()
+        assert stub.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+        assert stub.ModelReady(pb.ModelReadyRequest(name="medseg"), timeout=30).ready
+    assert httpx.get(f"{server['rest']}/v2/health/ready", timeout=30).status_code == 200
+    assert httpx.get(f"{server['rest']}/v2/models/medseg/ready", timeout=30).status_code == 200
+    _still_fine(server, case, baseline)
+    assert predict(server["grpc"], [case], grpc=True).volumes_ml.keys() == set(REGIONS)
