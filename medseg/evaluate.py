@@ -138,6 +138,7 @@ class EvalResult:
             "missing_predictions": self.missing,
             "dice": self.dice,
             "hd95": self.hd95,
+            "hd95_definition": HD95_DEFINITION,
             "dice_mean": self.dice_mean,
             "gate": {"threshold": self.threshold, "passed": self.passed},
             "cases": [asdict(c) | {"dice_mean": c.dice_mean} for c in self.cases],

@@ -114,8 +114,11 @@ def model_card_markdown(name: str, uri: str, card: dict[str, Any]) -> str:
     if "inference" in card:  # cards of versions registered before it was recorded lack it
         settings = ", ".join(f"{k} `{v}`" for k, v in card["inference"].items())
         lines.append(f"- inference: {settings}")
-    for key, value in sorted((card.get("evaluation") or {}).get("dice", {}).items()):
+    evaluation = card.get("evaluation") or {}
+    for key, value in sorted(evaluation.get("dice", {}).items()):
         lines.append(f"- validation Dice {key}: {value:.4f}")
+    if "hd95_definition" in evaluation:
+        lines.append(f"- HD95 definition: `{evaluation['hd95_definition']}`")
     return "\n".join(lines) + "\n"
 
 
@@ -135,7 +138,7 @@ def register(
         run_id: The finished training run.
         name: Model name.
         evaluation: ``metrics.json`` of a ``medseg evaluate`` run on this model; its means,
-            gate and metric definition go into the card.
+            gate and metric definitions (``definition``, ``hd95_definition``) go into the card.
         export: Also export the network as ``model.onnx`` (from the verified ``model.pt``) for
             the CPU engines of :mod:`medseg.engine`; its sha256 joins the card's ``files``.
 
@@ -169,6 +172,8 @@ def register(
         summary = {
             "uri": evaluation,
             "definition": ev.get("definition", "channel Dice of the preprocessed volumes"),
+            # metrics.json written before issue 22.2 took MONAI's larger directed percentile
+            "hd95_definition": ev.get("hd95_definition", "monai-max-directed-95"),
             **{k: ev[k] for k in ("dataset", "split", "dice", "hd95", "dice_mean", "gate")},
         }
     number = _claim_version(storage, store, name, run_id)

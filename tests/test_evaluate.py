@@ -20,13 +20,13 @@ from typer.testing import CliRunner
 from medseg.cli import app
 from medseg.config import REGIONS
 from medseg.errors import MedsegError
-from medseg.evaluate import HD95_EMPTY, evaluate, score_case
+from medseg.evaluate import HD95_DEFINITION, HD95_EMPTY, evaluate, score_case
 from medseg.ingest import ingest
 from medseg.labels import get_convention
 from medseg.manifest import DatasetRef
 from medseg.nifti import decode
 from medseg.preprocess import preprocess
-from medseg.register import register
+from medseg.register import model_card_markdown, register
 from medseg.report import curves_figure, display_channel
 from medseg.storage import Storage, join
 from medseg.train import train
@@ -100,6 +100,12 @@ def test_numbers_are_those_of_the_served_label_maps(trained: tuple[Storage, str,
         storage, bucket, "run-e", "t-model", evaluation=join(result.out, "metrics.json")
     )
     assert card["evaluation"]["definition"] == result.definition
+    # and the HD95 definition, by name (issue 22.2)
+    assert stored["hd95_definition"] == HD95_DEFINITION == "brats-pooled-95"
+    assert HD95_DEFINITION in stored["conventions"]
+    assert card["evaluation"]["hd95_definition"] == HD95_DEFINITION
+    markdown = model_card_markdown("t-model", "uri", card)
+    assert f"HD95 definition: `{HD95_DEFINITION}`" in markdown
     assert card["evaluation"]["dice_mean"] == pytest.approx(result.dice_mean)
 
 
