@@ -12,7 +12,10 @@ Training, evaluation and serving import the chains from here; nothing re-impleme
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import contextlib
+import logging
+import warnings
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -119,6 +122,33 @@ class SelectChannelsd(MapTransform):
         return d
 
 
+#: MONAI's optional GPU DICOM decoder plugin: ``LoadImage`` builds every reader it knows, and
+#: this one says, by a log record and a warning each time, that nvImageCodec is missing.
+_NVIMGCODEC_LOGGER = "monai.data.nvimgcodec_pydicom_plugin"
+
+
+def _not_nvimgcodec_missing(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("nvImageCodec is not available")
+
+
+@contextlib.contextmanager
+def _without_nvimgcodec_notices() -> Iterator[None]:
+    """Drop only the nvImageCodec notices while ``LoadImaged`` is built.
+
+    medseg's chain reads NIfTI through nibabel (DICOM goes through :mod:`medseg.dicom`), so the
+    GPU DICOM plugin MONAI registers for pydicom is never used; its notices were printed by
+    every command and benchmark.
+    """
+    logger = logging.getLogger(_NVIMGCODEC_LOGGER)
+    logger.addFilter(_not_nvimgcodec_missing)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "NvImgCodecPydicomReader", UserWarning)
+            yield
+    finally:
+        logger.removeFilter(_not_nvimgcodec_missing)
+
+
 def static_transforms(
     cfg: DataConfig,
     convention: str | None = None,
@@ -141,9 +171,10 @@ def static_transforms(
     """
     keys = ["image", "label"] if convention else ["image"]
     modes = ["bilinear", "nearest"] if convention else ["bilinear"]
-    chain: list[Any] = (
-        [LoadImaged(keys=keys, ensure_channel_first=True, image_only=True)] if load else []
-    )
+    chain: list[Any] = []
+    if load:
+        with _without_nvimgcodec_notices():
+            chain.append(LoadImaged(keys=keys, ensure_channel_first=True, image_only=True))
     if channel_index is not None:
         chain.append(SelectChannelsd("image", [channel_index[c] for c in cfg.channels]))
     if convention:

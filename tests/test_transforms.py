@@ -46,3 +46,20 @@ def test_network_from_config() -> None:
     with torch.no_grad():
         out = net(torch.zeros(1, 4, 32, 32, 32))
     assert out.shape == (1, 3, 32, 32, 32)
+
+
+def test_building_the_chain_prints_no_nvimagecodec_notice() -> None:
+    """MONAI's LoadImage builds its GPU DICOM reader, which said "nvImageCodec is not available"
+    (a log record and a warning) in every command; medseg never uses that reader."""
+    import subprocess
+    import sys
+
+    code = (
+        "from medseg.config import DataConfig\n"
+        "from medseg.transforms import static_transforms\n"
+        "static_transforms(DataConfig())\n"
+        "print('built')\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "built"
+    assert "nvImageCodec" not in run.stderr and "NvImgCodec" not in run.stderr, run.stderr
