@@ -146,9 +146,12 @@ class Segmenter:
             check: Called before each window batch; it raises to abandon the work.
 
         Returns:
-            Float32 probabilities ``[3, X, Y, Z]`` (TC, WT, ET) on the CPU.
+            Float32 probabilities ``[3, X, Y, Z]`` (TC, WT, ET) on the CPU; zeros, without running
+            the network, for a volume of no voxels (the foreground crop of an all-zero case).
         """
         infer = self.cfg.infer
+        if 0 in image.shape[1:]:  # an empty foreground (an all-zero case): no region anywhere
+            return torch.zeros((len(REGIONS), *image.shape[1:]), dtype=torch.float32)
         if self.forward is not None:
             batch = image.to("cpu", torch.float32).unsqueeze(0)
             run: Forward = self.forward

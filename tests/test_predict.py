@@ -248,3 +248,21 @@ def test_predict_inputs_and_errors(
         done = runner.invoke(app, ["predict", *args, "--out", str(tmp_path / "x")])
         assert done.exit_code == 1, done.output
         assert message in done.output and "Traceback" not in done.output
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
+def test_an_all_zero_case_is_an_empty_mask(tmp_path: Path, engine: str) -> None:
+    """An all-zero case crops to no voxels: the answer is an empty mask, not the network's error."""
+    from medseg.engine import export_model
+    from medseg.infer import load_model, segment_case
+
+    folder = write_tiny_model(tmp_path / "model")
+    if engine != "torch":
+        export_model(str(folder), Storage())
+    seg = load_model(str(folder), Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
+    affine = np.diag([1.0, 1.5, 2.0, 1.0])
+    out = segment_case(seg, np.zeros((len(CHANNELS), 40, 36, 30), np.float32), affine)
+    assert out.regions.shape == (len(REGIONS), 40, 36, 30)
+    assert not out.regions.any() and not out.probabilities.any()
+    assert out.volumes_ml == dict.fromkeys(REGIONS, 0.0)
+    assert out.label_map().shape == (40, 36, 30) and not out.label_map().any()
