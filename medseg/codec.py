@@ -14,6 +14,8 @@ input, the problem and, for a size, the :class:`~medseg.settings.ServerLimits` f
 * :func:`split_bytes_tensor` / :func:`serialize_bytes` are the OIP BYTES framing (uint32 LE
   length before each element);
 * :func:`validate_params` is the one validation of request parameters (types and ranges);
+  :func:`check_strings` bounds the request id and every parameter's name and string value
+  (``max_param_chars``) before anything echoes or keeps them;
 * :func:`encode_v2_body` / :func:`split_v2_body` are the binary tensor data extension's framing
   (a JSON part of :data:`HEADER_LENGTH` bytes, then each binary tensor's bytes in order), and
   :func:`tensor_view` reads a tensor's raw bytes as an array, without a copy;
@@ -48,8 +50,10 @@ __all__ = [
     "InferParams",
     "InputError",
     "NiftiVolume",
+    "check_placement",
     "check_resampled_size",
     "check_shape",
+    "check_strings",
     "decode_nifti",
     "encode_v2_body",
     "join_grpc_raw",
@@ -298,6 +302,35 @@ def check_shape(shape: Sequence[Any], what: str, limits: ServerLimits) -> list[i
     return dims
 
 
+def check_placement(
+    shape: Sequence[int], affine: np.ndarray, what: str, limits: ServerLimits
+) -> None:
+    """Refuse a grid that cannot be placed in the scanner's space.
+
+    Its affine must be finite and not singular, and each corner of its ``shape[:3]`` voxels must
+    lie within ``max_position_mm`` of the origin on every axis. The transforms resample in
+    float32, whose 24-bit mantissa cannot tell voxels apart at a position of 1e30 mm (the
+    foreground crop is then empty, and the case would be answered as an empty mask).
+
+    Raises:
+        InputError: Naming the corner's position and the limit.
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.isfinite(a).all():
+        raise InputError(f"{what}: the voxel-to-world affine is not a finite 4×4 matrix")
+    if abs(np.linalg.det(a[:3, :3])) < 1e-12:
+        raise InputError(f"{what}: the voxel-to-world affine is singular")
+    edges = [(0, max(int(n) - 1, 0)) for n in shape[:3]]
+    corners = np.array([[i, j, k, 1.0] for i in edges[0] for j in edges[1] for k in edges[2]])
+    world = corners @ a[:3].T
+    far = float(np.abs(world).max())
+    if far > limits.max_position_mm:
+        raise InputError(
+            f"{what}: the grid reaches {far:.6g} mm from the scanner's origin, beyond "
+            f"max_position_mm={limits.max_position_mm:g} (a position that cannot be placed)"
+        )
+
+
 def check_resampled_size(
     shape: Sequence[int],
     affine: np.ndarray,
@@ -309,12 +342,15 @@ def check_resampled_size(
     """Refuse a case whose voxels, resampled to ``target_spacing``, exceed the limits.
 
     The spacing of each axis (the affine's column norms, as MONAI's ``Spacing`` reads it) must lie
-    in ``[min_spacing_mm, max_spacing_mm]``; the resampled grid (directions kept, spacing
-    changed) must hold at most ``max_resampled_voxels`` over all channels.
+    in ``[min_spacing_mm, max_spacing_mm]``; every corner of the grid must lie within
+    ``max_position_mm`` of the scanner's origin (:func:`check_placement`); the resampled grid
+    (directions kept, spacing changed) must hold at most ``max_resampled_voxels`` over all
+    channels.
 
     Raises:
         InputError: Naming the limit.
     """
+    check_placement(shape, affine, what, limits)
     zooms = np.sqrt((np.asarray(affine, dtype=np.float64)[:3, :3] ** 2).sum(axis=0))
     if (
         not np.isfinite(zooms).all()
@@ -610,6 +646,36 @@ def validate_params(*layers: Mapping[str, Any] | None) -> InferParams:
         got = got if len(got) <= 80 else got[:77] + "..."
         msg = str(err["msg"]).removeprefix("Value error, ")
         raise InputError(f"parameter {name!r}: {msg} (got {got})") from None
+
+
+def check_strings(value: Any, what: str, limits: ServerLimits) -> None:
+    """Refuse a string, or a name or string inside ``value``, of more than ``max_param_chars``.
+
+    For request ids and parameter maps (REST values or gRPC ``InferParameter`` choices, read as
+    plain values), checked before they are echoed back or kept.
+
+    Raises:
+        InputError: Naming where the string is and the limit.
+    """
+    limit = limits.max_param_chars
+    stack: list[tuple[Any, str]] = [(value, what)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, (str, bytes)):
+            if len(item) > limit:
+                raise InputError(
+                    f"{where} holds {len(item)} characters, above max_param_chars={limit}"
+                )
+        elif isinstance(item, Mapping):
+            for key, sub in item.items():
+                if isinstance(key, str) and len(key) > limit:
+                    raise InputError(
+                        f"{where}: a parameter name of {len(key)} characters, above "
+                        f"max_param_chars={limit}"
+                    )
+                stack.append((sub, f"{where} {str(key)[:40]!r}"))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((sub, where) for sub in item)
 
 
 def _varint(value: int) -> bytes:

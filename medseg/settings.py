@@ -146,6 +146,10 @@ class ServerLimits(BaseSettings):
         max_edge: Largest edge of a volume, in voxels.
         min_spacing_mm: Smallest voxel spacing accepted.
         max_spacing_mm: Largest voxel spacing accepted.
+        max_position_mm: Farthest a voxel of a case may lie from the scanner's origin, on any
+            axis (mm); a grid beyond it cannot be placed (100 m by default: scanners place
+            patients within a metre or two).
+        max_param_chars: Longest request id, parameter name or string parameter value.
         max_json_values: Values (numbers, strings, …) in a request's JSON part; tensors of a
             real size travel as binary data.
         retry_after_s: The Retry-After of a 503.
@@ -170,6 +174,8 @@ class ServerLimits(BaseSettings):
     max_edge: int = Field(default=512, ge=1)
     min_spacing_mm: float = Field(default=0.05, gt=0)
     max_spacing_mm: float = Field(default=50.0, gt=0)
+    max_position_mm: float = Field(default=1e5, gt=0)
+    max_param_chars: int = Field(default=1024, ge=64)
     max_json_values: int = Field(default=2_000_000, ge=1)
     retry_after_s: int = Field(default=5, ge=1)
     malloc_arenas: int = Field(default=2, ge=1)

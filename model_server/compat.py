@@ -5,8 +5,10 @@ kserve's ``ModelServer`` binds REST to ``0.0.0.0`` and gRPC to ``[::]`` with no 
 This module keeps kserve's server (its app, dataplane, model repository, servicer, interceptors)
 and changes only that:
 
-* :class:`MedsegModelServer` starts REST and gRPC on :attr:`ServerLimits.host`, with uvicorn's
-  connection cap and the gRPC call cap of :class:`~medseg.settings.ServerLimits`;
+* :class:`MedsegModelServer` starts REST and gRPC on :attr:`ServerLimits.host`, with the gRPC
+  call cap of :class:`~medseg.settings.ServerLimits` and without uvicorn's ``limit_concurrency``
+  (a bare 503 that nobody counts: :class:`~model_server.rest.BodyLimits` admits requests);
+* every log record of the process is one line (:func:`model_server.logs.install`);
 * a bad request (``InvalidInput``, unknown model) is answered as kserve does, logged in one line;
 * the model repository extension (load/unload over REST and gRPC) is refused, 403 and
   PERMISSION_DENIED: a single-model predictor needs none of it, and kserve lets any client
@@ -79,9 +81,19 @@ with clean_argv():  # kserve parses sys.argv on import
     from kserve.protocol.rest.server import RESTServer
     from kserve.utils.utils import to_headers
 
-from model_server import metrics  # noqa: E402
-from model_server.predictor import RequestAbandoned, Ticket, current_ticket  # noqa: E402
-from model_server.rest import InflightBudget, RepositoryDisabled, log_refusal  # noqa: E402
+from model_server import logs, metrics  # noqa: E402
+from model_server.predictor import (  # noqa: E402
+    RequestAbandoned,
+    Ticket,
+    current_ticket,
+    plain_params,
+)
+from model_server.rest import (  # noqa: E402
+    InflightBudget,
+    RepositoryDisabled,
+    check_request_strings,
+    log_refusal,
+)
 
 _ALL_INTERFACES = ("0.0.0.0", "::", "")
 
@@ -98,7 +110,8 @@ async def _one_line(request: Request, exc: Exception) -> JSONResponse:
         400 if isinstance(exc, InvalidInput) else 404 if isinstance(exc, ModelNotFound) else 503
     )
     log_refusal(status, f"{request.method} {request.url.path}", str(exc))
-    return JSONResponse(status_code=status, content={"error": str(exc)})
+    retry = {"Retry-After": str(ServerLimits().retry_after_s)} if status == 503 else None
+    return JSONResponse(status_code=status, content={"error": str(exc)}, headers=retry)
 
 
 def raw_contents(tensor: Any) -> Any | None:
@@ -151,9 +164,16 @@ class _RESTServer(RESTServer):
 
 
 class _ExceptionToStatus(ExceptionToStatusInterceptor):
+    """Each exception of a call as its gRPC status, logged in one line and counted once."""
+
+    def __init__(self, limits: ServerLimits):
+        super().__init__()
+        self._limits = limits
+
     async def handle_exception(
         self, ex: Exception, request_or_iterator: Any, context: Any, method_name: str
     ) -> None:
+        metrics.count_error(_status_of(ex))
         if isinstance(ex, InvalidInput):
             log_refusal(400, method_name, str(ex))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(ex))
@@ -163,6 +183,7 @@ class _ExceptionToStatus(ExceptionToStatusInterceptor):
             await context.abort(code, ex.reason)
         elif isinstance(ex, _Busy):
             log_refusal(503, method_name, str(ex))
+            context.set_trailing_metadata((("retry-after", str(self._limits.retry_after_s)),))
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(ex))
         elif isinstance(ex, RepositoryDisabled):
             log_refusal(403, method_name, str(ex))
@@ -172,6 +193,21 @@ class _ExceptionToStatus(ExceptionToStatusInterceptor):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(ex))
         else:
             await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+def _status_of(ex: Exception) -> int:
+    """The REST status of a gRPC call's exception, for :func:`metrics.count_error`."""
+    if isinstance(ex, InvalidInput):
+        return 400
+    if isinstance(ex, RequestAbandoned):
+        return 504 if ex.deadline else 499
+    if isinstance(ex, _Busy | ModelNotReady):
+        return 503
+    if isinstance(ex, RepositoryDisabled):
+        return 403
+    if isinstance(ex, ModelNotFound):
+        return 404
+    return 500
 
 
 #: ``ModelInferRequest.raw_input_contents``'s field number.
@@ -198,11 +234,23 @@ class _Received:
             self.request = pb.ModelInferRequest()
 
 
-def _infer_request(received: _Received) -> InferRequest:
-    """The kserve ``InferRequest`` of a received message, the tensors as views (no copy)."""
+def _infer_request(received: _Received, limits: ServerLimits) -> InferRequest:
+    """The kserve ``InferRequest`` of a received message, the tensors as views (no copy).
+
+    Its model name, id, tensor names and parameters are bounded first (``max_param_chars``).
+    """
     if received.error is not None:
         raise InvalidInput(received.error)
     request = received.request
+    check_request_strings(
+        {
+            "id": request.id,
+            "parameters": plain_params(request.parameters),
+            "inputs": [_spec(i) for i in request.inputs],
+            "outputs": [_spec(o) for o in request.outputs],
+        },
+        limits,
+    )
     if received.raws:  # kserve's validate_grpc_request, on the tensors we kept aside
         if len(received.raws) != len(request.inputs):
             raise InvalidInput(
@@ -223,6 +271,15 @@ def _infer_request(received: _Received) -> InferRequest:
             set_contents(inp, raw=raw)  # as_numpy() is np.frombuffer on this view
         infer_request._use_raw_outputs = True  # raw inputs: raw outputs (kserve's rule)
     return infer_request
+
+
+def _spec(tensor: Any) -> dict[str, Any]:
+    """A gRPC tensor's name, datatype and parameters, as plain values."""
+    return {
+        "name": tensor.name,
+        "datatype": getattr(tensor, "datatype", ""),
+        "parameters": plain_params(tensor.parameters),
+    }
 
 
 class _Servicer(InferenceServicer):
@@ -256,7 +313,12 @@ class _Servicer(InferenceServicer):
         token = current_ticket.set(ticket)
         started = time.monotonic()
         try:
-            infer_request = _infer_request(received)
+            if len(request.model_name) > self._limits.max_param_chars:
+                raise InvalidInput(
+                    f"model_name holds {len(request.model_name)} characters, above "
+                    f"max_param_chars={self._limits.max_param_chars}"
+                )
+            infer_request = _infer_request(received, self._limits)
             response, _ = await self._data_plane.infer(
                 request=infer_request, headers=to_headers(context), model_name=request.model_name
             )
@@ -315,7 +377,7 @@ class _GRPCServer(GRPCServer):
         size = self._limits.max_request_bytes
         self._server = aio.server(
             futures.ThreadPoolExecutor(max_workers=max_workers),
-            interceptors=(LoggingInterceptor(), _ExceptionToStatus()),
+            interceptors=(LoggingInterceptor(), _ExceptionToStatus(self._limits)),
             options=[
                 ("grpc.max_send_message_length", size),
                 ("grpc.max_receive_message_length", size),
@@ -341,6 +403,7 @@ class MedsegModelServer(ModelServer):
 
     def __init__(self, limits: ServerLimits, budget: InflightBudget, **kwargs: Any):
         super().__init__(workers=1, **kwargs)  # the fast REST routes live in this process's app
+        logs.install()
         self.dataplane = _DataPlane(model_registry=self.registered_models)
         self.limits = limits
         self.budget = budget
@@ -363,7 +426,7 @@ class MedsegModelServer(ModelServer):
         )
         config = self._rest_server.config
         config.host = self.limits.host
-        config.limit_concurrency = self.limits.max_connections
+        config.limit_concurrency = None  # BodyLimits admits max_connections, counted
         logger.info("REST on %s:%d", config.host, self.http_port)
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:

@@ -445,12 +445,7 @@ class MedsegPredictor(Model):
             if verb is None:
                 return await super().__call__(body, headers)
             return await super().__call__(body, headers, verb)
-        except (InvalidInput, RequestAbandoned):
-            raise  # counted where they are answered (log_refusal)
-        except Exception:
-            metrics.count_error(500)
-            raise
-        finally:
+        finally:  # errors are counted where they are answered (REST middleware, gRPC status)
             metrics.INFLIGHT.dec()
             if own is not None:
                 current_ticket.reset(own)

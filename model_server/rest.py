@@ -10,12 +10,14 @@ size, for as long as the client takes, and keeps working for clients that have g
 
 What :func:`install` adds to kserve's own FastAPI app, before kserve registers its routes:
 
-* :class:`BodyLimits`, an ASGI middleware that reads every request body itself: it refuses a
-  declared ``Content-Length`` over ``max_request_mb`` (413) before reading, holds the replica's
-  in-flight request bytes under ``max_inflight_mb`` (503 with Retry-After; a declared length
-  counts before it arrives, and nothing is allocated for it), reads into a buffer that grows
-  with what arrives, and gives up on a body that pauses longer than ``body_idle_s`` or takes
-  longer than ``body_timeout_s`` (408);
+* :class:`BodyLimits`, an ASGI middleware around every request: it admits at most
+  ``max_connections`` at once (503 with Retry-After beyond), refuses a declared
+  ``Content-Length`` over ``max_request_mb`` (413) before reading, holds the replica's in-flight
+  request bytes under ``max_inflight_mb`` (503 with Retry-After, after the rest of the body has
+  been read and discarded, so that the client reads it; a declared length counts before it
+  arrives, and nothing is allocated for it), reads into a buffer that grows with what arrives,
+  gives up on a body that pauses longer than ``body_idle_s`` or takes longer than
+  ``body_timeout_s`` (408), and counts every error answer by its status;
 * ``POST /v2/models/{name}[/versions/{v}]/infer``: parses the JSON header with orjson (at most
   ``max_json_values`` values) and maps each binary input onto the body without copying
   (``np.frombuffer`` on a ``memoryview``), calls ``DataPlane.infer``, and answers binary outputs
@@ -35,9 +37,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Mapping, MutableMapping
 from typing import Any
 
 import numpy as np
@@ -58,12 +61,13 @@ from kserve.protocol.infer_type import (
 from medseg.codec import (
     HEADER_LENGTH,
     InputError,
+    check_strings,
     encode_v2_body,
     split_bytes_tensor,
     validate_params,
 )
 from medseg.settings import ServerLimits
-from model_server import dicom_route, metrics
+from model_server import dicom_route, logs, metrics
 from model_server.predictor import RequestAbandoned, Ticket, current_ticket
 
 __all__ = [
@@ -71,6 +75,7 @@ __all__ = [
     "BodyLimits",
     "InflightBudget",
     "RepositoryDisabled",
+    "check_request_strings",
     "encode_response",
     "install",
     "json_length",
@@ -158,6 +163,7 @@ def parse_request(
     doc = load_json(view[:json_length], limits)
     if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
         raise InvalidInput("request must be a JSON object with a non-empty 'inputs' list")
+    check_request_strings(doc, limits)
     params = doc.get("parameters")
     if params is not None and not isinstance(params, dict):
         raise InvalidInput("'parameters' must be an object")
@@ -242,6 +248,29 @@ def parse_request(
         parameters=params,
         request_outputs=outputs,
     )
+
+
+def check_request_strings(doc: Mapping[str, Any], limits: ServerLimits) -> None:
+    """A v2 request's id, parameters and tensor names within ``max_param_chars`` (the data aside).
+
+    Raises:
+        InvalidInput: Naming the string that is too long.
+    """
+    parts: list[tuple[Any, str]] = [
+        (doc.get("id"), "request 'id'"),
+        (doc.get("parameters"), "request 'parameters'"),
+    ]
+    for kind in ("inputs", "outputs"):
+        specs = doc.get(kind)
+        for n, spec in enumerate(specs if isinstance(specs, list) else []):
+            if isinstance(spec, Mapping):
+                fields = ("name", "datatype", "parameters")
+                parts.append(({k: spec[k] for k in fields if k in spec}, f"{kind[:-1]} {n}"))
+    try:
+        for value, what in parts:
+            check_strings(value, what, limits)
+    except InputError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def _json_data(
@@ -362,22 +391,38 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 
 class _Refused(Exception):
-    def __init__(self, status: int, message: str, headers: list[tuple[bytes, bytes]] | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        headers: list[tuple[bytes, bytes]] | None = None,
+        drain: bool = False,
+    ):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or []
+        self.drain = drain  # read the rest of the body (discarded) before answering
 
 
 def log_refusal(status: int, where: str, message: str) -> None:
-    """The one log line of a refused request (no traceback: the client's error, not ours).
+    """The one log line of a refused request: JSON, the client's strings as values.
 
-    Also counts it in :data:`model_server.metrics.ERRORS`.
+    No traceback (the client's error, not ours). Counting is done where the answer is sent
+    (:class:`BodyLimits` for REST, the gRPC status interceptor).
     """
-    metrics.count_error(status)
-    logger.warning("refused %s with %d: %s", where, status, message)
+    logs.event(logger, logging.WARNING, "refused", status=status, where=where, reason=message)
 
 
 class BodyLimits:
-    """ASGI middleware: every request body read within :class:`ServerLimits`, or refused.
+    """ASGI middleware around every REST request: admission, bounded bodies, counted errors.
+
+    * At most ``max_connections`` requests at once; beyond it a 503 with Retry-After (uvicorn's
+      own ``limit_concurrency`` is off: it answers a bare 503 that nobody counts).
+    * Every body read within :class:`ServerLimits`, or refused. A request refused for the
+      in-flight budget (503) has the rest of its body read and discarded first, within
+      ``max_request_mb`` and the body timeouts, so that a client still uploading reads the
+      503 instead of a connection reset.
+    * Every error answer (4xx/5xx, and an exception that escapes the app: a 500) is counted in
+      :data:`model_server.metrics.ERRORS` here, once, by its status.
 
     Args:
         app: The ASGI app.
@@ -389,23 +434,60 @@ class BodyLimits:
         self.app = app
         self.limits = limits
         self.budget = budget
+        self.active = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Read the body (bounded), then hand it to the app in one message."""
-        if scope["type"] != "http" or scope.get("method") not in _BODY_METHODS:
+        """Admit the request, read its body (bounded), then hand it to the app."""
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        where = f"{scope['method']} {scope.get('path', '')}"
+        status = [0]
+
+        async def counted(message: MutableMapping[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                if status[0] >= 400:
+                    metrics.count_error(status[0])
+            await send(message)
+
+        self.active += 1
+        try:
+            await self._admitted(scope, receive, counted)
+        except Exception:
+            if not status[0]:
+                metrics.count_error(500)  # Starlette answers it, outside this middleware
+            raise
+        finally:
+            self.active -= 1
+
+    async def _admitted(self, scope: Scope, receive: Receive, send: Send) -> None:
+        where = f"{scope.get('method', '')} {scope.get('path', '')}"
         held = [0]
         try:
-            body = await self._read(scope, receive, held)
+            if self.active > self.limits.max_connections:
+                raise _Refused(
+                    503,
+                    f"the replica serves {self.active - 1} requests, max_connections="
+                    f"{self.limits.max_connections}: retry later",
+                    self._retry(),
+                    drain=True,
+                )
+            body = await self._read(scope, receive, held) if _has_body(scope) else None
         except _Refused as refused:
+            self.budget.give(held[0])
+            held[0] = 0
+            if refused.drain and _has_body(scope) and not await self._drain(receive):
+                metrics.count_error(refused.status)  # refused, though nobody reads the answer
+                log_refusal(refused.status, where, refused.message + " (the client left)")
+                return
             log_refusal(refused.status, where, refused.message)
             await _send_error(send, refused.status, refused.message, refused.headers)
+            return
+        if _has_body(scope) and body is None:  # the client went away while sending
             self.budget.give(held[0])
             return
-        if body is None:  # the client went away while sending
-            self.budget.give(held[0])
+        if body is None:
+            await self.app(scope, receive, send)
             return
         scope[BODY_KEY] = body
         sent = False
@@ -424,6 +506,35 @@ class BodyLimits:
             scope.pop(BODY_KEY, None)
             self.budget.give(held[0])
 
+    def _retry(self) -> list[tuple[bytes, bytes]]:
+        return [(b"retry-after", str(self.limits.retry_after_s).encode())]
+
+    async def _drain(self, receive: Receive) -> bool:
+        """Read the rest of a refused body and discard it; False only if the client left.
+
+        At most ``max_request_mb`` more bytes, within the body timeouts (a client that stalls
+        gets the answer all the same): nothing is kept.
+        """
+        limits = self.limits
+        loop = asyncio.get_running_loop()
+        ends = loop.time() + limits.body_timeout_s
+        read = 0
+        while read <= limits.max_request_bytes:
+            wait = min(limits.body_idle_s, ends - loop.time())
+            if wait <= 0:
+                return True
+            try:
+                async with asyncio.timeout(wait):
+                    message = await receive()
+            except TimeoutError:
+                return True
+            if message["type"] == "http.disconnect":
+                return False
+            read += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return True
+        return True  # past the limit: answer now, the connection closes after it
+
     async def _read(self, scope: Scope, receive: Receive, held: list[int]) -> bytearray | None:
         limits = self.limits
         limit = limits.max_request_bytes
@@ -440,13 +551,12 @@ class BodyLimits:
                     f"request of {size} bytes exceeds the limit of {limit} "
                     f"(max_request_mb={limits.max_request_mb})",
                 )
-        retry = [(b"retry-after", str(limits.retry_after_s).encode())]
         busy = (
             f"the replica holds {self.budget.used} request bytes; this one would exceed "
             f"max_inflight_mb={limits.max_inflight_mb}: retry later"
         )
         if not self.budget.take(size):
-            raise _Refused(503, busy, retry)
+            raise _Refused(503, busy, self._retry(), drain=True)
         held[0] = size
         body = bytearray()  # grows with what arrives (realloc: no copy of what is there)
         loop = asyncio.get_running_loop()
@@ -471,10 +581,15 @@ class BodyLimits:
                 raise _Refused(413, f"request exceeds the limit of {limit} bytes (max_request_mb)")
             if len(body) > held[0]:
                 if not self.budget.take(len(body) - held[0]):
-                    raise _Refused(503, busy, retry)
+                    del body[:]  # nothing of it is kept while the rest is drained
+                    raise _Refused(503, busy, self._retry(), drain=True)
                 held[0] = len(body)
             if not message.get("more_body", False):
                 return body
+
+
+def _has_body(scope: Scope) -> bool:
+    return scope.get("method") in _BODY_METHODS
 
 
 async def _send_error(

@@ -129,3 +129,29 @@ def test_bad_studies_are_a_4xx_and_the_server_keeps_serving(
     assert answer.status_code == 400, answer.text
     assert reason in answer.json()["error"]
     _assert_good(server, case)
+
+
+def test_a_study_that_cannot_be_placed_is_a_400(
+    server: dict[str, str],  # noqa: F811
+    studies: Path,
+    tmp_path: Path,
+) -> None:
+    """Issue 22 item 5: a series placed where float32 cannot resolve its voxels (1e30 mm made the
+    foreground crop empty: a 500) is a 400 naming ``max_position_mm``."""
+    import pydicom
+
+    folder = tmp_path / "far"
+    for path in sorted((studies / "DICOM_00001").rglob("*.dcm")):
+        ds = pydicom.dcmread(path)
+        row = np.asarray(ds.ImageOrientationPatient[:3], dtype=float)
+        # 10 km along the rows (in the slice's plane: the slices keep their spacing); float32
+        # resolves 1 mm there
+        position = np.asarray(ds.ImagePositionPatient, dtype=float) + 1e7 * row
+        ds.ImagePositionPatient = [f"{v:.10g}" for v in position]
+        (folder / path.relative_to(studies / "DICOM_00001")).parent.mkdir(
+            parents=True, exist_ok=True
+        )
+        ds.save_as(folder / path.relative_to(studies / "DICOM_00001"))
+    answer = httpx.post(_url(server), content=_zip(folder), headers=ZIP, timeout=120)
+    assert answer.status_code == 400, answer.text
+    assert "max_position_mm=100000" in answer.json()["error"]

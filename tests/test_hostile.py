@@ -77,6 +77,19 @@ def _rss(pid: int) -> dict[str, int]:
     return fields
 
 
+def _refusals(logged: str, status: int, where: str | None = None, reason: str = "") -> int:
+    """The refusals logged (one JSON object a line) with this status, place and reason prefix."""
+    count = 0
+    for line in logged.splitlines():
+        start = line.find('{"event":"refused"')
+        if start < 0:
+            continue
+        entry = json.loads(line[start:])
+        if entry["status"] == status and where in (None, entry["where"]):
+            count += entry["reason"].startswith(reason)
+    return count
+
+
 #: 127.0.0.1, ::ffff:127.0.0.1 (gRPC's IPv6 socket for it) and ::1, as /proc/net/tcp* write them.
 _LOOPBACK = {"0100007F", "0000000000000000FFFF00000100007F", "00000000000000000000000001000000"}
 
@@ -407,7 +420,7 @@ def test_each_bad_request_is_a_400_with_one_log_line(
         assert r.status_code == 400, (name, r.text)
         assert message in r.json()["error"], (name, r.text)
     logged = server["log"].read_text()[len(before) :]
-    assert logged.count("refused POST /v2/models/medseg/infer with 400") == len(BAD)
+    assert _refusals(logged, 400, "POST /v2/models/medseg/infer") == len(BAD)
     assert "Traceback" not in logged
     _still_fine(server, case, baseline)
 
@@ -486,7 +499,7 @@ def test_bad_grpc_requests_are_invalid_argument(
             _grpc_call(server, request)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (name, err.value.details())
     logged = server["log"].read_text()[len(before) :]
-    assert "Traceback" not in logged and logged.count("with 400") == len(bad)
+    assert "Traceback" not in logged and _refusals(logged, 400) == len(bad)
     _still_fine(server, case, baseline)
 
 
@@ -567,10 +580,10 @@ def test_abandoned_requests_are_cancelled(
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         logged = server["log"].read_text()[before:]
-        if logged.count("with 499: the client disconnected") == 3:
+        if _refusals(logged, 499, reason="the client disconnected") == 3:
             break
         time.sleep(0.5)
-    assert logged.count("with 499: the client disconnected") == 3, logged[-3000:]
+    assert _refusals(logged, 499, reason="the client disconnected") == 3, logged[-3000:]
     _still_fine(server, case, baseline)
 
 
@@ -706,7 +719,7 @@ def test_header_length_that_is_not_a_plain_decimal_is_a_400(
         assert HEADER in r.json()["error"], (value[:20], r.text)
         assert "ValueError" not in r.text and "int()" not in r.text
     logged = server["log"].read_text()[len(before) :]
-    assert logged.count("refused POST /v2/models/medseg/infer with 400") == len(values)
+    assert _refusals(logged, 400, "POST /v2/models/medseg/infer") == len(values)
     assert "Traceback" not in logged
     _still_fine(server, case, baseline)
 
@@ -741,3 +754,234 @@ def test_the_model_cannot_be_unloaded_and_readiness_is_the_models(
     assert httpx.get(f"{server['rest']}/v2/models/medseg/ready", timeout=30).status_code == 200
     _still_fine(server, case, baseline)
     assert predict(server["grpc"], [case], grpc=True).volumes_ml.keys() == set(REGIONS)
+
+
+# ---------------------------------------------------------------- issue 22, items 5, 7, 8, 9
+
+
+def test_a_grid_that_cannot_be_placed_is_a_400(
+    server: dict[str, Any], case: Path, baseline: int
+) -> None:
+    """Issue 22 item 5: a tensor 1e30 mm from the origin made the foreground crop empty (a
+    500, then a silent empty mask): float32 cannot tell its voxels apart. It is a 400 naming
+    ``max_position_mm``; a grid near the origin is answered."""
+    far = np.eye(4)
+    far[0, 3] = 1e30
+    for affine, expected in ((far, 400), (np.eye(4), 200)):
+        doc = _tensor_doc([1, 4, 8, 8, 8], affine=affine.ravel().tolist())
+        r = _infer(server, orjson.dumps(doc))
+        assert r.status_code == expected, r.text
+    assert (
+        "max_position_mm=100000"
+        in _infer(
+            server, orjson.dumps(_tensor_doc([1, 4, 8, 8, 8], affine=far.ravel().tolist()))
+        ).json()["error"]
+    )
+    _still_fine(server, case, baseline)
+
+
+def test_user_strings_cannot_forge_log_lines(
+    server: dict[str, Any], case: Path, baseline: int
+) -> None:
+    """Issue 22 item 7: a URL-decoded model name, a request id, a parameter and a gRPC
+    ``model_name`` with newlines reached the log raw, each a forged line of its own. Every one
+    is logged escaped, on the line of its own record."""
+    import grpc
+
+    pb = _pb()
+    before = len(server["log"].read_text())
+    forged = "\n2026-01-01 00:00:00.000 1 kserve INFO [x.py:f():1] FORGED"
+    assert (
+        httpx.post(
+            f"{server['rest']}/v2/models/m%0AFORGED-path%0D%0AFORGED-cr/infer", content=b"{}"
+        ).status_code
+        == 404
+    )
+    doc = _tensor_doc([1, 4, 8, 8, 8], label_convention="x" + forged)
+    doc["id"] = "id" + forged
+    assert _infer(server, orjson.dumps(doc)).status_code == 400
+    request = pb.ModelInferRequest(
+        model_name="m" + forged,
+        id="id" + forged,
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1])],
+        raw_input_contents=[b"\0" * 4],
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        _grpc_call(server, request)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    logged = server["log"].read_text()[before:]
+    lines = logged.splitlines()
+    assert "FORGED-path" in logged and "FORGED" in logged  # they were logged ...
+    assert not [
+        line
+        for line in lines
+        if "FORGED" in line and line.lstrip().startswith(("2026-01-01", "FORGED"))
+    ], logged  # ... never as a line of their own
+    refusals = [json.loads(line[line.index('{"event"') :]) for line in lines if '{"event"' in line]
+    assert any("FORGED" in r["where"] + r["reason"] for r in refusals)  # whole JSON lines
+    _still_fine(server, case, baseline)
+
+
+def test_long_ids_and_parameters_are_refused_by_name(
+    server: dict[str, Any], case: Path, baseline: int
+) -> None:
+    """Issue 22 item 9: a 200 MB ``id`` was echoed in a 200 MB answer, a 200 MB gRPC parameter
+    stayed resident. Ids, parameter names and string values over ``max_param_chars`` are a 400
+    (INVALID_ARGUMENT) naming the limit, with a small answer."""
+    import grpc
+
+    pb = _pb()
+    long = "x" * (LIMITS.max_param_chars + 1)
+    docs = []
+    for where in ("id", "value", "name", "input"):
+        doc = _tensor_doc([1, 4, 8, 8, 8])
+        if where == "id":
+            doc["id"] = "x" * (4 << 20)  # 4 MiB: what used to come back whole
+        elif where == "value":
+            doc["parameters"] = {"note": long}
+        elif where == "name":
+            doc["parameters"] = {long: 1}
+        else:
+            doc["inputs"][0]["parameters"] = {"channels": long}
+        docs.append(doc)
+    for doc in docs:
+        r = _infer(server, orjson.dumps(doc))
+        assert r.status_code == 400, r.text[:200]
+        assert f"max_param_chars={LIMITS.max_param_chars}" in r.json()["error"], r.text[:200]
+        assert len(r.content) < 1000
+    tensor = pb.ModelInferRequest.InferInputTensor
+    requests = [
+        pb.ModelInferRequest(model_name="medseg", id=long),
+        pb.ModelInferRequest(
+            model_name="medseg", parameters={"note": pb.InferParameter(string_param=long)}
+        ),
+        pb.ModelInferRequest(model_name=long),
+    ]
+    for request in requests:
+        request.inputs.append(tensor(name="image", datatype="FP32", shape=[1, 4, 8, 8, 8]))
+        request.raw_input_contents.append(b"\0" * 4 * 4 * 512)
+        with pytest.raises(grpc.RpcError) as err:
+            _grpc_call(server, request)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()[:200]
+        assert "max_param_chars" in err.value.details()
+    _still_fine(server, case, baseline)
+
+
+def _busy_count(rest: str) -> float:
+    """``medseg_request_errors_total{class="busy"}`` as the server exposes it."""
+    for line in httpx.get(f"{rest}/metrics", timeout=30).text.splitlines():
+        if line.startswith('medseg_request_errors_total{class="busy"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _hold(port: int, declared: int) -> socket.socket:
+    """A request that declares ``declared`` bytes and sends one: it holds its place."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(
+        f"POST /v2/models/medseg/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Content-Length: {declared}\r\n\r\n{{".encode()
+    )
+    return s
+
+
+def test_every_overload_refusal_is_a_counted_503_with_retry_after(
+    model_dir: Path, case: Path, tmp_path: Path
+) -> None:
+    """Issue 22 item 8: uvicorn's connection cap answered a bare 503 that nobody counted, and a
+    client still uploading when the in-flight budget was full got a connection reset. Every
+    refusal, for the request cap or the budget, REST or gRPC, is now a 503 (RESOURCE_EXHAUSTED)
+    that the client reads, with Retry-After, and counted as ``busy``."""
+    import grpc
+
+    env = {
+        "OMP_NUM_THREADS": "1",
+        "MEDSEG_SERVER_MAX_REQUEST_MB": "48",
+        "MEDSEG_SERVER_MAX_INFLIGHT_MB": "48",
+        "MEDSEG_SERVER_MAX_CONNECTIONS": "4",
+        "MEDSEG_SERVER_BODY_IDLE_S": "3",
+    }
+    with model_server(model_dir, tmp_path / "server.log", env) as running:
+        port, refused = running.ports[0], 0
+        before = _busy_count(running.rest)
+        # 1. the request cap: four requests hold the server; the fifth is refused, readably,
+        # also while it is still uploading 32 MiB
+        holders = [_hold(port, 16) for _ in range(4)]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            r = httpx.get(f"{running.rest}/v2/health/ready", timeout=30)
+            if r.status_code == 503:
+                break
+        assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+        assert "max_connections=4" in r.json()["error"]
+        refused += 1
+        for _ in range(3):
+            r = httpx.post(
+                f"{running.rest}/v2/models/medseg/infer", content=b"\0" * (32 << 20), timeout=60
+            )
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+            refused += 1
+        for s in holders:
+            s.close()
+        # 2. the in-flight budget: one declared 48 MiB body fills it
+        time.sleep(0.5)
+        holder = _hold(port, 48 << 20)
+        time.sleep(0.5)
+        for _ in range(3):
+            r = httpx.post(
+                f"{running.rest}/v2/models/medseg/infer", content=b"\0" * (32 << 20), timeout=60
+            )
+            assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
+            assert "max_inflight_mb=48" in r.json()["error"]
+            refused += 1
+        pb = _pb()
+        request = pb.ModelInferRequest(model_name="medseg")
+        with pytest.raises(grpc.RpcError) as err:
+            _grpc_call({"grpc": running.grpc}, request)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert ("retry-after", "5") in tuple(err.value.trailing_metadata())
+        refused += 1
+        holder.close()
+        time.sleep(0.5)
+        assert _busy_count(running.rest) - before == refused
+        assert predict(running.rest, [case]).volumes_ml.keys() == set(REGIONS)
+
+
+def test_an_error_that_escapes_the_app_is_counted_once() -> None:
+    """Issue 22 item 8: 500s raised outside the model were not counted. The middleware counts
+    every error answer by its status, and an exception that escapes the app as a 500."""
+    import asyncio
+
+    from prometheus_client import REGISTRY
+
+    from model_server.rest import BodyLimits, InflightBudget
+
+    async def fails(scope: Any, receive: Any, send: Any) -> None:
+        raise RuntimeError("boom")
+
+    async def answers_500(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 500, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    async def run(app: Any) -> None:
+        limits = ServerLimits()
+        middleware = BodyLimits(app, limits, InflightBudget(limits.max_inflight_bytes))
+        scope = {"type": "http", "method": "GET", "path": "/x", "headers": []}
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.disconnect"}
+
+        async def send(message: Any) -> None:
+            pass
+
+        await middleware(scope, receive, send)
+
+    def internal() -> float:
+        sample = REGISTRY.get_sample_value("medseg_request_errors_total", {"class": "internal"})
+        return sample or 0.0
+
+    start = internal()
+    with pytest.raises(RuntimeError):
+        asyncio.run(run(fails))
+    asyncio.run(run(answers_500))
+    assert internal() - start == 2
