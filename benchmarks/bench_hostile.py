@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import zlib
 from pathlib import Path
@@ -39,6 +40,11 @@ from medseg.synth import write_dataset
 HEADER = "inference-header-content-length"
 #: A slow client is cut after 3 s without a byte (default 30 s), so that the attack ends soon.
 ENV = {"MEDSEG_SERVER_BODY_IDLE_S": "3"}
+#: Seconds to wait before reading what stays resident after an attack (the server hands the
+#: memory of a large request back InflightBudget.RELEASE_DELAY_S after it).
+SETTLE_S = 2.0
+#: How the server's refusal log (one JSON object a line) writes a cancelled request.
+CANCELLED = '"status":499'
 
 
 def _status(pid: int, key: str) -> int:
@@ -90,6 +96,91 @@ def _bomb() -> bytes:
     return out + packer.flush()
 
 
+def _rss(pid: int) -> int:
+    return _status(pid, "VmRSS")
+
+
+def _busy(url: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=60).text.splitlines():
+        if line.startswith('medseg_request_errors_total{class="busy"}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def _grpc_parameter_attack(pid: int, target: str) -> tuple[str, str, float, int, int]:
+    """One ModelInfer whose request parameter is a 200 MB string."""
+    import grpc
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+    from kserve.protocol.grpc import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(
+        model_name="medseg",
+        parameters={"note": pb.InferParameter(string_param="x" * 200_000_000)},
+        inputs=[pb.ModelInferRequest.InferInputTensor(name="image", datatype="FP32", shape=[1])],
+        raw_input_contents=[b"\0" * 4],
+    )
+    options = [("grpc.max_send_message_length", 256 << 20)]
+    base = _reset_peak(pid)
+    started = time.perf_counter()
+    with grpc.insecure_channel(target, options=options) as channel:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=300)
+            answer = "OK"
+        except grpc.RpcError as err:
+            answer = f"{err.code().name} {(err.details() or '')[:60]}"
+    took = time.perf_counter() - started
+    time.sleep(SETTLE_S)
+    return ("gRPC parameter of 200 MB", answer, took, _hwm(pid) - base, _rss(pid) - base)
+
+
+def _overload_attack(
+    pid: int, url: str, port: int, limits: ServerLimits
+) -> tuple[str, str, float, int, int]:
+    """The in-flight budget held full; 40 clients upload 32 MiB each at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    busy_before = _busy(url)
+    base = _reset_peak(pid)
+    holders = []
+    for _ in range(limits.max_inflight_mb // limits.max_request_mb):
+        s = socket.create_connection(("127.0.0.1", port), timeout=60)
+        s.sendall(
+            b"POST /v2/models/medseg/infer HTTP/1.1\r\nHost: x\r\n"
+            + f"Content-Length: {limits.max_request_bytes}\r\n\r\n{{".encode()
+        )
+        holders.append(s)
+    stop = threading.Event()
+
+    def trickle() -> None:  # a byte a second: the holders stay within body_idle_s
+        while not stop.wait(1):
+            for s in holders:
+                s.sendall(b" ")
+
+    threading.Thread(target=trickle, daemon=True).start()
+    time.sleep(0.5)
+    body = b"\0" * (32 << 20)
+
+    def client(_: int) -> str:
+        try:
+            r = httpx.post(f"{url}/v2/models/medseg/infer", content=body, timeout=120)
+        except httpx.TransportError as exc:
+            return type(exc).__name__
+        return f"{r.status_code}{'+Retry-After' if 'retry-after' in r.headers else ''}"
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(40) as pool:
+        answers = list(pool.map(client, range(40)))
+    took = time.perf_counter() - started
+    stop.set()
+    for s in holders:
+        s.close()
+    time.sleep(1)
+    counted = _busy(url) - busy_before
+    summary = ", ".join(f"{answers.count(a)}× {a}" for a in sorted(set(answers)))
+    summary += f"; busy counted {counted:.0f}"
+    return ("40 × 32 MiB, in-flight budget full", summary, took, _hwm(pid) - base, _rss(pid) - base)
+
+
 def main() -> None:
     """Start a server, attack it, print the figures."""
     work = Path(tempfile.mkdtemp(prefix="bench-hostile-"))
@@ -123,7 +214,7 @@ def main() -> None:
         small_s = time.perf_counter() - started
         idle = _reset_peak(proc.pid)
         print(f"server after one small case: RSS {idle} MiB; limits: {limits}")
-        rows: list[tuple[str, str, float, int]] = []
+        rows: list[tuple[str, str, float, int, int]] = []
 
         def attack(name: str, body: bytes, headers: dict[str, str]) -> None:
             base = _reset_peak(proc.pid)
@@ -132,7 +223,9 @@ def main() -> None:
                 f"{url}/v2/models/medseg/infer", content=body, headers=headers, timeout=900
             )
             took = time.perf_counter() - started
-            rows.append((name, f"{r.status_code} {r.text[:70]}", took, _hwm(proc.pid) - base))
+            answer = f"{r.status_code} ({len(r.content)} B) {r.text[:60]}"
+            time.sleep(SETTLE_S)
+            rows.append((name, answer, took, _hwm(proc.pid) - base, _rss(proc.pid) - base))
 
         attack("gzipped 512³×4 uint8 NIfTI", *_nifti_body(_bomb()))
         attack("header claims 2000³×4", *_nifti_body(gzip.compress(_claiming((2000,) * 3 + (4,)))))
@@ -145,6 +238,10 @@ def main() -> None:
         zeros = b'{"inputs":[{"name":"image","datatype":"FP32","shape":[1],"data":['
         zeros += b"0," * 60_000_000 + b"0]}]}"
         attack("JSON of 60 M zeros (120 MB)", zeros, {})
+        head = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [0]}]}
+        attack("an id of 200 MB", orjson.dumps({**head, "id": "x" * 200_000_000}), {})
+        rows.append(_grpc_parameter_attack(proc.pid, f"127.0.0.1:{grpc}"))
+        rows.append(_overload_attack(proc.pid, url, http, limits))
 
         # 16 connections declare 256 MiB and send one byte
         base = _reset_peak(proc.pid)
@@ -163,7 +260,15 @@ def main() -> None:
             s.close()
         took = time.perf_counter() - started
         summary = ", ".join(f"{statuses.count(c)}× {c}" for c in sorted(set(statuses)))
-        rows.append(("16 × Content-Length 256 MiB, 1 byte", summary, took, _hwm(proc.pid) - base))
+        rows.append(
+            (
+                "16 × Content-Length 256 MiB, 1 byte",
+                summary,
+                took,
+                _hwm(proc.pid) - base,
+                _rss(proc.pid) - base,
+            )
+        )
 
         # the largest legitimate request: one BraTS case as FP32
         x = np.random.default_rng(0).random((1, 4, 240, 240, 155), dtype=np.float32)
@@ -177,11 +282,14 @@ def main() -> None:
             f"largest legitimate request (240×240×155×4 FP32, {x.nbytes >> 20} MiB): "
             f"{r.status_code} in {legit_s:.1f} s, peak RSS growth {legit} MiB"
         )
-        print(f"{'attack':38} {'answer':76} {'refused in':>10} {'RSS growth':>10} {'/ legit':>7}")
-        for name, answer, took, growth in rows:
+        print(
+            f"{'attack':38} {'answer':76} {'refused in':>10} {'peak growth':>11} {'/ legit':>7} "
+            f"{'resident after':>14}"
+        )
+        for name, answer, took, growth, after in rows:
             print(
                 f"{name:38} {answer:76} {took * 1000:8.0f} ms {growth:7d} MiB "
-                f"{growth / max(legit, 1):7.2f}"
+                f"{growth / max(legit, 1):7.2f} {after:10d} MiB"
             )
 
         # three full-size requests whose clients leave after 2 s; then a tiny request
@@ -206,7 +314,7 @@ def main() -> None:
         print(
             f"3 full-size requests abandoned after 2 s: a small case then answered in "
             f"{time.perf_counter() - started:.1f} s (alone, at the start: {small_s:.1f} s); "
-            f"log: {log.read_text().count('with 499')} requests cancelled"
+            f"log: {log.read_text().count(CANCELLED)} requests cancelled"
         )
     finally:
         proc.terminate()

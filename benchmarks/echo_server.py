@@ -25,8 +25,8 @@ def main() -> None:
         from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
     from model_server.compat import MedsegModelServer
+    from model_server.memory import limit_malloc_arenas
     from model_server.rest import InflightBudget, install
-    from model_server.server import limit_malloc_arenas
 
     class Echo(Model):
         def load(self) -> bool:

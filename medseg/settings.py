@@ -133,8 +133,8 @@ class ServerLimits(BaseSettings):
         max_request_mb: Largest request body (REST) or message (gRPC), MiB.
         max_inflight_mb: Request bytes a replica holds at once, over all requests (declared
             Content-Length counts before it arrives); beyond it: 503 with Retry-After.
-        max_connections: Concurrent REST connections (uvicorn's ``limit_concurrency``); the
-            gRPC server takes ``max_inflight_mb // max_request_mb`` calls at once.
+        max_connections: REST requests served at once (beyond it: 503 with Retry-After, counted);
+            the gRPC server takes ``max_inflight_mb // max_request_mb`` calls at once.
         max_concurrency: Cases decoded and segmented at once; the rest wait their turn.
         body_timeout_s: Longest time for a whole request body to arrive (408 after it).
         body_idle_s: Longest pause between two parts of a body (408 after it).

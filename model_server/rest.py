@@ -67,7 +67,7 @@ from medseg.codec import (
     validate_params,
 )
 from medseg.settings import ServerLimits
-from model_server import dicom_route, logs, metrics
+from model_server import dicom_route, logs, memory, metrics
 from model_server.predictor import RequestAbandoned, Ticket, current_ticket
 
 __all__ = [
@@ -363,11 +363,20 @@ class PartsResponse(Response):
 
 
 class InflightBudget:
-    """Request bytes a replica holds at once (REST bodies and gRPC messages together)."""
+    """Request bytes a replica holds at once (REST bodies and gRPC messages together).
+
+    When a request of at least :data:`model_server.memory.RELEASE_AFTER_BYTES` gives its bytes
+    back, the process hands its free heap back to the system a moment later (once the
+    request's objects, which the REST and gRPC layers hold until the answer is sent, are gone).
+    """
+
+    #: Seconds after a large request ends before its freed memory is handed back.
+    RELEASE_DELAY_S = 1.0
 
     def __init__(self, limit: int):
         self.limit = limit
         self.used = 0
+        self._release: asyncio.TimerHandle | None = None
 
     def take(self, n: int) -> bool:
         """Reserve ``n`` bytes; False (nothing reserved) when they do not fit."""
@@ -377,8 +386,20 @@ class InflightBudget:
         return True
 
     def give(self, n: int) -> None:
-        """Release ``n`` reserved bytes."""
+        """Release ``n`` reserved bytes (on the event loop)."""
         self.used -= n
+        if n < memory.RELEASE_AFTER_BYTES or self._release is not None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not on a loop: nothing holds the request any more
+            memory.release_free_memory()
+            return
+        self._release = loop.call_later(self.RELEASE_DELAY_S, self._released)
+
+    def _released(self) -> None:
+        self._release = None
+        memory.release_free_memory()
 
 
 #: Where :class:`BodyLimits` leaves the body it read, in the ASGI scope.

@@ -11,20 +11,17 @@ message limits, which kserve leaves at 8 MiB otherwise) and ``--max_concurrency`
 from __future__ import annotations
 
 import argparse
-import ctypes
 import logging
 import os
 import sys
 
 from medseg.kserve_import import clean_argv
 from medseg.settings import ServerLimits
+from model_server.memory import limit_malloc_arenas
 
-__all__ = ["limit_malloc_arenas", "limits_from_args", "parse_args", "serve"]
+__all__ = ["limits_from_args", "parse_args", "serve"]
 
 log = logging.getLogger(__name__)
-
-#: ``mallopt``'s parameter for the number of arenas (glibc's malloc.h).
-_M_ARENA_MAX = -8
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -54,19 +51,6 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
             "max_inflight_mb", max(base.max_inflight_mb, overrides["max_request_mb"])
         )
     return ServerLimits(**overrides)
-
-
-def limit_malloc_arenas(arenas: int) -> bool:
-    """Bound glibc's malloc arenas for the threads started from now on; False where not glibc.
-
-    Call before the worker threads start: arenas already made stay.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_ARENA_MAX, arenas))
 
 
 def serve(argv: list[str] | None = None) -> None:

@@ -894,6 +894,8 @@ def test_every_overload_refusal_is_a_counted_503_with_retry_after(
     that the client reads, with Retry-After, and counted as ``busy``."""
     import grpc
 
+    from model_server.rest import InflightBudget
+
     env = {
         "OMP_NUM_THREADS": "1",
         "MEDSEG_SERVER_MAX_REQUEST_MB": "48",
@@ -945,6 +947,13 @@ def test_every_overload_refusal_is_a_counted_503_with_retry_after(
         time.sleep(0.5)
         assert _busy_count(running.rest) - before == refused
         assert predict(running.rest, [case]).volumes_ml.keys() == set(REGIONS)
+        # issue 22 item 9: a refused 40 MB id leaves nothing resident once its answer is sent
+        resident = _rss(running.pid)["VmRSS"]
+        doc = {**_tensor_doc([1, 4, 8, 8, 8]), "id": "x" * (40 << 20)}
+        r = _infer({"rest": running.rest}, orjson.dumps(doc))
+        assert r.status_code == 400 and "max_param_chars" in r.json()["error"]
+        time.sleep(InflightBudget.RELEASE_DELAY_S + 1)
+        assert _rss(running.pid)["VmRSS"] - resident < 32, (resident, _rss(running.pid))
 
 
 def test_an_error_that_escapes_the_app_is_counted_once() -> None:
