@@ -174,6 +174,7 @@ class _ExceptionToStatus(ExceptionToStatusInterceptor):
         self, ex: Exception, request_or_iterator: Any, context: Any, method_name: str
     ) -> None:
         metrics.count_error(_status_of(ex))
+        _forget_frames(ex)
         if isinstance(ex, InvalidInput):
             log_refusal(400, method_name, str(ex))
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(ex))
@@ -193,6 +194,24 @@ class _ExceptionToStatus(ExceptionToStatusInterceptor):
             await context.abort(grpc.StatusCode.NOT_FOUND, str(ex))
         else:
             await super().handle_exception(ex, request_or_iterator, context, method_name)
+
+
+def _forget_frames(ex: BaseException) -> None:
+    """Drop the tracebacks of ``ex`` and of the exceptions chained to it.
+
+    grpc keeps the exception of an aborted call (chained to its ``AbortError``) after the call;
+    its traceback would keep every frame of the request alive, and with them the request's
+    message: a refused 200 MB message stayed resident, one more for each such call.
+    """
+    seen: set[int] = set()
+    stack: list[BaseException | None] = [ex]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        current.__traceback__ = None
+        stack += [current.__context__, current.__cause__]
 
 
 def _status_of(ex: Exception) -> int:
@@ -232,6 +251,15 @@ class _Received:
         except Exception as exc:  # protobuf's DecodeError, or our InputError
             self.error = f"malformed ModelInferRequest: {exc}"
             self.request = pb.ModelInferRequest()
+
+    def release(self) -> None:
+        """Let go of the message (the tensors' views and the parsed rest) once answered.
+
+        grpc may hold this object past the call (with a refused call's exception): what it
+        holds then is empty.
+        """
+        self.raws = []
+        self.request = pb.ModelInferRequest()
 
 
 def _infer_request(received: _Received, limits: ServerLimits) -> InferRequest:
@@ -330,6 +358,7 @@ class _Servicer(InferenceServicer):
             raise
         finally:
             current_ticket.reset(token)
+            received.release()
             self._budget.give(size)
 
 
