@@ -322,6 +322,34 @@ def _ready(isvc: dict[str, Any]) -> bool:
     )
 
 
+def _apply_disruption_budget(api_client: Any, spec: InferenceServiceSpec) -> None:
+    """Create or patch the predictor's PodDisruptionBudget (none for a single replica).
+
+    A budget left from an earlier deploy with more replicas stays: over one replica,
+    ``maxUnavailable: 1`` blocks no eviction.
+    """
+    from kubernetes.client import PolicyV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    pdb = build_pod_disruption_budget(spec)
+    if pdb is None:
+        return
+    api, name = PolicyV1Api(api_client), pdb.metadata.name
+    try:
+        try:
+            api.read_namespaced_pod_disruption_budget(name, spec.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            api.create_namespaced_pod_disruption_budget(spec.namespace, pdb)
+        else:
+            api.patch_namespaced_pod_disruption_budget(name, spec.namespace, pdb)
+    except ApiException as exc:
+        raise MedsegError(
+            f"cannot apply PodDisruptionBudget {spec.namespace}/{name}: {exc.status} {exc.reason}"
+        ) from None
+
+
 def deploy(
     spec: InferenceServiceSpec,
     timeout: float,
@@ -329,7 +357,7 @@ def deploy(
     recreate: bool = False,
     poll_seconds: float = 2.0,
 ) -> str:
-    """Create or patch the InferenceService and wait until KServe reports it Ready.
+    """Create or patch the InferenceService (and its PodDisruptionBudget), wait until it is Ready.
 
     KServe (0.16 or newer, checked from the installed CRD) refuses to change an existing service's
     deployment mode in place; ``recreate=True`` is the deliberate path: delete the service, wait
@@ -384,6 +412,7 @@ def deploy(
         client.create(isvc, namespace=spec.namespace)
     else:
         client.patch(spec.name, isvc, namespace=spec.namespace)
+    _apply_disruption_budget(client.api_instance.api_client, spec)
     while True:
         current = _get(client, spec)
         if current is not None and _ready(current):
