@@ -6,6 +6,11 @@ with the credentials of the ServiceAccount's S3 Secret. Autoscaling follows the 
 ``Knative`` (KPA on concurrency or rps; ``min_replicas: 0`` scales to zero) or ``Standard`` (HPA on
 cpu or memory). Run without a cluster, :func:`local_command` gives the equivalent
 ``medseg serve`` command instead.
+
+Disruption and shutdown: the server's ``grace_period_s`` (:class:`~medseg.settings.ServerLimits`)
+travels to it as ``MEDSEG_SERVER_GRACE_PERIOD_S`` and, in Standard mode, is the pod's
+``terminationGracePeriodSeconds``, where the replicas are also spread over nodes; with more
+than one replica, :func:`build_pod_disruption_budget` lets a node drain evict one at a time.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from medseg.settings import ServerLimits
 __all__ = [
     "InferenceServiceSpec",
     "build_inference_service",
+    "build_pod_disruption_budget",
     "conditions_text",
     "default_scaling",
     "deploy",
@@ -52,6 +58,10 @@ def _max_request_mb() -> int:
     return ServerLimits().max_request_mb
 
 
+def _grace_period_s() -> int:
+    return ServerLimits().grace_period_s
+
+
 @dataclass(frozen=True)
 class InferenceServiceSpec:
     """An InferenceService for one registered model version.
@@ -78,6 +88,9 @@ class InferenceServiceSpec:
         cpu_limit, memory_limit: Limits per replica (``None``: the request).
         max_request_mb: The server's request limit (also its gRPC message limits); default
             :class:`~medseg.settings.ServerLimits`'s.
+        grace_period_s: Seconds between SIGTERM and the kill: the server's drain
+            (``MEDSEG_SERVER_GRACE_PERIOD_S``) and, in Standard mode, the pod's
+            ``terminationGracePeriodSeconds``; default :class:`~medseg.settings.ServerLimits`'s.
     """
 
     name: str
@@ -99,6 +112,7 @@ class InferenceServiceSpec:
     cpu_limit: str | None = "4"
     memory_limit: str | None = None
     max_request_mb: int = field(default_factory=_max_request_mb)
+    grace_period_s: int = field(default_factory=_grace_period_s)
 
     def __post_init__(self) -> None:
         if self.deployment_mode not in _METRICS:
@@ -120,6 +134,10 @@ class InferenceServiceSpec:
             raise MedsegError(f"protocol must be rest or grpc, got {self.protocol!r}")
         if not self.storage_uri.startswith("s3://"):
             raise MedsegError(f"storage_uri must be an s3:// prefix, got {self.storage_uri!r}")
+        try:  # the server's own bounds, before any API call
+            ServerLimits(grace_period_s=self.grace_period_s)
+        except ValueError as exc:
+            raise MedsegError(f"grace_period_s={self.grace_period_s}: {exc}") from None
         self.resources()  # a request above its limit fails here, before any API call
 
     def resources(self) -> Any:
@@ -140,10 +158,47 @@ def _server_args(spec: InferenceServiceSpec) -> list[str]:
     return [item for pair in pairs.items() for item in pair]
 
 
+def _predictor_selector(spec: InferenceServiceSpec) -> Any:
+    """The predictor's pods, by the labels KServe gives them (the chart's same selector)."""
+    from kubernetes.client import V1LabelSelector
+
+    return V1LabelSelector(
+        match_labels={"serving.kserve.io/inferenceservice": spec.name, "component": "predictor"}
+    )
+
+
+def build_pod_disruption_budget(spec: InferenceServiceSpec) -> Any | None:
+    """The predictor's ``V1PodDisruptionBudget``, or None for fewer than two replicas.
+
+    ``maxUnavailable: 1``: a node drain evicts one replica at a time, and a budget left over a
+    single replica blocks nothing.
+    """
+    from kubernetes.client import V1ObjectMeta, V1PodDisruptionBudget, V1PodDisruptionBudgetSpec
+
+    if spec.min_replicas <= 1:
+        return None
+    return V1PodDisruptionBudget(
+        api_version="policy/v1",
+        kind="PodDisruptionBudget",
+        metadata=V1ObjectMeta(
+            name=f"{spec.name}-predictor",
+            namespace=spec.namespace,
+            labels={"app.kubernetes.io/part-of": "medseg"},
+        ),
+        spec=V1PodDisruptionBudgetSpec(max_unavailable=1, selector=_predictor_selector(spec)),
+    )
+
+
 def build_inference_service(spec: InferenceServiceSpec) -> Any:
     """The ``V1beta1InferenceService`` (kserve SDK model) for ``spec``."""
     from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
-    from kubernetes.client import V1Container, V1ContainerPort, V1EnvVar, V1ObjectMeta
+    from kubernetes.client import (
+        V1Container,
+        V1ContainerPort,
+        V1EnvVar,
+        V1ObjectMeta,
+        V1TopologySpreadConstraint,
+    )
 
     from medseg.kube import (
         container_security_context,
@@ -164,15 +219,31 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
         image_pull_policy=spec.image_pull_policy,
         command=["python", "-m", "model_server"],
         args=_server_args(spec),
-        env=[V1EnvVar(name="STORAGE_URI", value=spec.storage_uri), scratch_env()],
+        env=[
+            V1EnvVar(name="STORAGE_URI", value=spec.storage_uri),
+            scratch_env(),
+            V1EnvVar(name="MEDSEG_SERVER_GRACE_PERIOD_S", value=str(spec.grace_period_s)),
+        ],
         ports=[port],
         resources=spec.resources(),
         security_context=container_security_context(),
         volume_mounts=[scratch_mount()],
     )
     annotations = {"serving.kserve.io/deploymentMode": spec.deployment_mode}
+    pod: dict[str, Any] = {}
     if spec.deployment_mode == "Standard":
         annotations["serving.kserve.io/autoscalerClass"] = "hpa"
+        # Knative sets the grace from the revision's timeout, and takes topology spread only
+        # behind its feature flag kubernetes.podspec-topologyspreadconstraints.
+        pod["termination_grace_period_seconds"] = spec.grace_period_s
+        pod["topology_spread_constraints"] = [
+            V1TopologySpreadConstraint(
+                max_skew=1,
+                topology_key="kubernetes.io/hostname",
+                when_unsatisfiable="ScheduleAnyway",
+                label_selector=_predictor_selector(spec),
+            )
+        ]
     return V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",
@@ -195,6 +266,7 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
                 # Pods carry the platform label: the chart's NetworkPolicy lets them reach MinIO.
                 labels={"app.kubernetes.io/part-of": "medseg"},
                 volumes=[scratch_volume()],
+                **pod,
             )
         ),
     )
@@ -250,6 +322,34 @@ def _ready(isvc: dict[str, Any]) -> bool:
     )
 
 
+def _apply_disruption_budget(api_client: Any, spec: InferenceServiceSpec) -> None:
+    """Create or patch the predictor's PodDisruptionBudget (none for a single replica).
+
+    A budget left from an earlier deploy with more replicas stays: over one replica,
+    ``maxUnavailable: 1`` blocks no eviction.
+    """
+    from kubernetes.client import PolicyV1Api
+    from kubernetes.client.exceptions import ApiException
+
+    pdb = build_pod_disruption_budget(spec)
+    if pdb is None:
+        return
+    api, name = PolicyV1Api(api_client), pdb.metadata.name
+    try:
+        try:
+            api.read_namespaced_pod_disruption_budget(name, spec.namespace)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            api.create_namespaced_pod_disruption_budget(spec.namespace, pdb)
+        else:
+            api.patch_namespaced_pod_disruption_budget(name, spec.namespace, pdb)
+    except ApiException as exc:
+        raise MedsegError(
+            f"cannot apply PodDisruptionBudget {spec.namespace}/{name}: {exc.status} {exc.reason}"
+        ) from None
+
+
 def deploy(
     spec: InferenceServiceSpec,
     timeout: float,
@@ -257,7 +357,7 @@ def deploy(
     recreate: bool = False,
     poll_seconds: float = 2.0,
 ) -> str:
-    """Create or patch the InferenceService and wait until KServe reports it Ready.
+    """Create or patch the InferenceService (and its PodDisruptionBudget), wait until it is Ready.
 
     KServe (0.16 or newer, checked from the installed CRD) refuses to change an existing service's
     deployment mode in place; ``recreate=True`` is the deliberate path: delete the service, wait
@@ -312,6 +412,7 @@ def deploy(
         client.create(isvc, namespace=spec.namespace)
     else:
         client.patch(spec.name, isvc, namespace=spec.namespace)
+    _apply_disruption_budget(client.api_instance.api_client, spec)
     while True:
         current = _get(client, spec)
         if current is not None and _ready(current):

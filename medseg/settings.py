@@ -119,6 +119,9 @@ class StorageSettings(BaseSettings):
 
 
 _MIB = 1024 * 1024
+#: Seconds of the grace period kept for what follows the drain: cancelling what did not finish,
+#: stopping gRPC, unloading the model and leaving the interpreter.
+SHUTDOWN_MARGIN_S = 5
 
 
 class ServerLimits(BaseSettings):
@@ -157,6 +160,10 @@ class ServerLimits(BaseSettings):
             Without a bound each worker thread gets an arena of its own, memory freed by one
             request is not reused by the next one on another thread, and the RSS creeps up
             by a working set per thread.
+        grace_period_s: Seconds between SIGTERM and the kill (the predictor pod's
+            ``terminationGracePeriodSeconds``, rendered from this one value). On SIGTERM the
+            server refuses new requests and lets those in flight finish for :attr:`drain_s`,
+            then exits.
     """
 
     model_config = SettingsConfigDict(env_prefix="MEDSEG_SERVER_", extra="ignore")
@@ -179,6 +186,7 @@ class ServerLimits(BaseSettings):
     max_json_values: int = Field(default=2_000_000, ge=1)
     retry_after_s: int = Field(default=5, ge=1)
     malloc_arenas: int = Field(default=2, ge=1)
+    grace_period_s: int = Field(default=60, ge=2 * SHUTDOWN_MARGIN_S)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServerLimits:
@@ -209,6 +217,15 @@ class ServerLimits(BaseSettings):
         plus the request limit for the headers and extensions of its files.
         """
         return self.max_case_voxels * 8 + self.max_request_bytes
+
+    @property
+    def drain_s(self) -> int:
+        """Seconds in-flight requests may take to finish after SIGTERM.
+
+        The grace period but :data:`SHUTDOWN_MARGIN_S`, so that the server exits before it is
+        killed.
+        """
+        return self.grace_period_s - SHUTDOWN_MARGIN_S
 
     @property
     def grpc_concurrent_calls(self) -> int:

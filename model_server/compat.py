@@ -15,6 +15,14 @@ and changes only that:
   unload the model;
 * readiness (REST ``/v2/health/ready``, gRPC ``ServerReady``) is that of the served model, not
   kserve's constant True;
+* SIGTERM (and SIGINT) drains REST and gRPC together: both stop taking new requests at once
+  (the listening sockets close; gRPC answers UNAVAILABLE), the requests in flight have
+  :attr:`~medseg.settings.ServerLimits.drain_s` to finish, then the model is unloaded and the
+  process exits, within the pod's ``terminationGracePeriodSeconds``
+  (:attr:`~medseg.settings.ServerLimits.grace_period_s`). kserve's own handling let uvicorn take
+  the signal alone: gRPC kept taking new calls while REST drained, started its own drain only
+  after REST's (two grace periods in a row), REST used kserve's fixed 30 s, and the model was
+  unloaded while gRPC calls were still in flight;
 * gRPC ``ModelInfer`` counts its message in the in-flight budget, gives the request a
   :class:`~model_server.predictor.Ticket` (the call's deadline; its cancellation stops the work)
   and answers a malformed message with INVALID_ARGUMENT;
@@ -25,7 +33,8 @@ and changes only that:
   only the small rest is a protobuf message. See ``benchmarks/bench_serving.py`` part A.
 
 It relies on private parts of kserve (``ModelServer._serve`` and
-``_register_and_check_atleast_one_model_is_ready``, ``RESTServer.config``, ``GRPCServer._port``,
+``_register_and_check_atleast_one_model_is_ready``, ``RESTServer.config`` and ``_server`` (a
+``_RefreshingServer``, uvicorn's ``Server``), ``GRPCServer._port``,
 ``InferInput._raw_data``/``_data``, read and set only through :func:`raw_contents` and
 :func:`set_contents`, which the predictor and the REST route call):
 :data:`KSERVE_TESTED` names the versions it was written against, and importing it under another
@@ -35,7 +44,10 @@ kserve fails with a message instead of misbehaving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import signal
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from importlib import metadata
 from typing import Any
@@ -78,7 +90,7 @@ with clean_argv():  # kserve parses sys.argv on import
     from kserve.protocol.grpc.server import GRPCServer
     from kserve.protocol.grpc.servicer import InferenceServicer
     from kserve.protocol.infer_type import InferRequest, InferResponse
-    from kserve.protocol.rest.server import RESTServer
+    from kserve.protocol.rest.server import RESTServer, _RefreshingServer
     from kserve.utils.utils import to_headers
 
 from model_server import logs, metrics  # noqa: E402
@@ -156,7 +168,28 @@ class _DataPlane(DataPlane):
         return bool(names) and all([await registry.is_model_ready(n) for n in names])
 
 
+class _Uvicorn(_RefreshingServer):
+    """kserve's uvicorn server, leaving SIGTERM and SIGINT to :class:`MedsegModelServer`.
+
+    uvicorn installs its own handlers while it serves: it would take the signal alone and drain
+    REST while gRPC went on taking calls.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        """Install nothing: :meth:`MedsegModelServer.drain` sets ``should_exit``."""
+        yield
+
+
 class _RESTServer(RESTServer):
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._server = _Uvicorn(self.config)
+
+    def stop_accepting(self) -> None:
+        """Close the listening socket; requests in flight get ``timeout_graceful_shutdown``."""
+        self._server.should_exit = True
+
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
         for kind in (InvalidInput, ModelNotFound, ModelNotReady):
@@ -420,6 +453,11 @@ class _GRPCServer(GRPCServer):
         await self._server.start()
         await self._server.wait_for_termination()
 
+    async def stop(self, sig: int | None = None) -> None:
+        """Refuse new calls at once; those in flight get the grace period, then are cancelled."""
+        if self._server is not None:
+            await self._server.stop(grace=self._grace_period)
+
 
 class MedsegModelServer(ModelServer):
     """kserve's ``ModelServer`` (one REST process and gRPC), bound and capped by ``limits``.
@@ -431,11 +469,14 @@ class MedsegModelServer(ModelServer):
     """
 
     def __init__(self, limits: ServerLimits, budget: InflightBudget, **kwargs: Any):
-        super().__init__(workers=1, **kwargs)  # the fast REST routes live in this process's app
+        # workers=1: the fast REST routes live in this process's app
+        super().__init__(workers=1, grace_period=limits.drain_s, **kwargs)
         logs.install()
         self.dataplane = _DataPlane(model_registry=self.registered_models)
         self.limits = limits
         self.budget = budget
+        self._draining = False
+        self._stopping: asyncio.Future[None] | None = None  # gRPC's drain, once signalled
 
     def start(self, models: list[Any]) -> None:
         """Serve ``models`` until SIGTERM/SIGINT (kserve's ``start``, one REST process)."""
@@ -470,5 +511,42 @@ class MedsegModelServer(ModelServer):
             )
             self.servers.append(self._grpc_server.start(self.max_threads))
         self.setup_event_loop()
-        self.register_signal_handler()
         asyncio.run(self._serve())
+
+    def register_signal_handler(self) -> None:
+        """Nothing here: :meth:`_serve` installs :meth:`drain` on its running loop."""
+
+    async def _serve(self) -> None:
+        """Run REST and gRPC until both have drained, then unload the models."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain, sig)
+        await asyncio.gather(*self.servers)
+        for name in list(self.registered_models.get_models()):
+            self.registered_models.unload(name)
+        logger.info("Drained and stopped")
+
+    def drain(self, sig: int) -> None:
+        """Stop taking requests on REST and gRPC at once; those in flight may finish.
+
+        Args:
+            sig: The signal that asked for it (a second one is only logged).
+        """
+        name = signal.Signals(sig).name
+        if self._draining:
+            logger.info("%s while draining: the drain goes on", name)
+            return
+        self._draining = True
+        logger.info(
+            "%s: refusing new requests; those in flight have %d s to finish",
+            name,
+            self.limits.drain_s,
+        )
+        if self._rest_server is not None:
+            self._rest_server.stop_accepting()
+        if self._grpc_server is not None:
+            self._stopping = asyncio.ensure_future(self._grpc_server.stop(sig))
+
+    def stop(self, sig: int) -> None:
+        """The same drain, for callers of kserve's ``ModelServer.stop``."""
+        self.drain(sig)

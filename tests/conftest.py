@@ -57,13 +57,14 @@ def write_tiny_model(folder: Path, seed: int = 0, **sections: dict[str, Any]) ->
 
 @dataclass(frozen=True)
 class RunningServer:
-    """A ``python -m model_server`` process on loopback ports."""
+    """A ``python -m model_server`` process on loopback ports (``process``: its ``Popen``)."""
 
     rest: str
     grpc: str
     pid: int
     log: Path
     ports: tuple[int, int]
+    process: subprocess.Popen[bytes]
 
 
 @contextlib.contextmanager
@@ -101,7 +102,7 @@ def model_server(
         proc.kill()
         pytest.fail(str(exc))
     try:
-        yield RunningServer(rest, f"127.0.0.1:{grpc}", proc.pid, log, (http, grpc))
+        yield RunningServer(rest, f"127.0.0.1:{grpc}", proc.pid, log, (http, grpc), proc)
     finally:
         proc.terminate()
         try:

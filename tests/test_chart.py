@@ -182,6 +182,10 @@ def test_rbac_and_network_policy() -> None:
         ),
         (["--set", "minio.enabled=false"], "s3.endpoint is required"),
         (["--set", "inferenceService.nope=1"], "additional properties 'nope' not allowed"),
+        (
+            ["--set", "inferenceService.terminationGracePeriodSeconds=5"],
+            "minimum: got 5, want 10",
+        ),
     ],
     ids=[
         "negative-min",
@@ -193,6 +197,7 @@ def test_rbac_and_network_policy() -> None:
         "standard-min-zero",
         "no-endpoint",
         "unknown-key",
+        "grace-below-margin",
     ],
 )
 def test_bad_values_are_rejected_by_helm(args: list[str], message: str) -> None:
@@ -318,6 +323,7 @@ def _spec_of_values(values: dict[str, Any]) -> Any:
         memory_limit=res["limits"]["memory"],
         gpus=isvc["gpus"],
         max_request_mb=isvc["maxRequestMb"],
+        grace_period_s=isvc["terminationGracePeriodSeconds"],
     )
 
 
@@ -345,6 +351,64 @@ def test_chart_and_deploy_build_the_same_inference_service(values: Path) -> None
 
     (rendered,) = [o for o in render("-f", str(values)) if o["kind"] == "InferenceService"]
     _compare(rendered, _applied(build_inference_service(_spec_of_values(_merged_values(values)))))
+
+
+@pytest.mark.parametrize(
+    "values", [v for v in VALUES if "external" not in v.name], ids=lambda p: p.stem
+)
+@pytest.mark.parametrize("min_replicas", [None, 1, 2, 3])
+def test_chart_and_deploy_build_the_same_pod_disruption_budget(
+    values: Path, min_replicas: int | None
+) -> None:
+    """One PodDisruptionBudget, the chart's and `medseg deploy`'s, over more than one replica."""
+    from kubernetes.client import ApiClient
+
+    from medseg.deploy import build_pod_disruption_budget
+
+    args = ["-f", str(values)]
+    merged = _merged_values(values)
+    if min_replicas is not None:
+        args += ["--set", f"inferenceService.minReplicas={min_replicas}"]
+        merged["inferenceService"]["minReplicas"] = min_replicas
+        merged["inferenceService"]["maxReplicas"] = max(
+            min_replicas, merged["inferenceService"]["maxReplicas"]
+        )
+        args += [
+            "--set",
+            f"inferenceService.maxReplicas={merged['inferenceService']['maxReplicas']}",
+        ]
+    spec = _spec_of_values(merged)
+    rendered = [o for o in render(*args) if o["kind"] == "PodDisruptionBudget"]
+    built = build_pod_disruption_budget(spec)
+    if spec.min_replicas <= 1:
+        assert rendered == [] and built is None
+        return
+    (pdb,) = rendered
+    _compare(pdb, ApiClient().sanitize_for_serialization(built))
+    (isvc,) = [o for o in render(*args) if o["kind"] == "InferenceService"]
+    pods = isvc["spec"]["predictor"]
+    for constraint in pods.get("topologySpreadConstraints", []):  # the same pods, spread
+        assert constraint["labelSelector"] == pdb["spec"]["selector"]
+
+
+def test_standard_predictors_spread_and_drain_within_their_grace_period() -> None:
+    """Standard mode: the pod's grace period is the server's, and replicas prefer other nodes."""
+    from medseg.settings import ServerLimits
+
+    (isvc,) = [
+        o
+        for o in render("-f", str(CHART / "ci/standard-values.yaml"))
+        if o["kind"] == "InferenceService"
+    ]
+    pod = isvc["spec"]["predictor"]
+    (container,) = pod["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    grace = pod["terminationGracePeriodSeconds"]
+    assert env["MEDSEG_SERVER_GRACE_PERIOD_S"] == str(grace)
+    assert ServerLimits(grace_period_s=grace).drain_s < grace
+    ((spread),) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    assert spread["whenUnsatisfiable"] == "ScheduleAnyway"
 
 
 def test_deploy_defaults_are_the_chart_defaults() -> None:

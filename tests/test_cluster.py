@@ -36,6 +36,7 @@ from medseg.kube import (
     container_security_context,
 )
 from medseg.launchers import PyTorchJobSpec, S3Secret, submit_pytorchjob
+from medseg.settings import ServerLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "cluster.py"
@@ -467,7 +468,7 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
     done = subprocess.run(
         [sys.executable, "-m", "medseg", "deploy", "s3://medseg/models/brats/v1",
          "--name", "brats", "--namespace", ns,
-         "--release", installed.release.name, "--mode", "Standard", "--min-replicas", "1",
+         "--release", installed.release.name, "--mode", "Standard", "--min-replicas", "2",
          "--max-replicas", "3", "--scale-metric", "cpu", "--scale-target", "70", "--cpu", "1",
          "--cpu-limit", "2", "--memory", "2Gi", "--timeout", "180"],
         env=env, capture_output=True, text=True, timeout=300,
@@ -485,7 +486,16 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
     assert pod["serviceAccountName"] == "prod-medseg-predictor"
     assert kubectl("get", "service", "brats-predictor", "-n", ns).returncode == 0
     hpa = kubectl_json("get", "hpa", "brats-predictor", "-n", ns)["spec"]
-    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (1, 3)
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (2, 3)
+    # Drained within one grace period, spread over nodes, evicted one replica at a time.
+    grace = ServerLimits().grace_period_s
+    assert pod["terminationGracePeriodSeconds"] == grace
+    assert {"name": "MEDSEG_SERVER_GRACE_PERIOD_S", "value": str(grace)} in container["env"]
+    (spread,) = pod["topologySpreadConstraints"]
+    assert spread["topologyKey"] == "kubernetes.io/hostname"
+    # The budget selects KServe's predictor pods: the disruption controller counts both.
+    eventually(lambda: kubectl_json("get", "pdb", "brats-predictor", "-n", ns).get(
+        "status", {}).get("expectedPods") == 2, what="PodDisruptionBudget over 2 pods")  # fmt: skip
     (metric,) = hpa["metrics"]
     assert metric["resource"]["name"] == "cpu"
     assert metric["resource"]["target"]["averageUtilization"] == 70
@@ -495,7 +505,7 @@ def test_deploy_standard_is_reconciled_into_deployment_service_and_hpa(
     assert init["name"] == "storage-initializer"
     assert init["securityContext"]["allowPrivilegeEscalation"] is False
     # A second deploy patches the live service: the HPA follows.
-    deploy(_isvc_spec(installed.release, "brats", "Standard", min_replicas=1, max_replicas=5),
+    deploy(_isvc_spec(installed.release, "brats", "Standard", min_replicas=2, max_replicas=5),
            timeout=180, client=client, poll_seconds=1)  # fmt: skip
     eventually(lambda: kubectl_json("get", "hpa", "brats-predictor", "-n", ns)["spec"][
         "maxReplicas"] == 5, what="HPA maxReplicas 5")  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,14 @@ def test_chart_values_are_the_python_defaults(values: dict[str, Any]) -> None:
     isvc = values["inferenceService"]
     assert isvc["name"] == DEFAULT_MODEL_NAME
     assert isvc["maxRequestMb"] == ServerLimits.model_fields["max_request_mb"].default
+    grace = isvc["terminationGracePeriodSeconds"]
+    assert grace == ServerLimits.model_fields["grace_period_s"].default
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    isvc_schema = schema["properties"]["inferenceService"]["properties"]
+    least = isvc_schema["terminationGracePeriodSeconds"]["minimum"]  # the server's own bound
+    assert ServerLimits(grace_period_s=least).drain_s > 0
+    with pytest.raises(ValueError, match="grace_period_s"):
+        ServerLimits(grace_period_s=least - 1)
 
 
 def test_rendered_server_and_store_use_the_python_ports_and_argv(

@@ -22,6 +22,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: minio
 {{- end -}}
 
+{{/* The predictor's pods, by the labels KServe gives them (PodDisruptionBudget, topology spread). */}}
+{{- define "medseg.predictor.selector" -}}
+serving.kserve.io/inferenceservice: {{ .Values.inferenceService.name }}
+component: predictor
+{{- end -}}
+
 {{/* ServiceAccounts: named after the release unless set (medseg.kube.Release derives the same). */}}
 {{- define "medseg.pipeline.serviceAccountName" -}}
 {{- default (printf "%s-pipeline" (include "medseg.fullname" .)) .Values.pipeline.serviceAccount -}}
