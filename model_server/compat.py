@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 import time
 from collections.abc import Iterator
@@ -117,12 +118,16 @@ def listen_address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _one_line(request: Request, exc: Exception) -> JSONResponse:
+async def _one_line(
+    request: Request, exc: Exception, limits: ServerLimits | None = None
+) -> JSONResponse:
     status = (
         400 if isinstance(exc, InvalidInput) else 404 if isinstance(exc, ModelNotFound) else 503
     )
     log_refusal(status, f"{request.method} {request.url.path}", str(exc))
-    retry = {"Retry-After": str(ServerLimits().retry_after_s)} if status == 503 else None
+    retry = None
+    if status == 503 and limits is not None:
+        retry = {"Retry-After": str(limits.retry_after_s)}
     return JSONResponse(status_code=status, content={"error": str(exc)}, headers=retry)
 
 
@@ -182,8 +187,11 @@ class _Uvicorn(_RefreshingServer):
 
 
 class _RESTServer(RESTServer):
-    def __init__(self, *args: Any, **kwargs: Any):
+    def __init__(self, *args: Any, limits: ServerLimits, **kwargs: Any):
         super().__init__(*args, **kwargs)
+        self._limits = limits
+        self.config.host = limits.host
+        self.config.limit_concurrency = None  # BodyLimits admits max_connections, counted
         self._server = _Uvicorn(self.config)
 
     def stop_accepting(self) -> None:
@@ -193,7 +201,7 @@ class _RESTServer(RESTServer):
     def _add_exception_handlers(self, app: Any) -> None:
         super()._add_exception_handlers(app)
         for kind in (InvalidInput, ModelNotFound, ModelNotReady):
-            app.add_exception_handler(kind, _one_line)
+            app.add_exception_handler(kind, functools.partial(_one_line, limits=self._limits))
 
 
 class _ExceptionToStatus(ExceptionToStatusInterceptor):
@@ -493,11 +501,9 @@ class MedsegModelServer(ModelServer):
             timeout_keep_alive=self.timeout_keep_alive,
             ssl_certfile=self.ssl_certfile,
             ssl_keyfile=self.ssl_keyfile,
+            limits=self.limits,
         )
-        config = self._rest_server.config
-        config.host = self.limits.host
-        config.limit_concurrency = None  # BodyLimits admits max_connections, counted
-        logger.info("REST on %s:%d", config.host, self.http_port)
+        logger.info("REST on %s:%d", self.limits.host, self.http_port)
         self.servers.append(self._rest_server.start())
         if self.enable_grpc:
             self._grpc_server = _GRPCServer(

@@ -493,7 +493,10 @@ class BodyLimits:
                     self._retry(),
                     drain=True,
                 )
-            body = await self._read(scope, receive, held) if _has_body(scope) else None
+            if not _has_body(scope):
+                await self.app(scope, receive, send)
+                return
+            body = await self._read(scope, receive, held)
         except _Refused as refused:
             self.budget.give(held[0])
             held[0] = 0
@@ -504,11 +507,8 @@ class BodyLimits:
             log_refusal(refused.status, where, refused.message)
             await _send_error(send, refused.status, refused.message, refused.headers)
             return
-        if _has_body(scope) and body is None:  # the client went away while sending
+        if body is None:  # the client went away while sending
             self.budget.give(held[0])
-            return
-        if body is None:
-            await self.app(scope, receive, send)
             return
         scope[BODY_KEY] = body
         sent = False
@@ -530,6 +530,18 @@ class BodyLimits:
     def _retry(self) -> list[tuple[bytes, bytes]]:
         return [(b"retry-after", str(self.limits.retry_after_s).encode())]
 
+    async def _next(self, receive: Receive, ends: float) -> MutableMapping[str, Any]:
+        """The next message of a body, within ``body_idle_s`` and before ``ends`` (loop time).
+
+        Raises:
+            TimeoutError: When neither came.
+        """
+        wait = min(self.limits.body_idle_s, ends - asyncio.get_running_loop().time())
+        if wait <= 0:
+            raise TimeoutError
+        async with asyncio.timeout(wait):
+            return await receive()
+
     async def _drain(self, receive: Receive) -> bool:
         """Read the rest of a refused body and discard it; False only if the client left.
 
@@ -537,16 +549,11 @@ class BodyLimits:
         gets the answer all the same): nothing is kept.
         """
         limits = self.limits
-        loop = asyncio.get_running_loop()
-        ends = loop.time() + limits.body_timeout_s
+        ends = asyncio.get_running_loop().time() + limits.body_timeout_s
         read = 0
         while read <= limits.max_request_bytes:
-            wait = min(limits.body_idle_s, ends - loop.time())
-            if wait <= 0:
-                return True
             try:
-                async with asyncio.timeout(wait):
-                    message = await receive()
+                message = await self._next(receive, ends)
             except TimeoutError:
                 return True
             if message["type"] == "http.disconnect":
@@ -580,15 +587,10 @@ class BodyLimits:
             raise _Refused(503, busy, self._retry(), drain=True)
         held[0] = size
         body = bytearray()  # grows with what arrives (realloc: no copy of what is there)
-        loop = asyncio.get_running_loop()
-        ends = loop.time() + limits.body_timeout_s
+        ends = asyncio.get_running_loop().time() + limits.body_timeout_s
         while True:
-            wait = min(limits.body_idle_s, ends - loop.time())
             try:
-                if wait <= 0:
-                    raise TimeoutError
-                async with asyncio.timeout(wait):
-                    message = await receive()
+                message = await self._next(receive, ends)
             except TimeoutError:
                 raise _Refused(
                     408,

@@ -1005,3 +1005,18 @@ def test_an_error_that_escapes_the_app_is_counted_once() -> None:
         asyncio.run(run(fails))
     asyncio.run(run(answers_500))
     assert internal() - start == 2
+
+
+def test_a_model_not_ready_is_a_503_with_retry_after() -> None:
+    """Issue 22 item 8: every 503 tells the client when to come back, a model not ready too."""
+    import asyncio
+
+    from fastapi import Request
+    from kserve.errors import ModelNotReady
+
+    from model_server.compat import _one_line
+
+    scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": []}
+    request = Request({**scope, "query_string": b"", "scheme": "http", "server": ("x", 80)})
+    answer = asyncio.run(_one_line(request, ModelNotReady("m"), LIMITS))
+    assert answer.status_code == 503 and answer.headers["retry-after"] == "5"
