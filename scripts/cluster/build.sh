@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Builds (once) and links the binaries of the local control plane into .tools/bin:
-# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl (k8s.io/kubernetes), the KServe
-# manager, the Training Operator and kwok, all from the Go module proxy at pinned versions, plus the
-# CRDs and configuration those modules ship. Each part is cached in ~/.cache/medseg/tools/<name>-<version>/
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, and the real node's kubelet and
+# kube-proxy (k8s.io/kubernetes), the KServe manager, the Training Operator, kwok, CoreDNS and
+# metrics-server, all from the Go module proxy at pinned versions, plus the CRDs and configuration
+# those modules ship. Each part is cached in ~/.cache/medseg/tools/<name>-<version>/
 # like MinIO in scripts/setup.sh, so a second run only re-links.
 #
 # Go builds run under `nice -n 19` with GOFLAGS=-p=2 (the machines are shared); each cold build time is
@@ -66,8 +67,13 @@ kube_ldflags() {
   echo "$flags"
 }
 
+# The commands built from k8s.io/kubernetes (each needs its packages' dependencies in the module).
+KUBE_CMDS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
+
 # k8s.io/kubernetes replaces its staging modules with local paths, which `go install` refuses: build
 # in a throwaway module that requires it and replaces each staging module by the published release.
+# `.ready` lists the commands already added with `go get` (an empty one, from before the list was
+# kept, stands for the first four); a command missing from it is added, the rest stays warm.
 kube_module() {
   local work=$CACHE/.kube-build-$KUBE_VERSION staging_version="v0${KUBE_VERSION#v1}"
   if [ ! -f "$work/.ready" ]; then
@@ -85,10 +91,16 @@ kube_module() {
       grep -E '^\s*k8s\.io/[^ ]+ => \./staging/' "$gomod" \
         | awk -v v="$staging_version" '{print "replace " $1 " => " $1 " " v}'
     } > "$work/go.mod"
-    (cd "$work" && "${NICE[@]}" go get "k8s.io/kubernetes/cmd/kube-apiserver@$KUBE_VERSION" \
-      "k8s.io/kubernetes/cmd/kube-controller-manager@$KUBE_VERSION" \
-      "k8s.io/kubernetes/cmd/kube-scheduler@$KUBE_VERSION" "k8s.io/kubernetes/cmd/kubectl@$KUBE_VERSION" >&2)
-    touch "$work/.ready"
+  elif [ ! -s "$work/.ready" ]; then
+    printf '%s\n' "${KUBE_CMDS[@]:0:4}" > "$work/.ready"
+  fi
+  local missing=() cmd
+  for cmd in "${KUBE_CMDS[@]}"; do
+    grep -qx "$cmd" "$work/.ready" 2>/dev/null || missing+=("k8s.io/kubernetes/cmd/$cmd@$KUBE_VERSION")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    (cd "$work" && "${NICE[@]}" go get "${missing[@]}" >&2)
+    printf '%s\n' "${KUBE_CMDS[@]}" > "$work/.ready"
   fi
   echo "$work"
 }
@@ -143,9 +155,14 @@ build_kube kube-apiserver k8s.io/kubernetes/cmd/kube-apiserver
 build_kube kube-controller-manager k8s.io/kubernetes/cmd/kube-controller-manager
 build_kube kube-scheduler k8s.io/kubernetes/cmd/kube-scheduler
 build_kube kubectl k8s.io/kubernetes/cmd/kubectl
+build_kube kubelet k8s.io/kubernetes/cmd/kubelet
+build_kube kube-proxy k8s.io/kubernetes/cmd/kube-proxy
 build_module kwok sigs.k8s.io/kwok "$KWOK_VERSION" ./cmd/kwok : kustomize/stage
 build_module training-operator github.com/kubeflow/training-operator "$TRAINING_OPERATOR_VERSION" \
   ./cmd/training-operator.v1 loopback_webhooks manifests/base
 build_module kserve-manager github.com/kserve/kserve "$KSERVE_VERSION" ./cmd/manager \
   loopback_webhooks config
+# The real node's DNS server and metrics API (host processes, see scripts/cluster.py).
+build_module coredns github.com/coredns/coredns "$COREDNS_VERSION" . :
+build_module metrics-server sigs.k8s.io/metrics-server "$METRICS_SERVER_VERSION" ./cmd/metrics-server :
 log "ready: $(ls .tools/bin | tr '\n' ' ')"
