@@ -1,36 +1,55 @@
-"""A real Kubernetes control plane on 127.0.0.1 for tests and local use (``make cluster``).
+"""A real Kubernetes cluster on this machine for tests and local use (``make cluster``).
 
 ``up`` starts, from the pinned versions in ``scripts/cluster/versions.sh`` (built once by
 ``scripts/cluster/build.sh`` into ``~/.cache/medseg/tools``): etcd (Debian ``etcd-server``),
 kube-apiserver, kube-controller-manager, kube-scheduler, the KServe and Training Operator CRDs and
 controllers (run outside the cluster, with a kubeconfig) with their admission webhooks live, and
-kwok, which plays the kubelet of fake nodes. Every address any component dials is on 127.0.0.1:
-webhooks are reached through ``clientConfig.url`` plus a ``caBundle`` (Endpoints refuse loopback
-addresses), fake nodes carry the InternalIP 127.0.0.1 and their kubelet API is kwok's server on
-loopback, and cluster IPs are allocated but never dialed (there is no kube-proxy).
+kwok, which plays the kubelet of the fake node ``kwok-node-0``. Every address the control plane
+dials is on 127.0.0.1: webhooks are reached through ``clientConfig.url`` plus a ``caBundle``
+(Endpoints refuse loopback addresses), the nodes carry the InternalIP 127.0.0.1.
+
+Beside it, a real node, ``medseg-node-0`` (``up --no-node`` or ``MEDSEG_CLUSTER_NODE=0`` leaves
+it out): containerd + runc (Debian packages; root in ``~/.cache/medseg/containerd`` so imported
+images survive ``down``), a kubelet on 127.0.0.1, a Linux bridge ``medseg0`` at 10.244.99.1 for
+the pod subnet 10.244.99.0/24 (no gateway, NAT or default route in pods: nothing leaves the
+machine), kube-proxy (iptables; Services in 10.96.0.0/16), CoreDNS on 10.244.99.1:53 (cluster
+zones only) and metrics-server (the ``metrics.k8s.io`` API). The real node is tainted: pods land
+there only with ``REAL_NODE_TOLERATION`` (plus ``REAL_NODE_SELECTOR``) or after
+``use_real_node()``; everything else stays on kwok's node. Images come from OCI archives
+(``import_images``; ``up`` imports ``.medseg/images/*.tar``); ``busybox_image()`` is the pause
+image and the PyTorch init container's. One real node per machine (``/run/medseg-node.json``).
+While it runs, the machine has: the bridge and its pods' veths and network namespaces,
+KUBE-* iptables chains, ``/kubepods`` cgroups, mounts under the run dir, ``vm.overcommit_memory=1``,
+``kernel.panic=10`` and ``kernel.panic_on_oops=1`` (what the kubelet insists on); ``down`` undoes
+all of it and restores the old values.
 
 State lives in ``.medseg/cluster/`` (or ``MEDSEG_CLUSTER_DIR``): certificates, kubeconfigs, logs,
-pid files and etcd's data. ``up`` is idempotent (a running, healthy cluster is reused), ``down``
-stops every process it started and removes the state. Ports are twelve in a row from
-``MEDSEG_CLUSTER_PORT_BASE`` when it is set (busy ports are then an error); otherwise from 16440, or
-from the next free range of twelve when another checkout's cluster holds those. ``up`` records the
-base in the run dir (``ports.json``) so ``down``, ``status`` and the tests use the same ports.
+pid files, etcd's data, the kubelet's root dir, containerd's state. ``up`` is idempotent (a
+running, healthy cluster is reused), ``down`` stops every process it started and removes the
+state. Ports are eighteen in a row from ``MEDSEG_CLUSTER_PORT_BASE`` when it is set (busy ports
+are then an error); otherwise from 16440, or from the next free range when another checkout's
+cluster holds those. ``up`` records the base in the run dir (``ports.json``) so ``down``,
+``status`` and the tests use the same ports.
 
-Usage: ``python scripts/cluster.py up|down|status|env``.
+Usage: ``python scripts/cluster.py up [--no-node]|down|status|env``.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import hashlib
+import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
 import ssl
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -72,7 +91,8 @@ class ClusterError(RuntimeError):
     """The cluster could not be brought up (the message names the part and its log)."""
 
 
-#: Every port the cluster listens on, all on 127.0.0.1: MEDSEG_CLUSTER_PORT_BASE and the next ones.
+#: Every port the cluster listens on, all on 127.0.0.1 (metrics-server's on the bridge address):
+#: MEDSEG_CLUSTER_PORT_BASE and the next ones. CoreDNS listens on the bridge address, port 53.
 PORT_NAMES = (
     "etcd",
     "etcd_peer",
@@ -86,6 +106,12 @@ PORT_NAMES = (
     "training_webhook",
     "training_metrics",
     "training_probe",
+    "kubelet",
+    "kubelet_healthz",
+    "kube_proxy_healthz",
+    "kube_proxy_metrics",
+    "coredns_ready",
+    "metrics_server",
 )
 DEFAULT_PORT_BASE = 16440
 PORTS_FILE = RUN / "ports.json"
@@ -335,6 +361,9 @@ def _pki() -> None:
     # The Training Operator's cert rotator (open-policy-agent/cert-controller) keeps a Secret's CA
     # only if it verifies for its CA name, and reads its key only as PKCS#1 RSA.
     _ca("webhook-ca", "training-operator-ca", dns="training-operator-ca", rsa=True)
+    # The aggregator's client identity towards extension API servers (metrics-server).
+    _ca("front-proxy-ca", "medseg-front-proxy-ca")
+    _cert("front-proxy-client", "front-proxy-ca", "/CN=front-proxy-client")
     _cert(
         "apiserver",
         "ca",
@@ -489,6 +518,10 @@ def _ensure_binaries() -> None:
         "kwok",
         "training-operator",
         "kserve-manager",
+        "kubelet",
+        "kube-proxy",
+        "coredns",
+        "metrics-server",
     ]
     if all((BIN / n).exists() for n in needed) and (TOOLS / "kserve-manager").exists():
         return
@@ -567,6 +600,16 @@ def _start_control_plane(etcd: str) -> None:
             f"--kubelet-client-key={PKI / 'apiserver-kubelet-client.key'}",
             f"--kubelet-certificate-authority={PKI / 'ca.crt'}",
             "--kubelet-preferred-address-types=InternalIP",
+            # The aggregator (metrics.k8s.io): it authenticates as front-proxy-client and dials
+            # the APIService's endpoint, not its cluster IP.
+            f"--requestheader-client-ca-file={PKI / 'front-proxy-ca.crt'}",
+            "--requestheader-allowed-names=front-proxy-client",
+            "--requestheader-username-headers=X-Remote-User",
+            "--requestheader-group-headers=X-Remote-Group",
+            "--requestheader-extra-headers-prefix=X-Remote-Extra-",
+            f"--proxy-client-cert-file={PKI / 'front-proxy-client.crt'}",
+            f"--proxy-client-key-file={PKI / 'front-proxy-client.key'}",
+            "--enable-aggregator-routing=true",
             # ServiceAccounts' requests (not kube-system's): tests derive RBAC from them.
             f"--audit-policy-file={_audit_policy()}",
             f"--audit-log-path={AUDIT_LOG}",
@@ -590,6 +633,8 @@ def _start_control_plane(etcd: str) -> None:
             f"--root-ca-file={PKI / 'ca.crt'}",
             "--use-service-account-credentials=true",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
+            # Tests see an autoscaler react within seconds (default 15 s).
+            "--horizontal-pod-autoscaler-sync-period=5s",
             "--leader-elect=false",
             "--profiling=false",
             "--v=1",
@@ -797,7 +842,7 @@ def _storage_class() -> dict[str, Any]:
     }
 
 
-def _start_operators() -> None:
+def _start_operators(init_image: str | None) -> None:
     kserve = TOOLS / "kserve-manager"
     training = TOOLS / "training-operator"
     # One apply for everything that needs no CRD to be established (each kubectl costs seconds
@@ -852,6 +897,8 @@ def _start_operators() -> None:
             f"--webhook-service-name={TO_WEBHOOK_SERVICE}",
             f"--webhook-secret-name={TO_WEBHOOK_SECRET}",
             f"--pytorch-init-container-template-file={_restricted_init_container_template()}",
+            # The busybox image on the real node (its nslookup waits for the master's name).
+            *([f"--pytorch-init-container-image={init_image}"] if init_image else []),
         ],
         env={
             "KUBECONFIG": str(_kubeconfig("training-operator")),
@@ -890,6 +937,720 @@ def _node_ready() -> bool:
     return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
 
 
+# --- the real node -------------------------------------------------------------------------
+#
+# A kubelet with containerd and runc (Debian packages) beside kwok's fake node, a Linux bridge for
+# its pods, kube-proxy (iptables), CoreDNS and metrics-server as host processes. Only one per
+# machine: kube-proxy's iptables chains, the kubelet's /kubepods cgroups and the bridge are global.
+
+#: The real node's name (its kubelet serves on 127.0.0.1, the InternalIP the fixture gives it).
+REAL_NODE_NAME = "medseg-node-0"
+#: The real node is tainted so that pods which do not tolerate it stay on kwok's node (the chart
+#: renders no tolerations: existing workloads land on the fake node, where no image is needed).
+REAL_NODE_TAINT = {"key": "medseg.dev/real-node", "value": "true", "effect": "NoSchedule"}
+#: What a pod spec adds to run on the real node (or call ``use_real_node()`` first).
+REAL_NODE_TOLERATION = {**REAL_NODE_TAINT, "operator": "Equal"}
+REAL_NODE_SELECTOR = {"kubernetes.io/hostname": REAL_NODE_NAME}
+#: The pods' network: a bridge the fixture creates, its address is the host's side (and DNS).
+BRIDGE, BRIDGE_IP, POD_SUBNET = "medseg0", "10.244.99.1", "10.244.99.0/24"
+#: CoreDNS listens here (port 53); the kubelet hands it to pods as their only name server.
+DNS_IP = BRIDGE_IP
+CLUSTER_DOMAIN = "cluster.local"
+#: Debian's containernetworking-plugins.
+CNI_BIN = Path("/usr/lib/cni")
+#: containerd's root (content store, snapshots): persistent, so imported images survive ``down``.
+CONTAINERD_ROOT = Path(
+    os.environ.get("MEDSEG_CONTAINERD_ROOT", Path.home() / ".cache" / "medseg" / "containerd")
+)
+CONTAINERD_SOCKET = RUN / "containerd" / "containerd.sock"
+#: OCI archives ``up`` imports (each ``*.tar`` an OCI image layout naming its image with the
+#: ``io.containerd.image.name`` annotation).
+IMAGES_DIR = ROOT / ".medseg" / "images"
+BUSYBOX_REPO = "localhost/medseg/busybox"
+#: Debian packages the node needs (installed by ``up`` when missing).
+NODE_PACKAGES = (
+    "containerd",
+    "runc",
+    "containernetworking-plugins",
+    "iptables",
+    "conntrack",
+    "busybox-static",
+)
+#: Which checkout's node runs on this machine (one per machine).
+NODE_LOCK = Path("/run/medseg-node.json")
+#: Kernel settings the kubelet insists on (``protectKernelDefaults``): set by ``up``, the old
+#: values restored by ``down``.
+KERNEL_SYSCTLS = {"vm.overcommit_memory": "1", "kernel.panic": "10", "kernel.panic_on_oops": "1"}
+#: Host paths the parts create whatever their configuration says (removed by ``down`` when they
+#: were absent before ``up``): the kubelet's device-plugin dir, libcni's result cache,
+#: containerd's shim sockets, the network namespaces' dir.
+HOST_PATHS = (
+    Path("/var/lib/kubelet"),
+    Path("/var/lib/cni"),
+    Path("/run/containerd"),
+    Path("/run/netns"),
+)
+NODE_STATE = RUN / "node-before.json"
+NODE_PARTS = ("metrics-server", "coredns", "kube-proxy", "kubelet", "containerd")
+#: The node's identities: file name -> (CN, O).
+NODE_CLIENTS = {
+    "kubelet": (f"system:node:{REAL_NODE_NAME}", "system:nodes"),
+    "kube-proxy": ("system:kube-proxy", ""),
+    "coredns": ("medseg:coredns", ""),
+    "metrics-server": ("medseg:metrics-server", ""),
+}
+
+
+def _sh(*argv: str, check: bool = True) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    if check and done.returncode:
+        raise ClusterError(f"{' '.join(argv)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def busybox_image() -> str:
+    """The pause and utility image: Debian's busybox-static, tagged with its package version."""
+    version = _sh("dpkg-query", "-W", "-f=${Version}", "busybox-static")
+    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", version.split(":", 1)[-1])
+    return f"{BUSYBOX_REPO}:{tag}"
+
+
+def _ensure_node_packages() -> None:
+    missing = [
+        p
+        for p in NODE_PACKAGES
+        if "install ok installed" not in _sh("dpkg-query", "-W", "-f=${Status}", p, check=False)
+    ]
+    if missing:
+        log(f"installing the Debian packages {' '.join(missing)}")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-qq", *missing], check=True, env=env)
+
+
+def node_holder() -> str | None:
+    """The run dir of another checkout whose node parts are running, if any."""
+    if not NODE_LOCK.is_file():
+        return None
+    other = Path(json.loads(NODE_LOCK.read_text())["run"])
+    if other == RUN:
+        return None
+    for part in NODE_PARTS:
+        pid_file, cmd_file = other / "pids" / f"{part}.pid", other / "pids" / f"{part}.cmd"
+        with contextlib.suppress(OSError, ValueError):
+            cmdline = Path(f"/proc/{int(pid_file.read_text())}/cmdline").read_bytes()
+            if cmdline.split(b"\0")[0].decode() == cmd_file.read_text():
+                return str(other)
+    return None
+
+
+def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), mode
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _busybox_archive(ref: str) -> Path:
+    """An OCI archive of one layer: ``/bin/busybox`` and its applets, user 65534.
+
+    Written here (deterministic: the same package gives the same digest, so a second import is
+    skipped). Its default command sleeps, so it also serves as containerd's pause image.
+    """
+    layer_buf = io.BytesIO()
+    with tarfile.open(fileobj=layer_buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, mode in (("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777)):
+            info = tarfile.TarInfo(name)
+            info.type, info.mode = tarfile.DIRTYPE, mode
+            tar.addfile(info)
+        _tar_bytes(tar, "bin/busybox", Path("/bin/busybox").read_bytes(), 0o755)
+        for applet in sorted(set(_sh("/bin/busybox", "--list").split()) - {"busybox"}):
+            info = tarfile.TarInfo(f"bin/{applet}")
+            info.type, info.linkname, info.mode = tarfile.SYMTYPE, "busybox", 0o777
+            tar.addfile(info)
+        _tar_bytes(tar, "etc/passwd", b"root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
+        _tar_bytes(tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n")
+    layer = layer_buf.getvalue()
+    blobs: dict[str, bytes] = {}
+
+    def blob(data: bytes, media_type: str) -> dict[str, Any]:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        blobs[digest] = data
+        return {"mediaType": media_type, "digest": digest, "size": len(data)}
+
+    platform = {"architecture": "amd64", "os": "linux"}
+    config = {
+        **platform,
+        "config": {
+            "User": "65534:65534",
+            "Env": ["PATH=/bin"],
+            "Entrypoint": ["/bin/sleep"],
+            "Cmd": ["2147483647"],
+            "WorkingDir": "/",
+        },
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
+    }
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
+        "layers": [blob(layer, "application/vnd.oci.image.layer.v1.tar")],
+    }
+    desc = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
+    desc["platform"] = platform
+    desc["annotations"] = {
+        "io.containerd.image.name": ref,
+        "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1],
+    }
+    index = {"schemaVersion": 2, "manifests": [desc]}
+    path = RUN / "busybox-oci.tar"
+    with tarfile.open(path, "w") as tar:
+        _tar_bytes(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
+        _tar_bytes(tar, "index.json", json.dumps(index).encode())
+        for digest, data in blobs.items():
+            _tar_bytes(tar, f"blobs/sha256/{digest.split(':')[1]}", data)
+    return path
+
+
+def _ctr(*args: str, check: bool = True) -> str:
+    return _sh("ctr", f"--address={CONTAINERD_SOCKET}", "--namespace=k8s.io", *args, check=check)
+
+
+def _archive_refs(archive: Path) -> dict[str, str]:
+    """The image names an OCI archive declares, with their manifest digests."""
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            if member.name.lstrip("./") == "index.json":
+                handle = tar.extractfile(member)
+                index = json.loads(handle.read()) if handle else {}
+                break
+        else:
+            raise ClusterError(f"{archive} is no OCI image layout (no index.json)")
+    return {
+        m["annotations"]["io.containerd.image.name"]: m["digest"]
+        for m in index.get("manifests", [])
+        if "io.containerd.image.name" in m.get("annotations", {})
+    }
+
+
+def images() -> dict[str, str]:
+    """The images in the real node's containerd (the CRI's namespace): ref -> digest."""
+    rows = [line.split() for line in _ctr("images", "ls").splitlines()[1:]]
+    return {row[0]: row[2] for row in rows if len(row) > 2}
+
+
+def import_images(archives: list[Path]) -> list[str]:
+    """Import OCI archives into the real node's containerd; returns the refs imported.
+
+    Idempotent: an archive whose every ``io.containerd.image.name`` is present with the same
+    digest is skipped (containerd's root is persistent, so this holds across ``down``/``up``).
+    Pods then use these refs with ``imagePullPolicy: IfNotPresent`` or ``Never`` (no registry).
+    """
+    present = images()
+    imported: list[str] = []
+    for archive in archives:
+        wanted = _archive_refs(archive)
+        if wanted and all(present.get(ref) == digest for ref, digest in wanted.items()):
+            continue
+        started = time.monotonic()
+        _ctr("images", "import", str(archive))
+        log(f"imported {archive.name} ({', '.join(wanted)}) in {time.monotonic() - started:.0f} s")
+        imported += list(wanted)
+    return imported
+
+
+def _sysctl(name: str) -> str:
+    return Path("/proc/sys", name.replace(".", "/")).read_text().strip()
+
+
+def _set_sysctl(name: str, value: str) -> None:
+    Path("/proc/sys", name.replace(".", "/")).write_text(value)
+
+
+def _iptables_chains(tool: str) -> dict[str, list[str]]:
+    """Per table, the chains named KUBE-* or CNI-* (the kubelet's, kube-proxy's and CNI's)."""
+    chains: dict[str, list[str]] = {}
+    table = ""
+    for line in _sh(f"{tool}-save", check=False).splitlines():
+        if line.startswith("*"):
+            table = line[1:]
+        elif line.startswith(":") and line[1:].startswith(("KUBE-", "CNI-")):
+            chains.setdefault(table, []).append(line[1:].split()[0])
+    return chains
+
+
+def _remove_iptables_chains() -> None:
+    """Delete every KUBE-*/CNI-* chain and the rules that jump to them (IPv4 and IPv6)."""
+    for tool in ("iptables", "ip6tables"):
+        for table, chains in _iptables_chains(tool).items():
+            rules = _sh(f"{tool}-save", "-t", table, check=False).splitlines()
+            for rule in rules:
+                parts = rule.split()
+                if (
+                    rule.startswith("-A ")
+                    and not parts[1].startswith(("KUBE-", "CNI-"))
+                    and any(p.startswith(("KUBE-", "CNI-")) for p in parts[2:])
+                ):
+                    _sh(tool, "-t", table, "-D", *parts[1:], check=False)
+            for chain in chains:
+                _sh(tool, "-t", table, "-F", chain, check=False)
+            for chain in chains:
+                _sh(tool, "-t", table, "-X", chain, check=False)
+
+
+def _mounts_under(*roots: Path) -> list[str]:
+    """Mount points at or below the roots, deepest first (from /proc/self/mountinfo)."""
+    points = []
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        point = line.split()[4].replace("\\040", " ")
+        if any(point == str(r) or point.startswith(f"{r}/") for r in roots):
+            points.append(point)
+    return sorted(points, key=len, reverse=True)
+
+
+def _netns() -> set[str]:
+    return {p.name for p in Path("/run/netns").iterdir()} if Path("/run/netns").is_dir() else set()
+
+
+def _cgroup_dirs() -> list[Path]:
+    """The kubelet's /kubepods cgroups in every hierarchy (runc puts containers below them)."""
+    return [d / "kubepods" for d in Path("/sys/fs/cgroup").iterdir() if (d / "kubepods").is_dir()]
+
+
+def _node_pki() -> None:
+    for name, (cn, org) in NODE_CLIENTS.items():
+        _cert(name, "ca", f"/CN={cn}" + (f"/O={org}" if org else ""))
+    _cert(
+        "kubelet-serving",
+        "ca",
+        f"/CN=system:node:{REAL_NODE_NAME}/O=system:nodes",
+        server=True,
+        sans=f"IP:127.0.0.1,DNS:{REAL_NODE_NAME}",
+    )
+    _cert(
+        "metrics-server-serving",
+        "ca",
+        "/CN=metrics-server",
+        server=True,
+        sans=f"IP:{BRIDGE_IP},DNS:metrics-server.kube-system.svc",
+    )
+
+
+def _containerd_config(pause: str) -> Path:
+    cri = 'plugins."io.containerd.grpc.v1.cri"'
+    state = RUN / "containerd" / "state"
+    lines = [
+        "version = 2",
+        f'root = "{CONTAINERD_ROOT}"',
+        f'state = "{state}"',
+        "[grpc]",
+        f'  address = "{CONTAINERD_SOCKET}"',
+        "[ttrpc]",
+        f'  address = "{CONTAINERD_SOCKET}.ttrpc"',
+        '[plugins."io.containerd.internal.v1.opt"]',
+        f'  path = "{CONTAINERD_ROOT / "opt"}"',
+        f"[{cri}]",
+        f'  sandbox_image = "{pause}"',
+        # Root here lacks CAP_SYS_RESOURCE: the sandbox's oom_score_adj -998 would fail (EACCES).
+        "  restrict_oom_score_adj = true",
+        '  stream_server_address = "127.0.0.1"',
+        '  stream_server_port = "0"',
+        "  enable_selinux = false",
+        f"[{cri}.containerd]",
+        '  snapshotter = "overlayfs"',
+        '  default_runtime_name = "runc"',
+        f"[{cri}.containerd.runtimes.runc]",
+        '  runtime_type = "io.containerd.runc.v2"',
+        f"[{cri}.containerd.runtimes.runc.options]",
+        "  SystemdCgroup = false",
+        f"[{cri}.cni]",
+        f'  bin_dir = "{CNI_BIN}"',
+        f'  conf_dir = "{RUN / "cni" / "net.d"}"',
+    ]
+    path = RUN / "containerd" / "config.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _cni_config() -> None:
+    """The pods' CNI network: bridge + host-local on POD_SUBNET.
+
+    No gateway, NAT or default route: pods reach the host side of the bridge and the Service
+    range (kube-proxy's DNAT on the host), nothing else.
+    """
+    conf = {
+        "cniVersion": "0.4.0",
+        "name": "medseg",
+        "plugins": [
+            {
+                "type": "bridge",
+                "bridge": BRIDGE,
+                # isGateway would turn on forwarding for every interface (net.ipv4.ip_forward).
+                "isGateway": False,
+                "ipMasq": False,
+                "hairpinMode": True,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": POD_SUBNET, "gateway": BRIDGE_IP}]],
+                    "routes": [{"dst": SERVICE_CIDR, "gw": BRIDGE_IP}],
+                    "dataDir": str(RUN / "cni" / "networks"),
+                },
+            }
+        ],
+    }
+    path = RUN / "cni" / "net.d" / "10-medseg.conflist"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(conf, indent=2))
+
+
+def _bridge() -> None:
+    if not Path(f"/sys/class/net/{BRIDGE}").exists():
+        _sh("ip", "link", "add", BRIDGE, "type", "bridge")
+        _sh("ip", "addr", "add", f"{BRIDGE_IP}/24", "dev", BRIDGE)
+    _sh("ip", "link", "set", BRIDGE, "up")
+    # The host's packets to cluster IPs go to the bridge, never to the default route (kube-proxy
+    # DNATs them to a pod; an address without a Service goes nowhere); gone with the bridge.
+    _sh("ip", "route", "replace", SERVICE_CIDR, "dev", BRIDGE, "src", BRIDGE_IP)
+    # Forwarding on the bridge alone: a pod's packet to a cluster IP comes back out the bridge.
+    _set_sysctl(f"net.ipv4.conf.{BRIDGE}.forwarding", "1")
+
+
+def _kubelet_config() -> Path:
+    root = RUN / "kubelet"
+    relaxed = {"memory.available": "1Mi", "nodefs.available": "1%", "imagefs.available": "1%",
+               "nodefs.inodesFree": "1%", "imagefs.inodesFree": "1%"}  # fmt: skip
+    config = {
+        "apiVersion": "kubelet.config.k8s.io/v1beta1",
+        "kind": "KubeletConfiguration",
+        "address": "127.0.0.1",
+        "port": PORTS.kubelet,
+        "readOnlyPort": 0,
+        "healthzBindAddress": "127.0.0.1",
+        "healthzPort": PORTS.kubelet_healthz,
+        "tlsCertFile": str(PKI / "kubelet-serving.crt"),
+        "tlsPrivateKeyFile": str(PKI / "kubelet-serving.key"),
+        "authentication": {
+            "anonymous": {"enabled": False},
+            "webhook": {"enabled": True},
+            "x509": {"clientCAFile": str(PKI / "ca.crt")},
+        },
+        "authorization": {"mode": "Webhook"},
+        "cgroupDriver": "cgroupfs",
+        "failSwapOn": False,
+        "containerRuntimeEndpoint": f"unix://{CONTAINERD_SOCKET}",
+        "staticPodPath": "",
+        "podLogsDir": str(RUN / "pod-logs"),
+        "clusterDNS": [DNS_IP],
+        "clusterDomain": CLUSTER_DOMAIN,
+        # Pods get CoreDNS only: no search domain or name server of the host's.
+        "resolvConf": "",
+        "protectKernelDefaults": True,
+        "maxPods": 16,
+        # A shared machine's disk is well filled: no image GC, eviction only when nearly full.
+        "imageGCHighThresholdPercent": 100,
+        "imageGCLowThresholdPercent": 99,
+        "evictionHard": relaxed,
+        "registerWithTaints": [REAL_NODE_TAINT],
+        "serializeImagePulls": False,
+    }
+    path = root.parent / "kubelet-config.yaml"
+    root.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _kube_proxy_config() -> Path:
+    config = {
+        "apiVersion": "kubeproxy.config.k8s.io/v1alpha1",
+        "kind": "KubeProxyConfiguration",
+        "clientConnection": {"kubeconfig": str(_kubeconfig("kube-proxy"))},
+        "hostnameOverride": REAL_NODE_NAME,
+        "mode": "iptables",
+        "bindAddress": "127.0.0.1",
+        "healthzBindAddress": f"127.0.0.1:{PORTS.kube_proxy_healthz}",
+        "metricsBindAddress": f"127.0.0.1:{PORTS.kube_proxy_metrics}",
+        "nodePortAddresses": [f"{BRIDGE_IP}/32"],
+        "clusterCIDR": POD_SUBNET,
+        # Zeros: kube-proxy leaves the conntrack sysctls as they are.
+        "conntrack": {
+            "maxPerCore": 0,
+            "min": 0,
+            "tcpEstablishedTimeout": "0s",
+            "tcpCloseWaitTimeout": "0s",
+        },
+        # No NodePort on loopback (that would set net.ipv4.conf.all.route_localnet).
+        "iptables": {"localhostNodePorts": False},
+    }
+    path = RUN / "kube-proxy-config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def _corefile() -> Path:
+    """Only the cluster's zones: any other name is REFUSED (nothing forwarded off the machine)."""
+    path = RUN / "Corefile"
+    path.write_text(
+        f"{CLUSTER_DOMAIN}:53 in-addr.arpa:53 ip6.arpa:53 {{\n"
+        f"    bind {DNS_IP}\n"
+        "    errors\n"
+        f"    ready 127.0.0.1:{PORTS.coredns_ready}\n"
+        f"    kubernetes {CLUSTER_DOMAIN} in-addr.arpa ip6.arpa {{\n"
+        f"        kubeconfig {_kubeconfig('coredns')} medseg\n"
+        "        pods insecure\n"
+        "        fallthrough in-addr.arpa ip6.arpa\n"
+        "    }\n"
+        "    cache 5\n"
+        "}\n"
+    )
+    return path
+
+
+def _node_rbac() -> list[dict[str, Any]]:
+    """The RBAC of the node's host processes, each with its own identity.
+
+    CoreDNS reads Services, EndpointSlices, Pods and Namespaces; metrics-server reads nodes' and
+    pods' metrics and authenticates the aggregator's requests (front-proxy headers).
+    """
+
+    def role(name: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        user = [{"kind": "User", "name": name, "apiGroup": "rbac.authorization.k8s.io"}]
+        ref = {"kind": "ClusterRole", "name": name, "apiGroup": "rbac.authorization.k8s.io"}
+        meta = {"name": name}
+        return [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": meta, "rules": rules},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": meta, "roleRef": ref, "subjects": user},
+        ]  # fmt: skip
+
+    read = ["get", "list", "watch"]
+    ms = "medseg:metrics-server"
+    return [
+        *role(
+            "medseg:coredns",
+            [
+                {
+                    "apiGroups": [""],
+                    "resources": ["endpoints", "services", "pods", "namespaces"],
+                    "verbs": ["list", "watch"],
+                },
+                {
+                    "apiGroups": ["discovery.k8s.io"],
+                    "resources": ["endpointslices"],
+                    "verbs": ["list", "watch"],
+                },
+            ],
+        ),
+        *role(
+            ms,
+            [
+                {"apiGroups": [""], "resources": ["nodes/metrics"], "verbs": ["get"]},
+                {
+                    "apiGroups": [""],
+                    "resources": ["pods", "nodes", "namespaces", "configmaps"],
+                    "verbs": read,
+                },
+                {
+                    "apiGroups": ["authentication.k8s.io"],
+                    "resources": ["tokenreviews"],
+                    "verbs": ["create"],
+                },
+                {
+                    "apiGroups": ["authorization.k8s.io"],
+                    "resources": ["subjectaccessreviews"],
+                    "verbs": ["create"],
+                },
+            ],
+        ),
+    ]
+
+
+def _metrics_api() -> list[dict[str, Any]]:
+    """The ``v1beta1.metrics.k8s.io`` APIService and where it is served.
+
+    A Service without selector whose Endpoints is the bridge address (Endpoints refuse loopback),
+    where metrics-server listens; the aggregator dials that endpoint directly
+    (``--enable-aggregator-routing``), so it needs no kube-proxy.
+    """
+    meta = {"name": "metrics-server", "namespace": "kube-system"}
+    ca = base64.b64encode((PKI / "ca.crt").read_bytes()).decode()
+    return [
+        {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+         "spec": {"ports": [{"name": "https", "port": 443, "targetPort": PORTS.metrics_server}]}},
+        {"apiVersion": "v1", "kind": "Endpoints", "metadata": meta,
+         "subsets": [{"addresses": [{"ip": BRIDGE_IP}],
+                      "ports": [{"name": "https", "port": PORTS.metrics_server}]}]},
+        {"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+         "metadata": {"name": "v1beta1.metrics.k8s.io"},
+         "spec": {"service": {"name": "metrics-server", "namespace": "kube-system", "port": 443},
+                  "group": "metrics.k8s.io", "version": "v1beta1", "caBundle": ca,
+                  "groupPriorityMinimum": 100, "versionPriority": 100}},
+    ]  # fmt: skip
+
+
+def _real_node_ready() -> bool:
+    node = _api_json(f"/api/v1/nodes/{REAL_NODE_NAME}")
+    conditions = (node.get("status") or {}).get("conditions") or []
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in conditions)
+
+
+def _start_node() -> None:
+    """containerd, the bridge, the kubelet, kube-proxy, CoreDNS and metrics-server."""
+    if os.geteuid() != 0:
+        raise ClusterError("the real node needs root (`cluster.py up --no-node` does not)")
+    NODE_LOCK.write_text(json.dumps({"run": str(RUN)}))
+    if not NODE_STATE.is_file():  # what down restores (a restart keeps the first snapshot)
+        NODE_STATE.write_text(json.dumps({
+            "sysctls": {name: _sysctl(name) for name in KERNEL_SYSCTLS},
+            "absent": [str(p) for p in HOST_PATHS if not p.exists()],
+            "netns": sorted(_netns()),
+        }))  # fmt: skip
+    for name, value in KERNEL_SYSCTLS.items():
+        _set_sysctl(name, value)
+    _node_pki()
+    _apply(_node_rbac())
+    pause = busybox_image()
+    CONTAINERD_ROOT.mkdir(parents=True, exist_ok=True)
+    _start("containerd", [shutil.which("containerd") or "containerd",
+                          f"--config={_containerd_config(pause)}"])  # fmt: skip
+    _wait("containerd", lambda: bool(_ctr("version")))
+    import_images([_busybox_archive(pause)])
+    if IMAGES_DIR.is_dir():
+        import_images(sorted(IMAGES_DIR.glob("*.tar")))
+    _bridge()
+    _cni_config()
+    _start(
+        "kubelet",
+        [
+            str(BIN / "kubelet"),
+            f"--config={_kubelet_config()}",
+            f"--kubeconfig={_kubeconfig('kubelet')}",
+            f"--root-dir={RUN / 'kubelet'}",
+            f"--hostname-override={REAL_NODE_NAME}",
+            # Refused as loopback ("nodeIP can't be loopback", logged every ~10 s), which keeps
+            # the kubelet from setting the machine's own address over the one patched below.
+            "--node-ip=127.0.0.1",
+            "--v=1",
+        ],
+    )
+    _wait("kubelet", lambda: _api_ok(f"/api/v1/nodes/{REAL_NODE_NAME}"))
+    # The kubelet refuses a loopback --node-ip; the API server dials the InternalIP (logs, exec).
+    addresses = [{"type": "InternalIP", "address": "127.0.0.1"},
+                 {"type": "Hostname", "address": REAL_NODE_NAME}]  # fmt: skip
+    kubectl("patch", "node", REAL_NODE_NAME, "--subresource=status", "--type=merge",
+            "-p", json.dumps({"status": {"addresses": addresses}}))  # fmt: skip
+    _wait("kubelet", _real_node_ready)
+    _start(
+        "kube-proxy",
+        [str(BIN / "kube-proxy"), f"--config={_kube_proxy_config()}", "--v=1"],
+    )
+    _start("coredns", [str(BIN / "coredns"), "-conf", str(_corefile())])
+    _apply(_metrics_api())
+    _start(
+        "metrics-server",
+        [
+            str(BIN / "metrics-server"),
+            f"--kubeconfig={_kubeconfig('metrics-server')}",
+            f"--authentication-kubeconfig={RUN / 'metrics-server.kubeconfig'}",
+            f"--authorization-kubeconfig={RUN / 'metrics-server.kubeconfig'}",
+            f"--bind-address={BRIDGE_IP}",
+            f"--secure-port={PORTS.metrics_server}",
+            f"--tls-cert-file={PKI / 'metrics-server-serving.crt'}",
+            f"--tls-private-key-file={PKI / 'metrics-server-serving.key'}",
+            f"--kubelet-certificate-authority={PKI / 'ca.crt'}",
+            f"--kubelet-client-certificate={PKI / 'metrics-server.crt'}",
+            f"--kubelet-client-key={PKI / 'metrics-server.key'}",
+            "--kubelet-preferred-address-types=InternalIP",
+            "--kubelet-use-node-status-port",
+            # kwok's node serves no resource metrics.
+            f"--node-selector=kubernetes.io/hostname={REAL_NODE_NAME}",
+            "--metric-resolution=10s",
+            "--kubelet-request-timeout=5s",
+            "--profiling=false",
+        ],
+    )
+    _wait("kube-proxy", lambda: _http_ok(f"http://127.0.0.1:{PORTS.kube_proxy_healthz}/healthz"))
+    _wait("coredns", lambda: _http_ok(f"http://127.0.0.1:{PORTS.coredns_ready}/ready"))
+    _wait("metrics-server", lambda: _api_ok("/apis/metrics.k8s.io/v1beta1/nodes"))
+
+
+def use_real_node() -> None:
+    """New pods go to the real node whatever their spec.
+
+    Kwok's node is cordoned and the real node's taint removed: for workloads, such as the
+    chart's, that carry no toleration. ``use_fake_node()`` undoes it.
+    """
+    kubectl("cordon", NODE_NAME)
+    kubectl("taint", "node", REAL_NODE_NAME, f"{REAL_NODE_TAINT['key']}-", check=False)
+
+
+def use_fake_node() -> None:
+    """The default: new pods go to kwok's node unless they tolerate REAL_NODE_TAINT."""
+    taint = f"{REAL_NODE_TAINT['key']}={REAL_NODE_TAINT['value']}:{REAL_NODE_TAINT['effect']}"
+    kubectl("taint", "node", REAL_NODE_NAME, taint, "--overwrite")
+    kubectl("uncordon", NODE_NAME)
+
+
+def _stop_node() -> None:
+    """Stop the node's parts and undo every change they made to the machine."""
+    if not NODE_STATE.is_file():
+        return
+    before = json.loads(NODE_STATE.read_text())
+    for part in NODE_PARTS[:-1]:
+        _stop(part)
+    if _pid("containerd"):
+        # Every container and sandbox of the node (the kubelet is gone: no CNI teardown; the
+        # network namespaces are removed below, their veths with them).
+        for task in _ctr("tasks", "ls", "-q", check=False).split():
+            _ctr("tasks", "kill", "-s", "SIGKILL", task, check=False)
+        deadline = time.monotonic() + 20
+        for container in _ctr("containers", "ls", "-q", check=False).split():
+            while _ctr("tasks", "rm", "-f", container, check=False) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            _ctr("containers", "rm", container, check=False)
+    if (BIN / "kube-proxy").exists():
+        _sh(str(BIN / "kube-proxy"), "--cleanup", check=False)
+    _stop("containerd")
+    _kill_shims()
+    _remove_iptables_chains()
+    for name in sorted(_netns() - set(before["netns"])):
+        _sh("ip", "netns", "delete", name, check=False)
+    for point in _mounts_under(RUN, CONTAINERD_ROOT):
+        if subprocess.run(["umount", point], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", point], capture_output=True)
+    if Path(f"/sys/class/net/{BRIDGE}").exists():
+        _sh("ip", "link", "delete", BRIDGE, check=False)
+    for cgroup in _cgroup_dirs():
+        for _ in range(50):  # processes of killed containers take a moment to leave
+            for d in sorted(cgroup.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+                if d.is_dir():
+                    with contextlib.suppress(OSError):
+                        d.rmdir()
+            with contextlib.suppress(OSError):
+                cgroup.rmdir()
+            if not cgroup.exists():
+                break
+            time.sleep(0.2)
+    for name, value in before["sysctls"].items():
+        _set_sysctl(name, value)
+    for path in before["absent"]:
+        if not _mounts_under(Path(path)):
+            shutil.rmtree(path, ignore_errors=True)
+    NODE_STATE.unlink()
+    if NODE_LOCK.is_file() and json.loads(NODE_LOCK.read_text())["run"] == str(RUN):
+        NODE_LOCK.unlink()
+
+
+def _kill_shims() -> None:
+    """Containerd's shims outlive it: end those serving this run dir's containerd, by pid."""
+    marker = str(CONTAINERD_SOCKET).encode()
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker in (proc / "cmdline").read_bytes():
+                    os.kill(int(proc.name), signal.SIGKILL)
+
+
 PARTS = (
     "kwok",
     "training-operator",
@@ -901,9 +1662,13 @@ PARTS = (
 )
 
 
-def healthy() -> bool:
-    """Whether every part is running and the API server answers."""
-    if not all(_pid(p) for p in PARTS):
+def healthy(node: bool | None = None) -> bool:
+    """Whether every part is running and the API server answers.
+
+    The node's parts count when it was started (or when ``node`` says so).
+    """
+    parts = PARTS + (NODE_PARTS if (NODE_STATE.is_file() if node is None else node) else ())
+    if not all(_pid(p) for p in parts):
         return False
     try:
         return _api_ok("/readyz")
@@ -911,15 +1676,31 @@ def healthy() -> bool:
         return False
 
 
-def up() -> None:
-    """Bring the cluster up, or reuse the one running from this run dir."""
+def node_wanted() -> bool:
+    """Whether ``up`` starts the real node (``MEDSEG_CLUSTER_NODE=0``: the control plane alone)."""
+    return os.environ.get("MEDSEG_CLUSTER_NODE", "1") != "0"
+
+
+def up(node: bool = True) -> None:
+    """Bring the cluster up, or reuse the one running from this run dir.
+
+    With the real node unless ``node`` is false (the control plane and kwok alone).
+    """
     started = time.monotonic()
-    if healthy():
+    if healthy() and NODE_STATE.is_file() == node:
         log(f"already running; KUBECONFIG={KUBECONFIG}")
         return
-    down(quiet=True)  # a half-started cluster: start clean
+    down(quiet=True)  # a half-started cluster, or one with(out) the node: start clean
+    if node and node_holder():  # before anything starts: say so at once
+        raise ClusterError(
+            f"the real node of {node_holder()} runs on this machine (one per machine: "
+            "kube-proxy's iptables chains are global); stop it there, or start the control "
+            "plane alone with `cluster.py up --no-node` (or MEDSEG_CLUSTER_NODE=0)"
+        )
     _ensure_binaries()
     etcd = _ensure_etcd()
+    if node:
+        _ensure_node_packages()
     vars(PORTS).update(_ports(_free_base()))
     RUN.mkdir(parents=True, exist_ok=True)
     PORTS_FILE.write_text(json.dumps({"base": PORTS.etcd}))
@@ -927,7 +1708,9 @@ def up() -> None:
     _kubeconfig("admin")
     try:
         _start_control_plane(etcd)
-        _start_operators()
+        if node:
+            _start_node()
+        _start_operators(busybox_image() if node else None)
     except BaseException:
         down(quiet=True)
         raise
@@ -958,7 +1741,11 @@ def _free_base() -> int:
 
 
 def down(quiet: bool = False) -> None:
-    """Stop every part this script started and remove the run dir."""
+    """Stop every part this script started and remove the run dir.
+
+    The node's changes to the machine are undone first (``_stop_node``).
+    """
+    _stop_node()
     for part in PARTS:
         _stop(part)
     shutil.rmtree(RUN, ignore_errors=True)
@@ -971,11 +1758,11 @@ def main(argv: list[str]) -> int:
     command = argv[1] if len(argv) > 1 else "status"
     try:
         if command == "up":
-            up()
+            up(node=node_wanted() and "--no-node" not in argv)
         elif command == "down":
             down()
         elif command == "status":
-            for part in PARTS:
+            for part in PARTS + NODE_PARTS:
                 print(f"{part:24} {'running' if _pid(part) else 'stopped'}")
             return 0 if healthy() else 1
         elif command == "env":

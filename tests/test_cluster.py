@@ -63,10 +63,14 @@ def cluster() -> Iterator[ModuleType]:
 
     A cold machine builds the binaries first. A cluster this fixture started stops after this
     module, so the rest of the suite does not share the two cores with an idle control plane.
+    The real node comes up too (these tests keep off it: its taint), unless another checkout's
+    node runs on this machine (one per machine) or this one is not root.
     """
     reuse = CL.healthy()
     if not reuse:
-        done = subprocess.run([sys.executable, str(SCRIPT), "up"], timeout=3 * 3600)
+        alone = CL.node_holder() is not None or os.geteuid() != 0
+        up = [sys.executable, str(SCRIPT), "up", *(["--no-node"] if alone else [])]
+        done = subprocess.run(up, timeout=3 * 3600)
         assert done.returncode == 0, f"the cluster did not come up; logs in {CL.LOGS}"
         CL.load_ports()  # `up` may have moved to a free range of ports
     yield CL

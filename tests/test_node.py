@@ -1,0 +1,266 @@
+"""The real node of ``scripts/cluster.py``: containers run, talk, resolve names, and leave no trace.
+
+The fixture starts the cluster with its real node (containerd + runc, a kubelet, kube-proxy,
+CoreDNS and metrics-server beside kwok's fake node), or reuses a running one; pods here tolerate
+the real node's taint and select it. Every pod is "restricted" and runs the busybox image that
+``up`` builds from Debian's busybox-static and imports (no registry). The last test stops the
+cluster it started and compares the machine with what it was before ``up``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "cluster.py"
+NS = "node-test"
+
+
+def _load_cluster_module() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("medseg_cluster_script_node", SCRIPT)
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+CL = _load_cluster_module()
+
+pytestmark = pytest.mark.skipif(
+    os.geteuid() != 0 or not CL.node_wanted(), reason="the real node needs root"
+)
+
+#: Kernel settings the node's parts could change (the kubelet's kernel defaults, forwarding,
+#: kube-proxy's conntrack and localhost settings, bridge netfilter).
+SYSCTLS = (
+    "vm.overcommit_memory",
+    "vm.panic_on_oom",
+    "kernel.panic",
+    "kernel.panic_on_oops",
+    "kernel.keys.root_maxkeys",
+    "kernel.keys.root_maxbytes",
+    "net.ipv4.ip_forward",
+    "net.ipv4.conf.all.forwarding",
+    "net.ipv4.conf.default.forwarding",
+    "net.ipv4.conf.all.route_localnet",
+    "net.ipv6.conf.all.forwarding",
+    "net.netfilter.nf_conntrack_max",
+    "net.netfilter.nf_conntrack_tcp_timeout_established",
+    "net.netfilter.nf_conntrack_tcp_timeout_close_wait",
+    "net.bridge.bridge-nf-call-iptables",
+)
+
+
+def machine_state() -> dict[str, Any]:
+    """What the node could leave behind: mounts, links, routes, network namespaces, iptables
+    rules and chains, cgroups, kernel settings, host paths and processes of this checkout."""
+
+    def read(path: str) -> str:
+        p = Path("/proc/sys", path.replace(".", "/"))
+        return p.read_text().strip() if p.exists() else "-"
+
+    def iptables(tool: str) -> list[str]:
+        out = subprocess.run([f"{tool}-save"], capture_output=True, text=True).stdout
+        # Chain lines carry packet counters; comments carry the time.
+        return sorted(re.sub(r" \[\d+:\d+\]$", "", ln) for ln in out.splitlines() if ln[:1] != "#")
+
+    mounts = sorted(ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines())
+    cgroups = sorted(
+        str(d) for h in Path("/sys/fs/cgroup").iterdir() if h.is_dir() for d in h.iterdir()
+        if d.is_dir()
+    )  # fmt: skip
+    ours = (str(CL.RUN).encode(), str(CL.BIN).encode(), str(CL.CONTAINERD_SOCKET).encode())
+    procs = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                cmdline = (proc / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(mark in cmdline for mark in ours):
+                procs.append(cmdline.replace(b"\0", b" ").decode(errors="replace"))
+    return {
+        "mounts": mounts,
+        "links": sorted(Path("/sys/class/net").iterdir()),
+        "routes": subprocess.run(["ip", "route"], capture_output=True, text=True).stdout,
+        "netns": sorted(os.listdir("/run/netns")) if Path("/run/netns").is_dir() else [],
+        "iptables": iptables("iptables"),
+        "ip6tables": iptables("ip6tables"),
+        "cgroups": cgroups,
+        "sysctls": {name: read(name) for name in SYSCTLS},
+        "paths": {str(p): p.exists() for p in CL.HOST_PATHS},
+        "processes": sorted(procs),
+    }
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[dict[str, Any] | None]:
+    """The cluster with its real node; yields the machine's state before ``up`` (None if reused)."""
+    reuse = CL.healthy(node=True)
+    before = None
+    if not reuse:
+        before = machine_state()
+        done = subprocess.run([sys.executable, str(SCRIPT), "up"], timeout=3 * 3600)
+        assert done.returncode == 0, f"the cluster did not come up; logs in {CL.LOGS}"
+        CL.load_ports()
+    kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", "--timeout=120s")
+    labels = {f"pod-security.kubernetes.io/{m}": "restricted" for m in ("enforce", "warn")}
+    ns = {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS, "labels": labels}}
+    assert kubectl("apply", "-f", "-", stdin=json.dumps(ns)).returncode == 0
+    yield before
+    if not reuse:
+        subprocess.run([sys.executable, str(SCRIPT), "down"], timeout=300, check=False)
+
+
+def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    cmd = [str(CL.BIN / "kubectl"), "--kubeconfig", str(CL.KUBECONFIG), *args]
+    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=180)
+
+
+def kubectl_json(*args: str) -> Any:
+    done = kubectl(*args, "-o", "json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def eventually(check: Callable[[], Any], timeout: float = 90, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:.0f} s: {what}")
+        time.sleep(1)
+
+
+def pod(name: str, command: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
+    """A "restricted" busybox pod on the real node (read-only root, uid from the image)."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": labels or {}},
+        "spec": {
+            "nodeSelector": CL.REAL_NODE_SELECTOR,
+            "tolerations": [CL.REAL_NODE_TOLERATION],
+            "terminationGracePeriodSeconds": 1,
+            "securityContext": {"seccompProfile": {"type": "RuntimeDefault"}},
+            "containers": [
+                {
+                    "name": "main",
+                    "image": CL.busybox_image(),
+                    "imagePullPolicy": "Never",
+                    "command": ["sh", "-c", command],
+                    "securityContext": {**CL.RESTRICTED_CONTAINER, "readOnlyRootFilesystem": True},
+                    "resources": {"limits": {"cpu": "200m", "memory": "32Mi"}},
+                    "volumeMounts": [{"name": "www", "mountPath": "/www"}],
+                }
+            ],
+            "volumes": [{"name": "www", "emptyDir": {}}],
+        },
+    }
+
+
+def running(name: str) -> dict[str, Any] | None:
+    doc = kubectl_json("get", "pod", name, "-n", NS)
+    return doc if doc["status"].get("phase") == "Running" and doc["status"].get("podIP") else None
+
+
+def exec_(name: str, *argv: str) -> subprocess.CompletedProcess[str]:
+    return kubectl("exec", "-n", NS, name, "--", *argv)
+
+
+def fetch(name: str, url: str) -> subprocess.CompletedProcess[str]:
+    """An HTTP GET from inside a pod (busybox's ``wget -T`` crashes: ``timeout`` bounds it)."""
+    return exec_(name, "timeout", "10", "wget", "-qO-", url)
+
+
+WEB = "echo pong > /www/index.html; echo web started; exec httpd -f -p 8080 -h /www"
+BUSY = "i=0; while true; do i=$((i+1)); done"  # CPU for metrics-server to see
+
+
+@pytest.fixture(scope="module")
+def pods(cluster: Any) -> dict[str, str]:
+    """A web server behind a Service and a client pod, both running; name -> pod IP."""
+    svc = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "web", "namespace": NS},
+        "spec": {"selector": {"app": "web"}, "ports": [{"port": 80, "targetPort": 8080}]},
+    }
+    docs = [pod("web", WEB, {"app": "web"}), pod("client", BUSY), svc]
+    items = {"apiVersion": "v1", "kind": "List", "items": docs}
+    done = kubectl("apply", "-f", "-", stdin=json.dumps(items))
+    assert done.returncode == 0, done.stderr
+    return {n: eventually(lambda n=n: running(n), 120, f"{n} running")["status"]["podIP"]
+            for n in ("web", "client")}  # fmt: skip
+
+
+def test_restricted_pod_runs_on_the_real_node(pods: dict[str, str]) -> None:
+    doc = kubectl_json("get", "pod", "web", "-n", NS)
+    assert doc["spec"]["nodeName"] == CL.REAL_NODE_NAME
+    assert pods["web"].startswith("10.244.99.")
+    assert exec_("web", "id", "-u").stdout.strip() == "65534"
+    denied = exec_("web", "touch", "/written")
+    assert denied.returncode != 0 and "Read-only file system" in denied.stderr + denied.stdout
+    logs = eventually(lambda: "web started" in kubectl("logs", "-n", NS, "web").stdout, 30)
+    assert logs
+    # Nothing else scheduled onto the real node: pods without the toleration stay on kwok.
+    on_node = kubectl_json("get", "pods", "-A", "--field-selector",
+                           f"spec.nodeName={CL.REAL_NODE_NAME}")["items"]  # fmt: skip
+    assert {p["metadata"]["namespace"] for p in on_node} == {NS}
+
+
+def test_pods_reach_each_other_services_and_dns(pods: dict[str, str]) -> None:
+    by_ip = fetch("client", f"http://{pods['web']}:8080/")
+    assert by_ip.stdout.strip() == "pong", by_ip.stderr
+    name = f"web.{NS}.svc.{CL.CLUSTER_DOMAIN}"
+    lookup = exec_("client", "nslookup", name)
+    cluster_ip = kubectl_json("get", "service", "web", "-n", NS)["spec"]["clusterIP"]
+    assert lookup.returncode == 0 and cluster_ip in lookup.stdout, lookup.stdout + lookup.stderr
+    # kube-proxy's rules may lag the Service by a sync.
+    eventually(
+        lambda: fetch("client", f"http://{name}/").stdout.strip() == "pong",
+        60,
+        "the Service by its DNS name",
+    )
+    # Names outside the cluster are refused, not forwarded off the machine.
+    outside = exec_("client", "nslookup", "example.com")
+    assert outside.returncode != 0
+
+
+def test_host_reaches_pods(pods: dict[str, str]) -> None:
+    with urllib.request.urlopen(f"http://{pods['web']}:8080/", timeout=5) as resp:
+        assert resp.read().strip() == b"pong"
+
+
+def test_top_pod_reports_cpu(pods: dict[str, str]) -> None:
+    def cpu() -> str | None:
+        done = kubectl("top", "pod", "client", "-n", NS, "--no-headers")
+        return done.stdout.split()[1] if done.returncode == 0 and done.stdout.split() else None
+
+    value = eventually(cpu, 120, "kubectl top pod")
+    assert value.endswith("m") and int(value[:-1]) > 0
+
+
+def test_down_leaves_nothing_behind(cluster: dict[str, Any] | None) -> None:
+    if cluster is None:
+        pytest.skip("the cluster was running before this module: no state from before `up`")
+    done = subprocess.run([sys.executable, str(SCRIPT), "down"], timeout=300)
+    assert done.returncode == 0
+    after = machine_state()
+    for key, value in cluster.items():
+        assert after[key] == value, key
