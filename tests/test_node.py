@@ -77,7 +77,14 @@ def machine_state() -> dict[str, Any]:
         # Chain lines carry packet counters; comments carry the time.
         return sorted(re.sub(r" \[\d+:\d+\]$", "", ln) for ln in out.splitlines() if ln[:1] != "#")
 
-    mounts = sorted(ln.split()[4] for ln in Path("/proc/self/mountinfo").read_text().splitlines())
+    # Mounts where the node's parts mount (others' mounts elsewhere, such as an image build's
+    # overlays, may come and go meanwhile): network namespaces anywhere.
+    places = (str(ROOT), str(CL.CONTAINERD_ROOT), "/run", "/var", "/sys/fs/cgroup")
+    mounts = sorted(
+        f"{fields[4]} {fields[fields.index('-') + 1]}"
+        for fields in map(str.split, Path("/proc/self/mountinfo").read_text().splitlines())
+        if fields[4].startswith(places) or fields[fields.index("-") + 1] == "nsfs"
+    )
     cgroups = sorted(
         str(d) for h in Path("/sys/fs/cgroup").iterdir() if h.is_dir() for d in h.iterdir()
         if d.is_dir()
@@ -259,6 +266,10 @@ def test_top_pod_reports_cpu(pods: dict[str, str]) -> None:
 def test_down_leaves_nothing_behind(cluster: dict[str, Any] | None) -> None:
     if cluster is None:
         pytest.skip("the cluster was running before this module: no state from before `up`")
+    during = machine_state()
+    # The snapshot sees the node: its bridge, mounts, chains, cgroups, kernel settings.
+    changed = {key for key, value in cluster.items() if during[key] != value}
+    assert {"links", "mounts", "iptables", "cgroups", "sysctls", "processes"} <= changed
     done = subprocess.run([sys.executable, str(SCRIPT), "down"], timeout=300)
     assert done.returncode == 0
     after = machine_state()
