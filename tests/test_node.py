@@ -263,6 +263,46 @@ def test_top_pod_reports_cpu(pods: dict[str, str]) -> None:
     assert value.endswith("m") and int(value[:-1]) > 0
 
 
+def test_pytorchjob_runs_on_the_real_node(pods: dict[str, str]) -> None:
+    """The Training Operator's init container (the busybox image) finds the master by name."""
+
+    def replica(command: str) -> dict[str, Any]:
+        full = pod("pytorch", command)
+        template = {"metadata": {"labels": {}}, "spec": full["spec"]}
+        template["spec"]["containers"][0]["name"] = "pytorch"
+        return {"replicas": 1, "restartPolicy": "Never", "template": template}
+
+    job = {
+        "apiVersion": "kubeflow.org/v1",
+        "kind": "PyTorchJob",
+        "metadata": {"name": "smoke", "namespace": NS},
+        "spec": {
+            "runPolicy": {"cleanPodPolicy": "None"},
+            "pytorchReplicaSpecs": {
+                "Master": replica("echo master at $MASTER_ADDR; sleep 20"),
+                "Worker": replica("echo worker of $MASTER_ADDR"),
+            },
+        },
+    }
+    done = kubectl("apply", "-f", "-", stdin=json.dumps(job))
+    assert done.returncode == 0, done.stderr
+
+    def succeeded() -> bool:
+        status = kubectl_json("get", "pytorchjob", "smoke", "-n", NS).get("status", {})
+        conditions = {c["type"]: c["status"] for c in status.get("conditions", [])}
+        assert conditions.get("Failed") != "True", status
+        return conditions.get("Succeeded") == "True"
+
+    eventually(succeeded, 150, "the PyTorchJob succeeded")
+    worker = kubectl_json("get", "pod", "smoke-worker-0", "-n", NS)
+    init = worker["status"]["initContainerStatuses"][0]
+    assert init["image"].endswith(CL.busybox_image().split("/", 1)[1])
+    assert init["state"]["terminated"]["exitCode"] == 0
+    assert worker["spec"]["nodeName"] == CL.REAL_NODE_NAME
+    logs = kubectl("logs", "-n", NS, "smoke-worker-0", "-c", "pytorch").stdout
+    assert "worker of smoke-master-0" in logs
+
+
 def test_down_leaves_nothing_behind(cluster: dict[str, Any] | None) -> None:
     if cluster is None:
         pytest.skip("the cluster was running before this module: no state from before `up`")
