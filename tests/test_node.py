@@ -263,6 +263,52 @@ def test_top_pod_reports_cpu(pods: dict[str, str]) -> None:
     assert value.endswith("m") and int(value[:-1]) > 0
 
 
+def test_hpa_reads_pod_cpu(pods: dict[str, str]) -> None:
+    """The HPA controller reads the busy pods' CPU through metrics-server and scales up."""
+    template = pod("burn", BUSY, {"app": "burn"})
+    template["spec"]["containers"][0]["resources"]["requests"] = {"cpu": "20m"}
+    deployment = {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "burn", "namespace": NS},
+        "spec": {
+            "replicas": 1,
+            "selector": {"matchLabels": {"app": "burn"}},
+            "template": {"metadata": {"labels": {"app": "burn"}}, "spec": template["spec"]},
+        },
+    }
+    hpa = {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": "burn", "namespace": NS},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "burn"},
+            "minReplicas": 1,
+            "maxReplicas": 2,
+            "metrics": [
+                {
+                    "type": "Resource",
+                    "resource": {
+                        "name": "cpu",
+                        "target": {"type": "Utilization", "averageUtilization": 50},
+                    },
+                }
+            ],
+        },
+    }
+    items = {"apiVersion": "v1", "kind": "List", "items": [deployment, hpa]}
+    done = kubectl("apply", "-f", "-", stdin=json.dumps(items))
+    assert done.returncode == 0, done.stderr
+
+    def scaled() -> dict[str, Any] | None:
+        status = kubectl_json("get", "hpa", "burn", "-n", NS).get("status", {})
+        return status if status.get("desiredReplicas") == 2 else None
+
+    status = eventually(scaled, 150, "the HPA scaled the busy Deployment to 2")
+    assert status["currentMetrics"][0]["resource"]["current"]["averageUtilization"] > 50
+    kubectl("delete", "deployment,hpa", "burn", "-n", NS, "--wait=false")
+
+
 def test_pytorchjob_runs_on_the_real_node(pods: dict[str, str]) -> None:
     """The Training Operator's init container (the busybox image) finds the master by name."""
 
@@ -301,6 +347,17 @@ def test_pytorchjob_runs_on_the_real_node(pods: dict[str, str]) -> None:
     assert worker["spec"]["nodeName"] == CL.REAL_NODE_NAME
     logs = kubectl("logs", "-n", NS, "smoke-worker-0", "-c", "pytorch").stdout
     assert "worker of smoke-master-0" in logs
+
+
+def test_a_second_node_is_refused(pods: dict[str, str], tmp_path: Path) -> None:
+    """Another checkout's ``up`` (its own run dir) refuses while this node runs."""
+    env = {**os.environ, "MEDSEG_CLUSTER_DIR": str(tmp_path / "other")}
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "up"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    assert f"the real node of {CL.RUN} runs on this machine" in done.stderr
+    assert "--no-node" in done.stderr
 
 
 def test_down_leaves_nothing_behind(cluster: dict[str, Any] | None) -> None:
