@@ -325,8 +325,9 @@ def test_pytorchjob_runs_on_the_real_node(pods: dict[str, str]) -> None:
         "spec": {
             "runPolicy": {"cleanPodPolicy": "None"},
             "pytorchReplicaSpecs": {
-                "Master": replica("echo master at $MASTER_ADDR; sleep 20"),
-                "Worker": replica("echo worker of $MASTER_ADDR"),
+                # The master waits for the worker's message (however late its init finds it).
+                "Master": replica("timeout 120 nc -l -p $MASTER_PORT"),
+                "Worker": replica("echo worker of $MASTER_ADDR | nc $MASTER_ADDR $MASTER_PORT"),
             },
         },
     }
@@ -345,7 +346,7 @@ def test_pytorchjob_runs_on_the_real_node(pods: dict[str, str]) -> None:
     assert init["image"].endswith(CL.busybox_image().split("/", 1)[1])
     assert init["state"]["terminated"]["exitCode"] == 0
     assert worker["spec"]["nodeName"] == CL.REAL_NODE_NAME
-    logs = kubectl("logs", "-n", NS, "smoke-worker-0", "-c", "pytorch").stdout
+    logs = kubectl("logs", "-n", NS, "smoke-master-0", "-c", "pytorch").stdout
     assert "worker of smoke-master-0" in logs
 
 
