@@ -968,7 +968,7 @@ CONTAINERD_ROOT = Path(
 CONTAINERD_SOCKET = RUN / "containerd" / "containerd.sock"
 #: OCI archives ``up`` imports (each ``*.tar`` an OCI image layout naming its image with the
 #: ``io.containerd.image.name`` annotation).
-IMAGES_DIR = ROOT / ".medseg" / "images"
+IMAGES_DIR = Path(os.environ.get("MEDSEG_IMAGES_DIR", ROOT / ".medseg" / "images"))
 BUSYBOX_REPO = "localhost/medseg/busybox"
 #: Debian packages the node needs (installed by ``up`` when missing).
 NODE_PACKAGES = (
