@@ -40,7 +40,7 @@ unit:
 ## The quick loop while developing: every test but the slow ones (marker `slow`: a whole
 ## pipeline or demo, multi-process training) and the cluster's. `make test` runs them all.
 test-fast: setup
-	$(VENV)/pytest -q -m "not slow" --ignore=tests/test_cluster.py
+	$(VENV)/pytest -q -m "not slow" --ignore=tests/test_cluster.py --ignore=tests/test_node.py
 
 ## Benchmarks: each prints a ratio against a baseline measured in the same run.
 bench: setup
@@ -69,7 +69,9 @@ minio: setup
 	$(VENV)/medseg minio
 
 ## A real Kubernetes control plane on 127.0.0.1 (scripts/cluster.py): etcd, kube-apiserver,
-## controller-manager, scheduler, KServe and Training Operator controllers, kwok fake nodes.
+## controller-manager, scheduler, KServe and Training Operator controllers, a kwok fake node, and a
+## real node (containerd, kubelet, kube-proxy, CoreDNS, metrics-server; pods on 10.244.99.0/24;
+## needs root; `scripts/cluster.py up --no-node` leaves it out).
 ## The first run builds the binaries (cached in ~/.cache/medseg/tools; see docs/install.md).
 cluster: setup
 	$(VENV)/python scripts/cluster.py up
@@ -78,9 +80,9 @@ cluster: setup
 cluster-down:
 	@if [ -x $(VENV)/python ]; then $(VENV)/python scripts/cluster.py down; fi
 
-## Only the tests against the real control plane (tests/test_cluster.py).
+## Only the tests against the real control plane and node (tests/test_cluster.py, tests/test_node.py).
 test-cluster: setup
-	$(VENV)/pytest -q tests/test_cluster.py
+	$(VENV)/pytest -q tests/test_cluster.py tests/test_node.py
 
 clean: cluster-down
 	rm -rf .medseg .pytest_cache .ruff_cache
