@@ -1516,7 +1516,7 @@ def _start_node() -> None:
     CONTAINERD_ROOT.mkdir(parents=True, exist_ok=True)
     _start("containerd", [shutil.which("containerd") or "containerd",
                           f"--config={_containerd_config(pause)}"])  # fmt: skip
-    _wait("containerd", lambda: bool(_ctr("version")))
+    _wait("containerd", lambda: "Server:" in _ctr("version", check=False))
     import_images([_busybox_archive(pause)])
     if IMAGES_DIR.is_dir():
         import_images(sorted(IMAGES_DIR.glob("*.tar")))
