@@ -252,6 +252,26 @@ def test_pods_reach_each_other_services_and_dns(pods: dict[str, str]) -> None:
 def test_host_reaches_pods(pods: dict[str, str]) -> None:
     with urllib.request.urlopen(f"http://{pods['web']}:8080/", timeout=5) as resp:
         assert resp.read().strip() == b"pong"
+    # And through the API server and the kubelet on 127.0.0.1 (kubectl port-forward).
+    cmd = [str(CL.BIN / "kubectl"), "--kubeconfig", str(CL.KUBECONFIG), "port-forward",
+           "-n", NS, "pod/web", ":8080", "--address=127.0.0.1"]  # fmt: skip
+    forward = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert forward.stdout
+        line = forward.stdout.readline()  # "Forwarding from 127.0.0.1:PORT -> 8080"
+        port = re.search(r"127\.0\.0\.1:(\d+)", line)
+        assert port, line
+        with urllib.request.urlopen(f"http://127.0.0.1:{port[1]}/", timeout=10) as resp:
+            assert resp.read().strip() == b"pong"
+    finally:
+        forward.terminate()
+        forward.wait(timeout=10)
+
+
+def test_images_import_once(pods: dict[str, str]) -> None:
+    """The archive ``up`` imported is skipped the second time (same name, same digest)."""
+    assert CL.busybox_image() in CL.images()
+    assert CL.import_images([CL.RUN / "busybox-oci.tar"]) == []
 
 
 def test_top_pod_reports_cpu(pods: dict[str, str]) -> None:
@@ -346,8 +366,16 @@ def test_pytorchjob_runs_on_the_real_node(pods: dict[str, str]) -> None:
     assert init["image"].endswith(CL.busybox_image().split("/", 1)[1])
     assert init["state"]["terminated"]["exitCode"] == 0
     assert worker["spec"]["nodeName"] == CL.REAL_NODE_NAME
-    logs = kubectl("logs", "-n", NS, "smoke-master-0", "-c", "pytorch").stdout
-    assert "worker of smoke-master-0" in logs
+    (main,) = worker["status"]["containerStatuses"]
+    assert main["state"]["terminated"]["exitCode"] == 0  # its nc reached the master
+    eventually(
+        lambda: (
+            "worker of smoke-master-0"
+            in kubectl("logs", "-n", NS, "smoke-master-0", "-c", "pytorch").stdout
+        ),
+        30,
+        "the worker's message in the master's log",
+    )
 
 
 def test_a_second_node_is_refused(pods: dict[str, str], tmp_path: Path) -> None:
