@@ -9,6 +9,7 @@ cluster it started and compares the machine with what it was before ``up``.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -212,8 +213,11 @@ def pods(cluster: Any) -> dict[str, str]:
     items = {"apiVersion": "v1", "kind": "List", "items": docs}
     done = kubectl("apply", "-f", "-", stdin=json.dumps(items))
     assert done.returncode == 0, done.stderr
-    return {n: eventually(lambda n=n: running(n), 120, f"{n} running")["status"]["podIP"]
-            for n in ("web", "client")}  # fmt: skip
+    ips = {}
+    for name in ("web", "client"):
+        doc = eventually(functools.partial(running, name), 120, f"{name} running")
+        ips[name] = doc["status"]["podIP"]
+    return ips
 
 
 def test_restricted_pod_runs_on_the_real_node(pods: dict[str, str]) -> None:
