@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE, check_operator
 from medseg.names import check_name
+from medseg.settings import Placement, PlacementSettings
 
 __all__ = [
     "LAUNCHERS",
@@ -128,6 +129,10 @@ class S3Secret:
         ]
 
 
+def _training_placement() -> Placement:
+    return PlacementSettings().training
+
+
 @dataclass(frozen=True)
 class PyTorchJobSpec:
     """Everything a training PyTorchJob needs.
@@ -149,6 +154,9 @@ class PyTorchJobSpec:
         ttl_seconds: How long a finished job is kept.
         s3: Object-store access.
         service_account: The pods' ServiceAccount (the chart's pipeline ServiceAccount).
+        placement: Where the master and worker pods run (node selector, tolerations, affinity,
+            priority class, topology spread, pull secrets); default
+            ``MEDSEG_PLACEMENT__TRAINING`` (:class:`~medseg.settings.PlacementSettings`).
     """
 
     name: str
@@ -168,6 +176,7 @@ class PyTorchJobSpec:
     ttl_seconds: int = 86400
     s3: S3Secret = field(default_factory=S3Secret)
     service_account: str = DEFAULT_RELEASE.pipeline_service_account
+    placement: Placement = field(default_factory=_training_placement)
 
     def __post_init__(self) -> None:
         check_name(self.run_id, "run id")
@@ -204,6 +213,7 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
 
     from medseg.kube import (
         container_security_context,
+        pod_placement,
         pod_security_context,
         resources,
         scratch_env,
@@ -233,6 +243,7 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
                 scratch_volume(),
             ],
             security_context=pod_security_context(),
+            **pod_placement(spec.placement),
         ),
     )
     replicas = {
@@ -443,6 +454,7 @@ class PyTorchJobLauncher:
         gpus_per_worker: GPUs per pod (one process each).
         s3: Object-store access.
         wait_timeout: Seconds to wait for the job to succeed.
+        placement: Where the job's pods run (default ``MEDSEG_PLACEMENT__TRAINING``).
     """
 
     image: str
@@ -452,6 +464,7 @@ class PyTorchJobLauncher:
     gpus_per_worker: int = 0
     s3: S3Secret = field(default_factory=S3Secret)
     wait_timeout: int = 86400
+    placement: Placement = field(default_factory=_training_placement)
 
     def spec(self, run: TrainRun) -> PyTorchJobSpec:
         """The job for ``run``; its config must be in the object store, where pods read it.
@@ -476,6 +489,7 @@ class PyTorchJobLauncher:
             gpus_per_worker=self.gpus_per_worker,
             s3=self.s3,
             service_account=self.service_account,
+            placement=self.placement,
         )
 
     def launch(self, run: TrainRun) -> None:

@@ -96,17 +96,20 @@ class ClusterParams(_Group):
         s3_secret: Secret with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``; empty: the
             release's (``Release.s3_secret``), else an explicit one (``s3.existingSecret``).
         s3_config: ConfigMap with ``S3_ENDPOINT``/``S3_USE_HTTPS``; empty: the release's.
+        fullname_override: The chart's ``fullnameOverride`` (or the FULLNAME a ``nameOverride``
+            gives), when the release was installed with one; empty: derived from ``release``.
     """
 
     namespace: str = Field(default=DEFAULT_RELEASE.namespace, min_length=1)
     release: str = Field(default=DEFAULT_RELEASE.name, min_length=1)
     s3_secret: str = ""
     s3_config: str = ""
+    fullname_override: str = ""
 
     @property
     def names(self) -> Release:
         """The chart's object names of this release."""
-        return Release(self.release, self.namespace)
+        return Release(self.release, self.namespace, fullname_override=self.fullname_override)
 
     def resolved(self) -> ClusterParams:
         """This group with the Secret and ConfigMap names filled in from the release."""
