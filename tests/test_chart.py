@@ -688,3 +688,66 @@ def test_gpu_pool_places_gpu_work_on_the_pool_and_nothing_else(
         assert pod["nodeSelector"] == pool["nodeSelector"]
         assert pod["tolerations"] == pool["tolerations"]
         assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+# --- the README's parameters table: generated from values.yaml's `## @param` lines -------------
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Every value, by its dotted path (an empty map or list is a value; a full map is not)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            out += _leaves(value, path)
+        else:
+            out.append((path, value))
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A default as readme-generator-for-helm writes it in the table."""
+    if value == "":
+        return '""'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def test_every_value_is_documented_and_the_readme_table_is_generated_from_them() -> None:
+    """Each value has its `## @param` line, in order, and a schema entry; README.md's table is
+    the generator's output for them (`make manifests`): names, descriptions and defaults."""
+    import re
+
+    text = (CHART / "values.yaml").read_text()
+    params = re.findall(r"^ *## @param (\S+) (?:\[\w+\] )?(.+)$", text, re.MULTILINE)
+    leaves = _leaves(yaml.safe_load(text))
+    assert [name for name, _ in params] == [path for path, _ in leaves]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path, _ in leaves:  # a schema entry for each (or for a map that takes any key)
+        node = schema
+        for part in path.split("."):
+            while "$ref" in node:
+                node = _resolve(schema, node["$ref"])
+            if "properties" not in node:
+                assert node.get("additionalProperties", True) is not False, path
+                break
+            assert part in node["properties"], path
+            node = node["properties"][part]
+    readme = (CHART / "README.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` +\| (.*?) +\| `(.*)` +\|$", readme, re.MULTILINE)
+    want = [
+        (name, desc, _shown(value)) for (name, desc), (_, value) in zip(params, leaves, strict=True)
+    ]
+    assert rows == want, "run `make manifests` and commit charts/medseg/README.md"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"readme-generator-for-helm@\d+\.\d+\.\d+\n", makefile)  # pinned
+
+
+def _resolve(schema: dict[str, Any], ref: str) -> dict[str, Any]:
+    node: dict[str, Any] = schema
+    for step in ref.removeprefix("#/").split("/"):
+        node = node[step]
+    return node
