@@ -37,6 +37,8 @@ __all__ = [
 ]
 
 LAUNCHERS = ("local", "pytorchjob")
+#: What each PyTorchJob pod requests (and is limited to) unless the run says otherwise.
+DEFAULT_POD_CPU, DEFAULT_POD_MEMORY = "2", "8Gi"
 
 
 #: torchrun's rendezvous in a PyTorchJob pod: from the operator's ``PET_*`` variables (a shell
@@ -168,8 +170,8 @@ class PyTorchJobSpec:
     namespace: str = DEFAULT_RELEASE.namespace
     workers: int = 2
     gpus_per_worker: int = 0
-    cpu: str = "2"
-    memory: str = "8Gi"
+    cpu: str = DEFAULT_POD_CPU
+    memory: str = DEFAULT_POD_MEMORY
     shm_size: str = "2Gi"
     max_restarts: int = 3
     backoff_limit: int = 3
@@ -354,6 +356,8 @@ class TrainTarget:
         launcher: One of :data:`LAUNCHERS`: ``local`` (torchrun here) or ``pytorchjob``.
         workers: torchrun processes (local) or PyTorchJob pods.
         gpus_per_worker: GPUs per pod (one process each; 0: CPU and gloo).
+        cpu, memory: What each PyTorchJob pod requests and is limited to (Kubernetes
+            quantities; ``local`` ignores them).
 
     Raises:
         MedsegError: On an unknown launcher, fewer than one worker or negative GPUs.
@@ -362,6 +366,8 @@ class TrainTarget:
     launcher: str = "local"
     workers: int = 2
     gpus_per_worker: int = 0
+    cpu: str = DEFAULT_POD_CPU
+    memory: str = DEFAULT_POD_MEMORY
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -390,6 +396,8 @@ class TrainTarget:
             service_account=service_account,
             workers=self.workers,
             gpus_per_worker=self.gpus_per_worker,
+            cpu=self.cpu,
+            memory=self.memory,
             s3=s3 or S3Secret(),
             wait_timeout=wait_timeout,
         )
@@ -452,6 +460,7 @@ class PyTorchJobLauncher:
         service_account: The pods' ServiceAccount.
         workers: Pods.
         gpus_per_worker: GPUs per pod (one process each).
+        cpu, memory: Requests (and limits) per pod.
         s3: Object-store access.
         wait_timeout: Seconds to wait for the job to succeed.
         placement: Where the job's pods run (default ``MEDSEG_PLACEMENT__TRAINING``).
@@ -462,6 +471,8 @@ class PyTorchJobLauncher:
     service_account: str = DEFAULT_RELEASE.pipeline_service_account
     workers: int = 2
     gpus_per_worker: int = 0
+    cpu: str = DEFAULT_POD_CPU
+    memory: str = DEFAULT_POD_MEMORY
     s3: S3Secret = field(default_factory=S3Secret)
     wait_timeout: int = 86400
     placement: Placement = field(default_factory=_training_placement)
@@ -487,6 +498,8 @@ class PyTorchJobLauncher:
             config_uri=run.config,
             workers=self.workers,
             gpus_per_worker=self.gpus_per_worker,
+            cpu=self.cpu,
+            memory=self.memory,
             s3=self.s3,
             service_account=self.service_account,
             placement=self.placement,
