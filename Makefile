@@ -51,8 +51,12 @@ bench: setup
 	$(VENV)/python benchmarks/bench_engine.py --per-voxel
 
 ## Regenerate manifests/ (kustomize) from the Helm chart; tests fail when they drift.
+## The chart's README parameters table comes from the `## @param` lines of values.yaml (pinned
+## generator, run by npx; tests/test_chart.py fails on drift).
+README_GENERATOR := @bitnami/readme-generator-for-helm@2.7.2
 manifests: setup
 	$(VENV)/python scripts/render_manifests.py
+	npx --yes $(README_GENERATOR) --values charts/medseg/values.yaml --readme charts/medseg/README.md
 
 ## Container images (needs a Docker engine, which the development machines lack).
 IMAGE ?= ghcr.io/medseg/medseg

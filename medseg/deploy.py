@@ -22,7 +22,7 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE, SERVER_IMAGE, Release
-from medseg.settings import ServerLimits
+from medseg.settings import Placement, PlacementSettings, ServerLimits
 
 __all__ = [
     "InferenceServiceSpec",
@@ -62,6 +62,10 @@ def _grace_period_s() -> int:
     return ServerLimits().grace_period_s
 
 
+def _placement() -> Placement:
+    return PlacementSettings().predictor
+
+
 @dataclass(frozen=True)
 class InferenceServiceSpec:
     """An InferenceService for one registered model version.
@@ -91,6 +95,10 @@ class InferenceServiceSpec:
         grace_period_s: Seconds between SIGTERM and the kill: the server's drain
             (``MEDSEG_SERVER_GRACE_PERIOD_S``) and, in Standard mode, the pod's
             ``terminationGracePeriodSeconds``; default :class:`~medseg.settings.ServerLimits`'s.
+        placement: The predictor pods' node selector, tolerations, affinity, priority class,
+            extra topology spread and pull secrets; default ``MEDSEG_PLACEMENT__PREDICTOR``
+            (:class:`~medseg.settings.PlacementSettings`, from the chart's ConfigMap in a
+            pipeline step). Knative mode takes them behind its ``kubernetes.podspec-*`` flags.
     """
 
     name: str
@@ -113,6 +121,7 @@ class InferenceServiceSpec:
     memory_limit: str | None = None
     max_request_mb: int = field(default_factory=_max_request_mb)
     grace_period_s: int = field(default_factory=_grace_period_s)
+    placement: Placement = field(default_factory=_placement)
 
     def __post_init__(self) -> None:
         if self.deployment_mode not in _METRICS:
@@ -202,6 +211,7 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
 
     from medseg.kube import (
         container_security_context,
+        pod_placement,
         pod_security_context,
         scratch_env,
         scratch_mount,
@@ -231,12 +241,13 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
     )
     annotations = {"serving.kserve.io/deploymentMode": spec.deployment_mode}
     pod: dict[str, Any] = {}
+    spread = []
     if spec.deployment_mode == "Standard":
         annotations["serving.kserve.io/autoscalerClass"] = "hpa"
         # Knative sets the grace from the revision's timeout, and takes topology spread only
         # behind its feature flag kubernetes.podspec-topologyspreadconstraints.
         pod["termination_grace_period_seconds"] = spec.grace_period_s
-        pod["topology_spread_constraints"] = [
+        spread = [
             V1TopologySpreadConstraint(
                 max_skew=1,
                 topology_key="kubernetes.io/hostname",
@@ -244,6 +255,7 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
                 label_selector=_predictor_selector(spec),
             )
         ]
+    pod |= pod_placement(spec.placement, spread)
     return V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",

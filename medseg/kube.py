@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from medseg.errors import MedsegError
-from medseg.settings import DEFAULT_IMAGES
+from medseg.settings import DEFAULT_IMAGES, Placement
 
 __all__ = [
     "DEFAULT_RELEASE",
@@ -28,6 +28,7 @@ __all__ = [
     "Release",
     "check_operator",
     "container_security_context",
+    "pod_placement",
     "pod_security_context",
     "resources",
     "role_rules",
@@ -98,6 +99,49 @@ def pod_security_context() -> Any:
     )
 
 
+#: Placement fields and the kubernetes client model each deserializes into (lists: of that model).
+_PLACEMENT_MODELS = {
+    "nodeSelector": ("node_selector", "dict(str, str)"),
+    "tolerations": ("tolerations", "list[V1Toleration]"),
+    "affinity": ("affinity", "V1Affinity"),
+    "priorityClassName": ("priority_class_name", "str"),
+    "topologySpreadConstraints": (
+        "topology_spread_constraints",
+        "list[V1TopologySpreadConstraint]",
+    ),
+}
+
+
+def pod_placement(placement: Placement, spread: list[Any] | None = None) -> dict[str, Any]:
+    """A pod spec's scheduling fields and pull secrets from ``placement``, as client models.
+
+    The keyword arguments of ``V1PodSpec`` (and of KServe's ``V1beta1PredictorSpec``, which takes
+    the same pod fields); empty fields are left out, so the object carries only what was asked.
+
+    Args:
+        placement: The workload's placement.
+        spread: ``V1TopologySpreadConstraint`` objects of the workload's own, placed before
+            ``placement``'s.
+    """
+    import json
+    from types import SimpleNamespace
+
+    from kubernetes.client import ApiClient, V1LocalObjectReference
+
+    api, fields = ApiClient(), placement.api_fields()
+    out: dict[str, Any] = {}
+    for key, (name, klass) in _PLACEMENT_MODELS.items():
+        if key in fields:
+            out[name] = api.deserialize(SimpleNamespace(data=json.dumps(fields[key])), klass)
+    if spread:
+        out["topology_spread_constraints"] = [*spread, *out.get("topology_spread_constraints", [])]
+    if placement.image_pull_secrets:
+        out["image_pull_secrets"] = [
+            V1LocalObjectReference(name=name) for name in placement.image_pull_secrets
+        ]
+    return out
+
+
 def scratch_volume() -> Any:
     """``V1Volume``: the ``emptyDir`` mounted at ``/tmp`` (the root filesystem is read-only)."""
     from kubernetes.client import V1EmptyDirVolumeSource, V1Volume
@@ -123,8 +167,9 @@ def scratch_env() -> Any:
 class Release:
     """The names of the objects the Helm chart ``charts/medseg`` creates for one release.
 
-    The chart derives every name from its ``fullname`` (``_helpers.tpl``): the release name when it
-    contains ``medseg``, else ``RELEASE-medseg``. The launchers, the deploy step and the pipeline
+    The chart derives every name from its ``fullname`` (``_helpers.tpl``): ``fullnameOverride``
+    when set, else the release name when it contains the chart's name (``nameOverride``, else
+    ``medseg``), else ``RELEASE-NAME``. The launchers, the deploy step and the pipeline
     take their defaults from here, so they find the chart's objects whatever the release is
     called; ``tests/test_chart.py`` checks these names against ``helm template``.
 
@@ -132,15 +177,22 @@ class Release:
         name: The Helm release name.
         namespace: The release namespace: the Role, the ServiceAccounts, the S3 Secret and
             ConfigMap live there, so PyTorchJobs and InferenceServices are created there too.
+        name_override: The chart's ``nameOverride``.
+        fullname_override: The chart's ``fullnameOverride``.
     """
 
     name: str = "medseg"
     namespace: str = "medseg"
+    name_override: str = ""
+    fullname_override: str = ""
 
     @property
     def fullname(self) -> str:
         """The chart's ``medseg.fullname``."""
-        full = self.name if CHART_NAME in self.name else f"{self.name}-{CHART_NAME}"
+        if self.fullname_override:
+            return self.fullname_override[:63].rstrip("-")
+        chart = (self.name_override or CHART_NAME)[:63].rstrip("-")
+        full = self.name if chart in self.name else f"{self.name}-{chart}"
         return full[:63].rstrip("-")
 
     @property

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE, check_operator
 from medseg.names import check_name
+from medseg.settings import Placement, PlacementSettings
 
 __all__ = [
     "LAUNCHERS",
@@ -36,6 +37,8 @@ __all__ = [
 ]
 
 LAUNCHERS = ("local", "pytorchjob")
+#: What each PyTorchJob pod requests (and is limited to) unless the run says otherwise.
+DEFAULT_POD_CPU, DEFAULT_POD_MEMORY = "2", "8Gi"
 
 
 #: torchrun's rendezvous in a PyTorchJob pod: from the operator's ``PET_*`` variables (a shell
@@ -128,6 +131,10 @@ class S3Secret:
         ]
 
 
+def _training_placement() -> Placement:
+    return PlacementSettings().training
+
+
 @dataclass(frozen=True)
 class PyTorchJobSpec:
     """Everything a training PyTorchJob needs.
@@ -149,6 +156,9 @@ class PyTorchJobSpec:
         ttl_seconds: How long a finished job is kept.
         s3: Object-store access.
         service_account: The pods' ServiceAccount (the chart's pipeline ServiceAccount).
+        placement: Where the master and worker pods run (node selector, tolerations, affinity,
+            priority class, topology spread, pull secrets); default
+            ``MEDSEG_PLACEMENT__TRAINING`` (:class:`~medseg.settings.PlacementSettings`).
     """
 
     name: str
@@ -160,14 +170,15 @@ class PyTorchJobSpec:
     namespace: str = DEFAULT_RELEASE.namespace
     workers: int = 2
     gpus_per_worker: int = 0
-    cpu: str = "2"
-    memory: str = "8Gi"
+    cpu: str = DEFAULT_POD_CPU
+    memory: str = DEFAULT_POD_MEMORY
     shm_size: str = "2Gi"
     max_restarts: int = 3
     backoff_limit: int = 3
     ttl_seconds: int = 86400
     s3: S3Secret = field(default_factory=S3Secret)
     service_account: str = DEFAULT_RELEASE.pipeline_service_account
+    placement: Placement = field(default_factory=_training_placement)
 
     def __post_init__(self) -> None:
         check_name(self.run_id, "run id")
@@ -204,6 +215,7 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
 
     from medseg.kube import (
         container_security_context,
+        pod_placement,
         pod_security_context,
         resources,
         scratch_env,
@@ -233,6 +245,7 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
                 scratch_volume(),
             ],
             security_context=pod_security_context(),
+            **pod_placement(spec.placement),
         ),
     )
     replicas = {
@@ -343,6 +356,8 @@ class TrainTarget:
         launcher: One of :data:`LAUNCHERS`: ``local`` (torchrun here) or ``pytorchjob``.
         workers: torchrun processes (local) or PyTorchJob pods.
         gpus_per_worker: GPUs per pod (one process each; 0: CPU and gloo).
+        cpu, memory: What each PyTorchJob pod requests and is limited to (Kubernetes
+            quantities; ``local`` ignores them).
 
     Raises:
         MedsegError: On an unknown launcher, fewer than one worker or negative GPUs.
@@ -351,6 +366,8 @@ class TrainTarget:
     launcher: str = "local"
     workers: int = 2
     gpus_per_worker: int = 0
+    cpu: str = DEFAULT_POD_CPU
+    memory: str = DEFAULT_POD_MEMORY
 
     def __post_init__(self) -> None:
         if self.launcher not in LAUNCHERS:
@@ -379,6 +396,8 @@ class TrainTarget:
             service_account=service_account,
             workers=self.workers,
             gpus_per_worker=self.gpus_per_worker,
+            cpu=self.cpu,
+            memory=self.memory,
             s3=s3 or S3Secret(),
             wait_timeout=wait_timeout,
         )
@@ -441,8 +460,10 @@ class PyTorchJobLauncher:
         service_account: The pods' ServiceAccount.
         workers: Pods.
         gpus_per_worker: GPUs per pod (one process each).
+        cpu, memory: Requests (and limits) per pod.
         s3: Object-store access.
         wait_timeout: Seconds to wait for the job to succeed.
+        placement: Where the job's pods run (default ``MEDSEG_PLACEMENT__TRAINING``).
     """
 
     image: str
@@ -450,8 +471,11 @@ class PyTorchJobLauncher:
     service_account: str = DEFAULT_RELEASE.pipeline_service_account
     workers: int = 2
     gpus_per_worker: int = 0
+    cpu: str = DEFAULT_POD_CPU
+    memory: str = DEFAULT_POD_MEMORY
     s3: S3Secret = field(default_factory=S3Secret)
     wait_timeout: int = 86400
+    placement: Placement = field(default_factory=_training_placement)
 
     def spec(self, run: TrainRun) -> PyTorchJobSpec:
         """The job for ``run``; its config must be in the object store, where pods read it.
@@ -474,8 +498,11 @@ class PyTorchJobLauncher:
             config_uri=run.config,
             workers=self.workers,
             gpus_per_worker=self.gpus_per_worker,
+            cpu=self.cpu,
+            memory=self.memory,
             s3=self.s3,
             service_account=self.service_account,
+            placement=self.placement,
         )
 
     def launch(self, run: TrainRun) -> None:

@@ -31,7 +31,7 @@ from medseg.config import MedsegConfig
 from medseg.deploy import InferenceServiceSpec
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE, Release
-from medseg.launchers import LAUNCHERS, TrainTarget
+from medseg.launchers import DEFAULT_POD_CPU, DEFAULT_POD_MEMORY, LAUNCHERS, TrainTarget
 from medseg.settings import PlatformSettings
 from medseg.storage import Storage
 
@@ -59,6 +59,10 @@ _SPEC_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: A Kubernetes resource quantity as pods take them (``2``, ``500m``, ``8Gi``, ``1.5``).
+_QUANTITY = r"^[0-9]+(\.[0-9]+)?(m|[kMGTPE]i?|Ki)?$"
+
+
 class _Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,6 +77,8 @@ class TrainingParams(_Group):
         gpus_per_worker: GPUs per PyTorchJob pod (one process each).
         image: The project image, for the PyTorchJob pods.
         timeout: Seconds to wait for the PyTorchJob.
+        cpu, memory: What each PyTorchJob pod requests and is limited to (Kubernetes
+            quantities, e.g. ``500m``, ``4Gi``).
     """
 
     epochs: int = Field(default=0, ge=0)
@@ -81,10 +87,12 @@ class TrainingParams(_Group):
     gpus_per_worker: int = Field(default=0, ge=0)
     image: str = Field(default_factory=lambda: PlatformSettings().images.project, min_length=1)
     timeout: int = Field(default=86400, gt=0)
+    cpu: str = Field(default=DEFAULT_POD_CPU, pattern=_QUANTITY)
+    memory: str = Field(default=DEFAULT_POD_MEMORY, pattern=_QUANTITY)
 
     def target(self) -> TrainTarget:
         """The launch parameters as the launchers take them."""
-        return TrainTarget(self.launcher, self.workers, self.gpus_per_worker)
+        return TrainTarget(self.launcher, self.workers, self.gpus_per_worker, self.cpu, self.memory)
 
 
 class ClusterParams(_Group):
@@ -96,17 +104,20 @@ class ClusterParams(_Group):
         s3_secret: Secret with ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``; empty: the
             release's (``Release.s3_secret``), else an explicit one (``s3.existingSecret``).
         s3_config: ConfigMap with ``S3_ENDPOINT``/``S3_USE_HTTPS``; empty: the release's.
+        fullname_override: The chart's ``fullnameOverride`` (or the FULLNAME a ``nameOverride``
+            gives), when the release was installed with one; empty: derived from ``release``.
     """
 
     namespace: str = Field(default=DEFAULT_RELEASE.namespace, min_length=1)
     release: str = Field(default=DEFAULT_RELEASE.name, min_length=1)
     s3_secret: str = ""
     s3_config: str = ""
+    fullname_override: str = ""
 
     @property
     def names(self) -> Release:
         """The chart's object names of this release."""
-        return Release(self.release, self.namespace)
+        return Release(self.release, self.namespace, fullname_override=self.fullname_override)
 
     def resolved(self) -> ClusterParams:
         """This group with the Secret and ConfigMap names filled in from the release."""

@@ -22,9 +22,11 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from pydantic import AliasChoices, BaseModel, Field, SecretStr, model_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The platform's store (datasets, runs, models) when nothing else is said: the default bucket.
@@ -289,6 +291,85 @@ class Ports(BaseModel):
     minio: int = Field(default=9000, ge=0, le=65535)
 
 
+class Placement(BaseModel):
+    """Where one workload's pods run: the scheduling fields of its pod spec, and pull secrets.
+
+    The names and shapes are Kubernetes' own (camelCase, as in the chart's ``values.yaml``, where
+    every workload's section carries these keys); ``values.schema.json``'s ``placement``
+    definition lists the same keys (``tests/test_settings.py``). The chart hands each block that
+    medseg's code builds pods for (PyTorchJob pods, the predictor, the pipeline's steps) to the
+    Python side as JSON in its ConfigMap (``MEDSEG_PLACEMENT__<WORKLOAD>``,
+    :class:`PlacementSettings`).
+
+    Attributes:
+        node_selector: ``nodeSelector``: labels a node must carry (e.g. a GPU pool's label).
+        tolerations: ``tolerations``: ``V1Toleration`` objects (e.g. of a GPU pool's taint).
+        affinity: ``affinity``: a ``V1Affinity`` object (node, pod and pod anti-affinity).
+        priority_class_name: ``priorityClassName`` (empty: the cluster's default).
+        topology_spread_constraints: ``topologySpreadConstraints``: ``V1TopologySpreadConstraint``
+            objects, added to any the workload has of its own.
+        image_pull_secrets: ``imagePullSecrets`` by name: the chart's global list and the
+            workload image's own, merged.
+    """
+
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, alias_generator=to_camel, populate_by_name=True
+    )
+
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, Any]] = Field(default_factory=list)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: str = ""
+    topology_spread_constraints: list[dict[str, Any]] = Field(default_factory=list)
+    image_pull_secrets: list[str] = Field(default_factory=list)
+
+    def api_fields(self) -> dict[str, Any]:
+        """The non-empty fields as Kubernetes names them (camelCase), for a pod spec."""
+        return self.model_dump(by_alias=True, exclude_defaults=True)
+
+
+class PlacementSettings(BaseSettings):
+    """The placement of each workload medseg's code creates pods for (``MEDSEG_PLACEMENT__*``).
+
+    Each variable holds one :class:`Placement` as JSON; the chart's ConfigMap carries them, and
+    the pipeline maps them into the steps that need them (the chart's ``training``,
+    ``inferenceService`` and ``pipeline.steps`` values). Unset: no constraint.
+
+    Attributes:
+        training: ``MEDSEG_PLACEMENT__TRAINING``: PyTorchJob master and worker pods, and the
+            pipeline's train step (with launcher ``local`` it trains in place).
+        predictor: ``MEDSEG_PLACEMENT__PREDICTOR``: the InferenceService's predictor pods.
+        steps: ``MEDSEG_PLACEMENT__STEPS``: every other pipeline step. KFP sets a step's
+            ``nodeSelector``, ``tolerations``, node affinity and pull secrets only, so this block
+            refuses pod (anti-)affinity, a priority class and topology spread.
+        train_step_gpus: ``MEDSEG_PLACEMENT__TRAIN_STEP_GPUS``: GPUs of the pipeline's train
+            step (an ``nvidia.com/gpu`` accelerator limit), for launcher ``local``; PyTorchJob
+            pods take the ``training`` group's ``gpus_per_worker``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MEDSEG_PLACEMENT__", extra="ignore")
+
+    training: Placement = Field(default_factory=Placement)
+    predictor: Placement = Field(default_factory=Placement)
+    steps: Placement = Field(default_factory=Placement)
+    train_step_gpus: int = Field(default=0, ge=0)
+
+    @model_validator(mode="after")
+    def _steps_as_kfp_sets_them(self) -> PlacementSettings:
+        # A GPU train step takes only these fields of ``training``; the PyTorchJob pods get all.
+        fields = self.steps.api_fields()
+        unsupported: list[str] = [
+            k for k in ("priorityClassName", "topologySpreadConstraints") if k in fields
+        ]
+        unsupported += [f"affinity.{key}" for key in self.steps.affinity if key != "nodeAffinity"]
+        if unsupported:
+            raise ValueError(
+                f"placement.steps: KFP cannot set {', '.join(unsupported)} on a pipeline step "
+                "(kfp-kubernetes sets nodeSelector, tolerations, nodeAffinity and imagePullSecrets)"
+            )
+        return self
+
+
 #: The defaults, for signatures and command-line options (the environment is not read).
 DEFAULT_IMAGES = Images()
 DEFAULT_PORTS = Ports()
@@ -303,6 +384,7 @@ class PlatformSettings(BaseSettings):
         ports: ``MEDSEG_PORTS__HTTP``, ``MEDSEG_PORTS__GRPC``, ``MEDSEG_PORTS__MINIO``.
         storage: The object-store connection (its own names: ``S3_ENDPOINT``, …).
         server: The model server's limits (``MEDSEG_SERVER_*``).
+        placement: Where each workload's pods run (``MEDSEG_PLACEMENT__*``).
     """
 
     model_config = SettingsConfigDict(
@@ -314,6 +396,7 @@ class PlatformSettings(BaseSettings):
     ports: Ports = Field(default_factory=Ports)
     storage: StorageSettings = Field(default_factory=StorageSettings.from_env)
     server: ServerLimits = Field(default_factory=ServerLimits)
+    placement: PlacementSettings = Field(default_factory=PlacementSettings)
 
     @property
     def bucket(self) -> str | None:

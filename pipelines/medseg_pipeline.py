@@ -6,9 +6,10 @@ artifacts (``Dataset``, ``Model``, ``Metrics``, ``HTML``) that reference the dat
 store by content (:mod:`medseg.pipeline_params`). The first step checks every parameter group
 and names the release's S3 Secret and ConfigMap; on a cluster every later step gets the
 object-store credentials from that Secret and the endpoint from that ConfigMap (kfp-kubernetes),
-CPU/memory requests and limits, and caching only where its key names its inputs' content (see
-``docs/architecture.md``). Register and deploy run only when the quality gate passes: the gate
-step fails the run otherwise.
+CPU/memory requests and limits, its placement (node selector, tolerations, node affinity and pull
+secrets of :class:`medseg.settings.PlacementSettings`, read when the pipeline is compiled), and
+caching only where its key names its inputs' content (see ``docs/architecture.md``). Register
+and deploy run only when the quality gate passes: the gate step fails the run otherwise.
 """
 
 from typing import Any
@@ -27,7 +28,7 @@ from components import (
     train_op,
 )
 from medseg.pipeline_params import ClusterParams, DeploymentParams, TrainingParams
-from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
+from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE, Placement, PlacementSettings
 
 __all__ = ["CACHED", "PIPELINE_NAME", "medseg_pipeline"]
 
@@ -52,10 +53,30 @@ RESOURCES = {
 #: under the same name; medseg.ingest keys its own cache on the source's content), not train
 #: (a run id per run), register (a new version each time) or deploy (cluster state).
 CACHED = {"preprocess", "predict", "evaluate"}
+#: Where the steps run, as compiled: the chart's upload Job reads it from the release's ConfigMap.
+PLACEMENT = PlacementSettings()
+#: The release ConfigMap's placement the steps that create pods read at run time, by step: the
+#: train step's launcher places the PyTorchJob, the deploy step the predictor.
+PLACEMENT_ENV = {"train": "MEDSEG_PLACEMENT__TRAINING", "deploy": "MEDSEG_PLACEMENT__PREDICTOR"}
 #: The parameter groups' defaults (the pipeline's ``dict`` parameters).
 TRAINING = TrainingParams().model_dump(mode="json")
 CLUSTER = ClusterParams().model_dump(mode="json")
 DEPLOYMENT = DeploymentParams().model_dump(mode="json")
+
+
+def _place(task: Any, placement: Placement, gpus: int = 0) -> None:
+    """Set what KFP can of ``placement`` on ``task`` (PlacementSettings refuses the rest)."""
+    fields = placement.api_fields()
+    if "nodeSelector" in fields:
+        kubernetes.add_node_selector_json(task, fields["nodeSelector"])
+    for toleration in fields.get("tolerations", []):
+        kubernetes.add_toleration_json(task, toleration)
+    if "nodeAffinity" in placement.affinity:
+        kubernetes.add_node_affinity_json(task, placement.affinity["nodeAffinity"])
+    if placement.image_pull_secrets:
+        kubernetes.set_image_pull_secrets(task, list(placement.image_pull_secrets))
+    if gpus:  # KServe's and the Training Operator's resource name, as a limit
+        task.set_accelerator_type("nvidia.com/gpu").set_accelerator_limit(gpus)
 
 
 def _configure(task: Any, step: str, names: Any) -> Any:
@@ -64,13 +85,24 @@ def _configure(task: Any, step: str, names: Any) -> Any:
     task.set_memory_request(mem_req).set_memory_limit(mem_lim)
     task.set_caching_options(step in CACHED)
     task.set_display_name(step)
+    if step == "train" and PLACEMENT.train_step_gpus:  # it trains in place: on the training pool
+        _place(task, PLACEMENT.training, PLACEMENT.train_step_gpus)
+    else:
+        _place(task, PLACEMENT.steps)
     if names is None:  # the params step: no object store
         return task
+    env = {"S3_ENDPOINT": "S3_ENDPOINT", "S3_USE_HTTPS": "S3_USE_HTTPS"}
     kubernetes.use_config_map_as_env(
-        task,
-        config_map_name=names.outputs["s3_config"],
-        config_map_key_to_env={"S3_ENDPOINT": "S3_ENDPOINT", "S3_USE_HTTPS": "S3_USE_HTTPS"},
+        task, config_map_name=names.outputs["s3_config"], config_map_key_to_env=env
     )
+    if step in PLACEMENT_ENV:  # optional: a ConfigMap of the user's own may lack it
+        key = PLACEMENT_ENV[step]
+        kubernetes.use_config_map_as_env(
+            task,
+            config_map_name=names.outputs["s3_config"],
+            config_map_key_to_env={key: key},
+            optional=True,
+        )
     kubernetes.use_secret_as_env(
         task,
         secret_name=names.outputs["s3_secret"],

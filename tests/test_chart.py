@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from medseg.kube import PIPELINE_RULES, role_rules
+from medseg.settings import PlacementSettings
 from tests.k8s import kserve_api_client
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -186,6 +187,32 @@ def test_rbac_and_network_policy() -> None:
             ["--set", "inferenceService.terminationGracePeriodSeconds=5"],
             "minimum: got 5, want 10",
         ),
+        (
+            [
+                "--set",
+                "pipeline.steps.priorityClassName=high",
+                "--set",
+                "pipeline.steps.affinity.podAntiAffinity.x=y",
+            ],
+            "pipeline.steps.priorityClassName: KFP cannot set it on a pipeline step",
+        ),
+        (
+            ["--set", "pipeline.steps.affinity.podAffinity.x=y"],
+            "pipeline.steps.affinity.podAffinity: KFP sets only affinity.nodeAffinity",
+        ),
+        (["--set", "training.tolerations[0].operator=Sometimes"], "'Equal', 'Exists'"),
+        (["--set", "minio.affinity.nodeAfinity.x=y"], "additional properties 'nodeAfinity'"),
+        (["--set", "nameOverride=Bad_Name"], "nameOverride"),
+        (["--set", "imagePullSecrets[0].name=reg"], "imagePullSecrets"),
+        (
+            [
+                "--set",
+                "inferenceService.gpus=1",
+                "--set-string",
+                "inferenceService.resources.limits.nvidia\\.com/gpu=1",
+            ],
+            "set inferenceService.gpus instead",
+        ),
     ],
     ids=[
         "negative-min",
@@ -198,6 +225,13 @@ def test_rbac_and_network_policy() -> None:
         "no-endpoint",
         "unknown-key",
         "grace-below-margin",
+        "steps-placement-kfp-cannot-set",
+        "steps-pod-affinity",
+        "toleration-operator",
+        "affinity-typo",
+        "name-override",
+        "pull-secret-not-a-name",
+        "predictor-gpus-twice",
     ],
 )
 def test_bad_values_are_rejected_by_helm(args: list[str], message: str) -> None:
@@ -255,13 +289,30 @@ def test_kustomize_build_equals_the_chart_render(overlay: str, values: list[str]
     assert not any(o["kind"] == "Secret" for o in built)
 
 
-@pytest.mark.parametrize("release", ["medseg", "prod", "my-medseg-2", "x" * 40])
-def test_release_names_match_the_chart(release: str) -> None:
-    """medseg.kube.Release derives the names the chart gives its objects, for any release name."""
+@pytest.mark.parametrize(
+    ("release", "name_override", "fullname_override"),
+    [
+        ("medseg", "", ""),
+        ("prod", "", ""),
+        ("my-medseg-2", "", ""),
+        ("x" * 40, "", ""),
+        ("prod", "seg", ""),
+        ("segments", "seg", ""),
+        ("prod", "", "imaging"),
+        ("prod", "seg", "imaging-" + "y" * 40),
+    ],
+)
+def test_release_names_match_the_chart(
+    release: str, name_override: str, fullname_override: str
+) -> None:
+    """medseg.kube.Release derives the names the chart gives its objects, for any release name
+    and nameOverride / fullnameOverride."""
     from medseg.kube import Release
 
-    names = Release(release, "ns")
-    done = helm("template", release, str(CHART), "--namespace", "ns")
+    names = Release(release, "ns", name_override, fullname_override)
+    done = helm("template", release, str(CHART), "--namespace", "ns",
+                "--set", f"nameOverride={name_override}",
+                "--set", f"fullnameOverride={fullname_override}")  # fmt: skip
     assert done.returncode == 0, done.stderr
     objs = {(o["kind"], o["metadata"]["name"]) for o in yaml.safe_load_all(done.stdout) if o}
     assert ("Secret", names.s3_secret) in objs
@@ -327,6 +378,18 @@ def _spec_of_values(values: dict[str, Any]) -> Any:
     )
 
 
+def placement_env(objs: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Set the ``MEDSEG_PLACEMENT__*`` variables of the rendered ConfigMap, as a step gets them."""
+    (config,) = [
+        o for o in objs if o["kind"] == "ConfigMap" and o["metadata"]["name"].endswith("-s3")
+    ]
+    env = {k: v for k, v in config["data"].items() if k.startswith("MEDSEG_PLACEMENT__")}
+    assert set(env) == {f"MEDSEG_PLACEMENT__{k.upper()}" for k in PlacementSettings.model_fields}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
+
+
 def _applied(isvc: Any) -> dict[str, Any]:
     """An InferenceService as medseg sends it to the API server (camelCase JSON)."""
     data: dict[str, Any] = kserve_api_client().sanitize_for_serialization(isvc)
@@ -345,11 +408,18 @@ def _compare(rendered: dict[str, Any], applied: dict[str, Any]) -> None:
 @pytest.mark.parametrize(
     "values", [v for v in VALUES if "external" not in v.name], ids=lambda p: p.stem
 )
-def test_chart_and_deploy_build_the_same_inference_service(values: Path) -> None:
-    """`medseg deploy` and the pipeline's deploy step apply the object the chart renders."""
+def test_chart_and_deploy_build_the_same_inference_service(
+    values: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`medseg deploy` and the pipeline's deploy step apply the object the chart renders.
+
+    The predictor's placement reaches them as in a pipeline step: from the release's ConfigMap.
+    """
     from medseg.deploy import build_inference_service
 
-    (rendered,) = [o for o in render("-f", str(values)) if o["kind"] == "InferenceService"]
+    objs = render("-f", str(values))
+    placement_env(objs, monkeypatch)
+    (rendered,) = [o for o in objs if o["kind"] == "InferenceService"]
     _compare(rendered, _applied(build_inference_service(_spec_of_values(_merged_values(values)))))
 
 
@@ -446,3 +516,238 @@ def test_pytorchjob_pods_carry_the_chart_security_contexts() -> None:
         assert {"name": "HOME", "value": "/tmp"} in container["env"]
         assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
         assert {"name": "tmp", "emptyDir": {}} in pod["volumes"]
+
+
+# --- placement: one block per workload, the chart's pods and medseg's alike --------------------
+
+#: The placement keys of a pod spec (medseg.settings.Placement's fields, by Kubernetes' names).
+PLACEMENT_KEYS = (
+    "nodeSelector",
+    "tolerations",
+    "affinity",
+    "priorityClassName",
+    "topologySpreadConstraints",
+    "imagePullSecrets",
+)
+
+
+def _block(n: int) -> dict[str, Any]:
+    """A placement block that no other block equals (``n`` tells them apart)."""
+    return {
+        "nodeSelector": {"medseg.io/pool": f"pool-{n}"},
+        "tolerations": [{"key": f"taint-{n}", "operator": "Exists", "effect": "NoSchedule"}],
+        "affinity": {
+            "nodeAffinity": {
+                "preferredDuringSchedulingIgnoredDuringExecution": [
+                    {"weight": n, "preference": {"matchExpressions": [
+                        {"key": "zone", "operator": "In", "values": [f"z{n}"]}]}}
+                ]
+            }
+        },
+        "priorityClassName": f"class-{n}",
+        "topologySpreadConstraints": [
+            {"maxSkew": n, "topologyKey": "topology.kubernetes.io/zone",
+             "whenUnsatisfiable": "DoNotSchedule"}
+        ],
+    }  # fmt: skip
+
+
+#: A values file placing every workload differently, with pull secrets global and per image.
+PLACED = {
+    "imagePullSecrets": ["global-reg"],
+    "image": {"pullSecrets": ["project-reg"]},
+    "serverImage": {"pullSecrets": ["server-reg"]},
+    "minio": {
+        **_block(1),
+        "image": {"pullSecrets": ["minio-reg"]},
+        "mcImage": {"pullSecrets": ["mc-reg"]},
+        "bucketJob": _block(2),
+    },
+    "pipeline": {
+        "upload": {"enabled": True, "host": "http://kfp:8888", **_block(3)},
+        "steps": {k: v for k, v in _block(4).items()
+                  if k not in ("priorityClassName", "topologySpreadConstraints")},
+    },
+    "training": _block(5),
+    "inferenceService": {"deploymentMode": "Standard", "scaleMetric": "cpu", "scaleTarget": 70,
+                         **_block(6)},
+    "commonLabels": {"team": "imaging"},
+    "commonAnnotations": {"medseg.io/owner": "radiology"},
+}  # fmt: skip
+
+
+def _placed(tmp_path: Path) -> tuple[Path, list[dict[str, Any]]]:
+    path = tmp_path / "placed-values.yaml"
+    path.write_text(yaml.safe_dump(PLACED))
+    return path, render("-f", str(path))
+
+
+def _placement_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {k: pod[k] for k in PLACEMENT_KEYS if k in pod}
+
+
+def _expected(block: dict[str, Any], secrets: list[str]) -> dict[str, Any]:
+    return {**block, "imagePullSecrets": [{"name": s} for s in secrets]}
+
+
+def test_every_workload_is_placed_by_its_own_block(tmp_path: Path) -> None:
+    """MinIO, its bucket Job, the upload Job and the predictor each get exactly their block."""
+    _, objs = _placed(tmp_path)
+    for obj in objs:
+        if (obj["apiVersion"], obj["kind"]) not in CUSTOM:
+            kubernetes_validate.validate(obj, K8S_VERSIONS[-1], strict=True)
+    pods = {
+        obj["metadata"]["labels"].get("app.kubernetes.io/component", obj["kind"]): pod
+        for obj in objs
+        for pod in _pod_specs(obj)
+    }
+    assert set(pods) == {"minio", "bucket", "pipeline-upload", "InferenceService"}
+    assert _placement_of(pods["minio"]) == _expected(_block(1), ["global-reg", "minio-reg"])
+    assert _placement_of(pods["bucket"]) == _expected(_block(2), ["global-reg", "mc-reg"])
+    assert _placement_of(pods["pipeline-upload"]) == _expected(
+        _block(3), ["global-reg", "project-reg"]
+    )
+    predictor = _placement_of(pods["InferenceService"])
+    own_spread = predictor["topologySpreadConstraints"].pop(0)  # Standard mode's, first
+    assert own_spread["topologyKey"] == "kubernetes.io/hostname"
+    assert predictor == _expected(_block(6), ["global-reg", "server-reg"])
+    # The upload Job compiles the pipeline with the ConfigMap's placement in its environment.
+    (upload,) = [o for o in objs if o["kind"] == "Job" and "upload" in o["metadata"]["name"]]
+    (container,) = upload["spec"]["template"]["spec"]["containers"]
+    assert container["envFrom"] == [{"configMapRef": {"name": "medseg-s3"}}]
+    # commonLabels and commonAnnotations on every object; selectors keep the chart's own.
+    for obj in objs:
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert obj["metadata"]["labels"]["team"] == "imaging", where
+        assert obj["metadata"]["annotations"]["medseg.io/owner"] == "radiology", where
+    (sts,) = [o for o in objs if o["kind"] == "StatefulSet"]
+    assert "team" not in sts["spec"]["selector"]["matchLabels"]
+
+
+def test_configmap_hands_each_block_to_the_python_builders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The PyTorchJob pods, the predictor and the pipeline steps read the chart's blocks."""
+    from kubernetes.client import ApiClient
+
+    from medseg.deploy import build_inference_service
+    from medseg.launchers import PyTorchJobSpec, build_pytorchjob
+
+    path, objs = _placed(tmp_path)
+    placement_env(objs, monkeypatch)
+    settings = PlacementSettings()
+    assert settings.steps.api_fields() == {
+        **PLACED["pipeline"]["steps"], "imagePullSecrets": ["global-reg", "project-reg"]
+    }  # fmt: skip
+    job = build_pytorchjob(
+        PyTorchJobSpec(
+            name="j", image="i", dataset="d@v", store="s3://b", run_id="r", config_uri="s3://b/c"
+        )
+    )
+    data = ApiClient().sanitize_for_serialization(job)
+    want = _expected(_block(5), ["global-reg", "project-reg"])
+    for role in ("Master", "Worker"):
+        assert _placement_of(data["spec"]["pytorchReplicaSpecs"][role]["template"]["spec"]) == want
+    (rendered,) = [o for o in objs if o["kind"] == "InferenceService"]
+    del rendered["metadata"]["annotations"]["medseg.io/owner"]  # commonAnnotations: the chart's
+    spec = _spec_of_values(_merged_values(path))
+    _compare(rendered, _applied(build_inference_service(spec)))
+
+
+def test_gpu_pool_places_gpu_work_on_the_pool_and_nothing_else(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """ci/gpu-pool-values.yaml: training and the predictor select and tolerate the GPU pool,
+    with nvidia.com/gpu limits; MinIO, its Job and the pipeline's steps carry neither."""
+    from kubernetes.client import ApiClient
+
+    from medseg.launchers import PyTorchJobSpec, build_pytorchjob
+
+    values = CHART / "ci" / "gpu-pool-values.yaml"
+    pool = yaml.safe_load(values.read_text())["training"]
+    objs = render("-f", str(values))
+    (isvc,) = [o for o in objs if o["kind"] == "InferenceService"]
+    predictor = isvc["spec"]["predictor"]
+    assert predictor["nodeSelector"] == pool["nodeSelector"]
+    assert predictor["tolerations"] == pool["tolerations"]
+    assert predictor["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for obj in objs:
+        for pod in _pod_specs(obj):
+            assert pod["imagePullSecrets"] == [{"name": "medseg-registry"}]
+            if obj["kind"] != "InferenceService":
+                assert "nodeSelector" not in pod and "tolerations" not in pod, obj["kind"]
+    placement_env(objs, monkeypatch)
+    assert PlacementSettings().steps.api_fields() == {"imagePullSecrets": ["medseg-registry"]}
+    job = build_pytorchjob(
+        PyTorchJobSpec(name="j", image="i", dataset="d@v", store="s3://b", run_id="r",
+                       config_uri="s3://b/c", workers=2, gpus_per_worker=2)
+    )  # fmt: skip
+    data = ApiClient().sanitize_for_serialization(job)
+    for replica in data["spec"]["pytorchReplicaSpecs"].values():
+        pod = replica["template"]["spec"]
+        assert pod["nodeSelector"] == pool["nodeSelector"]
+        assert pod["tolerations"] == pool["tolerations"]
+        assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"
+
+
+# --- the README's parameters table: generated from values.yaml's `## @param` lines -------------
+
+
+def _leaves(values: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """Every value, by its dotted path (an empty map or list is a value; a full map is not)."""
+    out: list[tuple[str, Any]] = []
+    for key, value in values.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict) and value:
+            out += _leaves(value, path)
+        else:
+            out.append((path, value))
+    return out
+
+
+def _shown(value: Any) -> str:
+    """A default as readme-generator-for-helm writes it in the table."""
+    if value == "":
+        return '""'
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (dict, list)):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def test_every_value_is_documented_and_the_readme_table_is_generated_from_them() -> None:
+    """Each value has its `## @param` line, in order, and a schema entry; README.md's table is
+    the generator's output for them (`make manifests`): names, descriptions and defaults."""
+    import re
+
+    text = (CHART / "values.yaml").read_text()
+    params = re.findall(r"^ *## @param (\S+) (?:\[\w+\] )?(.+)$", text, re.MULTILINE)
+    leaves = _leaves(yaml.safe_load(text))
+    assert [name for name, _ in params] == [path for path, _ in leaves]
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    for path, _ in leaves:  # a schema entry for each (or for a map that takes any key)
+        node = schema
+        for part in path.split("."):
+            while "$ref" in node:
+                node = _resolve(schema, node["$ref"])
+            if "properties" not in node:
+                assert node.get("additionalProperties", True) is not False, path
+                break
+            assert part in node["properties"], path
+            node = node["properties"][part]
+    readme = (CHART / "README.md").read_text()
+    rows = re.findall(r"^\| `([^`]+)` +\| (.*?) +\| `(.*)` +\|$", readme, re.MULTILINE)
+    want = [
+        (name, desc, _shown(value)) for (name, desc), (_, value) in zip(params, leaves, strict=True)
+    ]
+    assert rows == want, "run `make manifests` and commit charts/medseg/README.md"
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"readme-generator-for-helm@\d+\.\d+\.\d+\n", makefile)  # pinned
+
+
+def _resolve(schema: dict[str, Any], ref: str) -> dict[str, Any]:
+    node: dict[str, Any] = schema
+    for step in ref.removeprefix("#/").split("/"):
+        node = node[step]
+    return node

@@ -36,7 +36,7 @@ from medseg.kube import (
     container_security_context,
 )
 from medseg.launchers import PyTorchJobSpec, S3Secret, submit_pytorchjob
-from medseg.settings import ServerLimits
+from medseg.settings import Placement, ServerLimits
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "cluster.py"
@@ -164,6 +164,115 @@ def namespaced_leftovers(namespace: str) -> list[str]:
     return sorted(set(out.stdout.split()) - builtin)
 
 
+# --- placement: a tainted GPU pool ------------------------------------------------------------
+
+GPU_POOL = yaml.safe_load((CHART / "ci" / "gpu-pool-values.yaml").read_text())
+#: The pool's placement, as ci/gpu-pool-values.yaml gives training and the predictor.
+POOL = Placement.model_validate(
+    {k: GPU_POOL["training"][k] for k in ("nodeSelector", "tolerations")}
+    | {"imagePullSecrets": GPU_POOL["imagePullSecrets"]}
+)
+GPU_NODE = "kwok-gpu-0"
+
+
+@pytest.fixture(scope="module")
+def gpu_pool(cluster: ModuleType) -> Iterator[str]:
+    """A kwok node of the GPU pool: labelled and tainted as ci/gpu-pool-values.yaml expects."""
+    (toleration,) = POOL.tolerations
+    node = {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {
+            "name": GPU_NODE,
+            "annotations": {"kwok.x-k8s.io/node": "fake", "node.alpha.kubernetes.io/ttl": "0"},
+            "labels": {"kubernetes.io/hostname": GPU_NODE, "kubernetes.io/os": "linux",
+                       "type": "kwok", **POOL.node_selector},
+        },
+        "spec": {"taints": [{"key": toleration["key"], "value": "present",
+                             "effect": toleration["effect"]}]},
+    }  # fmt: skip
+    done = kubectl("apply", "-f", "-", stdin=json.dumps(node))
+    assert done.returncode == 0, done.stderr
+    try:
+        # Capacity, as scripts/cluster.py gives its own node (kwok keeps a node's own).
+        status = {"status": {"capacity": CL.NODE_CAPACITY, "allocatable": CL.NODE_CAPACITY}}
+        done = kubectl("patch", "node", GPU_NODE, "--subresource=status", "--type=merge",
+                       "-p", json.dumps(status))  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        eventually(
+            lambda: any(
+                c["type"] == "Ready" and c["status"] == "True"
+                for c in kubectl_json("get", "node", GPU_NODE)["status"].get("conditions", [])
+            ),
+            what=f"node {GPU_NODE} Ready (kwok)",
+        )
+        yield GPU_NODE
+    finally:
+        kubectl("delete", "node", GPU_NODE, "--wait=false")
+
+
+def _scheduled(ns: str, name: str) -> dict[str, Any] | None:
+    """The pod's PodScheduled condition once the scheduler has decided (None before)."""
+    pod = kubectl_json("get", "pod", name, "-n", ns)
+    conditions = pod["status"].get("conditions") or []
+    return next((c for c in conditions if c["type"] == "PodScheduled"), None)
+
+
+def test_scheduler_honours_node_selectors_and_taints(gpu_pool: str) -> None:
+    """Pods placed by medseg.kube.pod_placement, on the real scheduler: a node selector that no
+    node satisfies, or a tainted pool without its toleration, leaves the pod Pending with the
+    scheduler's reason; the pool's placement (selector and toleration) puts it on the pool."""
+    from kubernetes.client import ApiClient, V1Container, V1ObjectMeta, V1Pod, V1PodSpec
+
+    from medseg.kube import pod_placement, pod_security_context, resources
+
+    ns = "placement"
+    make_namespace(ns)
+    placements = {
+        "nowhere": Placement(node_selector={"medseg.io/pool": "absent"}),
+        "untolerated": Placement(node_selector=POOL.node_selector),
+        "pool": POOL,
+    }
+    try:
+        for name, placement in placements.items():
+            pod = V1Pod(
+                api_version="v1",
+                kind="Pod",
+                metadata=V1ObjectMeta(name=name, namespace=ns),
+                spec=V1PodSpec(
+                    containers=[V1Container(
+                        name="c", image=SERVER_IMAGE, resources=resources("100m", "64Mi"),
+                        security_context=container_security_context())],
+                    security_context=pod_security_context(),
+                    **pod_placement(placement),
+                ),
+            )  # fmt: skip
+            doc = json.dumps(ApiClient().sanitize_for_serialization(pod))
+            done = kubectl("apply", "-f", "-", stdin=doc)
+            assert done.returncode == 0, done.stderr
+        for name, reason in (("nowhere", "didn't match Pod's node affinity/selector"),
+                             ("untolerated", "untolerated taint")):  # fmt: skip
+            cond = eventually(lambda n=name: _scheduled(ns, n), what=f"{name} considered")
+            assert (cond["status"], cond["reason"]) == ("False", "Unschedulable"), cond
+            assert reason in cond["message"], cond["message"]
+            pod = kubectl_json("get", "pod", name, "-n", ns)
+            assert pod["status"]["phase"] == "Pending" and not pod["spec"].get("nodeName")
+            events = kubectl_json("get", "events", "-n", ns,
+                                  "--field-selector", f"involvedObject.name={name}")  # fmt: skip
+            assert any(e["reason"] == "FailedScheduling" for e in events["items"]), name
+        eventually(
+            lambda: (
+                kubectl_json("get", "pod", "pool", "-n", ns)["status"].get("phase") == "Running"
+            ),
+            what="the pool's pod Running",
+        )
+        pod = kubectl_json("get", "pod", "pool", "-n", ns)
+        assert pod["spec"]["nodeName"] == gpu_pool
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "medseg-registry"}]
+    finally:
+        drop_namespace(ns)
+
+
 # --- the chart ----------------------------------------------------------------------------
 
 
@@ -186,8 +295,45 @@ def _prepare(values: Path, release: Release) -> None:
         minio_volume(release)
 
 
+#: A pod spec's placement fields, as the chart renders them from a workload's block.
+PLACEMENT_KEYS = ("nodeSelector", "tolerations", "affinity", "priorityClassName",
+                  "topologySpreadConstraints", "imagePullSecrets")  # fmt: skip
+
+
+def _placement_of(pod: dict[str, Any]) -> dict[str, Any]:
+    return {k: pod[k] for k in PLACEMENT_KEYS if k in pod}
+
+
+def _template(obj: dict[str, Any]) -> dict[str, Any]:
+    """The pod spec an object renders: a workload's template, or the predictor's."""
+    if obj["kind"] == "InferenceService":
+        return dict(obj["spec"]["predictor"])
+    return dict(obj["spec"]["template"]["spec"])
+
+
+def _check_placement(objs: list[dict[str, Any]], ns: str, pods: list[dict[str, Any]]) -> None:
+    """Object by object, the live pod specs carry the rendered placement, and every pod runs
+    on a node its selector allows with its image's pull secrets."""
+    owners = [o for o in objs if o["kind"] in ("StatefulSet", "Job", "InferenceService")]
+    for obj in owners:
+        live = kubectl_json("get", obj["kind"].lower(), obj["metadata"]["name"], "-n", ns)
+        where = f"{obj['kind']}/{obj['metadata']['name']}"
+        assert _placement_of(_template(live)) == _placement_of(_template(obj)), where
+    secrets = {s["name"] for o in owners for s in _template(o).get("imagePullSecrets", [])}
+    for pod in pods:
+        node = kubectl_json("get", "node", pod["spec"]["nodeName"])
+        selector = pod["spec"].get("nodeSelector", {})
+        assert selector.items() <= node["metadata"]["labels"].items(), pod["metadata"]["name"]
+        if secrets:  # the global pull secret of ci/gpu-pool-values.yaml: on every pod
+            assert {"name": "medseg-registry"} in pod["spec"]["imagePullSecrets"]
+
+
 @pytest.mark.parametrize("values", VALUES, ids=lambda p: p.stem)
-def test_chart_installs_upgrades_and_uninstalls(cluster: ModuleType, values: Path) -> None:
+def test_chart_installs_upgrades_and_uninstalls(
+    cluster: ModuleType, values: Path, request: pytest.FixtureRequest
+) -> None:
+    if values.name == "gpu-pool-values.yaml":
+        request.getfixturevalue("gpu_pool")  # the pool its predictor is placed on
     release = Release("rel", f"chart-{values.stem.removesuffix('-values')}")
     ns = release.namespace
     make_namespace(ns)
@@ -217,6 +363,14 @@ def test_chart_installs_upgrades_and_uninstalls(cluster: ModuleType, values: Pat
         for pod in pods:
             for c in pod["spec"].get("initContainers", []) + pod["spec"]["containers"]:
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False, c["name"]
+        _check_placement(objs, ns, pods)
+        if values.name == "gpu-pool-values.yaml":  # the GPU predictor on the pool, nothing else
+            for pod in pods:
+                on_pool = pod["spec"]["nodeName"] == GPU_NODE
+                predictor = "serving.kserve.io/inferenceservice" in pod["metadata"]["labels"]
+                assert on_pool == predictor, (pod["metadata"]["name"], pod["spec"]["nodeName"])
+            assert any("serving.kserve.io/inferenceservice" in p["metadata"]["labels"]
+                       for p in pods)  # fmt: skip
         up = helm("upgrade", release.name, str(CHART), "-n", ns, "-f", str(values),
                   "--set", "inferenceService.maxReplicas=9")  # fmt: skip
         assert up.returncode == 0, up.stderr
@@ -323,7 +477,9 @@ def installed(cluster: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> 
     drop_namespace(inst.release.namespace)
 
 
-def test_pytorchjob_is_reconciled_into_pods_that_succeed(installed: Installed) -> None:
+def test_pytorchjob_is_reconciled_into_pods_that_succeed(
+    installed: Installed, gpu_pool: str
+) -> None:
     from kubeflow.training import TrainingClient
 
     release = installed.release
@@ -341,6 +497,8 @@ def test_pytorchjob_is_reconciled_into_pods_that_succeed(installed: Installed) -
         memory="2Gi",
         s3=S3Secret(name=release.s3_secret, config=release.s3_config),
         service_account=release.pipeline_service_account,
+        gpus_per_worker=1,
+        placement=POOL,  # the GPU pool's, as ci/gpu-pool-values.yaml places training
     )
     # As the chart's pipeline ServiceAccount: a missing permission fails here with 403.
     client = TrainingClient(config_file=str(installed.kubeconfig), namespace=ns)
@@ -367,7 +525,14 @@ def test_pytorchjob_is_reconciled_into_pods_that_succeed(installed: Installed) -
         assert refs["AWS_SECRET_ACCESS_KEY"]["secretKeyRef"]["name"] == "prod-medseg-s3"
         assert refs["S3_ENDPOINT"]["configMapKeyRef"]["name"] == "prod-medseg-s3"
         resources = container["resources"]
-        assert resources["requests"] == resources["limits"] == {"cpu": "1", "memory": "2Gi"}
+        # An extended resource's request defaults to its limit (the API server's defaulting).
+        want = {"cpu": "1", "memory": "2Gi", "nvidia.com/gpu": "1"}
+        assert resources["requests"] == resources["limits"] == want
+        # Master and worker on the tainted GPU pool: its selector, its toleration, pull secret.
+        assert pod["spec"]["nodeName"] == gpu_pool
+        assert pod["spec"]["nodeSelector"] == POOL.node_selector
+        assert all(t in pod["spec"]["tolerations"] for t in POOL.tolerations)
+        assert pod["spec"]["imagePullSecrets"] == [{"name": "medseg-registry"}]
         assert pod["spec"]["serviceAccountName"] == "prod-medseg-pipeline"
         for c in pod["spec"].get("initContainers", []):  # the operator's init-pytorch
             assert c["securityContext"]["runAsNonRoot"] is True, c["name"]

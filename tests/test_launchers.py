@@ -112,3 +112,8 @@ def test_train_target_picks_its_launcher() -> None:
         2,
     )
     assert cluster.wait_timeout == 60
+    # Each pod's size is the run's: a 2-core node fits a job of small pods, not of default ones.
+    small = TrainTarget("pytorchjob", workers=2, cpu="500m", memory="3Gi").launcher_for("img")
+    (pod,) = {str(r.template.spec.containers[0].resources) for r in build_pytorchjob(
+        small.spec(RUN)).spec.pytorch_replica_specs.values()}  # fmt: skip
+    assert "'cpu': '500m'" in pod and "'memory': '3Gi'" in pod

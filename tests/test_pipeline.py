@@ -426,3 +426,70 @@ def test_the_pipeline_checks_its_groups_in_its_first_step(
         )
     assert "Executing task 'params-op'" in log.getvalue()
     assert "Executing task 'ingest-op'" not in log.getvalue()
+
+
+def test_steps_are_placed_as_the_release_configmap_says(tmp_path: Path) -> None:
+    """Compiled with the ConfigMap's placement (as the chart's upload Job does): every step gets
+    the steps' block, a GPU train step the training pool's with an nvidia.com/gpu accelerator,
+    and the train and deploy steps read the placement of the pods they create at run time."""
+    gpu = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    affinity = {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}]}}  # fmt: skip
+    env = {
+        **os.environ,
+        "MEDSEG_PLACEMENT__STEPS": json.dumps(
+            {"nodeSelector": {"medseg.io/pool": "cpu"}, "imagePullSecrets": ["reg"],
+             "affinity": {"nodeAffinity": affinity}}
+        ),
+        "MEDSEG_PLACEMENT__TRAINING": json.dumps(
+            {"nodeSelector": {"medseg.io/pool": "gpu"}, "tolerations": [gpu],
+             "imagePullSecrets": ["reg"], "priorityClassName": "training"}
+        ),
+        "MEDSEG_PLACEMENT__TRAIN_STEP_GPUS": "2",
+    }  # fmt: skip
+    out = tmp_path / "pipeline.yaml"
+    code = (
+        "import sys; from pathlib import Path\n"
+        "from medseg.pipeline_runner import compile_pipeline\n"
+        "from pipelines.medseg_pipeline import medseg_pipeline\n"
+        "compile_pipeline(medseg_pipeline, Path(sys.argv[1]))\n"
+    )
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    spec, platform = yaml.safe_load_all(out.read_text())
+    k8s = platform["platforms"]["kubernetes"]["deploymentSpec"]["executors"]
+    executors = spec["deploymentSpec"]["executors"]
+
+    def placed(step: str) -> tuple[Any, ...]:
+        config = k8s[f"exec-{step}-op"]
+        affinities = config.get("nodeAffinity", [])
+        return (
+            config["nodeSelector"]["nodeSelectorJson"]["runtimeValue"]["constant"],
+            config.get("tolerations", []),
+            [a["nodeAffinityJson"]["runtimeValue"]["constant"] for a in affinities],
+            [s["secretName"] for s in config["imagePullSecret"]],
+        )
+
+    for step in STEPS:
+        resources = executors[f"exec-{step}-op"]["container"]["resources"]
+        if step == "train":
+            assert placed(step) == ({"medseg.io/pool": "gpu"}, [gpu], [], ["reg"])
+            assert resources["accelerator"]["resourceType"] == "nvidia.com/gpu"
+            assert resources["accelerator"]["resourceCount"] == "2"
+        else:  # CPU steps: the CPU pool, no GPU toleration, no accelerator
+            assert placed(step) == ({"medseg.io/pool": "cpu"}, [], [affinity], ["reg"]), step
+            assert "accelerator" not in resources, step
+    for step, key in (("train", "TRAINING"), ("deploy", "PREDICTOR")):
+        optional = [c for c in k8s[f"exec-{step}-op"]["configMapAsEnv"] if c["optional"]]
+        assert [e["envVar"] for c in optional for e in c["keyToEnv"]] == [
+            f"MEDSEG_PLACEMENT__{key}"
+        ]
+    assert not any(c["optional"] for c in k8s["exec-ingest-op"]["configMapAsEnv"])

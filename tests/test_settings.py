@@ -15,6 +15,8 @@ from medseg.settings import (
     DEFAULT_MODEL_NAME,
     DEFAULT_PORTS,
     DEFAULT_STORE,
+    Placement,
+    PlacementSettings,
     PlatformSettings,
     ServerArgs,
     ServerLimits,
@@ -111,3 +113,63 @@ def test_server_args_leave_unset_limits_to_the_servers_environment() -> None:
     full = ServerArgs("d", host="0.0.0.0", max_request_mb=8, max_concurrency=2).command()
     assert full[1:3] == ["-m", "model_server"]
     assert full[-6:] == ["--host", "0.0.0.0", "--max_request_mb", "8", "--max_concurrency", "2"]
+
+
+#: Every workload's section in values.yaml, by its path: each carries one placement block.
+WORKLOADS = (
+    ("minio",),
+    ("minio", "bucketJob"),
+    ("pipeline", "upload"),
+    ("pipeline", "steps"),
+    ("training",),
+    ("inferenceService",),
+)
+
+
+def test_placement_is_one_definition_in_the_schema_and_every_workload(
+    values: dict[str, Any],
+) -> None:
+    """values.schema.json's ``placement`` has Placement's fields (pull secrets merged by the
+    chart, resources per pod), every workload's section has each key, and each validates."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    keys = set(schema["definitions"]["placement"]["properties"])
+    aliases = {f.alias for f in Placement.model_fields.values()}
+    assert keys == aliases - {"imagePullSecrets"} | {"resources"}
+    for path in WORKLOADS:
+        section, props = values, schema
+        for part in path:
+            section, props = section[part], props["properties"][part]
+        # Workloads whose pods medseg's code builds take their resources elsewhere (the
+        # pipeline's RESOURCES table, the training group); the others have them in the block.
+        own = keys - ({"resources"} if path in (("pipeline", "steps"), ("training",)) else set())
+        assert own <= set(section), path
+        for key in own:
+            ref = props["properties"][key]["$ref"]
+            assert ref == f"#/definitions/placement/properties/{key}", (path, key)
+        Placement.model_validate({k: section[k] for k in own - {"resources"}})
+    fields = {f"MEDSEG_PLACEMENT__{name.upper()}" for name in PlacementSettings.model_fields}
+    assert fields == {  # the ConfigMap's keys
+        k
+        for o in render()
+        if o["kind"] == "ConfigMap"
+        for k in o["data"]
+        if k.startswith("MEDSEG_PLACEMENT__")
+    }
+
+
+def test_placement_reads_json_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    toleration = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    monkeypatch.setenv(
+        "MEDSEG_PLACEMENT__TRAINING",
+        json.dumps({"nodeSelector": {"pool": "gpu"}, "tolerations": [toleration]}),
+    )
+    training = PlatformSettings().placement.training
+    assert training.node_selector == {"pool": "gpu"} and training.tolerations == [toleration]
+    assert PlatformSettings().placement.predictor == Placement()
+    monkeypatch.setenv("MEDSEG_PLACEMENT__PREDICTOR", '{"nodeSelectr": {}}')
+    with pytest.raises(ValueError, match="nodeSelectr"):
+        PlacementSettings()
+    monkeypatch.delenv("MEDSEG_PLACEMENT__PREDICTOR")
+    monkeypatch.setenv("MEDSEG_PLACEMENT__STEPS", '{"affinity": {"podAffinity": {}}}')
+    with pytest.raises(ValueError, match=r"KFP cannot set affinity\.podAffinity"):
+        PlacementSettings()

@@ -1,23 +1,42 @@
-{{/* Common names and labels. */}}
+{{/* Common names and labels (medseg.kube.Release derives the same names). */}}
+{{- define "medseg.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
 {{- define "medseg.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- $name := include "medseg.name" . -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 
+{{/* The chart's labels, then commonLabels (which cannot replace them). */}}
 {{- define "medseg.labels" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "medseg.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: medseg
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- with omit .Values.commonLabels "app.kubernetes.io/name" "app.kubernetes.io/instance" "app.kubernetes.io/version" "app.kubernetes.io/managed-by" "app.kubernetes.io/part-of" "app.kubernetes.io/component" "helm.sh/chart" }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* commonAnnotations as an object's metadata.annotations (nothing when there are none). */}}
+{{- define "medseg.annotations" -}}
+{{- with .Values.commonAnnotations }}
+  annotations:
+    {{- toYaml . | nindent 4 }}
+{{- end }}
 {{- end -}}
 
 {{- define "medseg.minio.selector" -}}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "medseg.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: minio
 {{- end -}}
@@ -79,4 +98,73 @@ component: predictor
     secretKeyRef:
       name: {{ include "medseg.s3.secretName" . }}
       key: AWS_SECRET_ACCESS_KEY
+{{- end -}}
+
+
+{{/*
+Pull secret names of a pod, as a JSON list: imagePullSecrets, then each image's pullSecrets.
+Usage: include "medseg.pullSecretNames" (dict "images" (list .Values.image) "context" $)
+*/}}
+{{- define "medseg.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range .context.Values.imagePullSecrets }}{{ $names = append $names . }}{{ end -}}
+{{- range .images }}{{ range .pullSecrets }}{{ $names = append $names . }}{{ end }}{{ end -}}
+{{- $names | uniq | toJson -}}
+{{- end -}}
+
+{{/*
+A placement block as medseg.settings.Placement reads it (JSON, MEDSEG_PLACEMENT__* in the ConfigMap).
+Usage: include "medseg.placement.json" (dict "block" .Values.training "images" (list .Values.image) "context" $)
+*/}}
+{{- define "medseg.placement.json" -}}
+{{- $b := .block -}}
+{{- $out := dict "nodeSelector" ($b.nodeSelector | default dict) "tolerations" ($b.tolerations | default list) "affinity" ($b.affinity | default dict) "priorityClassName" ($b.priorityClassName | default "") "topologySpreadConstraints" ($b.topologySpreadConstraints | default list) -}}
+{{- $_ := set $out "imagePullSecrets" (include "medseg.pullSecretNames" . | fromJsonArray) -}}
+{{- $out | toJson -}}
+{{- end -}}
+
+{{/*
+A pod spec's placement fields (nodeSelector, tolerations, affinity, priorityClassName,
+topologySpreadConstraints after the workload's own `spread`, imagePullSecrets): what
+medseg.kube.pod_placement builds from the same block.
+Usage: {{- with include "medseg.podPlacement" (dict "block" .Values.minio "images" (list .Values.minio.image) "spread" list "context" $) }}{{ . | nindent 6 }}{{ end }}
+*/}}
+{{- define "medseg.podPlacement" -}}
+{{- $b := .block -}}
+{{- $out := dict -}}
+{{- range $key := list "nodeSelector" "tolerations" "affinity" "priorityClassName" -}}
+{{- with get $b $key }}{{ $_ := set $out $key . }}{{ end -}}
+{{- end -}}
+{{- with concat (.spread | default list) ($b.topologySpreadConstraints | default list) -}}
+{{- $_ := set $out "topologySpreadConstraints" . -}}
+{{- end -}}
+{{- $secrets := list -}}
+{{- range include "medseg.pullSecretNames" . | fromJsonArray }}{{ $secrets = append $secrets (dict "name" .) }}{{ end -}}
+{{- with $secrets }}{{ $_ := set $out "imagePullSecrets" . }}{{ end -}}
+{{- with $out }}{{ toYaml . }}{{ end -}}
+{{- end -}}
+
+{{/*
+Checks across values that the schema cannot express; every failure at once, each naming its value.
+*/}}
+{{- define "medseg.validateValues" -}}
+{{- $messages := list -}}
+{{- $steps := .Values.pipeline.steps -}}
+{{- range $key := list "priorityClassName" "topologySpreadConstraints" -}}
+{{- if get $steps $key -}}
+{{- $messages = append $messages (printf "pipeline.steps.%s: KFP cannot set it on a pipeline step (kfp-kubernetes sets nodeSelector, tolerations, affinity.nodeAffinity and imagePullSecrets); leave it empty" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- range $key, $_ := ($steps.affinity | default dict) -}}
+{{- if ne $key "nodeAffinity" -}}
+{{- $messages = append $messages (printf "pipeline.steps.affinity.%s: KFP sets only affinity.nodeAffinity on a pipeline step" $key) -}}
+{{- end -}}
+{{- end -}}
+{{- $isvc := .Values.inferenceService -}}
+{{- if and (gt (int $isvc.gpus) 0) (hasKey ($isvc.resources.limits | default dict) "nvidia.com/gpu") -}}
+{{- $messages = append $messages "inferenceService.resources.limits.nvidia.com/gpu: set inferenceService.gpus instead (one definition of the predictor's GPUs)" -}}
+{{- end -}}
+{{- if $messages -}}
+{{- fail (printf "\nVALUES VALIDATION:\n%s" (join "\n" $messages)) -}}
+{{- end -}}
 {{- end -}}
