@@ -15,6 +15,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -502,16 +503,36 @@ def test_pytorchjob_is_reconciled_into_pods_that_succeed(
     )
     # As the chart's pipeline ServiceAccount: a missing permission fails here with 403.
     client = TrainingClient(config_file=str(installed.kubeconfig), namespace=ns)
-    submit_pytorchjob(spec, wait_timeout=240, client=client, stream_logs=True, poll_seconds=2)
+    # The job's cleanPodPolicy (Running) may delete the worker once kwok has completed the
+    # master: each role's pod is recorded while the job runs.
+    selector = f"training.kubeflow.org/job-name={spec.name}"
+    seen: dict[str, dict[str, Any]] = {}
+    finished = threading.Event()
+
+    def record() -> None:
+        while not finished.is_set():
+            for p in kubectl_json("get", "pods", "-n", ns, "-l", selector)["items"]:
+                seen[p["metadata"]["labels"]["training.kubeflow.org/replica-type"]] = p
+            time.sleep(0.3)
+
+    recorder = threading.Thread(target=record, daemon=True)
+    recorder.start()
+    try:
+        submit_pytorchjob(spec, wait_timeout=240, client=client, stream_logs=True,
+                          poll_seconds=2)  # fmt: skip
+    finally:
+        finished.set()
+        recorder.join(30)
     job = kubectl_json("get", "pytorchjob", spec.name, "-n", ns)
     assert any(c["type"] == "Succeeded" and c["status"] == "True"
                for c in job["status"]["conditions"])  # fmt: skip
-    pods = kubectl_json("get", "pods", "-n", ns, "-l",
-                        f"training.kubeflow.org/job-name={spec.name}")["items"]  # fmt: skip
-    by_role = {p["metadata"]["labels"]["training.kubeflow.org/replica-type"]: p for p in pods}
+    left = {p["metadata"]["labels"]["training.kubeflow.org/replica-type"]: p for p in
+            kubectl_json("get", "pods", "-n", ns, "-l", selector)["items"]}  # fmt: skip
+    assert left["master"]["status"]["phase"] == "Succeeded"
+    assert "worker" not in left or left["worker"]["status"]["phase"] == "Succeeded"
+    by_role = {**seen, **left}
     assert sorted(by_role) == ["master", "worker"]
     for role, pod in by_role.items():
-        assert pod["status"]["phase"] == "Succeeded"
         (container,) = pod["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in container["env"]}
         rank = "0" if role == "master" else "1"
