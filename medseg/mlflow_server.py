@@ -11,7 +11,9 @@ from its command line, where any user could read them.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -170,23 +172,29 @@ class MlflowServer:
         finally:
             self.stop()
 
+    def _signal_group(self, sig: int) -> None:
+        """Signal the server's process group: ``mlflow server`` runs uvicorn as its child."""
+        assert self._proc is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self._proc.pid, sig)
+
     def stop(self) -> None:
-        """Stop the server (runs stay in the database, artifacts in the bucket)."""
+        """Stop the server and its workers (runs stay in the database, artifacts in the bucket)."""
         if self._proc is None:
             return
-        if self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait()
+        self._signal_group(signal.SIGTERM)
+        try:
+            self._proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self._signal_group(signal.SIGKILL)
+            self._proc.wait()
+        self._signal_group(signal.SIGKILL)  # a worker that outlived its parent
         self._proc = None
 
     def kill(self) -> None:
-        """Kill the server abruptly (SIGKILL), as a crashed pod would go."""
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.kill()
+        """Kill the server and its workers abruptly (SIGKILL), as a crashed pod would go."""
+        if self._proc is not None:
+            self._signal_group(signal.SIGKILL)
             self._proc.wait()
         self._proc = None
 

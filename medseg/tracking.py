@@ -54,6 +54,7 @@ __all__ = [
     "register_version",
     "run_tags",
     "set_champion",
+    "unregister_version",
     "verify_version",
 ]
 
@@ -245,19 +246,22 @@ class RunTracker:
         self._thread.join(self.settings.flush_s)
         with self._cond:
             self._abandoned = True
-            lost = {
-                "metrics": len(self._pending.metrics) + self._pending.dropped,
-                "dropped": self._pending.dropped,
-                "artifacts": [name for name, _ in self._pending.artifacts],
-                "error": self._error,
-            }
+            metrics = len(self._pending.metrics) + self._pending.dropped
+            dropped = self._pending.dropped
+            artifacts = [name for name, _ in self._pending.artifacts]
             self._cond.notify()
-        if lost["metrics"] or lost["artifacts"]:
+        lost = {
+            "metrics": metrics,
+            "dropped": dropped,
+            "artifacts": artifacts,
+            "error": self._error,
+        }
+        if metrics or artifacts:
             print(
                 f"{_WARN} warning: MLflow at {self.settings.uri} did not get everything of run "
-                f"{self.run_id}: {lost['metrics']} metric values lost ({lost['dropped']} dropped "
+                f"{self.run_id}: {metrics} metric values lost ({dropped} dropped "
                 f"from the full buffer of {self.settings.buffer}), artifacts lost: "
-                f"{', '.join(lost['artifacts']) or 'none'}; last error: {lost['error']}. "
+                f"{', '.join(artifacts) or 'none'}; last error: {self._error}. "
                 "metrics.jsonl and TensorBoard in the store have the whole run.",
                 file=sys.stderr,
                 flush=True,
@@ -375,3 +379,208 @@ class RunTracker:
             path = Path(tmp) / name
             path.write_bytes(data)
             mlflow.log_artifact(self.mlflow_run_id, str(path))
+
+
+def _warn(text: str) -> None:
+    print(f"{_WARN} warning: {text}", file=sys.stderr, flush=True)
+
+
+def log_evaluation(
+    storage: Storage,
+    store: str,
+    run_id: str,
+    split: str,
+    metrics: dict[str, float],
+    table: dict[str, list[Any]],
+    artifacts: dict[str, bytes],
+) -> str | None:
+    """Log an evaluation to its training run's MLflow run (a warning when it cannot).
+
+    Args:
+        storage: The store.
+        store: Root URI of the store (the run is ``STORE/runs/RUN_ID``).
+        run_id: The medseg training run.
+        split: The evaluated split; metrics and files are named ``eval/SPLIT/…``.
+        metrics: Mean scores (``dice_tc``, ``hd95_tc``, …, ``dice_mean``).
+        table: The per-case table, by column (MLflow's ``log_table``).
+        artifacts: Files to attach (``report.html``, ``metrics.json``).
+
+    Returns:
+        The MLflow run id, or None when nothing was logged (no tracking, no recorded run, or
+        the server failed: the warning says which).
+    """
+    settings = TrackingSettings()
+    if not settings.uri:
+        return None
+    recorded = mlflow_run_of(storage, join(store, "runs", run_id))
+    if recorded is None:
+        _warn(f"run {run_id} has no MLflow run ({MLFLOW_FILE}); its evaluation is not tracked")
+        return None
+    mlflow_run = recorded["run_id"]
+    try:
+        import tempfile
+
+        from mlflow.entities import Metric
+
+        mlflow = client(settings)
+        now = int(time.time() * 1000)
+        mlflow.log_batch(
+            mlflow_run,
+            metrics=[Metric(f"eval/{split}/{k}", float(v), now, 0) for k, v in metrics.items()],
+            synchronous=True,
+        )
+        mlflow.log_table(mlflow_run, data=table, artifact_file=f"eval/{split}/cases.json")
+        with tempfile.TemporaryDirectory(prefix="medseg-mlflow-") as tmp:
+            for name, data in artifacts.items():
+                (Path(tmp) / name).write_bytes(data)
+                mlflow.log_artifact(mlflow_run, str(Path(tmp) / name), f"eval/{split}")
+    except Exception as exc:  # the evaluation stands on its own; tracking it is a courtesy
+        _warn(f"evaluation of run {run_id} not logged to MLflow at {settings.uri}: {exc}")
+        return None
+    return mlflow_run
+
+
+def _version_tags(card: dict[str, Any], card_uri: str) -> dict[str, str]:
+    """The tags that tie an MLflow model version to medseg's version (its card and files)."""
+    tags = {
+        "medseg.version": card["version"],
+        "medseg.run_id": card["run_id"],
+        "medseg.model_card": card_uri,
+        "medseg.dataset": f"{card['dataset']['name']}@{card['dataset']['version']}",
+    }
+    tags.update({f"{SHA_TAG}{f}": sha for f, sha in card["files"].items()})
+    return tags
+
+
+def register_version(
+    storage: Storage, store: str, card: dict[str, Any], prefix: str
+) -> dict[str, str] | None:
+    """Create the MLflow registered-model version of medseg's version ``card`` (at ``prefix``).
+
+    Called by :func:`medseg.register.register` only, after the files are stored and before the
+    card is: the card then records the MLflow version (see :mod:`medseg.register`).
+
+    Returns:
+        ``tracking_uri``, ``name``, ``version`` and ``run_id`` (the MLflow run, or "" when the
+        training run was not tracked); None without ``MLFLOW_TRACKING_URI``.
+
+    Raises:
+        TrackingError: If the server cannot be written.
+        RegistryMismatch: If MLflow already holds a version claiming this medseg version.
+    """
+    settings = TrackingSettings()
+    if not settings.uri:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    name, version = card["name"], card["version"]
+    recorded = mlflow_run_of(storage, join(store, "runs", card["run_id"]))
+    mlflow_run = recorded["run_id"] if recorded else None
+    card_uri = join(prefix, "model_card.json")
+    try:
+        mlflow = client(settings)
+        try:
+            mlflow.create_registered_model(name, tags={"medseg.registry": join(store, "models")})
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        clash = mlflow.search_model_versions(
+            f"name = '{name}' and tags.`medseg.version` = '{version}'"
+        )
+        for other in clash:
+            if other.tags.get("medseg.model_card") != card_uri or other.source != prefix:
+                raise RegistryMismatch(
+                    f"MLflow model {name} version {other.version} already claims medseg "
+                    f"{version} of {other.tags.get('medseg.model_card')}; refusing to register "
+                    f"{card_uri} beside it"
+                )
+        created = mlflow.create_model_version(
+            name,
+            source=prefix,
+            run_id=mlflow_run,
+            tags=_version_tags(card, card_uri),
+            description=f"medseg {name}@{version}: model card {card_uri}",
+        )
+    except RegistryMismatch:
+        raise
+    except Exception as exc:
+        raise TrackingError(
+            f"MLflow at {settings.uri} refused the version of {name}@{version}: {exc}"
+        ) from exc
+    return {
+        "tracking_uri": settings.uri,
+        "name": name,
+        "version": str(created.version),
+        "run_id": mlflow_run or "",
+    }
+
+
+def unregister_version(tracked: dict[str, str]) -> None:
+    """Delete an MLflow version whose medseg version could not be completed (best effort)."""
+    try:
+        client(TrackingSettings(uri=tracked["tracking_uri"])).delete_model_version(
+            tracked["name"], tracked["version"]
+        )
+    except Exception as exc:
+        _warn(f"could not delete MLflow version {tracked['name']}/{tracked['version']}: {exc}")
+
+
+def verify_version(storage: Storage, card_uri: str) -> dict[str, str]:
+    """Check that MLflow's version agrees with medseg's card and that the files match it.
+
+    medseg's registry is the source of truth: the card names every file's sha256; the files
+    are re-read against those hashes, and the MLflow version must carry the same hashes,
+    medseg version, source and card URI.
+
+    Returns:
+        The card's ``mlflow`` record.
+
+    Raises:
+        RegistryMismatch: On any disagreement (each is named), or a card without an MLflow
+            version.
+        ChecksumMismatch: If a stored file no longer matches the card.
+    """
+    card = storage.get_json(card_uri)
+    tracked = card.get("mlflow")
+    if not tracked:
+        raise RegistryMismatch(f"{card_uri} records no MLflow version")
+    prefix = card_uri.rsplit("/", 1)[0]
+    for f, sha in card["files"].items():
+        storage.get_bytes(join(prefix, f), sha256=sha)
+    try:
+        version = client(TrackingSettings(uri=tracked["tracking_uri"])).get_model_version(
+            tracked["name"], tracked["version"]
+        )
+    except Exception as exc:
+        raise TrackingError(
+            f"MLflow version {tracked['name']}/{tracked['version']} unreadable: {exc}"
+        ) from exc
+    want = _version_tags(card, card_uri)
+    wrong = [
+        f"{k}: MLflow {version.tags.get(k)!r}, medseg {v!r}"
+        for k, v in want.items()
+        if version.tags.get(k) != v
+    ]
+    if version.source != prefix:
+        wrong.append(f"source: MLflow {version.source!r}, medseg {prefix!r}")
+    if wrong:
+        raise RegistryMismatch(
+            f"MLflow {tracked['name']} version {tracked['version']} disagrees with {card_uri}: "
+            + "; ".join(wrong)
+        )
+    return dict(tracked)
+
+
+def set_champion(storage: Storage, card_uri: str) -> str:
+    """Point the alias :data:`CHAMPION` at the card's MLflow version, once verified.
+
+    Returns:
+        The MLflow version now champion.
+
+    Raises:
+        RegistryMismatch: If the registries disagree (the alias does not move).
+    """
+    tracked = verify_version(storage, card_uri)
+    mlflow = client(TrackingSettings(uri=tracked["tracking_uri"]))
+    mlflow.set_registered_model_alias(tracked["name"], CHAMPION, tracked["version"])
+    return tracked["version"]
