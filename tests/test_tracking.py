@@ -1,10 +1,8 @@
-"""Experiment tracking on a real MLflow server (artifacts in the real MinIO): runs, resumes, outages."""
+"""Experiment tracking on a real MLflow server (artifacts in the real MinIO)."""
 
 from __future__ import annotations
 
 import re
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -124,29 +122,142 @@ def test_training_finishes_when_the_server_dies_mid_run(
     monkeypatch: pytest.MonkeyPatch,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """SIGKILL the tracking server once the run's first epoch reached it; training goes on."""
+    """The server is SIGKILLed after the run's first epochs reached it; training goes on.
+
+    Deterministic: 2 epochs reach the server, it dies, the run is resumed for 2 more (the
+    tracker retries, then reports what it lost), the server comes back on the same database
+    and the run's last 2 epochs go to the same MLflow run.
+    """
     bucket = dataset.removeprefix("s3://")
     server = MlflowServer(bucket, minio_server.settings(), tmp_path / "mlflow.db").start()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
-        monkeypatch.setenv("MEDSEG_TRACKING_FLUSH_S", "2")
-        results: list = []
-        worker = threading.Thread(
-            target=lambda: results.append(train("t", dataset, "run-k", _cfg(6), storage=storage))
-        )
-        worker.start()
-        mlflow = client(TrackingSettings(uri=server.uri))
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and worker.is_alive():
-            recorded = mlflow_run_of(storage, join(dataset, "runs", "run-k"))
-            if recorded and mlflow.get_metric_history(recorded["run_id"], "loss"):
-                break
-            time.sleep(0.5)
-        assert worker.is_alive(), "training ended before the server could be killed"
+        monkeypatch.setenv("MEDSEG_TRACKING_FLUSH_S", "3")
+        train("t", dataset, "run-k", _cfg(2), storage=storage)
+        recorded = mlflow_run_of(storage, join(dataset, "runs", "run-k"))
+        assert recorded is not None
         server.kill()
-        worker.join(600)
-        assert results and [h["epoch"] for h in results[0].history] == list(range(1, 7))
-        lost, _ = _lost(capfd.readouterr().err)
+        assert not server.is_ready(), "the server (uvicorn under mlflow) still answers"
+        capfd.readouterr()
+        result = train("t", dataset, "run-k", _cfg(4), storage=storage)
+        assert [h["epoch"] for h in result.history] == [1, 2, 3, 4]
+        err = capfd.readouterr().err
+        assert "unreachable" in err and "training goes on" in err
+        lost, _ = _lost(err)
         assert lost > 0
+
+        server.start()  # same port and database: what reached it before it died is there
+        mlflow = client(TrackingSettings(uri=server.uri))
+        history = mlflow.get_metric_history(recorded["run_id"], "loss")
+        assert sorted(m.step for m in history) == [1, 2]
+        train("t", dataset, "run-k", _cfg(6), storage=storage)
+        history = mlflow.get_metric_history(recorded["run_id"], "loss")
+        assert sorted(m.step for m in history) == [1, 2, 5, 6]  # 3 and 4 were lost, reported
+        assert len(mlflow.search_runs([recorded["experiment_id"]])) == 1
     finally:
         server.stop()
+
+
+def _finished_run(storage: Storage, store: str, run_id: str, experiment: str) -> str:
+    """A run's model folder as training leaves it, tracked in MLflow; its MLflow run id."""
+    model = join(store, "runs", run_id, "model")
+    pt = storage.put_bytes(join(model, "model.pt"), f"weights of {run_id}".encode())
+    yml = storage.put_bytes(join(model, "model.yaml"), tiny_config().to_yaml().encode())
+    lineage = {
+        "run_id": run_id,
+        "dataset": {"store": store, "name": "d", "version": "0123456789abcdef"},
+        "preprocessing": "fp",
+        "best": {"dice_mean": 0.5},
+        "epochs": 1,
+        "files": {"model.pt": pt.sha256, "model.yaml": yml.sha256},
+    }
+    storage.put_json(join(model, "lineage.json"), lineage)
+    mlflow = client(TrackingSettings())
+    exp = mlflow.get_experiment_by_name(experiment)
+    exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
+    run = mlflow.create_run(exp_id, tags={RUN_TAG: run_id})
+    storage.put_json(
+        join(store, "runs", run_id, MLFLOW_FILE),
+        {
+            "tracking_uri": TrackingSettings().uri,
+            "experiment_id": exp_id,
+            "run_id": run.info.run_id,
+        },
+    )
+    return run.info.run_id
+
+
+def _evaluation(storage: Storage, store: str, run_id: str, passed: bool) -> str:
+    uri = join(store, "runs", run_id, "eval", "metrics.json")
+    dice = {r: 0.9 if passed else 0.1 for r in REGIONS}
+    storage.put_json(
+        uri,
+        {
+            "dataset": "d@0123456789abcdef",
+            "split": "validation",
+            "dice": dice,
+            "hd95": {r: 1.0 for r in REGIONS},
+            "dice_mean": 0.9 if passed else 0.1,
+            "gate": {"threshold": 0.8, "passed": passed},
+        },
+    )
+    return uri
+
+
+def test_register_writes_both_registries_and_the_champion_follows_the_gate(
+    storage: Storage, bucket: str, tracking_env: str
+) -> None:
+    from medseg.register import register
+    from medseg.tracking import CHAMPION, RegistryMismatch, set_champion, verify_version
+
+    name = f"m-{tracking_env}"
+    mlflow_run = _finished_run(storage, bucket, "r1", tracking_env)
+    card = register(storage, bucket, "r1", name, _evaluation(storage, bucket, "r1", True))
+    card_uri = join(bucket, "models", name, "v1", "model_card.json")
+    assert storage.get_json(card_uri) == card
+    assert card["mlflow"]["run_id"] == mlflow_run and card["mlflow"]["name"] == name
+    mlflow = client(TrackingSettings())
+    version = mlflow.get_model_version(name, card["mlflow"]["version"])
+    assert version.run_id == mlflow_run
+    assert version.source == join(bucket, "models", name, "v1")
+    assert version.tags["medseg.version"] == "v1"
+    assert version.tags["medseg.model_card"] == card_uri
+    assert version.tags["medseg.sha256.model.pt"] == card["files"]["model.pt"]
+    assert version.tags["medseg.sha256.model.yaml"] == card["files"]["model.yaml"]
+    assert mlflow.get_model_version_by_alias(name, CHAMPION).version == version.version
+
+    # a version below the gate is registered in both, but the champion stays where it was
+    _finished_run(storage, bucket, "r2", tracking_env)
+    second = register(storage, bucket, "r2", name, _evaluation(storage, bucket, "r2", False))
+    assert second["version"] == "v2" and second["mlflow"]["version"] != version.version
+    assert mlflow.get_model_version_by_alias(name, CHAMPION).version == version.version
+    verify_version(storage, join(bucket, "models", name, "v2", "model_card.json"))
+
+    # break MLflow's side on purpose: the disagreement is named, the alias refuses to move
+    v2_card = join(bucket, "models", name, "v2", "model_card.json")
+    mlflow.set_model_version_tag(
+        name, second["mlflow"]["version"], "medseg.sha256.model.pt", "0" * 64
+    )
+    with pytest.raises(RegistryMismatch, match=r"medseg\.sha256\.model\.pt"):
+        set_champion(storage, v2_card)
+    assert mlflow.get_model_version_by_alias(name, CHAMPION).version == version.version
+
+    # break medseg's side: a stored file that no longer matches its card is detected
+    from medseg.errors import ChecksumMismatch
+
+    storage.put_bytes(join(bucket, "models", name, "v1", "model.pt"), b"tampered")
+    with pytest.raises(ChecksumMismatch):
+        verify_version(storage, card_uri)
+
+
+def test_register_is_refused_when_mlflow_cannot_be_written(
+    storage: Storage, bucket: str, tracking_env: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.register import list_models, register
+    from medseg.tracking import TrackingError
+
+    _finished_run(storage, bucket, "r1", tracking_env)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(TrackingError, match="refused the version"):
+        register(storage, bucket, "r1", "m")
+    assert list_models(storage, bucket, "m") == []  # no card: no medseg version without MLflow's
