@@ -64,7 +64,7 @@ class Lineage:
         for run_id, doc in self.runs.items():
             ds = doc["dataset"]
             mlflow = doc.get("mlflow") or {}
-            kfp = mlflow.get("kfp_run_id")
+            kfp = doc.get("kfp_run_id")
             out.append(
                 f"  dataset {ds['name']}@{ds['version']} → preprocessing {doc['preprocessing']}"
                 f" → run {run_id} (MLflow run {mlflow.get('run_id', '—')}"

@@ -32,10 +32,12 @@ from medseg.minio_server import (
 )
 from medseg.settings import StorageSettings
 
-__all__ = ["DEFAULT_DB", "MlflowServer", "start_and_export"]
+__all__ = ["DEFAULT_DB", "DEFAULT_PORT", "MlflowServer", "start_and_export"]
 
 #: The tracking database when nothing else is said.
 DEFAULT_DB = Path(".medseg") / "mlflow.db"
+#: ``medseg mlflow``'s port when nothing else is said (MLflow's own default).
+DEFAULT_PORT = 5000
 #: The folder of the bucket that holds MLflow's artifacts.
 ARTIFACTS_FOLDER = "mlflow"
 

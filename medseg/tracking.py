@@ -134,7 +134,10 @@ def _launcher() -> str:
 
 
 def run_tags(run_id: str, dataset: str, preprocessing: str) -> dict[str, str]:
-    """The tags of a training run: dataset, preprocessing, run, launcher, image, code."""
+    """The tags of a training run: dataset, preprocessing, run, launcher, image, code.
+
+    ``medseg.kfp_run_id`` joins them when ``KFP_RUN_ID`` is set.
+    """
     from medseg.settings import Images
 
     return {
@@ -146,7 +149,7 @@ def run_tags(run_id: str, dataset: str, preprocessing: str) -> dict[str, str]:
         "medseg.image": os.environ.get("MEDSEG_IMAGE") or Images().project,
         "medseg.git_revision": git_revision(),
         "mlflow.source.git.commit": git_revision(),
-    }
+    } | ({"medseg.kfp_run_id": os.environ["KFP_RUN_ID"]} if os.environ.get("KFP_RUN_ID") else {})
 
 
 def mlflow_run_of(storage: Storage, run_prefix: str) -> dict[str, str] | None:
@@ -162,11 +165,13 @@ def mlflow_run_of(storage: Storage, run_prefix: str) -> dict[str, str] | None:
 class _Pending:
     """What the tracker still has to send, in order."""
 
-    metrics: collections.deque[tuple[str, float, int, int]] = field(
+    #: (sequence number, key, value, timestamp in ms, step)
+    metrics: collections.deque[tuple[int, str, float, int, int]] = field(
         default_factory=collections.deque
     )
     artifacts: list[tuple[str, bytes]] = field(default_factory=list)
     dropped: int = 0
+    queued: int = 0
 
 
 class RunTracker:
@@ -220,7 +225,8 @@ class RunTracker:
         with self._cond:
             queue = self._pending.metrics
             for key, value in metrics.items():
-                queue.append((key, float(value), now, step))
+                self._pending.queued += 1
+                queue.append((self._pending.queued, key, float(value), now, step))
             while len(queue) > self.settings.buffer:
                 queue.popleft()
                 self._pending.dropped += 1
@@ -294,7 +300,7 @@ class RunTracker:
 
                     mlflow.log_batch(
                         self.mlflow_run_id,
-                        metrics=[Metric(k, v, ts, step) for k, v, ts, step in metrics],
+                        metrics=[Metric(k, v, ts, step) for _, k, v, ts, step in metrics],
                         synchronous=True,
                     )
                 for name, data in artifacts:
@@ -311,7 +317,9 @@ class RunTracker:
             with self._cond:
                 if self._abandoned:
                     return
-                for _ in metrics:
+                # what was sent (some may have been dropped meanwhile by a full buffer)
+                sent = metrics[-1][0] if metrics else 0
+                while self._pending.metrics and self._pending.metrics[0][0] <= sent:
                     self._pending.metrics.popleft()
                 del self._pending.artifacts[: len(artifacts)]
 

@@ -451,6 +451,8 @@ def train(
         }
         if mlflow_run is not None:
             lineage["mlflow"] = mlflow_run
+        if os.environ.get("KFP_RUN_ID"):  # set by whoever runs training under a KFP run
+            lineage["kfp_run_id"] = os.environ["KFP_RUN_ID"]
         storage.put_json(join(run_prefix, "model", "lineage.json"), lineage)
     if world > 1:
         dist.barrier()

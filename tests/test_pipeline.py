@@ -117,6 +117,9 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
             "taskOutputParameter": {**from_params, "outputParameterKey": "s3_config"}
         }
         assert {e["envVar"] for e in config["keyToEnv"]} == {"S3_ENDPOINT", "S3_USE_HTTPS"}
+        tracking = k8s[f"exec-{step}-op"]["configMapAsEnv"][1]
+        assert [e["envVar"] for e in tracking["keyToEnv"]] == ["MLFLOW_TRACKING_URI"]
+        assert tracking["optional"] is True
     # no credential value anywhere in the compiled pipeline
     text = yaml.safe_dump(compiled)
     assert "secretKey" in text and "minioadmin" not in text

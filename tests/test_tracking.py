@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -261,3 +263,66 @@ def test_register_is_refused_when_mlflow_cannot_be_written(
     with pytest.raises(TrackingError, match="refused the version"):
         register(storage, bucket, "r1", "m")
     assert list_models(storage, bucket, "m") == []  # no card: no medseg version without MLflow's
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of a process group (``mlflow server`` and its uvicorn)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if os.getpgid(int(proc.name)) == pgid:
+                    pids.append(int(proc.name))
+            except ProcessLookupError:
+                continue
+    return pids
+
+
+def test_the_server_gets_its_s3_keys_by_environment_never_argv(
+    mlflow_server: MlflowServer, minio_server
+) -> None:
+    assert mlflow_server.pid is not None
+    pids = _group(mlflow_server.pid)
+    assert len(pids) >= 2  # mlflow's CLI and the uvicorn it runs
+    secret = minio_server.secret_key.encode()
+    for pid in pids:
+        assert secret not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    environ = Path(f"/proc/{mlflow_server.pid}/environ").read_bytes().split(b"\0")
+    assert b"AWS_SECRET_ACCESS_KEY=" + secret in environ
+    assert b"MLFLOW_S3_ENDPOINT_URL=" + minio_server.endpoint.encode() in environ
+
+
+@pytest.mark.slow
+def test_mlflow_command_serves_until_sigterm(minio_server, tmp_path: Path) -> None:
+    """``medseg mlflow`` as a real process: it serves, and SIGTERM stops it and its workers."""
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    port = free_port()
+    env = {**os.environ, **minio_server.env(), "MEDSEG_ENV_FILE": str(tmp_path / "none.env")}
+    argv = ["mlflow", "--db", str(tmp_path / "m.db"), "--port", str(port), "--bucket", "cli"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medseg", *argv],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once the server answers /health
+        assert f"MLflow on http://127.0.0.1:{port}" in line, line + proc.stdout.read()
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10) as r:
+            assert r.status == 200
+        mlflow = client(TrackingSettings(uri=f"http://127.0.0.1:{port}"))
+        exp = mlflow.create_experiment("cli")
+        assert mlflow.get_experiment(exp).artifact_location.startswith("mlflow-artifacts:")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0
+    time.sleep(1)
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)

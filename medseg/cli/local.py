@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from medseg.cli.common import ConfigOpt, ThresholdOpt, app, console, handles_errors, load_config
+from medseg.mlflow_server import DEFAULT_DB, DEFAULT_PORT
 from medseg.settings import DEFAULT_BUCKET, DEFAULT_PORTS
 
 DataDirOpt = Annotated[Path, typer.Option(help="Where objects are kept.")]
@@ -51,10 +52,8 @@ def minio(
 @app.command()
 @handles_errors
 def mlflow(
-    db: Annotated[Path, typer.Option(help="SQLite database of runs and models.")] = Path(
-        ".medseg/mlflow.db"
-    ),
-    port: PortOpt = 5000,
+    db: Annotated[Path, typer.Option(help="SQLite database of runs and models.")] = DEFAULT_DB,
+    port: PortOpt = DEFAULT_PORT,
     bucket: Annotated[
         str, typer.Option(help="The platform's bucket; artifacts go to s3://BUCKET/mlflow.")
     ] = DEFAULT_BUCKET,
