@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -40,9 +41,14 @@ def _lost(stderr: str) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
+@pytest.mark.slow
 def test_a_resumed_run_continues_the_same_mlflow_run(
     dataset: str, storage: Storage, tracking_env: str, mlflow_server: MlflowServer
 ) -> None:
+    """Train 2 epochs, resume for 2 more: one MLflow run, 4 epoch points, steps contiguous.
+
+    Then the run's evaluation lands in the same MLflow run.
+    """
     first = train("t", dataset, "run-mlf", _cfg(2), storage=storage)
     recorded = mlflow_run_of(storage, first.run_prefix)
     assert recorded is not None and recorded["tracking_uri"] == mlflow_server.uri
@@ -83,6 +89,21 @@ def test_a_resumed_run_continues_the_same_mlflow_run(
     assert any(u.endswith(f"{run.info.run_id}/artifacts/model.yaml") for u in stored)
     lineage = storage.get_json(join(first.run_prefix, "model", "lineage.json"))
     assert lineage["mlflow"]["run_id"] == run.info.run_id
+
+    from medseg.evaluate import evaluate
+
+    scored = evaluate(join(first.run_prefix, "model"), storage=storage)
+    logged = mlflow.get_run(run.info.run_id).data.metrics
+    assert logged["eval/validation/dice_mean"] == pytest.approx(scored.dice_mean)
+    for region in REGIONS:
+        assert logged[f"eval/validation/dice_{region.lower()}"] == pytest.approx(
+            scored.dice[region]
+        )
+    files = {a.path for a in mlflow.list_artifacts(run.info.run_id, "eval/validation")}
+    assert {"cases.json", "report.html", "metrics.json"} <= {f.rsplit("/", 1)[1] for f in files}
+    local = mlflow.download_artifacts(run.info.run_id, "eval/validation/cases.json")
+    table = json.loads(Path(local).read_text())  # log_table's format: columns and rows
+    assert len(table["data"]) == len(scored.cases)
 
 
 def test_training_finishes_when_the_server_is_unreachable(
