@@ -263,14 +263,12 @@ class RunTracker:
             "error": self._error,
         }
         if metrics or artifacts:
-            print(
-                f"{_WARN} warning: MLflow at {self.settings.uri} did not get everything of run "
+            _warn(
+                f"MLflow at {self.settings.uri} did not get everything of run "
                 f"{self.run_id}: {metrics} metric values lost ({dropped} dropped "
                 f"from the full buffer of {self.settings.buffer}), artifacts lost: "
                 f"{', '.join(artifacts) or 'none'}; last error: {self._error}. "
-                "metrics.jsonl and TensorBoard in the store have the whole run.",
-                file=sys.stderr,
-                flush=True,
+                "metrics.jsonl and TensorBoard in the store have the whole run."
             )
         return lost
 
@@ -327,11 +325,9 @@ class RunTracker:
         self._error = f"{type(exc).__name__}: {str(exc)[:300]}"
         if not self._warned:
             self._warned = True
-            print(
-                f"{_WARN} warning: MLflow at {self.settings.uri} unreachable ({self._error}); "
-                "training goes on, logging is buffered and retried",
-                file=sys.stderr,
-                flush=True,
+            _warn(
+                f"MLflow at {self.settings.uri} unreachable ({self._error}); "
+                "training goes on, logging is buffered and retried"
             )
 
     def _open_run(self, mlflow: MlflowClient) -> str:
@@ -360,7 +356,7 @@ class RunTracker:
             run = mlflow.create_run(experiment_id, tags=self.tags, run_name=self.run_id)
         else:
             mlflow.update_run(run.info.run_id, status="RUNNING")
-        run_id = run.info.run_id
+        run_id, experiment_id = run.info.run_id, run.info.experiment_id
         have = dict(run.data.params)
         new = [Param(k, v[:6000]) for k, v in self.params.items() if k not in have]
         changed = {

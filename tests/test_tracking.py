@@ -115,8 +115,8 @@ def test_training_finishes_when_the_server_is_unreachable(
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MEDSEG_TRACKING_FLUSH_S", "1")
     monkeypatch.setenv("MEDSEG_TRACKING_BUFFER", "5")
-    result = train("t", dataset, "run-down", _cfg(2), storage=storage)
-    assert [h["epoch"] for h in result.history] == [1, 2]
+    result = train("t", dataset, "run-down", _cfg(1), storage=storage)
+    assert [h["epoch"] for h in result.history] == [1]
     assert storage.exists(join(result.run_prefix, "model", "lineage.json"))
     err = capfd.readouterr().err
     assert "unreachable" in err and "training goes on" in err
