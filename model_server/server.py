@@ -56,10 +56,6 @@ def limits_from_args(args: argparse.Namespace) -> ServerLimits:
 def serve(argv: list[str] | None = None) -> None:
     """Load the model and serve it until SIGTERM/SIGINT."""
     argv = sys.argv[1:] if argv is None else argv
-    # MONAI imports MLflow for its MLflow handler whenever MLflow is installed (the images hold
-    # the whole lock); the server never tracks, so it skips that import: 1.5-2 s of cold start
-    # on a loaded 2-core machine. Where MLflow is already imported, it stays.
-    sys.modules.setdefault("mlflow", None)  # type: ignore[arg-type]
     bounded = limit_malloc_arenas(ServerLimits().malloc_arenas)  # before kserve starts threads
     with clean_argv(argv):  # kserve parses sys.argv on import: let it see ours only
         args = parse_args(argv)
