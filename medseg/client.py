@@ -72,6 +72,8 @@ class Prediction:
     label_convention: str
     probabilities: np.ndarray | None = None
     labels: np.ndarray | None = None
+    model_version: str | None = None
+    model_sha256: str | None = None
 
 
 def case_files(paths: Sequence[Path]) -> tuple[list[Path], list[str]]:
@@ -224,6 +226,8 @@ def predict(
         label_convention=str(reply_params.get("label_convention", label_convention)),
         probabilities=probs,
         labels=answer["labels"].array() if labels else None,
+        model_version=reply_params.get("model_version"),
+        model_sha256=reply_params.get("model_sha256"),
     )
 
 

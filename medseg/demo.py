@@ -1,6 +1,7 @@
 """The main job (``medseg demo`` = ``make run``): the whole platform on one machine.
 
-1. a real MinIO on 127.0.0.1;
+1. a real MinIO on 127.0.0.1, and a real MLflow tracking server beside it (its artifacts in
+   MinIO): training, evaluation and registration are tracked there;
 2. synthetic BraTS 2021 cases (or the user's own folder in any layout ingest accepts);
 3. the Kubeflow pipeline end to end through ``kfp.local``: ingest → preprocess → train (two
    torchrun processes, gloo) → evaluate (HTML report) → quality gate → register → deploy
@@ -45,6 +46,7 @@ __all__ = [
     "run_local_demo",
     "score_mask",
     "send_case",
+    "tracked_summary",
 ]
 
 #: Settings for the synthetic demo: small volumes and a light SegResNet, so that two CPU cores
@@ -261,6 +263,7 @@ class DemoResult:
     mask: Path
     log: Path
     seconds: float
+    tracking: str = ""
 
 
 def run_demo(
@@ -334,6 +337,9 @@ def run_demo(
         )
         card = list_models(storage, store, DEMO_MODEL)[-1]
         model_uri = join(store, "models", DEMO_MODEL, card["version"])
+        tracking = tracked_summary(card)
+        if tracking:
+            out.say(tracking)
         evaluation = card["evaluation"]
         eval_uri = evaluation["uri"].rsplit("/", 1)[0]
 
@@ -381,7 +387,30 @@ def run_demo(
             mask=mask_path,
             log=log_path,
             seconds=time.perf_counter() - started,
+            tracking=tracking,
         )
+
+
+def tracked_summary(card: dict[str, Any]) -> str:
+    """One line on what MLflow holds of a registered version's run ("" when not tracked).
+
+    Read back from the server: the run's epochs, its evaluation, the version and its alias.
+    """
+    tracked = card.get("mlflow")
+    if not tracked:
+        return ""
+    from medseg.settings import TrackingSettings
+    from medseg.tracking import CHAMPION, client
+
+    mlflow = client(TrackingSettings(uri=tracked["tracking_uri"]))
+    run_id = tracked["run_id"]
+    epochs = len(mlflow.get_metric_history(run_id, "loss")) if run_id else 0
+    version = mlflow.get_model_version(tracked["name"], tracked["version"])
+    alias = f" ({CHAMPION})" if CHAMPION in (version.aliases or []) else ""
+    return (
+        f"MLflow {tracked['tracking_uri']}: run {run_id or '—'} ({epochs} epochs logged), "
+        f"model {tracked['name']} version {tracked['version']}{alias}"
+    )
 
 
 def run_local_demo(
@@ -397,7 +426,9 @@ def run_local_demo(
     """The whole demo: a fresh local MinIO (step 1), then :func:`run_demo` of ``pipeline``.
 
     The env file and the model cache go under ``workdir`` unless ``MEDSEG_ENV_FILE`` and
-    ``MEDSEG_CACHE_DIR`` say otherwise; MinIO stops when the demo ends, however it ends.
+    ``MEDSEG_CACHE_DIR`` say otherwise. An MLflow server (``workdir/mlflow.db``, artifacts in
+    the bucket) starts after MinIO and ``MLFLOW_TRACKING_URI`` points every step at it; both
+    stop when the demo ends, however it ends.
 
     Raises:
         MedsegError: If ``source`` is not a dataset folder (before MinIO starts), or a step fails.
@@ -416,10 +447,18 @@ def run_local_demo(
     os.environ.setdefault("MEDSEG_CACHE_DIR", str(workdir / "cache"))
     console.rule("medseg demo")
     server = start_and_export(workdir / "minio-data", None, DEFAULT_BUCKET)
+    tracking = None
     try:
         console.print(f"MinIO on {server.endpoint}, bucket {DEFAULT_STORE}", highlight=False)
+        from medseg import mlflow_server
+
+        (workdir / "mlflow.db").unlink(missing_ok=True)  # its artifacts went with the store
+        tracking = mlflow_server.start_and_export(DEFAULT_BUCKET, workdir / "mlflow.db")
+        console.print(f"MLflow on {tracking.uri}, artifacts {tracking.artifacts}", highlight=False)
         return run_demo(
             pipeline, workdir, DEFAULT_STORE, cases, source, epochs, console, config, threshold
         )
     finally:
+        if tracking is not None:
+            tracking.stop()
         server.stop()

@@ -460,4 +460,22 @@ def evaluate(
     storage.put_bytes(join(out, "cases.csv"), result.cases_csv().encode())
     storage.put_bytes(join(out, "report.html"), write_report(result, images, history).encode())
     storage.put_json(join(out, "metrics.json"), result.to_json())
+    if run_id is not None:
+        _track(storage, store, run_id, result)
     return result
+
+
+def _track(storage: Storage, store: str, run_id: str, result: EvalResult) -> None:
+    """Log the evaluation to its training run's MLflow run (with ``MLFLOW_TRACKING_URI``)."""
+    from medseg.tracking import log_evaluation
+
+    metrics = {f"dice_{r.lower()}": v for r, v in result.dice.items()}
+    metrics |= {f"hd95_{r.lower()}_mm": v for r, v in result.hd95.items()}
+    metrics["dice_mean"] = result.dice_mean
+    rows = list(csv.DictReader(io.StringIO(result.cases_csv())))
+    table = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
+    artifacts = {
+        "report.html": storage.get_bytes(join(result.out, "report.html")),
+        "metrics.json": json.dumps(result.to_json(), indent=1).encode(),
+    }
+    log_evaluation(storage, store, run_id, result.split, metrics, table, artifacts)

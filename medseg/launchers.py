@@ -128,6 +128,15 @@ class S3Secret:
                 V1EnvVar(name=key, value_from=config(key))
                 for key in ("S3_ENDPOINT", "S3_USE_HTTPS", "AWS_REGION")
             ),
+            # tracking, when the chart enables it (an optional key: absent, no variable)
+            V1EnvVar(
+                name="MLFLOW_TRACKING_URI",
+                value_from=V1EnvVarSource(
+                    config_map_key_ref=V1ConfigMapKeySelector(
+                        name=self.config, key="MLFLOW_TRACKING_URI", optional=True
+                    )
+                ),
+            ),
         ]
 
 

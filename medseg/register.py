@@ -9,13 +9,22 @@ A version number is taken by creating ``vN/claim.json`` exclusively (S3 ``If-Non
 an atomic create on a local store): of concurrent registrations of one name, in any number of
 processes or machines, each gets its own number and none overwrites another. A number claimed
 by a registration that then failed stays unused. Names follow :mod:`medseg.names`.
+
+With ``MLFLOW_TRACKING_URI`` set, :func:`register` is the one function that writes both
+registries: medseg's (the source of truth: content-addressed, every file's sha256 in the card)
+and MLflow's registered-model version (a mirror for the UI, see :mod:`medseg.tracking`). The
+MLflow version is created after the files are stored and before the card is written; the card
+then records it. A failed MLflow write fails the registration before the card exists, so no
+medseg version is ever without its MLflow version; a failed card write deletes the MLflow
+version again. The alias ``champion`` moves to a version whose evaluation passed the quality
+gate, after :func:`medseg.tracking.verify_version` found both registries in agreement.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
-import subprocess
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,29 +33,22 @@ from typing import Any
 from medseg.errors import MedsegError
 from medseg.names import check_name
 from medseg.storage import Storage, is_s3, join
+from medseg.tracking import git_revision, register_version, set_champion, unregister_version
 
-__all__ = ["list_models", "model_card_markdown", "model_uri", "register", "resolve_model"]
+__all__ = [
+    "list_models",
+    "model_card_markdown",
+    "model_identity",
+    "model_uri",
+    "register",
+    "resolve_model",
+]
 
 _VERSION = re.compile(r"/models/([^/]+)/v(\d+)/model_card\.json$")
 _TAKEN = re.compile(r"/models/[^/]+/v(\d+)/")
 _FILES = ("model.pt", "model.yaml")
 #: Give up claiming after this many numbers were taken under our feet (a runaway, not a race).
 _MAX_CLAIMS = 1000
-
-
-def _code_version() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=5,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def list_models(storage: Storage, store: str, name: str | None = None) -> list[dict[str, Any]]:
@@ -100,6 +102,30 @@ def model_uri(storage: Storage, store: str, model: str) -> str:
     return join(store, "runs", model, "model")
 
 
+def model_identity(storage: Storage, uri: str) -> dict[str, str]:
+    """What a served answer names its model by: the version and the weights' sha256.
+
+    ``model_version`` is ``NAME@vN`` for a registered version (its card), ``run:RUN_ID`` for a
+    run's model (its lineage), else ``unregistered``; ``model_sha256`` is the sha256 of
+    ``model.pt`` as its record holds it (the loader checked the file against it), else computed.
+    """
+    from medseg.infer import recorded_hashes
+
+    record, hashes = recorded_hashes(uri, storage)
+    sha = (
+        hashes.get("model.pt")
+        or hashlib.sha256(storage.get_bytes(join(uri, "model.pt"))).hexdigest()
+    )
+    version = "unregistered"
+    if record:
+        doc = storage.get_json(join(uri, record))
+        if record == "model_card.json":
+            version = f"{doc['name']}@{doc['version']}"
+        elif doc.get("run_id"):
+            version = f"run:{doc['run_id']}"
+    return {"model_version": version, "model_sha256": sha}
+
+
 def model_card_markdown(name: str, uri: str, card: dict[str, Any]) -> str:
     """A registered version's model card as Markdown (the pipeline's card artifact)."""
     dataset = card["dataset"]
@@ -143,13 +169,17 @@ def register(
             the CPU engines of :mod:`medseg.engine`; its sha256 joins the card's ``files``.
 
     Returns:
-        The model card.
+        The model card (with ``mlflow``: the MLflow version, when tracked).
 
     Raises:
         InvalidName: If ``name`` or ``run_id`` breaks the naming rule.
         MedsegError: If the run has no finished model (or, with ``export``, one that does not
             load).
         ChecksumMismatch: If a model file no longer matches the hash its run recorded.
+        TrackingError: With ``MLFLOW_TRACKING_URI`` set, if the MLflow version cannot be
+            created (no card is written: the version number stays unused).
+        RegistryMismatch: If MLflow already holds a version claiming this one, or (the alias
+            not moved) disagrees with the card just written.
     """
     check_name(name, "model name")
     check_name(run_id, "run id")
@@ -189,12 +219,22 @@ def register(
         "metrics": lineage["best"],
         "inference": _inference_settings(blobs["model.yaml"], run_model),
         "files": files,
-        "code_version": _code_version(),
+        "code_version": git_revision(),
         "created_at": datetime.now(UTC).isoformat(),
     }
     if summary is not None:
         card["evaluation"] = summary
-    storage.put_json(join(prefix, "model_card.json"), card)
+    tracked = register_version(storage, store, card, prefix)  # None: no tracking server
+    if tracked is not None:
+        card["mlflow"] = tracked
+    try:
+        storage.put_json(join(prefix, "model_card.json"), card)
+    except BaseException:
+        if tracked is not None:
+            unregister_version(tracked)
+        raise
+    if tracked is not None and summary is not None and summary["gate"].get("passed"):
+        set_champion(storage, join(prefix, "model_card.json"))
     return card
 
 

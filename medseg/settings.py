@@ -265,6 +265,41 @@ class TrainTelemetry(BaseSettings):
     metrics_textfile: Path | None = None
 
 
+class TrackingSettings(BaseSettings):
+    """Experiment tracking on an MLflow server (:mod:`medseg.tracking`), from the environment.
+
+    Without a tracking URI nothing is tracked and nothing else changes.
+
+    Attributes:
+        uri: ``MLFLOW_TRACKING_URI``: the MLflow server (``http://HOST:PORT``), the name every
+            MLflow client knows; ``medseg mlflow`` starts one on 127.0.0.1.
+        experiment: ``MEDSEG_TRACKING_EXPERIMENT``: the MLflow experiment of training runs.
+        buffer: ``MEDSEG_TRACKING_BUFFER``: metric values a trainer holds for a server that
+            does not answer; beyond it the oldest are dropped (and counted in the warning).
+        flush_s: ``MEDSEG_TRACKING_FLUSH_S``: how long a finishing run waits for what is still
+            buffered to reach the server before it reports it lost.
+        timeout_s: ``MEDSEG_TRACKING_TIMEOUT_S``: the HTTP timeout of one MLflow request.
+    """
+
+    model_config = SettingsConfigDict(extra="ignore", populate_by_name=True)
+
+    uri: str | None = Field(
+        default=None, validation_alias=AliasChoices("MLFLOW_TRACKING_URI", "uri")
+    )
+    experiment: str = Field(
+        default="medseg", validation_alias=AliasChoices("MEDSEG_TRACKING_EXPERIMENT", "experiment")
+    )
+    buffer: int = Field(
+        default=100_000, ge=1, validation_alias=AliasChoices("MEDSEG_TRACKING_BUFFER", "buffer")
+    )
+    flush_s: float = Field(
+        default=30.0, ge=0, validation_alias=AliasChoices("MEDSEG_TRACKING_FLUSH_S", "flush_s")
+    )
+    timeout_s: float = Field(
+        default=10.0, gt=0, validation_alias=AliasChoices("MEDSEG_TRACKING_TIMEOUT_S", "timeout_s")
+    )
+
+
 class Images(BaseModel):
     """The container images, pinned (the chart's ``image`` and ``serverImage``).
 
@@ -385,6 +420,7 @@ class PlatformSettings(BaseSettings):
         storage: The object-store connection (its own names: ``S3_ENDPOINT``, …).
         server: The model server's limits (``MEDSEG_SERVER_*``).
         placement: Where each workload's pods run (``MEDSEG_PLACEMENT__*``).
+        tracking: Experiment tracking (``MLFLOW_TRACKING_URI``, ``MEDSEG_TRACKING_*``).
     """
 
     model_config = SettingsConfigDict(
@@ -397,6 +433,7 @@ class PlatformSettings(BaseSettings):
     storage: StorageSettings = Field(default_factory=StorageSettings.from_env)
     server: ServerLimits = Field(default_factory=ServerLimits)
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
+    tracking: TrackingSettings = Field(default_factory=TrackingSettings)
 
     @property
     def bucket(self) -> str | None:

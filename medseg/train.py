@@ -13,6 +13,7 @@ Run prefix layout::
     STORE/runs/RUN_ID/checkpoints/…      see medseg.checkpoint
     STORE/runs/RUN_ID/metrics.jsonl      one JSON object per epoch
     STORE/runs/RUN_ID/tensorboard/…      TensorBoard event files (``tensorboard --logdir``)
+    STORE/runs/RUN_ID/mlflow.json        the run's MLflow run, when tracked (medseg.tracking)
     STORE/runs/RUN_ID/model/model.pt     best weights (state dict)
     STORE/runs/RUN_ID/model/model.yaml   the full config the server rebuilds everything from
 """
@@ -203,6 +204,22 @@ def _dist_env() -> tuple[int, int, int]:
     )
 
 
+def _tracker(
+    storage: Storage, run_prefix: str, run_id: str, cfg: MedsegConfig, ref: DatasetRef
+) -> Any:
+    """Rank 0's :class:`medseg.tracking.RunTracker`, or None without ``MLFLOW_TRACKING_URI``."""
+    from medseg.settings import TrackingSettings
+
+    settings = TrackingSettings()
+    if not settings.uri:
+        return None
+    from medseg.tracking import RunTracker, flatten, run_tags
+
+    tags = run_tags(run_id, f"{ref.name}@{ref.version}", cfg.data.fingerprint())
+    params = flatten(cfg.model_dump(mode="json"))
+    return RunTracker(settings, storage, run_prefix, run_id, params, tags)
+
+
 def _validate(
     model: torch.nn.Module,
     data: PreprocessedDataset,
@@ -313,6 +330,7 @@ def train(
             print(f"[medseg.train] resuming {run_id} after epoch {epoch}", file=sys.stderr)
 
     board = _Board(storage, run_prefix, run_id) if rank == 0 else None
+    tracker = _tracker(storage, run_prefix, run_id, cfg, ref) if rank == 0 else None
     progress = _progress(rank)
     progress.start()
     try:
@@ -344,6 +362,11 @@ def train(
                     now = time.perf_counter()
                     rate = len(image) * world / max(now - step_started, 1e-9)
                     board.step(epoch * len(loader) + step + 1, step_loss, rate)
+                    if tracker is not None:
+                        tracker.log_metrics(
+                            {"step/loss": step_loss, "step/samples_per_second": rate},
+                            epoch * len(loader) + step + 1,
+                        )
                     step_started = now
                 progress.advance(batches)
             progress.remove_task(batches)
@@ -382,6 +405,10 @@ def train(
                 )
                 assert board is not None
                 board.log(record)
+                if tracker is not None:
+                    tracker.log_metrics(
+                        {k: v for k, v in record.items() if k != "epoch"}, record["epoch"]
+                    )
                 storage.put_bytes(
                     join(run_prefix, "metrics.jsonl"),
                     "".join(json.dumps(h) + "\n" for h in result.history).encode(),
@@ -389,6 +416,10 @@ def train(
                 print(epoch_log_line(record), file=sys.stderr, flush=True)
             if world > 1:
                 dist.barrier()  # nobody starts the next epoch before its checkpoint exists
+    except BaseException as exc:
+        if tracker is not None:
+            tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
     finally:
         progress.stop()
         if board is not None:
@@ -401,6 +432,15 @@ def train(
         torch.save(best_state, buf)
         weights = storage.put_bytes(join(run_prefix, "model", "model.pt"), buf.getvalue())
         config = storage.put_bytes(join(run_prefix, "model", "model.yaml"), cfg.to_yaml().encode())
+        mlflow_run = None
+        if tracker is not None:
+            from medseg.report import curves_png
+
+            tracker.log_artifact("model.yaml", cfg.to_yaml().encode())
+            tracker.log_artifact("curves.png", curves_png(result.history))
+            tracker.close()
+            if tracker.mlflow_run_id is not None:
+                mlflow_run = {"tracking_uri": tracker.settings.uri, "run_id": tracker.mlflow_run_id}
         lineage = {
             "files": {"model.pt": weights.sha256, "model.yaml": config.sha256},
             "run_id": run_id,
@@ -409,6 +449,10 @@ def train(
             "best": result.best,
             "epochs": len(result.history),
         }
+        if mlflow_run is not None:
+            lineage["mlflow"] = mlflow_run
+        if os.environ.get("KFP_RUN_ID"):  # set by whoever runs training under a KFP run
+            lineage["kfp_run_id"] = os.environ["KFP_RUN_ID"]
         storage.put_json(join(run_prefix, "model", "lineage.json"), lineage)
     if world > 1:
         dist.barrier()

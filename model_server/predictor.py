@@ -25,6 +25,11 @@ outputs gets those (and only those are encoded); one that names none gets all bu
 takes ``{"instances": [{"nifti_b64": …}]}`` or ``{"instances": [{"modalities": {"t1": b64, …}}]}``
 and answers base64 masks and volumes.
 
+Every answer names the model that gave it: the response parameters ``model_version``
+(``NAME@vN`` of the registry) and ``model_sha256`` (of ``model.pt``), on v1 predictions as well,
+and the HTTP headers :data:`VERSION_HEADER` and :data:`SHA256_HEADER` (see
+:func:`medseg.register.model_identity`).
+
 The three stages, each timed by kserve's own histograms (``request_preprocess_seconds`` …) and
 by :data:`model_server.metrics.STAGE_SECONDS`: ``preprocess`` validates the request (shapes,
 datatypes, parameters), takes one of ``max_concurrency`` slots, then decodes (bounded, see
@@ -66,12 +71,15 @@ from medseg.config import REGIONS
 from medseg.errors import MedsegError
 from medseg.infer import CaseSegmentation, Segmenter, load_model, segment_case
 from medseg.nifti import encode_label_map
+from medseg.register import model_identity
 from medseg.settings import ServerLimits
 from medseg.storage import Storage
 from model_server import metrics
 
 __all__ = [
     "OUTPUTS",
+    "SHA256_HEADER",
+    "VERSION_HEADER",
     "MedsegPredictor",
     "RequestAbandoned",
     "Ticket",
@@ -224,6 +232,11 @@ def _bad(exc: InputError) -> InvalidInput:
     return InvalidInput(str(exc))
 
 
+#: The HTTP headers of every answer: the served model's registry version and weights' sha256.
+VERSION_HEADER = "X-Medseg-Model-Version"
+SHA256_HEADER = "X-Medseg-Model-Sha256"
+
+
 class MedsegPredictor(Model):
     """SegResNet brain tumour segmentation behind KServe.
 
@@ -242,8 +255,9 @@ class MedsegPredictor(Model):
         limits: ServerLimits | None = None,
         storage: Storage | None = None,
     ):
-        super().__init__(name)
+        super().__init__(name, return_response_headers=True)
         self.model_dir = model_dir
+        self.identity: dict[str, str] = {}
         self.limits = limits or ServerLimits()
         self.segmenter: Segmenter | None = None
         self._slots: asyncio.Semaphore | None = None
@@ -254,6 +268,7 @@ class MedsegPredictor(Model):
         storage = self._storage or (Storage() if self.model_dir.startswith("s3://") else None)
         try:
             self.segmenter = load_model(self.model_dir, storage or Storage())
+            self.identity = model_identity(storage or Storage(), self.model_dir)
         except MedsegError as exc:
             raise RuntimeError(f"cannot load model {self.name}: {exc}") from None
         self.ready = True
@@ -588,10 +603,13 @@ class MedsegPredictor(Model):
     ) -> dict[str, Any] | InferResponse:
         """Encode the answer (in a worker thread): a v2 ``InferResponse`` or v1 predictions."""
         request, *done = result
+        if response_headers is not None:
+            response_headers[VERSION_HEADER] = self.identity.get("model_version", "")
+            response_headers[SHA256_HEADER] = self.identity.get("model_sha256", "")
         with metrics.stage("encode"):
             if isinstance(request, InferRequest):
                 return await self._in_thread(_ticket(), self._v2_response, request, done[0])
-            return await self._in_thread(_ticket(), _v1_predictions, done)
+            return await self._in_thread(_ticket(), _v1_predictions, done, self.identity)
 
     def _v2_response(self, request: InferRequest, done: Done) -> InferResponse:
         """The outputs the request names (all but ``probabilities`` when it names none)."""
@@ -619,12 +637,13 @@ class MedsegPredictor(Model):
             parameters={
                 "label_convention": params.label_convention,
                 "compute_ms": round(done.seconds * 1000),
+                **self.identity,
             },
             use_binary_outputs=True,
         )
 
 
-def _v1_predictions(done: list[Done]) -> dict[str, Any]:
+def _v1_predictions(done: list[Done], identity: dict[str, str]) -> dict[str, Any]:
     predictions = []
     for d in done:
         convention = d.job.params.label_convention
@@ -635,6 +654,7 @@ def _v1_predictions(done: list[Done]) -> dict[str, Any]:
                 "label_convention": convention,
                 "volumes_ml": d.result.volumes_ml,
                 "compute_ms": round(d.seconds * 1000),
+                **identity,
             }
         )
     return {"predictions": predictions}

@@ -695,8 +695,13 @@ def install(
             if not isinstance(doc, dict):
                 raise InvalidInput("a v1 request must be a JSON object")
             headers = {k.lower(): v for k, v in request.headers.items()}
-            result, _ = await dataplane.infer(model_name, doc, headers)
-            return Response(orjson.dumps(result), 200, media_type="application/json")
+            result, response_headers = await dataplane.infer(model_name, doc, headers)
+            named = {
+                k: v
+                for k, v in (response_headers or {}).items()
+                if k.lower() not in ("content-length", "content-type")
+            }
+            return Response(orjson.dumps(result), 200, named, media_type="application/json")
 
         return await serve(request, model_name, handle)
 

@@ -103,6 +103,12 @@ def _configure(task: Any, step: str, names: Any) -> Any:
             config_map_key_to_env={key: key},
             optional=True,
         )
+    kubernetes.use_config_map_as_env(  # tracking when the chart enables it (medseg.tracking)
+        task,
+        config_map_name=names.outputs["s3_config"],
+        config_map_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
+        optional=True,
+    )
     kubernetes.use_secret_as_env(
         task,
         secret_name=names.outputs["s3_secret"],

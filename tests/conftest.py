@@ -17,6 +17,7 @@ import pytest
 
 from medseg.config import MedsegConfig
 from medseg.minio_server import MinioServer, free_port
+from medseg.mlflow_server import MlflowServer
 from medseg.settings import ServerArgs
 from medseg.storage import Storage
 from medseg.synth import write_dataset
@@ -117,6 +118,28 @@ def minio_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MinioServ
     server = MinioServer(tmp_path_factory.mktemp("minio") / "data").start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(
+    minio_server: MinioServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[MlflowServer]:
+    """One real MLflow tracking server for the session: SQLite, artifacts in the session MinIO."""
+    bucket = f"mlflow-{uuid.uuid4().hex[:8]}"
+    Storage(minio_server.settings()).ensure_bucket(f"s3://{bucket}")
+    db = tmp_path_factory.mktemp("mlflow") / "mlflow.db"
+    server = MlflowServer(bucket, minio_server.settings(), db).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def tracking_env(mlflow_server: MlflowServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Track to the session's MLflow server, in an experiment of the test's own (its name)."""
+    experiment = f"t-{uuid.uuid4().hex[:12]}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server.uri)
+    monkeypatch.setenv("MEDSEG_TRACKING_EXPERIMENT", experiment)
+    return experiment
 
 
 @pytest.fixture

@@ -122,6 +122,12 @@ def test_demo_on_msd_is_short_on_the_terminal_and_logs_everything(
     for step in [*STEPS, "serve", "predict"]:
         assert re.search(rf"✓ {step} +\d+\.\d s", done.stdout), (step, done.stdout)
     assert "2 epochs, validation mean Dice" in done.stdout
+    # the run, its evaluation and the registered version, read back from the demo's MLflow
+    tracked = re.search(
+        r"MLflow http://127\.0\.0\.1:\d+: run (\w+) \((\d+) epochs logged\)", done.stdout
+    )
+    assert tracked and tracked.group(2) == "2", done.stdout
+    assert "model demo-segresnet version 1 (champion)" in done.stdout
     assert f"full log: {log_path}" in done.stdout
     case_id = re.search(r"Dice on (\S+)", done.stdout)
     assert case_id, done.stdout

@@ -117,6 +117,10 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
             "taskOutputParameter": {**from_params, "outputParameterKey": "s3_config"}
         }
         assert {e["envVar"] for e in config["keyToEnv"]} == {"S3_ENDPOINT", "S3_USE_HTTPS"}
+        maps = k8s[f"exec-{step}-op"]["configMapAsEnv"]
+        want = ["MLFLOW_TRACKING_URI"]
+        (tracking,) = [c for c in maps if [e["envVar"] for e in c["keyToEnv"]] == want]
+        assert tracking["optional"] is True
     # no credential value anywhere in the compiled pipeline
     text = yaml.safe_dump(compiled)
     assert "secretKey" in text and "minioadmin" not in text
@@ -490,6 +494,8 @@ def test_steps_are_placed_as_the_release_configmap_says(tmp_path: Path) -> None:
     for step, key in (("train", "TRAINING"), ("deploy", "PREDICTOR")):
         optional = [c for c in k8s[f"exec-{step}-op"]["configMapAsEnv"] if c["optional"]]
         assert [e["envVar"] for c in optional for e in c["keyToEnv"]] == [
-            f"MEDSEG_PLACEMENT__{key}"
+            f"MEDSEG_PLACEMENT__{key}",
+            "MLFLOW_TRACKING_URI",
         ]
-    assert not any(c["optional"] for c in k8s["exec-ingest-op"]["configMapAsEnv"])
+    optional = [c for c in k8s["exec-ingest-op"]["configMapAsEnv"] if c["optional"]]
+    assert [e["envVar"] for c in optional for e in c["keyToEnv"]] == ["MLFLOW_TRACKING_URI"]

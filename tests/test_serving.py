@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import gzip
+import hashlib
 import json
 import struct
 import subprocess
@@ -73,6 +74,11 @@ def test_rest_and_grpc_agree_with_in_process_inference(
         for region in REGIONS:
             assert answer.volumes_ml[region] == pytest.approx(expected.volumes_ml[region], 1e-5)
         assert answer.compute_ms is not None and answer.compute_ms > 0
+        # every answer names its model: an unregistered folder, by its weights' sha256
+        assert answer.model_version == "unregistered"
+        assert (
+            answer.model_sha256 == hashlib.sha256((model_dir / "model.pt").read_bytes()).hexdigest()
+        )
     # the volumes are the mask's voxels times the voxel volume
     voxel_ml = abs(np.linalg.det(affine[:3, :3])) / 1000
     wt = np.isin(np.asarray(_mask(rest.mask).dataobj), (1, 2, 4)).sum()
@@ -186,6 +192,9 @@ def test_labels_output_to_a_plain_http_client(server: dict[str, str], case: Path
     mask = predict(server["rest"], [case], label_convention="msd").mask
     np.testing.assert_array_equal(labels, np.asarray(_mask(mask).dataobj))
     assert labels.any()  # a real label map, not zeros
+    from model_server.predictor import SHA256_HEADER, VERSION_HEADER
+
+    assert r.headers[VERSION_HEADER] == "unregistered" and len(r.headers[SHA256_HEADER]) == 64
     meta = httpx.get(f"{server['rest']}/v2/models/medseg", timeout=30).json()
     assert {"name": "labels", "datatype": "UINT8", "shape": [-1, -1, -1]} in meta["outputs"]
     unknown = _binary_request([(spec, serialize_bytes(blobs))], outputs=[{"name": "nope"}])
@@ -251,6 +260,8 @@ def test_json_and_v1_requests(server: dict[str, str], case: Path) -> None:
     pred = r.json()["predictions"][0]
     assert set(pred["volumes_ml"]) == set(REGIONS)
     assert _mask(base64.b64decode(pred["mask_b64"])).shape == image.shape[1:]
+    assert pred["model_version"] == "unregistered" and len(pred["model_sha256"]) == 64
+    assert r.headers["X-Medseg-Model-Sha256"] == pred["model_sha256"]
 
 
 def _binary_request(inputs: list[tuple[dict, bytes]], **extra: object) -> tuple[bytes, dict]:
@@ -482,6 +493,12 @@ def test_model_from_s3_and_load_errors(
         storage.put_file(f"{bucket}/models/m/v1/{f}", model_dir / f)
     model = MedsegPredictor("m", f"{bucket}/models/m/v1", storage=storage)
     assert model.load() and model.ready
+    # a registered version (its card holds the files' sha256s) is named by name and version
+    sha = hashlib.sha256((model_dir / "model.pt").read_bytes()).hexdigest()
+    card = {"name": "m", "version": "v1", "files": {"model.pt": sha}}
+    storage.put_json(f"{bucket}/models/m/v1/model_card.json", card)
+    model = MedsegPredictor("m", f"{bucket}/models/m/v1", storage=storage)
+    assert model.load() and model.identity == {"model_version": "m@v1", "model_sha256": sha}
     with pytest.raises(RuntimeError, match="is not a model artifact"):
         MedsegPredictor("m", str(tmp_path)).load()
     (tmp_path / "model.yaml").write_text((model_dir / "model.yaml").read_text())

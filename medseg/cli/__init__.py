@@ -5,8 +5,8 @@ failures (:class:`~medseg.errors.MedsegError`) print one clear line and exit 1, 
 traceback (:func:`~medseg.cli.common.handles_errors`).
 
 Modules: :mod:`~medseg.cli.data` (synth, ingest, preprocess, datasets), :mod:`~medseg.cli.training`
-(train, evaluate, register, models), :mod:`~medseg.cli.serving` (serve, deploy, predict),
-:mod:`~medseg.cli.pipeline` (pipeline …), :mod:`~medseg.cli.local` (minio, demo).
+(train, evaluate, register, models, lineage), :mod:`~medseg.cli.serving` (serve, deploy, predict),
+:mod:`~medseg.cli.pipeline` (pipeline …), :mod:`~medseg.cli.local` (minio, mlflow, demo).
 """
 
 from medseg.cli import data, local, pipeline, serving, training

@@ -1,4 +1,4 @@
-"""This machine: ``minio`` (a local object store) and ``demo`` (the main job)."""
+"""This machine: ``minio`` (a local object store), ``mlflow`` (a tracking server), ``demo``."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from medseg.cli.common import ConfigOpt, ThresholdOpt, app, console, handles_errors, load_config
+from medseg.mlflow_server import DEFAULT_DB, DEFAULT_PORT
 from medseg.settings import DEFAULT_BUCKET, DEFAULT_PORTS
 
 DataDirOpt = Annotated[Path, typer.Option(help="Where objects are kept.")]
@@ -46,6 +47,38 @@ def minio(
     console.print(f"MinIO on {server.endpoint}, bucket s3://{bucket}; Ctrl-C stops it")
     with contextlib.suppress(KeyboardInterrupt):
         server.run_until(lambda: bool(stop))  # exits non-zero if MinIO dies
+
+
+@app.command()
+@handles_errors
+def mlflow(
+    db: Annotated[Path, typer.Option(help="SQLite database of runs and models.")] = DEFAULT_DB,
+    port: PortOpt = DEFAULT_PORT,
+    bucket: Annotated[
+        str, typer.Option(help="The platform's bucket; artifacts go to s3://BUCKET/mlflow.")
+    ] = DEFAULT_BUCKET,
+) -> None:
+    """Run an MLflow tracking server on 127.0.0.1 until interrupted.
+
+    Artifacts go to the object store of the environment (or the local env file that
+    `medseg minio` writes), through the server: clients need only MLFLOW_TRACKING_URI.
+    """
+    from medseg.mlflow_server import MlflowServer
+    from medseg.settings import StorageSettings
+    from medseg.storage import Storage
+
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    settings = StorageSettings.from_env()
+    Storage(settings).ensure_bucket(f"s3://{bucket}")
+    server = MlflowServer(bucket, settings, db, port or None).start()
+    console.print(
+        f"MLflow on {server.uri} (artifacts {server.artifacts}); "
+        f"export MLFLOW_TRACKING_URI={server.uri}; Ctrl-C stops it",
+        highlight=False,
+    )
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run_until(lambda: bool(stop))
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Model commands: ``train``, ``evaluate``, ``register``, ``models list``."""
+"""Model commands: ``train``, ``evaluate``, ``register``, ``models list``, ``lineage``."""
 
 from __future__ import annotations
 
@@ -154,3 +154,35 @@ def models_list(store: StoreOpt = DEFAULT_STORE) -> None:
             c["created_at"][:19],
         )
     console.print(table)
+
+
+@app.command("lineage")
+@handles_errors
+def lineage_cmd(
+    ref: Annotated[
+        str,
+        typer.Argument(
+            help="Dataset NAME@VERSION, run id, registered NAME@vN, InferenceService name, "
+            "or a predictions.json URI."
+        ),
+    ],
+    store: StoreOpt = DEFAULT_STORE,
+    namespace: Annotated[
+        str | None, typer.Option(help="InferenceServices' namespace; default: all.")
+    ] = None,
+    cluster: Annotated[
+        bool, typer.Option("--cluster/--no-cluster", help="Read deployments from the cluster.")
+    ] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the links as JSON.")] = False,
+) -> None:
+    """The chain both ways: raw data, dataset, run, model version, deployments, predictions."""
+    import json
+
+    from medseg.lineage import lineage
+    from medseg.storage import Storage
+
+    found = lineage(Storage(), store, ref, namespace=namespace, cluster=cluster)
+    if as_json:
+        print(json.dumps(found.to_json(), indent=2, default=str))
+    else:
+        console.print("\n".join(found.lines()), highlight=False, markup=False)
