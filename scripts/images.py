@@ -73,9 +73,10 @@ BUILDER_VERSION = "1"
 #: This file's hash: the cheap layers (code, entrypoints, static binaries) are rebuilt when it
 #: changes; the expensive ones (base, venvs) when BUILDER_VERSION is bumped.
 BUILDER = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
-#: The mtime of every file of the base and venv layers (2024-01-01). Their keys name their
-#: inputs exactly (package indexes, pinned wheels), so a fixed time keeps a cold rebuild on another
-#: machine, at another commit, byte-identical to a cached one; the code layers use the commit time.
+#: The mtime of every file of the base, venv, entrypoint and static-binary layers (2024-01-01).
+#: Their keys name their inputs exactly (package indexes, pinned wheels, binaries), so a fixed time
+#: keeps a rebuild on another machine, at another commit, byte-identical to a cached one (and the
+#: layer shared across releases); medseg's code layer uses the commit time.
 STABLE_EPOCH = 1704067200
 UID = GID = 1000
 #: The Debian release, its mirrors and the packages of the base (what the wheels link against:
@@ -1063,7 +1064,7 @@ def _storage_layers(ctx: Context) -> None:
         ctx, "storage-venv", STORAGE_VENV, lock, ["base"], "import kserve_storage, boto3"
     )
     script = STORAGE_ENTRYPOINT.read_bytes()
-    epoch = _git_epoch()
+    epoch = STABLE_EPOCH  # keyed on the script and the venv: no need for the commit time
     site = ctx.trees["storage-venv"] / STORAGE_VENV.lstrip("/") / "lib/python3.11/site-packages"
     key = _key("storage-code", _sha256(script), epoch, BUILDER, ctx.built["storage-venv"].key)
     if found := _cached(ctx, "storage-code", key):
@@ -1178,7 +1179,7 @@ def _static_layer(ctx: Context, name: str, module: str, version: str, shell: boo
                 "purl": f"pkg:deb/debian/busybox-static@{deb}?arch=amd64&distro=debian-12",
             }
         )
-    epoch = _git_epoch()
+    epoch = STABLE_EPOCH  # keyed on the binaries: no need for the commit time
     content = _sha256(
         json.dumps({k: _sha256(v[0]) for k, v in files.items()}, sort_keys=True).encode()
     )
