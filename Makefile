@@ -62,7 +62,7 @@ VARIANT ?= cpu
 images: setup
 	$(VENV)/python scripts/images.py build --variant $(VARIANT)
 
-## The air-gapped bundle in .medseg/bundle/: image archives, SBOMs, the packaged chart,
+## The air-gapped bundle in .medseg/bundle/: one archive of every image, their SBOMs, the packaged chart,
 ## values-bundle.yaml and SHA256SUMS (docs/install.md, "Air-gapped install").
 bundle: setup
 	$(VENV)/python scripts/images.py bundle

@@ -1240,8 +1240,11 @@ def _config(image: ImageDef, layers: Sequence[LayerInfo], epoch: int, revision: 
         "os": "linux",
         "config": {k: v for k, v in config.items() if v is not None},
         "rootfs": {"type": "layers", "diff_ids": [layer.diff_id for layer in layers]},
-        # No timestamps in the history: a rebuild from the same inputs is the same image.
-        "history": [{"created_by": f"medseg images: {layer.created_by}"} for layer in layers],
+        # No build times in the history: the image's fixed time (umoci 0.4 stat dereferences it).
+        "history": [
+            {"created": _iso(epoch), "created_by": f"medseg images: {layer.created_by}"}
+            for layer in layers
+        ],
     }
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
@@ -1260,10 +1263,14 @@ class Built:
     size: int
     compressed: int
     trees: tuple[Path, ...]
+    config: bytes
+    manifest: bytes
+    layer_paths: tuple[Path, ...]
 
     def as_json(self) -> dict[str, Any]:
         fields = {**dataclasses.asdict(self), "archive": self.archive.name, "sbom": self.sbom.name}
-        del fields["trees"]  # the local cache's folders: not part of what is shipped
+        for local in ("trees", "config", "manifest", "layer_paths"):  # the cache's, not shipped
+            del fields[local]
         return fields
 
 
@@ -1331,36 +1338,6 @@ def write_archive(
         separators=(",", ":"),
     ).encode()
     digest = "sha256:" + _sha256(manifest)
-    index = json.dumps(
-        {
-            "schemaVersion": 2,
-            "mediaType": MEDIA_INDEX,
-            "manifests": [
-                {
-                    "mediaType": MEDIA_MANIFEST,
-                    "digest": digest,
-                    "size": len(manifest),
-                    "platform": {"architecture": "amd64", "os": "linux"},
-                    "annotations": {
-                        "org.opencontainers.image.ref.name": image.ref,
-                        "io.containerd.image.name": image.ref,
-                    },
-                }
-            ],
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    ).encode()
-    docker = json.dumps(
-        [
-            {
-                "Config": f"blobs/sha256/{config_digest[7:]}",
-                "RepoTags": [image.ref],
-                "Layers": [f"blobs/sha256/{layer.digest[7:]}" for layer in layers],
-            }
-        ],
-        separators=(",", ":"),
-    ).encode()
     archive = out_dir / image.archive
     meta_path = archive.with_suffix(".json")
     sbom_path = out_dir / f"{image.name}-{image.tag}.sbom.json"
@@ -1375,6 +1352,9 @@ def write_archive(
         sum(layer.uncompressed for layer in layers),
         sum(layer.size for layer in layers) + len(config) + len(manifest),
         tuple(layer.tree for layer in layers),
+        config,
+        manifest,
+        tuple(layer.path for layer in layers),
     )
     if not write:
         return built
@@ -1382,25 +1362,59 @@ def write_archive(
     if archive.exists() and sbom_path.exists() and written.get("digest") == digest:
         return built
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_layout(archive, [built], epoch)
+    shutil.copyfile(layers[-1].tree / SBOM_PATH, sbom_path)
+    meta_path.write_text(json.dumps(built.as_json(), indent=1))
+    return built
+
+
+def write_layout(archive: Path, built: Sequence[Built], epoch: int) -> None:
+    """One OCI image layout tar holding ``built`` (blobs shared), plus Docker's ``manifest.json``.
+
+    ``index.json`` names each image's full reference in ``org.opencontainers.image.ref.name``
+    and ``io.containerd.image.name``; ``manifest.json`` lists the same images with ``RepoTags``.
+    """
+    index = {
+        "schemaVersion": 2,
+        "mediaType": MEDIA_INDEX,
+        "manifests": [
+            {
+                "mediaType": MEDIA_MANIFEST,
+                "digest": b.digest,
+                "size": len(b.manifest),
+                "platform": {"architecture": "amd64", "os": "linux"},
+                "annotations": {
+                    "org.opencontainers.image.ref.name": b.ref,
+                    "io.containerd.image.name": b.ref,
+                },
+            }
+            for b in built
+        ],
+    }
+    docker = [
+        {
+            "Config": f"blobs/sha256/{b.config_digest[7:]}",
+            "RepoTags": [b.ref],
+            "Layers": [f"blobs/sha256/{d[7:]}" for d in b.layers],
+        }
+        for b in built
+    ]
+    blobs: dict[str, tuple[bytes | None, Path | None]] = {}
+    for b in built:
+        blobs[b.config_digest] = (b.config, None)
+        blobs[b.digest] = (b.manifest, None)
+        blobs.update({d: (None, path) for d, path in zip(b.layers, b.layer_paths, strict=True)})
     tmp = archive.with_name(f".{archive.name}.tmp")
     with tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT) as tar:
         _tar_member(tar, "blobs", epoch)
         _tar_member(tar, "blobs/sha256", epoch)
-        blobs: dict[str, tuple[bytes | None, Path | None]] = {
-            config_digest: (config, None),
-            digest: (manifest, None),
-            **{layer.digest: (None, layer.path) for layer in layers},
-        }
         for blob in sorted(blobs):
             data, path = blobs[blob]
             _tar_member(tar, f"blobs/sha256/{blob[7:]}", epoch, data, path)
-        _tar_member(tar, "index.json", epoch, index)
-        _tar_member(tar, "manifest.json", epoch, docker)
+        _tar_member(tar, "index.json", epoch, json.dumps(index, sort_keys=True).encode())
+        _tar_member(tar, "manifest.json", epoch, json.dumps(docker).encode())
         _tar_member(tar, "oci-layout", epoch, b'{"imageLayoutVersion":"1.0.0"}')
     tmp.rename(archive)
-    shutil.copyfile(layers[-1].tree / SBOM_PATH, sbom_path)
-    meta_path.write_text(json.dumps(built.as_json(), indent=1))
-    return built
 
 
 def build(
@@ -1530,7 +1544,7 @@ def bundle_values(built: Sequence[Built]) -> dict[str, Any]:
 
 
 def bundle(out: Path = BUNDLE, cache: Path = CACHE) -> Path:
-    """The air-gapped bundle: archives, SBOMs, the packaged chart, its values and SHA256SUMS."""
+    """The air-gapped bundle: one archive of every image, SBOMs, the chart, values, SHA256SUMS."""
     built = build(cache=cache)
     helm = shutil.which("helm") or str(ROOT / ".tools" / "bin" / "helm")
     if not Path(helm).exists():
@@ -1539,12 +1553,12 @@ def bundle(out: Path = BUNDLE, cache: Path = CACHE) -> Path:
         shutil.rmtree(out)
     out.mkdir(parents=True)
     _run([helm, "package", str(ROOT / "charts" / "medseg"), "-d", str(out)], "helm package")
+    # One layout for every image: the medseg images' shared layers are stored once.
+    from medseg import __version__
+
+    write_layout(out / f"medseg-images-{__version__}.oci.tar", built, _git_epoch())
     for b in built:
-        for path in (b.archive, b.sbom):
-            with contextlib.suppress(OSError):
-                os.link(path, out / path.name)  # the same file system: no copy of gigabytes
-            if not (out / path.name).exists():
-                shutil.copyfile(path, out / path.name)
+        shutil.copyfile(b.sbom, out / b.sbom.name)
     (out / "values-bundle.yaml").write_text(
         "# The chart's images as loaded from this bundle (docs/install.md, Air-gapped install).\n"
         + yaml.safe_dump(bundle_values(built), sort_keys=False)
