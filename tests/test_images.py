@@ -1,7 +1,8 @@
 """The container images built without Docker (scripts/images.py): archives, contents, digests.
 
 The module fixture builds every CPU image through the layer cache (``~/.cache/medseg/images``):
-seconds when warm; cold, about 15 minutes on two cores (mmdebstrap, the wheels, gzip of ~2.5 GB).
+seconds when warm; cold, about 7 minutes on two cores (mmdebstrap, the wheels from uv's cache,
+gzip of ~5 GB), plus about 10 the first time Go builds the static MinIO and mc.
 The images are then checked as a runtime sees them: the archive's layout and digests, skopeo,
 the config (user, labels, environment), the files of the layers (chroot as uid 1000, no container
 runtime here), the SBOM, a rebuild's digest and the bundle's chart values.
