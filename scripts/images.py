@@ -106,6 +106,8 @@ CPU_EXCLUDED = re.compile(
     r"^(triton|cuda-bindings|cuda-pathfinder|cuda-toolkit"
     r"|nvidia-cuda-cccl|nvidia-cusolver|nvidia-nvjitlink|nvidia-nvtx)$"
 )
+#: How .pyc files are written (part of the venv layers' keys).
+PYC_MODE = "unchecked-hash, forced, no start-up writes"
 #: What the deps layer's build runs: torch loads (its CUDA libraries resolve) and computes.
 TORCH_SMOKE = "import torch, monai, kserve; assert float(torch.ones(3).sum()) == 3.0"
 #: Every CUDA wheel (what the CUDA variant adds to the lock's CPU-only packages).
@@ -783,14 +785,16 @@ def _compile(merged: Path, python: str, folders: Sequence[str]) -> None:
     and stay valid after the layer clamps the mtimes; unchecked, as nothing in an image changes.
     """
     # compile_dir's result is ignored: wheels ship files for other Python versions (torch's
-    # py312 test helpers) that do not compile on 3.11 and are never imported there.
+    # py312 test helpers) that do not compile on 3.11 and are never imported there. force: a
+    # module imported at start-up (a .pth's _distutils_hack) already has a timestamp .pyc, which
+    # compileall would otherwise keep (it embeds the extraction time).
     code = (
         "import compileall, py_compile, sys\n"
         "for d in sys.argv[1:]:\n"
-        "    compileall.compile_dir(d, quiet=2, workers=0,\n"
+        "    compileall.compile_dir(d, quiet=2, workers=0, force=True,\n"
         "        invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)\n"
     )
-    _chroot(merged, [python, "-c", code, *folders], "compileall", {})
+    _chroot(merged, [python, "-c", code, *folders], "compileall", {"PYTHONDONTWRITEBYTECODE": "1"})
 
 
 def _uv_install(merged: Path, python: str, args: Sequence[str], what: str) -> None:
@@ -834,6 +838,7 @@ def _uv_install(merged: Path, python: str, args: Sequence[str], what: str) -> No
                     "UV_CACHE_DIR": "/tmp/uv-cache",
                     "SOURCE_DATE_EPOCH": "0",
                     "UV_NO_PROGRESS": "1",
+                    "PYTHONDONTWRITEBYTECODE": "1",  # only _compile writes .pyc files
                     "SSL_CERT_FILE": "/tmp/host-ca.crt",
                     **proxies,
                 },
@@ -853,7 +858,7 @@ def _venv_layer(
     ``smoke`` (Python code) runs in the result as uid 1000: a wheel set that cannot import its
     main package fails the build, not the pod.
     """
-    key = _key(name, venv, reqs, smoke, [ctx.built[n].key for n in lowers])
+    key = _key(name, venv, reqs, smoke, PYC_MODE, [ctx.built[n].key for n in lowers])
     ctx.trees[name] = ctx.folder(name, key) / "upper"
     if found := _cached(ctx, name, key):
         return found
