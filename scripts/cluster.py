@@ -39,6 +39,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -54,7 +55,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from types import SimpleNamespace
+from types import ModuleType, SimpleNamespace
 from typing import Any
 
 import yaml
@@ -635,6 +636,8 @@ def _start_control_plane(etcd: str) -> None:
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             # Tests see an autoscaler react within seconds (default 15 s).
             "--horizontal-pod-autoscaler-sync-period=5s",
+            # Scale down 30 s after the load ends, not the default 5 min (tests wait for it).
+            "--horizontal-pod-autoscaler-downscale-stabilization=30s",
             "--leader-elect=false",
             "--profiling=false",
             "--v=1",
@@ -703,14 +706,26 @@ def _storage_container(source: Path) -> dict[str, Any]:
     """KServe's ``default`` ClusterStorageContainer, its storage-initializer made "restricted".
 
     KServe merges this container into the storage-initializer it injects into predictor pods;
-    upstream's has no securityContext, so Pod Security "restricted" rejects those pods. Version
-    pinned to the KServe release instead of ``latest``.
+    upstream's has no securityContext, so Pod Security "restricted" rejects those pods. The
+    image is the one ``make images`` builds from KServe's ``kserve-storage`` release of the
+    controller's version (scripts/images.py; no registry is reachable from the node).
     """
     doc = yaml.safe_load(source.read_text())
     container = doc["spec"]["container"]
-    container["image"] = f"kserve/storage-initializer:{versions()['KSERVE_VERSION']}"
+    container["image"] = image_definitions().images()["kserve-storage-initializer"].ref
+    container["imagePullPolicy"] = "IfNotPresent"
     container["securityContext"] = RESTRICTED_CONTAINER
     return doc
+
+
+def image_definitions() -> ModuleType:
+    """``scripts/images.py``, where every image the platform runs is defined."""
+    spec = importlib.util.spec_from_file_location("medseg_images", ROOT / "scripts" / "images.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 #: A container security context that Pod Security "restricted" admits.

@@ -240,7 +240,7 @@ def images(variant: str = "cpu") -> dict[str, ImageDef]:
                 name="kserve-storage-initializer",
                 ref=f"localhost/medseg/kserve-storage-initializer:{KSERVE_STORAGE_VERSION}",
                 layers=("base", "storage-venv", "storage-code"),
-                entrypoint=(f"{STORAGE_VENV}/bin/python", "/usr/local/bin/initializer-entrypoint"),
+                entrypoint=(f"{STORAGE_VENV}/bin/python", f"/{ENTRYPOINT_PATH}"),
                 cmd=(),
                 env=(
                     ("PATH", f"{STORAGE_VENV}/bin:/usr/sbin:/usr/bin:/sbin:/bin"),
@@ -275,8 +275,11 @@ def images(variant: str = "cpu") -> dict[str, ImageDef]:
     return {d.name: d for d in defs}
 
 
-#: KServe's storage initializer: the version of the KServe controller the test cluster runs.
-KSERVE_STORAGE_VERSION = "v0.20.0"
+#: KServe's storage initializer: the version of the KServe controller the test cluster runs
+#: (``KSERVE_VERSION`` of scripts/cluster/versions.sh, the one pin).
+KSERVE_STORAGE_VERSION = dict(
+    re.findall(r"^([A-Z_]+)=(\S+)$", (ROOT / "scripts/cluster/versions.sh").read_text(), re.M)
+)["KSERVE_VERSION"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -611,10 +614,22 @@ def _finish(
     if folder.exists():
         shutil.rmtree(folder)
     tmp.rename(folder)
+    _prune(ctx, name, keep=folder)
     log(
         f"layer {name}: {digest[:19]} ({uncompressed / 2**20:.0f} MiB, gzip {size / 2**20:.0f} MiB)"
     )
     return LayerInfo.load(folder)
+
+
+def _prune(ctx: Context, name: str, keep: Path) -> None:
+    """Remove the cache's older builds of layer ``name``.
+
+    A dependency layer is ~7 GB, and each change of its inputs would otherwise leave the
+    previous one behind.
+    """
+    for old in ctx.cache.glob(f"{name}-*"):
+        if old != keep and re.fullmatch(rf"{re.escape(name)}-[0-9a-f]{{20}}", old.name):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 @contextlib.contextmanager

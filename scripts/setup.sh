@@ -40,13 +40,15 @@ fi
 
 # 2. Tools ---------------------------------------------------------------------------------
 mkdir -p .tools/bin "$CACHE"
-minio_dir="$CACHE/minio-$MINIO_VERSION"
+# Static (CGO off): the same binary runs here and in the MinIO image (scripts/images.py, go_tool,
+# reuses this folder), so a cold machine builds MinIO once.
+minio_dir="$CACHE/minio-$MINIO_VERSION-static"
 if [ ! -x "$minio_dir/minio" ]; then
   command -v go >/dev/null || { echo "setup: Go is needed to build MinIO" >&2; exit 1; }
   log "building MinIO $MINIO_VERSION from source (go install; a few minutes, once)"
-  mkdir -p "$minio_dir.tmp"
-  GOBIN="$(cd "$minio_dir.tmp" && pwd)" GOFLAGS=-buildvcs=false \
-    go install "github.com/minio/minio@$MINIO_VERSION"
+  rm -rf "$minio_dir.tmp" && mkdir -p "$minio_dir.tmp"
+  GOBIN="$(cd "$minio_dir.tmp" && pwd)" CGO_ENABLED=0 GOFLAGS="-p=2 -buildvcs=false -trimpath" \
+    nice -n 19 go install "github.com/minio/minio@$MINIO_VERSION"
   mv "$minio_dir.tmp" "$minio_dir"
 fi
 ln -sfn "$minio_dir/minio" .tools/bin/minio

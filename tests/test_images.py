@@ -320,13 +320,15 @@ def test_storage_initializer_downloads_a_model_from_minio(
         "S3_VERIFY_SSL": "0",
     }
     image = built["kserve-storage-initializer"]
-    argv = ["/" + images.ENTRYPOINT_PATH, "s3://models/tiny/v1", "/mnt/models"]
+    # What the runtime starts: the image's own entrypoint, with KServe's two arguments.
+    entrypoint = list(images.images()["kserve-storage-initializer"].entrypoint)
+    argv = [*entrypoint, "s3://models/tiny/v1", "/mnt/models"]
     proc = images.run(image, argv, env=s3_env, binds={"/mnt/models": out})
     assert proc.returncode == 0, proc.stderr
     assert (out / "model.yaml").read_bytes() == b"name: tiny\n"
     assert (out / "model.pt").read_bytes() == b"\x00weights"
     assert env["AWS_SECRET_ACCESS_KEY"] not in proc.stdout + proc.stderr
-    bad = images.run(image, ["/" + images.ENTRYPOINT_PATH, "s3://models/tiny/v1"])
+    bad = images.run(image, [*entrypoint, "s3://models/tiny/v1"])
     assert bad.returncode == 2 and "usage" in bad.stderr
 
 
