@@ -40,4 +40,7 @@ def deploy_op(model: Input[Model], name: str, deployment: dict, cluster: dict) -
         image=params.image,
         min_replicas=params.min_replicas,
         max_replicas=params.max_replicas,
+        cpu=params.cpu,
+        memory=params.memory,
+        cpu_limit=params.cpu_limit,
     )

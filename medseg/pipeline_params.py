@@ -141,6 +141,9 @@ class DeploymentParams(_Group):
         scale_metric: ``concurrency`` or ``rps`` (Knative), ``cpu`` or ``memory`` (Standard).
         scale_target: Target of the scale metric per replica.
         timeout: Seconds to wait for the InferenceService to be Ready.
+        cpu, memory: Requests per replica (Kubernetes quantities); the HPA's CPU target is a
+            percentage of ``cpu``.
+        cpu_limit: CPU limit per replica (``None``: the request).
     """
 
     target: Literal["local", "kserve"] = "local"
@@ -151,6 +154,9 @@ class DeploymentParams(_Group):
     scale_metric: str = _SPEC_DEFAULTS["scale_metric"]
     scale_target: int = Field(default=_SPEC_DEFAULTS["scale_target"], ge=1)
     timeout: int = Field(default=900, gt=0)
+    cpu: str = Field(default=_SPEC_DEFAULTS["cpu"], pattern=_QUANTITY)
+    memory: str = Field(default=_SPEC_DEFAULTS["memory"], pattern=_QUANTITY)
+    cpu_limit: str | None = Field(default=_SPEC_DEFAULTS["cpu_limit"], pattern=_QUANTITY)
 
     @model_validator(mode="after")
     def _valid_service(self) -> DeploymentParams:

@@ -720,7 +720,8 @@ def test_pipeline_deploy_step_runs_as_the_chart_service_account(installed: Insta
         f"write_ref(m, ModelArtifact(uri='{model}', digest='0' * 64, run_id='r', dataset='d@v'))\n"
         "print(deploy_op.python_func(model=m, name='brats-kfp', deployment={'target': 'kserve', "
         "'mode': 'Standard', 'min_replicas': 1, 'max_replicas': 2, 'scale_metric': 'cpu', "
-        "'scale_target': 60, 'timeout': 180, 'image': 'ghcr.io/medseg/medseg-server:0.1.0'}, "
+        "'scale_target': 60, 'timeout': 180, 'image': 'ghcr.io/medseg/medseg-server:0.1.0', "
+        "'cpu': '300m', 'memory': '1Gi', 'cpu_limit': '1'}, "
         f"cluster={{'namespace': '{ns}', 'release': '{installed.release.name}'}}))"
     )
     env = {**os.environ, "KUBECONFIG": str(installed.kubeconfig)}
@@ -731,6 +732,11 @@ def test_pipeline_deploy_step_runs_as_the_chart_service_account(installed: Insta
     assert done.stdout.strip().splitlines()[-1].startswith("http")
     deployment = kubectl_json("get", "deployment", "brats-kfp-predictor", "-n", ns)
     assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "prod-medseg-predictor"
+    # The step sizes the replicas (the HPA's CPU target is a share of this request).
+    (server,) = [c for c in deployment["spec"]["template"]["spec"]["containers"]
+                 if c["name"] == "kserve-container"]  # fmt: skip
+    assert server["resources"]["requests"] == {"cpu": "300m", "memory": "1Gi"}
+    assert server["resources"]["limits"] == {"cpu": "1", "memory": "1Gi"}
 
 
 def test_deploy_surfaces_the_controller_conditions_and_recreates_on_mode_change(

@@ -73,6 +73,7 @@ def test_param_overrides_set_plain_parameters_and_group_fields() -> None:
         ("training.gpus_per_worker=-1", r"training\.gpus_per_worker: Input should be greater"),
         ("training.cpu=two", r"training\.cpu: String should match pattern"),
         ("training.memory=8 GB", r"training\.memory: String should match pattern"),
+        ("deployment.cpu=lots", r"deployment\.cpu: String should match pattern"),
         ("deployment.mode=Serverless", r"deployment\.mode: Input should be 'Knative'"),
         ("config_yaml=train: [", "config_yaml: not YAML"),
     ],
