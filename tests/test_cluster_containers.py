@@ -393,18 +393,31 @@ def _predictor_pods(namespace: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def deployed(platform: Platform, trained: dict[str, Any]) -> str:
-    """The trained run registered, and ``medseg deploy`` run as the chart's pipeline account."""
+    """The trained run registered, and the pipeline's deploy step run as its pod would run it
+    (as the chart's pipeline ServiceAccount): Standard mode, replicas sized for this node."""
     ns = platform.release.namespace
     platform.medseg("register", "--run-id", RUN_ID, "--name", MODEL_NAME)
     model_uri = f"s3://medseg/models/{MODEL_NAME}/v1"
-    out = platform.medseg(
-        "deploy", model_uri, "--name", ISVC, "--namespace", ns,
-        "--release", platform.release.name, "--mode", "Standard", "--min-replicas", "1",
-        "--max-replicas", "2", "--scale-metric", "cpu", "--scale-target", "50",
-        "--cpu", "200m", "--cpu-limit", "1", "--memory", "2Gi", "--timeout", "900",
-        kube=True, timeout=1000,
-    )  # fmt: skip
-    assert f"InferenceService {ns}/{ISVC} is Ready" in out, out
+    deployment = {
+        "target": "kserve", "mode": "Standard", "min_replicas": 1, "max_replicas": 2,
+        "scale_metric": "cpu", "scale_target": 50, "timeout": 900, "cpu": "200m",
+        "memory": "2Gi", "cpu_limit": "1",
+    }  # fmt: skip
+    cluster = {"namespace": ns, "release": platform.release.name}
+    call = (
+        "import sys\n"
+        "from kfp.dsl import Model\n"
+        "from components import deploy_op\n"
+        "from medseg.pipeline_params import ModelArtifact, write_ref\n"
+        f"m = Model(name='model', uri={str(platform.tmp / 'deployed-model')!r}); m.path = m.uri\n"
+        f"write_ref(m, ModelArtifact(uri={model_uri!r}, digest='0' * 64, run_id={RUN_ID!r}, "
+        "dataset='brats'))\n"
+        f"print(deploy_op.python_func(model=m, name={ISVC!r}, deployment={deployment!r}, "
+        f"cluster={cluster!r}))\n"
+    )
+    env = {**platform.env, "KUBECONFIG": str(platform.kubeconfig)}
+    url = _run([sys.executable, "-c", call], env=env, timeout=1000).strip().splitlines()[-1]
+    assert url.startswith("http"), url
     return model_uri
 
 
@@ -443,6 +456,13 @@ def test_the_predictor_fetches_the_model_and_serves_what_the_library_serves(
     np.testing.assert_array_equal(rest.labels, mine.labels)
     np.testing.assert_array_equal(grpc.labels, mine.labels)
     assert rest.volumes_ml == mine.volumes_ml
+    # From the InferenceService's name back to its model version, run and dataset (the cluster
+    # read as an admin would: the pipeline's account may not list InferenceServices).
+    env = {**platform.env, "KUBECONFIG": str(CL.KUBECONFIG)}
+    chain = json.loads(_run([sys.executable, "-m", "medseg", "lineage", ISVC, "--namespace", ns,
+                             "--json"], env=env))  # fmt: skip
+    assert chain["deployments"] == {f"{ns}/{ISVC}": f"{MODEL_NAME}@v1"}, chain
+    assert list(chain["runs"]) == [RUN_ID] and list(chain["models"]) == [f"{MODEL_NAME}@v1"]
 
 
 # --- autoscaling -------------------------------------------------------------------------------
