@@ -40,7 +40,8 @@ unit:
 ## The quick loop while developing: every test but the slow ones (marker `slow`: a whole
 ## pipeline or demo, multi-process training) and the cluster's. `make test` runs them all.
 test-fast: setup
-	$(VENV)/pytest -q -m "not slow" --ignore=tests/test_cluster.py --ignore=tests/test_node.py
+	$(VENV)/pytest -q -m "not slow" --ignore=tests/test_cluster.py --ignore=tests/test_node.py \
+		--ignore=tests/test_cluster_containers.py
 
 ## Benchmarks: each prints a ratio against a baseline measured in the same run.
 bench: setup
@@ -87,9 +88,10 @@ cluster: setup
 cluster-down:
 	@if [ -x $(VENV)/python ]; then $(VENV)/python scripts/cluster.py down; fi
 
-## Only the tests against the real control plane and node (tests/test_cluster.py, tests/test_node.py).
+## Only the tests against the real control plane and node (tests/test_cluster.py, the platform in
+## its own containers tests/test_cluster_containers.py, tests/test_node.py).
 test-cluster: setup
-	$(VENV)/pytest -q tests/test_cluster.py tests/test_node.py
+	$(VENV)/pytest -q tests/test_cluster.py tests/test_cluster_containers.py tests/test_node.py
 
 clean: cluster-down
 	rm -rf .medseg .pytest_cache .ruff_cache
