@@ -1303,7 +1303,10 @@ def _cni_config() -> None:
             {
                 "type": "bridge",
                 "bridge": BRIDGE,
-                # isGateway would turn on forwarding for every interface (net.ipv4.ip_forward).
+                # Off on purpose: isGateway would set net.ipv4.ip_forward (every interface) and
+                # ipMasq would NAT pod traffic out; pods get no default route (routes below), so
+                # nothing they send can leave the bridge except to the Service range, which
+                # kube-proxy rewrites to pod addresses on this same bridge.
                 "isGateway": False,
                 "ipMasq": False,
                 "hairpinMode": True,
