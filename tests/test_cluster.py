@@ -503,17 +503,23 @@ def test_pytorchjob_is_reconciled_into_pods_that_succeed(
     )
     # As the chart's pipeline ServiceAccount: a missing permission fails here with 403.
     client = TrainingClient(config_file=str(installed.kubeconfig), namespace=ns)
-    # The job's cleanPodPolicy (Running) may delete the worker once kwok has completed the
-    # master: each role's pod is recorded while the job runs.
+    # The job's cleanPodPolicy (Running) may delete the worker within a second once kwok has
+    # completed the master, faster than any poll: every pod is recorded from a watch that starts
+    # at the resourceVersion listed before the job exists, so no pod can be missed.
+    from kubernetes import client as k8s
+    from kubernetes import config, watch
+
     selector = f"training.kubeflow.org/job-name={spec.name}"
+    core = k8s.CoreV1Api(config.new_client_from_config(str(CL.KUBECONFIG)))
+    since = core.list_namespaced_pod(ns, label_selector=selector).metadata.resource_version
     seen: dict[str, dict[str, Any]] = {}
-    finished = threading.Event()
+    pods = watch.Watch()
 
     def record() -> None:
-        while not finished.is_set():
-            for p in kubectl_json("get", "pods", "-n", ns, "-l", selector)["items"]:
-                seen[p["metadata"]["labels"]["training.kubeflow.org/replica-type"]] = p
-            time.sleep(0.3)
+        for event in pods.stream(core.list_namespaced_pod, ns, label_selector=selector,
+                                 resource_version=since, timeout_seconds=300):  # fmt: skip
+            p = core.api_client.sanitize_for_serialization(event["object"])
+            seen[p["metadata"]["labels"]["training.kubeflow.org/replica-type"]] = p
 
     recorder = threading.Thread(target=record, daemon=True)
     recorder.start()
@@ -521,8 +527,10 @@ def test_pytorchjob_is_reconciled_into_pods_that_succeed(
         submit_pytorchjob(spec, wait_timeout=240, client=client, stream_logs=True,
                           poll_seconds=2)  # fmt: skip
     finally:
-        finished.set()
-        recorder.join(30)
+        end = time.monotonic() + 30  # the watch may lag the job's end by a few events
+        while sorted(seen) != ["master", "worker"] and time.monotonic() < end:
+            time.sleep(0.2)
+        pods.stop()
     job = kubectl_json("get", "pytorchjob", spec.name, "-n", ns)
     assert any(c["type"] == "Succeeded" and c["status"] == "True"
                for c in job["status"]["conditions"])  # fmt: skip
