@@ -153,7 +153,7 @@ def test_the_layer_writer_is_deterministic(tmp_path: Path) -> None:
 # The built images
 # --------------------------------------------------------------------------------------------
 
-NAMES = ("medseg", "medseg-server", "kserve-storage-initializer", "minio", "mc")
+NAMES = ("medseg", "medseg-server", "kserve-storage-initializer", "minio", "mc", "busybox")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -297,6 +297,8 @@ def test_processes_run_as_uid_1000_in_the_images(built: dict[str, Any]) -> None:
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "1000", proc.stderr
     proc = images.run(built["minio"], ["/usr/bin/minio", "--version"])
     assert proc.returncode == 0 and "minio" in proc.stdout.lower(), proc.stderr
+    proc = images.run(built["busybox"], ["/bin/sh", "-c", "id -u && command -v nslookup"])
+    assert proc.returncode == 0 and proc.stdout.split()[0] == "1000", proc.stderr
 
 
 def test_storage_initializer_downloads_a_model_from_minio(

@@ -2,9 +2,9 @@
 
 The fixture starts the cluster with its real node (containerd + runc, a kubelet, kube-proxy,
 CoreDNS and metrics-server beside kwok's fake node), or reuses a running one; pods here tolerate
-the real node's taint and select it. Every pod is "restricted" and runs the busybox image that
-``up`` builds from Debian's busybox-static and imports (no registry). The last test stops the
-cluster it started and compares the machine with what it was before ``up``.
+the real node's taint and select it. Every pod is "restricted" and runs the busybox image of
+scripts/images.py (Debian's busybox-static), which ``up`` builds and imports (no registry). The
+last test stops the cluster it started and compares the machine with what it was before ``up``.
 """
 
 from __future__ import annotations
@@ -90,7 +90,11 @@ def machine_state() -> dict[str, Any]:
         str(d) for h in Path("/sys/fs/cgroup").iterdir() if h.is_dir() for d in h.iterdir()
         if d.is_dir()
     )  # fmt: skip
-    ours = (str(CL.RUN).encode(), str(CL.BIN).encode(), str(CL.CONTAINERD_SOCKET).encode())
+    # The cluster's daemons; not MinIO, kubectl or helm from the same folder, which tests run
+    # by themselves (a MinIO of another test may be running beside this module).
+    tools = ("minio", "kubectl", "helm")
+    daemons = [str(p).encode() for p in CL.BIN.iterdir() if p.name not in tools]
+    ours = (str(CL.RUN).encode(), str(CL.CONTAINERD_SOCKET).encode(), *daemons)
     procs = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -224,7 +228,7 @@ def test_restricted_pod_runs_on_the_real_node(pods: dict[str, str]) -> None:
     doc = kubectl_json("get", "pod", "web", "-n", NS)
     assert doc["spec"]["nodeName"] == CL.REAL_NODE_NAME
     assert pods["web"].startswith("10.244.99.")
-    assert exec_("web", "id", "-u").stdout.strip() == "65534"
+    assert exec_("web", "id", "-u").stdout.strip() == "1000"  # the images' user
     denied = exec_("web", "touch", "/written")
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr + denied.stdout
     logs = eventually(lambda: "web started" in kubectl("logs", "-n", NS, "web").stdout, 30)
@@ -275,7 +279,8 @@ def test_host_reaches_pods(pods: dict[str, str]) -> None:
 def test_images_import_once(pods: dict[str, str]) -> None:
     """The archive ``up`` imported is skipped the second time (same name, same digest)."""
     assert CL.busybox_image() in CL.images()
-    assert CL.import_images([CL.RUN / "busybox-oci.tar"]) == []
+    (archive,) = CL.IMAGES_DIR.glob("busybox-*.oci.tar")
+    assert CL.import_images([archive]) == []
 
 
 def test_top_pod_reports_cpu(pods: dict[str, str]) -> None:
