@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -22,7 +21,6 @@ import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -31,6 +29,7 @@ import yaml
 from medseg.minio_server import MinioServer
 from medseg.settings import DEFAULT_IMAGES
 from medseg.storage import Storage
+from tests.cluster_kit import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 HELM = ROOT / ".tools" / "bin" / "helm"
@@ -41,16 +40,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_images() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("medseg_images", ROOT / "scripts" / "images.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["medseg_images"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-images = _load_images()
+images = load_script("images")
 
 
 @pytest.fixture(scope="module")

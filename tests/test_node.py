@@ -10,35 +10,22 @@ last test stops the cluster it started and compares the machine with what it was
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "cluster.py"
+from tests.cluster_kit import CL, ROOT, SCRIPT, eventually, kubectl, kubectl_json
+
 NS = "node-test"
 
-
-def _load_cluster_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("medseg_cluster_script_node", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CL = _load_cluster_module()
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not CL.node_wanted(), reason="the real node needs root"
@@ -135,28 +122,6 @@ def cluster() -> Iterator[dict[str, Any] | None]:
     yield before
     if not reuse:
         subprocess.run([sys.executable, str(SCRIPT), "down"], timeout=300, check=False)
-
-
-def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [str(CL.BIN / "kubectl"), "--kubeconfig", str(CL.KUBECONFIG), *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=180)
-
-
-def kubectl_json(*args: str) -> Any:
-    done = kubectl(*args, "-o", "json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def eventually(check: Callable[[], Any], timeout: float = 90, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:.0f} s: {what}")
-        time.sleep(1)
 
 
 def pod(name: str, command: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
