@@ -222,6 +222,18 @@ def test_pods_reach_each_other_services_and_dns(pods: dict[str, str]) -> None:
     assert outside.returncode != 0
 
 
+def test_pods_have_no_route_off_the_machine(pods: dict[str, str]) -> None:
+    """The bridge has no gateway: a pod's only routes are its bridge's subnet (and the Service
+    range through it); a connection to any other address fails at once, before a packet leaves.
+    192.0.2.1 is TEST-NET-1 (RFC 5737), never routed anywhere."""
+    routes = exec_("client", "ip", "route")
+    assert routes.returncode == 0, routes.stderr
+    assert "default" not in routes.stdout, routes.stdout
+    off = fetch("client", "http://192.0.2.1/")
+    assert off.returncode != 0
+    assert "unreachable" in (off.stderr + off.stdout).lower(), off.stderr + off.stdout
+
+
 def test_host_reaches_pods(pods: dict[str, str]) -> None:
     with urllib.request.urlopen(f"http://{pods['web']}:8080/", timeout=5) as resp:
         assert resp.read().strip() == b"pong"
