@@ -200,7 +200,7 @@ def images(variant: str = "cpu") -> dict[str, ImageDef]:
     Returns:
         The declarations, in build order.
     """
-    from medseg.settings import DEFAULT_IMAGES, DEFAULT_PORTS
+    from medseg.settings import DEFAULT_IMAGES, DEFAULT_PORTS, KSERVE_MODEL_DIR
 
     if variant not in ("cpu", "cuda"):
         raise ImageError(f"unknown variant {variant!r} (cpu or cuda)")
@@ -230,7 +230,14 @@ def images(variant: str = "cpu") -> dict[str, ImageDef]:
             ref=DEFAULT_IMAGES.server + suffix,
             layers=medseg_layers,
             entrypoint=("python", "-m", "model_server"),
-            cmd=("--model_dir", "/mnt/models", "--http_port", str(http), "--grpc_port", str(grpc)),
+            cmd=(
+                "--model_dir",
+                KSERVE_MODEL_DIR,
+                "--http_port",
+                str(http),
+                "--grpc_port",
+                str(grpc),
+            ),
             # In a pod the server listens on every interface (it binds loopback by default).
             env=(*python_env, ("MEDSEG_SERVER_HOST", "0.0.0.0")),
             title="medseg-server",
