@@ -111,8 +111,9 @@ class LocalServer:
         """Before the process starts: its folders."""
 
     def exit_reason(self) -> str:
-        """What the log says about an exit (its tail)."""
-        return self.log_path.read_text(errors="replace")[-1000:]
+        """What the log says about an exit, on one line (its last line)."""
+        lines = [x.strip() for x in self.log_path.read_text(errors="replace").splitlines()]
+        return ([x for x in lines if x] or ["(empty log)"])[-1][-500:]
 
     def start(self, timeout: float = 60.0) -> Self:
         """Start the server and wait until its readiness path answers.
@@ -168,8 +169,8 @@ class LocalServer:
         code = self.exit_code()
         if code is not None:
             raise MedsegError(
-                f"{self.name} on {self.url} exited with code {code} (log {self.log_path}):\n"
-                f"{self.exit_reason()}"
+                f"{self.name} on {self.url} exited with code {code}: {self.exit_reason()} "
+                f"(log {self.log_path})"
             )
 
     def run_until(self, stop: Callable[[], bool], poll: float = 0.5) -> None:
