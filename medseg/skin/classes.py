@@ -7,7 +7,14 @@ the same classes in upper case and another order (:data:`ISIC2018_COLUMNS`).
 
 from __future__ import annotations
 
-__all__ = ["CLASSES", "CLASS_NAMES", "CONVENTION", "HAM10000_COUNTS", "ISIC2018_COLUMNS"]
+__all__ = [
+    "CHANNELS",
+    "CLASSES",
+    "CLASS_NAMES",
+    "CONVENTION",
+    "HAM10000_COUNTS",
+    "ISIC2018_COLUMNS",
+]
 
 #: HAM10000 ``dx`` codes, in the order of every class axis.
 CLASSES: tuple[str, ...] = ("nv", "mel", "bkl", "bcc", "akiec", "vasc", "df")
@@ -35,3 +42,5 @@ HAM10000_COUNTS: dict[str, int] = {
 ISIC2018_COLUMNS: tuple[str, ...] = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 #: The manifest's label convention of a skin-lesion dataset: these classes, in this order.
 CONVENTION = "ham10000"
+#: The channels of a skin-lesion image, in the order of its ``[3, H, W]`` array.
+CHANNELS: tuple[str, ...] = ("red", "green", "blue")
