@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
+from medseg.cli import app
 from medseg.config import SplitConfig
 from medseg.errors import DatasetError
 from medseg.ingest import _assign_split, ingest
@@ -246,3 +248,14 @@ def test_folder_per_class_layout(ham: Path, tmp_path: Path, storage: Storage, bu
     ]
     with pytest.raises(DatasetError, match="--labels brats2021 is a volume label convention"):
         ingest(str(root), "folders", bucket, storage=storage, labels="brats2021")
+
+
+def test_cli_synth_and_ingest(tmp_path: Path, s3_env: None, bucket: str) -> None:
+    runner = CliRunner()
+    raw = tmp_path / "raw"
+    done = runner.invoke(app, ["synth", str(raw), "--task", "skin-lesion", "--cases", "42"])
+    assert done.exit_code == 0, done.output
+    (raw / "HAM10000_images_part_1").rename(raw / "ham10000_images_part_1")  # Kaggle's spelling
+    done = runner.invoke(app, ["ingest", str(raw), "--dataset", "cli-skin", "--store", bucket])
+    assert done.exit_code == 0, done.output
+    assert "layout ham10000, labels ham10000, 42 valid cases (" in done.output

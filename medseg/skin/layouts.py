@@ -2,7 +2,7 @@
 
 * ``ham10000``: ``HAM10000_metadata.csv`` (``lesion_id, image_id, dx, dx_type, age, sex,
   localization``) beside ``HAM10000_images_part_1/`` and ``HAM10000_images_part_2/`` (or any
-  ``HAM10000_images*`` folder) of ``IMAGE_ID.jpg``;
+  ``HAM10000_images*`` folder, in any case) of ``IMAGE_ID.jpg``;
 * ``isic2018``: ISIC 2018 Task 3, a ground-truth CSV ``image, MEL, NV, BCC, AKIEC, BKL, DF,
   VASC`` (one-hot rows) anywhere in the first two levels, the images anywhere below the root
   (``ISIC2018_Task3_Training_Input/IMAGE.jpg``), and, when present, the lesion groupings CSV
@@ -151,8 +151,8 @@ def _discover_ham(root: Path) -> list[RawImage]:
         raise DatasetError(f"{meta}: expected the columns {', '.join(need)}; found {header}")
     col = {name: header.index(name) for name in need}
     files: dict[str, list[Path]] = {}
-    for folder in sorted(root.glob("HAM10000_images*")):
-        if folder.is_dir():
+    for folder in _class_folders(root):
+        if folder.name.lower().startswith("ham10000_images"):
             for stem, paths in _images_under(folder).items():
                 files.setdefault(stem, []).extend(paths)
     out: list[RawImage] = []
