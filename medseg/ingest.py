@@ -585,7 +585,7 @@ def _ingest(
             if labels not in (None, skin_classes.CONVENTION):
                 raise DatasetError(
                     f"{source}: a {image_layout} dataset has the {skin_classes.CONVENTION} "
-                    f"classes; --labels {labels} is a volume label convention"
+                    f"classes, not the label convention {labels!r}"
                 )
             raws = discover_images(root, image_layout)
             if not raws:

@@ -82,6 +82,12 @@ def test_ham10000_is_ingested_and_split_by_lesion(ham: Path, storage: Storage, b
     # Re-ingesting the same content is a no-op, found by the source's fingerprint.
     again = ingest(str(ham), "skin", bucket, storage=storage, split=SPLIT)
     assert again.cached and again.ref == result.ref
+    # The same files under an s3:// prefix make the same version.
+    for p in sorted(ham.rglob("*")):
+        if p.is_file():
+            storage.put_file(join(bucket, "incoming", str(p.relative_to(ham))), p)
+    from_s3 = ingest(join(bucket, "incoming"), "skin", bucket, storage=storage, split=SPLIT)
+    assert from_s3.ref == result.ref and not from_s3.created
 
 
 def test_stored_images_hold_pixels_only(ham: Path, storage: Storage, bucket: str) -> None:
@@ -246,7 +252,9 @@ def test_folder_per_class_layout(ham: Path, tmp_path: Path, storage: Storage, bu
             f"(known: {', '.join(CLASSES)})",
         )
     ]
-    with pytest.raises(DatasetError, match="--labels brats2021 is a volume label convention"):
+    with pytest.raises(
+        DatasetError, match="has the ham10000 classes, not the label convention 'brats2021'"
+    ):
         ingest(str(root), "folders", bucket, storage=storage, labels="brats2021")
 
 
