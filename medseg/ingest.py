@@ -20,6 +20,12 @@ de-identified by :mod:`medseg.deid` (PS3.15 Basic Profile) with the key ``MEDSEG
 which is never stored: nothing maps the pseudonyms back. A study that cannot be read, lacks a
 series or its ground truth, or cannot be de-identified is quarantined with its reason.
 
+Dermoscopy images (2D, one class per image: HAM10000, ISIC 2018 Task 3, or a folder per class;
+see :mod:`medseg.skin.layouts`) go through the same steps: each image is checked and stored
+de-identified (:mod:`medseg.skin.validate`: the pixels only, as PNG), one manifest entry per
+image with its class (``label``) and its lesion (``group``), and the split is drawn over
+lesions, so that no lesion has images on both sides.
+
 Re-ingesting is keyed on content, never on the source's path: the source's fingerprint (every
 file's relative path, size and sha256 for a folder; every object's key, size and ETag for an
 ``s3://`` prefix) and the ingest options map to the version they produced, in
@@ -38,12 +44,12 @@ import multiprocessing
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nibabel as nib
 import numpy as np
@@ -59,6 +65,10 @@ from medseg.manifest import CaseEntry, DatasetRef, FileEntry, Manifest, Quaranti
 from medseg.names import check_name
 from medseg.nifti import GZIP_MAGIC, open_image, read_voxels
 from medseg.settings import DeidSettings
+from medseg.skin import classes as skin_classes
+from medseg.skin.layouts import detect_layout as detect_image_layout
+from medseg.skin.layouts import discover_images
+from medseg.skin.validate import CheckedImage, check_image
 from medseg.storage import Storage, is_s3, join, sha256_file, write_local
 
 __all__ = ["IngestResult", "ingest", "source_fingerprint"]
@@ -97,6 +107,9 @@ class _Checked:
     entry: CaseEntry | None = None
     quarantine: QuarantinedCase | None = None
     staged: dict[str, Path] = field(default_factory=dict)  # role -> file to upload
+
+
+_C = TypeVar("_C", _Checked, CheckedImage)
 
 
 @dataclass
@@ -383,18 +396,18 @@ def _check_study(case_id: str, source: str, convention: str, staging: str, key: 
     return out
 
 
-def _screen(case: RawCase, root: Path) -> QuarantinedCase | None:
+def _screen(case_id: str, files: Iterable[Path], root: Path) -> QuarantinedCase | None:
     """Refuse, before reading anything, a case with a bad id or a file outside ``root``."""
     try:
-        check_name(case.case_id, "case id")
+        check_name(case_id, "case id")
     except InvalidName as exc:
-        return QuarantinedCase(case_id=case.case_id, file=None, reason=str(exc))
+        return QuarantinedCase(case_id=case_id, file=None, reason=str(exc))
     inside = root.resolve()
-    for path in case.files().values():
+    for path in files:
         target = path.resolve()
         if not target.is_relative_to(inside):
             return QuarantinedCase(
-                case_id=case.case_id,
+                case_id=case_id,
                 file=path.name,
                 reason=f"{path.name} is a symbolic link to {target}, outside the source "
                 f"folder {root}; links out of the source are not followed",
@@ -446,17 +459,25 @@ def _source_key(
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def _assign_split(ids: list[str], split: SplitConfig) -> dict[str, str]:
-    ordered = sorted(ids)
+def _assign_split(
+    ids: list[str], split: SplitConfig, groups: dict[str, str] | None = None
+) -> dict[str, str]:
+    """A seeded train/validation split of ``ids``, drawn over their groups when given.
+
+    With ``groups`` (case id → group, e.g. the lesion an image shows), whole groups go to one
+    side, and ``split.val_fraction`` is a fraction of the groups: no group is on both sides.
+    """
+    group_of = groups or {i: i for i in ids}
+    ordered = sorted({group_of[i] for i in ids})
     n_val = 0
     if len(ordered) >= 2 and split.val_fraction > 0:
         n_val = min(len(ordered) - 1, max(1, round(len(ordered) * split.val_fraction)))
     perm = np.random.default_rng(split.seed).permutation(len(ordered))
     val = {ordered[i] for i in perm[:n_val]}
-    return {i: ("validation" if i in val else "train") for i in ordered}
+    return {i: ("validation" if group_of[i] in val else "train") for i in sorted(ids)}
 
 
-def _map(fn: Callable[..., _Checked], items: list[tuple[Any, ...]], workers: int) -> list[_Checked]:
+def _map(fn: Callable[..., _C], items: list[tuple[Any, ...]], workers: int) -> list[_C]:
     if workers <= 1 or len(items) <= 1:
         return [fn(*a) for a in items]
     with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
@@ -491,8 +512,9 @@ def ingest(
     """Validate and store a raw dataset as a content-addressed version.
 
     Args:
-        source: Local folder or ``s3://`` prefix holding one public layout, or DICOM studies
-            (de-identified on the way in: needs ``MEDSEG_DEID_KEY``).
+        source: Local folder or ``s3://`` prefix holding one public layout (volumes or
+            dermoscopy images), or DICOM studies (de-identified on the way in: needs
+            ``MEDSEG_DEID_KEY``).
         name: Dataset name.
         store: Root URI of the platform's store (e.g. ``s3://medseg``).
         storage: Storage to use; from the environment when omitted.
@@ -545,6 +567,24 @@ def _ingest(
             for obj in storage.list(source):
                 storage.get_file(obj.uri, root / obj.uri[len(source.rstrip("/")) + 1 :])
         staging = str(Path(tmp) / "staged")
+        image_layout = detect_image_layout(root)
+        if image_layout is not None:
+            if labels not in (None, skin_classes.CONVENTION):
+                raise DatasetError(
+                    f"{source}: a {image_layout} dataset has the {skin_classes.CONVENTION} "
+                    f"classes, not the label convention {labels!r}"
+                )
+            raws = discover_images(root, image_layout)
+            if not raws:
+                raise DatasetError(f"{source}: layout {image_layout} detected but no image found")
+            screens = [_screen(r.image_id, [r.path] if r.path else [], root) for r in raws]
+            refused = [q for q in screens if q is not None]
+            todo = [(r, staging) for r, q in zip(raws, screens, strict=True) if q is None]
+            images = _map(check_image, todo, workers)
+            kind = (image_layout, skin_classes.CONVENTION, skin_classes.CHANNELS)
+            return _store(
+                source, name, store, storage, split, strict, kind, len(raws), images, refused
+            )
         try:
             layout = detect_layout(root)
         except DatasetError as exc:
@@ -556,7 +596,6 @@ def _ingest(
             convention = labels or "brats2021"
             get_convention(convention)
             key = _deid_key()
-            cases: list[Any] = studies
             refused = []
             readable = []
             for case_id, study in studies:
@@ -566,57 +605,88 @@ def _ingest(
                 except InvalidName as exc:
                     refused.append(QuarantinedCase(case_id=case_id, file=None, reason=str(exc)))
             checked = _map(_check_study, readable, workers)
+            n_cases = len(studies)
         else:
             convention = labels or LAYOUTS[layout]
             get_convention(convention)
             cases = discover_cases(root, layout)
             if not cases:
                 raise DatasetError(f"{source}: layout {layout} detected but no case found")
-            screened = {c.case_id: _screen(c, root) for c in cases}
+            screened = {c.case_id: _screen(c.case_id, c.files().values(), root) for c in cases}
             refused = [q for q in screened.values() if q is not None]
             args = [(c, convention, staging) for c in cases if screened[c.case_id] is None]
             checked = _map(_check_case, args, workers)
-        good = [c for c in checked if c.entry is not None]
-        bad = refused + [c.quarantine for c in checked if c.quarantine is not None]
-        bad.sort(key=lambda q: q.case_id)
-        if not good:
-            reasons = "; ".join(f"{q.case_id}: {q.reason}" for q in bad[:5])
-            raise DatasetError(f"{source}: no valid case among {len(cases)} ({reasons})")
-        if strict and bad:
-            reasons = "; ".join(f"{q.case_id}: {q.reason}" for q in bad)
-            raise DatasetError(f"{source}: {len(bad)} invalid cases with --strict ({reasons})")
-        splits = _assign_split([c.case_id for c in good], split)
-        entries = []
-        for c in good:
-            assert c.entry is not None
-            entries.append(c.entry.model_copy(update={"split": splits[c.case_id]}))
-        manifest = Manifest(
-            name=name,
-            layout=layout,
-            convention=convention,
-            channels=CHANNELS,
-            split_seed=split.seed,
-            val_fraction=split.val_fraction,
-            cases=entries,
-            quarantined=bad,
-        )
-        version = manifest.content_hash()
-        ref = DatasetRef(store=store, name=name, version=version)
-        if storage.exists(ref.manifest_uri):
-            existing = ref.load(storage)
-            return IngestResult(ref, existing, created=False, uploaded=0)
-        uploaded = 0
-        for c in good:
-            assert c.entry is not None
-            for f in c.entry.files:
-                uri = join(ref.prefix, f.key)
-                if storage.exists(uri) and storage.stat(uri).sha256 == f.sha256:
-                    continue  # left by an interrupted earlier run, with the very same bytes
-                storage.put_file(uri, c.staged[f.role])
-                uploaded += 1
-        manifest = manifest.model_copy(
-            update={"version": version, "created_at": datetime.now(UTC).isoformat()}
-        )
-        storage.put_json(ref.manifest_uri, manifest.model_dump(mode="json"))
-        storage.put_json(join(store, "datasets", name, "latest.json"), {"version": version})
-        return IngestResult(ref, manifest, created=True, uploaded=uploaded)
+            n_cases = len(cases)
+        kind = (layout, convention, CHANNELS)
+        return _store(source, name, store, storage, split, strict, kind, n_cases, checked, refused)
+
+
+def _store(
+    source: str,
+    name: str,
+    store: str,
+    storage: Storage,
+    split: SplitConfig,
+    strict: bool,
+    kind: tuple[str, str, tuple[str, ...]],
+    n_cases: int,
+    checked: list[_Checked] | list[CheckedImage],
+    refused: list[QuarantinedCase],
+) -> IngestResult:
+    """Split the valid cases, upload them and commit the version with its manifest.
+
+    Args:
+        source: The source, as given (for messages).
+        name: Dataset name.
+        store: Root URI of the platform's store.
+        storage: Storage to use.
+        split: Train/validation split settings.
+        strict: Fail if any case is quarantined.
+        kind: The manifest's layout, label convention and channels.
+        n_cases: How many cases the source listed (for the message when none is valid).
+        checked: Each validated case's entry and staged files, or its quarantine.
+        refused: Cases quarantined before validation.
+    """
+    good = [c for c in checked if c.entry is not None]
+    bad = refused + [c.quarantine for c in checked if c.quarantine is not None]
+    bad.sort(key=lambda q: q.case_id)
+    if not good:
+        reasons = "; ".join(f"{q.case_id}: {q.reason}" for q in bad[:5])
+        raise DatasetError(f"{source}: no valid case among {n_cases} ({reasons})")
+    if strict and bad:
+        reasons = "; ".join(f"{q.case_id}: {q.reason}" for q in bad)
+        raise DatasetError(f"{source}: {len(bad)} invalid cases with --strict ({reasons})")
+    entries = [c.entry for c in good if c.entry is not None]
+    groups = {e.case_id: e.group or e.case_id for e in entries}
+    splits = _assign_split([e.case_id for e in entries], split, groups)
+    layout, convention, channels = kind
+    manifest = Manifest(
+        name=name,
+        layout=layout,
+        convention=convention,
+        channels=channels,
+        split_seed=split.seed,
+        val_fraction=split.val_fraction,
+        cases=[e.model_copy(update={"split": splits[e.case_id]}) for e in entries],
+        quarantined=bad,
+    )
+    version = manifest.content_hash()
+    ref = DatasetRef(store=store, name=name, version=version)
+    if storage.exists(ref.manifest_uri):
+        existing = ref.load(storage)
+        return IngestResult(ref, existing, created=False, uploaded=0)
+    uploaded = 0
+    for c in good:
+        assert c.entry is not None
+        for f in c.entry.files:
+            uri = join(ref.prefix, f.key)
+            if storage.exists(uri) and storage.stat(uri).sha256 == f.sha256:
+                continue  # left by an interrupted earlier run, with the very same bytes
+            storage.put_file(uri, c.staged[f.role])
+            uploaded += 1
+    manifest = manifest.model_copy(
+        update={"version": version, "created_at": datetime.now(UTC).isoformat()}
+    )
+    storage.put_json(ref.manifest_uri, manifest.model_dump(mode="json"))
+    storage.put_json(join(store, "datasets", name, "latest.json"), {"version": version})
+    return IngestResult(ref, manifest, created=True, uploaded=uploaded)

@@ -31,7 +31,8 @@ class FileEntry(BaseModel):
     """One stored file of a case.
 
     Attributes:
-        role: A channel name (``t1``, ``t1gd``, ``t2``, ``flair``), ``image`` (4D) or ``label``.
+        role: A channel name (``t1``, ``t1gd``, ``t2``, ``flair``), ``image`` (4D, or a 2D
+            image of a classification task) or ``label``.
         key: Path relative to the version prefix, e.g. ``raw/CASE/CASE_t1.nii.gz``.
         sha256: Hash of the stored bytes.
         size: Size of the stored bytes.
@@ -43,17 +44,31 @@ class FileEntry(BaseModel):
     size: int
 
 
+def _unset(value: object) -> bool:
+    return value is None
+
+
 class CaseEntry(BaseModel):
-    """A valid case and the facts checked at ingest."""
+    """A valid case and the facts checked at ingest.
+
+    A volume (BraTS) has a 3D ``shape`` (voxels), ``spacing`` (mm), ``orientation`` and the
+    voxel count of each label. A 2D image of a classification task (a dermoscopy image) has a
+    2D ``shape`` (height, width), its class as ``label`` and, as ``group``, the lesion it shows:
+    the split keeps a group's cases on one side. ``label`` and ``group`` are left out of the
+    stored manifest when unset, so a volume dataset's manifest, and its content hash, are what
+    they were before images existed.
+    """
 
     case_id: str
     split: Literal["train", "validation"]
     files: list[FileEntry]
     channel_index: dict[str, int] = Field(default_factory=dict)
-    shape: tuple[int, int, int]
-    spacing: tuple[float, float, float]
-    orientation: str
-    label_counts: dict[str, int]
+    shape: tuple[int, ...]
+    spacing: tuple[float, ...] = ()
+    orientation: str = ""
+    label_counts: dict[str, int] = Field(default_factory=dict)
+    label: str | None = Field(default=None, exclude_if=_unset)
+    group: str | None = Field(default=None, exclude_if=_unset)
 
     def file(self, role: str) -> FileEntry:
         """The file with ``role``.

@@ -156,6 +156,9 @@ class ServerLimits(BaseSettings):
         max_position_mm: Farthest a voxel of a case may lie from the scanner's origin, on any
             axis (mm); a grid beyond it cannot be placed (100 m by default: scanners place
             patients within a metre or two).
+        max_image_pixels: Pixels of one 2D image (JPEG/PNG) as its header announces them,
+            checked before any pixel is decoded (40 MP: a dermatoscope's full frame).
+        max_image_edge: Largest width or height of a 2D image, in pixels.
         max_param_chars: Longest request id, parameter name or string parameter value.
         max_json_values: Values (numbers, strings, …) in a request's JSON part; tensors of a
             real size travel as binary data.
@@ -186,6 +189,8 @@ class ServerLimits(BaseSettings):
     min_spacing_mm: float = Field(default=0.05, gt=0)
     max_spacing_mm: float = Field(default=50.0, gt=0)
     max_position_mm: float = Field(default=1e5, gt=0)
+    max_image_pixels: int = Field(default=40_000_000, ge=1)
+    max_image_edge: int = Field(default=16_384, ge=1)
     max_param_chars: int = Field(default=1024, ge=64)
     max_json_values: int = Field(default=2_000_000, ge=1)
     retry_after_s: int = Field(default=5, ge=1)

@@ -14,6 +14,7 @@ from medseg.cli.common import (
     StoreOpt,
     app,
     console,
+    fail,
     failures_table,
     handles_errors,
     load_config,
@@ -40,16 +41,40 @@ LabelsOpt = Annotated[
 @handles_errors
 def synth(
     out: Annotated[Path, typer.Argument(help="Folder to write the cases into.")],
-    layout: Annotated[str, typer.Option(help="brats2021, brats2023 or msd.")] = "brats2021",
-    cases: Annotated[int, typer.Option(min=1, help="Number of cases.")] = 8,
+    layout: Annotated[
+        str | None,
+        typer.Option(help="brats2021 (default), brats2023 or msd; ham10000 for skin-lesion."),
+    ] = None,
+    cases: Annotated[
+        int | None,
+        typer.Option(min=1, help="Number of cases (default 8), or of images (default 210)."),
+    ] = None,
     shape: Shape = (96, 96, 64),
     seed: Annotated[int, typer.Option(help="Dataset seed.")] = 0,
     fmt: Format = "nifti",
+    task: Annotated[
+        str,
+        typer.Option(
+            help="brats (3D MRI cases) or skin-lesion (dermoscopy-like JPEGs, HAM10000 layout)."
+        ),
+    ] = "brats",
 ) -> None:
     """Write deterministic synthetic BraTS-like cases in a public layout, or as DICOM studies."""
+    if task == "skin-lesion":
+        from medseg.skin.synth import write_ham10000
+
+        if layout not in (None, "ham10000"):
+            fail(f"--task skin-lesion writes the ham10000 layout, not {layout!r}")
+        images = write_ham10000(out, 210 if cases is None else cases, seed)
+        lesions = len({i.lesion_id for i in images})
+        console.print(f"wrote {len(images)} HAM10000-like images of {lesions} lesions to {out}")
+        return
+    if task != "brats":
+        fail(f"unknown task {task!r}: use brats or skin-lesion")
     from medseg.synth import synthesize
 
-    ids = synthesize(out, layout, cases, shape, seed, fmt)
+    layout = layout or "brats2021"
+    ids = synthesize(out, layout, 8 if cases is None else cases, shape, seed, fmt)
     if fmt == "dicom":
         console.print(f"wrote {len(ids)} DICOM studies ({layout} labels) of shape {shape} to {out}")
     else:
