@@ -27,11 +27,11 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage, generate_uid
 
 import medseg
-from medseg.config import CHANNELS, REGIONS
 from medseg.dicom import DicomStudy, SeriesRules, read_study
 from medseg.infer import CaseSegmentation, Segmenter, segment_case
 from medseg.labels import LabelConvention
 from medseg.storage import Storage
+from medseg.tasks.brats import CHANNELS, REGIONS
 
 __all__ = [
     "REGION_CODES",

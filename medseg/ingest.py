@@ -50,7 +50,7 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from medseg.config import CHANNELS, SplitConfig
+from medseg.config import SplitConfig
 from medseg.deid import deidentify_files
 from medseg.dicom import find_studies, read_study, resample
 from medseg.errors import DatasetError, InvalidName, MedsegError
@@ -60,6 +60,7 @@ from medseg.manifest import CaseEntry, DatasetRef, FileEntry, Manifest, Quaranti
 from medseg.names import check_name
 from medseg.settings import DeidSettings
 from medseg.storage import Storage, is_s3, join, sha256_file, write_local
+from medseg.tasks.brats import CHANNELS
 
 __all__ = ["IngestResult", "ingest", "source_fingerprint"]
 

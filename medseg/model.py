@@ -6,9 +6,12 @@ architecture is hard-coded anywhere else.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from monai.networks.nets import SegResNet
 
-from medseg.config import ModelConfig
+if TYPE_CHECKING:  # the config names the task, whose network this is: no import at run time
+    from medseg.config import ModelConfig
 
 __all__ = ["build_network", "size_multiple"]
 

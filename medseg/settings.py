@@ -265,6 +265,25 @@ class TrainTelemetry(BaseSettings):
     metrics_textfile: Path | None = None
 
 
+class TaskSettings(BaseSettings):
+    """Task families from outside medseg (see :mod:`medseg.tasks`), from the environment.
+
+    Attributes:
+        plugins: ``MEDSEG_TASK_PLUGINS``: comma-separated ``module:attribute`` references to
+            :class:`~medseg.tasks.Task` objects, imported and registered the first time a task
+            or label convention is looked up and not found. Every process that meets such a
+            model needs it: the model server, a training pod, a preprocessing worker.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MEDSEG_TASK_", extra="ignore")
+
+    plugins: str = ""
+
+    def references(self) -> list[str]:
+        """The ``module:attribute`` references, in order."""
+        return [r.strip() for r in self.plugins.split(",") if r.strip()]
+
+
 class TrackingSettings(BaseSettings):
     """Experiment tracking on an MLflow server (:mod:`medseg.tracking`), from the environment.
 
