@@ -30,14 +30,15 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
-import torch
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict
 
 from medseg.errors import InvalidInput
 from medseg.settings import TaskSettings
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # torch only in annotations: the config (and the client) load without it
+    import torch
+
     from medseg.config import InferConfig, ModelConfig
 
 __all__ = [

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import numpy as np
-import torch
 
 from medseg.labels import CONVENTIONS
 from medseg.model import build_network
@@ -22,6 +21,8 @@ from medseg.tasks.base import InputSpec, OutputSpec, TaskConfig
 from medseg.tasks.segmentation import RegionSegmentation
 
 if TYPE_CHECKING:
+    import torch
+
     from medseg.config import InferConfig, ModelConfig
 
 __all__ = ["BRATS", "CHANNELS", "NAME", "REGIONS", "BratsSegmentation", "BratsTaskConfig"]

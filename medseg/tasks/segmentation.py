@@ -13,16 +13,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from monai.losses import DiceLoss
-from monai.metrics import DiceMetric
-from scipy import ndimage
 
 from medseg.report import overlay_png
 from medseg.tasks.base import CaseScore, Task
 
 if TYPE_CHECKING:
+    import torch
+
     from medseg.config import InferConfig
+
+# torch, MONAI and SciPy are imported where they run: the config names its task, and the config
+# (with the CLI and the client) loads without them.
 
 __all__ = [
     "HD95_DEFINITION",
@@ -43,6 +44,8 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
     Voxels on the array's edge count as surface (outside the array is background).
     """
+    from scipy import ndimage
+
     cross = ndimage.generate_binary_structure(mask.ndim, 1)
     return mask ^ ndimage.binary_erosion(mask, structure=cross)
 
@@ -83,6 +86,8 @@ def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> flo
         )
     if not p.any() or not t.any():
         raise ValueError("hd95: a mask is empty; score_case applies the empty-mask convention")
+    from scipy import ndimage
+
     surface_p, surface_t = _surface(p), _surface(t)
     to_t = ndimage.distance_transform_edt(~surface_t, sampling=spacing)[surface_p]
     to_p = ndimage.distance_transform_edt(~surface_p, sampling=spacing)[surface_t]
@@ -105,6 +110,9 @@ def score_regions(
         spacing: Voxel size along each axis of that grid, in mm.
         regions: The region names.
     """
+    import torch
+    from monai.metrics import DiceMetric
+
     p, t = pred.unsqueeze(0).float(), truth.unsqueeze(0).float()
     dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, t)
     assert isinstance(dice, torch.Tensor)
@@ -140,10 +148,12 @@ class RegionSegmentation(Task):
 
     def loss(self) -> torch.nn.Module:
         """Soft Dice of the sigmoid outputs (squared denominators)."""
+        from monai.losses import DiceLoss
+
         return DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(logits)
+        return logits.sigmoid()
 
     def postprocess(self, probabilities: np.ndarray, infer: InferConfig) -> np.ndarray:
         """Each region where its probability exceeds ``infer.threshold``."""
@@ -154,6 +164,9 @@ class RegionSegmentation(Task):
 
     def validation_scores(self, pred: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
         """Dice per region (both empty: 1)."""
+        import torch
+        from monai.metrics import DiceMetric
+
         metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
         dice = metric(pred.unsqueeze(0), truth.unsqueeze(0))
         assert isinstance(dice, torch.Tensor)
