@@ -440,6 +440,7 @@ class PlatformSettings(BaseSettings):
         server: The model server's limits (``MEDSEG_SERVER_*``).
         placement: Where each workload's pods run (``MEDSEG_PLACEMENT__*``).
         tracking: Experiment tracking (``MLFLOW_TRACKING_URI``, ``MEDSEG_TRACKING_*``).
+        task: Task families from outside medseg (``MEDSEG_TASK_PLUGINS``).
     """
 
     model_config = SettingsConfigDict(
@@ -453,6 +454,7 @@ class PlatformSettings(BaseSettings):
     server: ServerLimits = Field(default_factory=ServerLimits)
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
 
     @property
     def bucket(self) -> str | None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import yaml
 from medseg.client import infer as infer_v2
 from medseg.client import predict as send
 from medseg.config import MedsegConfig, ModelConfig
-from medseg.errors import MedsegError
+from medseg.errors import InvalidInput, MedsegError
 from medseg.evaluate import evaluate
 from medseg.infer import load_model, segment_case
 from medseg.manifest import CaseEntry, DatasetRef, FileEntry, Manifest
@@ -37,6 +38,7 @@ from medseg.tasks import (
     InputSpec,
     OutputSpec,
     TaskConfig,
+    get_convention,
     get_task,
     register_task,
     task_of,
@@ -307,3 +309,23 @@ def test_toy_task_trains_predicts_evaluates_and_serves(
             False,
         )
         assert params["label_convention"] == "toy-ab"
+
+
+def test_another_process_finds_the_task_by_its_plugin_reference(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``MEDSEG_TASK_PLUGINS`` registers a task on its first lookup (the server's way)."""
+    monkeypatch.setenv("MEDSEG_TASK_PLUGINS", "tests.test_task_seam:TOY")
+    try:
+        assert get_task("toy-ab") is TOY
+        assert get_convention("toy-ab") is TOY.conventions["toy-ab"]
+    finally:
+        unregister_task(TOY.name)
+    for ref, reason in [
+        ("tests.no_such_module:TOY", "cannot load 'tests.no_such_module:TOY'"),
+        ("tests.test_task_seam:NOPE", "cannot load 'tests.test_task_seam:NOPE'"),
+        ("tests.test_task_seam:SHAPE", "'tests.test_task_seam:SHAPE' is not a medseg Task"),
+    ]:
+        monkeypatch.setenv("MEDSEG_TASK_PLUGINS", ref)
+        with pytest.raises(InvalidInput, match=re.escape(reason)):
+            get_task("toy-ab")
