@@ -351,6 +351,8 @@ def _load(storage: Storage, case: CaseInput, channels: Sequence[str]) -> _Loaded
         study = read_study(source, storage=storage)
     except MedsegError as exc:
         raise CaseError(case.case_id, source, str(exc)) from None
+    if not set(channels) <= set(CHANNELS):  # a study's series are BraTS's four modalities
+        raise CaseError(case.case_id, source, f"a DICOM study has no channels {list(channels)}")
     order = [CHANNELS.index(c) for c in channels]
     return _Loaded(study.image[order], study.affine, study)
 

@@ -329,3 +329,11 @@ def test_another_process_finds_the_task_by_its_plugin_reference(
         monkeypatch.setenv("MEDSEG_TASK_PLUGINS", ref)
         with pytest.raises(InvalidInput, match=re.escape(reason)):
             get_task("toy-ab")
+
+
+def test_dicom_is_brats_only() -> None:
+    from medseg.dicom_seg import check_dicom_task
+
+    check_dicom_task(get_task("brats-segmentation"))
+    with pytest.raises(MedsegError, match="task toy-ab writes no DICOM"):
+        check_dicom_task(TOY)
