@@ -120,7 +120,7 @@ class TrainConfig(_Frozen):
 
 
 #: How the three region outputs are made nested (ET ⊆ TC ⊆ WT) before they become a label map
-#: (see :func:`medseg.infer.nest_regions`).
+#: (see :func:`medseg.tasks.brats.nest_regions`).
 Nesting = Literal["disjoint", "intersect", "union"]
 
 #: What runs the network's forward pass at inference (see :mod:`medseg.engine`): ``torch`` (the

@@ -32,7 +32,6 @@ from medseg.model import size_multiple
 from medseg.precision import autocast, memory_format
 from medseg.storage import Storage, join
 from medseg.tasks import Task, get_convention, task_of
-from medseg.tasks.brats import nest_regions
 from medseg.transforms import static_transforms
 
 __all__ = [
@@ -40,7 +39,6 @@ __all__ = [
     "Segmenter",
     "load_model",
     "load_network",
-    "nest_regions",
     "pad_to_multiple",
     "parse_config",
     "read_config",
