@@ -223,20 +223,34 @@ class MedsegConfig(_Frozen):
                 message names the file and the first problem.
         """
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-            return cls.model_validate(raw)
+            text = Path(path).read_text()
         except OSError as exc:
             raise InvalidInput(f"config {path}: {exc.strerror or exc}") from None
+        return cls.from_yaml(text, f"config {path}")
+
+    @classmethod
+    def from_yaml(cls, text: str | bytes, what: str) -> MedsegConfig:
+        """The config in YAML text (a file, an object, a ``model.yaml``, a pipeline parameter).
+
+        Args:
+            text: The YAML; empty means every default.
+            what: How messages name it (``config runs/a.yaml``).
+
+        Raises:
+            InvalidInput: If it is not YAML or not a valid config, naming the first problem.
+        """
+        try:
+            return cls.model_validate(yaml.safe_load(text) or {})
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             line = f" at line {where.line + 1}" if where is not None else ""
             problem = getattr(exc, "problem", None) or exc
-            raise InvalidInput(f"config {path}: not valid YAML{line} ({problem})") from None
+            raise InvalidInput(f"{what}: not valid YAML{line} ({problem})") from None
         except ValidationError as exc:
             first = exc.errors()[0]
             field = ".".join(str(p) for p in first["loc"]) or "the file"
             more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-            raise InvalidInput(f"config {path}: {field}: {first['msg']}{more}") from None
+            raise InvalidInput(f"{what}: {field}: {first['msg']}{more}") from None
 
     def to_yaml(self) -> str:
         """Serialise as YAML (tuples become lists)."""

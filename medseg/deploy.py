@@ -22,7 +22,14 @@ from typing import Any
 
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE, SERVER_IMAGE, Release
-from medseg.settings import Placement, PlacementSettings, ServerLimits
+from medseg.settings import (
+    DEFAULT_PORTS,
+    KSERVE_MODEL_DIR,
+    Placement,
+    PlacementSettings,
+    ServerArgs,
+    ServerLimits,
+)
 
 __all__ = [
     "InferenceServiceSpec",
@@ -157,14 +164,8 @@ class InferenceServiceSpec:
 
 
 def _server_args(spec: InferenceServiceSpec) -> list[str]:
-    pairs = {
-        "--model_name": spec.name,
-        "--model_dir": "/mnt/models",
-        "--http_port": "8080",
-        "--grpc_port": "8081",
-        "--max_request_mb": str(spec.max_request_mb),
-    }
-    return [item for pair in pairs.items() for item in pair]
+    """The predictor's flags: the one server command line, at KServe's model folder."""
+    return ServerArgs(KSERVE_MODEL_DIR, spec.name, max_request_mb=spec.max_request_mb).argv()
 
 
 def _predictor_selector(spec: InferenceServiceSpec) -> Any:
@@ -219,9 +220,9 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
     )
 
     port = (
-        V1ContainerPort(container_port=8080, name="http1", protocol="TCP")
+        V1ContainerPort(container_port=DEFAULT_PORTS.http, name="http1", protocol="TCP")
         if spec.protocol == "rest"
-        else V1ContainerPort(container_port=8081, name="h2c", protocol="TCP")
+        else V1ContainerPort(container_port=DEFAULT_PORTS.grpc, name="h2c", protocol="TCP")
     )
     container = V1Container(
         name="kserve-container",
@@ -488,7 +489,12 @@ def deploy_model(
     return deploy(spec, timeout=timeout, client=client, recreate=recreate)
 
 
-def local_command(model_uri: str, name: str, http_port: int = 8080, grpc_port: int = 8081) -> str:
+def local_command(
+    model_uri: str,
+    name: str,
+    http_port: int = DEFAULT_PORTS.http,
+    grpc_port: int = DEFAULT_PORTS.grpc,
+) -> str:
     """The ``medseg serve`` command that serves ``model_uri`` here, as the service would."""
     args = ["medseg", "serve", "--model", model_uri, "--name", name]
     args += ["--http-port", str(http_port), "--grpc-port", str(grpc_port)]

@@ -20,7 +20,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
@@ -163,10 +162,7 @@ def parse_config(raw: bytes, uri: str) -> MedsegConfig:
     Raises:
         MedsegError: If it is not a valid config.
     """
-    try:
-        return MedsegConfig.model_validate(yaml.safe_load(raw) or {})
-    except ValueError as exc:
-        raise MedsegError(f"{uri}/model.yaml is not a valid medseg config: {exc}") from None
+    return MedsegConfig.from_yaml(raw, f"{uri}/model.yaml")
 
 
 def read_config(uri: str, storage: Storage) -> MedsegConfig:

@@ -38,7 +38,6 @@ import multiprocessing
 import os
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +57,7 @@ from medseg.labels import LabelConvention, get_convention
 from medseg.layouts import LAYOUTS, RawCase, detect_layout, discover_cases
 from medseg.manifest import CaseEntry, DatasetRef, FileEntry, Manifest, QuarantinedCase
 from medseg.names import check_name
+from medseg.nifti import GZIP_MAGIC, open_image, read_voxels
 from medseg.settings import DeidSettings
 from medseg.storage import Storage, is_s3, join, sha256_file, write_local
 from medseg.tasks.brats import CHANNELS
@@ -123,25 +123,12 @@ class IngestResult:
 def _read_nifti(path: Path, role: str) -> _Loaded:
     """Read one NIfTI file fully, and blank its identifying header text."""
     raw = path.read_bytes()
-    compressed = raw[:2] == b"\x1f\x8b"
-    if compressed:
-        try:
-            raw = gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as exc:
-            raise CaseInvalid(path.name, f"corrupt gzip in {path.name}: {exc}") from None
-    img: nib.Nifti1Image | nib.Nifti2Image | None = None
-    for cls in (nib.Nifti1Image, nib.Nifti2Image):
-        try:
-            img = cls.from_bytes(raw)
-            break
-        except Exception:
-            continue
-    if img is None:
-        raise CaseInvalid(path.name, f"{path.name} is not a readable NIfTI-1/2 file")
+    compressed = raw[:2] == GZIP_MAGIC
     try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        raise CaseInvalid(path.name, f"{path.name}: voxel data unreadable ({exc})") from None
+        raw, img = open_image(raw, path.name)
+        data = read_voxels(img, path.name, dtype=None)
+    except MedsegError as exc:
+        raise CaseInvalid(path.name, str(exc)) from None
     header = img.header
     # The image's header has vox_offset reset by nibabel: edit the header exactly as stored.
     stored = type(header).from_fileobj(io.BytesIO(raw))

@@ -16,7 +16,12 @@ import numpy as np
 
 from medseg.errors import MedsegError
 
-__all__ = ["Volume", "decode", "encode_label_map"]
+__all__ = ["GZIP_MAGIC", "Volume", "decode", "encode_label_map", "open_image", "read_voxels"]
+
+#: The first two bytes of a gzip stream.
+GZIP_MAGIC = b"\x1f\x8b"
+#: What :func:`open_image` returns.
+Image = nib.Nifti1Image | nib.Nifti2Image
 
 
 @dataclass
@@ -45,24 +50,45 @@ def decode(data: bytes, what: str, dtype: type | None = np.float32) -> Volume:
     Raises:
         MedsegError: If the bytes are empty, not gzip when they claim to be, or not NIfTI.
     """
+    _raw, img = open_image(data, what)
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    return Volume(read_voxels(img, what, dtype), np.asarray(img.affine, dtype=np.float64), zooms)
+
+
+def open_image(data: bytes, what: str) -> tuple[bytes, Image]:
+    """The uncompressed bytes of a NIfTI-1/2 file, gzipped or not, and its nibabel image.
+
+    Args:
+        data: The file's bytes.
+        what: Names the file in error messages.
+
+    Raises:
+        MedsegError: If the bytes are empty, not gzip when they claim to be, or not NIfTI.
+    """
     if not data:
         raise MedsegError(f"{what} is empty")
     try:
-        raw = gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data
+        raw = gzip.decompress(data) if data[:2] == GZIP_MAGIC else data
     except (OSError, EOFError, zlib.error) as exc:
-        raise MedsegError(f"{what} is not a readable gzip file ({exc})") from None
+        raise MedsegError(f"corrupt gzip in {what}: {exc}") from None
     for cls in (nib.Nifti1Image, nib.Nifti2Image):
         try:
-            img = cls.from_bytes(raw)
+            return raw, cls.from_bytes(raw)
         except Exception:
             continue
-        try:
-            voxels = np.asarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype)
-        except Exception as exc:
-            raise MedsegError(f"{what}: voxel data unreadable ({exc})") from None
-        zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
-        return Volume(voxels, np.asarray(img.affine, dtype=np.float64), zooms)
-    raise MedsegError(f"{what} is not a NIfTI-1 or NIfTI-2 image")
+    raise MedsegError(f"{what} is not a readable NIfTI-1/2 file")
+
+
+def read_voxels(img: Image, what: str, dtype: type | None = np.float32) -> np.ndarray:
+    """Every voxel of an opened image (a truncated file fails here), cast to ``dtype`` if given.
+
+    Raises:
+        MedsegError: If the voxel data cannot be read.
+    """
+    try:
+        return np.asarray(img.dataobj) if dtype is None else np.asarray(img.dataobj, dtype)
+    except Exception as exc:
+        raise MedsegError(f"{what}: voxel data unreadable ({exc})") from None
 
 
 def encode_label_map(label: np.ndarray, affine: np.ndarray) -> bytes:

@@ -214,14 +214,7 @@ def parse_config(config_yaml: str) -> MedsegConfig:
     Raises:
         MedsegError: If it is not YAML or not a valid config, naming the field.
     """
-    import yaml
-
-    try:
-        return MedsegConfig.model_validate(yaml.safe_load(config_yaml) or {})
-    except yaml.YAMLError as exc:
-        raise MedsegError(f"bad pipeline parameter config_yaml: not YAML ({exc})") from None
-    except ValidationError as exc:
-        raise MedsegError(f"bad pipeline parameter {_field_errors(exc, 'config_yaml')}") from None
+    return MedsegConfig.from_yaml(config_yaml, "bad pipeline parameter config_yaml")
 
 
 def _scalar(value: str) -> int | float | str:

@@ -36,6 +36,8 @@ DEFAULT_STORE = f"s3://{DEFAULT_BUCKET}"
 DEFAULT_MODEL_NAME = "brats-segresnet"
 #: The model's name on a local model server when nothing else is said.
 DEFAULT_SERVED_NAME = "medseg"
+#: Where KServe's storage initializer puts the model in the predictor's pod (``--model_dir``).
+KSERVE_MODEL_DIR = "/mnt/models"
 #: Default env file written by ``medseg minio`` and read by every other command.
 DEFAULT_ENV_FILE = Path(".medseg") / "minio.env"
 

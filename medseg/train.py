@@ -31,7 +31,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import yaml
 from monai.data import DataLoader
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
@@ -478,8 +477,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = MedsegConfig()
         if args.config and is_s3(args.config):
-            raw = yaml.safe_load(Storage().get_bytes(args.config)) or {}
-            cfg = MedsegConfig.model_validate(raw)
+            cfg = MedsegConfig.from_yaml(Storage().get_bytes(args.config), f"config {args.config}")
         elif args.config:
             cfg = MedsegConfig.load(args.config)
         train(args.dataset, args.store, args.run_id, cfg)

@@ -16,7 +16,7 @@ import os
 import sys
 
 from medseg.kserve_import import clean_argv
-from medseg.settings import ServerLimits
+from medseg.settings import DEFAULT_SERVED_NAME, KSERVE_MODEL_DIR, ServerLimits
 from model_server.memory import limit_malloc_arenas
 
 __all__ = ["limits_from_args", "parse_args", "serve"]
@@ -31,10 +31,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(parents=[kserve_parser], conflict_handler="resolve")
     parser.add_argument(
         "--model_dir",
-        default=os.environ.get("MEDSEG_MODEL_DIR", "/mnt/models"),
+        default=os.environ.get("MEDSEG_MODEL_DIR", KSERVE_MODEL_DIR),
         help="Folder or s3:// prefix with model.yaml and model.pt.",
     )
-    parser.add_argument("--model_name", default=os.environ.get("MEDSEG_MODEL_NAME", "medseg"))
+    parser.add_argument(
+        "--model_name", default=os.environ.get("MEDSEG_MODEL_NAME", DEFAULT_SERVED_NAME)
+    )
     parser.add_argument("--host", default=None, help="Interface to bind (MEDSEG_SERVER_HOST).")
     parser.add_argument("--max_request_mb", type=int, default=None)
     parser.add_argument("--max_concurrency", type=int, default=None)

@@ -38,12 +38,9 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import hashlib
 import importlib.util
-import io
 import json
 import os
-import re
 import shutil
 import signal
 import socket
@@ -984,7 +981,6 @@ CONTAINERD_SOCKET = RUN / "containerd" / "containerd.sock"
 #: OCI archives ``up`` imports (each ``*.tar`` an OCI image layout naming its image with the
 #: ``io.containerd.image.name`` annotation).
 IMAGES_DIR = Path(os.environ.get("MEDSEG_IMAGES_DIR", ROOT / ".medseg" / "images"))
-BUSYBOX_REPO = "localhost/medseg/busybox"
 #: Debian packages the node needs (installed by ``up`` when missing).
 NODE_PACKAGES = (
     "containerd",
@@ -992,7 +988,6 @@ NODE_PACKAGES = (
     "containernetworking-plugins",
     "iptables",
     "conntrack",
-    "busybox-static",
 )
 #: Which checkout's node runs on this machine (one per machine).
 NODE_LOCK = Path("/run/medseg-node.json")
@@ -1027,10 +1022,14 @@ def _sh(*argv: str, check: bool = True) -> str:
 
 
 def busybox_image() -> str:
-    """The pause and utility image: Debian's busybox-static, tagged with its package version."""
-    version = _sh("dpkg-query", "-W", "-f=${Version}", "busybox-static")
-    tag = re.sub(r"[^A-Za-z0-9_.-]", "-", version.split(":", 1)[-1])
-    return f"{BUSYBOX_REPO}:{tag}"
+    """The pause and utility image (``busybox`` of scripts/images.py)."""
+    return str(image_definitions().images()["busybox"].ref)
+
+
+def _busybox_archive() -> Path:
+    """The busybox image's archive in :data:`IMAGES_DIR` (built, or found built, by images.py)."""
+    (built,) = image_definitions().build(["busybox"], out_dir=IMAGES_DIR)
+    return Path(built.archive)
 
 
 def _ensure_node_packages() -> None:
@@ -1060,73 +1059,6 @@ def node_holder() -> str | None:
             if cmdline.split(b"\0")[0].decode() == cmd_file.read_text():
                 return str(other)
     return None
-
-
-def _tar_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
-    info = tarfile.TarInfo(name)
-    info.size, info.mode = len(data), mode
-    tar.addfile(info, io.BytesIO(data))
-
-
-def _busybox_archive(ref: str) -> Path:
-    """An OCI archive of one layer: ``/bin/busybox`` and its applets, user 65534.
-
-    Written here (deterministic: the same package gives the same digest, so a second import is
-    skipped). Its default command sleeps, so it also serves as containerd's pause image.
-    """
-    layer_buf = io.BytesIO()
-    with tarfile.open(fileobj=layer_buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for name, mode in (("bin", 0o755), ("etc", 0o755), ("tmp", 0o1777)):
-            info = tarfile.TarInfo(name)
-            info.type, info.mode = tarfile.DIRTYPE, mode
-            tar.addfile(info)
-        _tar_bytes(tar, "bin/busybox", Path("/bin/busybox").read_bytes(), 0o755)
-        for applet in sorted(set(_sh("/bin/busybox", "--list").split()) - {"busybox"}):
-            info = tarfile.TarInfo(f"bin/{applet}")
-            info.type, info.linkname, info.mode = tarfile.SYMTYPE, "busybox", 0o777
-            tar.addfile(info)
-        _tar_bytes(tar, "etc/passwd", b"root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
-        _tar_bytes(tar, "etc/group", b"root:x:0:\nnogroup:x:65534:\n")
-    layer = layer_buf.getvalue()
-    blobs: dict[str, bytes] = {}
-
-    def blob(data: bytes, media_type: str) -> dict[str, Any]:
-        digest = "sha256:" + hashlib.sha256(data).hexdigest()
-        blobs[digest] = data
-        return {"mediaType": media_type, "digest": digest, "size": len(data)}
-
-    platform = {"architecture": "amd64", "os": "linux"}
-    config = {
-        **platform,
-        "config": {
-            "User": "65534:65534",
-            "Env": ["PATH=/bin"],
-            "Entrypoint": ["/bin/sleep"],
-            "Cmd": ["2147483647"],
-            "WorkingDir": "/",
-        },
-        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer).hexdigest()]},
-    }
-    manifest = {
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": blob(json.dumps(config).encode(), "application/vnd.oci.image.config.v1+json"),
-        "layers": [blob(layer, "application/vnd.oci.image.layer.v1.tar")],
-    }
-    desc = blob(json.dumps(manifest).encode(), "application/vnd.oci.image.manifest.v1+json")
-    desc["platform"] = platform
-    desc["annotations"] = {
-        "io.containerd.image.name": ref,
-        "org.opencontainers.image.ref.name": ref.rsplit(":", 1)[1],
-    }
-    index = {"schemaVersion": 2, "manifests": [desc]}
-    path = RUN / "busybox-oci.tar"
-    with tarfile.open(path, "w") as tar:
-        _tar_bytes(tar, "oci-layout", b'{"imageLayoutVersion": "1.0.0"}')
-        _tar_bytes(tar, "index.json", json.dumps(index).encode())
-        for digest, data in blobs.items():
-            _tar_bytes(tar, f"blobs/sha256/{digest.split(':')[1]}", data)
-    return path
 
 
 def _ctr(*args: str, check: bool = True) -> str:
@@ -1535,9 +1467,8 @@ def _start_node() -> None:
     _start("containerd", [shutil.which("containerd") or "containerd",
                           f"--config={_containerd_config(pause)}"])  # fmt: skip
     _wait("containerd", lambda: "Server:" in _ctr("version", check=False))
-    import_images([_busybox_archive(pause)])
-    if IMAGES_DIR.is_dir():
-        import_images(sorted(IMAGES_DIR.glob("*.tar")))
+    _busybox_archive()
+    import_images(sorted(IMAGES_DIR.glob("*.tar")))
     _bridge()
     _cni_config()
     _start(

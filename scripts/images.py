@@ -20,8 +20,10 @@ Layers are built from pinned inputs and cached under ``~/.cache/medseg/images/<l
   configurations.
 * ``storage-venv`` / ``storage-code``: KServe's storage initializer
   (``images/storage-initializer.lock``) and its entrypoint.
-* ``minio`` / ``mc``: a static Go binary each (``go install``, pinned in scripts/setup.sh), with
-  busybox's ``sh`` for the bucket Job's ``/bin/sh -ec``.
+* ``minio`` / ``mc``: a static Go binary each (``go install``, pinned in scripts/setup.sh), mc's
+  with busybox for the bucket Job's ``/bin/sh -ec``.
+* ``busybox``: Debian's static busybox and its applets: the pause image of the real node's pods and
+  the Training Operator's init container (scripts/cluster.py imports it; no registry).
 
 Reproducible: entries sorted, numeric owners, mtimes clamped to a fixed epoch (the commit time of
 the layer's inputs), gzip without a name or time, ``.pyc`` files hash-checked (``SOURCE_DATE_EPOCH``
@@ -87,6 +89,8 @@ MIRRORS = (
     ("http://deb.debian.org/debian", "bookworm-updates"),
     ("http://deb.debian.org/debian-security", "bookworm-security"),
 )
+#: Debian's static busybox: the busybox image and mc's ``sh``.
+BUSYBOX_PACKAGE = "busybox-static"
 BASE_PACKAGES = ("python3.11", "ca-certificates", "libstdc++6", "libgcc-s1", "libgomp1", "netbase")
 #: Documentation, manuals and translations are not installed (copyright files are).
 DPKG_OPTIONS = (
@@ -196,7 +200,7 @@ def images(variant: str = "cpu") -> dict[str, ImageDef]:
     Returns:
         The declarations, in build order.
     """
-    from medseg.settings import DEFAULT_IMAGES, DEFAULT_PORTS
+    from medseg.settings import DEFAULT_IMAGES, DEFAULT_PORTS, KSERVE_MODEL_DIR
 
     if variant not in ("cpu", "cuda"):
         raise ImageError(f"unknown variant {variant!r} (cpu or cuda)")
@@ -226,7 +230,14 @@ def images(variant: str = "cpu") -> dict[str, ImageDef]:
             ref=DEFAULT_IMAGES.server + suffix,
             layers=medseg_layers,
             entrypoint=("python", "-m", "model_server"),
-            cmd=("--model_dir", "/mnt/models", "--http_port", str(http), "--grpc_port", str(grpc)),
+            cmd=(
+                "--model_dir",
+                KSERVE_MODEL_DIR,
+                "--http_port",
+                str(http),
+                "--grpc_port",
+                str(grpc),
+            ),
             # In a pod the server listens on every interface (it binds loopback by default).
             env=(*python_env, ("MEDSEG_SERVER_HOST", "0.0.0.0")),
             title="medseg-server",
@@ -272,7 +283,28 @@ def images(variant: str = "cpu") -> dict[str, ImageDef]:
                 description="MinIO client built from source (static), with busybox sh",
             ),
         ]
+    defs.append(
+        ImageDef(
+            name="busybox",
+            ref=f"localhost/medseg/busybox:{re.sub(r'[^A-Za-z0-9_.-]', '-', busybox_version())}",
+            layers=("busybox",),
+            # Sleeps: also containerd's pause (sandbox) image.
+            entrypoint=("/bin/sleep",),
+            cmd=("2147483647",),
+            env=(("PATH", "/bin"), ("HOME", "/tmp")),
+            title="busybox",
+            description="Debian's static busybox: the pause image and the init containers",
+            workdir="/",
+        )
+    )
     return {d.name: d for d in defs}
+
+
+def busybox_version() -> str:
+    """The version of Debian's static busybox here (installed when missing), epoch dropped."""
+    _ensure_debian_packages(("busybox", BUSYBOX_PACKAGE))
+    query = ["dpkg-query", "-W", "-f", "${Version}", BUSYBOX_PACKAGE]
+    return _run(query, "dpkg-query").stdout.split(":", 1)[-1]
 
 
 #: KServe's storage initializer: the version of the KServe controller the test cluster runs
@@ -1160,23 +1192,44 @@ def go_tool(name: str, module: str, version: str) -> Path:
     return binary
 
 
-def _static_layer(ctx: Context, name: str, module: str, version: str, shell: bool) -> None:
-    """One layer: a static Go binary, the ``medseg`` user, CA certificates, /tmp (and sh)."""
-    binary = go_tool(name, module, version)
-    base = ctx.trees["base"]
-    files = {
-        f"usr/bin/{name}": (binary.read_bytes(), 0o755),
+def _users() -> dict[str, tuple[bytes, int]]:
+    """``/etc/passwd`` and ``/etc/group`` of the small images: root and the ``medseg`` user."""
+    return {
         "etc/passwd": (
             f"root:x:0:0:root:/root:/sbin/nologin\nmedseg:x:{UID}:{GID}:medseg:/tmp:/sbin/nologin\n".encode(),
             0o644,
         ),
         "etc/group": (f"root:x:0:\nmedseg:x:{GID}:\n".encode(), 0o644),
+    }
+
+
+def _busybox() -> tuple[dict[str, tuple[bytes, int]], dict[str, str], dict[str, str]]:
+    """Debian's static busybox: its file, a link per applet (``sh``, ``sleep`` …), SBOM entry."""
+    version = busybox_version()
+    binary = Path(shutil.which("busybox") or "/bin/busybox")
+    applets = set(_run([str(binary), "--list"], "busybox --list").stdout.split()) - {"busybox"}
+    component = {
+        "type": "application",
+        "name": BUSYBOX_PACKAGE,
+        "version": version,
+        "purl": f"pkg:deb/debian/{BUSYBOX_PACKAGE}@{version}?arch=amd64&distro=debian-12",
+    }
+    links = {f"bin/{applet}": "busybox" for applet in sorted(applets)}
+    return {"bin/busybox": (binary.read_bytes(), 0o755)}, links, component
+
+
+def _static_layer(ctx: Context, name: str, module: str, version: str, shell: bool) -> None:
+    """One layer: a static Go binary, the ``medseg`` user, CA certificates (and busybox)."""
+    binary = go_tool(name, module, version)
+    files = {
+        f"usr/bin/{name}": (binary.read_bytes(), 0o755),
+        **_users(),
         "etc/ssl/certs/ca-certificates.crt": (
-            (base / "etc/ssl/certs/ca-certificates.crt").read_bytes(),
+            (ctx.trees["base"] / "etc/ssl/certs/ca-certificates.crt").read_bytes(),
             0o644,
         ),
     }
-    links = {}
+    links: dict[str, str] = {}
     others = [
         {
             "type": "application",
@@ -1186,20 +1239,29 @@ def _static_layer(ctx: Context, name: str, module: str, version: str, shell: boo
         }
     ]
     if shell:
-        _ensure_debian_packages(("busybox", "busybox-static"))
-        busybox = Path(shutil.which("busybox") or "/bin/busybox")
-        files["bin/busybox"] = (busybox.read_bytes(), 0o755)
-        links["bin/sh"] = "busybox"
-        deb = _run(["dpkg-query", "-W", "-f", "${Version}", "busybox-static"], "dpkg-query").stdout
-        others.append(
-            {
-                "type": "application",
-                "name": "busybox-static",
-                "version": deb,
-                "purl": f"pkg:deb/debian/busybox-static@{deb}?arch=amd64&distro=debian-12",
-            }
-        )
-    epoch = STABLE_EPOCH  # keyed on the binaries: no need for the commit time
+        busybox, links, component = _busybox()
+        files |= busybox
+        others.append(component)
+    _files_layer(ctx, name, files, links, others, f"go install {module}@{version} (CGO off)")
+
+
+def _busybox_layer(ctx: Context) -> None:
+    """The busybox image's one layer: busybox, its applets and the ``medseg`` user."""
+    files, links, component = _busybox()
+    _files_layer(ctx, "busybox", files | _users(), links, [component], f"{BUSYBOX_PACKAGE}")
+
+
+def _files_layer(
+    ctx: Context,
+    name: str,
+    files: dict[str, tuple[bytes, int]],
+    links: dict[str, str],
+    others: list[dict[str, str]],
+    created_by: str,
+) -> None:
+    """A layer of given files and links, plus ``/tmp`` (1777), ``/data`` (the user's), an SBOM."""
+    _require_root()
+    epoch = STABLE_EPOCH  # keyed on the files: no need for the commit time
     content = _sha256(
         json.dumps({k: _sha256(v[0]) for k, v in files.items()}, sort_keys=True).encode()
     )
@@ -1207,22 +1269,15 @@ def _static_layer(ctx: Context, name: str, module: str, version: str, shell: boo
     if found := _cached(ctx, name, key):
         ctx.built[name] = found
         return
-    files[SBOM_PATH] = (sbom(name, [], [], others, epoch), 0o644)
+    files = {**files, SBOM_PATH: (sbom(name, [], [], others, epoch), 0o644)}
     with _new_tmp(ctx, name) as tmp:
         tree = _files_tree(tmp / "tree", files, links)
         (tree / "tmp").mkdir()
-        os.chmod(
-            tree / "tmp", 0o1777
-        )  # /tmp usable whatever the uid (the chart mounts an emptyDir)
+        os.chmod(tree / "tmp", 0o1777)  # usable whatever the uid (the chart mounts an emptyDir)
         (tree / "data").mkdir()
         os.chown(tree / "data", UID, GID)
         ctx.built[name] = _finish(
-            ctx,
-            name,
-            key,
-            tmp,
-            f"go install {module}@{version} (CGO off)",
-            lambda out: write_layer(tree, out, epoch),
+            ctx, name, key, tmp, created_by, lambda out: write_layer(tree, out, epoch)
         )
 
 
@@ -1466,7 +1521,8 @@ def build(
     ctx = Context(cache=cache, force=frozenset(force))
     needed = {layer for d in chosen for layer in d.layers}
     versions = _setup_versions()
-    ctx.built["base"] = build_base(ctx)
+    if needed - {"busybox"}:
+        ctx.built["base"] = build_base(ctx)
     for v in ("cpu", "cuda"):
         if f"deps-{v}" in needed:
             ctx.built[f"deps-{v}"] = _venv_layer(
@@ -1482,6 +1538,8 @@ def build(
         )
     if "mc" in needed:
         _static_layer(ctx, "mc", "github.com/minio/mc", versions["MC_VERSION"], shell=True)
+    if "busybox" in needed:
+        _busybox_layer(ctx)
     epoch, revision = _git_epoch(), _git_revision()
     return [
         write_archive(d, [ctx.built[n] for n in d.layers], out_dir, epoch, revision, write)

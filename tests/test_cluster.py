@@ -10,7 +10,6 @@ moves them through their phases. Every namespace enforces Pod Security "restrict
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import subprocess
@@ -38,24 +37,12 @@ from medseg.kube import (
 )
 from medseg.launchers import PyTorchJobSpec, S3Secret, submit_pytorchjob
 from medseg.settings import Placement, ServerLimits
+from tests.cluster_kit import CL, ROOT, SCRIPT, eventually, helm, kubectl, kubectl_json
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "cluster.py"
 CHART = ROOT / "charts" / "medseg"
 VALUES = sorted((CHART / "ci").glob("*-values.yaml"))
 MODE = "serving.kserve.io/deploymentMode"
 OVERLAYS = sorted(p.name for p in (ROOT / "manifests" / "overlays").iterdir())
-
-
-def _load_cluster_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("medseg_cluster_script", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CL = _load_cluster_module()
 
 
 @pytest.fixture(scope="module")
@@ -77,37 +64,6 @@ def cluster() -> Iterator[ModuleType]:
     yield CL
     if not reuse:
         subprocess.run([sys.executable, str(SCRIPT), "down"], timeout=300, check=False)
-
-
-def kubectl(
-    *args: str, stdin: str | None = None, kubeconfig: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    """``kubectl`` against the test cluster (admin unless another kubeconfig is given)."""
-    cmd = [str(CL.BIN / "kubectl"), "--kubeconfig", str(kubeconfig or CL.KUBECONFIG), *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=180)
-
-
-def kubectl_json(*args: str) -> Any:
-    done = kubectl(*args, "-o", "json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def helm(*args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [str(CL.BIN / "helm"), "--kubeconfig", str(CL.KUBECONFIG), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-
-
-def eventually(check: Callable[[], Any], timeout: float = 90, what: str = "") -> Any:
-    """Poll ``check`` until it returns something truthy (the controllers work asynchronously)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:.0f} s: {what}")
-        time.sleep(1)
 
 
 def make_namespace(name: str) -> None:

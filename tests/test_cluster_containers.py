@@ -27,18 +27,8 @@ import pytest
 import yaml
 
 from medseg.kube import Release
-from tests.test_cluster import (
-    CHART,
-    CL,
-    ROOT,
-    SCRIPT,
-    drop_namespace,
-    eventually,
-    helm,
-    kubectl,
-    kubectl_json,
-    make_namespace,
-)
+from tests.cluster_kit import CL, ROOT, SCRIPT, eventually, helm, kubectl, kubectl_json
+from tests.test_cluster import CHART, drop_namespace, make_namespace
 
 TINY_TRAIN: dict[str, dict[str, Any]] = {
     "model": {"init_filters": 8, "blocks_down": [1, 1], "blocks_up": [1]},

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import json
 import os
 import re
@@ -22,7 +21,6 @@ import sys
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -31,6 +29,7 @@ import yaml
 from medseg.minio_server import MinioServer
 from medseg.settings import DEFAULT_IMAGES
 from medseg.storage import Storage
+from tests.cluster_kit import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 HELM = ROOT / ".tools" / "bin" / "helm"
@@ -41,16 +40,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def _load_images() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("medseg_images", ROOT / "scripts" / "images.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["medseg_images"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-images = _load_images()
+images = load_script("images")
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +143,7 @@ def test_the_layer_writer_is_deterministic(tmp_path: Path) -> None:
 # The built images
 # --------------------------------------------------------------------------------------------
 
-NAMES = ("medseg", "medseg-server", "kserve-storage-initializer", "minio", "mc")
+NAMES = ("medseg", "medseg-server", "kserve-storage-initializer", "minio", "mc", "busybox")
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -297,6 +287,8 @@ def test_processes_run_as_uid_1000_in_the_images(built: dict[str, Any]) -> None:
     assert proc.returncode == 0 and proc.stdout.split()[-1] == "1000", proc.stderr
     proc = images.run(built["minio"], ["/usr/bin/minio", "--version"])
     assert proc.returncode == 0 and "minio" in proc.stdout.lower(), proc.stderr
+    proc = images.run(built["busybox"], ["/bin/sh", "-c", "id -u && command -v nslookup"])
+    assert proc.returncode == 0 and proc.stdout.split()[0] == "1000", proc.stderr
 
 
 def test_storage_initializer_downloads_a_model_from_minio(

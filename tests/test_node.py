@@ -2,43 +2,30 @@
 
 The fixture starts the cluster with its real node (containerd + runc, a kubelet, kube-proxy,
 CoreDNS and metrics-server beside kwok's fake node), or reuses a running one; pods here tolerate
-the real node's taint and select it. Every pod is "restricted" and runs the busybox image that
-``up`` builds from Debian's busybox-static and imports (no registry). The last test stops the
-cluster it started and compares the machine with what it was before ``up``.
+the real node's taint and select it. Every pod is "restricted" and runs the busybox image of
+scripts/images.py (Debian's busybox-static), which ``up`` builds and imports (no registry). The
+last test stops the cluster it started and compares the machine with what it was before ``up``.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import re
 import subprocess
 import sys
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "cluster.py"
+from tests.cluster_kit import CL, ROOT, SCRIPT, eventually, kubectl, kubectl_json
+
 NS = "node-test"
 
-
-def _load_cluster_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("medseg_cluster_script_node", SCRIPT)
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-CL = _load_cluster_module()
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not CL.node_wanted(), reason="the real node needs root"
@@ -90,7 +77,11 @@ def machine_state() -> dict[str, Any]:
         str(d) for h in Path("/sys/fs/cgroup").iterdir() if h.is_dir() for d in h.iterdir()
         if d.is_dir()
     )  # fmt: skip
-    ours = (str(CL.RUN).encode(), str(CL.BIN).encode(), str(CL.CONTAINERD_SOCKET).encode())
+    # The cluster's daemons; not MinIO, kubectl or helm from the same folder, which tests run
+    # by themselves (a MinIO of another test may be running beside this module).
+    tools = ("minio", "kubectl", "helm")
+    daemons = [str(p).encode() for p in CL.BIN.iterdir() if p.name not in tools]
+    ours = (str(CL.RUN).encode(), str(CL.CONTAINERD_SOCKET).encode(), *daemons)
     procs = []
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -131,28 +122,6 @@ def cluster() -> Iterator[dict[str, Any] | None]:
     yield before
     if not reuse:
         subprocess.run([sys.executable, str(SCRIPT), "down"], timeout=300, check=False)
-
-
-def kubectl(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    cmd = [str(CL.BIN / "kubectl"), "--kubeconfig", str(CL.KUBECONFIG), *args]
-    return subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=180)
-
-
-def kubectl_json(*args: str) -> Any:
-    done = kubectl(*args, "-o", "json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
-def eventually(check: Callable[[], Any], timeout: float = 90, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:.0f} s: {what}")
-        time.sleep(1)
 
 
 def pod(name: str, command: str, labels: dict[str, str] | None = None) -> dict[str, Any]:
@@ -224,7 +193,7 @@ def test_restricted_pod_runs_on_the_real_node(pods: dict[str, str]) -> None:
     doc = kubectl_json("get", "pod", "web", "-n", NS)
     assert doc["spec"]["nodeName"] == CL.REAL_NODE_NAME
     assert pods["web"].startswith("10.244.99.")
-    assert exec_("web", "id", "-u").stdout.strip() == "65534"
+    assert exec_("web", "id", "-u").stdout.strip() == "1000"  # the images' user
     denied = exec_("web", "touch", "/written")
     assert denied.returncode != 0 and "Read-only file system" in denied.stderr + denied.stdout
     logs = eventually(lambda: "web started" in kubectl("logs", "-n", NS, "web").stdout, 30)
@@ -253,6 +222,18 @@ def test_pods_reach_each_other_services_and_dns(pods: dict[str, str]) -> None:
     assert outside.returncode != 0
 
 
+def test_pods_have_no_route_off_the_machine(pods: dict[str, str]) -> None:
+    """The bridge has no gateway: a pod's only routes are its bridge's subnet (and the Service
+    range through it); a connection to any other address fails at once, before a packet leaves.
+    192.0.2.1 is TEST-NET-1 (RFC 5737), never routed anywhere."""
+    routes = exec_("client", "ip", "route")
+    assert routes.returncode == 0, routes.stderr
+    assert "default" not in routes.stdout, routes.stdout
+    off = fetch("client", "http://192.0.2.1/")
+    assert off.returncode != 0
+    assert "unreachable" in (off.stderr + off.stdout).lower(), off.stderr + off.stdout
+
+
 def test_host_reaches_pods(pods: dict[str, str]) -> None:
     with urllib.request.urlopen(f"http://{pods['web']}:8080/", timeout=5) as resp:
         assert resp.read().strip() == b"pong"
@@ -275,7 +256,8 @@ def test_host_reaches_pods(pods: dict[str, str]) -> None:
 def test_images_import_once(pods: dict[str, str]) -> None:
     """The archive ``up`` imported is skipped the second time (same name, same digest)."""
     assert CL.busybox_image() in CL.images()
-    assert CL.import_images([CL.RUN / "busybox-oci.tar"]) == []
+    (archive,) = CL.IMAGES_DIR.glob("busybox-*.oci.tar")
+    assert CL.import_images([archive]) == []
 
 
 def test_top_pod_reports_cpu(pods: dict[str, str]) -> None:

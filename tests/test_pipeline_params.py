@@ -75,7 +75,7 @@ def test_param_overrides_set_plain_parameters_and_group_fields() -> None:
         ("training.memory=8 GB", r"training\.memory: String should match pattern"),
         ("deployment.cpu=lots", r"deployment\.cpu: String should match pattern"),
         ("deployment.mode=Serverless", r"deployment\.mode: Input should be 'Knative'"),
-        ("config_yaml=train: [", "config_yaml: not YAML"),
+        ("config_yaml=train: [", "config_yaml: not valid YAML at line 1"),
     ],
 )
 def test_a_bad_override_names_the_field(extra: str, message: str) -> None:
