@@ -45,7 +45,7 @@ def evaluate_op(
     for region, value in result.dice.items():
         metrics.log_metric(f"dice_{region.lower()}", round(value, 4))
         metrics.log_metric(f"hd95_{region.lower()}", round(result.hd95[region], 2))
-    metrics.log_metric("dice_mean", round(result.dice_mean, 4))
+    metrics.log_metric(result.gate_metric, round(result.dice_mean, 4))  # the task's gate
     metrics.log_metric("gate_passed", int(result.passed))
     with open(report.path, "wb") as f:
         f.write(storage.get_bytes(join(result.out, "report.html")))

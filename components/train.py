@@ -31,6 +31,7 @@ def train_op(
         write_ref,
     )
     from medseg.storage import Storage, join
+    from medseg.tasks import task_of
 
     data = read_ref(dataset, DatasetArtifact)
     prep = read_ref(preprocessed, PreprocessedArtifact)
@@ -61,7 +62,7 @@ def train_op(
     model_uri = join(run_prefix, "model")
     lineage = storage.get_json(join(model_uri, "lineage.json"))
     best = lineage["best"]
-    for key in ("dice_tc", "dice_wt", "dice_et", "dice_mean"):
+    for key in task_of(cfg).metric_names():
         if best.get(key) is not None:
             metrics.log_metric(f"best_val_{key}", round(float(best[key]), 4))
     metrics.log_metric("best_epoch", best.get("epoch", 0))

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,10 @@ from medseg.codec import (
     split_v2_body,
     tensor_view,
 )
-from medseg.config import CHANNELS, REGIONS
 from medseg.errors import MedsegError
 from medseg.layouts import SUFFIXES
 from medseg.settings import ServerLimits
+from medseg.tasks.brats import CHANNELS
 
 __all__ = [
     "Prediction",
@@ -50,11 +50,15 @@ GRPC_LIMIT = ServerLimits.model_fields["max_request_mb"].default * 1024 * 1024
 
 @dataclass
 class Tensor:
-    """One binary output as the server answered it: its datatype, shape and raw bytes."""
+    """One binary output as the server answered it: datatype, shape, raw bytes, parameters.
+
+    ``volumes_ml``'s parameter ``regions`` names its elements.
+    """
 
     datatype: str
     shape: list[int]
     raw: memoryview
+    parameters: dict[str, Any] = field(default_factory=dict)
 
     def array(self) -> np.ndarray:
         """The output as an array (a view of :attr:`raw`; not for BYTES)."""
@@ -158,7 +162,7 @@ def predict(
     paths: Sequence[Path],
     grpc: bool = False,
     model: str = "medseg",
-    label_convention: str = "brats2021",
+    label_convention: str | None = None,
     channels: Sequence[str] | None = None,
     tensor: str | None = None,
     probabilities: bool = False,
@@ -172,7 +176,8 @@ def predict(
         paths: See :func:`case_files`.
         grpc: Use gRPC instead of REST.
         model: Model name on the server.
-        label_convention: Convention of the returned label map.
+        label_convention: Convention of the returned label map; without one, the model's
+            task's default (BraTS: ``brats2021``).
         channels: Channel order of a 4D NIfTI or of four files (default: canonical).
         tensor: ``FP16`` or ``FP32``: decode here and send a raw tensor instead of NIfTI bytes.
         probabilities: Also ask for the probabilities.
@@ -181,7 +186,7 @@ def predict(
     """
     files, order = case_files(paths)
     order = list(channels) if channels else order
-    params: dict[str, Any] = {"label_convention": label_convention}
+    params: dict[str, Any] = {"label_convention": label_convention} if label_convention else {}
     if probabilities:
         params["probabilities"] = True
     # the channel names always travel: the server never guesses the order
@@ -213,6 +218,7 @@ def predict(
     answer, reply_params = infer(url, model, inp, payload, params, outputs, timeout, grpc)
     latency = time.perf_counter() - started
     volumes = answer["volumes_ml"].array()
+    regions = str(answer["volumes_ml"].parameters.get("regions", "")).split(",")
     probs = answer["probabilities"].array() if probabilities else None
     try:
         mask = bytes(split_bytes_tensor(answer["mask"].raw, "output 'mask'")[0])
@@ -220,10 +226,10 @@ def predict(
         raise MedsegError("the server's 'mask' output is not one BYTES element") from None
     return Prediction(
         mask=mask,
-        volumes_ml={r: float(v) for r, v in zip(REGIONS, volumes, strict=True)},
+        volumes_ml={r: float(v) for r, v in zip(regions, volumes, strict=True)},
         latency_s=latency,
         compute_ms=reply_params.get("compute_ms"),
-        label_convention=str(reply_params.get("label_convention", label_convention)),
+        label_convention=str(reply_params.get("label_convention", label_convention or "")),
         probabilities=probs,
         labels=answer["labels"].array() if labels else None,
         model_version=reply_params.get("model_version"),
@@ -305,7 +311,10 @@ def _rest_infer(
         doc, raw = split_v2_body(
             body, int(header) if header and header.isdigit() else None, "outputs", "the answer"
         )
-        out = {o["name"]: Tensor(o["datatype"], o["shape"], raw[o["name"]]) for o in doc["outputs"]}
+        out = {
+            o["name"]: Tensor(o["datatype"], o["shape"], raw[o["name"]], o.get("parameters") or {})
+            for o in doc["outputs"]
+        }
     except (KeyError, TypeError):
         raise MedsegError("the server's answer lacks a binary output it was asked for") from None
     return out, doc.get("parameters") or {}
@@ -367,11 +376,12 @@ def _grpc_infer(
             raise MedsegError(f"server answered {exc.code().name}: {exc.details()}") from None
     if len(raws) != len(reply.outputs):
         raise MedsegError("the server's answer lacks a binary output it was asked for")
+
+    def plain(params: Any) -> dict[str, Any]:
+        return {k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in params.items()}
+
     out = {
-        o.name: Tensor(o.datatype, list(o.shape), raw)
+        o.name: Tensor(o.datatype, list(o.shape), raw, plain(o.parameters))
         for o, raw in zip(reply.outputs, raws, strict=True)
     }
-    reply_params = {
-        k: getattr(v, v.WhichOneof("parameter_choice")) for k, v in reply.parameters.items()
-    }
-    return out, reply_params
+    return out, plain(reply.parameters)

@@ -40,8 +40,9 @@ import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from medseg.errors import MedsegError
-from medseg.labels import CONVENTIONS
 from medseg.settings import ServerLimits
+from medseg.tasks import get_task as _get_task
+from medseg.tasks import known_tasks
 
 __all__ = [
     "CHANNEL_ALIASES",
@@ -519,7 +520,8 @@ class InferParams(BaseModel):
     """Request parameters, validated by type (and the ranges that need no settings).
 
     Attributes:
-        label_convention: Convention of the returned label map.
+        label_convention: Convention of the returned label map; ``None``: the model's task's
+            default (BraTS: ``brats2021``), filled in by the server (:meth:`with_convention`).
         probabilities: Also answer the probabilities.
         binary_data_output: Answer every output as binary data (REST).
         binary_data: Answer this output as binary data (a requested output's parameter).
@@ -531,7 +533,7 @@ class InferParams(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)
 
-    label_convention: str = "brats2021"
+    label_convention: str | None = None
     probabilities: bool = False
     binary_data_output: bool | None = None
     binary_data: bool | None = None
@@ -549,10 +551,25 @@ class InferParams(BaseModel):
 
     @field_validator("label_convention")
     @classmethod
-    def _known_convention(cls, value: str) -> str:
-        if value not in CONVENTIONS:
-            raise ValueError(f"unknown label_convention; use one of {', '.join(CONVENTIONS)}")
+    def _known_convention(cls, value: str | None) -> str | None:
+        known = [c for t in known_tasks() for c in _get_task(t).conventions]
+        if value is not None and value not in known:
+            raise ValueError(f"unknown label_convention; use one of {', '.join(known)}")
         return value
+
+    def with_convention(self, conventions: Sequence[str], default: str) -> InferParams:
+        """These parameters with ``label_convention`` one of the model's (``default`` if none).
+
+        Raises:
+            InputError: If the request names a convention the model's task does not write.
+        """
+        chosen = self.label_convention or default
+        if chosen not in conventions:
+            raise InputError(
+                f"parameter 'label_convention': {chosen!r} is not a convention of this model; "
+                f"use one of {', '.join(conventions)}"
+            )
+        return self.model_copy(update={"label_convention": chosen})
 
     @field_validator("content_encoding")
     @classmethod

@@ -11,21 +11,39 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializeAsAny,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from medseg.errors import InvalidInput
+from medseg.tasks import DEFAULT_TASK, TaskConfig, config_of, get_task
+from medseg.tasks.brats import CHANNELS, REGIONS, BratsTaskConfig
 
 #: The half-precision type autocast computes in (see :mod:`medseg.precision`): ``float16`` (any
 #: CUDA GPU) or ``bfloat16`` (Ampere and newer; no loss scaling needed).
 AmpDtype = Literal["float16", "bfloat16"]
 
-#: Canonical channel order of every image tensor in medseg.
-CHANNELS: tuple[str, ...] = ("t1", "t1gd", "t2", "flair")
-#: Output regions, in channel order of every label tensor and model output.
-REGIONS: tuple[str, ...] = ("TC", "WT", "ET")
+__all__ = [
+    "CHANNELS",
+    "REGIONS",
+    "DataConfig",
+    "InferConfig",
+    "MedsegConfig",
+    "ModelConfig",
+    "SplitConfig",
+    "TrainConfig",
+]
+# CHANNELS and REGIONS are BraTS's (medseg.tasks.brats), re-exported for the code and tests that
+# name them; the generic machinery asks the config's task instead.
 
 
 class _Frozen(BaseModel):
@@ -36,7 +54,8 @@ class DataConfig(_Frozen):
     """Static preprocessing: what is done once per case and cached.
 
     Attributes:
-        channels: Modality order of the image tensor.
+        channels: Modality order of the image tensor: a permutation of the task's channels
+            (checked by :class:`MedsegConfig`, which knows the task).
         orientation: Axis codes the volumes are reoriented to.
         spacing: Target voxel spacing in mm.
         crop_foreground: Crop to the bounding box of non-zero image voxels.
@@ -50,13 +69,6 @@ class DataConfig(_Frozen):
     crop_foreground: bool = True
     foreground_margin: int = Field(default=0, ge=0)
     normalize_nonzero: bool = True
-
-    @field_validator("channels")
-    @classmethod
-    def _known_channels(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        if sorted(value) != sorted(CHANNELS):
-            raise ValueError(f"channels must be a permutation of {CHANNELS}, got {value}")
-        return value
 
     def fingerprint(self) -> str:
         """Short content hash that keys the cache of preprocessed cases."""
@@ -72,9 +84,13 @@ class SplitConfig(_Frozen):
 
 
 class ModelConfig(_Frozen):
-    """MONAI SegResNet hyper-parameters."""
+    """The network: its name (one the task builds) and SegResNet's hyper-parameters.
 
-    name: Literal["SegResNet"] = "SegResNet"
+    ``in_channels`` and ``out_channels`` must agree with the task (checked by
+    :class:`MedsegConfig`).
+    """
+
+    name: str = "SegResNet"
     blocks_down: tuple[int, ...] = (1, 2, 2, 4)
     blocks_up: tuple[int, ...] = (1, 1, 1)
     init_filters: int = Field(default=16, gt=0)
@@ -104,7 +120,7 @@ class TrainConfig(_Frozen):
 
 
 #: How the three region outputs are made nested (ET ⊆ TC ⊆ WT) before they become a label map
-#: (see :func:`medseg.infer.nest_regions`).
+#: (see :func:`medseg.tasks.brats.nest_regions`).
 Nesting = Literal["disjoint", "intersect", "union"]
 
 #: What runs the network's forward pass at inference (see :mod:`medseg.engine`): ``torch`` (the
@@ -172,13 +188,31 @@ class InferConfig(_Frozen):
 
 
 class MedsegConfig(_Frozen):
-    """The whole configuration, as saved in ``model.yaml``."""
+    """The whole configuration, as saved in ``model.yaml``.
+
+    ``task`` names the task (:mod:`medseg.tasks`): a union of the registered tasks' configs,
+    tagged by ``kind``. A file without it is a BraTS model (every ``model.yaml`` written before
+    tasks existed). The data and model sections must fit the task: ``data.channels`` a
+    permutation of its channels, ``model`` one of its networks with as many input and output
+    channels as it has channels and outputs.
+    """
 
     data: DataConfig = DataConfig()
     split: SplitConfig = SplitConfig()
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
+    task: SerializeAsAny[TaskConfig] = BratsTaskConfig()
+
+    @field_validator("task", mode="before")
+    @classmethod
+    def _registered_task(cls, value: Any) -> TaskConfig:
+        return config_of({"kind": DEFAULT_TASK} if value is None else value)
+
+    @model_validator(mode="after")
+    def _fits_task(self) -> MedsegConfig:
+        get_task(self.task.kind).check_config(self.model, self.data.channels)
+        return self
 
     @classmethod
     def load(cls, path: str | Path) -> MedsegConfig:

@@ -30,11 +30,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn
 from rich.text import Text
 
-from medseg.config import CHANNELS, MedsegConfig
+from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
 from medseg.manifest import Manifest
 from medseg.pipeline_runner import Pipeline
 from medseg.settings import DEFAULT_BUCKET, DEFAULT_STORE, ServerArgs
+from medseg.tasks.brats import CHANNELS
 
 __all__ = [
     "DEMO_CONFIG",

@@ -40,10 +40,10 @@ from pydicom.pixels.utils import pixel_dtype
 from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 from scipy import ndimage
 
-from medseg.config import CHANNELS
 from medseg.errors import MedsegError
 from medseg.settings import ServerLimits
 from medseg.storage import Storage, is_s3
+from medseg.tasks.brats import CHANNELS
 
 __all__ = [
     "LPS_TO_RAS",

@@ -27,16 +27,19 @@ from pydicom.sr.codedict import codes
 from pydicom.uid import SegmentationStorage, generate_uid
 
 import medseg
-from medseg.config import CHANNELS, REGIONS
 from medseg.dicom import DicomStudy, SeriesRules, read_study
+from medseg.errors import MedsegError
 from medseg.infer import CaseSegmentation, Segmenter, segment_case
 from medseg.labels import LabelConvention
 from medseg.storage import Storage
+from medseg.tasks import Task
+from medseg.tasks.brats import CHANNELS, REGIONS
 
 __all__ = [
     "REGION_CODES",
     "RegionCode",
     "StudySegmentation",
+    "check_dicom_task",
     "encode",
     "encode_study",
     "make_seg",
@@ -270,10 +273,28 @@ def segment_read_study(
 
     Returns:
         Masks, volumes, SEG and report of the study.
+
+    Raises:
+        MedsegError: If the model's task writes no DICOM (see :func:`check_dicom_task`).
     """
+    check_dicom_task(segmenter.task)
     order = [CHANNELS.index(c) for c in segmenter.cfg.data.channels]
     image = study.image if order == list(range(len(CHANNELS))) else study.image[order]
     return encode_study(study, segment_case(segmenter, image, study.affine, check))
+
+
+def check_dicom_task(task: Task) -> None:
+    """DICOM in and out are BraTS's: its four MR series and its TC/WT/ET segments.
+
+    Raises:
+        MedsegError: For a model of another task (its :attr:`~medseg.tasks.Task.dicom_outputs`
+            are not these segments).
+    """
+    if task.dicom_outputs != REGIONS:
+        raise MedsegError(
+            f"task {task.name} writes no DICOM: a DICOM study is segmented by a BraTS model "
+            f"(segments {', '.join(REGIONS)})"
+        )
 
 
 def encode_study(study: DicomStudy, result: CaseSegmentation) -> StudySegmentation:

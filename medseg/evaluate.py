@@ -38,17 +38,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.metrics import DiceMetric
-from scipy import ndimage
 
-from medseg.config import REGIONS
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.infer import Segmenter, read_config
-from medseg.labels import LabelConvention, get_convention
 from medseg.manifest import CaseEntry, DatasetRef
 from medseg.nifti import Volume, decode
 from medseg.predict import INDEX, CaseInput, load_case, model_output_uri, predict
 from medseg.storage import Storage, join
+from medseg.tasks import CaseScore, Task, default_task, get_convention, task_of
+from medseg.tasks.segmentation import HD95_DEFINITION, HD95_EMPTY, hd95
 
 __all__ = [
     "HD95_DEFINITION",
@@ -56,59 +54,21 @@ __all__ = [
     "CaseScore",
     "EvalResult",
     "evaluate",
-    "metric_definition",
+    "hd95",
     "score_case",
     "score_label_maps",
 ]
 
-#: HD95 of a region empty in exactly one of ground truth and prediction, in mm.
-HD95_EMPTY = 373.12866
-#: Names the HD95 definition of :func:`hd95` (the BraTS scorer's) in reports and model cards.
-HD95_DEFINITION = "brats-pooled-95"
-CONVENTIONS = (
-    "Dice and HD95 per region (TC, WT, ET) on the binary region masks of the served label map "
-    "against the original ground-truth label map, on each case's original voxel grid; HD95 in mm "
-    f"from that grid's voxel spacing, the BraTS scorer's definition ({HD95_DEFINITION}: the 95th "
-    "percentile of both directed surface-distance sets pooled; surface = mask XOR its erosion "
-    "by the face-connected cross). Ground truth "
-    "and prediction both empty: Dice 1, HD95 0. Exactly one empty: Dice 0, HD95 "
-    f"{HD95_EMPTY} (the BraTS scorer's cap). A case whose prediction failed scores as an empty "
-    "label map. Means are over cases, then over regions."
-)
 _GRID_TOL_MM = 1e-3
-
-
-def metric_definition(convention: LabelConvention) -> str:
-    """The one-line name of the metric, as the model card and the report state it."""
-
-    def labels(values: tuple[int, ...]) -> str:
-        return "{" + ",".join(map(str, values)) + "}"
-
-    return (
-        f"label-map Dice/HD95 ({convention.name}: TC={labels(convention.tc)}, "
-        f"WT={labels(convention.wt)}, ET={labels(convention.et)}) of the served label maps on "
-        "the original grid, HD95 in mm"
-    )
-
-
-@dataclass
-class CaseScore:
-    """Scores of one case, by region."""
-
-    case_id: str
-    dice: dict[str, float]
-    hd95: dict[str, float]
-    voxels_true: dict[str, int]
-    voxels_pred: dict[str, int]
-
-    @property
-    def dice_mean(self) -> float:
-        return sum(self.dice.values()) / len(self.dice)
 
 
 @dataclass
 class EvalResult:
-    """What an evaluation measured and where it wrote it."""
+    """What an evaluation measured and where it wrote it.
+
+    ``dice_mean`` is the value of the task's quality-gate metric ``gate_metric``; ``conventions``
+    states how the task scores (:meth:`medseg.tasks.Task.metric_conventions`).
+    """
 
     model: str
     dataset: str
@@ -125,6 +85,8 @@ class EvalResult:
     missing: list[str] = field(default_factory=list)
     seconds_per_case: float = 0.0
     overlays: list[str] = field(default_factory=list)
+    conventions: str = ""
+    gate_metric: str = "dice_mean"
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` document."""
@@ -133,13 +95,13 @@ class EvalResult:
             "dataset": self.dataset,
             "split": self.split,
             "definition": self.definition,
-            "conventions": CONVENTIONS,
+            "conventions": self.conventions,
             "predictions": self.predictions,
             "missing_predictions": self.missing,
             "dice": self.dice,
             "hd95": self.hd95,
             "hd95_definition": HD95_DEFINITION,
-            "dice_mean": self.dice_mean,
+            self.gate_metric: self.dice_mean,
             "gate": {"threshold": self.threshold, "passed": self.passed},
             "cases": [asdict(c) | {"dice_mean": c.dice_mean} for c in self.cases],
         }
@@ -147,100 +109,40 @@ class EvalResult:
     def cases_csv(self) -> str:
         """The per-case table (``cases.csv``), worst mean Dice first."""
         buf = io.StringIO()
+        regions = list(self.dice)
         fields = ["case", "dice_mean"]
-        fields += [f"dice_{r}" for r in REGIONS] + [f"hd95_{r}_mm" for r in REGIONS]
-        fields += [f"voxels_true_{r}" for r in REGIONS] + [f"voxels_pred_{r}" for r in REGIONS]
+        fields += [f"dice_{r}" for r in regions] + [f"hd95_{r}_mm" for r in regions]
+        fields += [f"voxels_true_{r}" for r in regions] + [f"voxels_pred_{r}" for r in regions]
         writer = csv.writer(buf)
         writer.writerow(fields)
         for c in self.cases:
             writer.writerow(
                 [c.case_id, f"{c.dice_mean:.6f}"]
-                + [f"{c.dice[r]:.6f}" for r in REGIONS]
-                + [f"{c.hd95[r]:.4f}" for r in REGIONS]
-                + [c.voxels_true[r] for r in REGIONS]
-                + [c.voxels_pred[r] for r in REGIONS]
+                + [f"{c.dice[r]:.6f}" for r in regions]
+                + [f"{c.hd95[r]:.4f}" for r in regions]
+                + [c.voxels_true[r] for r in regions]
+                + [c.voxels_pred[r] for r in regions]
             )
         return buf.getvalue()
 
 
-def _surface(mask: np.ndarray) -> np.ndarray:
-    """Surface voxels of a binary mask: the mask minus its erosion by the face-connected cross.
-
-    Voxels on the array's edge count as surface (outside the array is background).
-    """
-    cross = ndimage.generate_binary_structure(mask.ndim, 1)
-    return mask ^ ndimage.binary_erosion(mask, structure=cross)
-
-
-def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> float:
-    """The BraTS scorer's HD95 (mm) of two non-empty binary masks (:data:`HD95_DEFINITION`).
-
-    The challenge's definition (panoptica's ``_compute_hausdorff_distance95``, which
-    ``brats-evaluation`` calls): the surface voxels of each mask are the mask XOR its binary
-    erosion by the face-connected cross (``generate_binary_structure(ndim, 1)``); each surface
-    voxel gets its Euclidean distance to the nearest surface voxel of the other mask; HD95 is
-    the 95th percentile (linear interpolation) of the two directed sets **pooled together**.
-    MONAI's ``HausdorffDistanceMetric(percentile=95)`` instead takes the larger of the two
-    directed 95th percentiles, which is never smaller and differs by up to 0.5 mm on BraTS
-    label maps.
-
-    Distances are in mm: the exact Euclidean distance transform on the grid with ``spacing``.
-    (panoptica chooses the nearest voxel with the spacing but returns the distance in voxel
-    steps, the same on BraTS's 1 mm isotropic grid; elsewhere this function's mm are what the
-    report means.)
-
-    Empty masks are not measured here: :func:`score_case` applies medseg's documented
-    convention (both empty: 0; one empty: :data:`HD95_EMPTY`), which panoptica's function does
-    not define (it has no surface to measure from).
-
-    Args:
-        pred: Predicted binary mask.
-        truth: Ground-truth binary mask on the same grid.
-        spacing: Voxel size along each axis, in mm.
-
-    Raises:
-        ValueError: If either mask is empty, or the masks and ``spacing`` disagree in shape.
-    """
-    p, t = np.asarray(pred).astype(bool), np.asarray(truth).astype(bool)
-    if p.shape != t.shape or len(spacing) != p.ndim:
-        raise ValueError(
-            f"hd95: masks of shapes {p.shape} and {t.shape} with spacing {tuple(spacing)}"
-        )
-    if not p.any() or not t.any():
-        raise ValueError("hd95: a mask is empty; score_case applies the empty-mask convention")
-    surface_p, surface_t = _surface(p), _surface(t)
-    to_t = ndimage.distance_transform_edt(~surface_t, sampling=spacing)[surface_p]
-    to_p = ndimage.distance_transform_edt(~surface_p, sampling=spacing)[surface_t]
-    return float(np.percentile(np.concatenate([to_t, to_p]), 95))
-
-
 def score_case(
-    case_id: str, pred: torch.Tensor, truth: torch.Tensor, spacing: tuple[float, ...]
+    case_id: str,
+    pred: torch.Tensor,
+    truth: torch.Tensor,
+    spacing: tuple[float, ...],
+    task: Task | None = None,
 ) -> CaseScore:
-    """Dice and HD95 per region of binary masks ``[3, X, Y, Z]``, with the stated conventions.
+    """The task's scores of one case's masks (BraTS: Dice and HD95 per region, TC, WT, ET).
 
     Args:
         case_id: Names the case.
-        pred: Predicted region masks (TC, WT, ET).
-        truth: Ground-truth region masks on the same grid.
+        pred: Predicted masks ``[n_outputs, ...spatial]``.
+        truth: Ground-truth masks on the same grid.
         spacing: Voxel size along each axis of that grid, in mm.
+        task: Whose metric; by default the task of a config that names none.
     """
-    p, t = pred.unsqueeze(0).float(), truth.unsqueeze(0).float()
-    dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, t)
-    assert isinstance(dice, torch.Tensor)
-    scores = CaseScore(case_id, {}, {}, {}, {})
-    for i, region in enumerate(REGIONS):
-        n_true, n_pred = int(truth[i].sum()), int(pred[i].sum())
-        scores.voxels_true[region], scores.voxels_pred[region] = n_true, n_pred
-        scores.dice[region] = float(dice[0, i])
-        if n_true == 0 and n_pred == 0:
-            scores.hd95[region] = 0.0
-        elif n_true == 0 or n_pred == 0:
-            scores.hd95[region] = HD95_EMPTY
-        else:
-            hd = hd95(pred[i].numpy(), truth[i].numpy(), spacing)
-            scores.hd95[region] = min(hd, HD95_EMPTY)
-    return scores
+    return (task or default_task()).score_case(case_id, pred, truth, spacing)
 
 
 def score_label_maps(
@@ -250,15 +152,16 @@ def score_label_maps(
     truth: np.ndarray,
     truth_convention: str,
     spacing: tuple[float, ...],
+    task: Task | None = None,
 ) -> CaseScore:
     """Score a predicted label map against a ground-truth one on the same grid.
 
-    Regions (TC, WT, ET) are taken from each label map by its own convention; see
-    :func:`score_case` for the metrics.
+    The task's outputs (BraTS: TC, WT, ET) are taken from each label map by its own convention;
+    see :func:`score_case` for the metrics.
     """
     p = get_convention(pred_convention).to_regions(pred)
     t = get_convention(truth_convention).to_regions(truth)
-    return score_case(case_id, torch.from_numpy(p), torch.from_numpy(t), spacing)
+    return score_case(case_id, torch.from_numpy(p), torch.from_numpy(t), spacing, task)
 
 
 def _model_dataset(storage: Storage, model_uri: str) -> tuple[str, str, str | None]:
@@ -353,10 +256,11 @@ def evaluate(
         MedsegError: If the model, the dataset or the predictions are missing or do not belong
             together, a prediction is not on its ground truth's grid, or the split is empty.
     """
-    from medseg.report import overlay_png, write_report
+    from medseg.report import write_report
 
     storage = storage or Storage()
     cfg = segmenter.cfg if segmenter is not None else read_config(model_uri, storage)
+    task = task_of(cfg)
     trained_store, trained_on, run_id = (
         _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
     )
@@ -401,12 +305,14 @@ def evaluate(
                 pair.truth.data,
                 manifest.convention,
                 pair.truth.zooms,
+                task,
             )
         )
     seconds_per_case = (time.perf_counter() - started) / len(entries)
     cases.sort(key=lambda c: c.dice_mean)
-    mean_dice = {r: float(np.mean([c.dice[r] for c in cases])) for r in REGIONS}
-    mean_hd = {r: float(np.mean([c.hd95[r] for c in cases])) for r in REGIONS}
+    regions = task.outputs.names
+    mean_dice = {r: float(np.mean([c.dice[r] for c in cases])) for r in regions}
+    mean_hd = {r: float(np.mean([c.hd95[r] for c in cases])) for r in regions}
     dice_mean = sum(mean_dice.values()) / len(mean_dice)
     passed = threshold is None or (not math.isnan(dice_mean) and dice_mean >= threshold)
     result = EvalResult(
@@ -420,10 +326,12 @@ def evaluate(
         threshold=threshold,
         passed=passed,
         out=out,
-        definition=metric_definition(get_convention(manifest.convention)),
+        definition=task.metric_definition(manifest.convention),
         predictions=predictions,
         missing=sorted(c.case_id for c in entries if c.case_id not in keys),
         seconds_per_case=seconds_per_case,
+        conventions=task.metric_conventions(),
+        gate_metric=task.gate_metric,
     )
 
     images: dict[str, bytes] = {}
@@ -439,7 +347,7 @@ def evaluate(
             dict(entry.channel_index),
         )
         image, _ = load_case(storage, raw, cfg.data.channels)
-        png = overlay_png(
+        png = task.overlay_png(
             case.case_id,
             image,
             cfg.data.channels,
@@ -471,7 +379,7 @@ def _track(storage: Storage, store: str, run_id: str, result: EvalResult) -> Non
 
     metrics = {f"dice_{r.lower()}": v for r, v in result.dice.items()}
     metrics |= {f"hd95_{r.lower()}_mm": v for r, v in result.hd95.items()}
-    metrics["dice_mean"] = result.dice_mean
+    metrics[result.gate_metric] = result.dice_mean
     rows = list(csv.DictReader(io.StringIO(result.cases_csv())))
     table = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
     artifacts = {

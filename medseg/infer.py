@@ -24,13 +24,13 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 
-from medseg.config import REGIONS, Engine, InferConfig, MedsegConfig
+from medseg.config import Engine, MedsegConfig
 from medseg.engine import GRAPH_FILE, Forward, choose_engine, graph_forward, weights_digest
 from medseg.errors import ChecksumMismatch, MedsegError, ObjectNotFound
-from medseg.labels import get_convention
-from medseg.model import build_network, size_multiple
+from medseg.model import size_multiple
 from medseg.precision import autocast, memory_format
 from medseg.storage import Storage, join
+from medseg.tasks import Task, get_convention, task_of
 from medseg.transforms import static_transforms
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "Segmenter",
     "load_model",
     "load_network",
-    "nest_regions",
     "pad_to_multiple",
     "parse_config",
     "read_config",
@@ -49,54 +48,6 @@ __all__ = [
 #: Where a model artifact records the sha256 of its files, first found wins: a registered
 #: version's card (:func:`medseg.register.register`), a training run's lineage.
 HASH_RECORDS = ("model_card.json", "lineage.json")
-
-_TC, _WT, _ET = (REGIONS.index(r) for r in ("TC", "WT", "ET"))
-
-
-def nest_regions(probabilities: np.ndarray, infer: InferConfig) -> np.ndarray:
-    """Region probabilities ``[3, ...]`` (TC, WT, ET) to nested binary masks (ET ⊆ TC ⊆ WT).
-
-    A label map can only hold nested regions, so the network's three independent outputs are
-    made nested *before* they are cut into one, by ``infer.nesting``:
-
-    * ``intersect``: WT = p_WT > t, TC = WT ∧ p_TC > t, ET = TC ∧ p_ET > t (the same as
-      min-clamping the probabilities down the hierarchy, then thresholding);
-    * ``union``: ET = p_ET > t, TC = ET ∨ p_TC > t, WT = TC ∨ p_WT > t (what a label map
-      written with "ET wins over TC over WT" implies; max-clamping);
-    * ``disjoint``: each voxel takes the most probable of the four disjoint classes
-      background 1 − p_WT, oedema p_WT(1 − p_TC), core p_WT·p_TC(1 − p_ET), enhancing
-      p_WT·p_TC·p_ET (no threshold).
-
-    Args:
-        probabilities: Sigmoid outputs, float, ``[3, ...spatial]``.
-        infer: Gives ``threshold`` and ``nesting``.
-
-    Returns:
-        uint8 masks ``[3, ...spatial]`` with ET ⊆ TC ⊆ WT.
-    """
-    p, t = probabilities, infer.threshold
-    if infer.nesting == "intersect":
-        wt = p[_WT] > t
-        tc = wt & (p[_TC] > t)
-        et = tc & (p[_ET] > t)
-    elif infer.nesting == "union":
-        et = p[_ET] > t
-        tc = et | (p[_TC] > t)
-        wt = tc | (p[_WT] > t)
-    else:
-        classes = np.stack(
-            [
-                1.0 - p[_WT],
-                p[_WT] * (1.0 - p[_TC]),
-                p[_WT] * p[_TC] * (1.0 - p[_ET]),
-                p[_WT] * p[_TC] * p[_ET],
-            ]
-        )
-        best = classes.argmax(axis=0)
-        wt, tc, et = best >= 1, best >= 2, best == 3
-    out = np.empty((len(REGIONS), *p.shape[1:]), dtype=np.uint8)
-    out[_TC], out[_WT], out[_ET] = tc, wt, et
-    return out
 
 
 @dataclass
@@ -118,6 +69,11 @@ class Segmenter:
     forward: Forward | None = None
     engine: str = "torch"
 
+    @property
+    def task(self) -> Task:
+        """The task of the model's config (``model.yaml``'s ``task``)."""
+        return task_of(self.cfg)
+
     def one_window(self, spatial: tuple[int, ...]) -> bool:
         """Whether a preprocessed volume of this size runs as one window (``infer.window``).
 
@@ -134,7 +90,7 @@ class Segmenter:
     def probabilities(
         self, image: torch.Tensor, check: Callable[[], None] | None = None
     ) -> torch.Tensor:
-        """Per-region sigmoid probabilities, in one window or sliding ones (``infer.window``).
+        """Per-output probabilities, in one window or sliding ones (``infer.window``).
 
         One window: the volume is zero-padded at its far ends up to
         :func:`~medseg.model.size_multiple` (zero is the background of a normalised volume, and
@@ -145,12 +101,14 @@ class Segmenter:
             check: Called before each window batch; it raises to abandon the work.
 
         Returns:
-            Float32 probabilities ``[3, X, Y, Z]`` (TC, WT, ET) on the CPU; zeros, without running
-            the network, for a volume of no voxels (the foreground crop of an all-zero case).
+            Float32 probabilities ``[n_outputs, X, Y, Z]`` (the task's outputs, activated by
+            :meth:`~medseg.tasks.Task.activate`) on the CPU; zeros, without running the network,
+            for a volume of no voxels (the foreground crop of an all-zero case).
         """
         infer = self.cfg.infer
         if 0 in image.shape[1:]:  # an empty foreground (an all-zero case): no region anywhere
-            return torch.zeros((len(REGIONS), *image.shape[1:]), dtype=torch.float32)
+            outputs = len(self.task.outputs.names)
+            return torch.zeros((outputs, *image.shape[1:]), dtype=torch.float32)
         if self.forward is not None:
             batch = image.to("cpu", torch.float32).unsqueeze(0)
             run: Forward = self.forward
@@ -182,11 +140,12 @@ class Segmenter:
                     mode="gaussian",
                 )
         assert isinstance(logits, torch.Tensor)
-        return torch.sigmoid(logits[0].float()).cpu()
+        return self.task.activate(logits[0].float()).cpu()
 
     def segment(self, image: torch.Tensor) -> torch.Tensor:
-        """Nested binary region masks ``[3, X, Y, Z]`` (uint8), see :func:`nest_regions`."""
-        return torch.from_numpy(nest_regions(self.probabilities(image).numpy(), self.cfg.infer))
+        """The task's masks ``[n_outputs, X, Y, Z]`` (uint8): BraTS's nested regions."""
+        probs = self.probabilities(image).numpy()
+        return torch.from_numpy(self.task.postprocess(probs, self.cfg.infer))
 
 
 def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
@@ -225,7 +184,7 @@ def load_network(cfg: MedsegConfig, weights: bytes, uri: str) -> torch.nn.Module
     Raises:
         MedsegError: If the weights do not fit the network.
     """
-    net = build_network(cfg.model)
+    net = task_of(cfg).build_network(cfg.model)
     try:
         state = torch.load(io.BytesIO(weights), map_location="cpu", weights_only=True)
         net.load_state_dict(state)
@@ -333,20 +292,25 @@ class CaseSegmentation:
     """A segmentation in the input's own voxel grid.
 
     Attributes:
-        regions: Binary masks ``[3, X, Y, Z]`` (TC, WT, ET), uint8.
-        probabilities: Sigmoid probabilities ``[3, X, Y, Z]``, float32.
+        regions: Binary masks ``[n_outputs, X, Y, Z]`` in the task's output order, uint8.
+        probabilities: Probabilities, the same shape, float32.
         affine: The input's voxel-to-world affine (mm).
         volumes_ml: Volume of each region in millilitres.
+        default_convention: The task's label convention for :meth:`label_map`.
     """
 
     regions: np.ndarray
     probabilities: np.ndarray
     affine: np.ndarray
     volumes_ml: dict[str, float]
+    default_convention: str = ""
 
-    def label_map(self, convention: str = "brats2021") -> np.ndarray:
-        """The regions as one label map in ``convention`` (uint8 ``[X, Y, Z]``)."""
-        return get_convention(convention).from_regions(self.regions)
+    def label_map(self, convention: str | None = None) -> np.ndarray:
+        """The regions as one label map in ``convention`` (uint8 ``[X, Y, Z]``).
+
+        Without one, the task's default (BraTS: ``brats2021``).
+        """
+        return get_convention(convention or self.default_convention).from_regions(self.regions)
 
 
 def segment_case(
@@ -359,15 +323,16 @@ def segment_case(
 
     Args:
         seg: The loaded model.
-        image: ``[4, X, Y, Z]`` in ``seg.cfg.data.channels`` order, as acquired (any float).
+        image: ``[C, X, Y, Z]`` in ``seg.cfg.data.channels`` order, as acquired (any float).
         affine: ``4×4`` voxel-to-world affine of ``image``.
         check: Called between the stages and sliding windows; it raises to abandon the work
             (the model server's cancellation of requests whose client has gone).
 
     Returns:
         Probabilities resampled back onto the input grid (MONAI ``Invertd`` undoes the
-        orientation, spacing and crop), the region masks made nested from them by
-        :func:`nest_regions` (the model's ``infer.nesting``), and the region volumes in mL. A
+        orientation, spacing and crop), the masks the task makes of them
+        (:meth:`~medseg.tasks.Task.postprocess`: BraTS nests its regions by the model's
+        ``infer.nesting``), and the region volumes in mL. A
         label map of these masks holds exactly these regions, so its volumes and its scores are
         the masks' own.
     """
@@ -386,7 +351,10 @@ def segment_case(
     invert = Invertd(keys="pred", transform=pre, orig_keys="image", nearest_interp=False)
     back = invert({"pred": pred, "image": prepared})["pred"]
     probabilities = np.ascontiguousarray(torch.as_tensor(back).numpy(), dtype=np.float32)
-    regions = nest_regions(probabilities, seg.cfg.infer)
+    task = seg.task
+    regions = task.postprocess(probabilities, seg.cfg.infer)
     voxel_ml = abs(float(np.linalg.det(np.asarray(affine, dtype=np.float64)[:3, :3]))) / 1000.0
-    volumes = {r: float(regions[i].sum()) * voxel_ml for i, r in enumerate(REGIONS)}
-    return CaseSegmentation(regions, probabilities, np.asarray(affine, np.float64), volumes)
+    volumes = {r: float(regions[i].sum()) * voxel_ml for i, r in enumerate(task.outputs.names)}
+    return CaseSegmentation(
+        regions, probabilities, np.asarray(affine, np.float64), volumes, task.default_convention
+    )

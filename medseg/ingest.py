@@ -55,7 +55,7 @@ import nibabel as nib
 import numpy as np
 from numpy.typing import NDArray
 
-from medseg.config import CHANNELS, SplitConfig
+from medseg.config import SplitConfig
 from medseg.deid import deidentify_files
 from medseg.dicom import find_studies, read_study, resample
 from medseg.errors import DatasetError, InvalidName, MedsegError
@@ -70,6 +70,7 @@ from medseg.skin.layouts import detect_layout as detect_image_layout
 from medseg.skin.layouts import discover_images
 from medseg.skin.validate import CheckedImage, check_image
 from medseg.storage import Storage, is_s3, join, sha256_file, write_local
+from medseg.tasks.brats import CHANNELS
 
 __all__ = ["IngestResult", "ingest", "source_fingerprint"]
 

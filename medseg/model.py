@@ -6,15 +6,20 @@ architecture is hard-coded anywhere else.
 
 from __future__ import annotations
 
-from monai.networks.nets import SegResNet
+from typing import TYPE_CHECKING
 
-from medseg.config import ModelConfig
+if TYPE_CHECKING:  # the config names the task, whose network this is: no import at run time
+    from monai.networks.nets import SegResNet
+
+    from medseg.config import ModelConfig
 
 __all__ = ["build_network", "size_multiple"]
 
 
 def build_network(cfg: ModelConfig) -> SegResNet:
     """MONAI SegResNet with the configured hyper-parameters (weights freshly initialised)."""
+    from monai.networks.nets import SegResNet  # here: the config imports this module, torch-free
+
     return SegResNet(
         blocks_down=cfg.blocks_down,
         blocks_up=cfg.blocks_up,

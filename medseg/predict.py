@@ -40,17 +40,17 @@ from typing import Any
 
 import numpy as np
 
-from medseg.config import CHANNELS, REGIONS
 from medseg.dicom import DicomStudy, find_studies, read_study
 from medseg.dicom_seg import encode_study
 from medseg.errors import DatasetError, MedsegError, ObjectNotFound
 from medseg.infer import Segmenter, load_model, segment_case
-from medseg.labels import get_convention
 from medseg.layouts import LAYOUTS, detect_layout, discover_cases
 from medseg.manifest import DatasetRef
 from medseg.nifti import Volume, decode, encode_label_map
 from medseg.settings import DEFAULT_STORE
 from medseg.storage import Storage, is_s3, join
+from medseg.tasks import get_convention
+from medseg.tasks.brats import CHANNELS
 
 __all__ = [
     "CaseError",
@@ -303,9 +303,11 @@ def load_case(
     if "image" in case.files:
         vol = _read(storage, case, "image")
         name = case.files["image"].rsplit("/", 1)[-1]
-        if vol.data.ndim != 4 or vol.data.shape[3] != len(CHANNELS):
+        if vol.data.ndim != 4 or vol.data.shape[3] != len(channels):
             raise CaseError(
-                case.case_id, name, f"{name} has shape {vol.data.shape}, expected [X, Y, Z, 4]"
+                case.case_id,
+                name,
+                f"{name} has shape {vol.data.shape}, expected [X, Y, Z, {len(channels)}]",
             )
         image = np.stack([vol.data[..., case.channel_index[c]] for c in channels])
         affine, names = vol.affine, [name]
@@ -349,6 +351,8 @@ def _load(storage: Storage, case: CaseInput, channels: Sequence[str]) -> _Loaded
         study = read_study(source, storage=storage)
     except MedsegError as exc:
         raise CaseError(case.case_id, source, str(exc)) from None
+    if not set(channels) <= set(CHANNELS):  # a study's series are BraTS's four modalities
+        raise CaseError(case.case_id, source, f"a DICOM study has no channels {list(channels)}")
     order = [CHANNELS.index(c) for c in channels]
     return _Loaded(study.image[order], study.affine, study)
 
@@ -449,7 +453,7 @@ def predict_cases(
     finally:
         stop.set()
         thread.join()
-    _write_tables(storage, out, rows)
+    _write_tables(storage, out, rows, seg.task.outputs.names)
     storage.put_json(
         join(out, INDEX),
         {
@@ -494,7 +498,7 @@ def _write_case(
         **row,
         "sha256": infos[key].sha256,
         "shape": list(image.shape[1:]),
-        "volumes_ml": {r: round(result.volumes_ml[r], 4) for r in REGIONS},
+        "volumes_ml": {r: round(v, 4) for r, v in result.volumes_ml.items()},
     }
 
 
@@ -502,12 +506,14 @@ def _write_case(
 _DICOM_FILES = {"seg_key": "seg.dcm", "sr_key": "sr.dcm", "sidecar_key": "volumes.json"}
 
 
-def _write_tables(storage: Storage, out: str, rows: list[dict[str, Any]]) -> None:
+def _write_tables(
+    storage: Storage, out: str, rows: list[dict[str, Any]], regions: Sequence[str]
+) -> None:
     table = [
         {"case": r["case_id"], **{f"{k}_ml": v for k, v in r["volumes_ml"].items()}} for r in rows
     ]
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["case", *(f"{r}_ml" for r in REGIONS)])
+    writer = csv.DictWriter(buf, fieldnames=["case", *(f"{r}_ml" for r in regions)])
     writer.writeheader()
     writer.writerows(table)
     storage.put_bytes(join(out, "volumes.csv"), buf.getvalue().encode())

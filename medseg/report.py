@@ -16,18 +16,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from medseg.config import REGIONS
-
 if TYPE_CHECKING:
     from medseg.evaluate import EvalResult
 
 __all__ = ["curves_figure", "curves_png", "display_channel", "overlay_png", "write_report"]
 
-#: The modality the overlays are drawn on.
+#: The channel :func:`display_channel` picks when the caller names none (BraTS's FLAIR).
 DISPLAY_CHANNEL = "flair"
-
-#: Display colours (RGB) of the regions; WT is drawn first, ET last (on top).
-_COLOURS = {"WT": (0.2, 0.8, 0.2), "TC": (1.0, 0.85, 0.1), "ET": (0.9, 0.1, 0.1)}
 
 
 def _figure(rows: int, cols: int, size: tuple[float, float], layout: str | None = None) -> Any:
@@ -53,21 +48,23 @@ def _planes(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray
     return [volume[:, :, z].T, volume[:, y, :].T, volume[x, :, :].T]
 
 
-def display_channel(image: np.ndarray, channels: Sequence[str]) -> np.ndarray:
-    """The FLAIR volume ``[X, Y, Z]`` of an image ``[C, X, Y, Z]`` whose order is ``channels``.
+def display_channel(
+    image: np.ndarray, channels: Sequence[str], name: str = DISPLAY_CHANNEL
+) -> np.ndarray:
+    """The volume ``[X, Y, Z]`` of channel ``name`` of an image ``[C, X, Y, Z]`` in ``channels``.
 
     ``channels`` is the order recorded with the model (``model.yaml`` ``data.channels``): no
     position is assumed.
 
     Raises:
-        ValueError: If ``channels`` has no FLAIR or does not fit the image.
+        ValueError: If ``channels`` has no ``name`` or does not fit the image.
     """
-    if len(channels) != image.shape[0] or DISPLAY_CHANNEL not in channels:
+    if len(channels) != image.shape[0] or name not in channels:
         raise ValueError(
             f"channels {list(channels)} do not name the {image.shape[0]} channels of the image "
-            f"with a {DISPLAY_CHANNEL}"
+            f"with a {name}"
         )
-    return image[list(channels).index(DISPLAY_CHANNEL)]
+    return image[list(channels).index(name)]
 
 
 def overlay_png(
@@ -76,23 +73,33 @@ def overlay_png(
     channels: Sequence[str],
     truth: np.ndarray,
     pred: np.ndarray,
+    *,
+    colours: Sequence[tuple[int, tuple[float, float, float]]],
+    centre: int,
+    display: str,
+    legend: str,
 ) -> bytes:
-    """Ground truth (top row) and prediction (bottom row) over FLAIR on three planes.
+    """Ground truth (top row) and prediction (bottom row) over one channel on three planes.
+
+    The task says what to draw (:meth:`medseg.tasks.Task.overlay_png`).
 
     Args:
         case_id: Shown in the title.
         image: The case ``[C, X, Y, Z]``, on the grid of the masks.
         channels: The order of ``image``'s channels (the model's ``data.channels``).
-        truth: Region masks ``[3, X, Y, Z]`` (TC, WT, ET).
+        truth: Region masks ``[R, X, Y, Z]``.
         pred: Predicted region masks, same shape.
+        colours: (region index, RGB) in drawing order, the last on top.
+        centre: The region whose centre the planes cross.
+        display: The channel drawn under the masks.
+        legend: Names the colours in the title.
 
-    The planes (axial, coronal, sagittal) cross the centre of the true whole tumour, else of the
-    predicted one, else of the volume.
+    The planes (axial, coronal, sagittal) cross the centre of the true ``centre`` region, else of
+    the predicted one, else of the volume.
     """
-    image = display_channel(image, channels)
-    wt = REGIONS.index("WT")
-    mask = truth[wt] if truth[wt].any() else pred[wt]
-    centre = (
+    image = display_channel(image, channels, display)
+    mask = truth[centre] if truth[centre].any() else pred[centre]
+    middle = (
         tuple(round(float(c)) for c in np.argwhere(mask).mean(axis=0))
         if mask.any()
         else tuple(s // 2 for s in image.shape)
@@ -101,19 +108,19 @@ def overlay_png(
     fig, axes = _figure(2, 3, (9, 6))
     for row, (title, masks) in enumerate((("ground truth", truth), ("prediction", pred))):
         for col, (plane, name) in enumerate(
-            zip(_planes(image, centre), ("axial", "coronal", "sagittal"), strict=True)  # type: ignore[arg-type]
+            zip(_planes(image, middle), ("axial", "coronal", "sagittal"), strict=True)  # type: ignore[arg-type]
         ):
             ax = axes[row][col]
             ax.imshow(plane, cmap="gray", origin="lower", vmin=lo, vmax=hi)
             rgba = np.zeros((*plane.shape, 4))
-            for region in ("WT", "TC", "ET"):
-                m = _planes(masks[REGIONS.index(region)], centre)[col].astype(bool)  # type: ignore[arg-type]
-                rgba[m, :3] = _COLOURS[region]
+            for index, rgb in colours:
+                m = _planes(masks[index], middle)[col].astype(bool)  # type: ignore[arg-type]
+                rgba[m, :3] = rgb
                 rgba[m, 3] = 0.45
             ax.imshow(rgba, origin="lower")
             ax.set_title(f"{title} · {name}", fontsize=9)
             ax.axis("off")
-    fig.suptitle(f"{case_id}  (WT green, TC yellow, ET red)", fontsize=10)
+    fig.suptitle(f"{case_id}  ({legend})", fontsize=10)
     return _png(fig)
 
 
@@ -138,7 +145,7 @@ def curves_figure(history: list[dict[str, Any]]) -> Any:
     lr_ax.plot(epochs, [h["lr"] for h in history], color="grey", linestyle=":", label="lr")
     lr_ax.set_ylabel("learning rate")
     ax = axes[0][1]
-    for key in [f"dice_{r.lower()}" for r in REGIONS] + ["dice_mean"]:
+    for key in _dice_keys(history):
         points = [(h["epoch"], h[key]) for h in history if h.get(key) is not None]
         if points:
             ax.plot(*zip(*points, strict=True), marker=".", label=key[5:].upper())
@@ -147,6 +154,14 @@ def curves_figure(history: list[dict[str, Any]]) -> Any:
     ax.set_ylim(0, 1)
     ax.legend(fontsize=8)
     return fig
+
+
+def _dice_keys(history: list[dict[str, Any]]) -> list[str]:
+    """The validation Dice keys of the records (``dice_*``), in the order the first holds them."""
+    keys: dict[str, None] = {}
+    for h in history:
+        keys |= dict.fromkeys(k for k in h if k.startswith("dice_"))
+    return list(keys)
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -158,8 +173,6 @@ def write_report(
     result: EvalResult, overlays: dict[str, bytes], history: list[dict[str, Any]]
 ) -> str:
     """The report page as an HTML string."""
-    from medseg.evaluate import CONVENTIONS
-
     esc = html.escape
     gate = (
         "no gate"
@@ -167,16 +180,17 @@ def write_report(
         else f"{'PASSED' if result.passed else 'FAILED'}: mean Dice {result.dice_mean:.4f} "
         f"{'≥' if result.passed else '<'} {result.threshold}"
     )
-    head = "".join(f"<th>Dice {r}</th>" for r in REGIONS) + "".join(
-        f"<th>HD95 {r} (mm)</th>" for r in REGIONS
+    regions = list(result.dice)
+    head = "".join(f"<th>Dice {r}</th>" for r in regions) + "".join(
+        f"<th>HD95 {r} (mm)</th>" for r in regions
     )
     rows = []
     for c in result.cases:
-        cells = "".join(f"<td>{c.dice[r]:.4f}</td>" for r in REGIONS)
-        cells += "".join(f"<td>{c.hd95[r]:.2f}</td>" for r in REGIONS)
+        cells = "".join(f"<td>{c.dice[r]:.4f}</td>" for r in regions)
+        cells += "".join(f"<td>{c.hd95[r]:.2f}</td>" for r in regions)
         rows.append(f"<tr><td>{esc(c.case_id)}</td><td>{c.dice_mean:.4f}</td>{cells}</tr>")
-    mean_cells = "".join(f"<td>{result.dice[r]:.4f}</td>" for r in REGIONS)
-    mean_cells += "".join(f"<td>{result.hd95[r]:.2f}</td>" for r in REGIONS)
+    mean_cells = "".join(f"<td>{result.dice[r]:.4f}</td>" for r in regions)
+    mean_cells += "".join(f"<td>{result.hd95[r]:.2f}</td>" for r in regions)
     rows.append(f"<tr class='mean'><td>mean</td><td>{result.dice_mean:.4f}</td>{mean_cells}</tr>")
     parts = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
@@ -192,7 +206,7 @@ def write_report(
         f"<code>{esc(result.predictions)}</code>.</p>",
         "<h2>Per case (worst first)</h2>",
         f"<table id='cases'><tr><th>case</th><th>mean Dice</th>{head}</tr>{''.join(rows)}</table>",
-        f"<p><b>Conventions</b>: {esc(CONVENTIONS)}</p>",
+        f"<p><b>Conventions</b>: {esc(result.conventions)}</p>",
     ]
     if result.missing:
         parts.append(

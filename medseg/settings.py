@@ -272,6 +272,25 @@ class TrainTelemetry(BaseSettings):
     metrics_textfile: Path | None = None
 
 
+class TaskSettings(BaseSettings):
+    """Task families from outside medseg (see :mod:`medseg.tasks`), from the environment.
+
+    Attributes:
+        plugins: ``MEDSEG_TASK_PLUGINS``: comma-separated ``module:attribute`` references to
+            :class:`~medseg.tasks.Task` objects, imported and registered the first time a task
+            or label convention is looked up and not found. Every process that meets such a
+            model needs it: the model server, a training pod, a preprocessing worker.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="MEDSEG_TASK_", extra="ignore")
+
+    plugins: str = ""
+
+    def references(self) -> list[str]:
+        """The ``module:attribute`` references, in order."""
+        return [r.strip() for r in self.plugins.split(",") if r.strip()]
+
+
 class TrackingSettings(BaseSettings):
     """Experiment tracking on an MLflow server (:mod:`medseg.tracking`), from the environment.
 
@@ -428,6 +447,7 @@ class PlatformSettings(BaseSettings):
         server: The model server's limits (``MEDSEG_SERVER_*``).
         placement: Where each workload's pods run (``MEDSEG_PLACEMENT__*``).
         tracking: Experiment tracking (``MLFLOW_TRACKING_URI``, ``MEDSEG_TRACKING_*``).
+        task: Task families from outside medseg (``MEDSEG_TASK_PLUGINS``).
     """
 
     model_config = SettingsConfigDict(
@@ -441,6 +461,7 @@ class PlatformSettings(BaseSettings):
     server: ServerLimits = Field(default_factory=ServerLimits)
     placement: PlacementSettings = Field(default_factory=PlacementSettings)
     tracking: TrackingSettings = Field(default_factory=TrackingSettings)
+    task: TaskSettings = Field(default_factory=TaskSettings)
 
     @property
     def bucket(self) -> str | None:

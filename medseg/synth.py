@@ -36,11 +36,11 @@ import numpy as np
 from numpy.typing import NDArray
 from scipy import ndimage
 
-from medseg.config import CHANNELS
 from medseg.dicom import StudyInfo, write_study
 from medseg.errors import InvalidInput
 from medseg.labels import get_convention
 from medseg.layouts import SUFFIXES
+from medseg.tasks.brats import CHANNELS
 
 __all__ = [
     "DicomVariant",

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,23 +32,21 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from monai.data import DataLoader
-from monai.losses import DiceLoss
-from monai.metrics import DiceMetric
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from medseg.checkpoint import CheckpointStore
-from medseg.config import REGIONS, MedsegConfig
+from medseg.config import MedsegConfig
 from medseg.dataset import PreprocessedDataset
 from medseg.errors import DatasetError, MedsegError
 from medseg.infer import Segmenter
 from medseg.manifest import DatasetRef
-from medseg.model import build_network
 from medseg.names import check_name
 from medseg.precision import autocast, memory_format
 from medseg.preprocess import preprocessed_prefix
 from medseg.settings import DEFAULT_STORE
 from medseg.storage import Storage, is_s3, join
+from medseg.tasks import task_of
 from medseg.transforms import train_transforms
 
 __all__ = ["TrainResult", "epoch_log_line", "parse_epoch_log_line", "train"]
@@ -65,17 +64,21 @@ class TrainResult:
         run_prefix: ``STORE/runs/RUN_ID``.
         resumed_from: Epoch of the checkpoint this process resumed from (0: fresh).
         history: One metrics record per epoch, resumed epochs included.
+        gate_metric: The task's quality-gate metric (BraTS: ``dice_mean``), which picks the
+            best record.
     """
 
     run_prefix: str
     resumed_from: int
+    gate_metric: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def best(self) -> dict[str, Any]:
-        """The record with the best mean validation Dice."""
-        scored = [h for h in self.history if h.get("dice_mean") is not None]
-        return max(scored, key=lambda h: h["dice_mean"]) if scored else {}
+        """The record with the best validation :attr:`gate_metric` (BraTS: mean Dice)."""
+        key = self.gate_metric
+        scored = [h for h in self.history if h.get(key) is not None]
+        return max(scored, key=lambda h: h[key]) if scored else {}
 
 
 class _Board:
@@ -85,7 +88,7 @@ class _Board:
     textfile (:mod:`medseg.train_telemetry`).
     """
 
-    def __init__(self, storage: Storage, run_prefix: str, run_id: str):
+    def __init__(self, storage: Storage, run_prefix: str, run_id: str, regions: Sequence[str]):
         import tempfile
 
         from torch.utils.tensorboard import SummaryWriter
@@ -100,7 +103,7 @@ class _Board:
         if textfile is not None:
             from medseg.train_telemetry import TrainTextfile
 
-            self.textfile = TrainTextfile(textfile, run_id)
+            self.textfile = TrainTextfile(textfile, run_id, regions)
 
     def step(self, step: int, loss: float, samples_per_second: float) -> None:
         """Progress within an epoch: ``step/loss`` and ``step/samples_per_second`` per step.
@@ -227,22 +230,24 @@ def _validate(
     rank: int,
     world: int,
 ) -> list[float]:
-    """Dice per region over the validation split, each rank taking every world-th case."""
-    metric = DiceMetric(include_background=True, reduction="none", ignore_empty=False)
-    sums = torch.zeros(len(REGIONS) + 1, dtype=torch.float64)
+    """The task's score per output (BraTS: Dice per region) over the validation split.
+
+    Each rank takes every world-th case; the sums are all-reduced.
+    """
+    task = task_of(cfg)
+    outputs = len(task.outputs.names)
+    sums = torch.zeros(outputs + 1, dtype=torch.float64)
     model.eval()
     segmenter = Segmenter(cfg, model, device)
     for i in range(rank, len(data), world):
         item = data[i]
-        pred = segmenter.segment(item["image"]).unsqueeze(0)
-        dice = metric(pred, item["label"].unsqueeze(0))
-        assert isinstance(dice, torch.Tensor)
-        sums[: len(REGIONS)] += dice[0].double()
+        pred = segmenter.segment(item["image"])
+        sums[:outputs] += task.validation_scores(pred, item["label"]).double()
         sums[-1] += 1
     if world > 1:
         dist.all_reduce(sums)
     n = max(float(sums[-1]), 1.0)
-    return [float(s) / n for s in sums[: len(REGIONS)]]
+    return [float(s) / n for s in sums[:outputs]]
 
 
 def train(
@@ -297,13 +302,14 @@ def train(
         persistent_workers=t.num_workers > 0,
     )
     layout = memory_format(t.channels_last)
-    net = build_network(cfg.model).to(device).to(memory_format=layout)
+    task = task_of(cfg)
+    net = task.build_network(cfg.model).to(device).to(memory_format=layout)
     model: torch.nn.Module = (
         DistributedDataParallel(net, device_ids=[local_rank] if cuda else None)
         if world > 1
         else net
     )
-    loss_fn = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
+    loss_fn = task.loss()
     optimizer = torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
     # bfloat16 has float32's range: only float16 needs its loss scaled.
@@ -311,7 +317,7 @@ def train(
 
     run_prefix = join(store, "runs", run_id)
     checkpoints = CheckpointStore(storage, run_prefix)
-    result = TrainResult(run_prefix, resumed_from=0)
+    result = TrainResult(run_prefix, resumed_from=0, gate_metric=task.gate_metric)
     best_state: dict[str, torch.Tensor] | None = None
     loaded = checkpoints.load_latest(map_location=device)
     if loaded is not None:
@@ -328,7 +334,7 @@ def train(
                 print(f"[medseg.train] skipped checkpoint {key}: {reason}", file=sys.stderr)
             print(f"[medseg.train] resuming {run_id} after epoch {epoch}", file=sys.stderr)
 
-    board = _Board(storage, run_prefix, run_id) if rank == 0 else None
+    board = _Board(storage, run_prefix, run_id, task.outputs.names) if rank == 0 else None
     tracker = _tracker(storage, run_prefix, run_id, cfg, ref) if rank == 0 else None
     progress = _progress(rank)
     progress.start()
@@ -380,14 +386,13 @@ def train(
                 "samples": int(loss_sum[1]),
             }
             if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
-                dice = _validate(net, val_ds, cfg, device, rank, world)
-                record.update({f"dice_{r.lower()}": d for r, d in zip(REGIONS, dice, strict=True)})
-                record["dice_mean"] = sum(dice) / len(dice)
+                scores = _validate(net, val_ds, cfg, device, rank, world)
+                record.update(task.validation_record(scores))
             record["epoch_seconds"] = time.perf_counter() - started
             record["samples_per_second"] = record["samples"] / record["epoch_seconds"]
-            best_before = result.best.get("dice_mean", -1.0)
+            best_before = result.best.get(task.gate_metric, -1.0)
             result.history.append(record)
-            if record.get("dice_mean", -1.0) > best_before or best_state is None:
+            if record.get(task.gate_metric, -1.0) > best_before or best_state is None:
                 best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
             if rank == 0:
                 checkpoints.save(

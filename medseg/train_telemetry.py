@@ -8,21 +8,21 @@ The file is named by ``MEDSEG_TRAIN_METRICS_TEXTFILE`` (:class:`medseg.settings.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, write_to_textfile
 
-from medseg.config import REGIONS
-
 __all__ = ["TrainTextfile"]
 
 
 class TrainTextfile:
-    """The gauges of one training run, written to ``path``."""
+    """The gauges of one training run, written to ``path``; ``regions`` are the task's outputs."""
 
-    def __init__(self, path: Path, run_id: str):
+    def __init__(self, path: Path, run_id: str, regions: Sequence[str]):
         self.path = path
+        self.regions = tuple(regions)
         self.registry = CollectorRegistry()
 
         def gauge(name: str, doc: str, *extra: str) -> Gauge:
@@ -53,7 +53,7 @@ class TrainTextfile:
         """After an epoch (its ``metrics.jsonl`` record)."""
         self.epoch.labels(self.run_id).set(record["epoch"])
         self.epoch_loss.labels(self.run_id).set(record["loss"])
-        for region in REGIONS:
+        for region in self.regions:
             value = record.get(f"dice_{region.lower()}")
             if value is not None:
                 self.dice.labels(self.run_id, region).set(value)

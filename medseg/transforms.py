@@ -40,7 +40,7 @@ from monai.transforms import (
 )
 
 from medseg.config import DataConfig, TrainConfig
-from medseg.labels import get_convention
+from medseg.tasks import get_convention
 
 __all__ = [
     "ConvertToRegions",

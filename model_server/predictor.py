@@ -11,9 +11,10 @@ Open Inference Protocol v2 (REST and gRPC) inputs, one of:
     A raw tensor in ``channels`` order (the model's by default), with its geometry as the
     parameter ``affine`` (16 numbers, row-major) or ``spacing`` (3 numbers, mm).
 
-Request parameters: ``label_convention`` (``brats2021`` default, ``brats2023``, ``msd``) for the
-mask; ``probabilities`` (bool) to add the probabilities output. All of them are validated by
-:func:`medseg.codec.validate_params`, for REST v1/v2 and gRPC alike.
+Request parameters: ``label_convention`` for the mask, one of the model's task's (BraTS:
+``brats2021`` default, ``brats2023``, ``msd``); ``probabilities`` (bool) to add the
+probabilities output. All of them are validated by :func:`medseg.codec.validate_params`, for
+REST v1/v2 and gRPC alike.
 
 Outputs (:data:`OUTPUTS`): ``mask`` (BYTES ``[1]``: a gzipped NIfTI label map on the input's
 grid and affine), ``volumes_ml`` (FP32 ``[3]``: TC, WT, ET in mL), ``labels`` (UINT8
@@ -67,7 +68,6 @@ from medseg.codec import (
     split_bytes_tensor,
     validate_params,
 )
-from medseg.config import REGIONS
 from medseg.errors import MedsegError
 from medseg.infer import CaseSegmentation, Segmenter, load_model, segment_case
 from medseg.nifti import encode_label_map
@@ -84,16 +84,27 @@ __all__ = [
     "RequestAbandoned",
     "Ticket",
     "current_ticket",
+    "output_types",
     "plain_params",
 ]
 
-#: The model's outputs, as its metadata lists them (``-1``: the case's own size).
-OUTPUTS = {
-    "mask": ("BYTES", [1]),
-    "volumes_ml": ("FP32", [len(REGIONS)]),
-    "labels": ("UINT8", [-1, -1, -1]),
-    "probabilities": ("FP16", [1, len(REGIONS), -1, -1, -1]),
-}
+#: The model's outputs and their datatypes; :func:`output_types` gives their shapes.
+OUTPUTS = {"mask": "BYTES", "volumes_ml": "FP32", "labels": "UINT8", "probabilities": "FP16"}
+
+
+def output_types(outputs: int) -> dict[str, tuple[str, list[int]]]:
+    """The outputs as the metadata lists them, for a task of ``outputs`` regions.
+
+    A ``-1`` is the case's own size.
+    """
+    shapes = {
+        "mask": [1],
+        "volumes_ml": [outputs],
+        "labels": [-1, -1, -1],
+        "probabilities": [1, outputs, -1, -1, -1],
+    }
+    return {name: (datatype, shapes[name]) for name, datatype in OUTPUTS.items()}
+
 
 _TENSOR_TYPES = {"FP32": np.float32, "FP16": np.float16}
 _T = TypeVar("_T")
@@ -303,7 +314,9 @@ class MedsegPredictor(Model):
         ]
 
     async def get_output_types(self) -> list[dict[str, Any]]:
-        return [{"name": n, "datatype": d, "shape": s} for n, (d, s) in OUTPUTS.items()]
+        assert self.segmenter is not None
+        types = output_types(len(self.segmenter.task.outputs.names))
+        return [{"name": n, "datatype": d, "shape": s} for n, (d, s) in types.items()]
 
     # ------------------------------------------------------------ preprocess: decode
 
@@ -349,7 +362,7 @@ class MedsegPredictor(Model):
         inp = request.inputs[0]
         req_params = plain_params(request.parameters)
         in_params = plain_params(inp.parameters)
-        params = validate_params(req_params, in_params)
+        params = self._with_convention(validate_params(req_params, in_params))
         order = params.channel_order(self.channels)
         outputs = _wanted_outputs(request, params)
         shape = check_shape(inp.shape, f"input {inp.name!r}", self.limits)
@@ -377,6 +390,12 @@ class MedsegPredictor(Model):
             _check_tensor_size(inp, shape)
             return Job("input 'image'", params, order, outputs, tensor=inp, shape=shape)
         raise InputError(f"unknown input {inp.name!r}: send 'nifti' (BYTES) or 'image' (FP32/FP16)")
+
+    def _with_convention(self, params: InferParams) -> InferParams:
+        """``label_convention`` resolved against the model's task (its default when unset)."""
+        assert self.segmenter is not None
+        task = self.segmenter.task
+        return params.with_convention(tuple(task.conventions), task.default_convention)
 
     def _blobs(self, inp: InferInput, params: InferParams) -> list[Any]:
         from model_server import compat  # here: compat imports this module
@@ -412,8 +431,8 @@ class MedsegPredictor(Model):
             what = f"instance {n}"
             if not isinstance(inst, Mapping):
                 raise InputError(f"{what} must be an object")
-            params = validate_params(
-                {k: inst[k] for k in ("label_convention", "channels") if k in inst}
+            params = self._with_convention(
+                validate_params({k: inst[k] for k in ("label_convention", "channels") if k in inst})
             )
             if "nifti_b64" in inst:
                 blobs = [_text(inst["nifti_b64"], f"{what} 'nifti_b64'")]
@@ -621,9 +640,10 @@ class MedsegPredictor(Model):
             mask = encode_label_map(label_map, result.affine)
             outputs.append(_output("mask", "BYTES", [1], np.array([mask], dtype=np.object_)))
         if "volumes_ml" in wanted:
-            volumes = np.array([result.volumes_ml[r] for r in REGIONS], dtype=np.float32)
-            regions = {"regions": ",".join(REGIONS)}
-            outputs.append(_output("volumes_ml", "FP32", [len(REGIONS)], volumes, regions))
+            names = list(result.volumes_ml)
+            volumes = np.array([result.volumes_ml[r] for r in names], dtype=np.float32)
+            regions = {"regions": ",".join(names)}
+            outputs.append(_output("volumes_ml", "FP32", [len(names)], volumes, regions))
         if "labels" in wanted:
             convention = {"label_convention": params.label_convention}
             outputs.append(_output("labels", "UINT8", list(label_map.shape), label_map, convention))

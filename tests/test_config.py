@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+import yaml
 from pydantic import ValidationError
 
 from medseg.config import DataConfig, MedsegConfig
+from medseg.errors import InvalidInput
 
 
 def test_defaults_follow_the_brief() -> None:
@@ -42,3 +45,37 @@ def test_fingerprint_tracks_preprocessing_only() -> None:
 def test_invalid_config_rejected(bad: dict) -> None:
     with pytest.raises(ValidationError):
         MedsegConfig.model_validate(bad)
+
+
+def test_a_model_yaml_without_a_task_is_brats(tmp_path: Path) -> None:
+    """Every model.yaml written before tasks existed loads as BraTS, its sections unchanged."""
+    from medseg.tasks import task_of
+
+    cfg = MedsegConfig.model_validate({"train": {"epochs": 3}})
+    old = yaml.safe_load(cfg.to_yaml())
+    assert old.pop("task") == {"kind": "brats-segmentation"}
+    assert list(old) == ["data", "split", "model", "train", "infer"]
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(old, sort_keys=False))
+    loaded = MedsegConfig.load(path)
+    assert loaded == cfg and task_of(loaded).name == "brats-segmentation"
+    assert task_of(loaded).outputs.names == ("TC", "WT", "ET")
+    assert loaded.data.fingerprint() == cfg.data.fingerprint()  # the cache keys stay
+
+
+@pytest.mark.parametrize(
+    ("section", "message"),
+    [
+        ({"task": {"kind": "skin"}}, "unknown task 'skin'; known: brats-segmentation"),
+        ({"task": {"name": "x"}}, "needs a 'kind'"),
+        ({"model": {"out_channels": 2}}, "model.out_channels is 2, task brats-segmentation has 3"),
+        ({"model": {"in_channels": 3}}, "model.in_channels is 3"),
+        ({"model": {"name": "UNet"}}, "model.name 'UNet' is not a network of task"),
+        ({"data": {"channels": ["a", "b", "c", "d"]}}, "permutation of task brats-segmentation"),
+    ],
+)
+def test_the_config_must_fit_its_task(section: dict, message: str, tmp_path: Path) -> None:
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(section))
+    with pytest.raises(InvalidInput, match=re.escape(message)):
+        MedsegConfig.load(path)

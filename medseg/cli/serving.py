@@ -235,11 +235,12 @@ def _print_case(case: str, failure: str | None) -> None:
 def _print_predictions(result: Any) -> None:
     """Volumes per case, where they are written, and the cases not predicted (on stderr)."""
     table = Table(title=f"tumour volumes (mL) · {len(result.cases)} cases")
-    for col in ("case", "TC", "WT", "ET"):
+    regions = list(result.cases[0]["volumes_ml"]) if result.cases else []
+    for col in ("case", *regions):
         table.add_column(col, justify="right")
     for row in result.cases:
         vols = row["volumes_ml"]
-        table.add_row(row["case_id"], *(f"{vols[r]:.2f}" for r in ("TC", "WT", "ET")))
+        table.add_row(row["case_id"], *(f"{vols[r]:.2f}" for r in regions))
     console.print(table)
     console.print(
         f"{len(result.cases)} label maps, volumes.csv and volumes.json in {result.out} "
@@ -268,7 +269,7 @@ def _predict_remote(
         [Path(p) for p in paths],
         grpc=grpc,
         model=model,
-        label_convention=labels or "brats2021",
+        label_convention=labels,
         channels=channels,
         tensor=tensor,
     )
