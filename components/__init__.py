@@ -17,16 +17,21 @@ from components.params import params_op
 from components.predict import predict_op
 from components.preprocess import preprocess_op
 from components.register import register_op
+from components.shards import clean_shard_op, predict_shard_op, preprocess_shard_op, shards_op
 from components.train import train_op
 
 __all__ = [
+    "clean_shard_op",
     "deploy_op",
     "evaluate_op",
     "gate_op",
     "ingest_op",
     "params_op",
     "predict_op",
+    "predict_shard_op",
     "preprocess_op",
+    "preprocess_shard_op",
     "register_op",
+    "shards_op",
     "train_op",
 ]

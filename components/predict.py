@@ -1,4 +1,4 @@
-"""Predict: ``medseg.predict`` — the served label maps of a dataset split, with one loaded model."""
+"""Predict: collect the shards' label maps (``medseg.shards``) into the one ``predictions.json``."""
 
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -7,11 +7,16 @@ from components.base import component
 
 @component
 def predict_op(
-    model: Input[Model], dataset: Input[Dataset], split: str, predictions: Output[Dataset]
+    model: Input[Model],
+    dataset: Input[Dataset],
+    split: str,
+    shards: int,
+    predictions: Output[Dataset],
 ) -> None:
-    """Segment the split's raw cases as the server does.
+    """Write the split's ``predictions.json`` from its shards (``predict_shard_op``, all done).
 
-    Fails (after writing every other case) when a case could not be predicted.
+    Fails, naming the shard and its cases, when a case is missing (writing nothing), and after
+    writing the index when a case could not be predicted.
     """
     from medseg.errors import MedsegError
     from medseg.pipeline_params import (
@@ -22,14 +27,15 @@ def predict_op(
         read_ref,
         write_ref,
     )
-    from medseg.predict import INDEX, predict
+    from medseg.predict import INDEX
+    from medseg.shards import collect_predictions
     from medseg.storage import Storage, join
 
     source = read_ref(dataset, DatasetArtifact)
     weights = read_ref(model, ModelArtifact)
     storage = Storage()
-    result = predict(
-        weights.uri, dataset=source.dataset, split=split, store=source.store, storage=storage
+    result = collect_predictions(
+        weights.uri, source.dataset, split, source.store, shards, storage=storage
     )
     if result.failed:
         reasons = "; ".join(f"{f.case_id}: {f.reason}" for f in result.failed)

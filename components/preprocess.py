@@ -1,4 +1,4 @@
-"""Preprocess: ``medseg.preprocess`` — the static chain once per case, cached in the store."""
+"""Preprocess: collect the shards' work (``medseg.shards``) into the one cached ``index.json``."""
 
 from kfp.dsl import Dataset, Input, Output
 
@@ -6,8 +6,13 @@ from components.base import component
 
 
 @component
-def preprocess_op(dataset: Input[Dataset], config_yaml: str, preprocessed: Output[Dataset]) -> None:
-    """Preprocess the dataset version with the config's data section (its fingerprint)."""
+def preprocess_op(
+    dataset: Input[Dataset], config_yaml: str, shards: int, preprocessed: Output[Dataset]
+) -> None:
+    """Write the preprocessing's index from its shards (``preprocess_shard_op``, all done).
+
+    Fails, naming the shard and its cases, when a case is missing; writes nothing then.
+    """
     from medseg.pipeline_params import (
         DatasetArtifact,
         PreprocessedArtifact,
@@ -15,11 +20,11 @@ def preprocess_op(dataset: Input[Dataset], config_yaml: str, preprocessed: Outpu
         read_ref,
         write_ref,
     )
-    from medseg.preprocess import preprocess
+    from medseg.shards import collect_preprocessed
 
     source = read_ref(dataset, DatasetArtifact)
     cfg = parse_config(config_yaml)
-    result = preprocess(source.dataset, source.store, cfg.data, progress=False)
+    result = collect_preprocessed(source.dataset, source.store, cfg.data, shards)
     write_ref(
         preprocessed,
         PreprocessedArtifact(

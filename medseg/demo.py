@@ -179,6 +179,16 @@ def score_mask(mask: bytes, case: HeldOutCase) -> Any:
     )
 
 
+#: The pipeline's data-parallel helper steps (medseg.shards), shown on the line of the step they
+#: serve (a count of shards) unless they fail; ``None``: not shown.
+_FOLDED = {
+    "shards": None,
+    "preprocess-shard": "preprocess",
+    "predict-shard": "predict",
+    "clean-shard": None,
+}
+
+
 class DemoConsole:
     """What a person sees of the demo: one line per step with its time, a bar for training.
 
@@ -195,6 +205,7 @@ class DemoConsole:
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         self._last: dict[str, Any] = {}
+        self._shards: dict[str, int] = {}
 
     def say(self, text: str) -> None:
         """One line (rich markup) on the terminal and in the log."""
@@ -235,6 +246,14 @@ class DemoConsole:
 
     def step_finished(self, step: str, seconds: float, ok: bool) -> None:
         detail = ""
+        if step in _FOLDED and ok:
+            target = _FOLDED[step]
+            if target is not None:
+                self._shards[target] = self._shards.get(target, 0) + 1
+            return
+        if step in self._shards:
+            n = self._shards.pop(step)
+            detail = f"{n} shard{'s' if n > 1 else ''}"
         if step == "train":
             self._task = None
             if self._bar is not None:

@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from medseg.config import MedsegConfig
 from medseg.dicom import DicomStudy, find_studies, read_study
 from medseg.dicom_seg import encode_study
 from medseg.errors import DatasetError, MedsegError, ObjectNotFound
@@ -49,7 +50,7 @@ from medseg.manifest import DatasetRef
 from medseg.nifti import Volume, decode, encode_label_map
 from medseg.settings import DEFAULT_STORE
 from medseg.storage import Storage, is_s3, join
-from medseg.tasks import get_convention
+from medseg.tasks import get_convention, task_of
 from medseg.tasks.brats import CHANNELS
 
 __all__ = [
@@ -64,6 +65,9 @@ __all__ = [
     "path_source",
     "predict",
     "predict_cases",
+    "segment_cases",
+    "split_output_uri",
+    "write_index",
 ]
 
 INDEX = "predictions.json"
@@ -149,6 +153,12 @@ def model_output_uri(model_uri: str, *parts: str) -> str:
     base = model_uri.rstrip("/")
     base = base[: -len("/model")] if base.endswith("/model") else base
     return join(base, *parts)
+
+
+def split_output_uri(model_uri: str, source: CaseSource) -> str:
+    """Where a model's predictions of a dataset split go by default (``NAME-VERSION-SPLIT``)."""
+    name, _, version = (source.dataset or "").partition("@")
+    return model_output_uri(model_uri, "predictions", f"{name}-{version}-{source.split}")
 
 
 def dataset_source(storage: Storage, store: str, spec: str, split: str) -> CaseSource:
@@ -419,11 +429,44 @@ def predict_cases(
     """
     storage = storage or Storage()
     convention = labels or source.convention
+    started = time.perf_counter()
+    rows, failed = segment_cases(seg, source, out, storage, convention, prefetch, on_case)
+    write_index(storage, out, source, seg.cfg, model, convention, rows, failed)
+    return PredictResult(out, rows, failed, time.perf_counter() - started)
+
+
+def segment_cases(
+    seg: Segmenter,
+    source: CaseSource,
+    out: str,
+    storage: Storage,
+    convention: str,
+    prefetch: int = 2,
+    on_case: Callable[[str, str | None], None] | None = None,
+    on_done: Callable[[CaseInput, dict[str, Any] | None, CaseFailure | None], None] | None = None,
+) -> tuple[list[dict[str, Any]], list[CaseFailure]]:
+    """Segment and write every case of ``source``: the loop of :func:`predict_cases`.
+
+    Args:
+        seg: The loaded model.
+        source: The cases.
+        out: Output folder or prefix.
+        storage: Storage to use.
+        convention: Label convention of the written maps.
+        prefetch: Cases read ahead of the compute.
+        on_case: Called after each case with its id and ``None``, or the failure reason.
+        on_done: Called after each case with the case and its row, or its failure.
+
+    Returns:
+        The rows of the written cases and the cases that failed, in ``source`` order.
+
+    Raises:
+        MedsegError: If ``convention`` is not a known label convention.
+    """
     try:
         get_convention(convention)
     except ValueError as exc:
         raise MedsegError(str(exc)) from None
-    started = time.perf_counter()
     channels = list(seg.cfg.data.channels)
     pending: queue.Queue[_Item | None] = queue.Queue(maxsize=max(1, prefetch))
     stop = threading.Event()
@@ -439,21 +482,39 @@ def predict_cases(
     try:
         while (item := pending.get()) is not None:
             case, loaded, failure = item
+            row = None
             if loaded is not None:
                 try:
-                    rows.append(_write_case(seg, storage, case.case_id, loaded, out, convention))
+                    row = _write_case(seg, storage, case.case_id, loaded, out, convention)
+                    rows.append(row)
                 except MedsegError as exc:
                     failure = CaseFailure(case.case_id, None, str(exc))
                 except Exception as exc:
                     failure = CaseFailure(case.case_id, None, f"{type(exc).__name__}: {exc}")
             if failure is not None:
                 failed.append(failure)
+            if on_done is not None:
+                on_done(case, row, failure)
             if on_case is not None:
                 on_case(case.case_id, None if failure is None else failure.reason)
     finally:
         stop.set()
         thread.join()
-    _write_tables(storage, out, rows, seg.task.outputs.names)
+    return rows, failed
+
+
+def write_index(
+    storage: Storage,
+    out: str,
+    source: CaseSource,
+    cfg: MedsegConfig,
+    model: str,
+    convention: str,
+    rows: list[dict[str, Any]],
+    failed: list[CaseFailure],
+) -> None:
+    """Write the volume tables and then ``predictions.json`` (the commit) of a prediction run."""
+    _write_tables(storage, out, rows, task_of(cfg).outputs.names)
     storage.put_json(
         join(out, INDEX),
         {
@@ -462,15 +523,14 @@ def predict_cases(
             "dataset": source.dataset,
             "split": source.split,
             "label_convention": convention,
-            "channels": channels,
-            "nesting": seg.cfg.infer.nesting,
-            "threshold": seg.cfg.infer.threshold,
+            "channels": list(cfg.data.channels),
+            "nesting": cfg.infer.nesting,
+            "threshold": cfg.infer.threshold,
             "cases": rows,
             "failed": [asdict(f) for f in failed],
             "created_at": datetime.now(UTC).isoformat(),
         },
     )
-    return PredictResult(out, rows, failed, time.perf_counter() - started)
 
 
 def _write_case(
@@ -559,8 +619,7 @@ def predict(
     storage = storage or Storage()
     if dataset:
         source = dataset_source(storage, store, dataset, split)
-        name, _, version = (source.dataset or "").partition("@")
-        out = out or model_output_uri(model_uri, "predictions", f"{name}-{version}-{split}")
+        out = out or split_output_uri(model_uri, source)
     else:
         source = path_source(storage, paths, channels)
         if out is None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import multiprocessing
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,7 +33,18 @@ from medseg.manifest import CaseEntry, DatasetRef, Manifest
 from medseg.settings import StorageSettings
 from medseg.storage import Storage, join
 
-__all__ = ["PreprocessResult", "preprocess", "preprocess_case", "preprocessed_prefix"]
+__all__ = [
+    "INDEX",
+    "PreprocessResult",
+    "build_index",
+    "preprocess",
+    "preprocess_case",
+    "preprocessed_prefix",
+    "process_cases",
+]
+
+#: The index of a preprocessing, written last (its commit).
+INDEX = "index.json"
 
 # Workers start fresh (no forked torch/OpenMP state from the parent).
 _SPAWN = multiprocessing.get_context("spawn")
@@ -140,6 +152,96 @@ def _run_case(
     }
 
 
+def process_cases(
+    storage: Storage,
+    ref: DatasetRef,
+    manifest: Manifest,
+    cfg: DataConfig,
+    case_ids: list[str],
+    workers: int = 1,
+    progress: bool = True,
+    on_entry: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Preprocess and store the cases ``case_ids`` of a dataset version, in parallel workers.
+
+    Args:
+        storage: Storage to use.
+        ref: The dataset version.
+        manifest: Its manifest.
+        cfg: Preprocessing config.
+        case_ids: The cases to process.
+        workers: Worker processes (1 runs in this process).
+        progress: Show a progress bar.
+        on_entry: Called with each case's index entry once its object is stored.
+
+    Returns:
+        The index entry of each case processed, by case id.
+
+    Raises:
+        DatasetError: If a case fails (naming it).
+    """
+    done: dict[str, dict[str, Any]] = {}
+
+    def record(entry: dict[str, Any]) -> None:
+        done[entry["case_id"]] = entry
+        if on_entry is not None:
+            on_entry(entry)
+
+    columns = (
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task = bar.add_task(f"preprocess {ref}", total=len(case_ids))
+        workers = min(workers, len(case_ids))  # a spawned worker costs seconds of imports
+        if workers <= 1:
+            for case_id in case_ids:
+                record(_run_case(storage.settings, ref, manifest, case_id, cfg))
+                bar.advance(task)
+        else:
+            with ProcessPoolExecutor(
+                max_workers=workers, mp_context=_SPAWN, initializer=_init_worker
+            ) as pool:
+                futures = {
+                    pool.submit(_run_case, storage.settings, ref, manifest, c, cfg)
+                    for c in case_ids
+                }
+                pending = futures
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
+                    for fut in finished:
+                        record(fut.result())  # re-raises the first failure, naming its case
+                        bar.advance(task)
+    return done
+
+
+def build_index(
+    store: str,
+    ref: DatasetRef,
+    manifest: Manifest,
+    cfg: DataConfig,
+    entries: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """The ``index.json`` document of a dataset version's preprocessing: one entry per case.
+
+    Raises:
+        DatasetError: If a case of the manifest has no entry in ``entries``.
+    """
+    missing = [c.case_id for c in manifest.cases if c.case_id not in entries]
+    if missing:
+        raise DatasetError(f"preprocess {ref}: no stored case for {', '.join(missing)}")
+    return {
+        "dataset": {"store": store, "name": ref.name, "version": ref.version},
+        "convention": manifest.convention,
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.model_dump(mode="json"),
+        "cases": [entries[c.case_id] for c in manifest.cases],
+        "created_at": datetime.now(UTC).isoformat(),
+    }
+
+
 def preprocess(
     spec: str,
     store: str,
@@ -169,7 +271,7 @@ def preprocess(
     ref = DatasetRef.resolve(storage, store, spec)
     manifest = ref.load(storage)
     prefix = preprocessed_prefix(ref, cfg)
-    index_uri = join(prefix, "index.json")
+    index_uri = join(prefix, INDEX)
     if storage.exists(index_uri):
         return PreprocessResult(prefix, storage.get_json(index_uri), processed=0)
 
@@ -190,41 +292,9 @@ def preprocess(
         else:
             todo.append(case.case_id)
 
-    columns = (
-        "[progress.description]{task.description}",
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
+    done.update(
+        process_cases(storage, ref, manifest, cfg, todo, workers=workers, progress=progress)
     )
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"preprocess {ref}", total=len(manifest.cases), completed=len(done))
-        workers = min(workers, len(todo))  # a spawned worker costs seconds of imports
-        if workers <= 1:
-            for case_id in todo:
-                done[case_id] = _run_case(storage.settings, ref, manifest, case_id, cfg)
-                bar.advance(task)
-        else:
-            with ProcessPoolExecutor(
-                max_workers=workers, mp_context=_SPAWN, initializer=_init_worker
-            ) as pool:
-                futures = {
-                    pool.submit(_run_case, storage.settings, ref, manifest, c, cfg) for c in todo
-                }
-                pending = futures
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_EXCEPTION)
-                    for fut in finished:
-                        entry = fut.result()  # re-raises the first failure, naming its case
-                        done[entry["case_id"]] = entry
-                        bar.advance(task)
-
-    index = {
-        "dataset": {"store": store, "name": ref.name, "version": ref.version},
-        "convention": manifest.convention,
-        "fingerprint": cfg.fingerprint(),
-        "config": cfg.model_dump(mode="json"),
-        "cases": [done[c.case_id] for c in manifest.cases],
-        "created_at": datetime.now(UTC).isoformat(),
-    }
+    index = build_index(store, ref, manifest, cfg, done)
     storage.put_json(index_uri, index)
     return PreprocessResult(prefix, index, processed=len(todo))

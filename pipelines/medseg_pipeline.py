@@ -12,19 +12,25 @@ caching only where its key names its inputs' content (see ``docs/architecture.md
 and deploy run only when the quality gate passes: the gate step fails the run otherwise.
 """
 
+from types import SimpleNamespace
 from typing import Any
 
 from kfp import dsl, kubernetes
+from kfp.dsl import Dataset, Input, Model
 
 from components import (
+    clean_shard_op,
     deploy_op,
     evaluate_op,
     gate_op,
     ingest_op,
     params_op,
     predict_op,
+    predict_shard_op,
     preprocess_op,
+    preprocess_shard_op,
     register_op,
+    shards_op,
     train_op,
 )
 from medseg.pipeline_params import ClusterParams, DeploymentParams, TrainingParams
@@ -36,10 +42,14 @@ PIPELINE_NAME = "medseg-brats"
 #: Resources per step: (cpu request, cpu limit, memory request, memory limit).
 RESOURCES = {
     "params": ("100m", "250m", "256Mi", "512Mi"),
+    "shards": ("100m", "250m", "256Mi", "512Mi"),
     "ingest": ("1", "2", "2Gi", "4Gi"),
-    "preprocess": ("2", "4", "8Gi", "16Gi"),
+    "preprocess-shard": ("2", "4", "8Gi", "16Gi"),  # one pod per shard
+    "preprocess": ("250m", "1", "512Mi", "1Gi"),  # the collect: reads one record per case
     "train": ("1", "2", "2Gi", "4Gi"),  # the launcher; PyTorchJob pods have their own
-    "predict": ("2", "4", "8Gi", "16Gi"),
+    "predict-shard": ("2", "4", "8Gi", "16Gi"),
+    "predict": ("250m", "1", "512Mi", "1Gi"),
+    "clean-shard": ("100m", "250m", "256Mi", "512Mi"),
     "evaluate": ("2", "4", "8Gi", "16Gi"),
     "gate": ("100m", "250m", "256Mi", "512Mi"),
     "register": ("500m", "1", "1Gi", "2Gi"),
@@ -51,7 +61,9 @@ RESOURCES = {
 #: this run by an uncached step, and parameters (config, split, threshold) that are content.
 #: Not params or gate (instant), not ingest (its source is a location whose content can change
 #: under the same name; medseg.ingest keys its own cache on the source's content), not train
-#: (a run id per run), register (a new version each time) or deploy (cluster state).
+#: (a run id per run), register (a new version each time) or deploy (cluster state). The
+#: shard steps are not cached either: they resume from the store, keyed on content
+#: (medseg.shards), and their records are deleted once the run has committed.
 CACHED = {"preprocess", "predict", "evaluate"}
 #: Where the steps run, as compiled: the chart's upload Job reads it from the release's ConfigMap.
 PLACEMENT = PlacementSettings()
@@ -120,6 +132,54 @@ def _configure(task: Any, step: str, names: Any) -> Any:
     return task
 
 
+def _names(s3_secret: Any, s3_config: Any) -> Any:
+    """The params step's outputs as :func:`_configure` reads them, inside a sub-pipeline."""
+    return SimpleNamespace(outputs={"s3_secret": s3_secret, "s3_config": s3_config})
+
+
+# The fan-outs are sub-pipelines: to its parent each is one task that its dependents wait for.
+# kfp.local (2.16) needs that too: a task at the root that depends on a ParallelFor is sorted
+# before it fails (KeyError in its topological sort), and it runs a ParallelFor only through
+# the orchestrator it picks when the root holds a loop or a condition (the cleanup loop).
+@dsl.pipeline(name="preprocess-shards")
+def preprocess_shards(
+    dataset: Input[Dataset],
+    config_yaml: str,
+    shard_list: list,
+    shards: int,
+    s3_secret: str,
+    s3_config: str,
+) -> None:
+    """Preprocess the dataset version in ``shards`` parallel shards (medseg.shards)."""
+    with dsl.ParallelFor(shard_list) as shard:
+        _configure(
+            preprocess_shard_op(
+                dataset=dataset, config_yaml=config_yaml, shard=shard, shards=shards
+            ),
+            "preprocess-shard",
+            _names(s3_secret, s3_config),
+        )
+
+
+@dsl.pipeline(name="predict-shards")
+def predict_shards(
+    model: Input[Model],
+    dataset: Input[Dataset],
+    split: str,
+    shard_list: list,
+    shards: int,
+    s3_secret: str,
+    s3_config: str,
+) -> None:
+    """Predict the split in ``shards`` parallel shards (medseg.shards)."""
+    with dsl.ParallelFor(shard_list) as shard:
+        _configure(
+            predict_shard_op(model=model, dataset=dataset, split=split, shard=shard, shards=shards),
+            "predict-shard",
+            _names(s3_secret, s3_config),
+        )
+
+
 @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
 def medseg_pipeline(
     source: str,
@@ -132,6 +192,7 @@ def medseg_pipeline(
     training: dict = TRAINING,
     cluster: dict = CLUSTER,
     deployment: dict = DEPLOYMENT,
+    shards: int = 1,
 ) -> None:
     """Train, evaluate, register and deploy a BraTS segmentation model.
 
@@ -150,6 +211,8 @@ def medseg_pipeline(
             s3_config; the S3 names follow the release unless given).
         deployment: :class:`medseg.pipeline_params.DeploymentParams` (target, image, mode,
             min_replicas, max_replicas, scale_metric, scale_target, timeout).
+        shards: Preprocess and predict run as this many parallel shards (pods), by case id;
+            what they write is the same for every count (:mod:`medseg.shards`).
     """
     names = _configure(
         params_op(
@@ -166,7 +229,17 @@ def medseg_pipeline(
         names,
     )
     dataset = ingest.outputs["dataset"]
-    prep = _configure(preprocess_op(dataset=dataset, config_yaml=config_yaml), "preprocess", names)
+    shard_list = _configure(shards_op(shards=shards), "shards", None).output
+    s3 = {"s3_secret": names.outputs["s3_secret"], "s3_config": names.outputs["s3_config"]}
+    prep_shards = preprocess_shards(
+        dataset=dataset, config_yaml=config_yaml, shard_list=shard_list, shards=shards, **s3
+    )
+    prep_shards.set_display_name("preprocess-shards").set_caching_options(False)
+    prep = _configure(
+        preprocess_op(dataset=dataset, config_yaml=config_yaml, shards=shards),
+        "preprocess",
+        names,
+    ).after(prep_shards)
     train = _configure(
         train_op(
             dataset=dataset,
@@ -180,9 +253,27 @@ def medseg_pipeline(
         names,
     )
     model = train.outputs["model"]
-    predict = _configure(
-        predict_op(model=model, dataset=dataset, split="validation"), "predict", names
+    predict_fan = predict_shards(
+        model=model, dataset=dataset, split="validation", shard_list=shard_list, shards=shards, **s3
     )
+    predict_fan.set_display_name("predict-shards").set_caching_options(False)
+    predict = _configure(
+        predict_op(model=model, dataset=dataset, split="validation", shards=shards),
+        "predict",
+        names,
+    ).after(predict_fan)
+    with dsl.ParallelFor(shard_list) as shard:  # the shards' records, once both are committed
+        _configure(
+            clean_shard_op(
+                dataset=dataset,
+                preprocessed=prep.outputs["preprocessed"],
+                predictions=predict.outputs["predictions"],
+                shard=shard,
+                shards=shards,
+            ),
+            "clean-shard",
+            names,
+        )
     evaluate = _configure(
         evaluate_op(
             model=model, predictions=predict.outputs["predictions"], threshold=dice_threshold

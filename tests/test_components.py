@@ -18,13 +18,17 @@ import pytest
 from kfp.dsl import HTML, Artifact, Dataset, Markdown, Metrics, Model
 
 from components import (
+    clean_shard_op,
     deploy_op,
     evaluate_op,
     ingest_op,
     params_op,
     predict_op,
+    predict_shard_op,
     preprocess_op,
+    preprocess_shard_op,
     register_op,
+    shards_op,
     train_op,
 )
 from medseg.errors import MedsegError
@@ -154,9 +158,21 @@ def test_ingest_writes_a_dataset_reference_naming_its_content(world: World) -> N
     assert other_ref.cases == 5
 
 
-def test_preprocess_reads_the_dataset_artifact(world: World) -> None:
+def test_shards_step_lists_the_shards_or_names_a_bad_count() -> None:
+    assert shards_op.python_func(shards=3) == [0, 1, 2]
+    with pytest.raises(MedsegError, match=r"bad pipeline parameter shards: .* at least 1, got 0"):
+        shards_op.python_func(shards=0)
+
+
+def test_preprocess_collects_its_shards_from_the_dataset_artifact(world: World) -> None:
+    dataset = _step(world, "dataset")
+    assert preprocess_shard_op.python_func(dataset=dataset, config_yaml=CONFIG, shard=1, shards=2)
     out = _out(Dataset, world.folder, "preprocessed")
-    preprocess_op.python_func(dataset=_step(world, "dataset"), config_yaml=CONFIG, preprocessed=out)
+    # a shard not done yet: the collect names it and commits nothing
+    with pytest.raises(MedsegError, match=r"no shard record for 3 cases \(shard 0 of 2: "):
+        preprocess_op.python_func(dataset=dataset, config_yaml=CONFIG, shards=2, preprocessed=out)
+    assert preprocess_shard_op.python_func(dataset=dataset, config_yaml=CONFIG, shard=0, shards=2)
+    preprocess_op.python_func(dataset=dataset, config_yaml=CONFIG, shards=2, preprocessed=out)
     ref = read_ref(out, PreprocessedArtifact)
     fingerprint = tiny_config().data.fingerprint()
     data = read_ref(world.artifacts["dataset"], DatasetArtifact)
@@ -211,8 +227,14 @@ def test_train_refuses_a_preprocessed_artifact_of_another_config(world: World) -
 def test_predict_and_evaluate_hand_over_typed_references(world: World) -> None:
     model = _step(world, "model")
     predictions = _out(Dataset, world.folder, "predictions")
+    dataset = world.artifacts["dataset"]
+    for shard in (0, 1):
+        done = predict_shard_op.python_func(
+            model=model, dataset=dataset, split="validation", shard=shard, shards=2
+        )
+        assert done == 1
     predict_op.python_func(
-        model=model, dataset=world.artifacts["dataset"], split="validation", predictions=predictions
+        model=model, dataset=dataset, split="validation", shards=2, predictions=predictions
     )
     pred = read_ref(predictions, PredictionsArtifact)
     assert pred.split == "validation" and pred.cases == 2
@@ -239,6 +261,19 @@ def test_predict_and_evaluate_hand_over_typed_references(world: World) -> None:
     assert "Per case (worst first)" in Path(report.path).read_text()
     assert metrics.metadata["gate_passed"] == 1
     world.artifacts["evaluation"] = evaluation
+    # both commits are written: the shards' records go (6 preprocessed, 2 predicted cases)
+    cleaned = [
+        clean_shard_op.python_func(
+            dataset=dataset,
+            preprocessed=world.artifacts["preprocessed"],
+            predictions=predictions,
+            shard=shard,
+            shards=2,
+        )
+        for shard in (0, 1)
+    ]
+    assert cleaned == [4, 4]
+    assert not list(world.storage.list(join(pred.uri, "parts")))
 
 
 def test_register_then_deploy_locally(world: World) -> None:

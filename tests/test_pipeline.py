@@ -46,20 +46,41 @@ def compiled(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
     return list(yaml.safe_load_all(path.read_text()))
 
 
+#: The data-parallel steps: a list of shards, a fan-out (a sub-pipeline) before each collect.
+FAN_OUTS = {"preprocess": "preprocess-shards", "predict": "predict-shards"}
+
+
 def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
     spec, platform = compiled
     tasks = spec["root"]["dag"]["tasks"]
-    assert sorted(tasks) == sorted(f"{s}-op" for s in STEPS)
+    assert sorted(tasks) == sorted(
+        [f"{s}-op" for s in STEPS] + ["shards-op", *FAN_OUTS.values(), "for-loop-1"]
+    )
     deps = {name: set(t.get("dependentTasks", [])) for name, t in tasks.items()}
     # each step waits for the one before it
     for before, after in itertools.pairwise(STEPS):
         assert f"{before}-op" in deps[f"{after}-op"], (before, after, deps[f"{after}-op"])
     assert deps["params-op"] == set()
+    # each collect step waits for its fan-out: a ParallelFor over the shards step's list
+    for step, fan in FAN_OUTS.items():
+        assert fan in deps[f"{step}-op"] and "shards-op" in deps[fan]
+        (loop,) = spec["components"][f"comp-{fan}"]["dag"]["tasks"].values()
+        items = loop["parameterIterator"]["items"]["inputParameter"]
+        assert items == "pipelinechannel--shard_list"
+        assert tasks[fan]["inputs"]["parameters"]["shard_list"]["taskOutputParameter"] == {
+            "outputParameterKey": "Output",
+            "producerTask": "shards-op",
+        }
+    # the shards' records are deleted, shard by shard, once both commits are written
+    cleanup = tasks["for-loop-1"]
+    assert {"preprocess-op", "predict-op"} <= set(cleanup["dependentTasks"])
+    assert not any("for-loop-1" in d for d in deps.values())  # a leaf
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {
         *("source", "dataset_name", "store", "labels", "config_yaml", "dice_threshold"),
-        *("model_name", "training", "cluster", "deployment"),
+        *("model_name", "training", "cluster", "deployment", "shards"),
     }
+    assert params["shards"]["defaultValue"] == 1
     # the groups are dict (STRUCT) parameters whose defaults are the library's single definitions
     for group, model in GROUPS.items():
         assert params[group]["parameterType"] == "STRUCT"
@@ -98,6 +119,14 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
     # step named from the release: they follow cluster.release inside the pipeline
     assert "exec-params-op" not in k8s
     from_params = {"producerTask": "params-op", "outputParameterKey": "s3_secret"}
+    for step in ("preprocess-shard", "predict-shard", "clean-shard"):  # inside loops
+        secret = k8s[f"exec-{step}-op"]["secretAsEnv"][0]
+        assert "secretNameParameter" in secret, step
+        res = executors[f"exec-{step}-op"]["container"]["resources"]
+        assert res["resourceCpuRequest"] and res["resourceMemoryLimit"]
+    for fan in FAN_OUTS.values():  # the sub-pipelines get the params step's S3 names
+        names = tasks[fan]["inputs"]["parameters"]
+        assert names["s3_secret"]["taskOutputParameter"] == from_params
     for step in STEPS:
         container = executors[f"exec-{step}-op"]["container"]
         assert container["image"] == "ghcr.io/medseg/medseg:0.1.0"
@@ -126,8 +155,9 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
     assert "secretKey" in text and "minioadmin" not in text
 
 
-#: Pipeline parameters that are content, not a location: the run's config and its gate.
-CONTENT_PARAMETERS = {"config_yaml", "dice_threshold"}
+#: Pipeline parameters that are content, not a location: the run's config and its gate, and
+#: the shard count (how the work is split: a sharded step writes what an unsharded one does).
+CONTENT_PARAMETERS = {"config_yaml", "dice_threshold", "shards"}
 
 
 def test_cached_steps_are_keyed_on_content(compiled: list[dict[str, Any]]) -> None:
@@ -144,7 +174,9 @@ def test_cached_steps_are_keyed_on_content(compiled: list[dict[str, Any]]) -> No
     spec, _ = compiled
     tasks = spec["root"]["dag"]["tasks"]
     cached = {
-        n.removesuffix("-op") for n, t in tasks.items() if t["cachingOptions"].get("enableCache")
+        n.removesuffix("-op")
+        for n, t in tasks.items()
+        if t.get("cachingOptions", {}).get("enableCache")
     }
     assert cached == CACHED
     for step in CACHED:
@@ -157,6 +189,10 @@ def test_cached_steps_are_keyed_on_content(compiled: list[dict[str, Any]]) -> No
         for name, value in inputs.get("artifacts", {}).items():
             producer = value["taskOutputArtifact"]["producerTask"].removesuffix("-op")
             assert producer in {"ingest", "train"} | CACHED, (step, name, producer)
+    for fan in FAN_OUTS.values():  # the shard steps: not cached (they resume from the store)
+        (loop,) = spec["components"][f"comp-{fan}"]["dag"]["tasks"].values()
+        body = spec["components"][loop["componentRef"]["name"]]["dag"]["tasks"]
+        assert [t.get("cachingOptions", {}).get("enableCache") for t in body.values()] == [None]
     readers = {
         n for n, t in tasks.items()
         if t["inputs"].get("parameters", {}).get("source", {}).get("componentInputParameter")
@@ -360,9 +396,15 @@ def test_local_pipeline_run_end_to_end(
         "tiny",
         "--root",
         str(tmp_path / "root"),
+        "--param",
+        "shards=2",  # preprocess and predict fan out over two shards (ParallelFor)
     ]
     done = _cli(args, pipeline_env, tmp_path)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    log = done.stdout + done.stderr
+    for step in ("preprocess-shard-op", "predict-shard-op", "clean-shard-op"):
+        assert log.count(f"Executing task '{step}'") == 2, step
+    assert log.index("Executing task 'predict-shard-op'") < log.index("Executing task 'predict-op'")
     card = storage.get_json(join(bucket, "models", "tiny", "v1", "model_card.json"))
     assert card["dataset"]["name"] == "brats" and card["evaluation"]["gate"]["passed"] is True
     run_id = card["run_id"]
@@ -378,6 +420,12 @@ def test_local_pipeline_run_end_to_end(
         c["case_id"] for c in metrics["cases"]
     )
     assert card["evaluation"]["definition"] == metrics["definition"]
+    # the collect steps wrote the one index and predictions.json; the shards' records are gone
+    stored = [o.uri for o in storage.list(bucket)]
+    (index_uri,) = [u for u in stored if "/preprocessed/" in u and u.endswith("/index.json")]
+    index = storage.get_json(index_uri)
+    assert len(index["cases"]) == 6 and all(c["shape"] for c in index["cases"])
+    assert not [u for u in stored if "/parts/" in u]
     # the KFP artifacts the UI shows: the HTML report and the metrics
     html = list((tmp_path / "root").rglob("evaluate-op/report"))
     assert html and html[0].read_text() == report
