@@ -54,6 +54,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=48)
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="medseg-imbalance-") as tmp:
         root, store = Path(tmp) / "ham", str(Path(tmp) / "store")
@@ -61,7 +62,7 @@ def main() -> None:
         storage = Storage()
         split = SplitConfig(val_fraction=0.3, seed=args.seed)
         ref = ingest(str(root), "skin", store, storage=storage, split=split).ref
-        for imbalance in SETTINGS:
+        for imbalance in args.settings:
             cfg = config(imbalance, args.size, args.epochs, args.seed)
             preprocess(str(ref), store, cfg.data, storage=storage, progress=False)
             started = time.perf_counter()

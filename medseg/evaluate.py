@@ -263,6 +263,11 @@ def evaluate(
     storage = storage or Storage()
     cfg = segmenter.cfg if segmenter is not None else read_config(model_uri, storage)
     task = task_of(cfg)
+    if task.outputs.kind == "classes":
+        raise MedsegError(
+            f"{model_uri} is a classifier (task {task.name}): score it with "
+            "evaluate_classification (`medseg evaluate` chooses it by the task)"
+        )
     trained_store, trained_on, run_id = (
         _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
     )

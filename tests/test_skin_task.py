@@ -26,7 +26,8 @@ from medseg.checkpoint import CheckpointStore
 from medseg.classify import classify_images
 from medseg.config import MedsegConfig, SplitConfig
 from medseg.dataset import PreprocessedDataset
-from medseg.evaluate import evaluate_classification
+from medseg.errors import MedsegError
+from medseg.evaluate import evaluate, evaluate_classification
 from medseg.infer import load_model
 from medseg.ingest import ingest
 from medseg.manifest import DatasetRef
@@ -130,6 +131,7 @@ def test_weighted_sampler_splits_one_draw_across_ranks() -> None:
         DistributedWeightedSampler([0.0, 0.0], 1, 0, seed=0)
 
 
+@pytest.mark.slow  # ~45 s each on 2 cores; the sampler and the weights have fast tests above
 @pytest.mark.parametrize("imbalance", ["class_weighted", "weighted_sampler"])
 def test_skin_task_trains_on_the_shared_trainer(
     imbalance: str, ham: Path, storage: Storage, bucket: str
@@ -209,6 +211,8 @@ def test_skin_model_predicts_and_is_evaluated_on_what_it_wrote(
     assert table[0] == "case,label,probability," + ",".join(f"p_{c}" for c in CLASSES)
     assert len(table) == len(val) + 1
 
+    with pytest.raises(MedsegError, match=r"is a classifier .* evaluate_classification"):
+        evaluate(model_uri, split="validation", storage=storage, predictions=predicted.out)
     result = evaluate_classification(
         model_uri, split="validation", threshold=0.0, storage=storage, predictions=predicted.out
     )
