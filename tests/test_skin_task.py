@@ -52,7 +52,7 @@ SIZE = 32
 SPLIT = SplitConfig(val_fraction=0.3, seed=1)
 
 
-def skin_config(imbalance: str = "class_weighted", **train: Any) -> MedsegConfig:
+def skin_config(imbalance: str = "weighted_sampler", **train: Any) -> MedsegConfig:
     """A tiny skin-lesion config: 32 px images, 2 epochs, no workers."""
     return MedsegConfig.model_validate(
         {
@@ -82,7 +82,8 @@ def ham(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_the_config_names_the_skin_task() -> None:
     cfg = skin_config()
     assert task_of(cfg) is SKIN is get_task("skin-lesion-classification")
-    assert isinstance(cfg.task, SkinTaskConfig) and cfg.task.imbalance == "class_weighted"
+    assert isinstance(cfg.task, SkinTaskConfig) and cfg.task.imbalance == "weighted_sampler"
+    assert SkinTaskConfig().imbalance == "weighted_sampler"  # the measured better default
     assert MedsegConfig.from_yaml(cfg.to_yaml(), "model.yaml") == cfg
     with pytest.raises(ValueError, match="out_channels is 3, task skin-lesion-classification"):
         MedsegConfig.model_validate(
