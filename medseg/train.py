@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler
 
 from medseg.checkpoint import CheckpointStore
-from medseg.config import MedsegConfig
+from medseg.config import MedsegConfig, TrainConfig
 from medseg.dataset import PreprocessedDataset
 from medseg.errors import DatasetError, MedsegError
 from medseg.infer import Segmenter
@@ -44,12 +44,12 @@ from medseg.manifest import DatasetRef
 from medseg.names import check_name
 from medseg.precision import autocast, memory_format
 from medseg.preprocess import preprocessed_prefix
-from medseg.settings import DEFAULT_STORE
+from medseg.settings import DEFAULT_STORE, StorageSettings
 from medseg.storage import Storage, is_s3, join
 from medseg.tasks import task_of
 from medseg.transforms import train_transforms
 
-__all__ = ["TrainResult", "epoch_log_line", "parse_epoch_log_line", "train"]
+__all__ = ["TrainResult", "epoch_log_line", "parse_epoch_log_line", "train", "train_loader"]
 
 
 class NonFiniteLoss(MedsegError):
@@ -250,6 +250,37 @@ def _validate(
     return [float(s) / n for s in sums[:outputs]]
 
 
+def train_loader(
+    prefix: str, t: TrainConfig, settings: StorageSettings, rank: int = 0, world: int = 1
+) -> tuple[DataLoader, DistributedSampler[Any]]:
+    """The training split's DataLoader (random chain in its workers) and its sampler.
+
+    Args:
+        prefix: The preprocessed prefix (see :func:`medseg.preprocess.preprocessed_prefix`).
+        t: Training config (batch size, workers, ROI, seed).
+        settings: Storage settings of the store holding ``prefix``.
+        rank: This process's rank.
+        world: Number of ranks; each rank's sampler yields its share of the cases.
+
+    Returns:
+        The loader, and its sampler (call ``set_epoch`` before each epoch).
+    """
+    train_ds = PreprocessedDataset(
+        prefix, "train", transform=train_transforms(t, t.seed + rank), settings=settings
+    )
+    sampler: DistributedSampler[Any] = DistributedSampler(
+        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed
+    )
+    loader = DataLoader(
+        train_ds,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        num_workers=t.num_workers,
+        persistent_workers=t.num_workers > 0,
+    )
+    return loader, sampler
+
+
 def train(
     spec: str, store: str, run_id: str, cfg: MedsegConfig, storage: Storage | None = None
 ) -> TrainResult:
@@ -287,20 +318,8 @@ def train(
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     t = cfg.train
-    train_ds = PreprocessedDataset(
-        prefix, "train", transform=train_transforms(t, t.seed + rank), settings=storage.settings
-    )
+    loader, sampler = train_loader(prefix, t, storage.settings, rank, world)
     val_ds = PreprocessedDataset(prefix, "validation", settings=storage.settings)
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed
-    )
-    loader = DataLoader(
-        train_ds,
-        batch_size=t.batch_size,
-        sampler=sampler,
-        num_workers=t.num_workers,
-        persistent_workers=t.num_workers > 0,
-    )
     layout = memory_format(t.channels_last)
     task = task_of(cfg)
     net = task.build_network(cfg.model).to(device).to(memory_format=layout)
