@@ -50,6 +50,8 @@ bench: setup
 	$(VENV)/python benchmarks/bench_batch_predict.py
 	$(VENV)/python benchmarks/bench_serving.py
 	$(VENV)/python benchmarks/bench_engine.py --per-voxel
+	$(VENV)/python benchmarks/bench_shards.py
+	$(VENV)/python benchmarks/bench_scale.py
 
 ## Regenerate manifests/ (kustomize) from the Helm chart; tests fail when they drift.
 ## The chart's README parameters table comes from the `## @param` lines of values.yaml (pinned

@@ -66,6 +66,7 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
         self.transform = transform
         self._settings = settings or StorageSettings.from_env()
         self._storage: Storage | None = None
+        self._storage_pid = os.getpid()
         try:
             index = self.storage.get_json(join(prefix, "index.json"))
         except ObjectNotFound:
@@ -77,9 +78,15 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
 
     @property
     def storage(self) -> Storage:
-        """A storage client, created lazily (once per DataLoader worker process)."""
-        if self._storage is None:
+        """A storage client of this process, created lazily.
+
+        A DataLoader worker forked after the index was read inherits the parent's client with
+        its open connections; sharing those sockets between processes garbles responses, so a
+        process that did not create the client makes its own.
+        """
+        if self._storage is None or self._storage_pid != os.getpid():
             self._storage = Storage(self._settings)
+            self._storage_pid = os.getpid()
         return self._storage
 
     def __getstate__(self) -> dict[str, Any]:

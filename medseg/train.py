@@ -37,7 +37,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Sampler
 
 from medseg.checkpoint import CheckpointStore
-from medseg.config import MedsegConfig
+from medseg.config import MedsegConfig, TrainConfig
 from medseg.dataset import PreprocessedDataset
 from medseg.errors import DatasetError, MedsegError
 from medseg.infer import Segmenter
@@ -45,7 +45,7 @@ from medseg.manifest import DatasetRef
 from medseg.names import check_name
 from medseg.precision import autocast, memory_format
 from medseg.preprocess import preprocessed_prefix
-from medseg.settings import DEFAULT_STORE
+from medseg.settings import DEFAULT_STORE, StorageSettings
 from medseg.storage import Storage, is_s3, join
 from medseg.tasks import Task, task_of
 from medseg.transforms import train_transforms
@@ -56,6 +56,7 @@ __all__ = [
     "epoch_log_line",
     "parse_epoch_log_line",
     "train",
+    "train_loader",
 ]
 
 
@@ -361,6 +362,50 @@ def _validate(
     return [float(s) / n for s in sums[:outputs]]
 
 
+def train_loader(
+    prefix: str,
+    t: TrainConfig,
+    settings: StorageSettings,
+    rank: int = 0,
+    world: int = 1,
+    cfg: MedsegConfig | None = None,
+) -> tuple[DataLoader, DistributedSampler[Any] | DistributedWeightedSampler]:
+    """The training split's DataLoader (random chain in its workers) and its sampler.
+
+    Args:
+        prefix: The preprocessed prefix (see :func:`medseg.preprocess.preprocessed_prefix`).
+        t: Training config (batch size, workers, ROI, seed).
+        settings: Storage settings of the store holding ``prefix``.
+        rank: This process's rank.
+        world: Number of ranks; each rank's sampler yields its share of the cases.
+        cfg: The full config, whose task may bring its own random chain and a weighted
+            sampler (:meth:`medseg.tasks.Task.sampling_weights`); without it, the shared 3D
+            chain and uniform shuffling.
+
+    Returns:
+        The loader, and its sampler (call ``set_epoch`` before each epoch).
+    """
+    task = task_of(cfg) if cfg is not None else None
+    own = task.train_transforms(t, t.seed + rank) if task is not None else None
+    chain = own or train_transforms(t, t.seed + rank)
+    train_ds = PreprocessedDataset(prefix, "train", transform=chain, settings=settings)
+    if task is None or cfg is None:
+        sampler: DistributedSampler[Any] | DistributedWeightedSampler = DistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed
+        )
+    else:
+        classes = _training_classes(train_ds, task)
+        sampler = _sampler(train_ds, task, cfg, classes, rank, world)
+    loader = DataLoader(
+        train_ds,
+        batch_size=t.batch_size,
+        sampler=sampler,
+        num_workers=t.num_workers,
+        persistent_workers=t.num_workers > 0,
+    )
+    return loader, sampler
+
+
 def train(
     spec: str, store: str, run_id: str, cfg: MedsegConfig, storage: Storage | None = None
 ) -> TrainResult:
@@ -399,18 +444,10 @@ def train(
 
     t = cfg.train
     task = task_of(cfg)
-    chain = task.train_transforms(t, t.seed + rank) or train_transforms(t, t.seed + rank)
-    train_ds = PreprocessedDataset(prefix, "train", transform=chain, settings=storage.settings)
+    loader, sampler = train_loader(prefix, t, storage.settings, rank, world, cfg)
     val_ds = PreprocessedDataset(prefix, "validation", settings=storage.settings)
-    classes = _training_classes(train_ds, task)
-    sampler = _sampler(train_ds, task, cfg, classes, rank, world)
-    loader = DataLoader(
-        train_ds,
-        batch_size=t.batch_size,
-        sampler=sampler,
-        num_workers=t.num_workers,
-        persistent_workers=t.num_workers > 0,
-    )
+    assert isinstance(loader.dataset, PreprocessedDataset)
+    classes = _training_classes(loader.dataset, task)
     layout = memory_format(t.channels_last)
     net = task.build_network(cfg.model).to(device).to(memory_format=layout)
     model: torch.nn.Module = (

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 from pathlib import Path
 
 import pytest
@@ -65,6 +66,20 @@ def test_reader_applies_the_transform(
     # DataLoader workers each make their own storage client.
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
     assert sorted(item["case_id"] for item in loader) == sorted(c["case_id"] for c in ds.cases)
+    # A process forked after the index was read (a DataLoader worker under "fork") makes its own
+    # client: the parent's open connections are not shared between processes.
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=lambda: send.send(
+            (id(ds.storage), len(ds.storage.get_json(join(ds.prefix, "index.json"))["cases"]))
+        )
+    )
+    child.start()
+    client, cases = receive.recv()
+    child.join(30)
+    assert child.exitcode == 0
+    assert client != id(ds.storage) and cases == len(ds)
 
 
 def test_reader_rejects_a_prefix_without_index(storage: Storage, bucket: str) -> None:
