@@ -61,6 +61,8 @@ class DataConfig(_Frozen):
         crop_foreground: Crop to the bounding box of non-zero image voxels.
         foreground_margin: Voxels kept around the foreground box.
         normalize_nonzero: Per-channel z-score over non-zero voxels only.
+        image_size: Height and width a 2D task's images are resized to once, before caching
+            (left out of the fingerprint when unset, so 3D configs keep their caches).
     """
 
     channels: tuple[str, ...] = CHANNELS
@@ -69,6 +71,7 @@ class DataConfig(_Frozen):
     crop_foreground: bool = True
     foreground_margin: int = Field(default=0, ge=0)
     normalize_nonzero: bool = True
+    image_size: tuple[int, int] | None = Field(default=None, exclude_if=lambda v: v is None)
 
     def fingerprint(self) -> str:
         """Short content hash that keys the cache of preprocessed cases."""

@@ -39,8 +39,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg.classify import ClassEval, evaluate_classes
 from medseg.errors import MedsegError, ObjectNotFound
-from medseg.infer import Segmenter, read_config
+from medseg.infer import Segmenter, load_model, read_config
 from medseg.manifest import CaseEntry, DatasetRef
 from medseg.nifti import Volume, decode
 from medseg.predict import INDEX, CaseInput, load_case, model_output_uri, predict
@@ -54,6 +55,7 @@ __all__ = [
     "CaseScore",
     "EvalResult",
     "evaluate",
+    "evaluate_classification",
     "hd95",
     "score_case",
     "score_label_maps",
@@ -261,6 +263,11 @@ def evaluate(
     storage = storage or Storage()
     cfg = segmenter.cfg if segmenter is not None else read_config(model_uri, storage)
     task = task_of(cfg)
+    if task.outputs.kind == "classes":
+        raise MedsegError(
+            f"{model_uri} is a classifier (task {task.name}): score it with "
+            "evaluate_classification (`medseg evaluate` chooses it by the task)"
+        )
     trained_store, trained_on, run_id = (
         _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
     )
@@ -387,3 +394,38 @@ def _track(storage: Storage, store: str, run_id: str, result: EvalResult) -> Non
         "metrics.json": json.dumps(result.to_json(), indent=1).encode(),
     }
     log_evaluation(storage, store, run_id, result.split, metrics, table, artifacts)
+
+
+def evaluate_classification(
+    model_uri: str,
+    dataset: str | None = None,
+    store: str | None = None,
+    split: str = "validation",
+    threshold: float | None = None,
+    out: str | None = None,
+    storage: Storage | None = None,
+    model: Segmenter | None = None,
+    predictions: str | None = None,
+) -> ClassEval:
+    """Score a classifier's served probabilities on a dataset split (see :mod:`medseg.classify`).
+
+    The arguments are :func:`evaluate`'s; ``threshold`` gates the task's metric (macro AUC).
+    The split is predicted first (``medseg predict``) unless ``predictions`` names its output.
+
+    Raises:
+        MedsegError: If the model, the dataset or the predictions are missing or do not belong
+            together, or the split is empty.
+    """
+    storage = storage or Storage()
+    trained_store, trained_on, _ = (
+        _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
+    )
+    store = store or trained_store
+    ref = DatasetRef.resolve(storage, store, dataset or trained_on)
+    seg = model or load_model(model_uri, storage)
+    if predictions is None:
+        predictions = predict(
+            model_uri, dataset=str(ref), split=split, store=store, storage=storage, segmenter=seg
+        ).out
+    out = out or model_output_uri(model_uri, "eval")
+    return evaluate_classes(seg, model_uri, ref, split, predictions, out, storage, threshold)

@@ -40,11 +40,12 @@ from typing import Any
 
 import numpy as np
 
+from medseg.classify import dataset_images, image_sources, predict_images
 from medseg.config import MedsegConfig
 from medseg.dicom import DicomStudy, find_studies, read_study
 from medseg.dicom_seg import encode_study
 from medseg.errors import DatasetError, MedsegError, ObjectNotFound
-from medseg.infer import Segmenter, load_model, segment_case
+from medseg.infer import Segmenter, load_model, read_config, segment_case
 from medseg.layouts import LAYOUTS, detect_layout, discover_cases
 from medseg.manifest import DatasetRef
 from medseg.nifti import Volume, decode, encode_label_map
@@ -617,6 +618,10 @@ def predict(
             result instead).
     """
     storage = storage or Storage()
+    cfg = segmenter.cfg if segmenter is not None else read_config(model_uri, storage)
+    if task_of(cfg).outputs.kind == "classes":
+        seg = segmenter or load_model(model_uri, storage)
+        return _predict_classes(seg, model_uri, out, dataset, split, store, paths, storage)
     if dataset:
         source = dataset_source(storage, store, dataset, split)
         out = out or split_output_uri(model_uri, source)
@@ -626,3 +631,37 @@ def predict(
             raise MedsegError("give an output folder or prefix for predictions of files")
     seg = segmenter or load_model(model_uri, storage)
     return predict_cases(seg, source, out, storage, labels, model_uri, prefetch, on_case)
+
+
+def _predict_classes(
+    model: Segmenter,
+    model_uri: str,
+    out: str | None,
+    dataset: str | None,
+    split: str,
+    store: str,
+    paths: Sequence[str],
+    storage: Storage,
+) -> PredictResult:
+    """Batch prediction of a classifier: a dataset split's images, or the images under ``paths``.
+
+    Writes ``predictions.csv`` and ``predictions.json`` (:func:`medseg.classify.predict_images`);
+    an image that does not decode is a failure of the result.
+    """
+    started = time.perf_counter()
+    if dataset:
+        ref = DatasetRef.resolve(storage, store, dataset)
+        images = dataset_images(storage, store, str(ref), split)
+        source = (str(ref), split)
+        out = out or model_output_uri(model_uri, "predictions", f"{ref.name}-{ref.version}-{split}")
+    else:
+        if not paths:
+            raise MedsegError("give a dataset or the folders/prefixes of images to predict")
+        images = [found for p in paths for found in image_sources(storage, p)]
+        source = ("", "")
+        if out is None:
+            raise MedsegError("give an output folder or prefix for predictions of files")
+    written = predict_images(model, images, out, storage, source=source)
+    uris = dict(images)
+    failed = [CaseFailure(c, uris[c], reason) for c, reason in written.failures.items()]
+    return PredictResult(out, written.cases, failed, time.perf_counter() - started)

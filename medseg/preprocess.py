@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from medseg.config import DataConfig
@@ -32,6 +33,7 @@ from medseg.errors import DatasetError, MedsegError
 from medseg.manifest import CaseEntry, DatasetRef, Manifest
 from medseg.settings import StorageSettings
 from medseg.storage import Storage, join
+from medseg.tasks import Task, task_of_convention
 
 __all__ = [
     "INDEX",
@@ -92,6 +94,10 @@ def preprocess_case(
         dest = workdir / case.case_id / f.role / Path(f.key).name  # MSD: same name twice
         fetch(f.key, dest)
         local[f.role] = str(dest)
+    task = task_of_convention(manifest.convention)
+    own_chain = task.static_transforms(cfg)
+    if own_chain is not None:
+        return _classified_case(task, own_chain, case, local["image"])
     if "image" in local:
         item: dict[str, Any] = {"image": local["image"], "label": local["label"]}
         chain = static_transforms(cfg, manifest.convention, case.channel_index)
@@ -104,6 +110,29 @@ def preprocess_case(
         "image": image.numpy().astype(np.float16),
         "label": label.numpy().astype(np.uint8),
         "affine": np.asarray(image.affine, dtype=np.float64),
+    }
+
+
+def _classified_case(
+    task: Task, chain: Callable[[dict[str, Any]], Any], case: CaseEntry, path: str
+) -> dict[str, np.ndarray]:
+    """A 2D image of a classification task through the task's own chain; its class index.
+
+    Raises:
+        DatasetError: If the case has no class, or one the task does not know.
+    """
+    if case.label not in task.outputs.names:
+        raise DatasetError(
+            f"case {case.case_id}: class {case.label!r} is not one of task {task.name}'s "
+            f"{', '.join(task.outputs.names)}"
+        )
+    with Image.open(path) as img:
+        pixels = np.asarray(img.convert("RGB"), dtype=np.uint8).transpose(2, 0, 1)
+    image = chain({"image": np.ascontiguousarray(pixels)})["image"]
+    return {
+        "image": np.asarray(image, dtype=np.float16),
+        "label": np.array([task.outputs.names.index(case.label)], dtype=np.uint8),
+        "affine": np.eye(4, dtype=np.float64),
     }
 
 
@@ -149,7 +178,16 @@ def _run_case(
         "sha256": info.sha256,
         "size": info.size,
         "shape": list(arrays["image"].shape[1:]),
+        **_class_of(case),
     }
+
+
+def _class_of(case: CaseEntry) -> dict[str, str]:
+    """``{"label": class}`` of a classified case for its index entry; nothing otherwise.
+
+    The trainer's sampler and loss weights read the classes from the index.
+    """
+    return {} if case.label is None else {"label": case.label}
 
 
 def process_cases(
@@ -288,6 +326,7 @@ def preprocess(
                 "sha256": info.sha256,
                 "size": info.size,
                 "shape": None,
+                **_class_of(case),
             }
         else:
             todo.append(case.case_id)

@@ -24,16 +24,17 @@ import json
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from monai.data import DataLoader
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler
+from torch.utils.data import DistributedSampler, Sampler
 
 from medseg.checkpoint import CheckpointStore
 from medseg.config import MedsegConfig, TrainConfig
@@ -46,10 +47,17 @@ from medseg.precision import autocast, memory_format
 from medseg.preprocess import preprocessed_prefix
 from medseg.settings import DEFAULT_STORE, StorageSettings
 from medseg.storage import Storage, is_s3, join
-from medseg.tasks import task_of
+from medseg.tasks import Task, task_of
 from medseg.transforms import train_transforms
 
-__all__ = ["TrainResult", "epoch_log_line", "parse_epoch_log_line", "train", "train_loader"]
+__all__ = [
+    "DistributedWeightedSampler",
+    "TrainResult",
+    "epoch_log_line",
+    "parse_epoch_log_line",
+    "train",
+    "train_loader",
+]
 
 
 class NonFiniteLoss(MedsegError):
@@ -222,6 +230,110 @@ def _tracker(
     return RunTracker(settings, storage, run_prefix, run_id, params, tags)
 
 
+def _training_classes(data: PreprocessedDataset, task: Task) -> list[int] | None:
+    """The class index of each training case of a classification task (from the index).
+
+    Raises:
+        DatasetError: If a case's index entry has no class the task knows (an index written
+            before classes were recorded: preprocess again).
+    """
+    if task.outputs.kind != "classes":
+        return None
+    names = task.outputs.names
+    bad = [c["case_id"] for c in data.cases if c.get("label") not in names]
+    if bad:
+        raise DatasetError(
+            f"{data.prefix}: no class of task {task.name} in the index for case(s) "
+            f"{', '.join(bad[:5])}; run `medseg preprocess` again"
+        )
+    return [names.index(c["label"]) for c in data.cases]
+
+
+def _class_counts(classes: Sequence[int], task: Task) -> list[int]:
+    counts = [0] * len(task.outputs.names)
+    for y in classes:
+        counts[y] += 1
+    return counts
+
+
+def _sampler(
+    data: PreprocessedDataset,
+    task: Task,
+    cfg: MedsegConfig,
+    classes: Sequence[int] | None,
+    rank: int,
+    world: int,
+) -> DistributedSampler[Any] | DistributedWeightedSampler:
+    """The task's weighted sampler when it asks for one, else shuffling without replacement."""
+    weights = None if classes is None else task.sampling_weights(cfg.task, classes)
+    if weights is not None:
+        return DistributedWeightedSampler(weights, world, rank, cfg.train.seed)
+    return DistributedSampler(
+        data, num_replicas=world, rank=rank, shuffle=True, seed=cfg.train.seed
+    )
+
+
+class DistributedWeightedSampler(Sampler[int]):
+    """Weighted sampling with replacement, split across the ranks of a DDP job.
+
+    Every rank draws the same ``len(weights)`` (rounded up to a multiple of ``world``)
+    indices from a generator seeded by ``seed`` and the epoch (:meth:`set_epoch`), and takes
+    every ``world``-th from its ``rank``: the ranks see disjoint draws of one epoch, the same
+    after a resume.
+    """
+
+    def __init__(self, weights: Sequence[float], world: int, rank: int, seed: int):
+        if not weights or min(weights) < 0 or sum(weights) <= 0:
+            raise ValueError("sampling weights must be non-negative with a positive sum")
+        self.weights = torch.tensor(list(weights), dtype=torch.float64)
+        self.world, self.rank, self.seed, self.epoch = world, rank, seed, 0
+        self.per_rank = -(-len(weights) // world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        drawn = torch.multinomial(self.weights, self.per_rank * self.world, True, generator=g)
+        return iter(drawn[self.rank :: self.world].tolist())
+
+
+def _validate_classes(
+    model: torch.nn.Module,
+    data: PreprocessedDataset,
+    task: Task,
+    device: torch.device,
+    rank: int,
+    world: int,
+    batch: int,
+) -> dict[str, float]:
+    """The task's record over the whole validation split (AUC needs every case at once).
+
+    Each rank scores every world-th case; the probabilities are gathered to every rank.
+    """
+    model.eval()
+    rows: list[tuple[int, list[float], int]] = []
+    mine = list(range(rank, len(data), world))
+    with torch.no_grad():
+        for start in range(0, len(mine), batch):
+            items = [data[i] for i in mine[start : start + batch]]
+            images = torch.stack([it["image"].float() for it in items]).to(device)
+            logits = model(images)
+            for i, it, row in zip(mine[start:], items, logits, strict=False):
+                probs = task.activate(row).cpu().tolist()
+                rows.append((i, probs, int(it["label"].reshape(-1)[0])))
+    if world > 1:
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, rows)
+        rows = [r for part in gathered for r in part]
+    rows.sort()
+    probabilities = np.array([r[1] for r in rows], dtype=np.float64)
+    return task.validation_metrics(probabilities, np.array([r[2] for r in rows], dtype=np.int64))
+
+
 def _validate(
     model: torch.nn.Module,
     data: PreprocessedDataset,
@@ -251,8 +363,13 @@ def _validate(
 
 
 def train_loader(
-    prefix: str, t: TrainConfig, settings: StorageSettings, rank: int = 0, world: int = 1
-) -> tuple[DataLoader, DistributedSampler[Any]]:
+    prefix: str,
+    t: TrainConfig,
+    settings: StorageSettings,
+    rank: int = 0,
+    world: int = 1,
+    cfg: MedsegConfig | None = None,
+) -> tuple[DataLoader, DistributedSampler[Any] | DistributedWeightedSampler]:
     """The training split's DataLoader (random chain in its workers) and its sampler.
 
     Args:
@@ -261,16 +378,24 @@ def train_loader(
         settings: Storage settings of the store holding ``prefix``.
         rank: This process's rank.
         world: Number of ranks; each rank's sampler yields its share of the cases.
+        cfg: The full config, whose task may bring its own random chain and a weighted
+            sampler (:meth:`medseg.tasks.Task.sampling_weights`); without it, the shared 3D
+            chain and uniform shuffling.
 
     Returns:
         The loader, and its sampler (call ``set_epoch`` before each epoch).
     """
-    train_ds = PreprocessedDataset(
-        prefix, "train", transform=train_transforms(t, t.seed + rank), settings=settings
-    )
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed
-    )
+    task = task_of(cfg) if cfg is not None else None
+    own = task.train_transforms(t, t.seed + rank) if task is not None else None
+    chain = own or train_transforms(t, t.seed + rank)
+    train_ds = PreprocessedDataset(prefix, "train", transform=chain, settings=settings)
+    if task is None or cfg is None:
+        sampler: DistributedSampler[Any] | DistributedWeightedSampler = DistributedSampler(
+            train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed
+        )
+    else:
+        classes = _training_classes(train_ds, task)
+        sampler = _sampler(train_ds, task, cfg, classes, rank, world)
     loader = DataLoader(
         train_ds,
         batch_size=t.batch_size,
@@ -318,17 +443,20 @@ def train(
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
 
     t = cfg.train
-    loader, sampler = train_loader(prefix, t, storage.settings, rank, world)
-    val_ds = PreprocessedDataset(prefix, "validation", settings=storage.settings)
-    layout = memory_format(t.channels_last)
     task = task_of(cfg)
+    loader, sampler = train_loader(prefix, t, storage.settings, rank, world, cfg)
+    val_ds = PreprocessedDataset(prefix, "validation", settings=storage.settings)
+    assert isinstance(loader.dataset, PreprocessedDataset)
+    classes = _training_classes(loader.dataset, task)
+    layout = memory_format(t.channels_last)
     net = task.build_network(cfg.model).to(device).to(memory_format=layout)
     model: torch.nn.Module = (
         DistributedDataParallel(net, device_ids=[local_rank] if cuda else None)
         if world > 1
         else net
     )
-    loss_fn = task.loss()
+    counts = None if classes is None else _class_counts(classes, task)
+    loss_fn = task.loss(cfg.task, counts).to(device)
     optimizer = torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
     # bfloat16 has float32's range: only float16 needs its loss scaled.
@@ -405,8 +533,13 @@ def train(
                 "samples": int(loss_sum[1]),
             }
             if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
-                scores = _validate(net, val_ds, cfg, device, rank, world)
-                record.update(task.validation_record(scores))
+                if task.outputs.kind == "classes":
+                    record.update(
+                        _validate_classes(net, val_ds, task, device, rank, world, t.batch_size)
+                    )
+                else:
+                    scores = _validate(net, val_ds, cfg, device, rank, world)
+                    record.update(task.validation_record(scores))
             record["epoch_seconds"] = time.perf_counter() - started
             record["samples_per_second"] = record["samples"] / record["epoch_seconds"]
             best_before = result.best.get(task.gate_metric, -1.0)

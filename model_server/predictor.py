@@ -59,6 +59,7 @@ from kserve import Model
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
+from medseg.classify import classify_images
 from medseg.codec import (
     InferParams,
     InputError,
@@ -74,7 +75,7 @@ from medseg.nifti import encode_label_map
 from medseg.register import model_identity
 from medseg.settings import ServerLimits
 from medseg.storage import Storage
-from model_server import metrics
+from model_server import classifier, metrics
 
 __all__ = [
     "OUTPUTS",
@@ -308,6 +309,8 @@ class MedsegPredictor(Model):
                 self._slots.release()
 
     async def get_input_types(self) -> list[dict[str, Any]]:
+        if self.classifies:
+            return [{"name": "image", "datatype": "BYTES", "shape": [-1]}]
         return [
             {"name": "nifti", "datatype": "BYTES", "shape": [-1]},
             {"name": "image", "datatype": "FP32", "shape": [1, len(self.channels), -1, -1, -1]},
@@ -315,7 +318,14 @@ class MedsegPredictor(Model):
 
     async def get_output_types(self) -> list[dict[str, Any]]:
         assert self.segmenter is not None
-        types = output_types(len(self.segmenter.task.outputs.names))
+        n = len(self.segmenter.task.outputs.names)
+        if self.classifies:
+            shapes = {"probabilities": [-1, n], "label": [-1], "top_k": [-1, -1]}
+            return [
+                {"name": k, "datatype": d, "shape": shapes[k]}
+                for k, d in classifier.CLASS_OUTPUTS.items()
+            ]
+        types = output_types(n)
         return [{"name": n, "datatype": d, "shape": s} for n, (d, s) in types.items()]
 
     # ------------------------------------------------------------ preprocess: decode
@@ -328,6 +338,8 @@ class MedsegPredictor(Model):
         Returns:
             ``[request, (job, case), …]``: each job with its decoded case.
         """
+        if self.classifies:
+            return await self._preprocess_images(payload)
         try:
             if isinstance(payload, InferRequest):
                 jobs = [self.validate_v2(payload)]
@@ -349,6 +361,35 @@ class MedsegPredictor(Model):
         except InputError as exc:
             raise _bad(exc) from None
         return [payload, *cases]
+
+    @property
+    def classifies(self) -> bool:
+        """Whether the model's task classifies images (:mod:`model_server.classifier`)."""
+        assert self.segmenter is not None
+        return self.segmenter.task.outputs.kind == "classes"
+
+    async def _preprocess_images(self, payload: dict[str, Any] | InferRequest) -> list[Any]:
+        """A classifier's :meth:`preprocess`: validate, take a slot, decode (bounded)."""
+        from model_server import compat  # here: compat imports this module
+
+        assert self.segmenter is not None
+        try:
+            if isinstance(payload, InferRequest):
+                raw = compat.raw_contents(payload.inputs[0]) if payload.inputs else None
+                n = len(self.segmenter.task.outputs.names)
+                job = classifier.v2_job(payload, raw, self.limits, n)
+            else:
+                job = classifier.v1_jobs(payload)
+        except InputError as exc:
+            raise _bad(exc) from None
+        ticket = _ticket()
+        await self._acquire(ticket)
+        try:
+            with metrics.stage("decode"):
+                images = await self._in_thread(ticket, classifier.decode_images, job, self.limits)
+        except InputError as exc:
+            raise _bad(exc) from None
+        return [payload, (job, images)]
 
     def validate_v2(self, request: InferRequest) -> Job:
         """The one validation of a v2 request (REST and gRPC): inputs, shapes, parameters.
@@ -496,6 +537,11 @@ class MedsegPredictor(Model):
         """Segment each decoded case (in a worker thread; the ticket can stop it)."""
         request, *cases = payload
         ticket = _ticket()
+        if self.classifies:
+            (job, images), segmenter = cases[0], self.segmenter
+            with metrics.stage("segment") as timer:
+                probs = await self._in_thread(ticket, classify_images, segmenter, images)
+            return [request, (job, probs, timer.seconds)]
         done = []
         for job, case in cases:
             ticket.check()
@@ -626,9 +672,30 @@ class MedsegPredictor(Model):
             response_headers[VERSION_HEADER] = self.identity.get("model_version", "")
             response_headers[SHA256_HEADER] = self.identity.get("model_sha256", "")
         with metrics.stage("encode"):
+            if self.classifies:
+                return self._class_response(request, *done[0])
             if isinstance(request, InferRequest):
                 return await self._in_thread(_ticket(), self._v2_response, request, done[0])
             return await self._in_thread(_ticket(), _v1_predictions, done, self.identity)
+
+    def _class_response(
+        self, request: Any, job: classifier.ImageJob, probs: np.ndarray, seconds: float
+    ) -> dict[str, Any] | InferResponse:
+        """A classifier's answer: v2 outputs, or v1 predictions (class and probability)."""
+        assert self.segmenter is not None
+        task = self.segmenter.task
+        classes = task.outputs.names
+        if not isinstance(request, InferRequest):
+            names = getattr(task, "class_names", {})
+            return classifier.v1_predictions(probs, classes, names, self.identity)
+        outputs = [_output(*o) for o in classifier.v2_outputs(probs, classes, job)]
+        return InferResponse(
+            model_name=self.name,
+            infer_outputs=outputs,
+            response_id=request.id,
+            parameters={"compute_ms": round(seconds * 1000), **self.identity},
+            use_binary_outputs=True,
+        )
 
     def _v2_response(self, request: InferRequest, done: Done) -> InferResponse:
         """The outputs the request names (all but ``probabilities`` when it names none)."""

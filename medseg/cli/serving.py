@@ -234,6 +234,9 @@ def _print_case(case: str, failure: str | None) -> None:
 
 def _print_predictions(result: Any) -> None:
     """Volumes per case, where they are written, and the cases not predicted (on stderr)."""
+    if result.cases and "probabilities" in result.cases[0]:
+        _print_classes(result)
+        return
     table = Table(title=f"tumour volumes (mL) · {len(result.cases)} cases")
     regions = list(result.cases[0]["volumes_ml"]) if result.cases else []
     for col in ("case", *regions):
@@ -248,6 +251,23 @@ def _print_predictions(result: Any) -> None:
     )
     if result.failed:
         title = f"{len(result.failed)} cases not predicted"
+        err_console.print(failures_table(title, result.failed))
+
+
+def _print_classes(result: Any) -> None:
+    """A classifier's answers: each image's class and its probability."""
+    table = Table(title=f"predicted classes · {len(result.cases)} images")
+    for col in ("image", "class", "probability"):
+        table.add_column(col, justify="right")
+    for row in result.cases:
+        table.add_row(row["case_id"], row["label"], f"{row['probability']:.1%}")
+    console.print(table)
+    console.print(
+        f"{len(result.cases)} images, predictions.csv and predictions.json in {result.out} "
+        f"({result.seconds:.1f} s)"
+    )
+    if result.failed:
+        title = f"{len(result.failed)} images not predicted"
         err_console.print(failures_table(title, result.failed))
 
 

@@ -71,14 +71,20 @@ def evaluate_cmd(
     out: Annotated[str | None, typer.Option(help="Output prefix; default: RUN/eval.")] = None,
     predictions: PredictionsOpt = None,
 ) -> None:
-    """Score the served label maps of a split (Dice, HD95 in mm), report, optional gate."""
+    """Score the served answers of a split (Dice, HD95 in mm; or AUC), report, optional gate."""
     from medseg.evaluate import evaluate
+    from medseg.infer import read_config
     from medseg.register import model_uri
     from medseg.storage import Storage
+    from medseg.tasks import task_of
 
     storage = Storage()
+    uri = model_uri(storage, store, model)
+    if task_of(read_config(uri, storage)).outputs.kind == "classes":
+        _evaluate_classes(uri, store, dataset, split, threshold, enforce, out, predictions)
+        return
     result = evaluate(
-        model_uri(storage, store, model),
+        uri,
         dataset=dataset,
         store=store if dataset else None,
         split=split,
@@ -91,6 +97,48 @@ def evaluate_cmd(
     if threshold is not None:
         verdict = "passed" if result.passed else "FAILED"
         console.print(f"quality gate (mean Dice ≥ {threshold}): {verdict}")
+        if enforce and not result.passed:
+            raise typer.Exit(3)
+
+
+def _evaluate_classes(
+    uri: str,
+    store: str,
+    dataset: str | None,
+    split: str,
+    threshold: float | None,
+    enforce: bool,
+    out: str | None,
+    predictions: str | None,
+) -> None:
+    """``medseg evaluate`` of a classifier: AUC per class and macro, balanced accuracy, gate."""
+    from medseg.evaluate import evaluate_classification
+
+    result = evaluate_classification(
+        uri,
+        dataset=dataset,
+        store=store if dataset else None,
+        split=split,
+        threshold=threshold,
+        out=out,
+        predictions=predictions,
+    )
+    m = result.metrics
+    table = Table(title=f"{result.dataset} · {split} · {sum(map(sum, m.confusion))} images")
+    for col in ("class", "AUC", "sensitivity", "specificity"):
+        table.add_column(col, justify="right")
+    for c, a, se, sp in zip(m.classes, m.auc, m.sensitivity, m.specificity, strict=True):
+        table.add_row(c, f"{a:.4f}", f"{se:.4f}", f"{sp:.4f}")
+    console.print(table)
+    console.print(
+        f"macro AUC {m.macro_auc:.4f} · balanced accuracy {m.balanced_accuracy:.4f} · "
+        f"ECE {m.calibration.ece:.4f}",
+        highlight=False,
+    )
+    console.print(f"report: {result.out}/report.html")
+    if threshold is not None:
+        verdict = "passed" if result.passed else "FAILED"
+        console.print(f"quality gate ({result.gate_metric} ≥ {threshold}): {verdict}")
         if enforce and not result.passed:
             raise typer.Exit(3)
 

@@ -21,9 +21,11 @@ from medseg.tasks.base import (
     get_task,
     known_tasks,
     register_task,
+    task_of_convention,
     unregister_task,
 )
 from medseg.tasks.brats import BRATS
+from medseg.tasks.skin import SKIN
 
 if TYPE_CHECKING:
     from medseg.config import MedsegConfig
@@ -43,10 +45,12 @@ __all__ = [
     "known_tasks",
     "register_task",
     "task_of",
+    "task_of_convention",
     "unregister_task",
 ]
 
 register_task(BRATS)
+register_task(SKIN)
 
 #: The task of a ``model.yaml`` without a ``task`` section (every model before tasks existed).
 DEFAULT_TASK = BRATS.name

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
@@ -39,7 +39,7 @@ from medseg.settings import TaskSettings
 if TYPE_CHECKING:  # torch only in annotations: the config (and the client) load without it
     import torch
 
-    from medseg.config import InferConfig, ModelConfig
+    from medseg.config import DataConfig, InferConfig, ModelConfig, TrainConfig
 
 __all__ = [
     "CaseScore",
@@ -53,6 +53,7 @@ __all__ = [
     "known_tasks",
     "load_plugins",
     "register_task",
+    "task_of_convention",
     "unregister_task",
 ]
 
@@ -152,8 +153,54 @@ class Task(ABC):
         """The network of ``cfg``, weights freshly initialised."""
 
     @abstractmethod
-    def loss(self) -> torch.nn.Module:
-        """The training loss, called as ``loss(logits, target)``."""
+    def loss(
+        self, config: TaskConfig | None = None, counts: Sequence[int] | None = None
+    ) -> torch.nn.Module:
+        """The training loss, called as ``loss(logits, target)``.
+
+        Args:
+            config: The model's task section (a task's own settings, e.g. class weighting).
+            counts: Training cases per output class, for a task that weighs its classes.
+        """
+
+    def static_transforms(self, data: DataConfig) -> Callable[[dict[str, Any]], Any] | None:
+        """The task's own deterministic chain on ``{"image": path or array}``, or ``None``.
+
+        ``None`` (every region-segmentation task): the shared 3D chain of
+        :func:`medseg.transforms.static_transforms`, built by the machinery with the case's
+        label convention and channel layout.
+        """
+        return None
+
+    def train_transforms(
+        self, train: TrainConfig, seed: int | None = None
+    ) -> Callable[[dict[str, Any]], Any] | None:
+        """The task's own random training chain, or ``None``.
+
+        ``None``: the shared 3D chain of :func:`medseg.transforms.train_transforms`.
+        """
+        return None
+
+    def sampling_weights(self, config: TaskConfig, labels: Sequence[int]) -> Sequence[float] | None:
+        """Per-case sampling weights of the training cases, or ``None``.
+
+        Args:
+            config: The model's task section.
+            labels: The class index of each training case.
+
+        Returns:
+            A weight per case (the trainer samples with replacement), or ``None`` for uniform
+            sampling without replacement (the default).
+        """
+        return None
+
+    def validation_metrics(self, probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """A validation record over the whole split at once (AUC is not a mean over cases).
+
+        What a classification task (``outputs.kind == "classes"``) scores, from every
+        validation case's class probabilities ``[N, C]`` and true class ``[N]``.
+        """
+        raise NotImplementedError(f"task {self.name} scores validation case by case")
 
     @abstractmethod
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
@@ -289,6 +336,16 @@ def load_plugins() -> None:
             raise InvalidInput(f"MEDSEG_TASK_PLUGINS: {ref!r} is not a medseg Task")
         if _TASKS.get(task.name) is not task:
             register_task(task)
+
+
+def task_of_convention(name: str) -> Task:
+    """The registered task one of whose label conventions is ``name`` (a manifest's).
+
+    Raises:
+        InvalidInput: For an unknown convention (also a ``ValueError``).
+    """
+    get_convention(name)
+    return next(t for t in _TASKS.values() if name in t.conventions)
 
 
 def known_tasks() -> tuple[str, ...]:

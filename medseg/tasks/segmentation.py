@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from medseg.report import overlay_png
-from medseg.tasks.base import CaseScore, Task
+from medseg.tasks.base import CaseScore, Task, TaskConfig
 
 if TYPE_CHECKING:
     import torch
@@ -146,8 +146,10 @@ class RegionSegmentation(Task):
     centre_region: str = ""
     display_channel: str = ""
 
-    def loss(self) -> torch.nn.Module:
-        """Soft Dice of the sigmoid outputs (squared denominators)."""
+    def loss(
+        self, config: TaskConfig | None = None, counts: Sequence[int] | None = None
+    ) -> torch.nn.Module:
+        """Soft Dice of the sigmoid outputs (squared denominators); no class weighting."""
         from monai.losses import DiceLoss
 
         return DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
