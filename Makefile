@@ -4,7 +4,7 @@ VENV := .venv/bin
 export PATH := $(CURDIR)/.tools/bin:$(PATH)
 export MYPY_CACHE_DIR ?= $(HOME)/.cache/medseg/mypy
 
-.PHONY: setup run demo test test-fast lint deps unit bench minio clean manifests images bundle cluster cluster-down test-cluster
+.PHONY: setup run run-skin demo test test-fast lint deps unit bench minio clean manifests images bundle cluster cluster-down test-cluster
 
 setup:
 	@bash scripts/setup.sh
@@ -12,6 +12,10 @@ setup:
 ## The main job: the local end-to-end demo.
 run: setup
 	$(VENV)/medseg demo
+
+## The demo of the second task: skin-lesion classification.
+run-skin: setup
+	$(VENV)/medseg demo --task skin-lesion
 
 demo: run
 

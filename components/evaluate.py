@@ -1,4 +1,4 @@
-"""Evaluate: ``medseg.evaluate`` — the served label maps scored, the HTML report, the gate."""
+"""Evaluate: ``medseg.evaluate`` — the served answers scored by the task, the report, the gate."""
 
 from typing import NamedTuple
 
@@ -15,8 +15,12 @@ def evaluate_op(
     report: Output[HTML],
     metrics: Output[Metrics],
     evaluation: Output[Artifact],
-) -> NamedTuple("EvalOutputs", passed=bool, dice_mean=float):  # type: ignore[valid-type]
-    """Score the predicted label maps of the validation split; the report shows in the KFP UI."""
+) -> NamedTuple("EvalOutputs", passed=bool, metric=str, value=float):  # type: ignore[valid-type]
+    """Score the validation split's predicted answers by the model's task (report in the UI).
+
+    ``metric`` is the task's gate metric and ``value`` its validation value.
+    """
+    import math
     from collections import namedtuple
 
     from medseg.evaluate import evaluate
@@ -42,10 +46,9 @@ def evaluate_op(
         storage=storage,
         predictions=scored.uri,
     )
-    for region, value in result.dice.items():
-        metrics.log_metric(f"dice_{region.lower()}", round(value, 4))
-        metrics.log_metric(f"hd95_{region.lower()}", round(result.hd95[region], 2))
-    metrics.log_metric(result.gate_metric, round(result.dice_mean, 4))  # the task's gate
+    for name, value in result.summary().items():
+        if math.isfinite(value):  # an AUC of a class absent from the split is undefined
+            metrics.log_metric(name, round(value, 4))
     metrics.log_metric("gate_passed", int(result.passed))
     with open(report.path, "wb") as f:
         f.write(storage.get_bytes(join(result.out, "report.html")))
@@ -54,8 +57,9 @@ def evaluate_op(
         uri=result.out,
         digest=object_digest(storage, join(result.out, "metrics.json")),
         passed=result.passed,
-        dice_mean=result.dice_mean,
+        metric=result.gate_metric,
+        value=result.value,
     )
     write_ref(evaluation, ref)
-    EvalOutputs = namedtuple("EvalOutputs", ["passed", "dice_mean"])
-    return EvalOutputs(result.passed, result.dice_mean)
+    EvalOutputs = namedtuple("EvalOutputs", ["passed", "metric", "value"])
+    return EvalOutputs(result.passed, result.gate_metric, result.value)

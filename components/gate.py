@@ -4,12 +4,16 @@ from components.base import component
 
 
 @component
-def gate_op(passed: bool, dice_mean: float, threshold: float) -> float:
-    """Fail (the run stops here, nothing registered) unless the evaluation passed."""
+def gate_op(passed: bool, metric: str, value: float, threshold: float) -> float:
+    """Fail (the run stops here, nothing registered) unless the evaluation passed.
+
+    ``metric`` is the task's gate metric (BraTS: ``dice_mean``; skin lesions: ``macro_auc``)
+    and ``value`` its validation value.
+    """
     if not passed:
         raise RuntimeError(
-            f"quality gate failed: validation mean Dice {dice_mean:.4f} < {threshold}; "
+            f"quality gate failed: validation {metric} {value:.4f} < {threshold}; "
             "the model is not registered or deployed"
         )
-    print(f"[medseg] quality gate passed: mean Dice {dice_mean:.4f} >= {threshold}")
-    return dice_mean
+    print(f"[medseg] quality gate passed: {metric} {value:.4f} >= {threshold}")
+    return value

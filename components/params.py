@@ -8,14 +8,17 @@ from components.base import component
 @component
 def params_op(
     config_yaml: str,
+    task: str,
     training: dict,
     cluster: dict,
     deployment: dict,
-) -> NamedTuple("ClusterNames", s3_secret=str, s3_config=str):  # type: ignore[valid-type]
+) -> NamedTuple("RunParams", s3_secret=str, s3_config=str, config_yaml=str):  # type: ignore[valid-type]
     """Validate the run's config and parameter groups before any work; the S3 object names.
 
     The Secret and ConfigMap follow the release (``cluster.release``) unless the ``cluster``
     group names them; every later step reads the object-store settings from those two.
+    ``config_yaml`` is the run's whole config, of ``task`` (its defaults filled in): the one
+    config every later step reads.
     """
     from collections import namedtuple
 
@@ -27,9 +30,9 @@ def params_op(
         parse_group,
     )
 
-    parse_config(config_yaml)
+    cfg = parse_config(config_yaml, task)
     parse_group(TrainingParams, training, "training").target()
     parse_group(DeploymentParams, deployment, "deployment")
     names = parse_group(ClusterParams, cluster, "cluster").resolved()
-    ClusterNames = namedtuple("ClusterNames", ["s3_secret", "s3_config"])
-    return ClusterNames(names.s3_secret, names.s3_config)
+    RunParams = namedtuple("RunParams", ["s3_secret", "s3_config", "config_yaml"])
+    return RunParams(names.s3_secret, names.s3_config, cfg.to_yaml())

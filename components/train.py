@@ -17,6 +17,8 @@ def train_op(
     metrics: Output[Metrics],
 ) -> None:
     """Train run ``run_id`` (resuming it if it has checkpoints) on the preprocessed version."""
+    import math
+
     from medseg.errors import MedsegError
     from medseg.launchers import S3Secret, TrainRun
     from medseg.pipeline_params import (
@@ -62,8 +64,8 @@ def train_op(
     model_uri = join(run_prefix, "model")
     lineage = storage.get_json(join(model_uri, "lineage.json"))
     best = lineage["best"]
-    for key in task_of(cfg).metric_names():
-        if best.get(key) is not None:
+    for key in task_of(cfg).metric_names():  # not an undefined one (the AUC of a class absent)
+        if best.get(key) is not None and math.isfinite(best[key]):
             metrics.log_metric(f"best_val_{key}", round(float(best[key]), 4))
     metrics.log_metric("best_epoch", best.get("epoch", 0))
     digest = lineage["files"]["model.pt"]

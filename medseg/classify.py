@@ -41,9 +41,11 @@ __all__ = [
     "ClassEval",
     "ClassPredictions",
     "classify_images",
+    "classify_rows",
     "evaluate_classes",
     "image_sources",
     "predict_images",
+    "write_predictions",
 ]
 
 #: The file suffixes batch prediction takes from a folder or prefix.
@@ -107,9 +109,18 @@ def dataset_images(storage: Storage, store: str, spec: str, split: str) -> list[
     return [(c.case_id, join(ref.prefix, c.file("image").key)) for c in cases]
 
 
-def _rows(
-    model: Segmenter, storage: Storage, images: list[tuple[str, str]], limits: ServerLimits
+def classify_rows(
+    model: Segmenter,
+    storage: Storage,
+    images: Sequence[tuple[str, str]],
+    limits: ServerLimits | None = None,
 ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """The prediction rows of ``(id, uri)`` images, and the reasons of those that fail to decode.
+
+    A row: ``case_id``, ``label`` (the most probable class), its ``probability`` and
+    ``probabilities`` by class.
+    """
+    limits = limits or ServerLimits()
     classes = model.task.outputs.names
     rows: list[dict[str, Any]] = []
     failures: dict[str, str] = {}
@@ -148,8 +159,19 @@ def predict_images(
     in the result and in ``predictions.json``, not an error of the run. ``source``: the
     dataset version and split predicted, recorded for evaluation.
     """
-    classes = model.task.outputs.names
-    rows, failures = _rows(model, storage, images, limits or ServerLimits())
+    rows, failures = classify_rows(model, storage, images, limits)
+    return write_predictions(storage, out, model.task.outputs.names, rows, failures, source)
+
+
+def write_predictions(
+    storage: Storage,
+    out: str,
+    classes: Sequence[str],
+    rows: list[dict[str, Any]],
+    failures: dict[str, str],
+    source: tuple[str, str] = ("", ""),
+) -> ClassPredictions:
+    """Write ``OUT/predictions.csv`` and then ``predictions.json`` (the commit) of ``rows``."""
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["case", "label", "probability", *(f"p_{c}" for c in classes)])
@@ -165,7 +187,7 @@ def predict_images(
         "failures": failures,
     }
     storage.put_json(join(out, "predictions.json"), doc)
-    return ClassPredictions(out, classes, rows, failures)
+    return ClassPredictions(out, tuple(classes), rows, failures)
 
 
 @dataclass
@@ -185,6 +207,29 @@ class ClassEval:
     definition: str
     missing: list[str] = field(default_factory=list)
 
+    def summary(self) -> dict[str, float]:
+        """Macro AUC, balanced accuracy, accuracy, ECE and ``auc_CLASS`` per class."""
+        m = self.metrics
+        scores = {
+            "macro_auc": m.macro_auc,
+            "balanced_accuracy": m.balanced_accuracy,
+            "accuracy": m.accuracy,
+            "ece": m.calibration.ece,
+        }
+        scores |= {f"auc_{c}": a for c, a in zip(m.classes, m.auc, strict=True)}
+        scores[self.gate_metric] = self.value
+        return scores
+
+    def table(self) -> dict[str, list[str]]:
+        """Per class: its AUC, sensitivity and specificity."""
+        m = self.metrics
+        return {
+            "class": list(m.classes),
+            "auc": [f"{a:.6f}" for a in m.auc],
+            "sensitivity": [f"{v:.6f}" for v in m.sensitivity],
+            "specificity": [f"{v:.6f}" for v in m.specificity],
+        }
+
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` document."""
         return {
@@ -195,7 +240,11 @@ class ClassEval:
             "predictions": self.predictions,
             "missing_predictions": self.missing,
             self.gate_metric: self.value,
-            "gate": {"threshold": self.threshold, "passed": self.passed},
+            "gate": {
+                "metric": self.gate_metric,
+                "threshold": self.threshold,
+                "passed": self.passed,
+            },
             **{k: v for k, v in asdict(self.metrics).items() if k != "macro_auc"},
         }
 

@@ -35,9 +35,11 @@ from medseg.settings import ServerLimits
 from medseg.tasks.brats import CHANNELS
 
 __all__ = [
+    "Classification",
     "Prediction",
     "Tensor",
     "case_files",
+    "classify",
     "infer",
     "predict",
     "serialize_bytes",
@@ -234,6 +236,57 @@ def predict(
         labels=answer["labels"].array() if labels else None,
         model_version=reply_params.get("model_version"),
         model_sha256=reply_params.get("model_sha256"),
+    )
+
+
+@dataclass
+class Classification:
+    """A classifier's answer for one image, and how long it took."""
+
+    label: str
+    probability: float
+    probabilities: dict[str, float]
+    latency_s: float
+    compute_ms: int | None = None
+    model_version: str | None = None
+
+
+def classify(
+    url: str, image: bytes, model: str = "medseg", grpc: bool = False, timeout: float = 120.0
+) -> Classification:
+    """Send one JPEG/PNG image to a classifier (OIP v2, REST or gRPC); its class probabilities.
+
+    Args:
+        url: ``http://HOST:PORT`` for REST, ``HOST:PORT`` for gRPC.
+        image: The image file's bytes.
+        model: Model name on the server.
+        grpc: Use gRPC instead of REST.
+        timeout: Seconds to wait for the answer.
+
+    Raises:
+        MedsegError: If the server cannot be reached, answers an error, or not a classifier's
+            outputs.
+    """
+    inp = {"name": "image", "datatype": "BYTES", "shape": [1]}
+    _import_transport(grpc)
+    started = time.perf_counter()
+    answer, params = infer(
+        url, model, inp, serialize_bytes([image]), {}, ["probabilities"], timeout, grpc
+    )
+    latency = time.perf_counter() - started
+    probs = answer["probabilities"]
+    classes = str(probs.parameters.get("classes", "")).split(",")
+    row = probs.array().reshape(-1)
+    if len(classes) != len(row):
+        raise MedsegError("the server's 'probabilities' output does not name its classes")
+    best = int(np.argmax(row))
+    return Classification(
+        label=classes[best],
+        probability=float(row[best]),
+        probabilities={c: float(p) for c, p in zip(classes, row, strict=True)},
+        latency_s=latency,
+        compute_ms=params.get("compute_ms"),
+        model_version=params.get("model_version"),
     )
 
 

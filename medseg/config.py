@@ -25,7 +25,7 @@ from pydantic import (
 )
 
 from medseg.errors import InvalidInput
-from medseg.tasks import DEFAULT_TASK, TaskConfig, config_of, get_task
+from medseg.tasks import DEFAULT_TASK, TaskConfig, config_of, get_task, known_tasks
 from medseg.tasks.brats import CHANNELS, REGIONS, BratsTaskConfig
 
 #: The half-precision type autocast computes in (see :mod:`medseg.precision`): ``float16`` (any
@@ -207,6 +207,24 @@ class MedsegConfig(_Frozen):
     infer: InferConfig = InferConfig()
     task: SerializeAsAny[TaskConfig] = BratsTaskConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _task_defaults(cls, value: Any) -> Any:
+        """Fill the data and model fields a config leaves out from its task's defaults."""
+        if not isinstance(value, dict) or not isinstance(value.get("task"), dict):
+            return value
+        kind = value["task"].get("kind")
+        if kind not in known_tasks():
+            return value  # the task field's validator names the problem
+        filled = dict(value)
+        for section, defaults in get_task(kind).config_defaults().items():
+            given = filled.get(section)
+            if given is None:
+                filled[section] = defaults
+            elif isinstance(given, dict):
+                filled[section] = {**defaults, **given}
+        return filled
+
     @field_validator("task", mode="before")
     @classmethod
     def _registered_task(cls, value: Any) -> TaskConfig:
@@ -232,18 +250,27 @@ class MedsegConfig(_Frozen):
         return cls.from_yaml(text, f"config {path}")
 
     @classmethod
-    def from_yaml(cls, text: str | bytes, what: str) -> MedsegConfig:
+    def from_yaml(cls, text: str | bytes, what: str, task: str = "") -> MedsegConfig:
         """The config in YAML text (a file, an object, a ``model.yaml``, a pipeline parameter).
 
         Args:
             text: The YAML; empty means every default.
             what: How messages name it (``config runs/a.yaml``).
+            task: A task the config must be of (empty: its own, BraTS when it names none); a
+                config that names no task becomes one of ``task`` (:meth:`_task_defaults`).
 
         Raises:
-            InvalidInput: If it is not YAML or not a valid config, naming the first problem.
+            InvalidInput: If it is not YAML or not a valid config, or is another task's,
+                naming the first problem.
         """
         try:
-            return cls.model_validate(yaml.safe_load(text) or {})
+            doc = yaml.safe_load(text) or {}
+            if task and isinstance(doc, dict):
+                named = (doc.get("task") or {}).get("kind", task)
+                if named != task:
+                    raise InvalidInput(f"{what}: task: the config is of task {named}, not {task}")
+                doc["task"] = {**(doc.get("task") or {}), "kind": task}
+            return cls.model_validate(doc)
         except yaml.YAMLError as exc:
             where = getattr(exc, "problem_mark", None)
             line = f" at line {where.line + 1}" if where is not None else ""

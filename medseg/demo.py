@@ -2,14 +2,16 @@
 
 1. a real MinIO on 127.0.0.1, and a real MLflow tracking server beside it (its artifacts in
    MinIO): training, evaluation and registration are tracked there;
-2. synthetic BraTS 2021 cases (or the user's own folder in any layout ingest accepts);
+2. synthetic data of the task (``--task``: BraTS 2021 cases, or HAM10000-like dermoscopy images
+   for skin-lesion classification), or the user's own folder in any layout ingest accepts;
 3. the Kubeflow pipeline end to end through ``kfp.local``: ingest → preprocess → train (two
    torchrun processes, gloo) → evaluate (HTML report) → quality gate → register → deploy
    (recorded as the ``medseg serve`` command);
 4. the registered model served by kserve's ModelServer (REST and gRPC on loopback);
-5. a held-out validation case sent over REST and over gRPC: Dice per region against its ground
-   truth (in the dataset's own label convention), tumour volumes in mL, latencies; the HTML
-   report and an overlay PNG saved locally.
+5. a held-out validation case sent over REST and over gRPC: for BraTS, Dice per region against
+   its ground truth (in the dataset's own label convention), tumour volumes in mL, latencies, an
+   overlay PNG; for skin lesions, the class and its probability in the seed endpoint's form
+   (REST v1) and the same answer over OIP v2 gRPC; the HTML report saved locally.
 
 The terminal gets one line per step with its time and a progress bar for training; everything
 the steps print (kfp.local's executor logs, training, the model server) goes to ``demo.log``.
@@ -17,11 +19,13 @@ the steps print (kfp.local's executor logs, training, the model server) goes to 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import subprocess
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -35,12 +39,16 @@ from medseg.errors import MedsegError
 from medseg.manifest import Manifest
 from medseg.pipeline_runner import Pipeline
 from medseg.settings import DEFAULT_BUCKET, DEFAULT_STORE, ServerArgs
+from medseg.tasks import task_of
 from medseg.tasks.brats import CHANNELS
 
 __all__ = [
+    "DEMOS",
     "DEMO_CONFIG",
+    "SKIN_DEMO_CONFIG",
     "DemoConsole",
     "DemoResult",
+    "DemoTask",
     "HeldOutCase",
     "held_out_case",
     "run_demo",
@@ -71,6 +79,47 @@ DEMO_CONFIG: dict[str, Any] = {
 DEMO_SHAPE = (64, 64, 48)
 #: The model's name in the registry and on the server.
 DEMO_MODEL = "demo-segresnet"
+#: Settings for the synthetic skin-lesion demo: the seed's DenseNet121 on images resized to
+#: 64×64 (two CPU cores train it in minutes), the task's default weighted sampler.
+SKIN_DEMO_CONFIG: dict[str, Any] = {
+    "task": {"kind": "skin-lesion-classification"},
+    "data": {"image_size": [64, 64]},
+    "train": {"epochs": 8, "lr": 1e-3, "batch_size": 16, "num_workers": 0, "amp": False},
+    "split": {"val_fraction": 0.3},
+}
+
+
+@dataclass(frozen=True)
+class DemoTask:
+    """What differs between the demo's tasks: data, config, model name, gate, served example.
+
+    Attributes:
+        name: ``--task`` (as ``medseg synth --task``).
+        model: The model's name in the registry and on the server.
+        config: The config of the synthetic demo.
+        threshold: The quality gate on the task's gate metric.
+        gate: How a person reads the gate metric (``validation mean Dice``).
+        cases: Synthetic cases (images) by default.
+    """
+
+    name: str
+    model: str
+    config: dict[str, Any]
+    threshold: float
+    gate: str
+    cases: int
+
+
+#: The demo of each task.
+DEMOS = {
+    d.name: d
+    for d in (
+        DemoTask("brats", DEMO_MODEL, DEMO_CONFIG, 0.8, "validation mean Dice", 20),
+        DemoTask(
+            "skin-lesion", "demo-densenet", SKIN_DEMO_CONFIG, 0.7, "validation macro AUC", 280
+        ),
+    )
+}
 
 
 @dataclass(frozen=True)
@@ -197,11 +246,17 @@ class DemoConsole:
     :class:`~medseg.pipeline_runner.StepEvents`.
     """
 
-    def __init__(self, console: Console, log: TextIO, epochs: int):
-        """Show on ``console``'s output (as it is now: stdout is redirected later) and log."""
+    def __init__(
+        self, console: Console, log: TextIO, epochs: int, gate: tuple[str, str] = ("", "")
+    ):
+        """Show on ``console``'s output (as it is now: stdout is redirected later) and log.
+
+        ``gate``: the task's gate metric, and how a person reads it.
+        """
         self.console = Console(file=console.file, width=console.width, soft_wrap=True)
         self.log = log
         self.epochs = epochs
+        self.gate = gate
         self._bar: Progress | None = None
         self._task: TaskID | None = None
         self._last: dict[str, Any] = {}
@@ -261,29 +316,79 @@ class DemoConsole:
                 self._bar = None
             if "epoch" in self._last:
                 detail = f"{self._last['epoch']} epochs"
-            if "dice_mean" in self._last:
-                detail += f", validation mean Dice {self._last['dice_mean']:.3f}"
+            metric, reads = self.gate
+            if metric in self._last:
+                detail += f", {reads} {self._last[metric]:.3f}"
         self.done(step, seconds, detail, ok)
 
 
 @dataclass
 class DemoResult:
-    """What the demo measured."""
+    """What the demo measured, and where its files are.
 
+    Attributes:
+        task: The demo's task (``brats``, ``skin-lesion``).
+        model_uri: The registered version.
+        evaluation: The model card's evaluation (the task's validation scores and gate).
+        case_id: The held-out case sent to the server.
+        latency_rest_s: Its round trip over REST; ``latency_grpc_s`` over gRPC.
+        compute_ms: The server's compute time for it (REST).
+        report: The evaluation's HTML report, saved locally.
+        log: Everything the steps printed.
+        seconds: The whole demo.
+        tracking: What MLflow holds of the run (one line; empty without tracking).
+        overlay: An overlay PNG of the evaluation (segmentation).
+        mask: The served label map (segmentation).
+        dice_case: The served mask's Dice per region against the case's truth (segmentation).
+        volumes_ml: The served tumour volumes (segmentation).
+        answer: The served class and its probability, in the seed endpoint's form
+            (classification); ``truth`` the case's class.
+    """
+
+    task: str
     model_uri: str
-    dice_validation: dict[str, float]
+    evaluation: dict[str, Any]
     case_id: str
-    dice_case: dict[str, float]
-    volumes_ml: dict[str, float]
     latency_rest_s: float
     latency_grpc_s: float
     compute_ms: int | None
     report: Path
-    overlay: Path
-    mask: Path
     log: Path
     seconds: float
     tracking: str = ""
+    overlay: Path | None = None
+    mask: Path | None = None
+    dice_case: dict[str, float] = field(default_factory=dict)
+    volumes_ml: dict[str, float] = field(default_factory=dict)
+    answer: str = ""
+    truth: str = ""
+
+
+def _demo_data(
+    demo: DemoTask, workdir: Path, cases: int, source: Path | None, config: MedsegConfig | None
+) -> tuple[Path, MedsegConfig, str]:
+    """The dataset folder, the config and a line saying what the data is."""
+    from medseg.skin.synth import write_ham10000
+    from medseg.synth import write_dataset
+
+    if source is not None:
+        kind = get_task_of_demo(demo)
+        return source, config or MedsegConfig.from_yaml("", "demo", kind), f"your dataset {source}"
+    source = workdir / "raw"
+    cfg = config or MedsegConfig.model_validate(demo.config)
+    if demo.name == "skin-lesion":
+        if not source.is_dir():
+            write_ham10000(source, cases, seed=0)
+        return source, cfg, f"{cases} synthetic HAM10000-like dermoscopy images in {source}"
+    if not source.is_dir():
+        write_dataset(source, "brats2021", cases, shape=DEMO_SHAPE)
+    shape = "×".join(map(str, DEMO_SHAPE))
+    return source, cfg, f"{cases} synthetic BraTS 2021 cases of {shape} voxels in {source}"
+
+
+def get_task_of_demo(demo: DemoTask) -> str:
+    """The registered task a demo runs (``task.kind`` of its config)."""
+    return MedsegConfig.model_validate(demo.config).task.kind
 
 
 def run_demo(
@@ -295,7 +400,8 @@ def run_demo(
     epochs: int,
     console: Console,
     config: MedsegConfig | None = None,
-    threshold: float = 0.8,
+    threshold: float | None = None,
+    task: str = "brats",
 ) -> DemoResult:
     """Run steps 2–5 against the object store in the environment (see the module docstring).
 
@@ -304,48 +410,40 @@ def run_demo(
             given by the caller: the library does not import the pipeline layer).
         workdir: Scratch folder: synthetic data, kfp.local outputs, results, ``demo.log``.
         store: ``s3://BUCKET`` of the platform.
-        cases: Synthetic cases to write when ``source`` is None.
+        cases: Synthetic cases (images) to write when ``source`` is None.
         source: A dataset folder in any layout ingest accepts, instead of synthetic data.
         epochs: Overrides the config's ``train.epochs`` when above 0.
         console: Where the short account goes.
-        config: The config (default: :data:`DEMO_CONFIG` for synthetic data, else defaults).
-        threshold: The pipeline's quality gate on the validation mean Dice.
+        config: The config (default: the task's demo config for synthetic data, else the
+            task's defaults).
+        threshold: The pipeline's quality gate on the task's gate metric (default: the demo's).
+        task: ``brats`` or ``skin-lesion`` (:data:`DEMOS`).
     """
-    from medseg.client import wait_ready
-    from medseg.manifest import DatasetRef
-    from medseg.minio_server import free_port
     from medseg.pipeline_params import pipeline_arguments
     from medseg.pipeline_runner import run_local
     from medseg.register import list_models
     from medseg.storage import Storage, join
-    from medseg.synth import write_dataset
 
+    demo = DEMOS[task]
     started = time.perf_counter()
     log_path = workdir / "demo.log"
     with log_path.open("w", buffering=1) as log:
         storage = Storage()
-        if source is None:
-            source = workdir / "raw"
-            if not source.is_dir():
-                write_dataset(source, "brats2021", cases, shape=DEMO_SHAPE)
-            cfg = config or MedsegConfig.model_validate(DEMO_CONFIG)
-            shape = "×".join(map(str, DEMO_SHAPE))
-            what = f"{cases} synthetic BraTS 2021 cases of {shape} voxels in {source}"
-        else:
-            cfg = config or MedsegConfig()
-            what = f"your dataset {source}"
+        source, cfg, what = _demo_data(demo, workdir, cases, source, config)
         if epochs:
             cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
-        out = DemoConsole(console, log, cfg.train.epochs)
+        gate = task_of(cfg).gate_metric
+        out = DemoConsole(console, log, cfg.train.epochs, (gate, demo.gate))
         out.say(f"data: {what}")
         out.say("the Kubeflow pipeline, through kfp.local:")
         arguments = {
             "source": str(source),
             "dataset_name": "demo",
             "store": store,
+            "task": cfg.task.kind,
             "training": {"workers": 2},
-            "dice_threshold": threshold,
-            "model_name": DEMO_MODEL,
+            "threshold": demo.threshold if threshold is None else threshold,
+            "model_name": demo.model,
         }
         run_local(
             pipeline,
@@ -355,60 +453,137 @@ def run_demo(
             events=out,
             log_name=str(log_path),
         )
-        card = list_models(storage, store, DEMO_MODEL)[-1]
-        model_uri = join(store, "models", DEMO_MODEL, card["version"])
+        card = list_models(storage, store, demo.model)[-1]
         tracking = tracked_summary(card)
         if tracking:
             out.say(tracking)
         evaluation = card["evaluation"]
         eval_uri = evaluation["uri"].rsplit("/", 1)[0]
-
         report = workdir / "report.html"
         report.write_bytes(storage.get_bytes(join(eval_uri, "report.html")))
-        overlays = [o.uri for o in storage.list(join(eval_uri, "overlays"))]
-        overlay = workdir / "overlay.png"
-        overlay.write_bytes(storage.get_bytes(overlays[0]))
-
-        ds = card["dataset"]
-        ref = DatasetRef.resolve(storage, store, f"{ds['name']}@{ds['version']}")
-        case = held_out_case(ref.load(storage), source)
-
-        t0 = time.perf_counter()
-        http_port, grpc_port = free_port(), free_port()
-        cmd = ServerArgs(model_uri, DEMO_MODEL, http_port, grpc_port).command()
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-        try:
-            rest_url = f"http://127.0.0.1:{http_port}"
-            wait_ready(rest_url, 600, proc, log_path)  # a loaded machine imports slowly
-            out.done("serve", time.perf_counter() - t0, f"kserve ModelServer, REST :{http_port}")
-            t0 = time.perf_counter()
-            rest = send_case(rest_url, case, DEMO_MODEL)
-            grpc = send_case(f"127.0.0.1:{grpc_port}", case, DEMO_MODEL, grpc=True)
-            out.done("predict", time.perf_counter() - t0, f"{case.case_id} over REST and gRPC")
-        finally:
-            proc.terminate()
-            proc.wait(30)
-        mask_path = workdir / f"{case.case_id}_mask.nii.gz"
-        mask_path.write_bytes(rest.mask)
-        scores = score_mask(rest.mask, case)
-        return DemoResult(
-            model_uri=model_uri,
-            dice_validation=dict(evaluation["dice"]),
-            case_id=case.case_id,
-            dice_case=scores.dice,
-            volumes_ml=rest.volumes_ml,
-            latency_rest_s=rest.latency_s,
-            latency_grpc_s=grpc.latency_s,
-            compute_ms=rest.compute_ms,
+        result = DemoResult(
+            task=task,
+            model_uri=join(store, "models", demo.model, card["version"]),
+            evaluation=evaluation,
+            case_id="",
+            latency_rest_s=0.0,
+            latency_grpc_s=0.0,
+            compute_ms=None,
             report=report,
-            overlay=overlay,
-            mask=mask_path,
             log=log_path,
-            seconds=time.perf_counter() - started,
+            seconds=0.0,
             tracking=tracking,
         )
+        with _served(result.model_uri, demo.model, log, log_path, out) as urls:
+            ask = _ask_classifier if task == "skin-lesion" else _ask_segmenter
+            ask(result, storage, card, source, urls, workdir)
+            out.done("predict", result.latency_rest_s + result.latency_grpc_s,
+                     f"{result.case_id} over REST and gRPC")  # fmt: skip
+        result.seconds = time.perf_counter() - started
+        return result
+
+
+@contextlib.contextmanager
+def _served(
+    model_uri: str, model: str, log: TextIO, log_path: Path, out: DemoConsole
+) -> Iterator[tuple[str, str]]:
+    """The registered model served by a kserve ModelServer; its REST URL and gRPC address."""
+    from medseg.client import wait_ready
+    from medseg.minio_server import free_port
+
+    t0 = time.perf_counter()
+    http_port, grpc_port = free_port(), free_port()
+    cmd = ServerArgs(model_uri, model, http_port, grpc_port).command()
+    log.write(f"$ {' '.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    try:
+        rest_url = f"http://127.0.0.1:{http_port}"
+        wait_ready(rest_url, 600, proc, log_path)  # a loaded machine imports slowly
+        out.done("serve", time.perf_counter() - t0, f"kserve ModelServer, REST :{http_port}")
+        yield rest_url, f"127.0.0.1:{grpc_port}"
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def _ask_segmenter(
+    result: DemoResult,
+    storage: Any,
+    card: dict[str, Any],
+    source: Path,
+    urls: tuple[str, str],
+    workdir: Path,
+) -> None:
+    """A held-out BraTS case over REST and gRPC; its Dice and volumes; overlay and mask saved."""
+    from medseg.manifest import DatasetRef
+    from medseg.storage import join
+
+    eval_uri = result.evaluation["uri"].rsplit("/", 1)[0]
+    overlays = [o.uri for o in storage.list(join(eval_uri, "overlays"))]
+    result.overlay = workdir / "overlay.png"
+    result.overlay.write_bytes(storage.get_bytes(overlays[0]))
+    ds = card["dataset"]
+    ref = DatasetRef.resolve(storage, ds["store"], f"{ds['name']}@{ds['version']}")
+    case = held_out_case(ref.load(storage), source)
+    rest = send_case(urls[0], case, DEMOS[result.task].model)
+    grpc = send_case(urls[1], case, DEMOS[result.task].model, grpc=True)
+    result.mask = workdir / f"{case.case_id}_mask.nii.gz"
+    result.mask.write_bytes(rest.mask)
+    result.case_id = case.case_id
+    result.dice_case = score_mask(rest.mask, case).dice
+    result.volumes_ml = rest.volumes_ml
+    result.latency_rest_s, result.latency_grpc_s = rest.latency_s, grpc.latency_s
+    result.compute_ms = rest.compute_ms
+
+
+def _ask_classifier(
+    result: DemoResult,
+    storage: Any,
+    card: dict[str, Any],
+    source: Path,
+    urls: tuple[str, str],
+    workdir: Path,
+) -> None:
+    """A held-out image, as its file in the source folder: REST v1 (the seed's form) and gRPC v2.
+
+    Raises:
+        MedsegError: If the two protocols disagree on the class.
+    """
+    import base64
+
+    import httpx
+
+    from medseg.client import classify
+    from medseg.manifest import DatasetRef
+    from medseg.skin.classes import CLASS_NAMES
+    from medseg.skin.layouts import discover_images
+
+    ds = card["dataset"]
+    manifest = DatasetRef.resolve(storage, ds["store"], f"{ds['name']}@{ds['version']}").load(
+        storage
+    )
+    case_id = manifest.split_ids("validation")[0]
+    raw = {r.image_id: r for r in discover_images(source, manifest.layout)}[case_id]
+    assert raw.path is not None  # ingest stored it, so it had a file
+    image = raw.path.read_bytes()
+    model = DEMOS[result.task].model
+    t0 = time.perf_counter()
+    body = {"instances": [{"image_b64": base64.b64encode(image).decode()}]}
+    reply = httpx.post(f"{urls[0]}/v1/models/{model}:predict", json=body, timeout=120)
+    result.latency_rest_s = time.perf_counter() - t0
+    if reply.status_code != 200:
+        raise MedsegError(f"server answered {reply.status_code}: {reply.text[:300]}")
+    (seed,) = reply.json()["predictions"]
+    grpc = classify(urls[1], image, model, grpc=True)
+    if grpc.label != seed["class"]:
+        raise MedsegError(f"{case_id}: REST v1 says {seed['class']}, gRPC v2 {grpc.label}")
+    result.case_id = case_id
+    result.latency_grpc_s = grpc.latency_s
+    result.compute_ms = grpc.compute_ms
+    result.answer = f"class: {seed['class_name']}, probability: {seed['probability']:.0%}"
+    truth = manifest.case(case_id).label or ""
+    result.truth = CLASS_NAMES.get(truth, truth)
 
 
 def tracked_summary(card: dict[str, Any]) -> str:
@@ -441,7 +616,8 @@ def run_local_demo(
     epochs: int,
     console: Console,
     config: MedsegConfig | None = None,
-    threshold: float = 0.8,
+    threshold: float | None = None,
+    task: str = "brats",
 ) -> DemoResult:
     """The whole demo: a fresh local MinIO (step 1), then :func:`run_demo` of ``pipeline``.
 
@@ -457,10 +633,17 @@ def run_local_demo(
 
     from medseg.minio_server import start_and_export
 
-    if source is not None:
+    if task not in DEMOS:
+        raise MedsegError(f"unknown demo task {task!r}: use {' or '.join(DEMOS)}")
+    if source is not None:  # a wrong folder fails now, not after MinIO started
         from medseg.layouts import detect_layout
+        from medseg.skin.layouts import LAYOUTS
+        from medseg.skin.layouts import detect_layout as detect_image_layout
 
-        detect_layout(source)  # a wrong folder fails now, not after MinIO started
+        if task == "brats":
+            detect_layout(source)
+        elif detect_image_layout(source) is None:
+            raise MedsegError(f"{source}: not an image dataset ({', '.join(LAYOUTS)} layout)")
     shutil.rmtree(workdir / "minio-data", ignore_errors=True)  # a fresh store every run
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MEDSEG_ENV_FILE", str(workdir / "minio.env"))
@@ -476,7 +659,16 @@ def run_local_demo(
         tracking = mlflow_server.start_and_export(DEFAULT_BUCKET, workdir / "mlflow.db")
         console.print(f"MLflow on {tracking.uri}, artifacts {tracking.artifacts}", highlight=False)
         return run_demo(
-            pipeline, workdir, DEFAULT_STORE, cases, source, epochs, console, config, threshold
+            pipeline,
+            workdir,
+            DEFAULT_STORE,
+            cases,
+            source,
+            epochs,
+            console,
+            config,
+            threshold,
+            task,
         )
     finally:
         if tracking is not None:

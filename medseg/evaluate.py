@@ -34,7 +34,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -45,6 +45,7 @@ from medseg.infer import Segmenter, load_model, read_config
 from medseg.manifest import CaseEntry, DatasetRef
 from medseg.nifti import Volume, decode
 from medseg.predict import INDEX, CaseInput, load_case, model_output_uri, predict
+from medseg.report import write_report
 from medseg.storage import Storage, join
 from medseg.tasks import CaseScore, Task, default_task, get_convention, task_of
 from medseg.tasks.segmentation import HD95_DEFINITION, HD95_EMPTY, hd95
@@ -54,6 +55,7 @@ __all__ = [
     "HD95_EMPTY",
     "CaseScore",
     "EvalResult",
+    "Evaluation",
     "evaluate",
     "evaluate_classification",
     "hd95",
@@ -62,6 +64,36 @@ __all__ = [
 ]
 
 _GRID_TOL_MM = 1e-3
+
+
+class Evaluation(Protocol):
+    """What every task's evaluation answers: the gate, the summary scores, where it wrote."""
+
+    model: str
+    dataset: str
+    split: str
+    out: str
+    threshold: float | None
+    passed: bool
+    gate_metric: str
+    definition: str
+
+    @property
+    def value(self) -> float:
+        """The validation value of :attr:`gate_metric`."""
+        ...
+
+    def summary(self) -> dict[str, float]:
+        """The summary scores by name, as KFP and MLflow log them (the gate metric among them)."""
+        ...
+
+    def table(self) -> dict[str, list[str]]:
+        """The evaluation's table by column (per case, or per class)."""
+        ...
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``metrics.json`` document."""
+        ...
 
 
 @dataclass
@@ -90,6 +122,23 @@ class EvalResult:
     conventions: str = ""
     gate_metric: str = "dice_mean"
 
+    @property
+    def value(self) -> float:
+        """The validation value of the gate metric (the mean Dice over the regions)."""
+        return self.dice_mean
+
+    def summary(self) -> dict[str, float]:
+        """``dice_tc``, …, ``hd95_tc_mm``, …, and the gate metric (``dice_mean``)."""
+        scores = {f"dice_{r.lower()}": v for r, v in self.dice.items()}
+        scores |= {f"hd95_{r.lower()}_mm": v for r, v in self.hd95.items()}
+        scores[self.gate_metric] = self.dice_mean
+        return scores
+
+    def table(self) -> dict[str, list[str]]:
+        """:meth:`cases_csv` by column."""
+        rows = list(csv.DictReader(io.StringIO(self.cases_csv())))
+        return {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
+
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` document."""
         return {
@@ -104,7 +153,11 @@ class EvalResult:
             "hd95": self.hd95,
             "hd95_definition": HD95_DEFINITION,
             self.gate_metric: self.dice_mean,
-            "gate": {"threshold": self.threshold, "passed": self.passed},
+            "gate": {
+                "metric": self.gate_metric,
+                "threshold": self.threshold,
+                "passed": self.passed,
+            },
             "cases": [asdict(c) | {"dice_mean": c.dice_mean} for c in self.cases],
         }
 
@@ -238,15 +291,20 @@ def evaluate(
     max_overlays: int = 6,
     segmenter: Segmenter | None = None,
     predictions: str | None = None,
-) -> EvalResult:
-    """Score a model's served label maps on a dataset split; write metrics, report, overlays.
+) -> EvalResult | ClassEval:
+    """Score a model's served answers on a dataset split; write metrics, report, pictures.
+
+    A segmentation task's label maps are scored here; a classification task's probabilities
+    by :func:`evaluate_classification`. Either way the evaluation is logged to its training
+    run's MLflow run when tracking is on.
 
     Args:
         model_uri: A model artifact (see :mod:`medseg.infer`).
         dataset: ``NAME@VERSION``; by default the dataset the model was trained on.
         store: The store holding ``dataset``; by default the model's training store.
         split: ``validation``, ``train`` or ``all``.
-        threshold: Quality gate on the mean Dice (over regions); ``None``: no gate.
+        threshold: Quality gate on the task's gate metric (BraTS: the mean Dice over the
+            regions; classifiers: macro ROC AUC); ``None``: no gate.
         out: Where to write; by default ``runs/ID/eval`` (or ``MODEL/eval``).
         storage: Storage to use; from the environment when omitted.
         max_overlays: Overlay images for at most this many cases, the worst first.
@@ -258,15 +316,12 @@ def evaluate(
         MedsegError: If the model, the dataset or the predictions are missing or do not belong
             together, a prediction is not on its ground truth's grid, or the split is empty.
     """
-    from medseg.report import write_report
-
     storage = storage or Storage()
     cfg = segmenter.cfg if segmenter is not None else read_config(model_uri, storage)
     task = task_of(cfg)
     if task.outputs.kind == "classes":
-        raise MedsegError(
-            f"{model_uri} is a classifier (task {task.name}): score it with "
-            "evaluate_classification (`medseg evaluate` chooses it by the task)"
+        return evaluate_classification(
+            model_uri, dataset, store, split, threshold, out, storage, segmenter, predictions
         )
     trained_store, trained_on, run_id = (
         _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
@@ -380,20 +435,17 @@ def evaluate(
     return result
 
 
-def _track(storage: Storage, store: str, run_id: str, result: EvalResult) -> None:
+def _track(storage: Storage, store: str, run_id: str, result: Evaluation) -> None:
     """Log the evaluation to its training run's MLflow run (with ``MLFLOW_TRACKING_URI``)."""
     from medseg.tracking import log_evaluation
 
-    metrics = {f"dice_{r.lower()}": v for r, v in result.dice.items()}
-    metrics |= {f"hd95_{r.lower()}_mm": v for r, v in result.hd95.items()}
-    metrics[result.gate_metric] = result.dice_mean
-    rows = list(csv.DictReader(io.StringIO(result.cases_csv())))
-    table = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
     artifacts = {
         "report.html": storage.get_bytes(join(result.out, "report.html")),
         "metrics.json": json.dumps(result.to_json(), indent=1).encode(),
     }
-    log_evaluation(storage, store, run_id, result.split, metrics, table, artifacts)
+    log_evaluation(
+        storage, store, run_id, result.split, result.summary(), result.table(), artifacts
+    )
 
 
 def evaluate_classification(
@@ -417,7 +469,7 @@ def evaluate_classification(
             together, or the split is empty.
     """
     storage = storage or Storage()
-    trained_store, trained_on, _ = (
+    trained_store, trained_on, run_id = (
         _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
     )
     store = store or trained_store
@@ -428,4 +480,7 @@ def evaluate_classification(
             model_uri, dataset=str(ref), split=split, store=store, storage=storage, segmenter=seg
         ).out
     out = out or model_output_uri(model_uri, "eval")
-    return evaluate_classes(seg, model_uri, ref, split, predictions, out, storage, threshold)
+    result = evaluate_classes(seg, model_uri, ref, split, predictions, out, storage, threshold)
+    if run_id is not None:
+        _track(storage, store, run_id, result)
+    return result

@@ -34,6 +34,7 @@ from medseg.kube import DEFAULT_RELEASE, Release
 from medseg.launchers import DEFAULT_POD_CPU, DEFAULT_POD_MEMORY, LAUNCHERS, TrainTarget
 from medseg.settings import PlatformSettings
 from medseg.storage import Storage
+from medseg.tasks import known_tasks
 
 __all__ = [
     "GROUPS",
@@ -208,13 +209,21 @@ def parse_group(model: type[_G], value: Mapping[str, Any] | None, name: str) -> 
         raise MedsegError(f"bad pipeline parameter {name}: {exc}") from None
 
 
-def parse_config(config_yaml: str) -> MedsegConfig:
-    """The run's config from the pipeline's ``config_yaml`` (empty: the defaults).
+def parse_config(config_yaml: str, task: str = "") -> MedsegConfig:
+    """The run's config from the pipeline's ``config_yaml`` (empty: the defaults) and ``task``.
+
+    Args:
+        config_yaml: The config as YAML.
+        task: The pipeline's ``task`` parameter: a registered task's name; the config takes
+            that task's defaults (empty: the config's own task, BraTS when it names none).
 
     Raises:
-        MedsegError: If it is not YAML or not a valid config, naming the field.
+        MedsegError: If it is not YAML, not a valid config, or the config is of another task.
     """
-    return MedsegConfig.from_yaml(config_yaml, "bad pipeline parameter config_yaml")
+    if task and task not in known_tasks():
+        known = ", ".join(known_tasks())
+        raise MedsegError(f"bad pipeline parameter task: {task!r} is not a task ({known})")
+    return MedsegConfig.from_yaml(config_yaml, "bad pipeline parameter config_yaml", task)
 
 
 def _scalar(value: str) -> int | float | str:
@@ -353,12 +362,14 @@ class EvaluationArtifact(PipelineRef):
 
     Attributes:
         passed: Whether the quality gate passed.
-        dice_mean: Validation mean Dice of TC/WT/ET.
+        metric: The task's gate metric (BraTS: ``dice_mean``; skin lesions: ``macro_auc``).
+        value: Its validation value.
     """
 
     kind: ClassVar[str] = "evaluation"
     passed: bool
-    dice_mean: float
+    metric: str
+    value: float
 
 
 _R = TypeVar("_R", bound=PipelineRef)

@@ -141,11 +141,38 @@ def model_card_markdown(name: str, uri: str, card: dict[str, Any]) -> str:
         settings = ", ".join(f"{k} `{v}`" for k, v in card["inference"].items())
         lines.append(f"- inference: {settings}")
     evaluation = card.get("evaluation") or {}
+    gate = evaluation.get("gate") or {}
+    metric = gate.get("metric", "dice_mean")
+    if isinstance(evaluation.get(metric), float):
+        verdict = "passed" if gate.get("passed") else "not passed"
+        lines.append(
+            f"- validation {metric}: {evaluation[metric]:.4f} "
+            f"(gate {gate.get('threshold')}: {verdict})"
+        )
     for key, value in sorted(evaluation.get("dice", {}).items()):
         lines.append(f"- validation Dice {key}: {value:.4f}")
+    for cls, auc in zip(evaluation.get("classes", []), evaluation.get("auc", []), strict=False):
+        lines.append(f"- validation ROC AUC {cls}: {auc:.4f}")
+    if "balanced_accuracy" in evaluation:
+        lines.append(f"- validation balanced accuracy: {evaluation['balanced_accuracy']:.4f}")
     if "hd95_definition" in evaluation:
         lines.append(f"- HD95 definition: `{evaluation['hd95_definition']}`")
     return "\n".join(lines) + "\n"
+
+
+#: What of an evaluation's ``metrics.json`` the card leaves out: the per-case table, and what
+#: the card records itself or that the evaluation's files hold at length.
+_NOT_IN_CARD = frozenset({"model", "predictions", "missing_predictions", "cases", "conventions"})
+
+
+def _evaluation_summary(ev: dict[str, Any], uri: str) -> dict[str, Any]:
+    """The card's ``evaluation``: the task's scores, the gate, the metric definitions."""
+    summary = {"uri": uri} | {k: v for k, v in ev.items() if k not in _NOT_IN_CARD}
+    summary.setdefault("definition", "channel Dice of the preprocessed volumes")
+    if "dice" in ev:  # metrics.json of a segmentation written before these were recorded
+        summary.setdefault("hd95_definition", "monai-max-directed-95")  # before issue 22.2
+        summary["gate"] = {"metric": "dice_mean", **ev["gate"]}
+    return summary
 
 
 def register(
@@ -198,14 +225,7 @@ def register(
         blobs[GRAPH_FILE] = _export(blobs["model.pt"], blobs["model.yaml"], run_model)
     summary = None
     if evaluation is not None:  # read everything before a version number is taken
-        ev = storage.get_json(evaluation)
-        summary = {
-            "uri": evaluation,
-            "definition": ev.get("definition", "channel Dice of the preprocessed volumes"),
-            # metrics.json written before issue 22.2 took MONAI's larger directed percentile
-            "hd95_definition": ev.get("hd95_definition", "monai-max-directed-95"),
-            **{k: ev[k] for k in ("dataset", "split", "dice", "hd95", "dice_mean", "gate")},
-        }
+        summary = _evaluation_summary(storage.get_json(evaluation), evaluation)
     number = _claim_version(storage, store, name, run_id)
     prefix = join(store, "models", name, f"v{number}")
     files = {f: storage.put_bytes(join(prefix, f), data).sha256 for f, data in blobs.items()}

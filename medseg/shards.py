@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from medseg.classify import classify_rows, write_predictions
 from medseg.config import DataConfig
 from medseg.errors import DatasetError, InvalidInput, MedsegError
 from medseg.infer import load_model, read_config
@@ -60,6 +61,7 @@ from medseg.preprocess import (
     process_cases,
 )
 from medseg.storage import Storage, join
+from medseg.tasks import task_of
 
 __all__ = [
     "PARTS",
@@ -347,6 +349,16 @@ def predict_shard(
         storage.put_json(_part(s.out, case.case_id), part)
 
     seg = load_model(model_uri, storage)
+    if seg.task.outputs.kind == "classes":
+        rows, failures = classify_rows(seg, storage, [(c.case_id, c.files["image"]) for c in todo])
+        by_case = {r["case_id"]: r for r in rows}
+        for case in todo:
+            if case.case_id in by_case:
+                record(case, by_case[case.case_id], None)
+            else:
+                reason = failures[case.case_id]
+                record(case, None, CaseFailure(case.case_id, case.files["image"], reason))
+        return result
     source = CaseSource(s.source.name, todo, s.source.convention, s.source.dataset, split)
     segment_cases(seg, source, s.out, storage, s.convention, prefetch, on_done=record)
     return result
@@ -389,7 +401,13 @@ def collect_predictions(
         what = f"predict {s.source.name} with {model_uri}"
         raise MedsegError(_missing(what, missing, list(s.keys), check_shards(shards)))
     cfg = read_config(model_uri, storage)
-    write_index(storage, s.out, s.source, cfg, model_uri, s.convention, rows, failed)
+    task = task_of(cfg)
+    if task.outputs.kind == "classes":
+        reasons = {f.case_id: f.reason for f in failed}
+        source = (s.source.dataset or "", s.source.split or "")
+        write_predictions(storage, s.out, task.outputs.names, rows, reasons, source)
+    else:
+        write_index(storage, s.out, s.source, cfg, model_uri, s.convention, rows, failed)
     return PredictResult(s.out, rows, failed, time.perf_counter() - started)
 
 

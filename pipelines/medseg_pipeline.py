@@ -187,23 +187,29 @@ def medseg_pipeline(
     store: str = DEFAULT_STORE,
     labels: str = "",
     config_yaml: str = "",
-    dice_threshold: float = 0.8,
+    task: str = "",
+    threshold: float = 0.8,
     model_name: str = DEFAULT_MODEL_NAME,
     training: dict = TRAINING,
     cluster: dict = CLUSTER,
     deployment: dict = DEPLOYMENT,
     shards: int = 1,
 ) -> None:
-    """Train, evaluate, register and deploy a BraTS segmentation model.
+    """Train, evaluate, register and deploy a model of one task (BraTS segmentation by default).
 
     Args:
-        source: Raw dataset: a BraTS 2021/2023 or MSD Task01 folder (or ``s3://`` prefix).
+        source: Raw dataset (a folder or ``s3://`` prefix) in a layout ingest knows: BraTS
+            2021/2023 or MSD Task01 volumes; HAM10000, ISIC 2018 or folder-per-class images.
         dataset_name: Dataset name in the store.
         store: ``s3://BUCKET`` for datasets, runs and models.
         labels: Label convention override (default: detected from the layout).
         config_yaml: The full :class:`medseg.config.MedsegConfig` as YAML (empty: defaults).
             One line of YAML flow style is safest: KFP copies defaults into a YAML comment.
-        dice_threshold: Quality gate on the validation mean Dice.
+        task: The task (:mod:`medseg.tasks`: ``brats-segmentation``,
+            ``skin-lesion-classification``); the config takes its defaults. Empty: the
+            config's own task.
+        threshold: Quality gate on the validation value of the task's gate metric (BraTS:
+            mean Dice over TC, WT, ET; skin lesions: macro ROC AUC).
         model_name: Registry name (also the InferenceService name).
         training: :class:`medseg.pipeline_params.TrainingParams` (epochs, launcher, workers,
             gpus_per_worker, image, timeout).
@@ -216,14 +222,19 @@ def medseg_pipeline(
     """
     names = _configure(
         params_op(
-            config_yaml=config_yaml, training=training, cluster=cluster, deployment=deployment
+            config_yaml=config_yaml,
+            task=task,
+            training=training,
+            cluster=cluster,
+            deployment=deployment,
         ),
         "params",
         None,
     )
+    run_config = names.outputs["config_yaml"]  # of the task, its defaults filled in
     ingest = _configure(
         ingest_op(
-            source=source, name=dataset_name, store=store, labels=labels, config_yaml=config_yaml
+            source=source, name=dataset_name, store=store, labels=labels, config_yaml=run_config
         ),
         "ingest",
         names,
@@ -232,11 +243,11 @@ def medseg_pipeline(
     shard_list = _configure(shards_op(shards=shards), "shards", None).output
     s3 = {"s3_secret": names.outputs["s3_secret"], "s3_config": names.outputs["s3_config"]}
     prep_shards = preprocess_shards(
-        dataset=dataset, config_yaml=config_yaml, shard_list=shard_list, shards=shards, **s3
+        dataset=dataset, config_yaml=run_config, shard_list=shard_list, shards=shards, **s3
     )
     prep_shards.set_display_name("preprocess-shards").set_caching_options(False)
     prep = _configure(
-        preprocess_op(dataset=dataset, config_yaml=config_yaml, shards=shards),
+        preprocess_op(dataset=dataset, config_yaml=run_config, shards=shards),
         "preprocess",
         names,
     ).after(prep_shards)
@@ -244,7 +255,7 @@ def medseg_pipeline(
         train_op(
             dataset=dataset,
             preprocessed=prep.outputs["preprocessed"],
-            config_yaml=config_yaml,
+            config_yaml=run_config,
             run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
             training=training,
             cluster=cluster,
@@ -275,17 +286,16 @@ def medseg_pipeline(
             names,
         )
     evaluate = _configure(
-        evaluate_op(
-            model=model, predictions=predict.outputs["predictions"], threshold=dice_threshold
-        ),
+        evaluate_op(model=model, predictions=predict.outputs["predictions"], threshold=threshold),
         "evaluate",
         names,
     )
     gate = _configure(
         gate_op(
             passed=evaluate.outputs["passed"],
-            dice_mean=evaluate.outputs["dice_mean"],
-            threshold=dice_threshold,
+            metric=evaluate.outputs["metric"],
+            value=evaluate.outputs["value"],
+            threshold=threshold,
         ),
         "gate",
         names,

@@ -254,7 +254,12 @@ def test_predict_and_evaluate_hand_over_typed_references(world: World) -> None:
         evaluation=evaluation,
     )
     ref = read_ref(evaluation, EvaluationArtifact)
-    assert result.passed is True and ref.passed is True and ref.dice_mean == result.dice_mean
+    assert (
+        result.passed is True
+        and ref.passed is True
+        and ref.metric == "dice_mean"
+        and ref.value == result.dice_mean
+    )
     scored = world.storage.get_json(join(ref.uri, "metrics.json"))
     assert scored["predictions"] == pred.uri  # it scored the predict step's label maps
     assert ref.digest == world.storage.stat(join(ref.uri, "metrics.json")).sha256

@@ -90,7 +90,7 @@ def test_numbers_are_those_of_the_served_label_maps(trained: tuple[Storage, str,
     assert [c.dice_mean for c in result.cases] == sorted(c.dice_mean for c in result.cases)
     stored = storage.get_json(join(result.out, "metrics.json"))
     assert stored["dice"] == pytest.approx(result.dice)
-    assert stored["gate"] == {"threshold": 0.0, "passed": True}
+    assert stored["gate"] == {"metric": "dice_mean", "threshold": 0.0, "passed": True}
     assert "373.12866" in stored["conventions"]
     assert stored["definition"] == result.definition and "WT={1,2,4}" in result.definition
     assert result.out == model_uri[: -len("model")] + "eval"

@@ -77,7 +77,7 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
     assert not any("for-loop-1" in d for d in deps.values())  # a leaf
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert set(params) == {
-        *("source", "dataset_name", "store", "labels", "config_yaml", "dice_threshold"),
+        *("source", "dataset_name", "store", "labels", "config_yaml", "task", "threshold"),
         *("model_name", "training", "cluster", "deployment", "shards"),
     }
     assert params["shards"]["defaultValue"] == 1
@@ -86,7 +86,7 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
         assert params[group]["parameterType"] == "STRUCT"
         assert model.model_validate(params[group]["defaultValue"]) == model()
     assert params["training"]["defaultValue"]["launcher"] == "local"
-    assert params["dice_threshold"]["defaultValue"] == 0.8
+    assert params["threshold"]["defaultValue"] == 0.8
     # the predictor runs the model server image, the PyTorchJob the project image
     assert params["deployment"]["defaultValue"]["image"] == SERVER_IMAGE
     assert params["training"]["defaultValue"]["image"] == "ghcr.io/medseg/medseg:0.1.0"
@@ -157,7 +157,7 @@ def test_compiled_pipeline_structure(compiled: list[dict[str, Any]]) -> None:
 
 #: Pipeline parameters that are content, not a location: the run's config and its gate, and
 #: the shard count (how the work is split: a sharded step writes what an unsharded one does).
-CONTENT_PARAMETERS = {"config_yaml", "dice_threshold", "shards"}
+CONTENT_PARAMETERS = {"config_yaml", "task", "threshold", "shards"}
 
 
 def test_cached_steps_are_keyed_on_content(compiled: list[dict[str, Any]]) -> None:
@@ -184,6 +184,10 @@ def test_cached_steps_are_keyed_on_content(compiled: list[dict[str, Any]]) -> No
         for name, value in inputs.get("parameters", {}).items():
             if "componentInputParameter" in value:
                 assert value["componentInputParameter"] in CONTENT_PARAMETERS, (step, name)
+            elif "taskOutputParameter" in value:  # the run's config, of the run's task
+                produced = value["taskOutputParameter"]
+                assert produced["producerTask"] == "params-op"
+                assert produced["outputParameterKey"] == "config_yaml"
             else:  # a constant (the split)
                 assert "constant" in value["runtimeValue"], (step, name, value)
         for name, value in inputs.get("artifacts", {}).items():
@@ -277,9 +281,9 @@ def test_bad_launcher_parameters_fail_early() -> None:
 def test_gate_component_stops_the_run_below_the_threshold() -> None:
     from components import gate_op
 
-    assert gate_op.python_func(passed=True, dice_mean=0.91, threshold=0.9) == 0.91
+    assert gate_op.python_func(passed=True, metric="dice_mean", value=0.91, threshold=0.9) == 0.91
     with pytest.raises(RuntimeError, match=r"quality gate failed: .* 0\.8500 < 0\.9"):
-        gate_op.python_func(passed=False, dice_mean=0.85, threshold=0.9)
+        gate_op.python_func(passed=False, metric="dice_mean", value=0.85, threshold=0.9)
 
 
 class _FakeTrainingClient:

@@ -13,6 +13,7 @@ from medseg.pipeline_params import (
     ClusterParams,
     DeploymentParams,
     TrainingParams,
+    parse_config,
     parse_group,
     pipeline_arguments,
 )
@@ -52,14 +53,14 @@ def test_param_overrides_set_plain_parameters_and_group_fields() -> None:
             "cluster.release=prod",
             "deployment.mode=Standard",
             "deployment.scale_metric=cpu",
-            "dice_threshold=0.5",
+            "threshold=0.5",
             "dataset_name=brats",
         ],
     )
     assert args["training"] == {**TrainingParams().model_dump(), "workers": 3, "epochs": 2}
     assert args["cluster"]["release"] == "prod" and args["cluster"]["s3_secret"] == ""
     assert args["deployment"]["mode"] == "Standard" and args["deployment"]["min_replicas"] == 1
-    assert args["dice_threshold"] == 0.5 and args["dataset_name"] == "brats"
+    assert args["threshold"] == 0.5 and args["dataset_name"] == "brats"
     assert args["config_yaml"] == tiny_config().to_yaml()
 
 
@@ -87,3 +88,26 @@ def test_kfp_floats_validate_as_ints_but_fractions_do_not() -> None:
     assert parse_group(TrainingParams, {"workers": 2.0}, "training").workers == 2
     with pytest.raises(MedsegError, match=r"training\.workers: Input should be a valid integer"):
         parse_group(TrainingParams, {"workers": 2.5}, "training")
+
+
+def test_the_task_parameter_makes_the_config_of_that_task() -> None:
+    """``task`` alone gives the task's whole config; a config of another task is refused."""
+    skin = parse_config("", "skin-lesion-classification")
+    assert skin.task.kind == "skin-lesion-classification"
+    assert (skin.model.name, skin.model.in_channels, skin.model.out_channels) == (
+        "DenseNet121",
+        3,
+        7,
+    )
+    assert skin.data.channels == ("red", "green", "blue")
+    # the params step hands this config on: it reads back as itself, without the parameter
+    assert parse_config(skin.to_yaml()) == skin
+    # the config's own settings stay; the task fills in only what it leaves out
+    tuned = parse_config("{train: {epochs: 3}, data: {image_size: [64, 64]}}", skin.task.kind)
+    assert tuned.train.epochs == 3 and tuned.data.image_size == (64, 64)
+    assert tuned.model == skin.model
+    assert parse_config("", "") == parse_config("", "brats-segmentation")
+    with pytest.raises(MedsegError, match="config is of task brats-segmentation, not skin"):
+        parse_config("{task: {kind: brats-segmentation}}", "skin-lesion-classification")
+    with pytest.raises(MedsegError, match="'x-ray' is not a task"):
+        parse_config("", "x-ray")

@@ -23,18 +23,19 @@ import pytest
 import torch
 
 from medseg.checkpoint import CheckpointStore
-from medseg.classify import classify_images
+from medseg.classify import ClassEval, classify_images
 from medseg.config import MedsegConfig, SplitConfig
 from medseg.dataset import PreprocessedDataset
-from medseg.errors import MedsegError
-from medseg.evaluate import evaluate, evaluate_classification
+from medseg.evaluate import evaluate
 from medseg.infer import load_model
 from medseg.ingest import ingest
 from medseg.manifest import DatasetRef
 from medseg.minio_server import MinioServer
 from medseg.predict import predict
 from medseg.preprocess import preprocess
+from medseg.register import model_card_markdown, register
 from medseg.settings import ServerLimits
+from medseg.shards import collect_predictions, predict_shard
 from medseg.skin.classes import CHANNELS, CLASSES
 from medseg.skin.images import decode_image
 from medseg.skin.metrics import classification_metrics
@@ -87,8 +88,15 @@ def test_the_config_names_the_skin_task() -> None:
     assert MedsegConfig.from_yaml(cfg.to_yaml(), "model.yaml") == cfg
     with pytest.raises(ValueError, match="out_channels is 3, task skin-lesion-classification"):
         MedsegConfig.model_validate(
-            {**cfg.model_dump(), "model": {"name": "DenseNet121", "in_channels": 3}}
+            {**cfg.model_dump(), "model": {"name": "DenseNet121", "out_channels": 3}}
         )
+    # a config that names only the task takes the task's network and channels
+    bare = MedsegConfig.from_yaml("task: {kind: skin-lesion-classification}", "model.yaml")
+    assert (bare.model.name, bare.model.out_channels, bare.data.channels) == (
+        "DenseNet121",
+        len(CLASSES),
+        CHANNELS,
+    )
     net = SKIN.build_network(cfg.model)
     assert net(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, len(CLASSES))
     assert SKIN.metric_names()[-1] == SKIN.gate_metric == "macro_auc"
@@ -212,11 +220,30 @@ def test_skin_model_predicts_and_is_evaluated_on_what_it_wrote(
     assert table[0] == "case,label,probability," + ",".join(f"p_{c}" for c in CLASSES)
     assert len(table) == len(val) + 1
 
-    with pytest.raises(MedsegError, match=r"is a classifier .* evaluate_classification"):
-        evaluate(model_uri, split="validation", storage=storage, predictions=predicted.out)
-    result = evaluate_classification(
+    # the pipeline's sharded predict (medseg.shards) writes the same answers, in the same order
+    sharded = join(skin_model.bucket, "sharded")
+    for shard in range(2):
+        predict_shard(
+            model_uri, str(ref), "validation", skin_model.bucket, shard, 2, sharded, storage
+        )
+    collect_predictions(model_uri, str(ref), "validation", skin_model.bucket, 2, sharded, storage)
+    ours, theirs = (
+        storage.get_json(join(uri, "predictions.json")) for uri in (sharded, predicted.out)
+    )
+    assert [r["case_id"] for r in ours["cases"]] == [r["case_id"] for r in theirs["cases"]]
+    assert {k: ours[k] for k in ("dataset", "split", "classes", "failures")} == {
+        k: theirs[k] for k in ("dataset", "split", "classes", "failures")
+    }
+    np.testing.assert_allclose(
+        [list(r["probabilities"].values()) for r in ours["cases"]],
+        [list(r["probabilities"].values()) for r in theirs["cases"]],
+        atol=1e-5,
+    )
+    # evaluate() scores by the model's task: a classifier's probabilities, here
+    result = evaluate(
         model_uri, split="validation", threshold=0.0, storage=storage, predictions=predicted.out
     )
+    assert isinstance(result, ClassEval)
     # Exact agreement with a recomputation from the written CSV (6 decimals) and the manifest.
     rows = [line.split(",") for line in table[1:]]
     probs = np.array([[float(v) for v in r[3:]] for r in rows])
@@ -228,7 +255,19 @@ def test_skin_model_predicts_and_is_evaluated_on_what_it_wrote(
     assert result.metrics.confusion == m.confusion
     assert result.metrics.balanced_accuracy == pytest.approx(m.balanced_accuracy, abs=1e-9)
     doc = storage.get_json(join(result.out, "metrics.json"))
-    assert doc["gate"] == {"threshold": 0.0, "passed": True} and doc["confusion"] == m.confusion
+    assert doc["gate"] == {"metric": "macro_auc", "threshold": 0.0, "passed": True}
+    assert doc["confusion"] == m.confusion
+    assert result.summary()["macro_auc"] == result.value
+    assert result.table()["class"] == list(CLASSES)
+    # the model card takes the task's scores and gate
+    card = register(
+        storage, skin_model.bucket, "skin-eval", "skin", evaluation=join(result.out, "metrics.json")
+    )
+    assert card["evaluation"]["gate"]["metric"] == "macro_auc"
+    assert card["evaluation"]["macro_auc"] == pytest.approx(result.value, nan_ok=True)
+    assert "cases" not in card["evaluation"]
+    markdown = model_card_markdown("skin", "uri", card)
+    assert "- validation macro_auc: " in markdown and "- validation ROC AUC nv: " in markdown
     page = storage.get_bytes(join(result.out, "report.html")).decode()
     assert "Confusion matrix" in page and "reliability diagram" in page
     wrong = sum(1 for r in rows if r[1] != CLASSES[truth[r[0]]])

@@ -43,7 +43,9 @@ StoreOpt = Annotated[
 ConfigOpt = Annotated[
     Path | None, typer.Option("--config", "-c", help="medseg config YAML (defaults otherwise).")
 ]
-ThresholdOpt = Annotated[float, typer.Option(help="Quality gate on the validation mean Dice.")]
+ThresholdOpt = Annotated[
+    float, typer.Option(help="Quality gate on the task's metric (BraTS: validation mean Dice).")
+]
 
 
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:

@@ -11,14 +11,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medseg.cli.common import ConfigOpt, ThresholdOpt, app, console, handles_errors, load_config
+from medseg.cli.common import ConfigOpt, app, console, fail, handles_errors, load_config
 from medseg.mlflow_server import DEFAULT_DB, DEFAULT_PORT
 from medseg.settings import DEFAULT_BUCKET, DEFAULT_PORTS
 
 DataDirOpt = Annotated[Path, typer.Option(help="Where objects are kept.")]
 PortOpt = Annotated[int, typer.Option(help="API port on 127.0.0.1 (0: a free one).")]
 WorkdirOpt = Annotated[Path, typer.Option(help="Scratch folder for the demo.")]
-CasesOpt = Annotated[int, typer.Option(min=4, help="Synthetic cases to generate.")]
 DemoEpochs = Annotated[int, typer.Option(help="Override the demo's training epochs.")]
 DemoSource = Annotated[
     Path | None,
@@ -85,47 +84,87 @@ def mlflow(
 @handles_errors
 def demo(
     workdir: WorkdirOpt = Path(".medseg/demo"),
-    cases: CasesOpt = 20,
+    task: Annotated[
+        str, typer.Option(help="brats (segmentation) or skin-lesion (classification).")
+    ] = "brats",
+    cases: Annotated[
+        int | None, typer.Option(min=4, help="Synthetic cases (images); default: the task's.")
+    ] = None,
     epochs: DemoEpochs = 0,
     source: DemoSource = None,
     config: ConfigOpt = None,
-    threshold: ThresholdOpt = 0.8,
+    threshold: Annotated[
+        float | None,
+        typer.Option(help="Quality gate on the task's metric; default: the demo's (0.8, 0.7)."),
+    ] = None,
 ) -> None:
     """The main job: the whole platform end to end on this machine (see medseg.demo)."""
-    from medseg.demo import run_local_demo
+    from medseg.demo import DEMOS, run_local_demo
     from pipelines.medseg_pipeline import medseg_pipeline
 
+    if task not in DEMOS:
+        fail(f"unknown task {task!r}: use {' or '.join(DEMOS)}")
     started = time.perf_counter()
     cfg = load_config(config) if config else None
     result = run_local_demo(
-        medseg_pipeline, workdir, cases, source, epochs, console, cfg, threshold
+        medseg_pipeline,
+        workdir,
+        cases or DEMOS[task].cases,
+        source,
+        epochs,
+        console,
+        cfg,
+        threshold,
+        task,
     )
-    _print_demo(result)
+    (_print_classifier_demo if task == "skin-lesion" else _print_segmenter_demo)(result)
+    console.print(
+        f"latency of {result.case_id} end to end: REST {result.latency_rest_s:.2f} s, "
+        f"gRPC {result.latency_grpc_s:.2f} s (server compute {result.compute_ms} ms)",
+        highlight=False,
+    )
+    files = [f"report {result.report}"]
+    files += [f"overlay {result.overlay}"] if result.overlay else []
+    files += [f"mask {result.mask}"] if result.mask else []
+    console.print(f"{' · '.join(files)}\nfull log: {result.log}", highlight=False)
     console.print(f"demo finished in {time.perf_counter() - started:.0f} s", highlight=False)
 
 
-def _print_demo(result: Any) -> None:
-    """What the demo measured (a :class:`~medseg.demo.DemoResult`): scores, latencies, files."""
+def _print_segmenter_demo(result: Any) -> None:
+    """A segmentation demo's scores (a :class:`~medseg.demo.DemoResult`): Dice and volumes."""
+    validation = result.evaluation["dice"]
     table = Table(title=f"results: model {result.model_uri}")
     for col in ("region", "validation Dice", f"Dice on {result.case_id}", "volume (mL)"):
         table.add_column(col, justify="right")
     for region in result.dice_case:
         table.add_row(
             region,
-            f"{result.dice_validation[region]:.4f}",
+            f"{validation[region]:.4f}",
             f"{result.dice_case[region]:.4f}",
             f"{result.volumes_ml[region]:.2f}",
         )
-    mean = sum(result.dice_validation.values()) / len(result.dice_validation)
-    table.add_row("mean", f"{mean:.4f}", "", "")
+    table.add_row("mean", f"{sum(validation.values()) / len(validation):.4f}", "", "")
+    console.print(table)
+
+
+def _print_classifier_demo(result: Any) -> None:
+    """A classification demo's scores: macro AUC, balanced accuracy, AUC per class; the answer."""
+    ev = result.evaluation
+    table = Table(title=f"results: model {result.model_uri} (held-out lesions)")
+    for col in ("class", "validation ROC AUC", "sensitivity", "specificity"):
+        table.add_column(col, justify="right")
+    for c, auc, sens, spec in zip(
+        ev["classes"], ev["auc"], ev["sensitivity"], ev["specificity"], strict=True
+    ):
+        table.add_row(c, f"{auc:.4f}", f"{sens:.4f}", f"{spec:.4f}")
+    table.add_row("macro", f"{ev['macro_auc']:.4f}", "", "")
     console.print(table)
     console.print(
-        f"latency of {result.case_id} end to end: REST {result.latency_rest_s:.2f} s, "
-        f"gRPC {result.latency_grpc_s:.2f} s (server compute {result.compute_ms} ms)",
+        f"balanced accuracy {ev['balanced_accuracy']:.4f} · accuracy {ev['accuracy']:.4f} · "
+        f"gate macro AUC ≥ {ev['gate']['threshold']}: "
+        f"{'passed' if ev['gate']['passed'] else 'not passed'}",
         highlight=False,
     )
     console.print(
-        f"report {result.report} · overlay {result.overlay} · mask {result.mask}\n"
-        f"full log: {result.log}",
-        highlight=False,
+        f"served {result.case_id} (truly {result.truth}): {result.answer}", highlight=False
     )

@@ -62,7 +62,7 @@ def _params(
     return {
         "source": source,
         "store": store,
-        "dice_threshold": threshold,
+        "threshold": threshold,
         "model_name": model_name,
         "deployment": {"target": target},
         "training": {"epochs": epochs, "workers": workers, "launcher": launcher},

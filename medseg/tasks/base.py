@@ -264,6 +264,21 @@ class Task(ABC):
             )
         return chosen
 
+    def config_defaults(self) -> dict[str, dict[str, Any]]:
+        """The config fields a model of this task takes unless its YAML says otherwise.
+
+        Its channels, its first network and the channel counts that fit them: a config that
+        names only ``task: {kind: NAME}`` is a valid config of the task.
+        """
+        return {
+            "data": {"channels": list(self.inputs.channels)},
+            "model": {
+                "name": self.networks[0],
+                "in_channels": len(self.inputs.channels),
+                "out_channels": len(self.outputs.names),
+            },
+        }
+
     def check_config(self, model: ModelConfig, channels: Sequence[str]) -> None:
         """Check that the model and data configs agree with the task.
 
