@@ -28,7 +28,7 @@ What :func:`install` adds to kserve's own FastAPI app, before kserve registers i
 * ``POST /v2/repository/models/{name}/load`` and ``…/unload`` answered 403
   (:class:`RepositoryDisabled`): kserve's would let any client unload the one model.
 
-Both routes give the request a :class:`~model_server.predictor.Ticket`: the client's disconnect
+Both routes give the request a :class:`~model_server.admission.Ticket`: the client's disconnect
 or the request's deadline stops its work before and between the expensive stages. A bad request
 is a 4xx with one log line, never a traceback.
 """
@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
-from kserve.errors import InvalidInput, ModelNotReady
+from fastapi.responses import JSONResponse, Response
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.logging import logger
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import (
@@ -67,8 +67,8 @@ from medseg.codec import (
     validate_params,
 )
 from medseg.settings import ServerLimits
-from model_server import dicom_route, logs, memory, metrics
-from model_server.predictor import RequestAbandoned, Ticket, current_ticket
+from model_server import compat, dicom_route, logs, memory, metrics
+from model_server.admission import RequestAbandoned, Ticket, current_ticket
 
 __all__ = [
     "HEADER_LENGTH",
@@ -80,6 +80,7 @@ __all__ = [
     "install",
     "json_length",
     "parse_request",
+    "refusal_response",
 ]
 
 
@@ -151,8 +152,6 @@ def parse_request(
     Raises:
         InvalidInput: For anything that is not a well-formed v2 request.
     """
-    from model_server import compat  # here: compat imports this module
-
     if not body:
         raise InvalidInput("empty request body")
     if json_length is None:
@@ -299,8 +298,6 @@ def encode_response(
     response: InferResponse, request: InferRequest, binary_inputs: bool
 ) -> tuple[list[bytes | memoryview], dict[str, str]]:
     """Body parts and headers for a v2 response; binary outputs follow the JSON part."""
-    from model_server import compat  # here: compat imports this module
-
     try:
         asked = validate_params(request.parameters).binary_data_output
     except InputError as exc:
@@ -422,6 +419,24 @@ class _Refused(Exception):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or []
         self.drain = drain  # read the rest of the body (discarded) before answering
+
+
+async def refusal_response(
+    request: Request, exc: Exception, limits: ServerLimits | None = None
+) -> JSONResponse:
+    """The answer to a request that kserve's own routes refuse (their exception handler).
+
+    ``InvalidInput`` is a 400, ``ModelNotFound`` a 404, anything else (``ModelNotReady``) a 503
+    with Retry-After; each is logged in one line, with no traceback.
+    """
+    status = (
+        400 if isinstance(exc, InvalidInput) else 404 if isinstance(exc, ModelNotFound) else 503
+    )
+    log_refusal(status, f"{request.method} {request.url.path}", str(exc))
+    retry = None
+    if status == 503 and limits is not None:
+        retry = {"Retry-After": str(limits.retry_after_s)}
+    return JSONResponse(status_code=status, content={"error": str(exc)}, headers=retry)
 
 
 def log_refusal(status: int, where: str, message: str) -> None:
