@@ -24,7 +24,7 @@ def main() -> None:
         from kserve import Model
         from kserve.protocol.infer_type import InferOutput, InferRequest, InferResponse
 
-    from model_server.compat import MedsegModelServer
+    from model_server.kserve_server import MedsegModelServer
     from model_server.memory import limit_malloc_arenas
     from model_server.rest import InflightBudget, install
 

@@ -33,7 +33,8 @@ from medseg.codec import InputError, check_resampled_size
 from medseg.dicom import DicomStudyError, read_study
 from medseg.dicom_seg import StudySegmentation, segment_read_study
 from medseg.settings import ServerLimits
-from model_server.predictor import MedsegPredictor, Ticket, current_ticket
+from model_server.admission import Ticket, current_ticket
+from model_server.predictor import MedsegPredictor
 
 __all__ = ["DICOM", "MULTIPART", "PATH", "install", "multipart_related"]
 

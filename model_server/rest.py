@@ -28,7 +28,7 @@ What :func:`install` adds to kserve's own FastAPI app, before kserve registers i
 * ``POST /v2/repository/models/{name}/load`` and ``…/unload`` answered 403
   (:class:`RepositoryDisabled`): kserve's would let any client unload the one model.
 
-Both routes give the request a :class:`~model_server.predictor.Ticket`: the client's disconnect
+Both routes give the request a :class:`~model_server.admission.Ticket`: the client's disconnect
 or the request's deadline stops its work before and between the expensive stages. A bad request
 is a 4xx with one log line, never a traceback.
 """
@@ -46,8 +46,8 @@ from typing import Any
 import numpy as np
 import orjson
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
-from kserve.errors import InvalidInput, ModelNotReady
+from fastapi.responses import JSONResponse, Response
+from kserve.errors import InvalidInput, ModelNotFound, ModelNotReady
 from kserve.logging import logger
 from kserve.protocol.dataplane import DataPlane
 from kserve.protocol.infer_type import (
@@ -67,8 +67,8 @@ from medseg.codec import (
     validate_params,
 )
 from medseg.settings import ServerLimits
-from model_server import dicom_route, logs, memory, metrics
-from model_server.predictor import RequestAbandoned, Ticket, current_ticket
+from model_server import compat, dicom_route, logs, memory, metrics
+from model_server.admission import RequestAbandoned, Ticket, current_ticket
 
 __all__ = [
     "HEADER_LENGTH",
@@ -80,6 +80,7 @@ __all__ = [
     "install",
     "json_length",
     "parse_request",
+    "refusal_response",
 ]
 
 
@@ -151,8 +152,6 @@ def parse_request(
     Raises:
         InvalidInput: For anything that is not a well-formed v2 request.
     """
-    from model_server import compat  # here: compat imports this module
-
     if not body:
         raise InvalidInput("empty request body")
     if json_length is None:
@@ -170,84 +169,104 @@ def parse_request(
     offset = json_length
     inputs = []
     for n, spec in enumerate(doc["inputs"]):
-        if not isinstance(spec, dict):
-            raise InvalidInput(f"input {n} must be an object")
-        name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
-        if not isinstance(name, str) or not isinstance(datatype, str):
-            raise InvalidInput(f"input {n} needs a string 'name' and 'datatype'")
-        if not isinstance(shape, list):
-            raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
-        shape = [_int(s, f"input {name!r} shape") for s in shape]
-        dtype = to_np_dtype(datatype)
-        if dtype is None:
-            raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
-        iparams = spec.get("parameters") or {}
-        if not isinstance(iparams, dict):
-            raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
-        inp = InferInput(name=name, shape=shape, datatype=datatype, parameters=iparams or None)
-        count = math.prod(shape)
-        if count > limits.max_case_voxels:
-            raise InvalidInput(
-                f"input {name!r}: shape {shape} holds {count} values, above "
-                f"max_case_voxels={limits.max_case_voxels}"
-            )
-        if "binary_data_size" in iparams:
-            size = _int(iparams["binary_data_size"], f"input {name!r} binary_data_size")
-            if offset + size > len(body):
-                raise InvalidInput(
-                    f"input {name!r}: binary_data_size {size} runs past the body's end "
-                    f"({len(body) - offset} bytes left)"
-                )
-            raw = view[offset : offset + size]
-            offset += size
-            if datatype == "BYTES":
-                try:
-                    blobs = split_bytes_tensor(raw, f"input {name!r}")
-                except InputError as exc:
-                    raise InvalidInput(str(exc)) from None
-                if len(blobs) != count:
-                    raise InvalidInput(
-                        f"input {name!r}: {len(blobs)} BYTES elements for shape {shape}"
-                    )
-                items = np.empty(len(blobs), dtype=np.object_)
-                items[:] = blobs  # views into the body, no copy
-                compat.set_contents(inp, data=items.reshape(shape))
-            else:
-                if size != count * np.dtype(dtype).itemsize:
-                    raise InvalidInput(
-                        f"input {name!r}: {size} bytes do not hold {datatype} of shape {shape} "
-                        f"({count * np.dtype(dtype).itemsize} bytes)"
-                    )
-                compat.set_contents(inp, raw=raw)  # as_numpy() is np.frombuffer on it: no copy
-        elif "data" in spec:
-            data = _json_data(spec["data"], name, datatype, dtype, shape, count)
-            compat.set_contents(inp, data=data)
-        else:
-            raise InvalidInput(f"input {name!r} has neither 'data' nor 'binary_data_size'")
+        inp, offset = _parse_input(n, spec, view, offset, limits)
         inputs.append(inp)
     if offset != len(body):
         raise InvalidInput(f"{len(body) - offset} bytes after the last binary input")
-    outputs = None
-    if doc.get("outputs") is not None:
-        if not isinstance(doc["outputs"], list):
-            raise InvalidInput("'outputs' must be a list")
-        outputs = []
-        for o in doc["outputs"]:
-            if not isinstance(o, dict) or not isinstance(o.get("name"), str):
-                raise InvalidInput("each requested output needs a string 'name'")
-            try:
-                validate_params(o.get("parameters"))  # binary_data and the like: fail here
-            except InputError as exc:
-                raise InvalidInput(f"output {o['name']!r}: {exc}") from None
-            outputs.append(RequestedOutput(name=o["name"], parameters=o.get("parameters")))
     request_id = doc.get("id")
     return InferRequest(
         model_name=model_name,
         infer_inputs=inputs,
         request_id=request_id if isinstance(request_id, str) else None,
         parameters=params,
-        request_outputs=outputs,
+        request_outputs=_requested_outputs(doc.get("outputs")),
     )
+
+
+def _parse_input(
+    n: int, spec: Any, view: memoryview, offset: int, limits: ServerLimits
+) -> tuple[InferInput, int]:
+    """Input ``n`` of a v2 body, its binary data (from ``offset``) viewed in the body.
+
+    Returns:
+        The input, and the offset of the next input's binary data.
+    """
+    if not isinstance(spec, dict):
+        raise InvalidInput(f"input {n} must be an object")
+    name, datatype, shape = spec.get("name"), spec.get("datatype"), spec.get("shape")
+    if not isinstance(name, str) or not isinstance(datatype, str):
+        raise InvalidInput(f"input {n} needs a string 'name' and 'datatype'")
+    if not isinstance(shape, list):
+        raise InvalidInput(f"input {name!r}: 'shape' must be a list of integers")
+    shape = [_int(s, f"input {name!r} shape") for s in shape]
+    dtype = to_np_dtype(datatype)
+    if dtype is None:
+        raise InvalidInput(f"input {name!r}: unknown datatype {datatype!r}")
+    iparams = spec.get("parameters") or {}
+    if not isinstance(iparams, dict):
+        raise InvalidInput(f"input {name!r}: 'parameters' must be an object")
+    inp = InferInput(name=name, shape=shape, datatype=datatype, parameters=iparams or None)
+    count = math.prod(shape)
+    if count > limits.max_case_voxels:
+        raise InvalidInput(
+            f"input {name!r}: shape {shape} holds {count} values, above "
+            f"max_case_voxels={limits.max_case_voxels}"
+        )
+    if "binary_data_size" in iparams:
+        size = _int(iparams["binary_data_size"], f"input {name!r} binary_data_size")
+        if offset + size > len(view):
+            raise InvalidInput(
+                f"input {name!r}: binary_data_size {size} runs past the body's end "
+                f"({len(view) - offset} bytes left)"
+            )
+        _view_binary(inp, view[offset : offset + size], dtype, count)
+        return inp, offset + size
+    if "data" in spec:
+        data = _json_data(spec["data"], name, datatype, dtype, shape, count)
+        compat.set_contents(inp, data=data)
+        return inp, offset
+    raise InvalidInput(f"input {name!r} has neither 'data' nor 'binary_data_size'")
+
+
+def _view_binary(inp: InferInput, raw: memoryview, dtype: Any, count: int) -> None:
+    """Give ``inp`` its binary data, a view into the body (no copy), once its size fits."""
+    name, datatype, shape = inp.name, inp.datatype, list(inp.shape)
+    if datatype == "BYTES":
+        try:
+            blobs = split_bytes_tensor(raw, f"input {name!r}")
+        except InputError as exc:
+            raise InvalidInput(str(exc)) from None
+        if len(blobs) != count:
+            raise InvalidInput(f"input {name!r}: {len(blobs)} BYTES elements for shape {shape}")
+        items = np.empty(len(blobs), dtype=np.object_)
+        items[:] = blobs  # views into the body, no copy
+        compat.set_contents(inp, data=items.reshape(shape))
+        return
+    size = len(raw)
+    if size != count * np.dtype(dtype).itemsize:
+        raise InvalidInput(
+            f"input {name!r}: {size} bytes do not hold {datatype} of shape {shape} "
+            f"({count * np.dtype(dtype).itemsize} bytes)"
+        )
+    compat.set_contents(inp, raw=raw)  # as_numpy() is np.frombuffer on it: no copy
+
+
+def _requested_outputs(outputs: Any) -> list[RequestedOutput] | None:
+    """A v2 body's ``outputs``: each named, its parameters valid (``binary_data`` …)."""
+    if outputs is None:
+        return None
+    if not isinstance(outputs, list):
+        raise InvalidInput("'outputs' must be a list")
+    requested = []
+    for o in outputs:
+        if not isinstance(o, dict) or not isinstance(o.get("name"), str):
+            raise InvalidInput("each requested output needs a string 'name'")
+        try:
+            validate_params(o.get("parameters"))  # binary_data and the like: fail here
+        except InputError as exc:
+            raise InvalidInput(f"output {o['name']!r}: {exc}") from None
+        requested.append(RequestedOutput(name=o["name"], parameters=o.get("parameters")))
+    return requested
 
 
 def check_request_strings(doc: Mapping[str, Any], limits: ServerLimits) -> None:
@@ -299,8 +318,6 @@ def encode_response(
     response: InferResponse, request: InferRequest, binary_inputs: bool
 ) -> tuple[list[bytes | memoryview], dict[str, str]]:
     """Body parts and headers for a v2 response; binary outputs follow the JSON part."""
-    from model_server import compat  # here: compat imports this module
-
     try:
         asked = validate_params(request.parameters).binary_data_output
     except InputError as exc:
@@ -422,6 +439,24 @@ class _Refused(Exception):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or []
         self.drain = drain  # read the rest of the body (discarded) before answering
+
+
+async def refusal_response(
+    request: Request, exc: Exception, limits: ServerLimits | None = None
+) -> JSONResponse:
+    """The answer to a request that kserve's own routes refuse (their exception handler).
+
+    ``InvalidInput`` is a 400, ``ModelNotFound`` a 404, anything else (``ModelNotReady``) a 503
+    with Retry-After; each is logged in one line, with no traceback.
+    """
+    status = (
+        400 if isinstance(exc, InvalidInput) else 404 if isinstance(exc, ModelNotFound) else 503
+    )
+    log_refusal(status, f"{request.method} {request.url.path}", str(exc))
+    retry = None
+    if status == 503 and limits is not None:
+        retry = {"Retry-After": str(limits.retry_after_s)}
+    return JSONResponse(status_code=status, content={"error": str(exc)}, headers=retry)
 
 
 def log_refusal(status: int, where: str, message: str) -> None:
@@ -643,19 +678,44 @@ def install(
 ) -> None:
     """Add :class:`BodyLimits` and the v2/v1 infer routes to ``app`` (before the server starts)."""
     app.add_middleware(BodyLimits, limits=limits, budget=budget)
+    routes = _Routes(dataplane, limits)
+    for action in ("load", "unload"):
+        app.add_api_route(
+            f"/v2/repository/models/{{model_name}}/{action}", routes.repository, methods=["POST"]
+        )
+    paths = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{v}/infer")
+    for path in paths:
+        app.add_api_route(path, routes.infer, methods=["POST"], include_in_schema="{v}" not in path)
+    app.add_api_route("/v1/models/{model_name}:predict", routes.predict_v1, methods=["POST"])
+    dicom_route.install(app, dataplane, limits, routes.serve)
+
+
+class _Routes:
+    """The REST routes that :func:`install` adds, over kserve's data plane."""
+
+    def __init__(self, dataplane: DataPlane, limits: ServerLimits):
+        self.dataplane = dataplane
+        self.limits = limits
 
     async def serve(
-        request: Request, model_name: str, handle: Callable[[bytearray], Awaitable[Response]]
+        self,
+        request: Request,
+        model_name: str,
+        handle: Callable[[bytearray], Awaitable[Response]],
     ) -> Response:
+        """``handle`` the body that :class:`BodyLimits` read, under the request's ticket.
+
+        The client's disconnect abandons the ticket; a refusal is a 4xx with one log line.
+        """
         where = f"{request.method} {request.url.path}"
         body = request.scope.pop(BODY_KEY, None) or bytearray()  # read by BodyLimits
         metrics.REQUEST_BYTES.observe(len(body))
-        ticket = Ticket(limits.request_timeout_s)
+        ticket = Ticket(self.limits.request_timeout_s)
         token = current_ticket.set(ticket)
         watcher = asyncio.create_task(_watch_disconnect(request.receive, ticket))
         started = time.monotonic()
         try:
-            if not await dataplane.model_ready(model_name, True):
+            if not await self.dataplane.model_ready(model_name, True):
                 raise ModelNotReady(model_name)
             return await handle(body)
         except InvalidInput as exc:
@@ -669,53 +729,49 @@ def install(
             watcher.cancel()
             current_ticket.reset(token)
 
-    async def infer(request: Request, model_name: str, v: str | None = None) -> Response:
+    async def infer(self, request: Request, model_name: str, v: str | None = None) -> Response:
+        """``POST /v2/models/{name}[/versions/{v}]/infer``: binary inputs viewed, not copied."""
+
         async def handle(body: bytearray) -> Response:
             header = request.headers.get(HEADER_LENGTH)
-            parsed = parse_request(body, json_length(header, len(body)), model_name, limits)
+            length = json_length(header, len(body))
+            parsed = parse_request(body, length, model_name, self.limits)
             headers = {k.lower(): v for k, v in request.headers.items()}
-            result, response_headers = await dataplane.infer(model_name, parsed, headers)
+            result, response_headers = await self.dataplane.infer(model_name, parsed, headers)
             if not isinstance(result, InferResponse):
                 raise InvalidInput("the model did not answer a v2 response")
             parts, out_headers = encode_response(result, parsed, binary_inputs=header is not None)
-            response_headers = {
-                k: v
-                for k, v in (response_headers or {}).items()
-                if k.lower() not in ("content-length", "content-type")
-            }
-            return PartsResponse(parts, {**response_headers, **out_headers})
+            return PartsResponse(parts, {**_passed_on(response_headers), **out_headers})
 
-        return await serve(request, model_name, handle)
+        return await self.serve(request, model_name, handle)
 
-    async def predict_v1(request: Request, model_name: str) -> Response:
+    async def predict_v1(self, request: Request, model_name: str) -> Response:
+        """``POST /v1/models/{name}:predict``: a v1 JSON body, parsed within the limits."""
+
         async def handle(body: bytearray) -> Response:
             if not body:
                 raise InvalidInput("empty request body")
-            doc = load_json(body, limits)
+            doc = load_json(body, self.limits)
             if not isinstance(doc, dict):
                 raise InvalidInput("a v1 request must be a JSON object")
             headers = {k.lower(): v for k, v in request.headers.items()}
-            result, response_headers = await dataplane.infer(model_name, doc, headers)
-            named = {
-                k: v
-                for k, v in (response_headers or {}).items()
-                if k.lower() not in ("content-length", "content-type")
-            }
+            result, response_headers = await self.dataplane.infer(model_name, doc, headers)
+            named = _passed_on(response_headers)
             return Response(orjson.dumps(result), 200, named, media_type="application/json")
 
-        return await serve(request, model_name, handle)
+        return await self.serve(request, model_name, handle)
 
-    async def repository(request: Request, model_name: str) -> Response:
+    async def repository(self, request: Request, model_name: str) -> Response:
+        """The model repository's load/unload: refused (:class:`RepositoryDisabled`)."""
         refused = RepositoryDisabled()
         log_refusal(403, f"{request.method} {request.url.path}", str(refused))
         return _error(403, str(refused))
 
-    for action in ("load", "unload"):
-        app.add_api_route(
-            f"/v2/repository/models/{{model_name}}/{action}", repository, methods=["POST"]
-        )
-    paths = ("/v2/models/{model_name}/infer", "/v2/models/{model_name}/versions/{v}/infer")
-    for path in paths:
-        app.add_api_route(path, infer, methods=["POST"], include_in_schema="{v}" not in path)
-    app.add_api_route("/v1/models/{model_name}:predict", predict_v1, methods=["POST"])
-    dicom_route.install(app, dataplane, limits, serve)
+
+def _passed_on(response_headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The model's response headers, less those the route sets itself (length and type)."""
+    return {
+        k: v
+        for k, v in (response_headers or {}).items()
+        if k.lower() not in ("content-length", "content-type")
+    }

@@ -63,7 +63,7 @@ def serve(argv: list[str] | None = None) -> None:
         args = parse_args(argv)
         import kserve.model_server as ks
     limits = limits_from_args(args)
-    from model_server.compat import MedsegModelServer
+    from model_server.kserve_server import MedsegModelServer
     from model_server.predictor import MedsegPredictor
     from model_server.rest import InflightBudget, install
 

@@ -1014,9 +1014,9 @@ def test_a_model_not_ready_is_a_503_with_retry_after() -> None:
     from fastapi import Request
     from kserve.errors import ModelNotReady
 
-    from model_server.compat import _one_line
+    from model_server.rest import refusal_response
 
     scope = {"type": "http", "method": "POST", "path": "/v2/models/m/infer", "headers": []}
     request = Request({**scope, "query_string": b"", "scheme": "http", "server": ("x", 80)})
-    answer = asyncio.run(_one_line(request, ModelNotReady("m"), LIMITS))
+    answer = asyncio.run(refusal_response(request, ModelNotReady("m"), LIMITS))
     assert answer.status_code == 503 and answer.headers["retry-after"] == "5"

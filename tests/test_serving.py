@@ -192,7 +192,7 @@ def test_labels_output_to_a_plain_http_client(server: dict[str, str], case: Path
     mask = predict(server["rest"], [case], label_convention="msd").mask
     np.testing.assert_array_equal(labels, np.asarray(_mask(mask).dataobj))
     assert labels.any()  # a real label map, not zeros
-    from model_server.predictor import SHA256_HEADER, VERSION_HEADER
+    from model_server.protocol import SHA256_HEADER, VERSION_HEADER
 
     assert r.headers[VERSION_HEADER] == "unregistered" and len(r.headers[SHA256_HEADER]) == 64
     meta = httpx.get(f"{server['rest']}/v2/models/medseg", timeout=30).json()
