@@ -52,6 +52,7 @@ bench: setup
 	$(VENV)/python benchmarks/bench_preprocess_cache.py
 	$(VENV)/python benchmarks/bench_train_throughput.py
 	$(VENV)/python benchmarks/bench_batch_predict.py
+	$(VENV)/python benchmarks/bench_classify.py
 	$(VENV)/python benchmarks/bench_serving.py
 	$(VENV)/python benchmarks/bench_engine.py --per-voxel
 	$(VENV)/python benchmarks/bench_shards.py

@@ -57,6 +57,9 @@ BATCH = 16
 def classify_images(model: Segmenter, images: Sequence[np.ndarray]) -> np.ndarray:
     """Class probabilities ``[N, C]`` (float32) of RGB pixels ``[3, H, W]`` (uint8).
 
+    The images run as one batch on the model's engine (:meth:`~medseg.infer.Segmenter.logits`:
+    PyTorch, or the exported graph on ONNX Runtime or OpenVINO).
+
     Raises:
         MedsegError: If the model's task is not a classification task.
     """
@@ -68,7 +71,7 @@ def classify_images(model: Segmenter, images: Sequence[np.ndarray]) -> np.ndarra
         return np.zeros((0, len(task.outputs.names)), dtype=np.float32)
     batch = torch.stack([torch.as_tensor(chain({"image": img})["image"]) for img in images])
     with torch.no_grad():
-        logits = model.net(batch.float().to(model.device))
+        logits = model.logits(batch)
     return np.stack([task.activate(row).cpu().numpy() for row in logits]).astype(np.float32)
 
 

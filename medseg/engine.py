@@ -1,10 +1,12 @@
-"""Inference engines: what runs the network's forward pass on a volume or its windows.
+"""Inference engines: what runs the network's forward pass on a batch of windows or images.
 
 A model artifact's weights (``model.pt``) are the reference. An artifact may also carry
-:data:`GRAPH_FILE` (``model.onnx``): the same network exported as an ONNX graph with free batch
-and spatial sizes (traced on the config's ``infer.roi_size``), so that it runs sliding windows
-and whole volumes alike (``infer.window``), stamped with the sha256 of the weights it was
-exported from. The engine is chosen at load time by ``infer.engine`` (:data:`~medseg.config.
+:data:`GRAPH_FILE` (``model.onnx``): the same network exported as an ONNX graph, stamped with the
+sha256 of the weights it was exported from. Its shapes are the task's
+(:meth:`medseg.tasks.Task.graph_spec`): a segmentation graph has free batch and spatial sizes
+(traced on the config's ``infer.roi_size``), so that it runs sliding windows and whole volumes
+alike (``infer.window``); a classifier's has a free batch of images of ``data.image_size``. The
+engine is chosen at load time by ``infer.engine`` (:data:`~medseg.config.
 Engine`, overridable by :func:`medseg.infer.load_model`'s ``engine``):
 
 * ``torch``: the PyTorch network (the reference, and the only engine using the GPU);
@@ -22,8 +24,9 @@ PyTorch on the CPU compute FP32 unless told otherwise (no fast-math option is se
 
 Failure contract: an engine asked for by name whose graph is missing is an error. A graph that
 is present but unreadable, exported from other weights than the artifact's ``model.pt``, or
-exported for fixed window sizes (an older medseg) while ``infer.window`` is ``volume``, is an
-error whatever the engine setting (a broken artifact is refused, never quietly served by another
+exported for fixed window sizes (an older medseg) while ``infer.window`` is ``volume``, or for
+other fixed sizes than the config's (a classifier's ``data.image_size`` changed), is an error
+whatever the engine setting (a broken artifact is refused, never quietly served by another
 engine). Export is done by :func:`export_graph` (from a network) or :func:`export_model` (adds the
 graph to an existing artifact); :func:`medseg.register.register` exports every version it
 registers.
@@ -46,6 +49,7 @@ import torch
 
 from medseg.config import Engine, MedsegConfig, Precision
 from medseg.errors import MedsegError
+from medseg.tasks import GraphSpec, task_of
 
 __all__ = [
     "AUTO_ENGINE",
@@ -69,14 +73,13 @@ AUTO_ENGINE: Engine = "openvino"
 #: ONNX metadata key holding the sha256 of the ``model.pt`` bytes the graph was exported from.
 _WEIGHTS_KEY = "medseg.weights_sha256"
 _INPUT, _OUTPUT = "image", "logits"
-#: The graph's free axes: the batch and the three spatial ones (a whole volume is one window).
-_FREE_AXES = {0: "batch", 2: "x", 3: "y", 4: "z"}
 #: ONNX opset of the export (GroupNormalization and the resize modes SegResNet uses).
 _OPSET = 18
 #: OpenVINO's element type for each ``infer.precision`` (its ``INFERENCE_PRECISION_HINT``).
 _OPENVINO_PRECISION: dict[str, str] = {"f32": "f32", "bf16": "bf16"}
 
-#: A forward pass: a batch of windows ``[B, C, *roi]`` to logits ``[B, 3, *roi]`` (float32).
+#: A forward pass: a batch ``[B, C, *spatial]`` (windows or images) to float32 logits
+#: (``[B, n_outputs, *spatial]`` per voxel, ``[B, n_outputs]`` per image).
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
@@ -86,10 +89,11 @@ def weights_digest(weights: bytes) -> str:
 
 
 def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -> bytes:
-    """Export ``net`` as ONNX, traced on a ``cfg.infer.roi_size`` window.
+    """Export ``net`` as ONNX, traced on an input of the task's example shape.
 
-    The batch size and the spatial sizes are free (any multiple of
-    :func:`~medseg.model.size_multiple`), so the graph runs sliding windows and whole volumes.
+    The free axes are the task's (:meth:`~medseg.tasks.Task.graph_spec`): for segmentation
+    the batch size and the spatial sizes (any multiple of :func:`~medseg.model.size_multiple`),
+    so the graph runs sliding windows and whole volumes; for a classifier the batch size.
 
     Uses the TorchScript-based exporter: the ``torch.export`` one gives the same graph here
     but takes 4× as long (66 s against 25 s for the default SegResNet on this machine), which
@@ -97,7 +101,7 @@ def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -
 
     Args:
         net: The network (put in eval mode on the CPU for the export).
-        cfg: The model's config (window shape, channels).
+        cfg: The model's config (its task, and the input shape the task derives from it).
         weights_sha256: :func:`weights_digest` of the weights ``net`` holds; stamped into the
             graph so a graph never runs with the wrong weights' artifact.
 
@@ -107,19 +111,20 @@ def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -
     import onnx
 
     net = net.to("cpu").eval()
-    window = torch.zeros(1, cfg.model.in_channels, *cfg.infer.roi_size)
+    spec = task_of(cfg).graph_spec(cfg)
+    example = torch.zeros(spec.example)
     with tempfile.TemporaryDirectory(prefix="medseg-export-") as tmp:
         path = Path(tmp) / GRAPH_FILE
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the exporter's deprecation and tracer notices
             torch.onnx.export(
                 net,
-                (window,),
+                (example,),
                 path,
                 dynamo=False,
                 input_names=[_INPUT],
                 output_names=[_OUTPUT],
-                dynamic_axes={_INPUT: _FREE_AXES, _OUTPUT: _FREE_AXES},
+                dynamic_axes={_INPUT: dict(spec.input_axes), _OUTPUT: dict(spec.output_axes)},
                 opset_version=_OPSET,
             )
         model = onnx.load_from_string(path.read_bytes())
@@ -221,7 +226,7 @@ def graph_forward(
     Args:
         engine: The runtime.
         graph: The bytes of :data:`GRAPH_FILE`.
-        cfg: The model's config (window shape and batch).
+        cfg: The model's config (its task's :class:`~medseg.tasks.GraphSpec`, the precision).
         weights_sha256: :func:`weights_digest` of the artifact's ``model.pt``.
         where: The artifact's URI (for messages).
 
@@ -229,8 +234,9 @@ def graph_forward(
         The forward pass on the CPU.
 
     Raises:
-        MedsegError: If the graph is unreadable, was exported from other weights, or does not
-            load on the runtime (the message names the artifact and the reason).
+        MedsegError: If the graph is unreadable, was exported from other weights or for other
+            input sizes than the config's, or does not load on the runtime (the message names
+            the artifact and the reason).
     """
     import onnx
 
@@ -241,14 +247,8 @@ def graph_forward(
     except Exception as exc:  # protobuf's DecodeError, the checker's ValidationError, …
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise MedsegError(f"{name} is not a valid ONNX model: {reason}") from None
-    fixed = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[2:]]
-    if cfg.infer.window == "volume" and any(fixed):
-        raise MedsegError(
-            f"{name} was exported for windows of {fixed} voxels only and infer.window is "
-            "'volume' (whole volumes): export it again (medseg.engine.export_model; for a "
-            "registered version, register its run again: a version never changes), or set "
-            "infer.window to 'sliding'"
-        )
+    spec = task_of(cfg).graph_spec(cfg)
+    _check_sizes(model, spec, cfg, name)
     stamped = {p.key: p.value for p in model.metadata_props}.get(_WEIGHTS_KEY)
     if stamped != weights_sha256:
         raise MedsegError(
@@ -259,11 +259,30 @@ def graph_forward(
         if engine == "onnxruntime":
             return _onnxruntime_forward(graph)
         if engine == "openvino":
-            return _openvino_forward(graph, cfg)
+            return _openvino_forward(graph, spec, cfg.infer.precision)
     except Exception as exc:  # whatever the runtime raises on a graph it cannot compile
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise MedsegError(f"{name} does not load on {engine}: {reason}") from None
     raise MedsegError(f"unknown inference engine {engine!r}")
+
+
+def _check_sizes(model: Any, spec: GraphSpec, cfg: MedsegConfig, name: str) -> None:
+    """Refuse a graph whose fixed spatial sizes cannot run the inputs the model is given."""
+    fixed = [d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim[2:]]
+    if spec.any_size and any(fixed):
+        raise MedsegError(
+            f"{name} was exported for windows of {fixed} voxels only and infer.window is "
+            "'volume' (whole volumes): export it again (medseg.engine.export_model; for a "
+            "registered version, register its run again: a version never changes), or set "
+            "infer.window to 'sliding'"
+        )
+    wanted = list(spec.example[2:])
+    if any(f and f != w for f, w in zip(fixed, wanted, strict=True)):
+        raise MedsegError(
+            f"{name} was exported for inputs of {fixed} and the model's config "
+            f"({task_of(cfg).name}) runs inputs of {wanted}: export it again "
+            "(medseg.engine.export_model), or restore the config it was exported with"
+        )
 
 
 def _onnxruntime_forward(graph: bytes) -> Forward:
@@ -280,31 +299,32 @@ def _onnxruntime_forward(graph: bytes) -> Forward:
     return forward
 
 
-def _openvino_forward(graph: bytes, cfg: MedsegConfig) -> Forward:
+def _openvino_forward(graph: bytes, spec: GraphSpec, precision: Precision) -> Forward:
     """OpenVINO on the CPU, one compiled plan per input shape.
 
-    Every plan is compiled with ``INFERENCE_PRECISION_HINT`` set from ``cfg.infer.precision``
+    Every plan is compiled with ``INFERENCE_PRECISION_HINT`` set from ``infer.precision``
     (the plugin's own default is bf16 on CPUs with native bf16). A plan that reports another
     precision than ``f32`` when ``f32`` was asked for is an error; ``bf16`` asked for on a CPU
     without it runs as ``f32``, which is logged.
 
     A static shape lets OpenVINO plan every layer once (a dynamic-shape plan ran a full-size
-    volume 1.5× slower): sliding windows are run in batches of ``sw_batch_size`` (the last,
-    smaller batch padded up to it), a whole volume with a plan compiled for its shape. The
-    window plan is kept, and the last volume's (a new volume shape compiles in ~3 s); calls
-    are serialised, as one plan's infer request runs one call at a time and uses every core.
+    volume 1.5× slower): inputs of the task's example size (sliding windows, a classifier's
+    images) are run in batches of ``spec.plan_batch`` (the last, smaller batch padded up to
+    it), a whole volume with a plan compiled for its shape. The example-size plan is kept, and
+    the last volume's (a new volume shape compiles in ~3 s); calls are serialised, as one
+    plan's infer request runs one call at a time and uses every core.
     """
     import openvino as ov
 
     core = ov.Core()
     model = ov.convert_model(io.BytesIO(graph))
-    batch_size = cfg.infer.sw_batch_size
-    window = (batch_size, cfg.model.in_channels, *cfg.infer.roi_size)
+    batch_size = spec.plan_batch
+    window = (batch_size, *spec.example[1:])
     plans: dict[tuple[int, ...], Any] = {}
     lock = threading.Lock()
     properties = {
         "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[cfg.infer.precision],
+        "INFERENCE_PRECISION_HINT": _OPENVINO_PRECISION[precision],
     }
 
     def plan(shape: tuple[int, ...]) -> Any:
@@ -313,7 +333,7 @@ def _openvino_forward(graph: bytes, cfg: MedsegConfig) -> Forward:
                 del plans[old]  # the previous volume's plan and its buffers
             model.reshape({_INPUT: list(shape)})
             compiled = core.compile_model(model, "CPU", properties)
-            _check_plan_precision(compiled, cfg.infer.precision)
+            _check_plan_precision(compiled, precision)
             plans[shape] = (compiled, compiled.create_infer_request())
         return plans[shape]
 

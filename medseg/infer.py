@@ -86,6 +86,18 @@ class Segmenter:
         multiple = size_multiple(self.cfg.model)
         return math.prod(-(-n // multiple) * multiple for n in spatial) <= infer.volume_max_voxels
 
+    def logits(self, batch: torch.Tensor) -> torch.Tensor:
+        """The engine's forward pass on a batch ``[B, C, *spatial]`` (windows or images).
+
+        A graph engine (:attr:`forward`) runs float32 on the CPU; the PyTorch network runs on
+        :attr:`device` in the config's memory format (autocast, where it applies, is the
+        caller's: :meth:`probabilities` sets it).
+        """
+        if self.forward is not None:
+            return self.forward(batch.to("cpu", torch.float32))
+        layout = memory_format(self.cfg.infer.channels_last)
+        return self.net(batch.to(self.device, torch.float32).contiguous(memory_format=layout))
+
     @torch.no_grad()
     def probabilities(
         self, image: torch.Tensor, check: Callable[[], None] | None = None
@@ -109,20 +121,13 @@ class Segmenter:
         if 0 in image.shape[1:]:  # an empty foreground (an all-zero case): no region anywhere
             outputs = len(self.task.outputs.names)
             return torch.zeros((outputs, *image.shape[1:]), dtype=torch.float32)
-        if self.forward is not None:
-            batch = image.to("cpu", torch.float32).unsqueeze(0)
-            run: Forward = self.forward
-        else:
-            layout = memory_format(infer.channels_last)
-            batch = image.to(self.device, torch.float32).unsqueeze(0)
-
-            def run(x: torch.Tensor) -> torch.Tensor:
-                return self.net(x.contiguous(memory_format=layout))
+        where = "cpu" if self.forward is not None else self.device
+        batch = image.to(where, torch.float32).unsqueeze(0)
 
         def net(x: torch.Tensor) -> torch.Tensor:
             if check is not None:
                 check()
-            return run(x)
+            return self.logits(x)
 
         with autocast(self.device, infer.amp, infer.amp_dtype):
             logits: Any

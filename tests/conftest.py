@@ -1,4 +1,4 @@
-"""Shared fixtures: a real MinIO server on 127.0.0.1, buckets, and small synthetic datasets."""
+"""Shared fixtures: a real MinIO server on 127.0.0.1, buckets, small synthetic data and models."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import nibabel as nib
 import numpy as np
@@ -19,8 +19,11 @@ from medseg.config import MedsegConfig
 from medseg.minio_server import MinioServer, free_port
 from medseg.mlflow_server import MlflowServer
 from medseg.settings import ServerArgs
-from medseg.storage import Storage
+from medseg.storage import Storage, join
 from medseg.synth import write_dataset
+
+if TYPE_CHECKING:
+    from medseg.manifest import DatasetRef
 
 #: Small volumes keep the suite fast; the code paths are the same as at full size.
 SHAPE = (48, 48, 32)
@@ -54,6 +57,34 @@ def write_tiny_model(folder: Path, seed: int = 0, **sections: dict[str, Any]) ->
     torch.save(build_network(cfg.model).state_dict(), folder / "model.pt")
     (folder / "model.yaml").write_text(cfg.to_yaml())
     return folder
+
+
+#: The tiny skin-lesion classifier's data: images, their size after preprocessing, the split.
+SKIN_IMAGES = 42
+SKIN_SIZE = 32
+SKIN_SPLIT = {"val_fraction": 0.3, "seed": 1}
+
+
+def skin_config(imbalance: str = "weighted_sampler", **train: Any) -> MedsegConfig:
+    """A tiny skin-lesion config: 32 px images, 2 epochs, no workers."""
+    from medseg.skin.classes import CHANNELS, CLASSES
+
+    return MedsegConfig.model_validate(
+        {
+            "task": {"kind": "skin-lesion-classification", "imbalance": imbalance},
+            "data": {"channels": list(CHANNELS), "image_size": [SKIN_SIZE, SKIN_SIZE]},
+            "model": {"name": "DenseNet121", "in_channels": 3, "out_channels": len(CLASSES)},
+            "train": {
+                "epochs": 2,
+                "batch_size": 8,
+                "lr": 1e-3,
+                "num_workers": 0,
+                "amp": False,
+                **train,
+            },
+            "split": SKIN_SPLIT,
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -228,6 +259,46 @@ def write_biased_model(folder: Path, case: Path | None = None) -> Path:
             )
         torch.save(net.state_dict(), folder / "model.pt")
     return folder
+
+
+@pytest.fixture(scope="session")
+def ham(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """:data:`SKIN_IMAGES` synthetic HAM10000 images in its layout (read-only)."""
+    from medseg.skin.synth import write_ham10000
+
+    root = tmp_path_factory.mktemp("ham")
+    write_ham10000(root, SKIN_IMAGES, seed=5)
+    return root
+
+
+@dataclass
+class SkinModel:
+    """The tiny skin model's store, dataset, training run and model artifact (``uri``)."""
+
+    storage: Storage
+    bucket: str
+    ref: DatasetRef
+    run_id: str
+    uri: str
+
+
+@pytest.fixture(scope="session")
+def skin_model(ham: Path, minio_server: MinioServer) -> SkinModel:
+    """One epoch of the tiny skin model (:func:`skin_config`), trained once for the session."""
+    from medseg.config import SplitConfig
+    from medseg.ingest import ingest
+    from medseg.preprocess import preprocess
+    from medseg.train import train
+
+    storage = Storage(minio_server.settings(retry_seconds=10))
+    bucket = f"s3://t-{uuid.uuid4().hex[:12]}"
+    storage.ensure_bucket(bucket)
+    cfg = skin_config(epochs=1)
+    split = SplitConfig.model_validate(SKIN_SPLIT)
+    ref = ingest(str(ham), "skin", bucket, storage=storage, split=split).ref
+    preprocess(str(ref), bucket, cfg.data, storage=storage, progress=False)
+    run = train(str(ref), bucket, "skin-eval", cfg, storage=storage)
+    return SkinModel(storage, bucket, ref, "skin-eval", join(run.run_prefix, "model"))
 
 
 @pytest.fixture(scope="session")

@@ -11,11 +11,8 @@ import base64
 import json
 import subprocess
 import sys
-import uuid
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import numpy as np
@@ -30,7 +27,6 @@ from medseg.evaluate import evaluate
 from medseg.infer import load_model
 from medseg.ingest import ingest
 from medseg.manifest import DatasetRef
-from medseg.minio_server import MinioServer
 from medseg.predict import predict
 from medseg.preprocess import preprocess
 from medseg.register import model_card_markdown, register
@@ -39,45 +35,13 @@ from medseg.shards import collect_predictions, predict_shard
 from medseg.skin.classes import CHANNELS, CLASSES
 from medseg.skin.images import decode_image
 from medseg.skin.metrics import classification_metrics
-from medseg.skin.synth import write_ham10000
 from medseg.storage import Storage, join
 from medseg.tasks import get_task, task_of
 from medseg.tasks.skin import SKIN, SkinTaskConfig, inverse_frequency
 from medseg.train import DistributedWeightedSampler, train
 
-from .conftest import model_server
+from .conftest import SKIN_SIZE, SkinModel, model_server, skin_config
 from .test_skin_images import jpeg_claiming, png_bomb
-
-N = 42
-SIZE = 32
-SPLIT = SplitConfig(val_fraction=0.3, seed=1)
-
-
-def skin_config(imbalance: str = "weighted_sampler", **train: Any) -> MedsegConfig:
-    """A tiny skin-lesion config: 32 px images, 2 epochs, no workers."""
-    return MedsegConfig.model_validate(
-        {
-            "task": {"kind": "skin-lesion-classification", "imbalance": imbalance},
-            "data": {"channels": list(CHANNELS), "image_size": [SIZE, SIZE]},
-            "model": {"name": "DenseNet121", "in_channels": 3, "out_channels": len(CLASSES)},
-            "train": {
-                "epochs": 2,
-                "batch_size": 8,
-                "lr": 1e-3,
-                "num_workers": 0,
-                "amp": False,
-                **train,
-            },
-            "split": {"val_fraction": 0.3, "seed": 1},
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def ham(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ham")
-    write_ham10000(root, N, seed=5)
-    return root
 
 
 def test_the_config_names_the_skin_task() -> None:
@@ -98,7 +62,7 @@ def test_the_config_names_the_skin_task() -> None:
         CHANNELS,
     )
     net = SKIN.build_network(cfg.model)
-    assert net(torch.zeros(2, 3, SIZE, SIZE)).shape == (2, len(CLASSES))
+    assert net(torch.zeros(2, 3, SKIN_SIZE, SKIN_SIZE)).shape == (2, len(CLASSES))
     assert SKIN.metric_names()[-1] == SKIN.gate_metric == "macro_auc"
 
 
@@ -155,7 +119,7 @@ def test_skin_task_trains_on_the_shared_trainer(
     assert {e["case_id"]: e["label"] for e in done.index["cases"]} == labels
     data = PreprocessedDataset(done.prefix, None, settings=storage.settings)
     item = data[0]
-    assert item["image"].shape == (3, SIZE, SIZE) and item["image"].dtype == torch.float16
+    assert item["image"].shape == (3, SKIN_SIZE, SKIN_SIZE) and item["image"].dtype == torch.float16
     assert float(item["image"].min()) >= 0.0 and float(item["image"].max()) <= 1.0
     assert CLASSES[int(item["label"][0])] == labels[item["case_id"]]
 
@@ -182,27 +146,6 @@ def test_skin_task_trains_on_the_shared_trainer(
     assert Counter(truth.tolist()) == Counter(
         CLASSES.index(c.label) for c in manifest.cases if c.split == "validation"
     )
-
-
-@dataclass
-class SkinModel:
-    storage: Storage
-    bucket: str
-    ref: DatasetRef
-    uri: str
-
-
-@pytest.fixture(scope="module")
-def skin_model(ham: Path, minio_server: MinioServer) -> SkinModel:
-    """One epoch of the tiny skin model, trained once for the module's tests."""
-    storage = Storage(minio_server.settings(retry_seconds=10))
-    bucket = f"s3://t-{uuid.uuid4().hex[:12]}"
-    storage.ensure_bucket(bucket)
-    cfg = skin_config(epochs=1)
-    ref = ingest(str(ham), "skin", bucket, storage=storage, split=SPLIT).ref
-    preprocess(str(ref), bucket, cfg.data, storage=storage, progress=False)
-    run = train(str(ref), bucket, "skin-eval", cfg, storage=storage)
-    return SkinModel(storage, bucket, ref, join(run.run_prefix, "model"))
 
 
 def test_skin_model_predicts_and_is_evaluated_on_what_it_wrote(

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from medseg.tasks.base import (
     CaseScore,
+    GraphSpec,
     InputSpec,
     LabelMapping,
     OutputSpec,
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_TASK",
     "CaseScore",
+    "GraphSpec",
     "InputSpec",
     "LabelMapping",
     "OutputSpec",

@@ -15,7 +15,9 @@ the task of the model's config (``model.yaml``'s ``task.kind``, see
   ``label_convention`` means something only where a task has several);
 * the metrics: their names, the quality gate's metric, the per-case scores, the one-line
   definition a report and a model card state;
-* the report section (:meth:`Task.overlay_png`) and the outputs written as DICOM.
+* the report section (:meth:`Task.overlay_png`) and the outputs written as DICOM;
+* the shape of the exported graph the CPU engines run (:meth:`Task.graph_spec`): 3D windows of
+  free size for segmentation, images of the task's size for a classifier.
 
 Nothing in this module names a task: :mod:`medseg.tasks.brats` is the first family, registered
 on import; a test registers its own with :func:`register_task`.
@@ -39,10 +41,11 @@ from medseg.settings import TaskSettings
 if TYPE_CHECKING:  # torch only in annotations: the config (and the client) load without it
     import torch
 
-    from medseg.config import DataConfig, InferConfig, ModelConfig, TrainConfig
+    from medseg.config import DataConfig, InferConfig, MedsegConfig, ModelConfig, TrainConfig
 
 __all__ = [
     "CaseScore",
+    "GraphSpec",
     "InputSpec",
     "LabelMapping",
     "OutputSpec",
@@ -88,6 +91,31 @@ class OutputSpec:
 
     kind: Literal["regions", "classes"]
     names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """How a task's network is exported as an ONNX graph and planned by a CPU engine.
+
+    :mod:`medseg.engine` traces the network on ``example`` and runs the graph with it; nothing
+    there knows whether the input is a volume's windows or a batch of images.
+
+    Attributes:
+        example: The input shape the export traces, ``[1, C, *spatial]``; the shape (with its
+            batch set to ``plan_batch``) of OpenVINO's kept plan.
+        input_axes: The input's axes left free in the graph (axis → name).
+        output_axes: The output's free axes.
+        any_size: Whether the engine is given inputs of other spatial sizes than ``example``'s
+            (whole volumes): a graph exported with fixed spatial sizes cannot run the model.
+        plan_batch: Inputs per call of OpenVINO's static plan; a call's inputs of the example's
+            size run in chunks of this many, the last one zero-padded up to it.
+    """
+
+    example: tuple[int, ...]
+    input_axes: Mapping[int, str]
+    output_axes: Mapping[int, str]
+    any_size: bool
+    plan_batch: int
 
 
 class LabelMapping(Protocol):
@@ -242,6 +270,24 @@ class Task(ABC):
         pred: np.ndarray,
     ) -> bytes:
         """The report's picture of one case: truth against prediction."""
+
+    def graph_spec(self, cfg: MedsegConfig) -> GraphSpec:
+        """The exported graph's shapes: by default, windows of a volume.
+
+        Traced on one ``infer.roi_size`` window; the batch and the spatial axes are free (any
+        multiple of :func:`~medseg.model.size_multiple`), in and out, so that one graph runs
+        sliding windows and whole volumes (``infer.window: volume``). OpenVINO's kept plan runs
+        ``infer.sw_batch_size`` windows.
+        """
+        spatial = {2 + i: axis for i, axis in enumerate("xyz"[: self.inputs.spatial_dims])}
+        axes = {0: "batch", **spatial}
+        return GraphSpec(
+            example=(1, cfg.model.in_channels, *cfg.infer.roi_size),
+            input_axes=axes,
+            output_axes=axes,
+            any_size=cfg.infer.window == "volume",
+            plan_batch=cfg.infer.sw_batch_size,
+        )
 
     def validation_record(self, scores: Sequence[float]) -> dict[str, float]:
         """A validation record (:meth:`metric_names`) from the mean per-output scores."""
