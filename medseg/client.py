@@ -267,7 +267,7 @@ def classify(
         MedsegError: If the server cannot be reached, answers an error, or not a classifier's
             outputs.
     """
-    inp = {"name": "image", "datatype": "BYTES", "shape": [1]}
+    inp = {"name": "image", "datatype": "BYTES", "shape": [1], "parameters": {}}
     _import_transport(grpc)
     started = time.perf_counter()
     answer, params = infer(

@@ -148,3 +148,56 @@ def test_demo_on_msd_is_short_on_the_terminal_and_logs_everything(
         gzip.decompress((workdir / f"{case_id.group(1)}_mask.nii.gz").read_bytes())
     )
     assert set(np.unique(np.asarray(mask.dataobj))) <= get_convention("msd").allowed
+
+
+@pytest.mark.slow
+def test_skin_lesion_demo_runs_the_same_chain_for_a_classifier(tmp_path: Path) -> None:
+    """``medseg demo --task skin-lesion``: synthetic HAM10000 → pipeline → served class."""
+    config = tmp_path / "tiny-skin.yaml"
+    config.write_text(
+        "task: {kind: skin-lesion-classification}\n"
+        "data: {image_size: [32, 32]}\n"
+        "train: {epochs: 2, batch_size: 8, num_workers: 0, amp: false}\n"
+        "split: {val_fraction: 0.3}\n"
+    )
+    workdir = tmp_path / "demo"
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "S3_", "MEDSEG_ENV_FILE", "MEDSEG_CACHE_DIR"))
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    args = ["demo", "--task", "skin-lesion", "--workdir", str(workdir), "--cases", "56"]
+    args += ["--config", str(config), "--threshold", "0"]
+    done = subprocess.run(
+        [sys.executable, "-m", "medseg", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    log_path = workdir / "demo.log"
+    log = log_path.read_text() if log_path.is_file() else ""
+    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:] + log[-3000:]
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    assert len(lines) <= 30, done.stdout
+    assert "56 synthetic HAM10000-like dermoscopy images" in done.stdout
+    for step in [*STEPS, "serve", "predict"]:
+        assert re.search(rf"✓ {step} +\d+\.\d s", done.stdout), (step, done.stdout)
+    assert re.search(r"2 epochs, validation macro AUC \d\.\d{3}", done.stdout), done.stdout
+    assert "model demo-densenet version 1 (champion)" in done.stdout
+    # the results: AUC per class and macro, balanced accuracy, the served answer in the seed's form
+    for row in ("nv", "mel", "bkl", "bcc", "akiec", "vasc", "df", "macro"):
+        assert re.search(rf"│ +{row} │", done.stdout), (row, done.stdout)
+    assert re.search(r"balanced accuracy \d\.\d{4}", done.stdout), done.stdout
+    served = re.search(r"served (\S+) \(truly (.+)\): class: (.+), probability: \d+%", done.stdout)
+    assert served, done.stdout
+    assert done.stderr.strip() == ""
+    for noise in ("KFP Executor", "executor_input", "Traceback"):
+        assert noise not in done.stdout, noise
+    # the server answered the seed's REST v1 call and the OIP v2 gRPC call
+    assert "/v1/models/demo-densenet:predict" in log and "Uvicorn running" in log
+    assert len(re.findall(r"\[medseg\.train\] epoch \{", log)) == 2
+    page = (workdir / "report.html").read_text()
+    assert "Confusion matrix" in page and "reliability diagram" in page
