@@ -15,6 +15,7 @@ def register_op(
     card: Output[Markdown],
 ) -> None:
     """Register the run's model as the next version of ``name``, with its evaluation."""
+    from medseg.artifact import WEIGHTS_FILE
     from medseg.pipeline_params import (
         EvaluationArtifact,
         ModelArtifact,
@@ -36,7 +37,7 @@ def register_op(
     card.metadata["uri"] = uri
     ref = ModelArtifact(
         uri=uri,
-        digest=model_card["files"]["model.pt"],
+        digest=model_card["files"][WEIGHTS_FILE],
         run_id=run.run_id,
         dataset=run.dataset,
         version=version,

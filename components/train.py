@@ -19,6 +19,7 @@ def train_op(
     """Train run ``run_id`` (resuming it if it has checkpoints) on the preprocessed version."""
     import math
 
+    from medseg.artifact import LINEAGE_FILE, WEIGHTS_FILE, run_model_uri
     from medseg.errors import MedsegError
     from medseg.launchers import S3Secret, TrainRun
     from medseg.pipeline_params import (
@@ -61,14 +62,14 @@ def train_op(
         params.timeout,
     )
     chosen.launch(TrainRun(data.dataset, data.store, run_id, config_uri))
-    model_uri = join(run_prefix, "model")
-    lineage = storage.get_json(join(model_uri, "lineage.json"))
+    model_uri = run_model_uri(run_prefix)
+    lineage = storage.get_json(join(model_uri, LINEAGE_FILE))
     best = lineage["best"]
     for key in task_of(cfg).metric_names():  # not an undefined one (the AUC of a class absent)
         if best.get(key) is not None and math.isfinite(best[key]):
             metrics.log_metric(f"best_val_{key}", round(float(best[key]), 4))
     metrics.log_metric("best_epoch", best.get("epoch", 0))
-    digest = lineage["files"]["model.pt"]
+    digest = lineage["files"][WEIGHTS_FILE]
     write_ref(
         model, ModelArtifact(uri=model_uri, digest=digest, run_id=run_id, dataset=data.dataset)
     )

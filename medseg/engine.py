@@ -47,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg.artifact import GRAPH_FILE, WEIGHTS_FILE, recorded_hashes
 from medseg.config import Engine, MedsegConfig, Precision
 from medseg.errors import MedsegError
 from medseg.tasks import GraphSpec, task_of
@@ -65,8 +66,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The exported graph's file name in a model artifact, next to ``model.pt`` and ``model.yaml``.
-GRAPH_FILE = "model.onnx"
 #: ``auto``'s engine when a graph is there: fastest on a full-size case on this project's CPU
 #: (``benchmarks/bench_engine.py``).
 AUTO_ENGINE: Engine = "openvino"
@@ -150,7 +149,7 @@ def export_model(uri: str, storage: Any = None) -> str:
     Raises:
         MedsegError: If ``uri`` is no loadable model artifact, or its record lists a graph.
     """
-    from medseg.infer import load_model, recorded_hashes
+    from medseg.infer import load_model
     from medseg.storage import Storage, join
 
     storage = storage or Storage()
@@ -161,7 +160,7 @@ def export_model(uri: str, storage: Any = None) -> str:
             "and a recorded file is never rewritten"
         )
     seg = load_model(uri, storage, device="cpu", engine="torch")
-    digest = weights_digest(storage.get_bytes(join(uri, "model.pt")))
+    digest = weights_digest(storage.get_bytes(join(uri, WEIGHTS_FILE)))
     graph = export_graph(seg.net, seg.cfg, digest)
     return str(storage.put_bytes(join(uri, GRAPH_FILE), graph).sha256)
 

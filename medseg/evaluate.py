@@ -39,6 +39,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from medseg.artifact import CARD_FILE, LINEAGE_FILE
 from medseg.classify import ClassEval, evaluate_classes
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.infer import Segmenter, load_model, read_config
@@ -221,7 +222,7 @@ def score_label_maps(
 
 def _model_dataset(storage: Storage, model_uri: str) -> tuple[str, str, str | None]:
     """(store, NAME@VERSION, run id) the model was trained on, from its lineage or card."""
-    for name in ("lineage.json", "model_card.json"):
+    for name in (LINEAGE_FILE, CARD_FILE):
         try:
             doc = storage.get_json(join(model_uri, name))
         except ObjectNotFound:
@@ -229,7 +230,7 @@ def _model_dataset(storage: Storage, model_uri: str) -> tuple[str, str, str | No
         ds = doc["dataset"]
         return ds["store"], f"{ds['name']}@{ds['version']}", doc.get("run_id")
     raise MedsegError(
-        f"{model_uri} has neither lineage.json nor model_card.json: pass the dataset explicitly"
+        f"{model_uri} has neither {LINEAGE_FILE} nor {CARD_FILE}: pass the dataset explicitly"
     )
 
 

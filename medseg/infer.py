@@ -12,7 +12,6 @@ server, ``medseg predict`` and batch prediction alike.
 from __future__ import annotations
 
 import io
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,12 +23,21 @@ from monai.data import MetaTensor
 from monai.inferers import sliding_window_inference
 from monai.transforms import Invertd
 
+from medseg.artifact import (
+    CONFIG_FILE,
+    GRAPH_FILE,
+    WEIGHTS_FILE,
+    Artifact,
+    parse_config,
+    read_config,
+    recorded_hashes,
+)
 from medseg.config import Engine, MedsegConfig
-from medseg.engine import GRAPH_FILE, Forward, choose_engine, graph_forward, weights_digest
-from medseg.errors import ChecksumMismatch, MedsegError, ObjectNotFound
+from medseg.engine import Forward, choose_engine, graph_forward, weights_digest
+from medseg.errors import MedsegError
 from medseg.model import size_multiple
 from medseg.precision import autocast, memory_format
-from medseg.storage import Storage, join
+from medseg.storage import Storage
 from medseg.tasks import Task, get_convention, task_of
 from medseg.transforms import static_transforms
 
@@ -44,10 +52,6 @@ __all__ = [
     "recorded_hashes",
     "segment_case",
 ]
-
-#: Where a model artifact records the sha256 of its files, first found wins: a registered
-#: version's card (:func:`medseg.register.register`), a training run's lineage.
-HASH_RECORDS = ("model_card.json", "lineage.json")
 
 
 @dataclass
@@ -161,28 +165,6 @@ def pad_to_multiple(batch: torch.Tensor, multiple: int) -> torch.Tensor:
     return torch.nn.functional.pad(batch, pads) if any(pads) else batch
 
 
-def parse_config(raw: bytes, uri: str) -> MedsegConfig:
-    """The config in the bytes of ``uri``'s ``model.yaml``.
-
-    Raises:
-        MedsegError: If it is not a valid config.
-    """
-    return MedsegConfig.from_yaml(raw, f"{uri}/model.yaml")
-
-
-def read_config(uri: str, storage: Storage) -> MedsegConfig:
-    """The config a model artifact was trained with (its ``model.yaml``).
-
-    Raises:
-        MedsegError: If ``model.yaml`` is missing or not a valid config.
-    """
-    try:
-        raw_cfg = storage.get_bytes(join(uri, "model.yaml"))
-    except ObjectNotFound as exc:
-        raise MedsegError(f"{uri} is not a model artifact: {exc}") from None
-    return parse_config(raw_cfg, uri)
-
-
 def load_network(cfg: MedsegConfig, weights: bytes, uri: str) -> torch.nn.Module:
     """The network of ``cfg`` holding ``weights`` (the bytes of ``uri``'s ``model.pt``), on the CPU.
 
@@ -196,35 +178,9 @@ def load_network(cfg: MedsegConfig, weights: bytes, uri: str) -> torch.nn.Module
     except Exception as exc:
         reason = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise MedsegError(
-            f"{uri}/model.pt does not fit the network of model.yaml: {reason}"
+            f"{uri}/{WEIGHTS_FILE} does not fit the network of {CONFIG_FILE}: {reason}"
         ) from None
     return net.eval()
-
-
-def recorded_hashes(uri: str, storage: Storage) -> tuple[str, dict[str, str]]:
-    """The sha256 of each file of the artifact at ``uri``, as its record holds them.
-
-    Returns:
-        The record's file name (one of :data:`HASH_RECORDS`) and its ``files`` map (file name
-        to sha256); ``("", {})`` for an artifact with neither record (a hand-made folder).
-
-    Raises:
-        MedsegError: If the record is there but holds no such map.
-    """
-    for record in HASH_RECORDS:
-        raw = _optional_bytes(storage, join(uri, record))
-        if raw is None:
-            continue
-        try:
-            files = json.loads(raw)["files"]
-            if not all(isinstance(v, str) for v in files.values()):
-                raise TypeError("a file's sha256 is not a string")
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
-            raise MedsegError(
-                f"{uri}/{record} holds no valid 'files' map of sha256s: {exc}"
-            ) from None
-        return record, dict(files)
-    return "", {}
 
 
 def load_model(
@@ -236,7 +192,7 @@ def load_model(
     """Load ``model.yaml`` and ``model.pt`` (and ``model.onnx``) from ``uri`` (folder or ``s3://``).
 
     Each file is checked against the sha256 the artifact's record holds
-    (:func:`recorded_hashes`): a copy of a registered version, such as KServe's
+    (:func:`medseg.artifact.recorded_hashes`): a copy of a registered version, such as KServe's
     ``/mnt/models``, is served only if it is byte for byte the version its card describes. A file
     the record lists must be there.
 
@@ -252,29 +208,12 @@ def load_model(
             errors).
     """
     storage = storage or Storage()
-    record, hashes = recorded_hashes(uri, storage)
-
-    def read(name: str) -> bytes | None:
-        try:
-            return storage.get_bytes(join(uri, name), sha256=hashes.get(name))
-        except ObjectNotFound:
-            if name in hashes:
-                raise MedsegError(f"{uri}/{name} is missing, and {record} lists it") from None
-            return None
-        except ChecksumMismatch as exc:
-            if name not in hashes:
-                raise  # the object store's own record of the object: the message names it
-            raise MedsegError(f"{uri}/{name} is not the file {record} records: {exc}") from None
-
-    raw_cfg, weights = read("model.yaml"), read("model.pt")
-    if raw_cfg is None or weights is None:
-        missing = "model.yaml" if raw_cfg is None else "model.pt"
-        raise MedsegError(f"{uri} is not a model artifact: it has no {missing}")
-    cfg = parse_config(raw_cfg, uri)
+    artifact = Artifact.open(uri, storage)
+    cfg, weights = artifact.read_model()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_network(cfg, weights, uri)
     net.to(dev).to(memory_format=memory_format(cfg.infer.channels_last)).eval()
-    graph = read(GRAPH_FILE)
+    graph = artifact.read(GRAPH_FILE)
     chosen = choose_engine(
         engine or cfg.infer.engine, graph is not None, dev, uri, cfg.infer.precision
     )
@@ -283,13 +222,6 @@ def load_model(
     assert graph is not None
     forward = graph_forward(chosen, graph, cfg, weights_digest(weights), uri)
     return Segmenter(cfg, net, dev, forward=forward, engine=chosen)
-
-
-def _optional_bytes(storage: Storage, uri: str) -> bytes | None:
-    try:
-        return storage.get_bytes(uri)
-    except ObjectNotFound:
-        return None
 
 
 @dataclass

@@ -21,11 +21,15 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from medseg.artifact import CARD_FILE, LINEAGE_FILE, RUN_MODEL_DIR
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.manifest import Manifest, list_manifests
 from medseg.storage import Storage, join
 
 __all__ = ["Lineage", "deployments_of", "lineage", "raw_fingerprint"]
+
+#: How a run's lineage key ends (``…/runs/RUN_ID/model/lineage.json``).
+_RUN_LINEAGE = f"/{RUN_MODEL_DIR}/{LINEAGE_FILE}"
 
 
 def raw_fingerprint(manifest: Manifest) -> str:
@@ -77,7 +81,7 @@ class Lineage:
             tracked = card.get("mlflow") or {}
             mlflow = f"; MLflow {tracked['name']} version {tracked['version']}" if tracked else ""
             out.append(f"    run {card['run_id']} → model {name} ({files}{mlflow})")
-            out.append(f"      card {card['uri']}/model_card.json")
+            out.append(f"      card {card['uri']}/{CARD_FILE}")
         for isvc, model in self.deployments.items():
             out.append(f"      model {model} → InferenceService {isvc}")
         if self.cluster:
@@ -116,13 +120,13 @@ def _read(storage: Storage, store: str) -> _Store:
     predictions: dict[str, dict[str, Any]] = {}
     for obj in storage.list(store):
         uri = obj.uri
-        if uri.endswith("/model/lineage.json") and "/runs/" in uri:
+        if uri.endswith(_RUN_LINEAGE) and "/runs/" in uri:
             doc = storage.get_json(uri)
             mlflow = _optional_json(storage, join(uri.rsplit("/", 2)[0], "mlflow.json"))
             if mlflow is not None:
                 doc.setdefault("mlflow", {}).update(mlflow)
             runs[doc["run_id"]] = doc
-        elif uri.endswith("/model_card.json") and "/models/" in uri:
+        elif uri.endswith(f"/{CARD_FILE}") and "/models/" in uri:
             card = storage.get_json(uri)
             card["uri"] = uri.rsplit("/", 1)[0]
             cards[f"{card['name']}@{card['version']}"] = card

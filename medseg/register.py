@@ -30,6 +30,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from medseg.artifact import (
+    CARD_FILE,
+    CONFIG_FILE,
+    GRAPH_FILE,
+    LINEAGE_FILE,
+    MODEL_FILES,
+    WEIGHTS_FILE,
+    parse_config,
+    recorded_hashes,
+    run_model_uri,
+)
 from medseg.errors import MedsegError
 from medseg.names import check_name
 from medseg.storage import Storage, is_s3, join
@@ -44,9 +55,8 @@ __all__ = [
     "resolve_model",
 ]
 
-_VERSION = re.compile(r"/models/([^/]+)/v(\d+)/model_card\.json$")
+_VERSION = re.compile(rf"/models/([^/]+)/v(\d+)/{re.escape(CARD_FILE)}$")
 _TAKEN = re.compile(r"/models/[^/]+/v(\d+)/")
-_FILES = ("model.pt", "model.yaml")
 #: Give up claiming after this many numbers were taken under our feet (a runaway, not a race).
 _MAX_CLAIMS = 1000
 
@@ -99,7 +109,7 @@ def model_uri(storage: Storage, store: str, model: str) -> str:
         return model
     if "@" in model:
         return resolve_model(storage, store, model)
-    return join(store, "runs", model, "model")
+    return run_model_uri(join(store, "runs", model))
 
 
 def model_identity(storage: Storage, uri: str) -> dict[str, str]:
@@ -109,17 +119,15 @@ def model_identity(storage: Storage, uri: str) -> dict[str, str]:
     run's model (its lineage), else ``unregistered``; ``model_sha256`` is the sha256 of
     ``model.pt`` as its record holds it (the loader checked the file against it), else computed.
     """
-    from medseg.infer import recorded_hashes
-
     record, hashes = recorded_hashes(uri, storage)
     sha = (
-        hashes.get("model.pt")
-        or hashlib.sha256(storage.get_bytes(join(uri, "model.pt"))).hexdigest()
+        hashes.get(WEIGHTS_FILE)
+        or hashlib.sha256(storage.get_bytes(join(uri, WEIGHTS_FILE))).hexdigest()
     )
     version = "unregistered"
     if record:
         doc = storage.get_json(join(uri, record))
-        if record == "model_card.json":
+        if record == CARD_FILE:
             version = f"{doc['name']}@{doc['version']}"
         elif doc.get("run_id"):
             version = f"run:{doc['run_id']}"
@@ -210,19 +218,17 @@ def register(
     """
     check_name(name, "model name")
     check_name(run_id, "run id")
-    run_model = join(store, "runs", run_id, "model")
+    run_model = run_model_uri(join(store, "runs", run_id))
     try:
-        lineage = storage.get_json(join(run_model, "lineage.json"))
+        lineage = storage.get_json(join(run_model, LINEAGE_FILE))
     except MedsegError:
         raise MedsegError(
-            f"run {run_id} has no finished model ({run_model}/lineage.json)"
+            f"run {run_id} has no finished model ({run_model}/{LINEAGE_FILE})"
         ) from None
     recorded = lineage.get("files", {})
-    blobs = {f: storage.get_bytes(join(run_model, f), sha256=recorded.get(f)) for f in _FILES}
+    blobs = {f: storage.get_bytes(join(run_model, f), sha256=recorded.get(f)) for f in MODEL_FILES}
     if export:
-        from medseg.engine import GRAPH_FILE
-
-        blobs[GRAPH_FILE] = _export(blobs["model.pt"], blobs["model.yaml"], run_model)
+        blobs[GRAPH_FILE] = _export(blobs[WEIGHTS_FILE], blobs[CONFIG_FILE], run_model)
     summary = None
     if evaluation is not None:  # read everything before a version number is taken
         summary = _evaluation_summary(storage.get_json(evaluation), evaluation)
@@ -237,7 +243,7 @@ def register(
         "dataset": lineage["dataset"],
         "preprocessing": lineage["preprocessing"],
         "metrics": lineage["best"],
-        "inference": _inference_settings(blobs["model.yaml"], run_model),
+        "inference": _inference_settings(blobs[CONFIG_FILE], run_model),
         "files": files,
         "code_version": git_revision(),
         "created_at": datetime.now(UTC).isoformat(),
@@ -248,20 +254,18 @@ def register(
     if tracked is not None:
         card["mlflow"] = tracked
     try:
-        storage.put_json(join(prefix, "model_card.json"), card)
+        storage.put_json(join(prefix, CARD_FILE), card)
     except BaseException:
         if tracked is not None:
             unregister_version(tracked)
         raise
     if tracked is not None and summary is not None and summary["gate"].get("passed"):
-        set_champion(storage, join(prefix, "model_card.json"))
+        set_champion(storage, join(prefix, CARD_FILE))
     return card
 
 
 def _inference_settings(config: bytes, where: str) -> dict[str, Any]:
     """What decides the served numbers besides the weights: engine, precision, window, nesting."""
-    from medseg.infer import parse_config
-
     infer = parse_config(config, where).infer
     return {k: getattr(infer, k) for k in ("engine", "precision", "window", "nesting")}
 
@@ -269,7 +273,7 @@ def _inference_settings(config: bytes, where: str) -> dict[str, Any]:
 def _export(weights: bytes, config: bytes, where: str) -> bytes:
     """The ONNX graph of the network in ``weights`` (see :func:`medseg.engine.export_graph`)."""
     from medseg.engine import export_graph, weights_digest
-    from medseg.infer import load_network, parse_config
+    from medseg.infer import load_network
 
     cfg = parse_config(config, where)
     return export_graph(load_network(cfg, weights, where), cfg, weights_digest(weights))

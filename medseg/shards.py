@@ -36,10 +36,11 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from medseg.artifact import MODEL_FILES, read_config
 from medseg.classify import classify_rows, write_predictions
 from medseg.config import DataConfig
 from medseg.errors import DatasetError, InvalidInput, MedsegError
-from medseg.infer import load_model, read_config
+from medseg.infer import load_model
 from medseg.manifest import CaseEntry, DatasetRef
 from medseg.pipeline_params import object_digest
 from medseg.predict import INDEX as PREDICTIONS
@@ -294,7 +295,7 @@ def _split(
     manifest = ref.load(storage)
     source = dataset_source(storage, store, str(ref), split)
     convention = labels or source.convention
-    model = {n: object_digest(storage, join(model_uri, n)) for n in ("model.pt", "model.yaml")}
+    model = {n: object_digest(storage, join(model_uri, n)) for n in MODEL_FILES}
     keys = {c.case_id: case_key(model, manifest.case(c.case_id), convention) for c in source.cases}
     return _Split(source, out or split_output_uri(model_uri, source), convention, keys)
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from medseg.artifact import CARD_FILE
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.settings import TrackingSettings
 from medseg.storage import Storage, join
@@ -480,7 +481,7 @@ def register_version(
     name, version = card["name"], card["version"]
     recorded = mlflow_run_of(storage, join(store, "runs", card["run_id"]))
     mlflow_run = recorded["run_id"] if recorded else None
-    card_uri = join(prefix, "model_card.json")
+    card_uri = join(prefix, CARD_FILE)
     try:
         mlflow = client(settings)
         try:

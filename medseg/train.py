@@ -36,6 +36,7 @@ from monai.data import DataLoader
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DistributedSampler, Sampler
 
+from medseg.artifact import CONFIG_FILE, run_model_uri, write_lineage, write_model
 from medseg.checkpoint import CheckpointStore
 from medseg.config import MedsegConfig, TrainConfig
 from medseg.dataset import PreprocessedDataset
@@ -53,6 +54,7 @@ from medseg.transforms import train_transforms
 __all__ = [
     "DistributedWeightedSampler",
     "TrainResult",
+    "Trainer",
     "epoch_log_line",
     "parse_epoch_log_line",
     "train",
@@ -406,10 +408,307 @@ def train_loader(
     return loader, sampler
 
 
+class Trainer:
+    """One rank's training of one run, as a loop over hooks (nnU-Net's ``nnUNetTrainer``).
+
+    :meth:`run` calls :meth:`on_train_start` (dataset, process group, loaders, network, resume,
+    telemetry), then per epoch :meth:`train_step` on each batch, :meth:`validation_step` on the
+    epochs that validate, and :meth:`on_epoch_end` (best weights, checkpoint, telemetry), and
+    last :meth:`on_train_end` (the model artifact, see :mod:`medseg.artifact`). The task
+    (:func:`medseg.tasks.task_of`) supplies the network, the loss and the validation metrics; a
+    subclass changes one hook, not the loop. :func:`train` runs the plain one.
+
+    Attributes:
+        spec: The dataset, ``NAME[@VERSION]``.
+        store: Root URI of the store.
+        run_id: The run; rerunning the same id resumes it.
+        cfg: The full configuration.
+        storage: The store's storage.
+        rank: This process's rank (``RANK``); ``world`` ranks in all (``WORLD_SIZE``).
+        run_prefix: ``STORE/runs/RUN_ID``.
+        task: The config's task.
+        result: What the run produced so far (history, where it resumed from).
+    """
+
+    def __init__(
+        self,
+        spec: str,
+        store: str,
+        run_id: str,
+        cfg: MedsegConfig,
+        storage: Storage | None = None,
+    ) -> None:
+        check_name(run_id, "run id")
+        self.spec, self.store, self.run_id, self.cfg = spec, store, run_id, cfg
+        self.storage = storage or Storage()
+        self.rank, self.world, self.local_rank = _dist_env()
+        self.run_prefix = join(store, "runs", run_id)
+        self.task = task_of(cfg)
+        self.result = TrainResult(
+            self.run_prefix, resumed_from=0, gate_metric=self.task.gate_metric
+        )
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.board: _Board | None = None
+        self.tracker: Any = None
+
+    def run(self) -> TrainResult:
+        """Train (or resume) the run: the hooks in their order.
+
+        Raises:
+            DatasetError: If the dataset is missing or not preprocessed with ``cfg.data``.
+            NonFiniteLoss: If the loss becomes NaN or Inf (the epoch and batch are named).
+        """
+        self.on_train_start()
+        try:
+            for epoch in range(self.result.resumed_from, self.cfg.train.epochs):
+                record = self.train_epoch(epoch)
+                if (
+                    epoch + 1
+                ) % self.cfg.train.val_every == 0 or epoch + 1 == self.cfg.train.epochs:
+                    record.update(self.validation_step())
+                self.on_epoch_end(epoch, record)
+        except BaseException as exc:
+            if self.tracker is not None:
+                self.tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        finally:
+            self.progress.stop()
+            if self.board is not None:
+                self.board.close()
+        self.on_train_end()
+        return self.result
+
+    def on_train_start(self) -> None:
+        """Resolve the dataset, join the process group, build loaders and network, resume."""
+        self.ref = DatasetRef.resolve(self.storage, self.store, self.spec)
+        self.prefix = preprocessed_prefix(self.ref, self.cfg.data)
+        if not self.storage.exists(join(self.prefix, "index.json")):
+            raise DatasetError(
+                f"dataset {self.ref} is not preprocessed for this config (no "
+                f"{self.prefix}/index.json): run `medseg preprocess --dataset {self.ref}` with "
+                "the same config first"
+            )
+        cuda = torch.cuda.is_available()
+        self.device = torch.device(f"cuda:{self.local_rank}" if cuda else "cpu")
+        if self.world > 1 and not dist.is_initialized():
+            _init_process_group("nccl" if cuda else "gloo", self.rank, self.world)
+        torch.manual_seed(self.cfg.train.seed)  # identical initial weights on every rank
+        self.loader, self.sampler = train_loader(
+            self.prefix, self.cfg.train, self.storage.settings, self.rank, self.world, self.cfg
+        )
+        self.val_ds = PreprocessedDataset(self.prefix, "validation", settings=self.storage.settings)
+        self._build_model(cuda)
+        self._resume()
+        if self.rank == 0:
+            names = self.task.outputs.names
+            self.board = _Board(self.storage, self.run_prefix, self.run_id, names)
+            self.tracker = _tracker(self.storage, self.run_prefix, self.run_id, self.cfg, self.ref)
+        self.progress = _progress(self.rank)
+        self.progress.start()
+
+    def _build_model(self, cuda: bool) -> None:
+        """The network (DDP-wrapped across ranks), the task's loss, optimiser and schedule."""
+        t = self.cfg.train
+        assert isinstance(self.loader.dataset, PreprocessedDataset)
+        classes = _training_classes(self.loader.dataset, self.task)
+        self.layout = memory_format(t.channels_last)
+        net = self.task.build_network(self.cfg.model).to(self.device)
+        self.net = net.to(memory_format=self.layout)
+        self.model: torch.nn.Module = (
+            DistributedDataParallel(self.net, device_ids=[self.local_rank] if cuda else None)
+            if self.world > 1
+            else self.net
+        )
+        counts = None if classes is None else _class_counts(classes, self.task)
+        self.loss_fn = self.task.loss(self.cfg.task, counts).to(self.device)
+        self.optimizer = torch.optim.Adam(
+            self.net.parameters(), lr=t.lr, weight_decay=t.weight_decay
+        )
+        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=t.epochs)
+        # bfloat16 has float32's range: only float16 needs its loss scaled.
+        fp16 = cuda and t.amp and t.amp_dtype == "float16"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
+
+    def _resume(self) -> None:
+        """Load the run's newest good checkpoint, if any: weights, optimiser, history."""
+        self.checkpoints = CheckpointStore(self.storage, self.run_prefix)
+        loaded = self.checkpoints.load_latest(map_location=self.device)
+        if loaded is None:
+            return
+        epoch, state = loaded
+        self.net.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.best_state = state["best_model"]
+        self.result.history = json.loads(state["history"])
+        self.result.resumed_from = epoch
+        if self.rank == 0:
+            for key, reason in self.checkpoints.skipped:
+                print(f"[medseg.train] skipped checkpoint {key}: {reason}", file=sys.stderr)
+            print(f"[medseg.train] resuming {self.run_id} after epoch {epoch}", file=sys.stderr)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over this rank's share of the training split (:meth:`train_step` per batch).
+
+        Returns:
+            The epoch's record: mean loss over all ranks, learning rate, samples.
+        """
+        t = self.cfg.train
+        self.epoch_started = time.perf_counter()
+        self.sampler.set_epoch(epoch)
+        torch.manual_seed(t.seed + 1000 * epoch + self.rank)  # dropout; same after a resume
+        self.model.train()
+        loss_sum = torch.zeros(2, dtype=torch.float64)
+        batches = self.progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(self.loader))
+        step_started = time.perf_counter()
+        for step, batch in enumerate(self.loader):
+            step_loss, samples = self.train_step(epoch, step, batch)
+            loss_sum += torch.tensor([step_loss * samples, samples], dtype=torch.float64)
+            if self.rank == 0:  # its own samples, times the ranks
+                now = time.perf_counter()
+                rate = samples * self.world / max(now - step_started, 1e-9)
+                self._log_step(epoch * len(self.loader) + step + 1, step_loss, rate)
+                step_started = now
+            self.progress.advance(batches)
+        self.progress.remove_task(batches)
+        lr = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        if self.world > 1:
+            dist.all_reduce(loss_sum)
+        return {
+            "epoch": epoch + 1,
+            "loss": float(loss_sum[0] / max(float(loss_sum[1]), 1.0)),
+            "lr": lr,
+            "samples": int(loss_sum[1]),
+        }
+
+    def train_step(self, epoch: int, step: int, batch: dict[str, Any]) -> tuple[float, int]:
+        """One optimiser step on ``batch`` with the task's loss.
+
+        Returns:
+            The batch's loss and its number of samples.
+
+        Raises:
+            NonFiniteLoss: If the loss is NaN or Inf.
+        """
+        t = self.cfg.train
+        image = batch["image"].to(self.device, memory_format=self.layout)
+        label = batch["label"].to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with autocast(self.device, t.amp, t.amp_dtype):
+            loss = self.loss_fn(self.model(image), label)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(
+                f"run {self.run_id}: loss is {loss.item()} at epoch {epoch + 1}, batch {step} "
+                f"(rank {self.rank}); lower the learning rate or check the data"
+            )
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return loss.item(), len(image)
+
+    def _log_step(self, step: int, loss: float, rate: float) -> None:
+        """A step's loss and throughput to TensorBoard (and MLflow), on rank 0."""
+        assert self.board is not None
+        self.board.step(step, loss, rate)
+        if self.tracker is not None:
+            self.tracker.log_metrics({"step/loss": loss, "step/samples_per_second": rate}, step)
+
+    def validation_step(self) -> dict[str, float]:
+        """The task's validation metrics over the whole split, the same on every rank."""
+        task, t = self.task, self.cfg.train
+        if task.outputs.kind == "classes":
+            return _validate_classes(
+                self.net, self.val_ds, task, self.device, self.rank, self.world, t.batch_size
+            )
+        scores = _validate(self.net, self.val_ds, self.cfg, self.device, self.rank, self.world)
+        return task.validation_record(scores)
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        """Time the epoch, keep the best weights, checkpoint and log (rank 0), wait for all."""
+        record["epoch_seconds"] = time.perf_counter() - self.epoch_started
+        record["samples_per_second"] = record["samples"] / record["epoch_seconds"]
+        gate = self.task.gate_metric
+        best_before = self.result.best.get(gate, -1.0)
+        self.result.history.append(record)
+        if record.get(gate, -1.0) > best_before or self.best_state is None:
+            self.best_state = {
+                k: v.detach().cpu().clone() for k, v in self.net.state_dict().items()
+            }
+        if self.rank == 0:
+            self.checkpoints.save(
+                epoch + 1,
+                {
+                    "model": self.net.state_dict(),
+                    "optimizer": self.optimizer.state_dict(),
+                    "scheduler": self.scheduler.state_dict(),
+                    "scaler": self.scaler.state_dict(),
+                    "best_model": self.best_state,
+                    "history": json.dumps(self.result.history),
+                    "torch_rng": torch.get_rng_state(),
+                },
+            )
+            self._log_epoch(record)
+        if self.world > 1:
+            dist.barrier()  # nobody starts the next epoch before its checkpoint exists
+
+    def _log_epoch(self, record: dict[str, Any]) -> None:
+        """The epoch's record to TensorBoard, MLflow, ``metrics.jsonl`` and the log."""
+        assert self.board is not None
+        self.board.log(record)
+        if self.tracker is not None:
+            self.tracker.log_metrics(
+                {k: v for k, v in record.items() if k != "epoch"}, record["epoch"]
+            )
+        self.storage.put_bytes(
+            join(self.run_prefix, "metrics.jsonl"),
+            "".join(json.dumps(h) + "\n" for h in self.result.history).encode(),
+        )
+        print(epoch_log_line(record), file=sys.stderr, flush=True)
+
+    def on_train_end(self) -> None:
+        """Write the model artifact (rank 0: best weights, config, lineage) and leave the group."""
+        if self.rank == 0:
+            self._write_model()
+        if self.world > 1:
+            dist.barrier()
+            dist.destroy_process_group()
+
+    def _write_model(self) -> None:
+        """The run's model (:func:`medseg.artifact.write_model`), its lineage written last."""
+        assert self.best_state is not None
+        cfg, uri = self.cfg, run_model_uri(self.run_prefix)
+        files = write_model(self.storage, uri, self.best_state, cfg)
+        facts: dict[str, Any] = {
+            "run_id": self.run_id,
+            "dataset": {"store": self.store, "name": self.ref.name, "version": self.ref.version},
+            "preprocessing": cfg.data.fingerprint(),
+            "best": self.result.best,
+            "epochs": len(self.result.history),
+        }
+        if self.tracker is not None:
+            from medseg.report import curves_png
+
+            self.tracker.log_artifact(CONFIG_FILE, cfg.to_yaml().encode())
+            self.tracker.log_artifact("curves.png", curves_png(self.result.history))
+            self.tracker.close()
+            if self.tracker.mlflow_run_id is not None:
+                facts["mlflow"] = {
+                    "tracking_uri": self.tracker.settings.uri,
+                    "run_id": self.tracker.mlflow_run_id,
+                }
+        if os.environ.get("KFP_RUN_ID"):  # set by whoever runs training under a KFP run
+            facts["kfp_run_id"] = os.environ["KFP_RUN_ID"]
+        write_lineage(self.storage, uri, files, facts)
+
+
 def train(
     spec: str, store: str, run_id: str, cfg: MedsegConfig, storage: Storage | None = None
 ) -> TrainResult:
     """Train (or resume) run ``run_id`` on dataset ``spec``; call once per rank.
+
+    Runs a :class:`Trainer`; subclass it to change one of its hooks.
 
     Args:
         spec: ``NAME``, ``NAME@latest`` or ``NAME@VERSION``, preprocessed with ``cfg.data``.
@@ -426,194 +725,7 @@ def train(
         DatasetError: If the dataset is missing or not preprocessed with ``cfg.data``.
         NonFiniteLoss: If the loss becomes NaN or Inf (the epoch and batch are named).
     """
-    check_name(run_id, "run id")
-    storage = storage or Storage()
-    rank, world, local_rank = _dist_env()
-    ref = DatasetRef.resolve(storage, store, spec)
-    prefix = preprocessed_prefix(ref, cfg.data)
-    if not storage.exists(join(prefix, "index.json")):
-        raise DatasetError(
-            f"dataset {ref} is not preprocessed for this config (no {prefix}/index.json): "
-            f"run `medseg preprocess --dataset {ref}` with the same config first"
-        )
-    cuda = torch.cuda.is_available()
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if world > 1 and not dist.is_initialized():
-        _init_process_group("nccl" if cuda else "gloo", rank, world)
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-
-    t = cfg.train
-    task = task_of(cfg)
-    loader, sampler = train_loader(prefix, t, storage.settings, rank, world, cfg)
-    val_ds = PreprocessedDataset(prefix, "validation", settings=storage.settings)
-    assert isinstance(loader.dataset, PreprocessedDataset)
-    classes = _training_classes(loader.dataset, task)
-    layout = memory_format(t.channels_last)
-    net = task.build_network(cfg.model).to(device).to(memory_format=layout)
-    model: torch.nn.Module = (
-        DistributedDataParallel(net, device_ids=[local_rank] if cuda else None)
-        if world > 1
-        else net
-    )
-    counts = None if classes is None else _class_counts(classes, task)
-    loss_fn = task.loss(cfg.task, counts).to(device)
-    optimizer = torch.optim.Adam(net.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=t.epochs)
-    # bfloat16 has float32's range: only float16 needs its loss scaled.
-    scaler = torch.amp.GradScaler("cuda", enabled=cuda and t.amp and t.amp_dtype == "float16")
-
-    run_prefix = join(store, "runs", run_id)
-    checkpoints = CheckpointStore(storage, run_prefix)
-    result = TrainResult(run_prefix, resumed_from=0, gate_metric=task.gate_metric)
-    best_state: dict[str, torch.Tensor] | None = None
-    loaded = checkpoints.load_latest(map_location=device)
-    if loaded is not None:
-        epoch, state = loaded
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        best_state = state["best_model"]
-        result.history = json.loads(state["history"])
-        result.resumed_from = epoch
-        if rank == 0:
-            for key, reason in checkpoints.skipped:
-                print(f"[medseg.train] skipped checkpoint {key}: {reason}", file=sys.stderr)
-            print(f"[medseg.train] resuming {run_id} after epoch {epoch}", file=sys.stderr)
-
-    board = _Board(storage, run_prefix, run_id, task.outputs.names) if rank == 0 else None
-    tracker = _tracker(storage, run_prefix, run_id, cfg, ref) if rank == 0 else None
-    progress = _progress(rank)
-    progress.start()
-    try:
-        for epoch in range(result.resumed_from, t.epochs):
-            started = time.perf_counter()
-            sampler.set_epoch(epoch)
-            torch.manual_seed(t.seed + 1000 * epoch + rank)  # dropout; same after a resume
-            model.train()
-            loss_sum = torch.zeros(2, dtype=torch.float64)
-            batches = progress.add_task(f"epoch {epoch + 1}/{t.epochs}", total=len(loader))
-            step_started = time.perf_counter()
-            for step, batch in enumerate(loader):
-                image = batch["image"].to(device, memory_format=layout)
-                label = batch["label"].to(device)
-                optimizer.zero_grad(set_to_none=True)
-                with autocast(device, t.amp, t.amp_dtype):
-                    loss = loss_fn(model(image), label)
-                if not torch.isfinite(loss):
-                    raise NonFiniteLoss(
-                        f"run {run_id}: loss is {loss.item()} at epoch {epoch + 1}, batch {step} "
-                        f"(rank {rank}); lower the learning rate or check the data"
-                    )
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                step_loss = loss.item()
-                loss_sum += torch.tensor([step_loss * len(image), len(image)], dtype=torch.float64)
-                if board is not None:  # rank 0: its own samples, times the ranks
-                    now = time.perf_counter()
-                    rate = len(image) * world / max(now - step_started, 1e-9)
-                    board.step(epoch * len(loader) + step + 1, step_loss, rate)
-                    if tracker is not None:
-                        tracker.log_metrics(
-                            {"step/loss": step_loss, "step/samples_per_second": rate},
-                            epoch * len(loader) + step + 1,
-                        )
-                    step_started = now
-                progress.advance(batches)
-            progress.remove_task(batches)
-            lr = scheduler.get_last_lr()[0]
-            scheduler.step()
-            if world > 1:
-                dist.all_reduce(loss_sum)
-            record: dict[str, Any] = {
-                "epoch": epoch + 1,
-                "loss": float(loss_sum[0] / max(float(loss_sum[1]), 1.0)),
-                "lr": lr,
-                "samples": int(loss_sum[1]),
-            }
-            if (epoch + 1) % t.val_every == 0 or epoch + 1 == t.epochs:
-                if task.outputs.kind == "classes":
-                    record.update(
-                        _validate_classes(net, val_ds, task, device, rank, world, t.batch_size)
-                    )
-                else:
-                    scores = _validate(net, val_ds, cfg, device, rank, world)
-                    record.update(task.validation_record(scores))
-            record["epoch_seconds"] = time.perf_counter() - started
-            record["samples_per_second"] = record["samples"] / record["epoch_seconds"]
-            best_before = result.best.get(task.gate_metric, -1.0)
-            result.history.append(record)
-            if record.get(task.gate_metric, -1.0) > best_before or best_state is None:
-                best_state = {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
-            if rank == 0:
-                checkpoints.save(
-                    epoch + 1,
-                    {
-                        "model": net.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict(),
-                        "best_model": best_state,
-                        "history": json.dumps(result.history),
-                        "torch_rng": torch.get_rng_state(),
-                    },
-                )
-                assert board is not None
-                board.log(record)
-                if tracker is not None:
-                    tracker.log_metrics(
-                        {k: v for k, v in record.items() if k != "epoch"}, record["epoch"]
-                    )
-                storage.put_bytes(
-                    join(run_prefix, "metrics.jsonl"),
-                    "".join(json.dumps(h) + "\n" for h in result.history).encode(),
-                )
-                print(epoch_log_line(record), file=sys.stderr, flush=True)
-            if world > 1:
-                dist.barrier()  # nobody starts the next epoch before its checkpoint exists
-    except BaseException as exc:
-        if tracker is not None:
-            tracker.close("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
-        raise
-    finally:
-        progress.stop()
-        if board is not None:
-            board.close()
-
-    if rank == 0:
-        import io
-
-        buf = io.BytesIO()
-        torch.save(best_state, buf)
-        weights = storage.put_bytes(join(run_prefix, "model", "model.pt"), buf.getvalue())
-        config = storage.put_bytes(join(run_prefix, "model", "model.yaml"), cfg.to_yaml().encode())
-        mlflow_run = None
-        if tracker is not None:
-            from medseg.report import curves_png
-
-            tracker.log_artifact("model.yaml", cfg.to_yaml().encode())
-            tracker.log_artifact("curves.png", curves_png(result.history))
-            tracker.close()
-            if tracker.mlflow_run_id is not None:
-                mlflow_run = {"tracking_uri": tracker.settings.uri, "run_id": tracker.mlflow_run_id}
-        lineage = {
-            "files": {"model.pt": weights.sha256, "model.yaml": config.sha256},
-            "run_id": run_id,
-            "dataset": {"store": store, "name": ref.name, "version": ref.version},
-            "preprocessing": cfg.data.fingerprint(),
-            "best": result.best,
-            "epochs": len(result.history),
-        }
-        if mlflow_run is not None:
-            lineage["mlflow"] = mlflow_run
-        if os.environ.get("KFP_RUN_ID"):  # set by whoever runs training under a KFP run
-            lineage["kfp_run_id"] = os.environ["KFP_RUN_ID"]
-        storage.put_json(join(run_prefix, "model", "lineage.json"), lineage)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
+    return Trainer(spec, store, run_id, cfg, storage).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from medseg.errors import DatasetError
 from medseg.ingest import ingest
 from medseg.preprocess import preprocess
 from medseg.storage import Storage, join
-from medseg.train import train
+from medseg.train import Trainer, train
 
 from .conftest import tiny_config
 
@@ -53,6 +54,48 @@ def test_resume_continues_at_the_right_epoch(
     lines = storage.get_bytes(join(first.run_prefix, "metrics.jsonl")).decode().splitlines()
     assert len(lines) == 3
     _assert_tensorboard(storage, first.run_prefix, tmp_path, epochs=[1, 2, 3])
+
+
+class _CountingTrainer(Trainer):
+    """A trainer that counts its hooks' calls, and otherwise trains as every run does."""
+
+    def on_train_start(self) -> None:
+        self.calls: dict[str, list[int]] = {
+            k: [] for k in ("start", "step", "val", "end", "finish")
+        }
+        super().on_train_start()
+        self.calls["start"].append(self.result.resumed_from)
+
+    def train_step(self, epoch: int, step: int, batch: dict[str, Any]) -> tuple[float, int]:
+        self.calls["step"].append(epoch)
+        return super().train_step(epoch, step, batch)
+
+    def validation_step(self) -> dict[str, float]:
+        self.calls["val"].append(len(self.result.history))
+        return super().validation_step()
+
+    def on_epoch_end(self, epoch: int, record: dict[str, Any]) -> None:
+        super().on_epoch_end(epoch, record)
+        self.calls["end"].append(epoch)
+
+    def on_train_end(self) -> None:
+        self.calls["finish"].append(len(self.calls["end"]))
+        super().on_train_end()
+
+
+def test_a_subclass_hook_is_called_once_per_epoch(dataset: str, storage: Storage) -> None:
+    cfg = tiny_config(train={"lr": 2e-3, "epochs": 3, "val_every": 2})
+    trainer = _CountingTrainer("t", dataset, "run-hooks", cfg, storage=storage)
+    result = trainer.run()
+    calls = trainer.calls
+    assert calls["end"] == [0, 1, 2] and [h["epoch"] for h in result.history] == [1, 2, 3]
+    assert calls["start"] == [0] and calls["finish"] == [3]  # on_train_end after the epochs
+    batches = len(trainer.loader)
+    assert batches > 0 and calls["step"] == [e for e in range(3) for _ in range(batches)]
+    assert calls["val"] == [1, 2]  # after epochs 2 (val_every) and 3 (the last)
+    assert "dice_mean" in result.history[1] and "dice_mean" not in result.history[0]
+    lineage = storage.get_json(join(result.run_prefix, "model", "lineage.json"))
+    assert lineage["epochs"] == 3 and lineage["best"] == result.best
 
 
 def _assert_tensorboard(storage: Storage, run_prefix: str, tmp_path: Path, epochs: list[int]):

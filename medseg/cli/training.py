@@ -72,8 +72,8 @@ def evaluate_cmd(
     predictions: PredictionsOpt = None,
 ) -> None:
     """Score the served answers of a split (Dice, HD95 in mm; or AUC), report, optional gate."""
+    from medseg.artifact import read_config
     from medseg.evaluate import evaluate
-    from medseg.infer import read_config
     from medseg.register import model_uri
     from medseg.storage import Storage
     from medseg.tasks import task_of
