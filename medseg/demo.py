@@ -47,6 +47,7 @@ __all__ = [
     "DEMO_CONFIG",
     "SKIN_DEMO_CONFIG",
     "DemoConsole",
+    "DemoOptions",
     "DemoResult",
     "DemoTask",
     "HeldOutCase",
@@ -391,47 +392,56 @@ def get_task_of_demo(demo: DemoTask) -> str:
     return MedsegConfig.model_validate(demo.config).task.kind
 
 
-def run_demo(
-    pipeline: Pipeline,
-    workdir: Path,
-    store: str,
-    cases: int,
-    source: Path | None,
-    epochs: int,
-    console: Console,
-    config: MedsegConfig | None = None,
-    threshold: float | None = None,
-    task: str = "brats",
-) -> DemoResult:
+@dataclass(frozen=True)
+class DemoOptions:
+    """What a person chooses of a demo run.
+
+    Attributes:
+        workdir: Scratch folder: synthetic data, kfp.local outputs, results, ``demo.log``.
+        task: ``brats`` or ``skin-lesion`` (:data:`DEMOS`).
+        cases: Synthetic cases (images) to write when ``source`` is None (default: the task's).
+        source: A dataset folder in any layout ingest accepts, instead of synthetic data.
+        epochs: Overrides the config's ``train.epochs`` when above 0.
+        config: The config (default: the task's demo config for synthetic data, else the
+            task's defaults).
+        threshold: The pipeline's quality gate on the task's gate metric (default: the demo's).
+    """
+
+    workdir: Path
+    task: str = "brats"
+    cases: int | None = None
+    source: Path | None = None
+    epochs: int = 0
+    config: MedsegConfig | None = None
+    threshold: float | None = None
+
+
+def run_demo(pipeline: Pipeline, options: DemoOptions, store: str, console: Console) -> DemoResult:
     """Run steps 2–5 against the object store in the environment (see the module docstring).
 
     Args:
         pipeline: The medseg pipeline (:func:`pipelines.medseg_pipeline.medseg_pipeline`,
             given by the caller: the library does not import the pipeline layer).
-        workdir: Scratch folder: synthetic data, kfp.local outputs, results, ``demo.log``.
+        options: What to run.
         store: ``s3://BUCKET`` of the platform.
-        cases: Synthetic cases (images) to write when ``source`` is None.
-        source: A dataset folder in any layout ingest accepts, instead of synthetic data.
-        epochs: Overrides the config's ``train.epochs`` when above 0.
         console: Where the short account goes.
-        config: The config (default: the task's demo config for synthetic data, else the
-            task's defaults).
-        threshold: The pipeline's quality gate on the task's gate metric (default: the demo's).
-        task: ``brats`` or ``skin-lesion`` (:data:`DEMOS`).
     """
     from medseg.pipeline_params import pipeline_arguments
     from medseg.pipeline_runner import run_local
     from medseg.register import list_models
     from medseg.storage import Storage, join
 
+    task, workdir, threshold = options.task, options.workdir, options.threshold
     demo = DEMOS[task]
     started = time.perf_counter()
     log_path = workdir / "demo.log"
     with log_path.open("w", buffering=1) as log:
         storage = Storage()
-        source, cfg, what = _demo_data(demo, workdir, cases, source, config)
-        if epochs:
-            cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"epochs": epochs})})
+        cases = options.cases or demo.cases
+        source, cfg, what = _demo_data(demo, workdir, cases, options.source, options.config)
+        if options.epochs:
+            train = cfg.train.model_copy(update={"epochs": options.epochs})
+            cfg = cfg.model_copy(update={"train": train})
         gate = task_of(cfg).gate_metric
         out = DemoConsole(console, log, cfg.train.epochs, (gate, demo.gate))
         out.say(f"data: {what}")
@@ -608,17 +618,7 @@ def tracked_summary(card: dict[str, Any]) -> str:
     )
 
 
-def run_local_demo(
-    pipeline: Pipeline,
-    workdir: Path,
-    cases: int,
-    source: Path | None,
-    epochs: int,
-    console: Console,
-    config: MedsegConfig | None = None,
-    threshold: float | None = None,
-    task: str = "brats",
-) -> DemoResult:
+def run_local_demo(pipeline: Pipeline, options: DemoOptions, console: Console) -> DemoResult:
     """The whole demo: a fresh local MinIO (step 1), then :func:`run_demo` of ``pipeline``.
 
     The env file and the model cache go under ``workdir`` unless ``MEDSEG_ENV_FILE`` and
@@ -633,6 +633,7 @@ def run_local_demo(
 
     from medseg.minio_server import start_and_export
 
+    task, source, workdir = options.task, options.source, options.workdir
     if task not in DEMOS:
         raise MedsegError(f"unknown demo task {task!r}: use {' or '.join(DEMOS)}")
     if source is not None:  # a wrong folder fails now, not after MinIO started
@@ -658,18 +659,7 @@ def run_local_demo(
         (workdir / "mlflow.db").unlink(missing_ok=True)  # its artifacts went with the store
         tracking = mlflow_server.start_and_export(DEFAULT_BUCKET, workdir / "mlflow.db")
         console.print(f"MLflow on {tracking.uri}, artifacts {tracking.artifacts}", highlight=False)
-        return run_demo(
-            pipeline,
-            workdir,
-            DEFAULT_STORE,
-            cases,
-            source,
-            epochs,
-            console,
-            config,
-            threshold,
-            task,
-        )
+        return run_demo(pipeline, options, DEFAULT_STORE, console)
     finally:
         if tracking is not None:
             tracking.stop()

@@ -89,23 +89,17 @@ def test_held_out_case_missing_from_the_source_is_named(
 STEPS = ["ingest", "preprocess", "train", "evaluate", "gate", "register", "deploy"]
 
 
-@pytest.mark.slow
-def test_demo_on_msd_is_short_on_the_terminal_and_logs_everything(
-    synth_root: Path, tmp_path: Path
-) -> None:
-    config = tmp_path / "tiny.yaml"
-    config.write_text(tiny_config(train={"epochs": 2, "batch_size": 1}).to_yaml())
-    workdir = tmp_path / "demo"
+def _run_demo(workdir: Path, args: list[str]) -> tuple[subprocess.CompletedProcess[str], str]:
+    """``medseg demo --workdir WORKDIR ARGS`` as a user runs it (no object store in the
+    environment, one thread per process); it must succeed. The run and ``demo.log``'s text."""
     env = {
         k: v
         for k, v in os.environ.items()
         if not k.startswith(("AWS_", "S3_", "MEDSEG_ENV_FILE", "MEDSEG_CACHE_DIR"))
     }
     env["OMP_NUM_THREADS"] = "1"
-    args = ["demo", "--workdir", str(workdir), "--source", str(synth_root / "msd")]
-    args += ["--config", str(config), "--threshold", "0"]
     done = subprocess.run(
-        [sys.executable, "-m", "medseg", *args],
+        [sys.executable, "-m", "medseg", "demo", "--workdir", str(workdir), *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -115,6 +109,19 @@ def test_demo_on_msd_is_short_on_the_terminal_and_logs_everything(
     log_path = workdir / "demo.log"
     log = log_path.read_text() if log_path.is_file() else ""
     assert done.returncode == 0, (done.stdout + done.stderr)[-3000:] + log[-3000:]
+    return done, log
+
+
+@pytest.mark.slow
+def test_demo_on_msd_is_short_on_the_terminal_and_logs_everything(
+    synth_root: Path, tmp_path: Path
+) -> None:
+    config = tmp_path / "tiny.yaml"
+    config.write_text(tiny_config(train={"epochs": 2, "batch_size": 1}).to_yaml())
+    workdir = tmp_path / "demo"
+    args = ["--source", str(synth_root / "msd"), "--config", str(config), "--threshold", "0"]
+    done, log = _run_demo(workdir, args)
+    log_path = workdir / "demo.log"
 
     # The terminal: one line per step with its time, the results table, where the log is.
     lines = [line for line in done.stdout.splitlines() if line.strip()]
@@ -161,25 +168,8 @@ def test_skin_lesion_demo_runs_the_same_chain_for_a_classifier(tmp_path: Path) -
         "split: {val_fraction: 0.3}\n"
     )
     workdir = tmp_path / "demo"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("AWS_", "S3_", "MEDSEG_ENV_FILE", "MEDSEG_CACHE_DIR"))
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    args = ["demo", "--task", "skin-lesion", "--workdir", str(workdir), "--cases", "56"]
-    args += ["--config", str(config), "--threshold", "0"]
-    done = subprocess.run(
-        [sys.executable, "-m", "medseg", *args],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1800,
-    )
-    log_path = workdir / "demo.log"
-    log = log_path.read_text() if log_path.is_file() else ""
-    assert done.returncode == 0, (done.stdout + done.stderr)[-3000:] + log[-3000:]
+    args = ["--task", "skin-lesion", "--cases", "56", "--config", str(config), "--threshold", "0"]
+    done, log = _run_demo(workdir, args)
     lines = [line for line in done.stdout.splitlines() if line.strip()]
     assert len(lines) <= 40, done.stdout  # the table has a row per class
     assert "56 synthetic HAM10000-like dermoscopy images" in done.stdout

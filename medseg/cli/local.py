@@ -99,24 +99,15 @@ def demo(
     ] = None,
 ) -> None:
     """The main job: the whole platform end to end on this machine (see medseg.demo)."""
-    from medseg.demo import DEMOS, run_local_demo
+    from medseg.demo import DEMOS, DemoOptions, run_local_demo
     from pipelines.medseg_pipeline import medseg_pipeline
 
     if task not in DEMOS:
         fail(f"unknown task {task!r}: use {' or '.join(DEMOS)}")
     started = time.perf_counter()
     cfg = load_config(config) if config else None
-    result = run_local_demo(
-        medseg_pipeline,
-        workdir,
-        cases or DEMOS[task].cases,
-        source,
-        epochs,
-        console,
-        cfg,
-        threshold,
-        task,
-    )
+    options = DemoOptions(workdir, task, cases, source, epochs, cfg, threshold)
+    result = run_local_demo(medseg_pipeline, options, console)
     (_print_classifier_demo if task == "skin-lesion" else _print_segmenter_demo)(result)
     console.print(
         f"latency of {result.case_id} end to end: REST {result.latency_rest_s:.2f} s, "
