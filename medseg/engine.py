@@ -277,7 +277,7 @@ def _check_sizes(model: Any, spec: GraphSpec, cfg: MedsegConfig, name: str) -> N
             "infer.window to 'sliding'"
         )
     wanted = list(spec.example[2:])
-    if any(f and f != w for f, w in zip(fixed, wanted, strict=True)):
+    if len(fixed) != len(wanted) or any(f and f != w for f, w in zip(fixed, wanted, strict=True)):
         raise MedsegError(
             f"{name} was exported for inputs of {fixed} and the model's config "
             f"({task_of(cfg).name}) runs inputs of {wanted}: export it again "
