@@ -17,6 +17,11 @@ B. The KServe server (``python -m model_server``, the container's entrypoint, on
    after one warm-up request: images/s, the ratio against torch, the median request latency,
    and the server's peak RSS over the whole run (``VmHWM``: load, warm-up, both batch sizes).
 
+C. (with ``openvino`` among the engines) OpenVINO's plan for the classifier, the network alone
+   on 32 preprocessed images: one call of a plan whose batch alone is free (what the skin
+   task's ``GraphSpec.plan_batch`` ``None`` runs) against 32 calls of a static batch-1 plan
+   and one call of a static batch-32 plan; best of 3, the ratio against the free-batch plan.
+
     python benchmarks/bench_classify.py                      # 64 images, every engine
     python benchmarks/bench_classify.py --images 256 --engines torch,openvino
 """
@@ -37,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _timing import peak_rss_mib
+from _timing import median_time, peak_rss_mib
 from bench_serving import Server
 
 from medseg.classify import image_sources, predict_images
@@ -184,12 +189,44 @@ def serving(engines: list[str], model: Path, blobs: list[bytes], work: Path) -> 
             )
 
 
+def openvino_plans(model: Path, n: int = 32, rounds: int = 3) -> None:
+    import numpy as np
+    import openvino as ov
+
+    cfg = MedsegConfig.from_yaml((model / "model.yaml").read_bytes(), "model.yaml")
+    spec = SKIN.graph_spec(cfg)
+    images = np.random.default_rng(0).random((n, *spec.example[1:]), dtype=np.float32)
+    core = ov.Core()
+    props = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
+
+    def compiled(batch: int) -> Any:
+        graph = ov.convert_model(model / GRAPH_FILE)
+        graph.reshape({"image": [batch, *spec.example[1:]]})
+        return core.compile_model(graph, "CPU", props).create_infer_request()
+
+    free, one, whole = compiled(-1), compiled(1), compiled(n)
+    calls = {
+        f"free batch, 1 call of {n} (what runs)": lambda: free.infer({"image": images}),
+        f"static batch 1, {n} calls": lambda: [
+            one.infer({"image": images[i : i + 1]}) for i in range(n)
+        ],
+        f"static batch {n}, 1 call": lambda: whole.infer({"image": images}),
+    }
+    print(f"\nC. OpenVINO plans, the network alone on {n} images of {list(spec.example[1:])}")
+    base = None
+    for name, call in calls.items():
+        call()  # warm-up
+        seconds = min(median_time(call, 1) for _ in range(rounds))
+        base = base or seconds
+        print(f"  {name:38} {seconds:7.3f} s  {n / seconds:7.1f} images/s  {base / seconds:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64, help="Synthetic JPEGs to classify.")
     parser.add_argument("--engines", default=",".join(ENGINES), help="Comma-separated.")
     parser.add_argument("--size", type=int, nargs=2, default=list(DEFAULT_IMAGE_SIZE))
-    parser.add_argument("--skip", default="", help="Parts to skip: 'A', 'B' or 'AB'.")
+    parser.add_argument("--skip", default="", help="Parts to skip, e.g. 'A' or 'BC'.")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,6 +254,8 @@ def main() -> None:
             batch_predict(engines, work, len(blobs))
         if "B" not in args.skip:
             serving(engines, model, blobs, work)
+        if "C" not in args.skip and "openvino" in engines:
+            openvino_plans(model)
     print(f"load average at the end: {os.getloadavg()}")
     print("command: python " + " ".join(sys.argv))
 

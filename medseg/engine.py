@@ -276,7 +276,7 @@ def _check_sizes(model: Any, spec: GraphSpec, cfg: MedsegConfig, name: str) -> N
             "infer.window to 'sliding'"
         )
     wanted = list(spec.example[2:])
-    if any(f and f != w for f, w in zip(fixed, wanted, strict=True)):
+    if len(fixed) != len(wanted) or any(f and f != w for f, w in zip(fixed, wanted, strict=True)):
         raise MedsegError(
             f"{name} was exported for inputs of {fixed} and the model's config "
             f"({task_of(cfg).name}) runs inputs of {wanted}: export it again "
@@ -309,16 +309,17 @@ def _openvino_forward(graph: bytes, spec: GraphSpec, precision: Precision) -> Fo
     A static shape lets OpenVINO plan every layer once (a dynamic-shape plan ran a full-size
     volume 1.5× slower): inputs of the task's example size (sliding windows, a classifier's
     images) are run in batches of ``spec.plan_batch`` (the last, smaller batch padded up to
-    it), a whole volume with a plan compiled for its shape. The example-size plan is kept, and
-    the last volume's (a new volume shape compiles in ~3 s); calls are serialised, as one
-    plan's infer request runs one call at a time and uses every core.
+    it), or all at once on a plan whose batch alone is free (``plan_batch`` ``None``), a whole
+    volume with a plan compiled for its shape. The example-size plan is kept, and the last
+    volume's (a new volume shape compiles in ~3 s); calls are serialised, as one plan's infer
+    request runs one call at a time and uses every core.
     """
     import openvino as ov
 
     core = ov.Core()
     model = ov.convert_model(io.BytesIO(graph))
     batch_size = spec.plan_batch
-    window = (batch_size, *spec.example[1:])
+    window = (batch_size or -1, *spec.example[1:])  # -1: OpenVINO's free dimension
     plans: dict[tuple[int, ...], Any] = {}
     lock = threading.Lock()
     properties = {
@@ -336,8 +337,8 @@ def _openvino_forward(graph: bytes, spec: GraphSpec, precision: Precision) -> Fo
             plans[shape] = (compiled, compiled.create_infer_request())
         return plans[shape]
 
-    def infer(batch: np.ndarray) -> np.ndarray:
-        compiled, request = plan(batch.shape)
+    def infer(batch: np.ndarray, shape: tuple[int, ...] | None = None) -> np.ndarray:
+        compiled, request = plan(shape or batch.shape)
         return np.array(request.infer({_INPUT: batch})[compiled.output(0)], dtype=np.float32)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
@@ -345,6 +346,8 @@ def _openvino_forward(graph: bytes, spec: GraphSpec, precision: Precision) -> Fo
         with lock:
             if windows.shape[1:] != window[1:]:  # a whole volume
                 return torch.from_numpy(infer(windows))
+            if batch_size is None:  # one plan of a free batch: the whole batch in one call
+                return torch.from_numpy(infer(windows, window))
             outs = []
             for start in range(0, len(windows), batch_size):
                 batch = windows[start : start + batch_size]

@@ -104,7 +104,7 @@ def test_graph_engines_give_the_torch_probabilities(
     assert probs.dtype == np.float32 and probs.shape == (len(pixels), len(CLASSES))
     assert np.abs(probs - reference).max() <= PROB_TOL
     assert np.array_equal(probs.argmax(axis=1), reference.argmax(axis=1))
-    # One image alone gets its answer in the batch (OpenVINO runs a static plan per image).
+    # One image alone gets its answer in the batch (OpenVINO: one plan of a free batch size).
     assert np.abs(classify_images(seg, pixels[3:4]) - probs[3:4]).max() <= 1e-6
 
 

@@ -101,21 +101,22 @@ class GraphSpec:
     there knows whether the input is a volume's windows or a batch of images.
 
     Attributes:
-        example: The input shape the export traces, ``[1, C, *spatial]``; the shape (with its
-            batch set to ``plan_batch``) of OpenVINO's kept plan.
+        example: The input shape the export traces, ``[1, C, *spatial]``; the shape of
+            OpenVINO's kept plan, its batch ``plan_batch`` (or free).
         input_axes: The input's axes left free in the graph (axis → name).
         output_axes: The output's free axes.
         any_size: Whether the engine is given inputs of other spatial sizes than ``example``'s
             (whole volumes): a graph exported with fixed spatial sizes cannot run the model.
         plan_batch: Inputs per call of OpenVINO's static plan; a call's inputs of the example's
-            size run in chunks of this many, the last one zero-padded up to it.
+            size run in chunks of this many, the last one zero-padded up to it. ``None``: one
+            plan whose batch alone is free runs each call's inputs at once (no padding).
     """
 
     example: tuple[int, ...]
     input_axes: Mapping[int, str]
     output_axes: Mapping[int, str]
     any_size: bool
-    plan_batch: int
+    plan_batch: int | None
 
 
 class LabelMapping(Protocol):

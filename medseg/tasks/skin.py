@@ -180,10 +180,13 @@ class SkinClassification(Task):
         """Images ``[N, 3, *image_size]`` in, logits ``[N, C]`` out; only the batch is free.
 
         Every image is resized to ``data.image_size`` by :meth:`static_transforms`, so the
-        graph is planned for that size. OpenVINO runs a batch one image at a time on one static
-        plan: on this project's CPU, 16 images of 224 px took 0.23 s against 0.28 s on a
-        plan of batch 16 and 0.26 s on a free-batch plan (``benchmarks/bench_classify.py``
-        compares the engines end to end).
+        graph is planned for that size. OpenVINO runs each call's images at once on one plan
+        whose batch alone is free: a request of one image is not padded up to a batch, and a
+        new batch size compiles nothing. On 32 images of 224 px, three runs on the project's
+        shared (loaded) 2-core machine, ``benchmarks/bench_classify.py`` part C: 1.11–1.47×
+        as fast as 32 calls of a static batch-1 plan, 0.86–1.22× a static batch-32 plan
+        (which would pad a one-image request 32-fold); one unloaded try of 16 images had the
+        batch-1 plan 1.17× faster: the choice is for a busy node and no padding.
         """
         size = cfg.data.image_size or DEFAULT_IMAGE_SIZE
         batch = {0: "batch"}
@@ -192,7 +195,7 @@ class SkinClassification(Task):
             input_axes=batch,
             output_axes=batch,
             any_size=False,
-            plan_batch=1,
+            plan_batch=None,
         )
 
     def activate(self, logits: torch.Tensor) -> torch.Tensor:
