@@ -10,15 +10,17 @@ outside the source folder is not followed: its case is quarantined. The manifest
 last: until it exists the version does not, so a crash never leaves a half-ingested version
 visible, and a re-run uploads only what is missing.
 
-Ingest reads the source twice and keeps no copy on local disk in between, so its scratch does
-not grow with the number of cases. The version's name is the hash of the whole manifest, so
-nothing can be uploaded before every case is validated: the first pass validates each case and
-records the sha256 and size of its files as they will be stored (de-identified); the second
-makes each case's stored bytes again from the source (:func:`_upload_case`), checks them
-against that record and uploads them. Making them again costs a second gzip of every
-de-identified NIfTI file (the whole conversion of a DICOM study or an image). A source that
-changed between the passes fails the run with the case, the file and the digests; the objects
-the run uploaded are removed again and no manifest is written, so nothing is half-written.
+Ingest reads the source twice and keeps no copy of a case on local disk in between, so its
+scratch does not grow with the number of cases (a dermoscopy image's PNG is there only while it
+is made; an ``s3://`` source, though, is first copied whole to local disk). The version's name
+is the hash of the whole manifest, so nothing can be uploaded before every case is validated:
+the first pass validates each case and records the sha256 and size of its files as they will be
+stored (de-identified); the second makes each case's stored bytes again from the source
+(:func:`_upload_case`), checks them against that record and uploads them. Making them again
+costs a second gzip of every de-identified NIfTI file (the whole conversion of a DICOM study or
+an image). A source that changed between the passes fails the run with the case, the file and
+the digests; the objects the run uploaded are removed again and no manifest is written, so
+nothing is half-written.
 
 DICOM studies (a folder or prefix of study folders or zips, see
 :func:`medseg.dicom.find_studies`) go through the same checks: each study is read into the
