@@ -31,7 +31,9 @@ figures of docs/scaling.md): once as measured here, once on pods whose cores are
 Everything is removed afterwards; peak disk use is ~140 MB per case of the largest N (raw files,
 their copy in MinIO, the preprocessed cases in MinIO and in the loader's cache).
 
-Usage: ``python benchmarks/bench_scale.py [--cases 8,16,32] [--workers 2] [--init-filters 16]``
+Usage: ``python benchmarks/bench_scale.py [--cases 8,16,32] [--workers 2] [--init-filters 16]
+[--steps ingest,preprocess]`` (``--steps``: a prefix of the steps' order, since each step reads
+what the one before wrote; default all).
 """
 
 from __future__ import annotations
@@ -420,6 +422,7 @@ def main() -> None:
     parser.add_argument("--raw", help="reuse (or fill) this folder of generated cases")
     parser.add_argument("--json", help="also write every measurement to this file")
     parser.add_argument("--report", help="print the summary of a --json file, measure nothing")
+    parser.add_argument("--steps", default=",".join(STEPS), help="the steps to measure, in order")
     # One measured step in a process of its own (how main runs each step):
     parser.add_argument("--step", choices=STEPS, help=argparse.SUPPRESS)
     parser.add_argument("--n", type=int, help=argparse.SUPPRESS)
@@ -434,16 +437,24 @@ def main() -> None:
         _print_table(costs, os.cpu_count() or 1)
     else:
         ns = sorted({int(x) for x in args.cases.split(",")})
-        costs = run(ns, args.workers, tuple(args.shape), args.init_filters, args.raw)
+        steps = tuple(args.steps.split(","))
+        if steps != STEPS[: len(steps)]:
+            parser.error(f"--steps must be a prefix of {','.join(STEPS)}: each reads the last")
+        costs = run(ns, args.workers, tuple(args.shape), args.init_filters, args.raw, steps)
         if args.json:
             Path(args.json).write_text(json.dumps([asdict(c) for c in costs], indent=1))
     _print_extrapolation(_print_ratios(costs), os.cpu_count() or 1)
 
 
 def run(
-    ns: list[int], workers: int, shape: tuple[int, int, int], init_filters: int, raw: str | None
+    ns: list[int],
+    workers: int,
+    shape: tuple[int, int, int],
+    init_filters: int,
+    raw: str | None,
+    steps: tuple[str, ...] = STEPS,
 ) -> list[StepCost]:
-    """Generate the cases, start MinIO, measure every step at every N; clean up after."""
+    """Generate the cases, start MinIO, measure the steps at every N; clean up after."""
     cores = os.cpu_count() or 1
     work = Path(tempfile.mkdtemp(prefix="medseg-bench-scale-"))
     try:
@@ -474,7 +485,7 @@ def run(
                 _link_cases(source, work / f"raw-{n}", n)
                 env["MEDSEG_CACHE_DIR"] = str(work / f"cache-{n}")
                 Path(env["MEDSEG_CACHE_DIR"]).mkdir()
-                for step in STEPS:
+                for step in steps:
                     cost = _measure(step, n, work, workers, env, minio)
                     costs.append(cost)
                     print(

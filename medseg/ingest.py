@@ -10,6 +10,18 @@ outside the source folder is not followed: its case is quarantined. The manifest
 last: until it exists the version does not, so a crash never leaves a half-ingested version
 visible, and a re-run uploads only what is missing.
 
+Ingest reads the source twice and keeps no copy of a case on local disk in between, so its
+scratch does not grow with the number of cases (a dermoscopy image's PNG is there only while it
+is made; an ``s3://`` source, though, is first copied whole to local disk). The version's name
+is the hash of the whole manifest, so nothing can be uploaded before every case is validated:
+the first pass validates each case and records the sha256 and size of its files as they will be
+stored (de-identified); the second makes each case's stored bytes again from the source
+(:func:`_upload_case`), checks them against that record and uploads them. Making them again
+costs a second gzip of every de-identified NIfTI file (the whole conversion of a DICOM study or
+an image). A source that changed between the passes fails the run with the case, the file and
+the digests; the objects the run uploaded are removed again and no manifest is written, so
+nothing is half-written.
+
 DICOM studies (a folder or prefix of study folders or zips, see
 :func:`medseg.dicom.find_studies`) go through the same checks: each study is read into the
 canonical case (:func:`medseg.dicom.read_study`), its ground truth is a NIfTI label map in the
@@ -44,9 +56,10 @@ import multiprocessing
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Iterable
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,10 +79,10 @@ from medseg.names import check_name
 from medseg.nifti import GZIP_MAGIC, open_image, read_voxels
 from medseg.settings import DeidSettings
 from medseg.skin import classes as skin_classes
+from medseg.skin.layouts import RawImage, discover_images
 from medseg.skin.layouts import detect_layout as detect_image_layout
-from medseg.skin.layouts import discover_images
-from medseg.skin.validate import CheckedImage, check_image
-from medseg.storage import Storage, is_s3, join, sha256_file, write_local
+from medseg.skin.validate import check_image
+from medseg.storage import Storage, StorageSettings, is_s3, join, sha256_file
 from medseg.tasks.brats import CHANNELS
 
 __all__ = ["IngestResult", "ingest", "source_fingerprint"]
@@ -99,18 +112,21 @@ class _Loaded:
     data: NDArray[np.generic]
     affine: NDArray[np.float64]
     zooms: tuple[float, ...]
-    sanitized: bytes | None  # new bytes when the header had text to blank, else None
+    stored: bytes | None  # the file as it is stored (de-identified); None for a derived volume
 
 
 @dataclass
 class _Checked:
+    """A case's manifest entry (split unset), or its quarantine."""
+
     case_id: str
     entry: CaseEntry | None = None
     quarantine: QuarantinedCase | None = None
-    staged: dict[str, Path] = field(default_factory=dict)  # role -> file to upload
 
 
-_C = TypeVar("_C", _Checked, CheckedImage)
+#: A case's files as they are stored, by role.
+_Files = dict[str, bytes]
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -133,38 +149,61 @@ class IngestResult:
     cached: bool = False
 
 
-def _read_nifti(path: Path, role: str) -> _Loaded:
-    """Read one NIfTI file fully, and blank its identifying header text."""
-    raw = path.read_bytes()
-    compressed = raw[:2] == GZIP_MAGIC
+def _open_nifti(path: Path) -> tuple[bytes, Any]:
+    """A NIfTI file's bytes as stored (identifying header text blanked) and its image.
+
+    The file is stored as it is when no field of :data:`BLANKED_FIELDS` has text; otherwise
+    with those fields emptied, gzipped again if it was (level 6, no time stamp: the same file
+    gives the same bytes every time). The voxels are not read.
+
+    Raises:
+        CaseInvalid: If the file cannot be read or is not NIfTI.
+    """
     try:
-        raw, img = open_image(raw, path.name)
-        data = read_voxels(img, path.name, dtype=None)
+        original = path.read_bytes()
+        raw, img = open_image(original, path.name)
+    except OSError as exc:
+        raise CaseInvalid(path.name, f"{path.name} is unreadable: {exc.strerror or exc}") from None
     except MedsegError as exc:
         raise CaseInvalid(path.name, str(exc)) from None
-    header = img.header
     # The image's header has vox_offset reset by nibabel: edit the header exactly as stored.
-    stored = type(header).from_fileobj(io.BytesIO(raw))
-    sanitized = None
+    stored = type(img.header).from_fileobj(io.BytesIO(raw))
     present = [
         f for f in BLANKED_FIELDS if f in stored and bytes(stored[f].tobytes()).strip(b"\0 ")
     ]
-    if present:
-        clean = stored.copy()
-        for f in present:
-            clean[f] = b""
-        block = clean.binaryblock
-        body = block + raw[len(block) :]
-        sanitized = gzip.compress(body, compresslevel=6, mtime=0) if compressed else body
+    if not present:
+        return original, img
+    clean = stored.copy()
+    for f in present:
+        clean[f] = b""
+    block = clean.binaryblock
+    body = block + raw[len(block) :]
+    if original[:2] == GZIP_MAGIC:
+        return gzip.compress(body, compresslevel=6, mtime=0), img
+    return body, img
+
+
+def _read_nifti(path: Path, role: str) -> _Loaded:
+    """Read one NIfTI file fully, and blank its identifying header text."""
+    stored, img = _open_nifti(path)
+    try:
+        data = read_voxels(img, path.name, dtype=None)
+    except MedsegError as exc:
+        raise CaseInvalid(path.name, str(exc)) from None
     return _Loaded(
         role=role,
         name=path.name,
         source=path,
         data=data,
         affine=np.asarray(img.affine, dtype=np.float64),
-        zooms=tuple(float(z) for z in header.get_zooms()),
-        sanitized=sanitized,
+        zooms=tuple(float(z) for z in img.header.get_zooms()),
+        stored=stored,
     )
+
+
+def _file_entry(role: str, key: str, data: bytes) -> FileEntry:
+    """The manifest's record of one stored file."""
+    return FileEntry(role=role, key=key, sha256=hashlib.sha256(data).hexdigest(), size=len(data))
 
 
 def _check_values(item: _Loaded) -> None:
@@ -193,19 +232,23 @@ def _check_label(item: _Loaded, conv: LabelConvention) -> dict[str, int]:
     return {str(v): found.get(v, 0) for v in sorted(conv.labels)}
 
 
-def _check_case(case: RawCase, convention: str, staging: str) -> _Checked:
+def _check_case(case: RawCase, convention: str) -> _Checked:
     """Validate one case; returns its manifest entry (split unset) or its quarantine."""
     out = _Checked(case.case_id)
     try:
-        out.entry, out.staged = _validate(case, get_convention(convention), Path(staging))
+        out.entry = _validate(case, get_convention(convention))
     except CaseInvalid as exc:
         out.quarantine = QuarantinedCase(case_id=case.case_id, file=exc.file, reason=exc.reason)
     return out
 
 
-def _validate(
-    case: RawCase, conv: LabelConvention, staging: Path
-) -> tuple[CaseEntry, dict[str, Path]]:
+def _case_files(case: RawCase, convention: str) -> _Files:
+    """A validated case's files as stored, made again from its source (voxels not read)."""
+    del convention  # the stored bytes do not depend on it; the same arguments as _check_case
+    return {role: _open_nifti(path)[0] for role, path in case.files().items()}
+
+
+def _validate(case: RawCase, conv: LabelConvention) -> CaseEntry:
     for role, expected in case.missing.items():
         what = "label map" if role == "label" else f"modality {role}"
         raise CaseInvalid(expected, f"missing {what}: expected file {expected}")
@@ -249,26 +292,13 @@ def _validate(
                 _check_values(channel)
         else:
             _check_values(item)
-    staged: dict[str, Path] = {}
     files = []
     for item in loaded:
         # MSD names image and label alike (imagesTr/X.nii.gz, labelsTr/X.nii.gz): keep the folder.
         rel = f"{item.source.parent.name}/{item.name}" if case.image4d else item.name
-        if item.sanitized is not None:
-            dest = staging / case.case_id / rel
-            write_local(dest, item.sanitized)
-        else:
-            dest = item.source
-        staged[item.role] = dest
-        files.append(
-            FileEntry(
-                role=item.role,
-                key=f"raw/{case.case_id}/{rel}",
-                sha256=sha256_file(dest),
-                size=dest.stat().st_size,
-            )
-        )
-    entry = CaseEntry(
+        assert item.stored is not None  # read from a file
+        files.append(_file_entry(item.role, f"raw/{case.case_id}/{rel}", item.stored))
+    return CaseEntry(
         case_id=case.case_id,
         split="train",
         files=files,
@@ -278,7 +308,6 @@ def _validate(
         orientation="".join(nib.aff2axcodes(ref.affine)),
         label_counts=label_counts,
     )
-    return entry, staged
 
 
 #: The manifest's layout of a dataset ingested from DICOM studies.
@@ -330,9 +359,10 @@ def _study_label(source: Path, study: Any, conv: LabelConvention) -> NDArray[np.
     return label
 
 
-def _check_study(case_id: str, source: str, convention: str, staging: str, key: bytes) -> _Checked:
-    """Validate, convert and de-identify one DICOM study; its entry or its quarantine."""
+def _study(case_id: str, source: str, convention: str, key: bytes) -> tuple[_Checked, _Files]:
+    """Validate, convert and de-identify one DICOM study; its entry and files, or its quarantine."""
     out = _Checked(case_id)
+    blobs: _Files = {}
     path = Path(source)
     try:
         try:
@@ -358,43 +388,80 @@ def _check_study(case_id: str, source: str, convention: str, staging: str, key: 
             None,
         )
         counts = _check_label(label, conv)
-        folder = Path(staging) / case_id
-        staged: dict[str, Path] = {}
+        names: dict[str, str] = {}
         for item in [*channels, label]:
             data = item.data.astype(np.uint8) if item.role == "label" else item.data
-            staged[item.role] = folder / item.name
-            write_local(staged[item.role], _nifti_bytes(np.ascontiguousarray(data), affine))
+            names[item.role] = item.name
+            blobs[item.role] = _nifti_bytes(np.ascontiguousarray(data), affine)
         buf = io.BytesIO()
         with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as archive:
             for rel in sorted(files):
                 archive.writestr(
                     zipfile.ZipInfo(rel, _ZIP_TIME), files[rel], compress_type=zipfile.ZIP_DEFLATED
                 )
-        staged[_DICOM_ROLE] = folder / f"{case_id}_study.zip"
-        write_local(staged[_DICOM_ROLE], buf.getvalue())
+        names[_DICOM_ROLE] = f"{case_id}_study.zip"
+        blobs[_DICOM_ROLE] = buf.getvalue()
         zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
         nx, ny, nz = (int(n) for n in study.image.shape[1:])
         out.entry = CaseEntry(
             case_id=case_id,
             split="train",
             files=[
-                FileEntry(
-                    role=role,
-                    key=f"raw/{case_id}/{dest.name}",
-                    sha256=sha256_file(dest),
-                    size=dest.stat().st_size,
-                )
-                for role, dest in staged.items()
+                _file_entry(role, f"raw/{case_id}/{names[role]}", data)
+                for role, data in blobs.items()
             ],
             shape=(nx, ny, nz),
             spacing=(float(zooms[0]), float(zooms[1]), float(zooms[2])),
             orientation="".join(nib.aff2axcodes(affine)),
             label_counts=counts,
         )
-        out.staged = staged
     except CaseInvalid as exc:
         out.quarantine = QuarantinedCase(case_id=case_id, file=exc.file, reason=exc.reason)
-    return out
+        blobs = {}
+    return out, blobs
+
+
+def _image(raw: RawImage) -> tuple[_Checked, _Files]:
+    """Validate and de-identify one dermoscopy image; its entry and file, or its quarantine.
+
+    :func:`medseg.skin.validate.check_image` writes the PNG to a folder of this image's own,
+    removed as soon as it is read.
+    """
+    with tempfile.TemporaryDirectory(prefix="medseg-image-") as tmp:
+        done = check_image(raw, tmp)
+        blobs = {role: path.read_bytes() for role, path in done.staged.items()}
+    return _Checked(done.case_id, done.entry, done.quarantine), blobs
+
+
+def _entry_of(made: tuple[_Checked, _Files]) -> _Checked:
+    return made[0]
+
+
+def _files_of(made: tuple[_Checked, _Files]) -> _Files:
+    checked, blobs = made
+    if checked.quarantine is not None:
+        raise CaseInvalid(checked.quarantine.file, checked.quarantine.reason)
+    return blobs
+
+
+# The two passes of each kind of source take the same arguments: validate (an entry), and
+# make the stored files again (see the module docstring).
+
+
+def _check_study(case_id: str, source: str, convention: str, key: bytes) -> _Checked:
+    return _entry_of(_study(case_id, source, convention, key))
+
+
+def _study_files(case_id: str, source: str, convention: str, key: bytes) -> _Files:
+    return _files_of(_study(case_id, source, convention, key))
+
+
+def _check_image(raw: RawImage) -> _Checked:
+    return _entry_of(_image(raw))
+
+
+def _image_files(raw: RawImage) -> _Files:
+    return _files_of(_image(raw))
 
 
 def _screen(case_id: str, files: Iterable[Path], root: Path) -> QuarantinedCase | None:
@@ -478,11 +545,101 @@ def _assign_split(
     return {i: ("validation" if group_of[i] in val else "train") for i in sorted(ids)}
 
 
-def _map(fn: Callable[..., _C], items: list[tuple[Any, ...]], workers: int) -> list[_C]:
-    if workers <= 1 or len(items) <= 1:
-        return [fn(*a) for a in items]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=_SPAWN) as pool:
-        return list(pool.map(fn, *zip(*items, strict=True)))
+class _Workers:
+    """Runs calls in this process, or in ``workers`` spawned processes kept for both passes."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def __enter__(self) -> _Workers:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+
+    def imap(
+        self,
+        fn: Callable[..., _T],
+        items: list[tuple[Any, ...]],
+        stop: Callable[[], bool] = lambda: False,
+    ) -> Iterator[_T]:
+        """``fn(*a)`` for each ``a`` of ``items``, in order, each as it is done.
+
+        In workers, at most two calls per worker are queued or running at a time. Once
+        ``stop()`` is true no further call starts; those already started finish and are still
+        yielded.
+        """
+        if self.workers <= 1 or len(items) <= 1:
+            for a in items:
+                if stop():
+                    return
+                yield fn(*a)
+            return
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=_SPAWN)
+        todo = deque(items)
+        ahead: deque[Future[_T]] = deque()
+        while True:
+            while todo and len(ahead) < 2 * self.workers and not stop():
+                ahead.append(self._pool.submit(fn, *todo.popleft()))
+            if not ahead:
+                return
+            yield ahead.popleft().result()
+
+
+@dataclass
+class _Upload:
+    """What storing one case did: the objects it wrote, or why its files were not stored."""
+
+    written: list[str]
+    problem: str | None = None
+
+
+def _upload_case(
+    make: Callable[..., _Files],
+    args: tuple[Any, ...],
+    entry: CaseEntry,
+    prefix: str,
+    settings: StorageSettings,
+) -> _Upload:
+    """Make a validated case's stored files again, check them against ``entry``, upload them.
+
+    Nothing of the case is uploaded unless every one of its files is the one validated. An
+    object already at its key with the same sha256 (left by an interrupted run) is kept.
+
+    Args:
+        make: Makes the case's files from its source (``_case_files``, ``_study_files``...).
+        args: Its arguments, the same that validated the case.
+        entry: The case's entry, as validated.
+        prefix: The version's prefix in the store.
+        settings: The store's connection settings.
+    """
+    try:
+        blobs = make(*args)
+    except CaseInvalid as exc:
+        what = exc.file or "its source"
+        return _Upload([], f"case {entry.case_id}, {what}: no longer valid: {exc.reason}")
+    for f in entry.files:
+        data = blobs.get(f.role)
+        digest = None if data is None else hashlib.sha256(data).hexdigest()
+        if digest != f.sha256:
+            now = "missing" if digest is None else f"now {digest[:12]}…"
+            return _Upload(
+                [],
+                f"case {entry.case_id}, {f.key.split('/', 2)[-1]}: changed since it was "
+                f"validated (sha256 {f.sha256[:12]}…, {now})",
+            )
+    storage = Storage(settings)
+    written = []
+    for f in entry.files:
+        uri = join(prefix, f.key)
+        if storage.exists(uri) and storage.stat(uri).sha256 == f.sha256:
+            continue  # left by an interrupted earlier run, with the very same bytes
+        storage.put_bytes(uri, blobs[f.role])
+        written.append(uri)
+    return _Upload(written)
 
 
 def _deid_key() -> bytes:
@@ -561,13 +718,15 @@ def _ingest(
     workers: int,
 ) -> IngestResult:
     """Read, validate and store ``source`` (see :func:`ingest`)."""
-    with tempfile.TemporaryDirectory(prefix="medseg-ingest-") as tmp:
+    with (
+        tempfile.TemporaryDirectory(prefix="medseg-ingest-") as tmp,
+        _Workers(workers) as pool,
+    ):
         root = Path(source)
         if is_s3(source):
             root = Path(tmp) / "source"
             for obj in storage.list(source):
                 storage.get_file(obj.uri, root / obj.uri[len(source.rstrip("/")) + 1 :])
-        staging = str(Path(tmp) / "staged")
         image_layout = detect_image_layout(root)
         if image_layout is not None:
             if labels not in (None, skin_classes.CONVENTION):
@@ -580,11 +739,12 @@ def _ingest(
                 raise DatasetError(f"{source}: layout {image_layout} detected but no image found")
             screens = [_screen(r.image_id, [r.path] if r.path else [], root) for r in raws]
             refused = [q for q in screens if q is not None]
-            todo = [(r, staging) for r, q in zip(raws, screens, strict=True) if q is None]
-            images = _map(check_image, todo, workers)
+            todo = [(r,) for r, q in zip(raws, screens, strict=True) if q is None]
+            images = list(pool.imap(_check_image, todo))
             kind = (image_layout, skin_classes.CONVENTION, skin_classes.CHANNELS)
+            passes = _Passes(images, _image_files, todo, pool)
             return _store(
-                source, name, store, storage, split, strict, kind, len(raws), images, refused
+                source, name, store, storage, split, strict, kind, len(raws), passes, refused
             )
         try:
             layout = detect_layout(root)
@@ -602,10 +762,10 @@ def _ingest(
             for case_id, study in studies:
                 try:
                     check_name(case_id, "case id")
-                    readable.append((case_id, study, convention, staging, key))
+                    readable.append((case_id, study, convention, key))
                 except InvalidName as exc:
                     refused.append(QuarantinedCase(case_id=case_id, file=None, reason=str(exc)))
-            checked = _map(_check_study, readable, workers)
+            passes = _Passes(list(pool.imap(_check_study, readable)), _study_files, readable, pool)
             n_cases = len(studies)
         else:
             convention = labels or LAYOUTS[layout]
@@ -615,11 +775,21 @@ def _ingest(
                 raise DatasetError(f"{source}: layout {layout} detected but no case found")
             screened = {c.case_id: _screen(c.case_id, c.files().values(), root) for c in cases}
             refused = [q for q in screened.values() if q is not None]
-            args = [(c, convention, staging) for c in cases if screened[c.case_id] is None]
-            checked = _map(_check_case, args, workers)
+            args = [(c, convention) for c in cases if screened[c.case_id] is None]
+            passes = _Passes(list(pool.imap(_check_case, args)), _case_files, args, pool)
             n_cases = len(cases)
         kind = (layout, convention, CHANNELS)
-        return _store(source, name, store, storage, split, strict, kind, n_cases, checked, refused)
+        return _store(source, name, store, storage, split, strict, kind, n_cases, passes, refused)
+
+
+@dataclass
+class _Passes:
+    """The first pass's results, and what the second needs: how to make each case's files."""
+
+    checked: list[_Checked]
+    make: Callable[..., _Files]
+    args: list[tuple[Any, ...]]  # each case's arguments, as for the first pass
+    pool: _Workers
 
 
 def _store(
@@ -631,7 +801,7 @@ def _store(
     strict: bool,
     kind: tuple[str, str, tuple[str, ...]],
     n_cases: int,
-    checked: list[_Checked] | list[CheckedImage],
+    passes: _Passes,
     refused: list[QuarantinedCase],
 ) -> IngestResult:
     """Split the valid cases, upload them and commit the version with its manifest.
@@ -645,9 +815,15 @@ def _store(
         strict: Fail if any case is quarantined.
         kind: The manifest's layout, label convention and channels.
         n_cases: How many cases the source listed (for the message when none is valid).
-        checked: Each validated case's entry and staged files, or its quarantine.
+        passes: Each validated case's entry or quarantine, and how to make its files again.
         refused: Cases quarantined before validation.
+
+    Raises:
+        DatasetError: If no valid case is left, or ``strict`` and a case was quarantined, or a
+            file changed in the source after it was validated (nothing is committed then, and
+            what this run uploaded is removed again).
     """
+    checked = passes.checked
     good = [c for c in checked if c.entry is not None]
     bad = refused + [c.quarantine for c in checked if c.quarantine is not None]
     bad.sort(key=lambda q: q.case_id)
@@ -676,15 +852,26 @@ def _store(
     if storage.exists(ref.manifest_uri):
         existing = ref.load(storage)
         return IngestResult(ref, existing, created=False, uploaded=0)
-    uploaded = 0
-    for c in good:
-        assert c.entry is not None
-        for f in c.entry.files:
-            uri = join(ref.prefix, f.key)
-            if storage.exists(uri) and storage.stat(uri).sha256 == f.sha256:
-                continue  # left by an interrupted earlier run, with the very same bytes
-            storage.put_file(uri, c.staged[f.role])
-            uploaded += 1
+    jobs = [
+        (passes.make, a, c.entry, ref.prefix, storage.settings)
+        for a, c in zip(passes.args, checked, strict=True)
+        if c.entry is not None
+    ]
+    written: list[str] = []
+    changed: list[str] = []
+    for done in passes.pool.imap(_upload_case, jobs, stop=lambda: bool(changed)):
+        written += done.written
+        if done.problem is not None:
+            changed.append(done.problem)
+    if changed:
+        for uri in written:  # this run's objects of a version that will never be committed
+            storage.delete(uri)
+        raise DatasetError(
+            f"{source} changed while it was ingested: {'; '.join(changed)}. Nothing was "
+            f"committed and the {len(written)} files this run had uploaded were removed; "
+            "ingest it again once it no longer changes"
+        )
+    uploaded = len(written)
     manifest = manifest.model_copy(
         update={"version": version, "created_at": datetime.now(UTC).isoformat()}
     )

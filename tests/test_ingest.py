@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import re
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -13,7 +17,7 @@ from medseg.config import SplitConfig
 from medseg.errors import DatasetError
 from medseg.ingest import ingest
 from medseg.manifest import DatasetRef
-from medseg.storage import Storage, join
+from medseg.storage import ObjectInfo, Storage, join
 from medseg.synth import write_dataset
 
 from .conftest import SHAPE
@@ -382,3 +386,129 @@ def test_case_ids_follow_the_naming_rule(
     result = ingest(str(root), "ids", bucket, storage=storage)
     q = {c.case_id: c.reason for c in result.manifest.quarantined}
     assert "case id 'bad@case' is not allowed" in q["bad@case"]
+
+
+# -- scratch: no copy of a case is kept between validation and upload ---------------------------
+
+
+def _local_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+
+def _on_upload(monkeypatch: pytest.MonkeyPatch, hook: Callable[[str], None]) -> None:
+    """Call ``hook(uri)`` before the real Storage writes each object (both of its writes)."""
+    put_bytes, put_file = Storage.put_bytes, Storage.put_file
+
+    def spy_bytes(self: Storage, uri: str, data: bytes) -> ObjectInfo:
+        hook(uri)
+        return put_bytes(self, uri, data)
+
+    def spy_file(self: Storage, uri: str, path: str | Path, progress: Any = None) -> ObjectInfo:
+        hook(uri)
+        return put_file(self, uri, path, progress)
+
+    monkeypatch.setattr(Storage, "put_bytes", spy_bytes)
+    monkeypatch.setattr(Storage, "put_file", spy_file)
+
+
+@pytest.mark.parametrize("layout", ["brats2021", "msd"])
+def test_scratch_holds_at_most_one_case_while_uploading(
+    synth_root: Path,
+    storage: Storage,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    layout: str,
+) -> None:
+    """The scratch folder, measured as each object is uploaded (every file's header text is
+    blanked, so each is a de-identified copy), never holds more than one case's files."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    held: dict[str, int] = {}
+
+    def measure(uri: str) -> None:
+        if "/raw/" in uri:
+            held[uri] = _local_bytes(scratch)
+
+    _on_upload(monkeypatch, measure)
+    result = ingest(str(synth_root / layout), "scratch", bucket, storage=storage)
+    files = [f for c in result.manifest.cases for f in c.files]
+    assert len(held) == len(files) == result.uploaded == 6 * (5 if layout == "brats2021" else 2)
+    one_case = max(sum(f.size for f in c.files) for c in result.manifest.cases)
+    assert max(held.values()) <= one_case
+    assert _local_bytes(scratch) == 0
+
+
+@pytest.mark.parametrize("change", ["rewritten", "deleted"])
+def test_a_source_changed_during_ingest_is_refused_and_nothing_is_committed(
+    synth_root: Path,
+    storage: Storage,
+    bucket: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    change: str,
+) -> None:
+    """Case 3's T1 changes after validation, as the first case is uploaded: the run fails
+    naming the case and the file, and the 5 files of cases 0-2 it had uploaded are removed."""
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(synth_root / "brats2021", root)
+    t1 = _path(root, 3, "t1")
+    uploads: list[str] = []
+
+    def change_case_3(uri: str) -> None:
+        if not uploads:
+            if change == "deleted":
+                t1.unlink()
+            else:
+                data = np.asarray(nib.load(t1).dataobj)
+                _rewrite(t1, (data + 1).astype(data.dtype))
+        uploads.append(uri)
+
+    _on_upload(monkeypatch, change_case_3)
+    reason = (
+        r"changed since it was validated \(sha256 [0-9a-f]{12}…, now [0-9a-f]{12}…\)"
+        if change == "rewritten"
+        else r"no longer valid: BraTS2021_00003_t1\.nii\.gz is unreadable"
+    )
+    with pytest.raises(DatasetError) as failed:
+        ingest(str(root), "moving", bucket, storage=storage)
+    message = str(failed.value)
+    assert re.search(rf"case BraTS2021_00003, BraTS2021_00003_t1\.nii\.gz: {reason}", message)
+    assert "the 15 files this run had uploaded were removed" in message
+    assert len(uploads) == 15  # cases 0-2; nothing of case 3 or after
+    assert list(storage.list(join(bucket, "datasets"))) == []  # no manifest, no object
+    if change == "rewritten":  # the source, stable again, ingests
+        again = ingest(str(root), "moving", bucket, storage=storage)
+        assert again.created and len(again.manifest.cases) == 6
+
+
+def test_what_was_stored_before_survives_a_refused_run(
+    synth_root: Path, storage: Storage, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Objects an interrupted earlier run left for the same version are kept when this run
+    fails; only what this run uploaded goes."""
+    import shutil
+
+    root = tmp_path / "src"
+    shutil.copytree(synth_root / "brats2021", root)
+    first = ingest(str(root), "keep", bucket, storage=storage)
+    # As after an interrupted run: no manifest or records, and case 0 not uploaded yet.
+    for obj in storage.list(join(bucket, "datasets", "keep")):
+        if "/raw/" not in obj.uri or "/raw/BraTS2021_00000/" in obj.uri:
+            storage.delete(obj.uri)
+    left = [(o.uri, o.size) for o in storage.list(bucket)]
+    assert len(left) == 5 * 5
+    t1 = _path(root, 3, "t1")
+
+    def change_case_3(uri: str) -> None:
+        data = np.asarray(nib.load(t1).dataobj)
+        _rewrite(t1, (data + 1).astype(data.dtype))
+
+    _on_upload(monkeypatch, change_case_3)
+    with pytest.raises(DatasetError, match="the 5 files this run had uploaded were removed"):
+        ingest(str(root), "keep", bucket, storage=storage)
+    assert [(o.uri, o.size) for o in storage.list(bucket)] == left
+    assert not storage.exists(first.ref.manifest_uri)

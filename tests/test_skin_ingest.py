@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from medseg.skin.images import decode_image
 from medseg.skin.synth import write_ham10000
 from medseg.storage import Storage, join
 
+from .test_ingest import _local_bytes, _on_upload
 from .test_skin_images import jpeg_claiming
 
 N = 56
@@ -267,3 +269,23 @@ def test_cli_synth_and_ingest(tmp_path: Path, s3_env: None, bucket: str) -> None
     done = runner.invoke(app, ["ingest", str(raw), "--dataset", "cli-skin", "--store", bucket])
     assert done.exit_code == 0, done.output
     assert "layout ham10000, labels ham10000, 42 valid cases (" in done.output
+
+
+def test_scratch_holds_at_most_one_image_while_uploading(
+    ham: Path, storage: Storage, bucket: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each image's de-identified PNG is made in scratch and removed at once, in both passes."""
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    held: list[int] = []
+
+    def measure(uri: str) -> None:
+        if "/raw/" in uri:
+            held.append(_local_bytes(scratch))
+
+    _on_upload(monkeypatch, measure)
+    result = ingest(str(ham), "skin", bucket, storage=storage, split=SPLIT)
+    assert len(held) == result.uploaded == len(result.manifest.cases) > 0
+    assert max(held) <= max(c.files[0].size for c in result.manifest.cases)
+    assert _local_bytes(scratch) == 0
