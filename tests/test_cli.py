@@ -357,6 +357,8 @@ def test_submit_takes_every_name_from_the_release(
     # the run's first step names the release's Secret and ConfigMap for every later step
     from components import params_op
 
-    names = params_op.python_func(config_yaml="", training={}, cluster=cluster, deployment={})
+    names = params_op.python_func(
+        config_yaml="", task="", training={}, cluster=cluster, deployment={}
+    )
     assert names.s3_secret == names.s3_config == "prod-medseg-s3"
     assert kfp_api.posted("/apis/v2beta1/experiments")["namespace"] == "ml"

@@ -31,6 +31,7 @@ from components import (
     shards_op,
     train_op,
 )
+from medseg.config import MedsegConfig
 from medseg.errors import MedsegError
 from medseg.minio_server import MinioServer
 from medseg.pipeline_params import (
@@ -94,23 +95,35 @@ def _step(world: World, name: str) -> Any:
 
 def test_params_step_checks_every_group_and_names_the_release_s3_objects() -> None:
     names = params_op.python_func(
-        config_yaml=CONFIG, training={"workers": 2.0}, cluster={"release": "prod"}, deployment={}
+        config_yaml=CONFIG,
+        task="",
+        training={"workers": 2.0},
+        cluster={"release": "prod"},
+        deployment={},
     )
     assert (names.s3_secret, names.s3_config) == ("prod-medseg-s3", "prod-medseg-s3")
+    assert MedsegConfig.from_yaml(names.config_yaml, "out") == MedsegConfig.from_yaml(CONFIG, "in")
+    # the run's task: the step hands on that task's whole config
+    skin = params_op.python_func(
+        config_yaml="", task="skin-lesion-classification", training={}, cluster={}, deployment={}
+    )
+    assert MedsegConfig.from_yaml(skin.config_yaml, "out").model.name == "DenseNet121"
     given = params_op.python_func(
         config_yaml="",
+        task="",
         training={},
         cluster={"release": "prod", "s3_secret": "mine"},
         deployment={},
     )
     assert (given.s3_secret, given.s3_config) == ("mine", "prod-medseg-s3")
-    bad = {"config_yaml": "", "training": {}, "cluster": {}, "deployment": {}}
+    bad = {"config_yaml": "", "task": "", "training": {}, "cluster": {}, "deployment": {}}
     cases = [
         ({"training": {"workers": 0}}, r"training\.workers: Input should be greater than"),
         ({"training": {"launcher": "slurm"}}, r"training\.launcher: Input should be 'local'"),
         ({"cluster": {"relase": "x"}}, r"cluster\.relase: Extra inputs are not permitted"),
         ({"deployment": {"scale_metric": "cpu"}}, r"deployment: scale_metric 'cpu' does not"),
         ({"config_yaml": "train: {epochs: 0}"}, r"config_yaml: train\.epochs: Input should be"),
+        ({"task": "x-ray"}, r"task: 'x-ray' is not a task"),
     ]
     for override, message in cases:
         with pytest.raises(MedsegError, match=message):
