@@ -1,7 +1,7 @@
 """The model registry: immutable, growing versions of trained models with their lineage.
 
 ``STORE/models/NAME/vN/`` holds ``model.pt``, ``model.yaml``, ``model.onnx`` when registered with
-``export`` (the graph the CPU engines run, see :mod:`medseg.engine`) and ``model_card.json``; the
+``export`` (the graph the CPU engines run, see :mod:`medseg.export`) and ``model_card.json``; the
 card is written last, so a version exists only once it is complete. Versions only grow (v1, v2, …);
 ``NAME@latest`` is the highest.
 
@@ -271,12 +271,12 @@ def _inference_settings(config: bytes, where: str) -> dict[str, Any]:
 
 
 def _export(weights: bytes, config: bytes, where: str) -> bytes:
-    """The ONNX graph of the network in ``weights`` (see :func:`medseg.engine.export_graph`)."""
-    from medseg.engine import export_graph, weights_digest
-    from medseg.infer import load_network
+    """The ONNX graph of the network in ``weights`` (see :mod:`medseg.export`)."""
+    # Here, not at the top: the registry's readers (`medseg models`, model_uri for the CLI's
+    # serve and evaluate) load no torch or MONAI; the export does (seconds to import).
+    from medseg.export import artifact_graph
 
-    cfg = parse_config(config, where)
-    return export_graph(load_network(cfg, weights, where), cfg, weights_digest(weights))
+    return artifact_graph(parse_config(config, where), weights, where)
 
 
 def _claim_version(storage: Storage, store: str, name: str, run_id: str) -> int:
