@@ -21,7 +21,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medseg.errors import MedsegError
-from medseg.kube import DEFAULT_RELEASE, SERVER_IMAGE, Release
+from medseg.kube import (
+    DEFAULT_RELEASE,
+    SERVER_IMAGE,
+    Release,
+    check_operator,
+    container_security_context,
+    pod_placement,
+    pod_security_context,
+    resources,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
+)
 from medseg.settings import (
     DEFAULT_PORTS,
     KSERVE_MODEL_DIR,
@@ -158,8 +170,6 @@ class InferenceServiceSpec:
 
     def resources(self) -> Any:
         """The predictor container's ``V1ResourceRequirements``."""
-        from medseg.kube import resources
-
         return resources(self.cpu, self.memory, self.gpus, self.cpu_limit, self.memory_limit)
 
 
@@ -208,15 +218,6 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
         V1EnvVar,
         V1ObjectMeta,
         V1TopologySpreadConstraint,
-    )
-
-    from medseg.kube import (
-        container_security_context,
-        pod_placement,
-        pod_security_context,
-        scratch_env,
-        scratch_mount,
-        scratch_volume,
     )
 
     port = (
@@ -391,8 +392,6 @@ def deploy(
             within ``timeout`` seconds, with the controller's conditions verbatim.
     """
     from kserve import KServeClient
-
-    from medseg.kube import check_operator
 
     if client is None:
         from kubernetes.config import ConfigException

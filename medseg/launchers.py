@@ -18,7 +18,17 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from medseg.errors import MedsegError
-from medseg.kube import DEFAULT_RELEASE, check_operator
+from medseg.kube import (
+    DEFAULT_RELEASE,
+    check_operator,
+    container_security_context,
+    pod_placement,
+    pod_security_context,
+    resources,
+    scratch_env,
+    scratch_mount,
+    scratch_volume,
+)
 from medseg.names import check_name
 from medseg.settings import Placement, PlacementSettings
 
@@ -220,16 +230,6 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
         V1PodTemplateSpec,
         V1Volume,
         V1VolumeMount,
-    )
-
-    from medseg.kube import (
-        container_security_context,
-        pod_placement,
-        pod_security_context,
-        resources,
-        scratch_env,
-        scratch_mount,
-        scratch_volume,
     )
 
     container = V1Container(
