@@ -2,7 +2,9 @@
 
 Evaluation never scores an intermediate tensor. It scores the label maps that batch prediction
 (:mod:`medseg.predict`, through :func:`medseg.infer.segment_case`, the server's function) wrote
-for the split's raw cases, against the cases' original ground-truth label maps:
+for the split's raw cases, against the cases' original ground-truth label maps. It only scores:
+its caller runs the prediction first (``medseg evaluate`` without ``--predictions`` does).
+What it scores:
 
 * regions come from the label maps by the dataset's label convention (BraTS ≤2021: WT = {1,2,4},
   TC = {1,4}, ET = {4}; BraTS 2023+: WT = {1,2,3}, TC = {1,3}, ET = {3}; MSD Task01: WT = {1,2,3},
@@ -304,10 +306,9 @@ def evaluate(
 ) -> EvalResult | ClassEval:
     """Score a model's served answers on a dataset split; write metrics, report, pictures.
 
-    Evaluation is pure scoring: the answers are those ``medseg predict`` (:func:`medseg.predict.
-    predict`) wrote for the split, and the caller runs it first. A segmentation task's label maps
-    are scored here; a classification task's probabilities by :func:`evaluate_classification`.
-    Either way the evaluation is logged to its training run's MLflow run when tracking is on.
+    Pure scoring: the caller runs ``medseg predict`` (:func:`medseg.predict.predict`) first. A
+    segmentation task's label maps are scored here, a classifier's probabilities by
+    :func:`evaluate_classification`; either is logged to its training run's MLflow run.
 
     Args:
         model_uri: A model artifact (see :mod:`medseg.artifact`).
@@ -356,18 +357,24 @@ def evaluate(
         )
         for c in cases[:max_overlays]
     }
+    _write_outputs(storage, result, images, _history(storage, target))
+    if target.run_id is not None:
+        _track(storage, target.store, target.run_id, result)
+    return result
+
+
+def _write_outputs(
+    storage: Storage, result: EvalResult, images: dict[str, bytes], history: list[dict[str, Any]]
+) -> None:
+    """Write the overlays, ``cases.csv``, ``report.html`` and, last, ``metrics.json``."""
     for case_id, png in images.items():
         uri = join(result.out, "overlays", f"{case_id}.png")
         storage.put_bytes(uri, png)
         result.overlays.append(uri)
-    history = _history(storage, target)
     storage.put_bytes(join(result.out, "cases.csv"), result.cases_csv().encode())
     page = write_report(result, images, history)
     storage.put_bytes(join(result.out, "report.html"), page.encode())
     storage.put_json(join(result.out, "metrics.json"), result.to_json())
-    if target.run_id is not None:
-        _track(storage, target.store, target.run_id, result)
-    return result
 
 
 @dataclass
