@@ -159,6 +159,35 @@ def _tensor_input(files: Sequence[Path], dtype: str) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(data, dtype=np_dtype)[None], images[0].affine
 
 
+def _case_input(
+    files: Sequence[Path], order: Sequence[str], tensor: str | None
+) -> tuple[dict[str, Any], bytes]:
+    """The v2 input of a case and its payload: NIfTI bytes, or a decoded ``tensor`` (FP16/FP32).
+
+    The channel names always travel: the server never guesses the order.
+    """
+    if tensor:
+        array, affine = _tensor_input(files, tensor)
+        inp = {
+            "name": "image",
+            "datatype": tensor,
+            "shape": list(array.shape),
+            "parameters": {
+                "affine": ",".join(f"{v:.9g}" for v in affine.ravel()),
+                "channels": ",".join(order),
+            },
+        }
+        return inp, array.tobytes()
+    blobs = [f.read_bytes() for f in files]
+    inp = {
+        "name": "nifti",
+        "datatype": "BYTES",
+        "shape": [len(blobs)],
+        "parameters": {"channels": ",".join(order)},
+    }
+    return inp, serialize_bytes(blobs)
+
+
 def predict(
     url: str,
     paths: Sequence[Path],
@@ -191,28 +220,7 @@ def predict(
     params: dict[str, Any] = {"label_convention": label_convention} if label_convention else {}
     if probabilities:
         params["probabilities"] = True
-    # the channel names always travel: the server never guesses the order
-    if tensor:
-        array, affine = _tensor_input(files, tensor)
-        inp = {
-            "name": "image",
-            "datatype": tensor,
-            "shape": list(array.shape),
-            "parameters": {
-                "affine": ",".join(f"{v:.9g}" for v in affine.ravel()),
-                "channels": ",".join(order),
-            },
-        }
-        payload = array.tobytes()
-    else:
-        blobs = [f.read_bytes() for f in files]
-        inp = {
-            "name": "nifti",
-            "datatype": "BYTES",
-            "shape": [len(blobs)],
-            "parameters": {"channels": ",".join(order)},
-        }
-        payload = serialize_bytes(blobs)
+    inp, payload = _case_input(files, order, tensor)
     outputs = ["mask", "volumes_ml"]
     outputs += (["probabilities"] if probabilities else []) + (["labels"] if labels else [])
     _import_transport(grpc)  # module imports (kserve's protobufs: ~1 s) are not latency

@@ -359,6 +359,23 @@ def _apply_disruption_budget(api_client: Any, spec: InferenceServiceSpec) -> Non
         ) from None
 
 
+def _kserve_client() -> Any:
+    """A ``kserve.KServeClient`` from the kube config or in-cluster.
+
+    Raises:
+        MedsegError: If there is neither.
+    """
+    from kserve import KServeClient
+    from kubernetes.config import ConfigException
+
+    try:
+        return KServeClient()
+    except ConfigException as exc:
+        raise MedsegError(
+            f"no Kubernetes configuration ({exc}): set KUBECONFIG, or run inside the cluster"
+        ) from None
+
+
 def deploy(
     spec: InferenceServiceSpec,
     timeout: float,
@@ -386,17 +403,7 @@ def deploy(
         MedsegError: KServe missing or too old; a mode change without ``recreate``; or not Ready
             within ``timeout`` seconds, with the controller's conditions verbatim.
     """
-    from kserve import KServeClient
-
-    if client is None:
-        from kubernetes.config import ConfigException
-
-        try:
-            client = KServeClient()
-        except ConfigException as exc:
-            raise MedsegError(
-                f"no Kubernetes configuration ({exc}): set KUBECONFIG, or run inside the cluster"
-            ) from None
+    client = client if client is not None else _kserve_client()
     check_operator("KServe", client.api_instance.api_client)
     where = f"InferenceService {spec.namespace}/{spec.name}"
     deadline = time.monotonic() + timeout

@@ -62,7 +62,6 @@ __all__ = [
     "EvalResult",
     "Evaluation",
     "evaluate",
-    "evaluate_classification",
     "hd95",
     "score_case",
     "score_label_maps",
@@ -308,7 +307,8 @@ def evaluate(
 
     Pure scoring: the caller runs ``medseg predict`` (:func:`medseg.predict.predict`) first. A
     segmentation task's label maps are scored here, a classifier's probabilities by
-    :func:`evaluate_classification`; either is logged to its training run's MLflow run.
+    :func:`medseg.classify.evaluate_classes` (with ``threshold`` on its macro AUC); either is
+    logged to its training run's MLflow run.
 
     Args:
         model_uri: A model artifact (see :mod:`medseg.artifact`).
@@ -329,12 +329,36 @@ def evaluate(
     """
     storage = storage or Storage()
     cfg = segmenter.cfg if segmenter is not None else read_config(model_uri, storage)
-    task = task_of(cfg)
-    if task.outputs.kind == "classes":
-        return evaluate_classification(
-            model_uri, predictions, dataset, store, split, threshold, out, storage, segmenter
-        )
     target = _target(storage, model_uri, dataset, store)
+    out = out or model_output_uri(model_uri, "eval")
+    result: EvalResult | ClassEval
+    if task_of(cfg).outputs.kind == "classes":  # the model draws the report's mistakes
+        seg = segmenter or load_model(model_uri, storage)
+        result = evaluate_classes(
+            seg, model_uri, target.ref, split, predictions, out, storage, threshold
+        )
+    else:
+        result = _score_segmentation(
+            storage, model_uri, cfg, target, split, predictions, out, threshold, max_overlays
+        )
+    if target.run_id is not None:
+        _track(storage, target.store, target.run_id, result)
+    return result
+
+
+def _score_segmentation(
+    storage: Storage,
+    model_uri: str,
+    cfg: MedsegConfig,
+    target: _Target,
+    split: str,
+    predictions: str,
+    out: str,
+    threshold: float | None,
+    max_overlays: int,
+) -> EvalResult:
+    """Score the label maps written for the split; write the overlays, tables and report."""
+    task = task_of(cfg)
     manifest = target.ref.load(storage)
     entries = [c for c in manifest.cases if split == "all" or c.split == split]
     if not entries:
@@ -347,8 +371,7 @@ def evaluate(
     cases.sort(key=lambda c: c.dice_mean)
     result = _result(model_uri, target.ref, split, cases, threshold, task, manifest.convention)
     result.seconds_per_case = (time.perf_counter() - started) / len(entries)
-    result.out = out or model_output_uri(model_uri, "eval")
-    result.predictions = predictions
+    result.out, result.predictions = out, predictions
     result.missing = sorted(c.case_id for c in entries if c.case_id not in written.keys)
     by_id = {e.case_id: e for e in entries}
     images = {
@@ -358,8 +381,6 @@ def evaluate(
         for c in cases[:max_overlays]
     }
     _write_outputs(storage, result, images, _history(storage, target))
-    if target.run_id is not None:
-        _track(storage, target.store, target.run_id, result)
     return result
 
 
@@ -505,35 +526,3 @@ def _track(storage: Storage, store: str, run_id: str, result: Evaluation) -> Non
     log_evaluation(
         storage, store, run_id, result.split, result.summary(), result.table(), artifacts
     )
-
-
-def evaluate_classification(
-    model_uri: str,
-    predictions: str,
-    dataset: str | None = None,
-    store: str | None = None,
-    split: str = "validation",
-    threshold: float | None = None,
-    out: str | None = None,
-    storage: Storage | None = None,
-    model: Segmenter | None = None,
-) -> ClassEval:
-    """Score a classifier's served probabilities on a dataset split (see :mod:`medseg.classify`).
-
-    The arguments are :func:`evaluate`'s; ``threshold`` gates the task's metric (macro AUC).
-    The model is loaded (unless ``model`` is given) for the report's pictures of its mistakes.
-
-    Raises:
-        MedsegError: If the model, the dataset or the predictions are missing or do not belong
-            together, or the split is empty.
-    """
-    storage = storage or Storage()
-    target = _target(storage, model_uri, dataset, store)
-    seg = model or load_model(model_uri, storage)
-    out = out or model_output_uri(model_uri, "eval")
-    result = evaluate_classes(
-        seg, model_uri, target.ref, split, predictions, out, storage, threshold
-    )
-    if target.run_id is not None:
-        _track(storage, target.store, target.run_id, result)
-    return result

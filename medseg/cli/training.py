@@ -90,9 +90,6 @@ def evaluate_cmd(
     uri = model_uri(storage, store, model)
     task = task_of(read_config(uri, storage))  # not a model artifact: said before predicting
     predictions = predictions or _predict_split(storage, uri, store, dataset, split)
-    if task.outputs.kind == "classes":
-        _evaluate_classes(uri, store, dataset, split, threshold, enforce, out, predictions)
-        return
     result = evaluate(
         uri,
         predictions,
@@ -103,10 +100,15 @@ def evaluate_cmd(
         out=out,
         storage=storage,
     )
-    _print_evaluation(result, split)
+    if task.outputs.kind == "classes":
+        _print_classes(result, split)
+        gate = result.gate_metric
+    else:
+        _print_evaluation(result, split)
+        gate = "mean Dice"
     if threshold is not None:
         verdict = "passed" if result.passed else "FAILED"
-        console.print(f"quality gate (mean Dice ≥ {threshold}): {verdict}")
+        console.print(f"quality gate ({gate} ≥ {threshold}): {verdict}")
         if enforce and not result.passed:
             raise typer.Exit(3)
 
@@ -121,28 +123,8 @@ def _predict_split(storage: Storage, uri: str, store: str, dataset: str | None, 
     return predict(uri, dataset=dataset, split=split, store=store, storage=storage).out
 
 
-def _evaluate_classes(
-    uri: str,
-    store: str,
-    dataset: str | None,
-    split: str,
-    threshold: float | None,
-    enforce: bool,
-    out: str | None,
-    predictions: str,
-) -> None:
-    """``medseg evaluate`` of a classifier: AUC per class and macro, balanced accuracy, gate."""
-    from medseg.evaluate import evaluate_classification
-
-    result = evaluate_classification(
-        uri,
-        predictions,
-        dataset=dataset,
-        store=store if dataset else None,
-        split=split,
-        threshold=threshold,
-        out=out,
-    )
+def _print_classes(result: Any, split: str) -> None:
+    """A classifier's :class:`~medseg.classify.ClassEval`: AUC per class and macro, and more."""
     m = result.metrics
     table = Table(title=f"{result.dataset} · {split} · {sum(map(sum, m.confusion))} images")
     for col in ("class", "AUC", "sensitivity", "specificity"):
@@ -156,11 +138,6 @@ def _evaluate_classes(
         highlight=False,
     )
     console.print(f"report: {result.out}/report.html")
-    if threshold is not None:
-        verdict = "passed" if result.passed else "FAILED"
-        console.print(f"quality gate ({result.gate_metric} ≥ {threshold}): {verdict}")
-        if enforce and not result.passed:
-            raise typer.Exit(3)
 
 
 def _print_evaluation(result: Any, split: str) -> None:
