@@ -381,6 +381,36 @@ def _rest_infer(
     return out, doc.get("parameters") or {}
 
 
+def _grpc_request_head(
+    model: str, inp: dict[str, Any], params: dict[str, Any], outputs: Sequence[str]
+) -> bytes:
+    """The serialised ``ModelInferRequest`` without its raw contents (joined to it unchanged)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    def _param(value: Any) -> Any:
+        if isinstance(value, bool):
+            return pb.InferParameter(bool_param=value)
+        if isinstance(value, int):
+            return pb.InferParameter(int64_param=value)
+        return pb.InferParameter(string_param=str(value))
+
+    return bytes(
+        pb.ModelInferRequest(
+            model_name=model,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name=inp["name"],
+                    datatype=inp["datatype"],
+                    shape=inp["shape"],
+                    parameters={k: _param(v) for k, v in inp["parameters"].items()},
+                )
+            ],
+            parameters={k: _param(v) for k, v in params.items()},
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
+        ).SerializeToString()
+    )
+
+
 def _grpc_infer(
     url: str,
     model: str,
@@ -393,26 +423,7 @@ def _grpc_infer(
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
-    def _param(value: Any) -> Any:
-        if isinstance(value, bool):
-            return pb.InferParameter(bool_param=value)
-        if isinstance(value, int):
-            return pb.InferParameter(int64_param=value)
-        return pb.InferParameter(string_param=str(value))
-
-    head = pb.ModelInferRequest(
-        model_name=model,
-        inputs=[
-            pb.ModelInferRequest.InferInputTensor(
-                name=inp["name"],
-                datatype=inp["datatype"],
-                shape=inp["shape"],
-                parameters={k: _param(v) for k, v in inp["parameters"].items()},
-            )
-        ],
-        parameters={k: _param(v) for k, v in params.items()},
-        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
-    ).SerializeToString()
+    head = _grpc_request_head(model, inp, params, outputs)
     raw_in = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
     raw_out = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
     message = join_grpc_raw(head, raw_in, [payload])
