@@ -2,7 +2,7 @@
 
 The skin task's DenseNet121 (seeded weights: they do not change the speed) at the task's input
 size (``data.image_size``, 224 px by default), exported to ONNX next to its weights
-(:func:`medseg.engine.export_model`), on ``--images`` synthetic dermoscopy JPEGs of HAM10000's
+(:func:`medseg.export.export_model`), on ``--images`` synthetic dermoscopy JPEGs of HAM10000's
 600×450 (:mod:`medseg.skin.synth`). Per engine (``--engines``; ``torch`` is the
 baseline of every ratio, measured in the same run):
 
@@ -48,7 +48,8 @@ from bench_serving import Server
 from medseg.classify import image_sources, predict_images
 from medseg.client import infer, serialize_bytes
 from medseg.config import MedsegConfig
-from medseg.engine import GRAPH_FILE, export_model
+from medseg.engine import GRAPH_FILE
+from medseg.export import export_model
 from medseg.infer import load_model
 from medseg.skin.classes import CHANNELS, CLASSES
 from medseg.skin.synth import MIN_PER_CLASS, encode_jpeg, make_image, plan_lesions

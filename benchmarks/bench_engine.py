@@ -50,8 +50,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg.artifact import trained_on
 from medseg.config import MedsegConfig
-from medseg.engine import GRAPH_FILE, export_model, graph_forward, weights_digest
+from medseg.engine import GRAPH_FILE, graph_forward, weights_digest
+from medseg.export import export_model
 from medseg.infer import load_model, pad_to_multiple, recorded_hashes, segment_case
 from medseg.model import build_network, size_multiple
 from medseg.storage import Storage, join
@@ -240,8 +242,10 @@ def dice(
     model: str, names: list[str], out: str, dataset: str | None = None, split: str = "validation"
 ) -> None:
     from medseg.evaluate import evaluate
+    from medseg.predict import predict
 
     storage = Storage()
+    trained = trained_on(model, storage)  # the split is in the store the model was trained in
     if GRAPH_FILE not in recorded_hashes(model, storage)[1]:
         export_model(model, storage)  # a version registered with its graph has one already
     means = {}
@@ -254,9 +258,14 @@ def dice(
             graph = storage.get_bytes(join(model, GRAPH_FILE))
             seg.forward = graph_forward(engine, graph, seg.cfg, weights_digest(weights), model)
         started = time.perf_counter()
+        spec = dataset or trained.dataset
+        pred = predict(
+            model, dataset=spec, split=split, store=trained.store, storage=storage, segmenter=seg
+        )
         result = evaluate(
             model,
-            dataset=dataset,  # in the store the model was trained in
+            pred.out,
+            dataset=dataset,
             split=split,
             storage=storage,
             segmenter=seg,

@@ -43,10 +43,12 @@ __all__ = [
     "RUN_MODEL_DIR",
     "WEIGHTS_FILE",
     "Artifact",
+    "TrainedOn",
     "parse_config",
     "read_config",
     "recorded_hashes",
     "run_model_uri",
+    "trained_on",
     "write_lineage",
     "write_model",
 ]
@@ -121,6 +123,39 @@ def recorded_hashes(uri: str, storage: Storage) -> tuple[str, dict[str, str]]:
             ) from None
         return record, dict(files)
     return "", {}
+
+
+@dataclass(frozen=True)
+class TrainedOn:
+    """The dataset a model was trained on, as its lineage or card records it.
+
+    Attributes:
+        store: The store holding the dataset.
+        dataset: ``NAME@VERSION``.
+        run_id: The training run (None when the record names none).
+    """
+
+    store: str
+    dataset: str
+    run_id: str | None
+
+
+def trained_on(uri: str, storage: Storage) -> TrainedOn:
+    """The dataset the model artifact at ``uri`` was trained on (its lineage, else its card).
+
+    Raises:
+        MedsegError: If the artifact has neither record.
+    """
+    for name in (LINEAGE_FILE, CARD_FILE):
+        raw = _optional_bytes(storage, join(uri, name))
+        if raw is None:
+            continue
+        doc = json.loads(raw)
+        ds = doc["dataset"]
+        return TrainedOn(ds["store"], f"{ds['name']}@{ds['version']}", doc.get("run_id"))
+    raise MedsegError(
+        f"{uri} has neither {LINEAGE_FILE} nor {CARD_FILE}: pass the dataset explicitly"
+    )
 
 
 @dataclass

@@ -159,6 +159,35 @@ def _tensor_input(files: Sequence[Path], dtype: str) -> tuple[np.ndarray, np.nda
     return np.ascontiguousarray(data, dtype=np_dtype)[None], images[0].affine
 
 
+def _case_input(
+    files: Sequence[Path], order: Sequence[str], tensor: str | None
+) -> tuple[dict[str, Any], bytes]:
+    """The v2 input of a case and its payload: NIfTI bytes, or a decoded ``tensor`` (FP16/FP32).
+
+    The channel names always travel: the server never guesses the order.
+    """
+    if tensor:
+        array, affine = _tensor_input(files, tensor)
+        inp = {
+            "name": "image",
+            "datatype": tensor,
+            "shape": list(array.shape),
+            "parameters": {
+                "affine": ",".join(f"{v:.9g}" for v in affine.ravel()),
+                "channels": ",".join(order),
+            },
+        }
+        return inp, array.tobytes()
+    blobs = [f.read_bytes() for f in files]
+    inp = {
+        "name": "nifti",
+        "datatype": "BYTES",
+        "shape": [len(blobs)],
+        "parameters": {"channels": ",".join(order)},
+    }
+    return inp, serialize_bytes(blobs)
+
+
 def predict(
     url: str,
     paths: Sequence[Path],
@@ -191,28 +220,7 @@ def predict(
     params: dict[str, Any] = {"label_convention": label_convention} if label_convention else {}
     if probabilities:
         params["probabilities"] = True
-    # the channel names always travel: the server never guesses the order
-    if tensor:
-        array, affine = _tensor_input(files, tensor)
-        inp = {
-            "name": "image",
-            "datatype": tensor,
-            "shape": list(array.shape),
-            "parameters": {
-                "affine": ",".join(f"{v:.9g}" for v in affine.ravel()),
-                "channels": ",".join(order),
-            },
-        }
-        payload = array.tobytes()
-    else:
-        blobs = [f.read_bytes() for f in files]
-        inp = {
-            "name": "nifti",
-            "datatype": "BYTES",
-            "shape": [len(blobs)],
-            "parameters": {"channels": ",".join(order)},
-        }
-        payload = serialize_bytes(blobs)
+    inp, payload = _case_input(files, order, tensor)
     outputs = ["mask", "volumes_ml"]
     outputs += (["probabilities"] if probabilities else []) + (["labels"] if labels else [])
     _import_transport(grpc)  # module imports (kserve's protobufs: ~1 s) are not latency
@@ -373,6 +381,36 @@ def _rest_infer(
     return out, doc.get("parameters") or {}
 
 
+def _grpc_request_head(
+    model: str, inp: dict[str, Any], params: dict[str, Any], outputs: Sequence[str]
+) -> bytes:
+    """The serialised ``ModelInferRequest`` without its raw contents (joined to it unchanged)."""
+    from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
+
+    def _param(value: Any) -> Any:
+        if isinstance(value, bool):
+            return pb.InferParameter(bool_param=value)
+        if isinstance(value, int):
+            return pb.InferParameter(int64_param=value)
+        return pb.InferParameter(string_param=str(value))
+
+    return bytes(
+        pb.ModelInferRequest(
+            model_name=model,
+            inputs=[
+                pb.ModelInferRequest.InferInputTensor(
+                    name=inp["name"],
+                    datatype=inp["datatype"],
+                    shape=inp["shape"],
+                    parameters={k: _param(v) for k, v in inp["parameters"].items()},
+                )
+            ],
+            parameters={k: _param(v) for k, v in params.items()},
+            outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
+        ).SerializeToString()
+    )
+
+
 def _grpc_infer(
     url: str,
     model: str,
@@ -385,26 +423,7 @@ def _grpc_infer(
     import grpc
     from kserve.protocol.grpc import grpc_predict_v2_pb2 as pb
 
-    def _param(value: Any) -> Any:
-        if isinstance(value, bool):
-            return pb.InferParameter(bool_param=value)
-        if isinstance(value, int):
-            return pb.InferParameter(int64_param=value)
-        return pb.InferParameter(string_param=str(value))
-
-    head = pb.ModelInferRequest(
-        model_name=model,
-        inputs=[
-            pb.ModelInferRequest.InferInputTensor(
-                name=inp["name"],
-                datatype=inp["datatype"],
-                shape=inp["shape"],
-                parameters={k: _param(v) for k, v in inp["parameters"].items()},
-            )
-        ],
-        parameters={k: _param(v) for k, v in params.items()},
-        outputs=[pb.ModelInferRequest.InferRequestedOutputTensor(name=o) for o in outputs],
-    ).SerializeToString()
+    head = _grpc_request_head(model, inp, params, outputs)
     raw_in = pb.ModelInferRequest.DESCRIPTOR.fields_by_name["raw_input_contents"].number
     raw_out = pb.ModelInferResponse.DESCRIPTOR.fields_by_name["raw_output_contents"].number
     message = join_grpc_raw(head, raw_in, [payload])

@@ -21,7 +21,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from medseg.errors import MedsegError
-from medseg.kube import DEFAULT_RELEASE, SERVER_IMAGE, Release
+from medseg.kube import (
+    DEFAULT_RELEASE,
+    PART_OF,
+    SERVER_IMAGE,
+    Release,
+    check_operator,
+    platform_container,
+    platform_pod,
+    resources,
+    scratch_env,
+)
 from medseg.settings import (
     DEFAULT_PORTS,
     KSERVE_MODEL_DIR,
@@ -158,8 +168,6 @@ class InferenceServiceSpec:
 
     def resources(self) -> Any:
         """The predictor container's ``V1ResourceRequirements``."""
-        from medseg.kube import resources
-
         return resources(self.cpu, self.memory, self.gpus, self.cpu_limit, self.memory_limit)
 
 
@@ -193,7 +201,7 @@ def build_pod_disruption_budget(spec: InferenceServiceSpec) -> Any | None:
         metadata=V1ObjectMeta(
             name=f"{spec.name}-predictor",
             namespace=spec.namespace,
-            labels={"app.kubernetes.io/part-of": "medseg"},
+            labels=dict(PART_OF),
         ),
         spec=V1PodDisruptionBudgetSpec(max_unavailable=1, selector=_predictor_selector(spec)),
     )
@@ -202,44 +210,9 @@ def build_pod_disruption_budget(spec: InferenceServiceSpec) -> Any | None:
 def build_inference_service(spec: InferenceServiceSpec) -> Any:
     """The ``V1beta1InferenceService`` (kserve SDK model) for ``spec``."""
     from kserve import V1beta1InferenceService, V1beta1InferenceServiceSpec, V1beta1PredictorSpec
-    from kubernetes.client import (
-        V1Container,
-        V1ContainerPort,
-        V1EnvVar,
-        V1ObjectMeta,
-        V1TopologySpreadConstraint,
-    )
+    from kubernetes.client import V1ObjectMeta, V1TopologySpreadConstraint
 
-    from medseg.kube import (
-        container_security_context,
-        pod_placement,
-        pod_security_context,
-        scratch_env,
-        scratch_mount,
-        scratch_volume,
-    )
-
-    port = (
-        V1ContainerPort(container_port=DEFAULT_PORTS.http, name="http1", protocol="TCP")
-        if spec.protocol == "rest"
-        else V1ContainerPort(container_port=DEFAULT_PORTS.grpc, name="h2c", protocol="TCP")
-    )
-    container = V1Container(
-        name="kserve-container",
-        image=spec.image,
-        image_pull_policy=spec.image_pull_policy,
-        command=["python", "-m", "model_server"],
-        args=_server_args(spec),
-        env=[
-            V1EnvVar(name="STORAGE_URI", value=spec.storage_uri),
-            scratch_env(),
-            V1EnvVar(name="MEDSEG_SERVER_GRACE_PERIOD_S", value=str(spec.grace_period_s)),
-        ],
-        ports=[port],
-        resources=spec.resources(),
-        security_context=container_security_context(),
-        volume_mounts=[scratch_mount()],
-    )
+    container = _server_container(spec)
     annotations = {"serving.kserve.io/deploymentMode": spec.deployment_mode}
     pod: dict[str, Any] = {}
     spread = []
@@ -256,7 +229,7 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
                 label_selector=_predictor_selector(spec),
             )
         ]
-    pod |= pod_placement(spec.placement, spread)
+    pod |= platform_pod(spec.placement, spread=spread)
     return V1beta1InferenceService(
         api_version="serving.kserve.io/v1beta1",
         kind="InferenceService",
@@ -264,12 +237,11 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
             name=spec.name,
             namespace=spec.namespace,
             annotations=annotations,
-            labels={"app.kubernetes.io/part-of": "medseg"},
+            labels=dict(PART_OF),
         ),
         spec=V1beta1InferenceServiceSpec(
             predictor=V1beta1PredictorSpec(
                 containers=[container],
-                security_context=pod_security_context(),
                 service_account_name=spec.service_account,
                 min_replicas=spec.min_replicas,
                 max_replicas=spec.max_replicas,
@@ -277,11 +249,35 @@ def build_inference_service(spec: InferenceServiceSpec) -> Any:
                 scale_target=spec.scale_target,
                 container_concurrency=spec.container_concurrency,
                 # Pods carry the platform label: the chart's NetworkPolicy lets them reach MinIO.
-                labels={"app.kubernetes.io/part-of": "medseg"},
-                volumes=[scratch_volume()],
+                labels=dict(PART_OF),
                 **pod,
             )
         ),
+    )
+
+
+def _server_container(spec: InferenceServiceSpec) -> Any:
+    """The predictor's ``V1Container``: the model server, its argv, port and environment."""
+    from kubernetes.client import V1ContainerPort, V1EnvVar
+
+    port = (
+        V1ContainerPort(container_port=DEFAULT_PORTS.http, name="http1", protocol="TCP")
+        if spec.protocol == "rest"
+        else V1ContainerPort(container_port=DEFAULT_PORTS.grpc, name="h2c", protocol="TCP")
+    )
+    return platform_container(
+        name="kserve-container",
+        image=spec.image,
+        image_pull_policy=spec.image_pull_policy,
+        command=["python", "-m", "model_server"],
+        args=_server_args(spec),
+        env=[
+            V1EnvVar(name="STORAGE_URI", value=spec.storage_uri),
+            scratch_env(),
+            V1EnvVar(name="MEDSEG_SERVER_GRACE_PERIOD_S", value=str(spec.grace_period_s)),
+        ],
+        ports=[port],
+        resources=spec.resources(),
     )
 
 
@@ -363,6 +359,23 @@ def _apply_disruption_budget(api_client: Any, spec: InferenceServiceSpec) -> Non
         ) from None
 
 
+def _kserve_client() -> Any:
+    """A ``kserve.KServeClient`` from the kube config or in-cluster.
+
+    Raises:
+        MedsegError: If there is neither.
+    """
+    from kserve import KServeClient
+    from kubernetes.config import ConfigException
+
+    try:
+        return KServeClient()
+    except ConfigException as exc:
+        raise MedsegError(
+            f"no Kubernetes configuration ({exc}): set KUBECONFIG, or run inside the cluster"
+        ) from None
+
+
 def deploy(
     spec: InferenceServiceSpec,
     timeout: float,
@@ -390,19 +403,7 @@ def deploy(
         MedsegError: KServe missing or too old; a mode change without ``recreate``; or not Ready
             within ``timeout`` seconds, with the controller's conditions verbatim.
     """
-    from kserve import KServeClient
-
-    from medseg.kube import check_operator
-
-    if client is None:
-        from kubernetes.config import ConfigException
-
-        try:
-            client = KServeClient()
-        except ConfigException as exc:
-            raise MedsegError(
-                f"no Kubernetes configuration ({exc}): set KUBECONFIG, or run inside the cluster"
-            ) from None
+    client = client if client is not None else _kserve_client()
     check_operator("KServe", client.api_instance.api_client)
     where = f"InferenceService {spec.namespace}/{spec.name}"
     deadline = time.monotonic() + timeout

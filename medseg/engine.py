@@ -27,9 +27,9 @@ is present but unreadable, exported from other weights than the artifact's ``mod
 exported for fixed window sizes (an older medseg) while ``infer.window`` is ``volume``, or for
 other fixed sizes than the config's (a classifier's ``data.image_size`` changed), is an error
 whatever the engine setting (a broken artifact is refused, never quietly served by another
-engine). Export is done by :func:`export_graph` (from a network) or :func:`export_model` (adds the
-graph to an existing artifact); :func:`medseg.register.register` exports every version it
-registers.
+engine). :func:`export_graph` traces the graph from a network; adding it to an artifact is
+:mod:`medseg.export`'s (:func:`medseg.export.export_model`, and :func:`medseg.register.register`
+for every version it registers with ``export``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.artifact import GRAPH_FILE, WEIGHTS_FILE, recorded_hashes
+from medseg.artifact import GRAPH_FILE
 from medseg.config import Engine, MedsegConfig, Precision
 from medseg.errors import MedsegError
 from medseg.tasks import GraphSpec, task_of
@@ -58,7 +58,6 @@ __all__ = [
     "Forward",
     "choose_engine",
     "export_graph",
-    "export_model",
     "graph_forward",
     "openvino_precision",
     "weights_digest",
@@ -132,39 +131,6 @@ def export_graph(net: torch.nn.Module, cfg: MedsegConfig, weights_sha256: str) -
     return bytes(model.SerializeToString())
 
 
-def export_model(uri: str, storage: Any = None) -> str:
-    """Add :data:`GRAPH_FILE` to the model artifact at ``uri`` (exported from its ``model.pt``).
-
-    A graph that the artifact's record lists (a version registered with its graph) is never
-    written again: the export is not byte-for-byte reproducible, and a registered version does
-    not change.
-
-    Args:
-        uri: A model artifact (see :mod:`medseg.infer`).
-        storage: A :class:`~medseg.storage.Storage`; from the environment when omitted.
-
-    Returns:
-        The sha256 of the graph written.
-
-    Raises:
-        MedsegError: If ``uri`` is no loadable model artifact, or its record lists a graph.
-    """
-    from medseg.infer import load_model
-    from medseg.storage import Storage, join
-
-    storage = storage or Storage()
-    record, hashes = recorded_hashes(uri, storage)
-    if GRAPH_FILE in hashes:
-        raise MedsegError(
-            f"{uri}/{GRAPH_FILE} is recorded in {record}: the artifact is exported already, "
-            "and a recorded file is never rewritten"
-        )
-    seg = load_model(uri, storage, device="cpu", engine="torch")
-    digest = weights_digest(storage.get_bytes(join(uri, WEIGHTS_FILE)))
-    graph = export_graph(seg.net, seg.cfg, digest)
-    return str(storage.put_bytes(join(uri, GRAPH_FILE), graph).sha256)
-
-
 def choose_engine(
     requested: Engine,
     has_graph: bool,
@@ -207,7 +173,7 @@ def _engine(requested: Engine, has_graph: bool, device: torch.device, where: str
     if requested != "torch" and not has_graph:
         raise MedsegError(
             f"{where}: engine {requested!r} needs {GRAPH_FILE} in the model artifact and there "
-            "is none: export it (medseg.engine.export_model) or use engine 'torch' or 'auto'"
+            "is none: export it (medseg.export.export_model) or use engine 'torch' or 'auto'"
         )
     return requested
 
@@ -271,7 +237,7 @@ def _check_sizes(model: Any, spec: GraphSpec, cfg: MedsegConfig, name: str) -> N
     if spec.any_size and any(fixed):
         raise MedsegError(
             f"{name} was exported for windows of {fixed} voxels only and infer.window is "
-            "'volume' (whole volumes): export it again (medseg.engine.export_model; for a "
+            "'volume' (whole volumes): export it again (medseg.export.export_model; for a "
             "registered version, register its run again: a version never changes), or set "
             "infer.window to 'sliding'"
         )
@@ -280,7 +246,7 @@ def _check_sizes(model: Any, spec: GraphSpec, cfg: MedsegConfig, name: str) -> N
         raise MedsegError(
             f"{name} was exported for inputs of {fixed} and the model's config "
             f"({task_of(cfg).name}) runs inputs of {wanted}: export it again "
-            "(medseg.engine.export_model), or restore the config it was exported with"
+            "(medseg.export.export_model), or restore the config it was exported with"
         )
 
 

@@ -2,7 +2,9 @@
 
 Evaluation never scores an intermediate tensor. It scores the label maps that batch prediction
 (:mod:`medseg.predict`, through :func:`medseg.infer.segment_case`, the server's function) wrote
-for the split's raw cases, against the cases' original ground-truth label maps:
+for the split's raw cases, against the cases' original ground-truth label maps. It only scores:
+its caller runs the prediction first (``medseg evaluate`` without ``--predictions`` does).
+What it scores:
 
 * regions come from the label maps by the dataset's label convention (BraTS ≤2021: WT = {1,2,4},
   TC = {1,4}, ET = {4}; BraTS 2023+: WT = {1,2,3}, TC = {1,3}, ET = {3}; MSD Task01: WT = {1,2,3},
@@ -39,17 +41,19 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from medseg.artifact import CARD_FILE, LINEAGE_FILE
+from medseg.artifact import TrainedOn, trained_on
 from medseg.classify import ClassEval, evaluate_classes
+from medseg.config import MedsegConfig
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.infer import Segmenter, load_model, read_config
 from medseg.manifest import CaseEntry, DatasetRef
 from medseg.nifti import Volume, decode
-from medseg.predict import INDEX, CaseInput, load_case, model_output_uri, predict
+from medseg.predict import INDEX, CaseInput, load_case, model_output_uri
 from medseg.report import write_report
 from medseg.storage import Storage, join
 from medseg.tasks import CaseScore, Task, default_task, get_convention, task_of
 from medseg.tasks.segmentation import HD95_DEFINITION, HD95_EMPTY, hd95
+from medseg.tracking import log_evaluation
 
 __all__ = [
     "HD95_DEFINITION",
@@ -58,7 +62,6 @@ __all__ = [
     "EvalResult",
     "Evaluation",
     "evaluate",
-    "evaluate_classification",
     "hd95",
     "score_case",
     "score_label_maps",
@@ -114,7 +117,7 @@ class EvalResult:
     dice_mean: float
     threshold: float | None
     passed: bool
-    out: str
+    out: str = ""
     definition: str = ""
     predictions: str = ""
     missing: list[str] = field(default_factory=list)
@@ -220,18 +223,28 @@ def score_label_maps(
     return score_case(case_id, torch.from_numpy(p), torch.from_numpy(t), spacing, task)
 
 
-def _model_dataset(storage: Storage, model_uri: str) -> tuple[str, str, str | None]:
-    """(store, NAME@VERSION, run id) the model was trained on, from its lineage or card."""
-    for name in (LINEAGE_FILE, CARD_FILE):
-        try:
-            doc = storage.get_json(join(model_uri, name))
-        except ObjectNotFound:
-            continue
-        ds = doc["dataset"]
-        return ds["store"], f"{ds['name']}@{ds['version']}", doc.get("run_id")
-    raise MedsegError(
-        f"{model_uri} has neither {LINEAGE_FILE} nor {CARD_FILE}: pass the dataset explicitly"
+@dataclass
+class _Target:
+    """What an evaluation scores against: the dataset split, and the run to log to."""
+
+    ref: DatasetRef
+    store: str
+    run_id: str | None
+
+
+def _target(storage: Storage, model_uri: str, dataset: str | None, store: str | None) -> _Target:
+    """The dataset (by default the model's training dataset) and the model's training run.
+
+    The run is known only when the dataset is the model's (``dataset`` or ``store`` omitted).
+    """
+    trained = (
+        trained_on(model_uri, storage)
+        if dataset is None or store is None
+        else TrainedOn("", "", None)
     )
+    store = store or trained.store
+    ref = DatasetRef.resolve(storage, store, dataset or trained.dataset)
+    return _Target(ref, store, trained.run_id)
 
 
 def _label_volume(storage: Storage, uri: str, what: str) -> Volume:
@@ -254,22 +267,19 @@ class _Pair:
 
 
 def _load_pair(
-    storage: Storage,
-    ref: DatasetRef,
-    entry: CaseEntry,
-    predictions: str,
-    index: dict[str, Any],
-    keys: dict[str, str],
+    storage: Storage, ref: DatasetRef, entry: CaseEntry, written: _SplitPredictions
 ) -> _Pair:
     """The case's original ground truth and its served label map (empty when it has none)."""
     label = entry.file("label")
     truth = _label_volume(
         storage, join(ref.prefix, label.key), f"case {entry.case_id} ground truth"
     )
-    key = keys.get(entry.case_id)
+    convention = written.index["label_convention"]
+    key = written.keys.get(entry.case_id)
     if key is None:
-        return _Pair(truth, np.zeros_like(truth.data), index["label_convention"])
-    pred = _label_volume(storage, join(predictions, key), f"case {entry.case_id} prediction {key}")
+        return _Pair(truth, np.zeros_like(truth.data), convention)
+    where = join(written.uri, key)
+    pred = _label_volume(storage, where, f"case {entry.case_id} prediction {key}")
     if pred.data.shape != truth.data.shape or not np.allclose(
         pred.affine, truth.affine, atol=_GRID_TOL_MM
     ):
@@ -278,11 +288,12 @@ def _load_pair(
             f"(shape {list(pred.data.shape)} vs {list(truth.data.shape)}, affine "
             f"{pred.affine.round(3).tolist()} vs {truth.affine.round(3).tolist()})"
         )
-    return _Pair(truth, pred.data, index["label_convention"])
+    return _Pair(truth, pred.data, convention)
 
 
 def evaluate(
     model_uri: str,
+    predictions: str,
     dataset: str | None = None,
     store: str | None = None,
     split: str = "validation",
@@ -291,16 +302,17 @@ def evaluate(
     storage: Storage | None = None,
     max_overlays: int = 6,
     segmenter: Segmenter | None = None,
-    predictions: str | None = None,
 ) -> EvalResult | ClassEval:
     """Score a model's served answers on a dataset split; write metrics, report, pictures.
 
-    A segmentation task's label maps are scored here; a classification task's probabilities
-    by :func:`evaluate_classification`. Either way the evaluation is logged to its training
-    run's MLflow run when tracking is on.
+    Pure scoring: the caller runs ``medseg predict`` (:func:`medseg.predict.predict`) first. A
+    segmentation task's label maps are scored here, a classifier's probabilities by
+    :func:`medseg.classify.evaluate_classes` (with ``threshold`` on its macro AUC); either is
+    logged to its training run's MLflow run.
 
     Args:
-        model_uri: A model artifact (see :mod:`medseg.infer`).
+        model_uri: A model artifact (see :mod:`medseg.artifact`).
+        predictions: Output of ``medseg predict`` for this split (``predictions.json``).
         dataset: ``NAME@VERSION``; by default the dataset the model was trained on.
         store: The store holding ``dataset``; by default the model's training store.
         split: ``validation``, ``train`` or ``all``.
@@ -310,8 +322,6 @@ def evaluate(
         storage: Storage to use; from the environment when omitted.
         max_overlays: Overlay images for at most this many cases, the worst first.
         segmenter: An already loaded model (``model_uri`` then only names it).
-        predictions: Output of ``medseg predict`` for this split (``predictions.json``); when
-            omitted, the split is predicted first (see :func:`medseg.predict.predict`).
 
     Raises:
         MedsegError: If the model, the dataset or the predictions are missing or do not belong
@@ -319,66 +329,140 @@ def evaluate(
     """
     storage = storage or Storage()
     cfg = segmenter.cfg if segmenter is not None else read_config(model_uri, storage)
-    task = task_of(cfg)
-    if task.outputs.kind == "classes":
-        return evaluate_classification(
-            model_uri, dataset, store, split, threshold, out, storage, segmenter, predictions
+    target = _target(storage, model_uri, dataset, store)
+    out = out or model_output_uri(model_uri, "eval")
+    result: EvalResult | ClassEval
+    if task_of(cfg).outputs.kind == "classes":  # the model draws the report's mistakes
+        seg = segmenter or load_model(model_uri, storage)
+        result = evaluate_classes(
+            seg, model_uri, target.ref, split, predictions, out, storage, threshold
         )
-    trained_store, trained_on, run_id = (
-        _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
-    )
-    store = store or trained_store
-    ref = DatasetRef.resolve(storage, store, dataset or trained_on)
-    manifest = ref.load(storage)
+    else:
+        result = _score_segmentation(
+            storage, model_uri, cfg, target, split, predictions, out, threshold, max_overlays
+        )
+    if target.run_id is not None:
+        _track(storage, target.store, target.run_id, result)
+    return result
+
+
+def _score_segmentation(
+    storage: Storage,
+    model_uri: str,
+    cfg: MedsegConfig,
+    target: _Target,
+    split: str,
+    predictions: str,
+    out: str,
+    threshold: float | None,
+    max_overlays: int,
+) -> EvalResult:
+    """Score the label maps written for the split; write the overlays, tables and report."""
+    task = task_of(cfg)
+    manifest = target.ref.load(storage)
     entries = [c for c in manifest.cases if split == "all" or c.split == split]
     if not entries:
-        raise MedsegError(f"dataset {ref} has no cases in split {split!r}")
-    out = out or model_output_uri(model_uri, "eval")
-    if predictions is None:
-        predictions = predict(
-            model_uri,
-            dataset=str(ref),
-            split=split,
-            store=store,
-            storage=storage,
-            segmenter=segmenter,
-        ).out
-    try:
-        index = storage.get_json(join(predictions, INDEX))
-    except ObjectNotFound:
-        raise MedsegError(
-            f"{predictions} holds no predictions ({INDEX}): run `medseg predict` first"
-        ) from None
-    if (index.get("dataset"), index.get("split")) != (str(ref), split):
-        raise MedsegError(
-            f"{predictions} holds predictions of {index.get('dataset')}:{index.get('split')}, "
-            f"not of {ref}:{split}"
-        )
-    keys = {c["case_id"]: c["key"] for c in index["cases"]}
-
-    cases: list[CaseScore] = []
+        raise MedsegError(f"dataset {target.ref} has no cases in split {split!r}")
+    written = _SplitPredictions.read(storage, predictions, target.ref, split)
     started = time.perf_counter()
-    for entry in entries:
-        pair = _load_pair(storage, ref, entry, predictions, index, keys)
-        cases.append(
-            score_label_maps(
-                entry.case_id,
-                pair.pred,
-                pair.pred_convention,
-                pair.truth.data,
-                manifest.convention,
-                pair.truth.zooms,
-                task,
-            )
-        )
-    seconds_per_case = (time.perf_counter() - started) / len(entries)
+    cases = [
+        _score_entry(storage, target.ref, e, written, manifest.convention, task) for e in entries
+    ]
     cases.sort(key=lambda c: c.dice_mean)
+    result = _result(model_uri, target.ref, split, cases, threshold, task, manifest.convention)
+    result.seconds_per_case = (time.perf_counter() - started) / len(entries)
+    result.out, result.predictions = out, predictions
+    result.missing = sorted(c.case_id for c in entries if c.case_id not in written.keys)
+    by_id = {e.case_id: e for e in entries}
+    images = {
+        c.case_id: _overlay(
+            storage, target.ref, by_id[c.case_id], written, manifest.convention, cfg
+        )
+        for c in cases[:max_overlays]
+    }
+    _write_outputs(storage, result, images, _history(storage, target))
+    return result
+
+
+def _write_outputs(
+    storage: Storage, result: EvalResult, images: dict[str, bytes], history: list[dict[str, Any]]
+) -> None:
+    """Write the overlays, ``cases.csv``, ``report.html`` and, last, ``metrics.json``."""
+    for case_id, png in images.items():
+        uri = join(result.out, "overlays", f"{case_id}.png")
+        storage.put_bytes(uri, png)
+        result.overlays.append(uri)
+    storage.put_bytes(join(result.out, "cases.csv"), result.cases_csv().encode())
+    page = write_report(result, images, history)
+    storage.put_bytes(join(result.out, "report.html"), page.encode())
+    storage.put_json(join(result.out, "metrics.json"), result.to_json())
+
+
+@dataclass
+class _SplitPredictions:
+    """A split's written predictions: the prefix, its index and each case's label map key."""
+
+    uri: str
+    index: dict[str, Any]
+    keys: dict[str, str]
+
+    @classmethod
+    def read(cls, storage: Storage, uri: str, ref: DatasetRef, split: str) -> _SplitPredictions:
+        """The predictions at ``uri``, which must be those of ``ref``'s ``split``.
+
+        Raises:
+            MedsegError: If ``uri`` holds no predictions, or those of another split.
+        """
+        try:
+            index = storage.get_json(join(uri, INDEX))
+        except ObjectNotFound:
+            raise MedsegError(
+                f"{uri} holds no predictions ({INDEX}): run `medseg predict` first"
+            ) from None
+        if (index.get("dataset"), index.get("split")) != (str(ref), split):
+            raise MedsegError(
+                f"{uri} holds predictions of {index.get('dataset')}:{index.get('split')}, "
+                f"not of {ref}:{split}"
+            )
+        return cls(uri, index, {c["case_id"]: c["key"] for c in index["cases"]})
+
+
+def _score_entry(
+    storage: Storage,
+    ref: DatasetRef,
+    entry: CaseEntry,
+    split: _SplitPredictions,
+    convention: str,
+    task: Task,
+) -> CaseScore:
+    """One case's scores, from its written label map and its original ground truth."""
+    pair = _load_pair(storage, ref, entry, split)
+    return score_label_maps(
+        entry.case_id,
+        pair.pred,
+        pair.pred_convention,
+        pair.truth.data,
+        convention,
+        pair.truth.zooms,
+        task,
+    )
+
+
+def _result(
+    model_uri: str,
+    ref: DatasetRef,
+    split: str,
+    cases: list[CaseScore],
+    threshold: float | None,
+    task: Task,
+    convention: str,
+) -> EvalResult:
+    """The means over ``cases`` (worst first), the gate, and the task's definitions."""
     regions = task.outputs.names
     mean_dice = {r: float(np.mean([c.dice[r] for c in cases])) for r in regions}
     mean_hd = {r: float(np.mean([c.hd95[r] for c in cases])) for r in regions}
     dice_mean = sum(mean_dice.values()) / len(mean_dice)
-    passed = threshold is None or (not math.isnan(dice_mean) and dice_mean >= threshold)
-    result = EvalResult(
+    return EvalResult(
         model=model_uri,
         dataset=str(ref),
         split=split,
@@ -387,59 +471,54 @@ def evaluate(
         hd95=mean_hd,
         dice_mean=dice_mean,
         threshold=threshold,
-        passed=passed,
-        out=out,
-        definition=task.metric_definition(manifest.convention),
-        predictions=predictions,
-        missing=sorted(c.case_id for c in entries if c.case_id not in keys),
-        seconds_per_case=seconds_per_case,
+        passed=threshold is None or (not math.isnan(dice_mean) and dice_mean >= threshold),
+        definition=task.metric_definition(convention),
         conventions=task.metric_conventions(),
         gate_metric=task.gate_metric,
     )
 
-    images: dict[str, bytes] = {}
-    by_id = {e.case_id: e for e in entries}
-    truth_regions = get_convention(manifest.convention)
-    pred_regions = get_convention(index["label_convention"])
-    for case in cases[:max_overlays]:
-        entry = by_id[case.case_id]
-        pair = _load_pair(storage, ref, entry, predictions, index, keys)
-        raw = CaseInput(
-            entry.case_id,
-            {f.role: join(ref.prefix, f.key) for f in entry.files},
-            dict(entry.channel_index),
-        )
-        image, _ = load_case(storage, raw, cfg.data.channels)
-        png = task.overlay_png(
-            case.case_id,
-            image,
-            cfg.data.channels,
-            truth_regions.to_regions(pair.truth.data),
-            pred_regions.to_regions(pair.pred),
-        )
-        images[case.case_id] = png
-        uri = join(out, "overlays", f"{case.case_id}.png")
-        storage.put_bytes(uri, png)
-        result.overlays.append(uri)
-    history: list[dict[str, Any]] = []
-    if run_id is not None:
-        try:
-            text = storage.get_bytes(join(store, "runs", run_id, "metrics.jsonl")).decode()
-            history = [json.loads(line) for line in text.splitlines() if line]
-        except ObjectNotFound:
-            history = []
-    storage.put_bytes(join(out, "cases.csv"), result.cases_csv().encode())
-    storage.put_bytes(join(out, "report.html"), write_report(result, images, history).encode())
-    storage.put_json(join(out, "metrics.json"), result.to_json())
-    if run_id is not None:
-        _track(storage, store, run_id, result)
-    return result
+
+def _overlay(
+    storage: Storage,
+    ref: DatasetRef,
+    entry: CaseEntry,
+    split: _SplitPredictions,
+    convention: str,
+    cfg: MedsegConfig,
+) -> bytes:
+    """The task's picture of one case: its image, its truth and its prediction.
+
+    The files are read again: only the worst few cases are drawn, so scoring holds no volumes.
+    """
+    pair = _load_pair(storage, ref, entry, split)
+    raw = CaseInput(
+        entry.case_id,
+        {f.role: join(ref.prefix, f.key) for f in entry.files},
+        dict(entry.channel_index),
+    )
+    image, _ = load_case(storage, raw, cfg.data.channels)
+    return task_of(cfg).overlay_png(
+        entry.case_id,
+        image,
+        cfg.data.channels,
+        get_convention(convention).to_regions(pair.truth.data),
+        get_convention(pair.pred_convention).to_regions(pair.pred),
+    )
+
+
+def _history(storage: Storage, target: _Target) -> list[dict[str, Any]]:
+    """The training run's epoch log (``metrics.jsonl``) for the report's curves; [] if none."""
+    if target.run_id is None:
+        return []
+    try:
+        raw = storage.get_bytes(join(target.store, "runs", target.run_id, "metrics.jsonl"))
+    except ObjectNotFound:
+        return []
+    return [json.loads(line) for line in raw.decode().splitlines() if line]
 
 
 def _track(storage: Storage, store: str, run_id: str, result: Evaluation) -> None:
     """Log the evaluation to its training run's MLflow run (with ``MLFLOW_TRACKING_URI``)."""
-    from medseg.tracking import log_evaluation
-
     artifacts = {
         "report.html": storage.get_bytes(join(result.out, "report.html")),
         "metrics.json": json.dumps(result.to_json(), indent=1).encode(),
@@ -447,41 +526,3 @@ def _track(storage: Storage, store: str, run_id: str, result: Evaluation) -> Non
     log_evaluation(
         storage, store, run_id, result.split, result.summary(), result.table(), artifacts
     )
-
-
-def evaluate_classification(
-    model_uri: str,
-    dataset: str | None = None,
-    store: str | None = None,
-    split: str = "validation",
-    threshold: float | None = None,
-    out: str | None = None,
-    storage: Storage | None = None,
-    model: Segmenter | None = None,
-    predictions: str | None = None,
-) -> ClassEval:
-    """Score a classifier's served probabilities on a dataset split (see :mod:`medseg.classify`).
-
-    The arguments are :func:`evaluate`'s; ``threshold`` gates the task's metric (macro AUC).
-    The split is predicted first (``medseg predict``) unless ``predictions`` names its output.
-
-    Raises:
-        MedsegError: If the model, the dataset or the predictions are missing or do not belong
-            together, or the split is empty.
-    """
-    storage = storage or Storage()
-    trained_store, trained_on, run_id = (
-        _model_dataset(storage, model_uri) if dataset is None or store is None else ("", "", None)
-    )
-    store = store or trained_store
-    ref = DatasetRef.resolve(storage, store, dataset or trained_on)
-    seg = model or load_model(model_uri, storage)
-    if predictions is None:
-        predictions = predict(
-            model_uri, dataset=str(ref), split=split, store=store, storage=storage, segmenter=seg
-        ).out
-    out = out or model_output_uri(model_uri, "eval")
-    result = evaluate_classes(seg, model_uri, ref, split, predictions, out, storage, threshold)
-    if run_id is not None:
-        _track(storage, store, run_id, result)
-    return result

@@ -22,12 +22,15 @@ from medseg.settings import DEFAULT_IMAGES, Placement
 __all__ = [
     "DEFAULT_RELEASE",
     "MIN_OPERATORS",
+    "PART_OF",
     "PIPELINE_RULES",
     "PIPELINE_SERVICE_ACCOUNT",
     "SERVER_IMAGE",
     "Release",
     "check_operator",
     "container_security_context",
+    "platform_container",
+    "platform_pod",
     "pod_placement",
     "pod_security_context",
     "resources",
@@ -43,6 +46,8 @@ SERVER_IMAGE = DEFAULT_IMAGES.server
 #: The writable scratch volume of every pod (the root filesystem is read-only).
 SCRATCH = "tmp"
 SCRATCH_PATH = "/tmp"
+#: The label of every object and pod of the platform (the chart's NetworkPolicy selects it).
+PART_OF = {"app.kubernetes.io/part-of": "medseg"}
 
 
 def resources(
@@ -140,6 +145,37 @@ def pod_placement(placement: Placement, spread: list[Any] | None = None) -> dict
             V1LocalObjectReference(name=name) for name in placement.image_pull_secrets
         ]
     return out
+
+
+def platform_container(volume_mounts: tuple[Any, ...] = (), **fields: Any) -> Any:
+    """A ``V1Container`` as the platform runs one: hardened, with the scratch volume at ``/tmp``.
+
+    Args:
+        volume_mounts: The container's own mounts; :func:`scratch_mount` follows them.
+        **fields: The other ``V1Container`` fields (its ``env`` holds :func:`scratch_env`).
+    """
+    from kubernetes.client import V1Container
+
+    return V1Container(
+        **fields,
+        volume_mounts=[*volume_mounts, scratch_mount()],
+        security_context=container_security_context(),
+    )
+
+
+def platform_pod(
+    placement: Placement, volumes: tuple[Any, ...] = (), spread: list[Any] | None = None
+) -> dict[str, Any]:
+    """The pod fields of every platform pod (``V1PodSpec`` keyword arguments).
+
+    The pod security context, the volumes (``volumes``, then :func:`scratch_volume`) and the
+    placement (:func:`pod_placement`).
+    """
+    return {
+        "security_context": pod_security_context(),
+        "volumes": [*volumes, scratch_volume()],
+        **pod_placement(placement, spread),
+    }
 
 
 def scratch_volume() -> Any:

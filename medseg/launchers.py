@@ -18,7 +18,15 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from medseg.errors import MedsegError
-from medseg.kube import DEFAULT_RELEASE, check_operator
+from medseg.kube import (
+    DEFAULT_RELEASE,
+    PART_OF,
+    check_operator,
+    platform_container,
+    platform_pod,
+    resources,
+    scratch_env,
+)
 from medseg.names import check_name
 from medseg.settings import Placement, PlacementSettings
 
@@ -213,7 +221,6 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
         KubeflowOrgV1RunPolicy,
     )
     from kubernetes.client import (
-        V1Container,
         V1EmptyDirVolumeSource,
         V1ObjectMeta,
         V1PodSpec,
@@ -222,39 +229,21 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
         V1VolumeMount,
     )
 
-    from medseg.kube import (
-        container_security_context,
-        pod_placement,
-        pod_security_context,
-        resources,
-        scratch_env,
-        scratch_mount,
-        scratch_volume,
-    )
-
-    container = V1Container(
+    container = platform_container(
+        (V1VolumeMount(name="dshm", mount_path="/dev/shm"),),
         name="pytorch",  # the operator looks for this container name
         image=spec.image,
         command=spec.command(),
         env=[*spec.s3.env(), scratch_env()],
         resources=resources(spec.cpu, spec.memory, spec.gpus_per_worker),
-        volume_mounts=[V1VolumeMount(name="dshm", mount_path="/dev/shm"), scratch_mount()],
-        security_context=container_security_context(),
     )
+    shm = V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size)
     template = V1PodTemplateSpec(
-        metadata=V1ObjectMeta(labels={"app.kubernetes.io/part-of": "medseg"}),
+        metadata=V1ObjectMeta(labels=dict(PART_OF)),
         spec=V1PodSpec(
             containers=[container],
             service_account_name=spec.service_account,
-            volumes=[
-                V1Volume(
-                    name="dshm",
-                    empty_dir=V1EmptyDirVolumeSource(medium="Memory", size_limit=spec.shm_size),
-                ),
-                scratch_volume(),
-            ],
-            security_context=pod_security_context(),
-            **pod_placement(spec.placement),
+            **platform_pod(spec.placement, (V1Volume(name="dshm", empty_dir=shm),)),
         ),
     )
     replicas = {
@@ -272,7 +261,7 @@ def build_pytorchjob(spec: PyTorchJobSpec) -> Any:
         metadata=V1ObjectMeta(
             name=spec.name,
             namespace=spec.namespace,
-            labels={"app.kubernetes.io/part-of": "medseg", "medseg/run-id": spec.run_id},
+            labels={**PART_OF, "medseg/run-id": spec.run_id},
         ),
         spec=KubeflowOrgV1PyTorchJobSpec(
             nproc_per_node=str(max(spec.gpus_per_worker, 1)),

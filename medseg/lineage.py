@@ -209,39 +209,7 @@ def lineage(
     """
     st = _read(storage, store)
     out = Lineage(ref)
-    runs: set[str] = set()
-    models: set[str] = set()
-    datasets: set[str] = set()
-    if ref in st.manifests:
-        datasets.add(ref)
-        runs |= {r for r, d in st.runs.items() if _ds(d) == ref}
-    elif ref in st.runs:
-        runs.add(ref)
-    elif ref in st.cards:
-        models.add(ref)
-    elif ref.endswith("predictions.json"):
-        uri = ref
-        index = st.predictions.get(uri) or _optional_json(storage, uri)
-        if index is None:
-            raise MedsegError(f"{uri} does not exist")
-        st.predictions[uri] = index
-        model = _model_of_prediction(index, st, store)
-        if model in st.cards:
-            models.add(model)
-        elif model.startswith("run:"):
-            runs.add(model.removeprefix("run:"))
-        out.predictions[uri] = model
-    else:
-        uris = {c["uri"]: n for n, c in st.cards.items()}
-        deployed, why = deployments_of(uris, namespace) if cluster else ({}, "not read")
-        named = {k: v for k, v in deployed.items() if k.rsplit("/", 1)[-1] == ref}
-        if not named:
-            more = f"; {why}" if why else ""
-            raise MedsegError(
-                f"{ref!r} is no dataset version, run, registered model, predictions.json or "
-                f"InferenceService known to {store}{more}"
-            )
-        models |= set(named.values())
+    datasets, runs, models = _named(storage, store, ref, st, out, namespace, cluster)
     # upstream: models → runs → datasets
     runs |= {st.cards[m]["run_id"] for m in models if m in st.cards}
     datasets |= {_ds(st.runs[r]) for r in runs if r in st.runs}
@@ -263,6 +231,55 @@ def lineage(
         if model in models or model.removeprefix("run:") in runs:
             out.predictions[uri] = model
     return out
+
+
+def _named(
+    storage: Storage,
+    store: str,
+    ref: str,
+    st: _Store,
+    out: Lineage,
+    namespace: str | None,
+    cluster: bool,
+) -> tuple[set[str], set[str], set[str]]:
+    """The datasets, runs and models ``ref`` itself names (a predictions.json joins ``out``).
+
+    Raises:
+        MedsegError: If ``ref`` names nothing the store (or cluster) knows.
+    """
+    datasets: set[str] = set()
+    runs: set[str] = set()
+    models: set[str] = set()
+    if ref in st.manifests:
+        datasets.add(ref)
+        runs |= {r for r, d in st.runs.items() if _ds(d) == ref}
+    elif ref in st.runs:
+        runs.add(ref)
+    elif ref in st.cards:
+        models.add(ref)
+    elif ref.endswith("predictions.json"):
+        index = st.predictions.get(ref) or _optional_json(storage, ref)
+        if index is None:
+            raise MedsegError(f"{ref} does not exist")
+        st.predictions[ref] = index
+        model = _model_of_prediction(index, st, store)
+        if model in st.cards:
+            models.add(model)
+        elif model.startswith("run:"):
+            runs.add(model.removeprefix("run:"))
+        out.predictions[ref] = model
+    else:
+        uris = {c["uri"]: n for n, c in st.cards.items()}
+        deployed, why = deployments_of(uris, namespace) if cluster else ({}, "not read")
+        named = {k: v for k, v in deployed.items() if k.rsplit("/", 1)[-1] == ref}
+        if not named:
+            more = f"; {why}" if why else ""
+            raise MedsegError(
+                f"{ref!r} is no dataset version, run, registered model, predictions.json or "
+                f"InferenceService known to {store}{more}"
+            )
+        models |= set(named.values())
+    return datasets, runs, models
 
 
 def _ds(doc: dict[str, Any]) -> str:

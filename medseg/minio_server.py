@@ -18,7 +18,8 @@ from pathlib import Path
 
 from medseg.errors import MedsegError
 from medseg.local_server import FILE_MODE, LocalServer, free_port, private_dir
-from medseg.settings import StorageSettings
+from medseg.settings import StorageSettings, env_file_path
+from medseg.storage import Storage
 
 __all__ = [
     "FILE_MODE",
@@ -185,8 +186,6 @@ def start_local(data_dir: Path, port: int | None, bucket: str, env_file: Path) -
     Returns:
         The running server.
     """
-    from medseg.storage import Storage
-
     creds = read_env_file(env_file)
     server = MinioServer(
         data_dir,
@@ -209,8 +208,6 @@ def start_and_export(data_dir: Path, port: int | None, bucket: str) -> MinioServ
     The env file goes where every medseg command reads it (:func:`medseg.settings.env_file_path`)
     and the server's endpoint and credentials go into this process's environment.
     """
-    from medseg.settings import env_file_path
-
     server = start_local(data_dir, port, bucket, env_file_path())
     os.environ.update(server.env())
     return server

@@ -34,6 +34,7 @@ from medseg.manifest import CaseEntry, DatasetRef, Manifest
 from medseg.settings import StorageSettings
 from medseg.storage import Storage, join
 from medseg.tasks import Task, task_of_convention
+from medseg.transforms import static_transforms
 
 __all__ = [
     "INDEX",
@@ -87,8 +88,6 @@ def preprocess_case(
     Returns:
         ``image`` float16, ``label`` uint8 and ``affine`` float64 arrays.
     """
-    from medseg.transforms import static_transforms
-
     local: dict[str, str] = {}
     for f in case.files:
         dest = workdir / case.case_id / f.role / Path(f.key).name  # MSD: same name twice

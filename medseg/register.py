@@ -1,7 +1,7 @@
 """The model registry: immutable, growing versions of trained models with their lineage.
 
 ``STORE/models/NAME/vN/`` holds ``model.pt``, ``model.yaml``, ``model.onnx`` when registered with
-``export`` (the graph the CPU engines run, see :mod:`medseg.engine`) and ``model_card.json``; the
+``export`` (the graph the CPU engines run, see :mod:`medseg.export`) and ``model_card.json``; the
 card is written last, so a version exists only once it is complete. Versions only grow (v1, v2, …);
 ``NAME@latest`` is the highest.
 
@@ -219,14 +219,7 @@ def register(
     check_name(name, "model name")
     check_name(run_id, "run id")
     run_model = run_model_uri(join(store, "runs", run_id))
-    try:
-        lineage = storage.get_json(join(run_model, LINEAGE_FILE))
-    except MedsegError:
-        raise MedsegError(
-            f"run {run_id} has no finished model ({run_model}/{LINEAGE_FILE})"
-        ) from None
-    recorded = lineage.get("files", {})
-    blobs = {f: storage.get_bytes(join(run_model, f), sha256=recorded.get(f)) for f in MODEL_FILES}
+    lineage, blobs = _finished_model(storage, run_id, run_model)
     if export:
         blobs[GRAPH_FILE] = _export(blobs[WEIGHTS_FILE], blobs[CONFIG_FILE], run_model)
     summary = None
@@ -250,6 +243,39 @@ def register(
     }
     if summary is not None:
         card["evaluation"] = summary
+    passed = summary is not None and bool(summary["gate"].get("passed"))
+    _write_card(storage, store, prefix, card, passed)
+    return card
+
+
+def _finished_model(
+    storage: Storage, run_id: str, run_model: str
+) -> tuple[dict[str, Any], dict[str, bytes]]:
+    """A finished run's lineage and its model files, each checked against the lineage's sha256.
+
+    Raises:
+        MedsegError: If the run has no finished model.
+        ChecksumMismatch: If a model file no longer matches the hash its run recorded.
+    """
+    try:
+        lineage = storage.get_json(join(run_model, LINEAGE_FILE))
+    except MedsegError:
+        raise MedsegError(
+            f"run {run_id} has no finished model ({run_model}/{LINEAGE_FILE})"
+        ) from None
+    recorded = lineage.get("files", {})
+    blobs = {f: storage.get_bytes(join(run_model, f), sha256=recorded.get(f)) for f in MODEL_FILES}
+    return lineage, blobs
+
+
+def _write_card(
+    storage: Storage, store: str, prefix: str, card: dict[str, Any], gate_passed: bool
+) -> None:
+    """Mirror the version to MLflow, then write its card (last); move ``champion`` if it passed.
+
+    The card records the MLflow version (``mlflow``); a failed card write deletes the MLflow
+    version again, so neither registry holds a version the other lacks.
+    """
     tracked = register_version(storage, store, card, prefix)  # None: no tracking server
     if tracked is not None:
         card["mlflow"] = tracked
@@ -259,9 +285,8 @@ def register(
         if tracked is not None:
             unregister_version(tracked)
         raise
-    if tracked is not None and summary is not None and summary["gate"].get("passed"):
+    if tracked is not None and gate_passed:
         set_champion(storage, join(prefix, CARD_FILE))
-    return card
 
 
 def _inference_settings(config: bytes, where: str) -> dict[str, Any]:
@@ -271,12 +296,12 @@ def _inference_settings(config: bytes, where: str) -> dict[str, Any]:
 
 
 def _export(weights: bytes, config: bytes, where: str) -> bytes:
-    """The ONNX graph of the network in ``weights`` (see :func:`medseg.engine.export_graph`)."""
-    from medseg.engine import export_graph, weights_digest
-    from medseg.infer import load_network
+    """The ONNX graph of the network in ``weights`` (see :mod:`medseg.export`)."""
+    # Here, not at the top: the registry's readers (`medseg models`, model_uri for the CLI's
+    # serve and evaluate) load no torch or MONAI; the export does (seconds to import).
+    from medseg.export import artifact_graph
 
-    cfg = parse_config(config, where)
-    return export_graph(load_network(cfg, weights, where), cfg, weights_digest(weights))
+    return artifact_graph(parse_config(config, where), weights, where)
 
 
 def _claim_version(storage: Storage, store: str, name: str, run_id: str) -> int:

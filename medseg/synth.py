@@ -208,6 +208,35 @@ def _save(data: NDArray[np.generic], affine: NDArray[np.float64], path: Path, ca
     nib.save(img, path)
 
 
+def _write_brats_case(
+    root: Path, layout: str, name: str, image: np.ndarray, code: np.ndarray, affine: np.ndarray
+) -> str:
+    """One case in a BraTS layout (a folder of one file per channel and the label); its id."""
+    prefix = "BraTS2021_" if layout == "brats2021" else "BraTS-GLI-"
+    case_id = f"{prefix}{name}" + ("" if layout == "brats2021" else "-000")
+    suffixes = SUFFIXES[layout]
+    image_i16 = np.round(image).astype(np.int16)  # MRI scanners store integers; keep that realism
+    for c, channel in enumerate(CHANNELS):
+        path = root / case_id / f"{case_id}{suffixes[channel]}.nii.gz"
+        _save(image_i16[c], affine, path, case_id)
+    path = root / case_id / f"{case_id}{suffixes['label']}.nii.gz"
+    _save(_code_to_labels(code, layout), affine, path, case_id)
+    return case_id
+
+
+def _write_msd_case(
+    root: Path, i: int, image: np.ndarray, code: np.ndarray, affine: np.ndarray
+) -> str:
+    """Case ``i`` in MSD Task01's layout (``imagesTr``, channels last; ``labelsTr``); its id."""
+    case_id = f"BRATS_{i + 1:03d}"
+    # MSD Task01 channel order: FLAIR, T1w, t1gd, T2w (channels last).
+    order = [CHANNELS.index(c) for c in ("flair", "t1", "t1gd", "t2")]
+    channels_last = np.moveaxis(image[order], 0, -1).astype(np.float32)
+    _save(channels_last, affine, root / "imagesTr" / f"{case_id}.nii.gz", case_id)
+    _save(_code_to_labels(code, "msd"), affine, root / "labelsTr" / f"{case_id}.nii.gz", case_id)
+    return case_id
+
+
 def write_dataset(
     out: str | Path,
     layout: str = "brats2021",
@@ -234,52 +263,16 @@ def write_dataset(
         raise InvalidInput(f"shape {tuple(shape)}: three sizes of at least 1 voxel are needed")
     root = Path(out)
     root.mkdir(parents=True, exist_ok=True)
+    if layout not in (*SUFFIXES, "msd"):
+        raise ValueError(f"unknown layout {layout!r}; known: brats2021, brats2023, msd")
     ids = []
-    training = []
     for i in range(n_cases):
         case = make_case(i, shape, seed)
         image, code, affine = _variant(case, i)
-        # MRI scanners store integers; keep that realism.
-        image_i16 = np.round(image).astype(np.int16)
         if layout in SUFFIXES:
-            prefix = "BraTS2021_" if layout == "brats2021" else "BraTS-GLI-"
-            case_id = f"{prefix}{case.case_id}" + ("" if layout == "brats2021" else "-000")
-            suffixes = SUFFIXES[layout]
-            for c, channel in enumerate(CHANNELS):
-                _save(
-                    image_i16[c],
-                    affine,
-                    root / case_id / f"{case_id}{suffixes[channel]}.nii.gz",
-                    case_id,
-                )
-            _save(
-                _code_to_labels(code, layout),
-                affine,
-                root / case_id / f"{case_id}{suffixes['label']}.nii.gz",
-                case_id,
-            )
-        elif layout == "msd":
-            case_id = f"BRATS_{i + 1:03d}"
-            # MSD Task01 channel order: FLAIR, T1w, t1gd, T2w (channels last).
-            order = [CHANNELS.index(c) for c in ("flair", "t1", "t1gd", "t2")]
-            _save(
-                np.moveaxis(image[order], 0, -1).astype(np.float32),
-                affine,
-                root / "imagesTr" / f"{case_id}.nii.gz",
-                case_id,
-            )
-            _save(
-                _code_to_labels(code, "msd"),
-                affine,
-                root / "labelsTr" / f"{case_id}.nii.gz",
-                case_id,
-            )
-            training.append(
-                {"image": f"./imagesTr/{case_id}.nii.gz", "label": f"./labelsTr/{case_id}.nii.gz"}
-            )
+            ids.append(_write_brats_case(root, layout, case.case_id, image, code, affine))
         else:
-            raise ValueError(f"unknown layout {layout!r}; known: brats2021, brats2023, msd")
-        ids.append(case_id)
+            ids.append(_write_msd_case(root, i, image, code, affine))
     if layout == "msd":
         meta = {
             "name": "BRATS",
@@ -294,7 +287,9 @@ def write_dataset(
             },
             "numTraining": n_cases,
             "numTest": 0,
-            "training": training,
+            "training": [
+                {"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in ids
+            ],
             "test": [],
         }
         (root / "dataset.json").write_text(json.dumps(meta, indent=2))

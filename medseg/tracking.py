@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from medseg.artifact import CARD_FILE
 from medseg.errors import MedsegError, ObjectNotFound
-from medseg.settings import TrackingSettings
+from medseg.settings import Images, TrackingSettings
 from medseg.storage import Storage, join
 
 if TYPE_CHECKING:
@@ -139,8 +139,6 @@ def run_tags(run_id: str, dataset: str, preprocessing: str) -> dict[str, str]:
 
     ``medseg.kfp_run_id`` joins them when ``KFP_RUN_ID`` is set.
     """
-    from medseg.settings import Images
-
     return {
         RUN_TAG: run_id,
         "mlflow.runName": run_id,

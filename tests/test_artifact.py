@@ -15,9 +15,11 @@ from medseg.artifact import (
     LINEAGE_FILE,
     WEIGHTS_FILE,
     Artifact,
+    TrainedOn,
     read_config,
     recorded_hashes,
     run_model_uri,
+    trained_on,
     write_lineage,
     write_model,
 )
@@ -82,3 +84,17 @@ def test_a_folder_without_weights_is_no_artifact(tmp_path: Path) -> None:
         Artifact.open(str(tmp_path), Storage()).read_model()
     with pytest.raises(MedsegError, match="is not a model artifact"):
         read_config(str(tmp_path / "nothing"), Storage())
+
+
+def test_the_dataset_a_model_was_trained_on(written: Path, tmp_path: Path) -> None:
+    """The lineage names it (with the run); a registered copy's card does too; else an error."""
+    dataset = {"store": "s3://b", "name": "t", "version": "v3"}
+    lineage = json.loads((written / LINEAGE_FILE).read_text())
+    (written / LINEAGE_FILE).write_text(json.dumps(lineage | {"dataset": dataset}))
+    assert trained_on(str(written), Storage()) == TrainedOn("s3://b", "t@v3", "r1")
+    card = tmp_path / "models" / "m" / "v1"
+    card.mkdir(parents=True)
+    (card / CARD_FILE).write_text(json.dumps({"dataset": dataset, "run_id": "r1"}))
+    assert trained_on(str(card), Storage()) == TrainedOn("s3://b", "t@v3", "r1")
+    with pytest.raises(MedsegError, match=r"has neither lineage\.json nor model_card\.json"):
+        trained_on(str(tmp_path), Storage())

@@ -270,8 +270,8 @@ def test_predict_and_evaluate_hand_over_typed_references(world: World) -> None:
     assert (
         result.passed is True
         and ref.passed is True
-        and ref.metric == "dice_mean"
-        and ref.value == result.dice_mean
+        and ref.metric == result.metric == "dice_mean"
+        and ref.value == result.value
     )
     scored = world.storage.get_json(join(ref.uri, "metrics.json"))
     assert scored["predictions"] == pred.uri  # it scored the predict step's label maps

@@ -20,8 +20,9 @@ from monai.inferers import sliding_window_inference
 from pydantic import ValidationError
 
 from medseg.config import InferConfig, MedsegConfig
-from medseg.engine import GRAPH_FILE, export_model
+from medseg.engine import GRAPH_FILE
 from medseg.errors import InvalidInput, MedsegError
+from medseg.export import export_model
 from medseg.infer import CaseSegmentation, load_model, segment_case
 from medseg.model import build_network
 from medseg.precision import autocast

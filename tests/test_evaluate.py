@@ -25,6 +25,7 @@ from medseg.ingest import ingest
 from medseg.labels import get_convention
 from medseg.manifest import DatasetRef
 from medseg.nifti import decode
+from medseg.predict import predict
 from medseg.preprocess import preprocess
 from medseg.register import model_card_markdown, register
 from medseg.report import curves_figure, display_channel
@@ -52,16 +53,25 @@ def trained(
     patch.undo()
 
 
+@pytest.fixture(scope="module")
+def predicted(trained: tuple[Storage, str, str]) -> str:
+    """The validation split predicted by the trained model (what evaluate scores)."""
+    storage, bucket, model_uri = trained
+    return predict(model_uri, dataset="t", store=bucket, storage=storage).out
+
+
 def _dice(p: np.ndarray, t: np.ndarray) -> float:
     if not p.any() and not t.any():
         return 1.0
     return float(2 * (p & t).sum() / (p.sum() + t.sum()))
 
 
-def test_numbers_are_those_of_the_served_label_maps(trained: tuple[Storage, str, str]) -> None:
+def test_numbers_are_those_of_the_served_label_maps(
+    trained: tuple[Storage, str, str], predicted: str
+) -> None:
     """Each case's Dice is recomputed from the label map predict wrote and the raw truth file."""
     storage, bucket, model_uri = trained
-    result = evaluate(model_uri, storage=storage, threshold=0.0)
+    result = evaluate(model_uri, predicted, storage=storage, threshold=0.0)
     ref = DatasetRef.resolve(storage, bucket, "t")
     manifest = ref.load(storage)
     val = manifest.split_ids("validation")
@@ -137,9 +147,9 @@ class _Page(HTMLParser):
             self._row.append(data)
 
 
-def test_report_is_self_contained_html(trained: tuple[Storage, str, str]) -> None:
+def test_report_is_self_contained_html(trained: tuple[Storage, str, str], predicted: str) -> None:
     storage, _, model_uri = trained
-    result = evaluate(model_uri, storage=storage, threshold=0.99, max_overlays=1)
+    result = evaluate(model_uri, predicted, storage=storage, threshold=0.99, max_overlays=1)
     assert not result.passed
     page_text = storage.get_bytes(join(result.out, "report.html")).decode()
     page = _Page()
@@ -214,7 +224,12 @@ def test_cli_gate_and_errors(trained: tuple[Storage, str, str], minio_server, mo
     missing = runner.invoke(app, ["evaluate", "--model", "no-such-run", "--store", bucket])
     assert missing.exit_code == 1 and "is not a model artifact" in missing.output
     with pytest.raises(MedsegError, match="no cases in split 'nope'"):
-        evaluate(join(bucket, "runs", "run-e", "model"), storage=storage, split="nope")
+        evaluate(join(bucket, "runs", "run-e", "model"), pred, storage=storage, split="nope")
+    # Without --predictions the command predicts the split first (evaluate only scores).
+    fresh = runner.invoke(app, ["evaluate", "--model", "run-e", "--store", bucket])
+    assert fresh.exit_code == 0, fresh.output
+    scored = storage.get_json(join(bucket, "runs", "run-e", "eval", "metrics.json"))
+    assert scored["predictions"].startswith(join(bucket, "runs", "run-e", "predictions", "t-"))
 
 
 def _drawn_texts(fig: Any) -> list[tuple[str, Any]]:

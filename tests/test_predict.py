@@ -253,7 +253,7 @@ def test_predict_inputs_and_errors(
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
 def test_an_all_zero_case_is_an_empty_mask(tmp_path: Path, engine: str) -> None:
     """An all-zero case crops to no voxels: the answer is an empty mask, not the network's error."""
-    from medseg.engine import export_model
+    from medseg.export import export_model
     from medseg.infer import load_model, segment_case
 
     folder = write_tiny_model(tmp_path / "model")

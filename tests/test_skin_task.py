@@ -18,9 +18,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from medseg.checkpoint import CheckpointStore
 from medseg.classify import ClassEval, classify_images
+from medseg.cli import app
 from medseg.config import MedsegConfig, SplitConfig
 from medseg.dataset import PreprocessedDataset
 from medseg.evaluate import evaluate
@@ -149,7 +151,7 @@ def test_skin_task_trains_on_the_shared_trainer(
 
 
 def test_skin_model_predicts_and_is_evaluated_on_what_it_wrote(
-    skin_model: SkinModel, ham: Path, tmp_path: Path
+    skin_model: SkinModel, ham: Path, tmp_path: Path, s3_env: None
 ) -> None:
     storage, ref, model_uri = skin_model.storage, skin_model.ref, skin_model.uri
     predicted = predict(
@@ -197,6 +199,12 @@ def test_skin_model_predicts_and_is_evaluated_on_what_it_wrote(
     assert result.value == pytest.approx(m.macro_auc, abs=1e-5, nan_ok=True)
     assert result.metrics.confusion == m.confusion
     assert result.metrics.balanced_accuracy == pytest.approx(m.balanced_accuracy, abs=1e-9)
+    # `medseg evaluate` of a classifier prints its table and its gate, by the task's metric
+    args = ["evaluate", "--model", model_uri, "--predictions", predicted.out, "--threshold", "0"]
+    cli = CliRunner().invoke(app, [*args, "--out", join(skin_model.bucket, "cli-eval")])
+    assert cli.exit_code == 0, cli.output
+    assert f"macro AUC {m.macro_auc:.4f}" in cli.output
+    assert "quality gate (macro_auc ≥ 0.0): passed" in cli.output
     doc = storage.get_json(join(result.out, "metrics.json"))
     assert doc["gate"] == {"metric": "macro_auc", "threshold": 0.0, "passed": True}
     assert doc["confusion"] == m.confusion

@@ -91,8 +91,11 @@ def test_a_resumed_run_continues_the_same_mlflow_run(
     assert lineage["mlflow"]["run_id"] == run.info.run_id
 
     from medseg.evaluate import evaluate
+    from medseg.predict import predict
 
-    scored = evaluate(join(first.run_prefix, "model"), storage=storage)
+    model = join(first.run_prefix, "model")
+    split = predict(model, dataset="t", store=dataset, storage=storage)
+    scored = evaluate(model, split.out, storage=storage)
     logged = mlflow.get_run(run.info.run_id).data.metrics
     assert logged["eval/validation/dice_mean"] == pytest.approx(scored.dice_mean)
     for region in REGIONS:

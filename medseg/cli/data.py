@@ -19,7 +19,9 @@ from medseg.cli.common import (
     handles_errors,
     load_config,
 )
+from medseg.manifest import list_manifests
 from medseg.settings import DEFAULT_STORE
+from medseg.storage import Storage
 
 datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
@@ -144,9 +146,6 @@ def preprocess(
 @handles_errors
 def datasets_list(store: StoreOpt = DEFAULT_STORE) -> None:
     """List stored dataset versions."""
-    from medseg.manifest import list_manifests
-    from medseg.storage import Storage
-
     table = Table()
     for col in ("dataset", "version", "layout", "cases", "quarantined", "created"):
         table.add_column(col)

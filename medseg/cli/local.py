@@ -12,8 +12,11 @@ import typer
 from rich.table import Table
 
 from medseg.cli.common import ConfigOpt, app, console, fail, handles_errors, load_config
-from medseg.mlflow_server import DEFAULT_DB, DEFAULT_PORT
-from medseg.settings import DEFAULT_BUCKET, DEFAULT_PORTS
+from medseg.demo import DEMOS, DemoOptions, run_local_demo
+from medseg.minio_server import start_and_export
+from medseg.mlflow_server import DEFAULT_DB, DEFAULT_PORT, MlflowServer
+from medseg.settings import DEFAULT_BUCKET, DEFAULT_PORTS, StorageSettings
+from medseg.storage import Storage
 
 DataDirOpt = Annotated[Path, typer.Option(help="Where objects are kept.")]
 PortOpt = Annotated[int, typer.Option(help="API port on 127.0.0.1 (0: a free one).")]
@@ -37,8 +40,6 @@ def minio(
     Generated credentials and the endpoint are written to the local env file (.medseg/minio.env,
     or MEDSEG_ENV_FILE) that every other medseg command reads.
     """
-    from medseg.minio_server import start_and_export
-
     # The handler comes first: a SIGTERM right after start-up must still stop MinIO cleanly.
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
@@ -62,10 +63,6 @@ def mlflow(
     Artifacts go to the object store of the environment (or the local env file that
     `medseg minio` writes), through the server: clients need only MLFLOW_TRACKING_URI.
     """
-    from medseg.mlflow_server import MlflowServer
-    from medseg.settings import StorageSettings
-    from medseg.storage import Storage
-
     stop: list[int] = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
     settings = StorageSettings.from_env()
@@ -99,7 +96,6 @@ def demo(
     ] = None,
 ) -> None:
     """The main job: the whole platform end to end on this machine (see medseg.demo)."""
-    from medseg.demo import DEMOS, DemoOptions, run_local_demo
     from pipelines.medseg_pipeline import medseg_pipeline
 
     if task not in DEMOS:

@@ -18,6 +18,8 @@ from medseg.cli.common import (
 )
 from medseg.errors import MedsegError
 from medseg.kube import DEFAULT_RELEASE, Release
+from medseg.pipeline_params import pipeline_arguments
+from medseg.pipeline_runner import compile_pipeline, run_local, submit, upload
 from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
 
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit.")
@@ -77,7 +79,6 @@ def pipeline_compile(
     ),
 ) -> None:
     """Compile the pipeline to KFP IR YAML."""
-    from medseg.pipeline_runner import compile_pipeline
     from pipelines.medseg_pipeline import medseg_pipeline
 
     console.print(f"compiled pipeline: {compile_pipeline(medseg_pipeline, out)}")
@@ -93,7 +94,6 @@ def pipeline_upload(
     ),
 ) -> None:
     """Compile and upload the pipeline to a Kubeflow Pipelines backend (the chart's Job)."""
-    from medseg.pipeline_runner import upload
     from pipelines.medseg_pipeline import medseg_pipeline
 
     uploaded = upload(medseg_pipeline, host, name, version, Path("/tmp/medseg-pipeline.yaml"))
@@ -120,8 +120,6 @@ def pipeline_run(
     """Run the whole pipeline on this machine through kfp.local."""
     if not local:
         raise MedsegError("only --local runs here; use `medseg pipeline submit` for a cluster")
-    from medseg.pipeline_params import pipeline_arguments
-    from medseg.pipeline_runner import run_local
     from pipelines.medseg_pipeline import medseg_pipeline
 
     params = _params(source, store, threshold, model_name, "local", epochs, workers, launcher)
@@ -150,8 +148,6 @@ def pipeline_submit(
     param: PipelineParams = None,
 ) -> None:
     """Compile and start the pipeline on a Kubeflow Pipelines backend."""
-    from medseg.pipeline_params import pipeline_arguments
-    from medseg.pipeline_runner import submit
     from pipelines.medseg_pipeline import medseg_pipeline
 
     params = _params(source, store, threshold, model_name, "kserve", epochs, workers, launcher)

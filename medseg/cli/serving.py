@@ -9,8 +9,10 @@ import typer
 from rich.table import Table
 
 from medseg.cli.common import StoreOpt, app, console, err_console, failures_table, handles_errors
+from medseg.deploy import deploy_model
 from medseg.errors import MedsegError
-from medseg.kube import DEFAULT_RELEASE
+from medseg.kube import DEFAULT_RELEASE, Release
+from medseg.register import model_uri
 from medseg.settings import (
     DEFAULT_MODEL_NAME,
     DEFAULT_PORTS,
@@ -18,6 +20,7 @@ from medseg.settings import (
     DEFAULT_STORE,
     ServerArgs,
 )
+from medseg.storage import Storage
 
 ServeModel = Annotated[
     str, typer.Option(help="Run id, NAME@VERSION from the registry, or a model folder/URI.")
@@ -50,8 +53,6 @@ def serve(
     It listens on loopback unless --host (or MEDSEG_SERVER_HOST) says otherwise; every other
     limit is a MEDSEG_SERVER_* variable (medseg.settings.ServerLimits).
     """
-    from medseg.register import model_uri
-    from medseg.storage import Storage
     from model_server.server import serve as run_server
 
     uri = model_uri(Storage(), store, model)
@@ -99,9 +100,6 @@ def deploy_cmd(
     recreate: RecreateOpt = False,
 ) -> None:
     """Create or patch the KServe InferenceService of a registered model; wait until Ready."""
-    from medseg.deploy import deploy_model
-    from medseg.kube import Release
-
     url = deploy_model(
         model, name, Release(release, namespace), timeout=timeout, deployment_mode=mode,
         scale_metric=scale_metric, scale_target=scale_target, recreate=recreate, image=image,
@@ -208,8 +206,6 @@ def _predict_local(
 ) -> Any:
     """``medseg predict`` with a model loaded here; its :class:`~medseg.predict.PredictResult`."""
     from medseg.predict import predict as run_predict
-    from medseg.register import model_uri
-    from medseg.storage import Storage
 
     storage = Storage()
     return run_predict(

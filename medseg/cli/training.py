@@ -1,14 +1,25 @@
-"""Model commands: ``train``, ``evaluate``, ``register``, ``models list``, ``lineage``."""
+"""Model commands: ``train``, ``evaluate``, ``register``, ``models list``, ``lineage``.
+
+Training, prediction and evaluation load torch and MONAI: their commands import them when they
+run, so that ``medseg --help`` and the light commands start without them.
+"""
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
+from medseg.artifact import read_config, trained_on
 from medseg.cli.common import ConfigOpt, StoreOpt, app, console, handles_errors, load_config
+from medseg.launchers import TorchrunLauncher, TrainRun
+from medseg.lineage import lineage
+from medseg.register import list_models, model_uri, register
 from medseg.settings import DEFAULT_STORE
+from medseg.storage import Storage
+from medseg.tasks import task_of
 
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
@@ -42,8 +53,6 @@ def train_cmd(
     max_restarts: RestartsOpt = 3,
 ) -> None:
     """Train SegResNet on a preprocessed dataset (resumes the run if it has checkpoints)."""
-    from medseg.launchers import TorchrunLauncher, TrainRun
-
     run = TrainRun(dataset, store, run_id, str(config) if config else None)
     if nproc_per_node > 1:
         TorchrunLauncher(nproc_per_node, max_restarts).launch(run)
@@ -71,58 +80,51 @@ def evaluate_cmd(
     out: Annotated[str | None, typer.Option(help="Output prefix; default: RUN/eval.")] = None,
     predictions: PredictionsOpt = None,
 ) -> None:
-    """Score the served answers of a split (Dice, HD95 in mm; or AUC), report, optional gate."""
-    from medseg.artifact import read_config
+    """Score the served answers of a split (Dice, HD95 in mm; or AUC), report, optional gate.
+
+    Without ``--predictions``, the split is predicted first (as ``medseg predict`` does).
+    """
     from medseg.evaluate import evaluate
-    from medseg.register import model_uri
-    from medseg.storage import Storage
-    from medseg.tasks import task_of
 
     storage = Storage()
     uri = model_uri(storage, store, model)
-    if task_of(read_config(uri, storage)).outputs.kind == "classes":
-        _evaluate_classes(uri, store, dataset, split, threshold, enforce, out, predictions)
-        return
+    task = task_of(read_config(uri, storage))  # not a model artifact: said before predicting
+    predictions = predictions or _predict_split(storage, uri, store, dataset, split)
     result = evaluate(
         uri,
+        predictions,
         dataset=dataset,
         store=store if dataset else None,
         split=split,
         threshold=threshold,
         out=out,
         storage=storage,
-        predictions=predictions,
     )
-    _print_evaluation(result, split)
+    if task.outputs.kind == "classes":
+        _print_classes(result, split)
+        gate = result.gate_metric
+    else:
+        _print_evaluation(result, split)
+        gate = "mean Dice"
     if threshold is not None:
         verdict = "passed" if result.passed else "FAILED"
-        console.print(f"quality gate (mean Dice ≥ {threshold}): {verdict}")
+        console.print(f"quality gate ({gate} ≥ {threshold}): {verdict}")
         if enforce and not result.passed:
             raise typer.Exit(3)
 
 
-def _evaluate_classes(
-    uri: str,
-    store: str,
-    dataset: str | None,
-    split: str,
-    threshold: float | None,
-    enforce: bool,
-    out: str | None,
-    predictions: str | None,
-) -> None:
-    """``medseg evaluate`` of a classifier: AUC per class and macro, balanced accuracy, gate."""
-    from medseg.evaluate import evaluate_classification
+def _predict_split(storage: Storage, uri: str, store: str, dataset: str | None, split: str) -> str:
+    """Predict the split to evaluate (by default of the model's training dataset); its output."""
+    from medseg.predict import predict
 
-    result = evaluate_classification(
-        uri,
-        dataset=dataset,
-        store=store if dataset else None,
-        split=split,
-        threshold=threshold,
-        out=out,
-        predictions=predictions,
-    )
+    if dataset is None:
+        trained = trained_on(uri, storage)
+        dataset, store = trained.dataset, trained.store
+    return predict(uri, dataset=dataset, split=split, store=store, storage=storage).out
+
+
+def _print_classes(result: Any, split: str) -> None:
+    """A classifier's :class:`~medseg.classify.ClassEval`: AUC per class and macro, and more."""
     m = result.metrics
     table = Table(title=f"{result.dataset} · {split} · {sum(map(sum, m.confusion))} images")
     for col in ("class", "AUC", "sensitivity", "specificity"):
@@ -136,11 +138,6 @@ def _evaluate_classes(
         highlight=False,
     )
     console.print(f"report: {result.out}/report.html")
-    if threshold is not None:
-        verdict = "passed" if result.passed else "FAILED"
-        console.print(f"quality gate ({result.gate_metric} ≥ {threshold}): {verdict}")
-        if enforce and not result.passed:
-            raise typer.Exit(3)
 
 
 def _print_evaluation(result: Any, split: str) -> None:
@@ -173,9 +170,6 @@ def register_cmd(
     ] = True,
 ) -> None:
     """Register a run's model as the next version of NAME, with its model card."""
-    from medseg.register import register
-    from medseg.storage import Storage
-
     card = register(Storage(), store, run_id, name, export=export)
     graph = " (with model.onnx)" if export else ""
     console.print(f"registered {card['name']}@{card['version']} from run {run_id}{graph}")
@@ -185,9 +179,6 @@ def register_cmd(
 @handles_errors
 def models_list(store: StoreOpt = DEFAULT_STORE) -> None:
     """List registered model versions."""
-    from medseg.register import list_models
-    from medseg.storage import Storage
-
     table = Table()
     for col in ("model", "version", "run", "dataset", "mean Dice", "created"):
         table.add_column(col)
@@ -224,11 +215,6 @@ def lineage_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the links as JSON.")] = False,
 ) -> None:
     """The chain both ways: raw data, dataset, run, model version, deployments, predictions."""
-    import json
-
-    from medseg.lineage import lineage
-    from medseg.storage import Storage
-
     found = lineage(Storage(), store, ref, namespace=namespace, cluster=cluster)
     if as_json:
         print(json.dumps(found.to_json(), indent=2, default=str))
