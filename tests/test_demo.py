@@ -187,7 +187,8 @@ def test_skin_lesion_demo_runs_the_same_chain_for_a_classifier(tmp_path: Path) -
     for noise in ("KFP Executor", "executor_input", "Traceback"):
         assert noise not in done.stdout, noise
     # the server answered the seed's REST v1 call and the OIP v2 gRPC call
-    assert "/v1/models/demo-densenet:predict" in log and "Uvicorn running" in log
+    assert '"POST /v1/models/demo-densenet%3Apredict HTTP/1.1" 200' in log
+    assert "GRPCInferenceService/ModelInfer" in log
     assert len(re.findall(r"\[medseg\.train\] epoch \{", log)) == 2
     page = (workdir / "report.html").read_text()
     assert "Confusion matrix" in page and "reliability diagram" in page
