@@ -19,7 +19,8 @@ SegResNet with 8 filters, batches of 2, ROI 48×48×40), in one run:
 
 All loops are stepped in turn, one epoch each per round, so that the load of this shared machine
 falls on all of them alike; the load average is printed beside the figures. Samples/s are over
-the timed epochs after a warm-up epoch.
+the timed epochs after a warm-up epoch; the spread of the per-round ratios shows how much of a
+ratio is the machine's noise.
 
     python benchmarks/bench_train_levers.py                      # quick mode (< 10 min)
     python benchmarks/bench_train_levers.py --levers compile --epochs 3 --seconds 0
@@ -100,6 +101,7 @@ class Loop:
         self.samples, self.seconds, self.epochs = 0, 0.0, 0
         self.total = 0.0
         self.reached: float | None = None
+        self.rates: list[float] = []  # samples/s of each timed epoch
         self.dice: list[tuple[int, float, float]] = []  # (epoch, training seconds, dice)
 
     def run_epoch(self, validate: bool) -> tuple[int, float, float | None]:
@@ -114,6 +116,7 @@ class Loop:
         self.total += s
         if self.epochs > 1:
             self.samples, self.seconds = self.samples + n, self.seconds + s
+            self.rates.append(n / s)
         if dice is not None:
             self.dice.append((self.epochs, self.total, dice))
             if dice >= self.target and self.reached is None:
@@ -197,12 +200,15 @@ def throughput(
     print(f"(a) samples/s, {epochs} timed epochs after a warm-up; {_load()}", flush=True)
     started = time.perf_counter()
     interleave(loops, lambda loop: loop.epochs < epochs + 1)
-    baseline = loops[0].rate
+    baseline, medseg = loops[0], loops[1]
+    print("  ratios: over all timed epochs; [min-max] of the per-round ratios, the load's noise")
     for loop in loops:
         loop.close()
+        per_round = [a / b for a, b in zip(loop.rates, medseg.rates, strict=True)]
         print(
-            f"  {loop.name:<26} {loop.rate:6.2f} samples/s  {loop.rate / baseline:5.2f}x baseline"
-            f"  {loop.rate / loops[1].rate:5.2f}x medseg",
+            f"  {loop.name:<26} {loop.rate:6.2f} samples/s  "
+            f"{loop.rate / baseline.rate:5.2f}x baseline  {loop.rate / medseg.rate:5.2f}x medseg "
+            f"[{min(per_round):.2f}-{max(per_round):.2f}]",
             flush=True,
         )
     print(f"  ({time.perf_counter() - started:.0f} s; now {_load()})", flush=True)
