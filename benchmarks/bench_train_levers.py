@@ -343,7 +343,11 @@ def feed(n_cases: int, work: Path, batches: int, rois: list[tuple[int, int, int]
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
-        "--levers", nargs="*", default=list(LEVERS), choices=list(LEVERS), help="(a)'s levers."
+        "--levers",
+        nargs="*",
+        default=[name for name in LEVERS if name != "compile"],
+        choices=list(LEVERS),
+        help="(a)'s levers; compile is left out by default (minutes of compiling on a CPU).",
     )
     parser.add_argument("--epochs", type=int, default=2, help="(a): timed epochs per loop.")
     parser.add_argument(
