@@ -179,11 +179,19 @@ class Medseg(Loop):
 
 
 def interleave(loops: list[Loop], more: Callable[[Loop], bool], val_every: int = 0) -> None:
-    """One epoch of each loop per round, while ``more(loop)`` holds for any."""
+    """One epoch of each loop per round, while ``more(loop)`` holds for any.
+
+    The order within a round is shuffled (seeded), so that a load pattern of the machine does
+    not fall on the same loop every round.
+    """
+    import random
+
+    order = random.Random(0)
     while True:
         active = [loop for loop in loops if more(loop)]
         if not active:
             return
+        order.shuffle(active)
         for loop in active:
             loop.epoch(val_every)
 
