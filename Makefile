@@ -51,6 +51,7 @@ test-fast: setup
 bench: setup
 	$(VENV)/python benchmarks/bench_preprocess_cache.py
 	$(VENV)/python benchmarks/bench_train_throughput.py
+	$(VENV)/python benchmarks/bench_train_levers.py
 	$(VENV)/python benchmarks/bench_batch_predict.py
 	$(VENV)/python benchmarks/bench_classify.py
 	$(VENV)/python benchmarks/bench_serving.py

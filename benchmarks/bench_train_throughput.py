@@ -25,6 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -42,48 +43,82 @@ from medseg.transforms import static_transforms, train_transforms
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
 
-def tutorial_loop(raw: Path, cfg: MedsegConfig, epochs: int) -> tuple[float, float]:
-    """(cache build seconds, samples/s) of the MONAI tutorial-style loop."""
-    from monai.data import CacheDataset, DataLoader
-    from monai.losses import DiceLoss
-    from monai.transforms import Compose
+def tutorial_files(raw: Path, case_ids: set[str] | None = None) -> list[dict[str, Any]]:
+    """The tutorial's ``{"image": [4 files], "label": file}`` items of the cases under ``raw``.
 
+    Args:
+        raw: A folder of synthetic case folders (:func:`medseg.synth.write_dataset`).
+        case_ids: Only these case folders (a split); every case when omitted.
+    """
     files = []
     for case in sorted(p for p in raw.iterdir() if p.is_dir()):
-        files.append(
-            {
-                "image": [str(next(case.glob(f"*_{m}.nii.gz"))) for m in MODALITIES],
-                "label": str(next(case.glob("*_seg.nii.gz"))),
-            }
+        if case_ids is None or case.name in case_ids:
+            files.append(
+                {
+                    "image": [str(next(case.glob(f"*_{m}.nii.gz"))) for m in MODALITIES],
+                    "label": str(next(case.glob("*_seg.nii.gz"))),
+                }
+            )
+    return files
+
+
+class TutorialLoop:
+    """The MONAI tutorial's training loop, one epoch per :meth:`epoch` call.
+
+    ``CacheDataset`` with the static chain cached and the random chain per item, a plain
+    DataLoader, SegResNet (seeded as medseg seeds it), DiceLoss and Adam with a constant rate.
+
+    Attributes:
+        net: The network being trained.
+        cache_seconds: Time to build the ``CacheDataset``.
+    """
+
+    def __init__(self, files: list[dict[str, Any]], cfg: MedsegConfig):
+        from monai.data import CacheDataset, DataLoader
+        from monai.losses import DiceLoss
+        from monai.transforms import Compose
+
+        chain = Compose(
+            [
+                *static_transforms(cfg.data, "brats2021").transforms,
+                *train_transforms(cfg.train, seed=0).transforms,
+            ]
         )
-    chain = Compose(
-        [
-            *static_transforms(cfg.data, "brats2021").transforms,
-            *train_transforms(cfg.train, seed=0).transforms,
-        ]
-    )
-    t = time.perf_counter()
-    data = CacheDataset(files, transform=chain, cache_rate=1.0, num_workers=0, progress=False)
-    cache_seconds = time.perf_counter() - t
-    loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True, num_workers=0)
-    torch.manual_seed(0)
-    net = build_network(cfg.model)
-    loss_fn = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    samples, seconds = 0, 0.0
-    for epoch in range(epochs + 1):
-        net.train()
+        t = time.perf_counter()
+        data = CacheDataset(files, transform=chain, cache_rate=1.0, num_workers=0, progress=False)
+        self.cache_seconds = time.perf_counter() - t
+        self.loader = DataLoader(data, batch_size=cfg.train.batch_size, shuffle=True)
+        torch.manual_seed(cfg.train.seed)
+        self.net = build_network(cfg.model)
+        self.loss_fn = DiceLoss(smooth_nr=0, smooth_dr=1e-5, squared_pred=True, sigmoid=True)
+        t_cfg = cfg.train
+        self.opt = torch.optim.Adam(
+            self.net.parameters(), lr=t_cfg.lr, weight_decay=t_cfg.weight_decay
+        )
+
+    def epoch(self) -> tuple[int, float]:
+        """One pass over the data: (samples, seconds)."""
+        self.net.train()
         t = time.perf_counter()
         n = 0
-        for batch in loader:
-            opt.zero_grad()
-            loss = loss_fn(net(batch["image"]), batch["label"])
+        for batch in self.loader:
+            self.opt.zero_grad()
+            loss = self.loss_fn(self.net(batch["image"]), batch["label"])
             loss.backward()
-            opt.step()
+            self.opt.step()
             n += len(batch["image"])
-        if epoch > 0:  # the first epoch is a warm-up
-            samples, seconds = samples + n, seconds + time.perf_counter() - t
-    return cache_seconds, samples / seconds
+        return n, time.perf_counter() - t
+
+
+def tutorial_loop(raw: Path, cfg: MedsegConfig, epochs: int) -> tuple[float, float]:
+    """(cache build seconds, samples/s) of the MONAI tutorial-style loop."""
+    loop = TutorialLoop(tutorial_files(raw), cfg)
+    loop.epoch()  # warm-up
+    samples, seconds = 0, 0.0
+    for _ in range(epochs):
+        n, s = loop.epoch()
+        samples, seconds = samples + n, seconds + s
+    return loop.cache_seconds, samples / seconds
 
 
 def _rate(history: list[dict]) -> float:

@@ -32,6 +32,9 @@ from medseg.tasks.brats import CHANNELS, REGIONS, BratsTaskConfig
 #: CUDA GPU) or ``bfloat16`` (Ampere and newer; no loss scaling needed).
 AmpDtype = Literal["float16", "bfloat16"]
 
+#: How the learning rate moves over the epochs (see :class:`TrainConfig`).
+LrSchedule = Literal["cosine", "constant"]
+
 __all__ = [
     "CHANNELS",
     "REGIONS",
@@ -107,6 +110,13 @@ class TrainConfig(_Frozen):
 
     ``amp`` (autocast in ``amp_dtype``, CUDA only) and ``channels_last`` are the GPU path's
     switches, see :mod:`medseg.precision`.
+
+    Attributes:
+        foreground_crops: Share of training crops centred on a labelled voxel (MONAI's
+            ``RandCropByPosNegLabeld``, the rest centred on background); 0 (the default):
+            crops drawn uniformly over the case.
+        lr_schedule: ``cosine`` (the default: cosine annealing over ``epochs``) or ``constant``.
+        compile: Run the training forward and backward through ``torch.compile``.
     """
 
     epochs: int = Field(default=50, gt=0)
@@ -119,6 +129,9 @@ class TrainConfig(_Frozen):
     amp: bool = True
     amp_dtype: AmpDtype = "float16"
     channels_last: bool = False
+    foreground_crops: float = Field(default=0.0, ge=0.0, le=1.0)
+    lr_schedule: LrSchedule = "cosine"
+    compile: bool = False
     seed: int = 0
 
 

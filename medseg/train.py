@@ -2,11 +2,11 @@
 
 Reads the standard torch distributed environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR``, ``MASTER_PORT``), uses gloo on CPU and NCCL on GPU, trains MONAI SegResNet on the
-cached preprocessed cases with Dice loss, Adam and a cosine schedule, validates by sliding-window
-inference with Dice per region all-reduced across ranks, and checkpoints every epoch (rank 0,
-atomically). On start it resumes from the run's newest good checkpoint, so a preempted or killed
-worker (``torchrun --max-restarts``, PyTorchJob ``restartPolicy: OnFailure``) costs at most one
-epoch.
+cached preprocessed cases with Dice loss, Adam and a cosine (or constant) schedule, validates by
+sliding-window inference with Dice per region all-reduced across ranks, and checkpoints every
+epoch (rank 0, atomically). On start it resumes from the run's newest good checkpoint, so a
+preempted or killed worker (``torchrun --max-restarts``, PyTorchJob ``restartPolicy: OnFailure``)
+costs at most one epoch.
 
 Run prefix layout::
 
@@ -524,7 +524,12 @@ class Trainer:
         self.optimizer = torch.optim.Adam(
             self.net.parameters(), lr=t.lr, weight_decay=t.weight_decay
         )
-        self.scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=t.epochs)
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler = (
+            torch.optim.lr_scheduler.CosineAnnealingLR(self.optimizer, T_max=t.epochs)
+            if t.lr_schedule == "cosine"
+            else torch.optim.lr_scheduler.ConstantLR(self.optimizer, factor=1.0)
+        )
+        self.forward: Any = torch.compile(self.model) if t.compile else self.model
         # bfloat16 has float32's range: only float16 needs its loss scaled.
         fp16 = cuda and t.amp and t.amp_dtype == "float16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=fp16)
@@ -597,7 +602,7 @@ class Trainer:
         label = batch["label"].to(self.device)
         self.optimizer.zero_grad(set_to_none=True)
         with autocast(self.device, t.amp, t.amp_dtype):
-            loss = self.loss_fn(self.model(image), label)
+            loss = self.loss_fn(self.forward(image), label)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(
                 f"run {self.run_id}: loss is {loss.item()} at epoch {epoch + 1}, batch {step} "

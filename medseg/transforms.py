@@ -4,8 +4,8 @@
   per case and caches (load, channel first, channel order, labels to TC/WT/ET, orientation,
   spacing, foreground crop, per-channel normalisation).
 * :func:`train_transforms`: the random chain that runs in the DataLoader workers on the cached
-  cases (pad to the ROI, random crop, flips on three axes, intensity scale and shift), casting
-  to float32 only after the crop.
+  cases (pad to the ROI, random crop — uniform, or a share centred on the foreground —, flips on
+  three axes, intensity scale and shift), casting to float32 only after the crop.
 
 Training, evaluation and serving import the chains from here; nothing re-implements them.
 """
@@ -30,6 +30,7 @@ from monai.transforms import (
     MapTransform,
     NormalizeIntensityd,
     Orientationd,
+    RandCropByPosNegLabeld,
     RandFlipd,
     RandScaleIntensityd,
     RandShiftIntensityd,
@@ -45,6 +46,7 @@ from medseg.tasks import get_convention
 __all__ = [
     "ConvertToRegions",
     "ConvertToRegionsd",
+    "RandForegroundCropd",
     "SelectChannels",
     "SelectChannelsd",
     "static_transforms",
@@ -120,6 +122,43 @@ class SelectChannelsd(MapTransform):
         for key in self.key_iterator(d):
             d[key] = self.selector(d[key])
         return d
+
+
+class RandForegroundCropd(RandCropByPosNegLabeld):
+    """One ``roi_size`` crop, centred on a labelled voxel with probability ``fraction``.
+
+    MONAI's ``RandCropByPosNegLabeld`` with one sample, returning the dictionary rather than a
+    list of one, so that the chain's output is the same whichever crop it draws. A voxel is
+    foreground where any channel of ``label`` is non-zero (for BraTS regions: where WT is).
+
+    Args:
+        keys: Keys to crop (``image`` and ``label``).
+        roi_size: Crop size.
+        fraction: Probability that a crop is centred on foreground (else on background).
+        label_key: The key whose non-zero voxels are the foreground.
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        roi_size: Sequence[int],
+        fraction: float,
+        label_key: str = "label",
+    ):
+        super().__init__(
+            keys,
+            label_key=label_key,
+            spatial_size=roi_size,
+            pos=fraction,
+            neg=1.0 - fraction,
+            num_samples=1,
+            allow_smaller=True,
+        )
+
+    def __call__(  # type: ignore[override]
+        self, data: Mapping[Hashable, Any], lazy: bool | None = None
+    ) -> dict[Hashable, Any]:
+        return super().__call__(data, lazy=lazy)[0]
 
 
 #: MONAI's optional GPU DICOM decoder plugin: ``LoadImage`` builds every reader it knows, and
@@ -199,7 +238,7 @@ def train_transforms(cfg: TrainConfig, seed: int | None = None) -> Compose:
     """The random chain on cached cases ``{"image": float16, "label": uint8}``.
 
     Args:
-        cfg: Training config (``roi_size``).
+        cfg: Training config (``roi_size``, ``foreground_crops``).
         seed: Seeds the chain's random state (each DataLoader worker reseeds it too).
 
     Returns:
@@ -209,7 +248,9 @@ def train_transforms(cfg: TrainConfig, seed: int | None = None) -> Compose:
     chain = Compose(
         [
             SpatialPadd(keys=keys, spatial_size=cfg.roi_size),
-            RandSpatialCropd(keys=keys, roi_size=cfg.roi_size, random_size=False),
+            RandForegroundCropd(keys, cfg.roi_size, cfg.foreground_crops)
+            if cfg.foreground_crops > 0
+            else RandSpatialCropd(keys=keys, roi_size=cfg.roi_size, random_size=False),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=0),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=1),
             RandFlipd(keys=keys, prob=0.5, spatial_axis=2),

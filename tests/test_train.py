@@ -98,6 +98,14 @@ def test_a_subclass_hook_is_called_once_per_epoch(dataset: str, storage: Storage
     assert lineage["epochs"] == 3 and lineage["best"] == result.best
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_lr_schedule_sets_each_epochs_rate(dataset: str, storage: Storage, schedule: str) -> None:
+    cfg = tiny_config(train={"lr": 2e-3, "epochs": 2, "val_every": 5, "lr_schedule": schedule})
+    rates = [h["lr"] for h in train("t", dataset, f"run-{schedule}", cfg, storage=storage).history]
+    assert rates[0] == pytest.approx(2e-3)
+    assert (rates[1] == pytest.approx(2e-3)) == (schedule == "constant")  # cosine: lower
+
+
 def _assert_tensorboard(storage: Storage, run_prefix: str, tmp_path: Path, epochs: list[int]):
     """TensorBoard reads the mirrored event files: one loss and Dice point per epoch."""
     from tensorboard.backend.event_processing.event_multiplexer import EventMultiplexer

@@ -63,3 +63,23 @@ def test_building_the_chain_prints_no_nvimagecodec_notice() -> None:
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "built"
     assert "nvImageCodec" not in run.stderr and "NvImgCodec" not in run.stderr, run.stderr
+
+
+def _foreground_share(cfg: TrainConfig, seeds: range) -> float:
+    """Share of the chain's crops that hold a labelled voxel, over one crop per seed."""
+    case = _case((64, 64, 48))
+    case["label"] = torch.zeros_like(case["label"])
+    case["label"][:, 2:8, 2:8, 2:6] = 1  # a small lesion in one corner
+    hits = [bool(train_transforms(cfg, seed=s)(case)["label"].any()) for s in seeds]
+    return sum(hits) / len(hits)
+
+
+def test_foreground_crops_raise_the_share_of_crops_with_a_lesion() -> None:
+    uniform = _foreground_share(TrainConfig(roi_size=(16, 16, 16)), range(40))
+    balanced = TrainConfig(roi_size=(16, 16, 16), foreground_crops=0.5)
+    always = TrainConfig(roi_size=(16, 16, 16), foreground_crops=1.0)
+    assert uniform < 0.2  # the lesion is in 1 of ~50 crop positions' reach
+    assert 0.3 <= _foreground_share(balanced, range(40)) <= 0.8
+    assert _foreground_share(always, range(40)) == 1.0
+    out = train_transforms(always, seed=0)(_case())
+    assert isinstance(out, dict) and out["image"].shape == (4, 16, 16, 16)
