@@ -35,7 +35,7 @@ deps:
 	$(VENV)/deptry .
 	$(VENV)/deptry tests --exclude '\.venv' --ignore DEP002,DEP004
 
-# The whole suite, tests/test_cluster.py included: its fixture brings up the control plane once
+# The whole suite, tests/cluster/test_cluster.py included: its fixture brings up the control plane once
 # (scripts/cluster.py; binaries cached in ~/.cache/medseg/tools, built on a cold machine) and stops it
 # after that module.
 unit:
@@ -44,8 +44,8 @@ unit:
 ## The quick loop while developing: every test but the slow ones (marker `slow`: a whole
 ## pipeline or demo, multi-process training) and the cluster's. `make test` runs them all.
 test-fast: setup
-	$(VENV)/pytest -q -m "not slow" --ignore=tests/test_cluster.py --ignore=tests/test_node.py \
-		--ignore=tests/test_cluster_containers.py
+	$(VENV)/pytest -q -m "not slow" --ignore=tests/cluster/test_cluster.py --ignore=tests/cluster/test_node.py \
+		--ignore=tests/cluster/test_cluster_containers.py
 
 ## Benchmarks: each prints a ratio against a baseline measured in the same run.
 bench: setup
@@ -61,7 +61,7 @@ bench: setup
 
 ## Regenerate manifests/ (kustomize) from the Helm chart; tests fail when they drift.
 ## The chart's README parameters table comes from the `## @param` lines of values.yaml (pinned
-## generator, run by npx; tests/test_chart.py fails on drift).
+## generator, run by npx; tests/unit/platform/test_chart.py fails on drift).
 README_GENERATOR := @bitnami/readme-generator-for-helm@2.7.2
 manifests: setup
 	$(VENV)/python scripts/render_manifests.py
@@ -96,10 +96,10 @@ cluster: setup
 cluster-down:
 	@if [ -x $(VENV)/python ]; then $(VENV)/python scripts/cluster.py down; fi
 
-## Only the tests against the real control plane and node (tests/test_cluster.py, the platform in
-## its own containers tests/test_cluster_containers.py, tests/test_node.py).
+## Only the tests against the real control plane and node (tests/cluster/test_cluster.py, the platform in
+## its own containers tests/cluster/test_cluster_containers.py, tests/cluster/test_node.py).
 test-cluster: setup
-	$(VENV)/pytest -q tests/test_cluster.py tests/test_cluster_containers.py tests/test_node.py
+	$(VENV)/pytest -q tests/cluster/test_cluster.py tests/cluster/test_cluster_containers.py tests/cluster/test_node.py
 
 clean: cluster-down
 	rm -rf .medseg .pytest_cache .ruff_cache

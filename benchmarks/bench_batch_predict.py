@@ -22,14 +22,14 @@ from pathlib import Path
 
 import torch
 
+from medseg.apps.demo import DEMO_CONFIG, DEMO_SHAPE
 from medseg.config import MedsegConfig
-from medseg.demo import DEMO_CONFIG, DEMO_SHAPE
-from medseg.evaluate import evaluate
-from medseg.ingest import ingest
-from medseg.model import build_network
-from medseg.predict import predict
-from medseg.storage import Storage
-from medseg.synth import write_dataset
+from medseg.core.storage import Storage
+from medseg.data.ingest import ingest
+from medseg.data.synth import write_dataset
+from medseg.evaluation.evaluate import evaluate
+from medseg.inference.predict import predict
+from medseg.tasks.networks import build_network
 
 
 def _cli(*args: str) -> float:

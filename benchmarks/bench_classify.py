@@ -2,18 +2,18 @@
 
 The skin task's DenseNet121 (seeded weights: they do not change the speed) at the task's input
 size (``data.image_size``, 224 px by default), exported to ONNX next to its weights
-(:func:`medseg.export.export_model`), on ``--images`` synthetic dermoscopy JPEGs of HAM10000's
-600×450 (:mod:`medseg.skin.synth`). Per engine (``--engines``; ``torch`` is the
+(:func:`medseg.registry.export.export_model`), on ``--images`` synthetic dermoscopy JPEGs of
+HAM10000's 600×450 (:mod:`medseg.data.skin_synth`). Per engine (``--engines``; ``torch`` is the
 baseline of every ratio, measured in the same run):
 
-A. Batch prediction: :func:`medseg.classify.predict_images` over the folder (read, bounded
-   decode, resize to the input size, forward in batches of :data:`medseg.classify.BATCH`, CSV
-   and JSON written), in a process of its own, after one warm-up image (OpenVINO compiles its
+A. Batch prediction: :func:`medseg.inference.classify.predict_images` over the folder (read, bounded
+   decode, resize to the input size, forward in batches of :data:`medseg.inference.classify.BATCH`,
+   CSV and JSON written), in a process of its own, after one warm-up image (OpenVINO compiles its
    plan there). Printed: model load seconds, images/s, the ratio against torch, and the
    process's peak RSS (``VmHWM``, so each engine's is its own).
 B. The KServe server (``python -m model_server``, the container's entrypoint, on 127.0.0.1,
    with ``infer.engine`` set in ``model.yaml``) over REST v2 with the JPEG files as one binary
-   BYTES input (:func:`medseg.client.infer`), at 1 and 32 images per request, one client,
+   BYTES input (:func:`medseg.serving.client.infer`), at 1 and 32 images per request, one client,
    after one warm-up request: images/s, the ratio against torch, the median request latency,
    and the server's peak RSS over the whole run (``VmHWM``: load, warm-up, both batch sizes).
 
@@ -45,16 +45,16 @@ import torch
 from _timing import median_time, peak_rss_mib
 from bench_serving import Server
 
-from medseg.classify import image_sources, predict_images
-from medseg.client import infer, serialize_bytes
 from medseg.config import MedsegConfig
-from medseg.engine import GRAPH_FILE
-from medseg.export import export_model
-from medseg.infer import load_model
-from medseg.skin.classes import CHANNELS, CLASSES
-from medseg.skin.synth import MIN_PER_CLASS, encode_jpeg, make_image, plan_lesions
-from medseg.storage import Storage
+from medseg.core.storage import Storage
+from medseg.data.skin_synth import MIN_PER_CLASS, encode_jpeg, make_image, plan_lesions
+from medseg.inference.classify import image_sources, predict_images
+from medseg.inference.engine import GRAPH_FILE
+from medseg.inference.infer import load_model
+from medseg.registry.export import export_model
+from medseg.serving.client import infer, serialize_bytes
 from medseg.tasks.skin import DEFAULT_IMAGE_SIZE, SKIN
+from medseg.tasks.skin_classes import CHANNELS, CLASSES
 
 ENGINES = ("torch", "onnxruntime", "openvino")
 #: Images per request of part B.

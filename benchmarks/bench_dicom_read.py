@@ -5,7 +5,7 @@ order, FLAIR stored with a rescale slope and intercept) written twice, in one ru
 
 * baseline: the NIfTI path, four ``.nii.gz`` decoded with nibabel into ``[4, X, Y, Z]``
   float32 and the affine (what the model server's NIfTI input does);
-* DICOM: :func:`medseg.dicom.read_study` on the study folder (620 files): parse, match
+* DICOM: :func:`medseg.dicom.series.read_study` on the study folder (620 files): parse, match
   series to channels, order slices by position, apply the rescale, build the affine.
 
 Prints the medians and the ratio DICOM / NIfTI (target: <= 2x), and checks that both give the
@@ -25,8 +25,8 @@ import numpy as np
 from _timing import median_time
 
 from medseg.config import CHANNELS
-from medseg.dicom import StudyInfo, read_study, write_study
-from medseg.synth import DICOM_FLAIR_RESCALE, dicom_variant, make_case
+from medseg.data.synth import DICOM_FLAIR_RESCALE, dicom_variant, make_case
+from medseg.dicom.series import StudyInfo, read_study, write_study
 
 
 def _read_nifti(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:

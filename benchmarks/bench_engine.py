@@ -2,8 +2,8 @@
 
 Part A (latency): the default SegResNet (init_filters 16) with seeded weights (the weights do not
 change the speed), exported to ONNX next to them, segments one synthetic full-size case
-(4×240×240×155, ``medseg.synth``; 183×206×136 after the foreground crop) through
-:func:`medseg.infer.segment_case` once per variant. ``torch`` is the served default before
+(4×240×240×155, ``medseg.data.synth``; 183×206×136 after the foreground crop) through
+:func:`medseg.inference.infer.segment_case` once per variant. ``torch`` is the served default before
 ``infer.window`` existed and the baseline of every ratio: PyTorch, ``window: sliding``, ROI
 96×96×64, overlap 0.25. ``*-volume`` variants run the whole cropped volume as one window
 (today's default). Each variant runs in a process of its own so its peak RSS (``VmHWM``) is its
@@ -13,7 +13,7 @@ shape included), the speed-up against ``torch`` and peak RSS.
 Part B (equal Dice, with ``--model``): a trained model artifact (e.g. the demo's registered
 ``s3://medseg/models/demo-segresnet/v1``, MinIO from the environment) is exported unless it
 carries its graph already (a registered version does), then its held-out validation split is
-scored by :func:`medseg.evaluate.evaluate` (served label maps) once per variant of
+scored by :func:`medseg.evaluation.evaluate.evaluate` (served label maps) once per variant of
 :data:`DICE_VARIANTS` (engine and window, the model's other settings as they are); printed:
 mean Dice and per region, and |ΔDice| against ``torch`` (sliding windows). The WT volume
 column of part A is a cross-check that the engines agree on the full-size case too.
@@ -50,14 +50,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from medseg.artifact import trained_on
+from medseg.artifact.files import trained_on
 from medseg.config import MedsegConfig
-from medseg.engine import GRAPH_FILE, graph_forward, weights_digest
-from medseg.export import export_model
-from medseg.infer import load_model, pad_to_multiple, recorded_hashes, segment_case
-from medseg.model import build_network, size_multiple
-from medseg.storage import Storage, join
-from medseg.synth import make_case
+from medseg.core.storage import Storage, join
+from medseg.data.synth import make_case
+from medseg.inference.engine import GRAPH_FILE, graph_forward, weights_digest
+from medseg.inference.infer import load_model, pad_to_multiple, recorded_hashes, segment_case
+from medseg.registry.export import export_model
+from medseg.tasks.networks import build_network, size_multiple
 
 FULL = (240, 240, 155)
 #: Today's served default before ``infer.window`` existed: overlapping 96x96x64 windows.
@@ -197,7 +197,7 @@ def per_voxel(rounds: int) -> None:
     from monai.data import MetaTensor
     from monai.data.utils import dense_patch_slices
 
-    from medseg.transforms import static_transforms
+    from medseg.data.transforms import static_transforms
 
     cfg, infer = MedsegConfig(), MedsegConfig().infer
     with tempfile.TemporaryDirectory(prefix="bench-engine-") as tmp:
@@ -241,8 +241,8 @@ def per_voxel(rounds: int) -> None:
 def dice(
     model: str, names: list[str], out: str, dataset: str | None = None, split: str = "validation"
 ) -> None:
-    from medseg.evaluate import evaluate
-    from medseg.predict import predict
+    from medseg.evaluation.evaluate import evaluate
+    from medseg.inference.predict import predict
 
     storage = Storage()
     trained = trained_on(model, storage)  # the split is in the store the model was trained in
@@ -275,7 +275,7 @@ def dice(
         means[name] = (result.dice_mean, result.dice, time.perf_counter() - started)
     base = means[names[0]][0]
     cases = f"split {split!r} of {dataset}" if dataset else "held-out validation split"
-    print(f"{cases}, {model}, served label maps (medseg.evaluate)")
+    print(f"{cases}, {model}, served label maps (medseg.evaluation.evaluate)")
     print(f"|dDice| against {names[0]}; load average {os.getloadavg()}")
     regions = " ".join(f"{r:>7}" for r in ("TC", "WT", "ET"))
     print(f"{'variant':27} {'mean Dice':>10} {'|dDice|':>8} {regions} {'eval s':>7}")

@@ -29,13 +29,13 @@ import numpy as np
 import orjson
 import torch
 
-from medseg.client import predict, wait_ready
-from medseg.codec import serialize_bytes
+from medseg.apps.minio_server import free_port
 from medseg.config import MedsegConfig
-from medseg.minio_server import free_port
-from medseg.model import build_network
-from medseg.settings import ServerLimits
-from medseg.synth import write_dataset
+from medseg.core.settings import ServerLimits
+from medseg.data.synth import write_dataset
+from medseg.serving.client import predict, wait_ready
+from medseg.serving.codec import serialize_bytes
+from medseg.tasks.networks import build_network
 
 HEADER = "inference-header-content-length"
 #: A slow client is cut after 3 s without a byte (default 30 s), so that the attack ends soon.

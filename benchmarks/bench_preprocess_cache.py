@@ -5,7 +5,7 @@ At full BraTS size (240x240x155, four modalities), in one run:
 * baseline: MONAI ``LoadImaged`` on the raw ``.nii.gz`` set plus the same static chain
   (orientation, spacing, labels to TC/WT/ET, foreground crop, normalisation), as a loader
   without a cache would do every epoch;
-* cached, warm: :class:`medseg.dataset.PreprocessedDataset` reading the local disk cache;
+* cached, warm: :class:`medseg.data.dataset.PreprocessedDataset` reading the local disk cache;
 * cached, cold: the same, fetching the object from a real MinIO on loopback first.
 
 Prints the medians and the ratio baseline / cached (target: >= 20x).
@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
+from medseg.apps.minio_server import MinioServer
 from medseg.config import DataConfig
-from medseg.dataset import PreprocessedDataset
-from medseg.ingest import ingest
-from medseg.minio_server import MinioServer
-from medseg.preprocess import preprocess
-from medseg.storage import Storage
-from medseg.synth import write_dataset
-from medseg.transforms import static_transforms
+from medseg.core.storage import Storage
+from medseg.data.dataset import PreprocessedDataset
+from medseg.data.ingest import ingest
+from medseg.data.preprocess import preprocess
+from medseg.data.synth import write_dataset
+from medseg.data.transforms import static_transforms
 
 SUFFIXES = {"t1": "t1", "t1gd": "t1ce", "t2": "t2", "flair": "flair"}
 

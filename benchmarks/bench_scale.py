@@ -1,18 +1,19 @@
 """Cost per case of every data step at full BraTS size, as the number of cases N grows.
 
 For each N (default 8, 16, 32) the first N of one set of full-size synthetic cases
-(4 x 240 x 240 x 155, :func:`medseg.synth.write_dataset`) go through the real steps against a
+(4 x 240 x 240 x 155, :func:`medseg.data.synth.write_dataset`) go through the real steps against a
 real MinIO on 127.0.0.1, each step in a fresh process of its own:
 
-* ``ingest``: :func:`medseg.ingest.ingest` of the raw folder (``--workers`` processes);
-* ``preprocess``: :func:`medseg.preprocess.preprocess` (``--workers`` processes);
-* ``loader-cold``: one epoch of the training DataLoader (:func:`medseg.train.train_loader`: the
+* ``ingest``: :func:`medseg.data.ingest.ingest` of the raw folder (``--workers`` processes);
+* ``preprocess``: :func:`medseg.data.preprocess.preprocess` (``--workers`` processes);
+* ``loader-cold``: one epoch of the training DataLoader (:func:`medseg.training.train.train_loader`:
+  the
   training split through the local cache and the random chain, default ``TrainConfig``, no
   network), the cache empty: every case is fetched from MinIO;
 * ``loader-warm``: the same epoch again, every case in the local cache (a later epoch);
-* ``predict``: :func:`medseg.predict.predict` of the whole dataset with an untrained model
+* ``predict``: :func:`medseg.inference.predict.predict` of the whole dataset with an untrained model
   artifact (default config, SegResNet of ``--init-filters``; the weights do not change the cost);
-* ``evaluate``: :func:`medseg.evaluate.evaluate` of those predictions (no overlays).
+* ``evaluate``: :func:`medseg.evaluation.evaluate.evaluate` of those predictions (no overlays).
 
 Per step and N it prints: seconds per case (wall of the step's call / cases it handled; imports
 of the step's process are outside it, its worker pools' start-up inside), CPU utilisation (CPU
@@ -58,17 +59,17 @@ import numpy as np
 import psutil
 import torch
 
+from medseg.apps.minio_server import MinioServer
 from medseg.config import DataConfig, MedsegConfig, TrainConfig
-from medseg.evaluate import evaluate
-from medseg.ingest import ingest
-from medseg.manifest import DatasetRef
-from medseg.minio_server import MinioServer
-from medseg.model import build_network
-from medseg.predict import predict
-from medseg.preprocess import preprocess, preprocessed_prefix
-from medseg.storage import Storage
-from medseg.synth import write_dataset
-from medseg.train import train_loader
+from medseg.core.storage import Storage
+from medseg.data.ingest import ingest
+from medseg.data.manifest import DatasetRef
+from medseg.data.preprocess import preprocess, preprocessed_prefix
+from medseg.data.synth import write_dataset
+from medseg.evaluation.evaluate import evaluate
+from medseg.inference.predict import predict
+from medseg.tasks.networks import build_network
+from medseg.training.train import train_loader
 
 BUCKET = "s3://bench"
 STEPS = ("ingest", "preprocess", "loader-cold", "loader-warm", "predict", "evaluate")

@@ -6,15 +6,15 @@ A. The wire alone (``benchmarks/echo_server.py``: medseg's server stack with a t
    answering ``3/16`` of the request's bytes as UINT8, the size of a ``[3, X, Y, Z]`` mask set):
    one full-size request of an FP32 ``[1, 4, X, Y, Z]`` tensor, over REST with the binary data
    extension, REST with the same bytes as one NIfTI (BYTES) element, and gRPC
-   (``raw_input_contents``), each through :func:`medseg.client.infer`; against a raw loopback
-   TCP socket moving the same request and response bytes (a server subprocess that reads the
-   request into a buffer and answers zeros). Target: each ≤ 5× the socket. Memory: the server's
+   (``raw_input_contents``), each through :func:`medseg.serving.client.infer`; against a raw
+   loopback TCP socket moving the same request and response bytes (a server subprocess that reads
+   the request into a buffer and answers zeros). Target: each ≤ 5× the socket. Memory: the server's
    peak RSS during one request (``VmHWM`` reset before it) above its RSS before, against the
    payload (target ≤ 3×).
 B. The real predictor (SegResNet from the default config, fixed random weights; inference cost
    does not depend on the weights) on a synthetic full-size case: in-process compute
-   (:func:`medseg.infer.segment_case`) against end to end (client send → mask received) over
-   REST-binary and gRPC, NIfTI and raw-tensor inputs. Overhead = (end to end − compute) /
+   (:func:`medseg.inference.infer.segment_case`) against end to end (client send → mask received)
+   over REST-binary and gRPC, NIfTI and raw-tensor inputs. Overhead = (end to end − compute) /
    compute (target ≤ 5 %). Then throughput with 1, 2 and 4 concurrent clients.
 C. Inference settings: CPU latency of the served default (``InferConfig``: the whole cropped
    volume in one window, ``infer.window``; ``benchmarks/bench_engine.py`` compares it with the
@@ -41,14 +41,14 @@ import numpy as np
 import torch
 from _timing import median_time
 
-from medseg.client import infer, predict, wait_ready
-from medseg.codec import serialize_bytes
+from medseg.apps.minio_server import free_port
 from medseg.config import MedsegConfig
-from medseg.infer import Segmenter, load_model, segment_case
-from medseg.minio_server import free_port
-from medseg.model import build_network
-from medseg.storage import Storage
-from medseg.synth import write_dataset
+from medseg.core.storage import Storage
+from medseg.data.synth import write_dataset
+from medseg.inference.infer import Segmenter, load_model, segment_case
+from medseg.serving.client import infer, predict, wait_ready
+from medseg.serving.codec import serialize_bytes
+from medseg.tasks.networks import build_network
 
 HERE = Path(__file__).resolve().parent
 MODALITIES = ("t1", "t1ce", "t2", "flair")
@@ -285,8 +285,8 @@ def part_c(case_dirs: list[Path], model_dir: Path | None, shape_cfg: MedsegConfi
             out = segment_case(seg, image, imgs[0].affine)  # type: ignore[attr-defined]
             times.append(time.perf_counter() - t)
             if model_dir is not None:
-                from medseg.evaluate import score_case
-                from medseg.labels import get_convention
+                from medseg.evaluation.evaluate import score_case
+                from medseg.tasks.labels import get_convention
 
                 truth_img = nib.load(next(case.glob("*_seg.nii.gz")))
                 truth = get_convention("brats2021").to_regions(

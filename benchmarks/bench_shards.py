@@ -2,7 +2,7 @@
 
 The same synthetic cases (the demo's shape and model config; the weights do not change the
 speed) are ingested into two buckets of one real MinIO on 127.0.0.1. For each shard count K,
-K processes run ``medseg.shards.preprocess_shard`` at once (one thread each, as pods of one
+K processes run ``medseg.platform.shards.preprocess_shard`` at once (one thread each, as pods of one
 core would), then the collect step writes ``index.json``; the same for ``predict_shard`` and
 ``collect_predictions`` over the whole dataset. Wall time includes each process's start (its
 imports), as a pod's would. The machine's load average is printed with the figures: on a
@@ -24,23 +24,23 @@ from pathlib import Path
 
 import torch
 
+from medseg.apps.demo import DEMO_CONFIG, DEMO_SHAPE
+from medseg.apps.minio_server import MinioServer
 from medseg.config import MedsegConfig
-from medseg.demo import DEMO_CONFIG, DEMO_SHAPE
-from medseg.ingest import ingest
-from medseg.minio_server import MinioServer
-from medseg.model import build_network
-from medseg.shards import collect_predictions, collect_preprocessed, shard_list
-from medseg.storage import Storage, join
-from medseg.synth import write_dataset
+from medseg.core.storage import Storage, join
+from medseg.data.ingest import ingest
+from medseg.data.synth import write_dataset
+from medseg.platform.shards import collect_predictions, collect_preprocessed, shard_list
+from medseg.tasks.networks import build_network
 
 #: One shard in a process of its own: ``python -c SHARD KIND JSON``.
 SHARD = """
 import json, sys
 from medseg.config import MedsegConfig
-from medseg.shards import predict_shard, preprocess_shard
+from medseg.platform.shards import predict_shard, preprocess_shard
 kind, a = sys.argv[1], json.loads(sys.argv[2])
 if kind == "start":  # only the imports a shard process pays before its first case
-    import medseg.transforms, medseg.infer  # noqa: F401
+    import medseg.data.transforms, medseg.inference.infer  # noqa: F401
 elif kind == "preprocess":
     cfg = MedsegConfig.model_validate(a["cfg"])
     preprocess_shard(a["dataset"], a["store"], cfg.data, a["shard"], a["shards"])

@@ -1,10 +1,10 @@
 """Training levers: samples/s and time to a validation Dice of 0.90, against the MONAI tutorial.
 
-On the demo's data and model (``medseg.demo.DEMO_CONFIG``: 20 synthetic cases of ``DEMO_SHAPE``,
-SegResNet with 8 filters, batches of 2, ROI 48×48×40), in one run:
+On the demo's data and model (``medseg.apps.demo.DEMO_CONFIG``: 20 synthetic cases of
+``DEMO_SHAPE``, SegResNet with 8 filters, batches of 2, ROI 48×48×40), in one run:
 
 * **(a) samples/s** of the MONAI tutorial loop (``bench_train_throughput.TutorialLoop``: the
-  baseline), of medseg's :class:`medseg.train.Trainer` with the demo's settings, and of the
+  baseline), of medseg's :class:`medseg.training.train.Trainer` with the demo's settings, and of the
   trainer with each lever on its own: foreground-balanced crops (``foreground_crops``), loader
   workers (``num_workers``; pinned memory only matters for copies to a GPU, so on a CPU it is
   not a lever), channels-last 3D, ``torch.compile``, batch size and crop size. The learning-rate
@@ -13,9 +13,9 @@ SegResNet with 8 filters, batches of 2, ROI 48×48×40), in one run:
   and a combination of levers (``--combo``), plus, with ``--converge-levers``, each lever that
   changes what is learnt. The Dice is the trainer's validation score: on the *preprocessed*
   grid (foreground-cropped, 1 mm), thresholded regions, over the validation split, computed the
-  same way for every loop (:func:`medseg.train._validate`), every ``--val-every`` epochs, its
-  time left out. At the end the fastest run that reached the target is also scored on served
-  label maps (``medseg.predict`` + ``medseg.evaluate``, original grid).
+  same way for every loop (:func:`medseg.training.train._validate`), every ``--val-every`` epochs,
+  its time left out. At the end the fastest run that reached the target is also scored on served
+  label maps (``medseg.inference.predict`` + ``medseg.evaluation.evaluate``, original grid).
 
 All loops are stepped in turn, one epoch each per round, so that the load of this shared machine
 falls on all of them alike; the load average is printed beside the figures. Samples/s are over
@@ -40,18 +40,18 @@ from typing import Any
 
 from bench_train_throughput import TutorialLoop, tutorial_files
 
+from medseg.apps.demo import DEMO_CONFIG, DEMO_SHAPE
 from medseg.config import MedsegConfig
-from medseg.dataset import PreprocessedDataset
-from medseg.demo import DEMO_CONFIG, DEMO_SHAPE
-from medseg.evaluate import evaluate
-from medseg.infer import load_model
-from medseg.ingest import ingest
-from medseg.manifest import DatasetRef
-from medseg.predict import predict
-from medseg.preprocess import preprocess, preprocessed_prefix
-from medseg.storage import Storage, join
-from medseg.synth import write_dataset
-from medseg.train import Trainer, _validate
+from medseg.core.storage import Storage, join
+from medseg.data.dataset import PreprocessedDataset
+from medseg.data.ingest import ingest
+from medseg.data.manifest import DatasetRef
+from medseg.data.preprocess import preprocess, preprocessed_prefix
+from medseg.data.synth import write_dataset
+from medseg.evaluation.evaluate import evaluate
+from medseg.inference.infer import load_model
+from medseg.inference.predict import predict
+from medseg.training.train import Trainer, _validate
 
 #: Each lever on its own: the training settings it changes from the demo's.
 LEVERS: dict[str, dict[str, Any]] = {
@@ -307,7 +307,7 @@ GPU_SAMPLES_PER_SECOND = 9.52
 def feed(n_cases: int, work: Path, batches: int, rois: list[tuple[int, int, int]]) -> None:
     """What the training loader feeds per second at full size (4×240×240×155 cases)."""
     from medseg.config import TrainConfig
-    from medseg.train import train_loader
+    from medseg.training.train import train_loader
 
     raw, store = work / "raw-full", str(work / "store-full")
     write_dataset(raw, "brats2021", n_cases, shape=(240, 240, 155), seed=7)

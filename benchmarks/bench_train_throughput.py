@@ -5,7 +5,8 @@ All on the same synthetic BraTS-like data, model, ROI and batch size, in one run
 * tutorial: MONAI's BraTS tutorial pattern — ``CacheDataset`` over the raw NIfTI files with the
   static chain cached in memory and the random chain per item, a plain DataLoader, SegResNet,
   DiceLoss, Adam; one process;
-* medseg, 1 process: :func:`medseg.train.train` (preprocessed cases from MinIO through the local
+* medseg, 1 process: :func:`medseg.training.train.train` (preprocessed cases from MinIO through the
+  local
   cache, random chain in the loader, checkpoint to MinIO every epoch);
 * medseg, 2 processes: ``medseg train --nproc-per-node 2`` (torchrun, gloo, DDP).
 
@@ -29,16 +30,16 @@ from typing import Any
 
 import torch
 
+from medseg.apps.minio_server import MinioServer
 from medseg.config import MedsegConfig
-from medseg.ingest import ingest
-from medseg.manifest import DatasetRef
-from medseg.minio_server import MinioServer
-from medseg.model import build_network
-from medseg.preprocess import preprocess
-from medseg.storage import Storage
-from medseg.synth import write_dataset
-from medseg.train import train
-from medseg.transforms import static_transforms, train_transforms
+from medseg.core.storage import Storage
+from medseg.data.ingest import ingest
+from medseg.data.manifest import DatasetRef
+from medseg.data.preprocess import preprocess
+from medseg.data.synth import write_dataset
+from medseg.data.transforms import static_transforms, train_transforms
+from medseg.tasks.networks import build_network
+from medseg.training.train import train
 
 MODALITIES = ("t1", "t1ce", "t2", "flair")
 
@@ -47,7 +48,7 @@ def tutorial_files(raw: Path, case_ids: set[str] | None = None) -> list[dict[str
     """The tutorial's ``{"image": [4 files], "label": file}`` items of the cases under ``raw``.
 
     Args:
-        raw: A folder of synthetic case folders (:func:`medseg.synth.write_dataset`).
+        raw: A folder of synthetic case folders (:func:`medseg.data.synth.write_dataset`).
         case_ids: Only these case folders (a split); every case when omitted.
     """
     files = []

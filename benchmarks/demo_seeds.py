@@ -1,9 +1,9 @@
 """The demo's validation Dice on served label maps, for several training seeds and nestings.
 
-Not a test: it trains the demo's model (``medseg.demo.DEMO_CONFIG``, the demo's 20 synthetic
+Not a test: it trains the demo's model (``medseg.apps.demo.DEMO_CONFIG``, the demo's 20 synthetic
 cases, two torchrun processes, as ``medseg demo`` does) once per seed into a local store, then
 predicts the validation split through ``segment_case`` (the server's function) with each nesting
-option and scores the label maps on the original grid (``medseg.evaluate``).
+option and scores the label maps on the original grid (``medseg.evaluation.evaluate``).
 
     python benchmarks/demo_seeds.py train --work .medseg/seeds --seeds 0 1 2
     python benchmarks/demo_seeds.py eval --work .medseg/seeds --seeds 0 1 2
@@ -15,16 +15,16 @@ import argparse
 import time
 from pathlib import Path
 
+from medseg.apps.demo import DEMO_CONFIG, DEMO_SHAPE
 from medseg.config import MedsegConfig
-from medseg.demo import DEMO_CONFIG, DEMO_SHAPE
-from medseg.evaluate import evaluate
-from medseg.infer import load_model
-from medseg.ingest import ingest
-from medseg.launchers import TorchrunLauncher, TrainRun
-from medseg.predict import predict
-from medseg.preprocess import preprocess
-from medseg.storage import Storage, join
-from medseg.synth import write_dataset
+from medseg.core.storage import Storage, join
+from medseg.data.ingest import ingest
+from medseg.data.preprocess import preprocess
+from medseg.data.synth import write_dataset
+from medseg.evaluation.evaluate import evaluate
+from medseg.inference.infer import load_model
+from medseg.inference.predict import predict
+from medseg.platform.launchers import TorchrunLauncher, TrainRun
 
 NESTINGS = ("union", "intersect", "disjoint")
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg.kserve_import import clean_argv
-from medseg.settings import ServerLimits
+from medseg.core.settings import ServerLimits
+from medseg.serving.kserve_import import clean_argv
 
 
 def main() -> None:

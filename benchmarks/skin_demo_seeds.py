@@ -1,10 +1,11 @@
 """The skin-lesion demo's held-out scores (macro ROC AUC, balanced accuracy), for several seeds.
 
-Not a test: it trains the skin demo's model (``medseg.demo.SKIN_DEMO_CONFIG`` on the demo's
+Not a test: it trains the skin demo's model (``medseg.apps.demo.SKIN_DEMO_CONFIG`` on the demo's
 280 synthetic HAM10000-like images, two torchrun processes as ``medseg demo --task
 skin-lesion`` runs it) once per training seed into a local store, predicts the held-out lesions'
-images through batch prediction (the server's function, :func:`medseg.classify.classify_images`)
-and scores what was written (:func:`medseg.evaluate.evaluate`).
+images through batch prediction (the server's function,
+:func:`medseg.inference.classify.classify_images`) and scores what was written
+(:func:`medseg.evaluation.evaluate.evaluate`).
 
     python benchmarks/skin_demo_seeds.py --work .medseg/skin-seeds --seeds 0 1 2
 """
@@ -15,15 +16,15 @@ import argparse
 import time
 from pathlib import Path
 
+from medseg.apps.demo import DEMOS
 from medseg.config import MedsegConfig
-from medseg.demo import DEMOS
-from medseg.evaluate import evaluate
-from medseg.ingest import ingest
-from medseg.launchers import TorchrunLauncher, TrainRun
-from medseg.predict import predict
-from medseg.preprocess import preprocess
-from medseg.skin.synth import write_ham10000
-from medseg.storage import Storage, join
+from medseg.core.storage import Storage, join
+from medseg.data.ingest import ingest
+from medseg.data.preprocess import preprocess
+from medseg.data.skin_synth import write_ham10000
+from medseg.evaluation.evaluate import evaluate
+from medseg.inference.predict import predict
+from medseg.platform.launchers import TorchrunLauncher, TrainRun
 
 DEMO = DEMOS["skin-lesion"]
 

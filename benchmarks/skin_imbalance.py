@@ -1,6 +1,6 @@
 """Class-weighted loss against a weighted sampler (and neither), through the platform's chain.
 
-Writes ``--images`` synthetic HAM10000 images (:mod:`medseg.skin.synth`, HAM10000's class
+Writes ``--images`` synthetic HAM10000 images (:mod:`medseg.data.skin_synth`, HAM10000's class
 frequencies), ingests them into a local store (split by lesion), preprocesses them to
 ``--size`` px, and trains the skin-lesion task (DenseNet121) with the shared trainer once per
 ``task.imbalance`` setting, with the same seed and epochs. Prints, per setting, the best
@@ -19,12 +19,12 @@ import time
 from pathlib import Path
 
 from medseg.config import MedsegConfig, SplitConfig
-from medseg.ingest import ingest
-from medseg.preprocess import preprocess
-from medseg.skin.classes import CHANNELS, CLASSES
-from medseg.skin.synth import write_ham10000
-from medseg.storage import Storage
-from medseg.train import train
+from medseg.core.storage import Storage
+from medseg.data.ingest import ingest
+from medseg.data.preprocess import preprocess
+from medseg.data.skin_synth import write_ham10000
+from medseg.tasks.skin_classes import CHANNELS, CLASSES
+from medseg.training.train import train
 
 SETTINGS = ("none", "class_weighted", "weighted_sampler")
 

@@ -1,10 +1,10 @@
 """Are the synthetic skin-lesion classes learnable, and not trivially? A small CNN answers.
 
-Renders ``--images`` synthetic dermoscopy images (:mod:`medseg.skin.synth`), splits them by
-lesion with the ingest's seeded split (:func:`medseg.ingest._assign_split`, groups = lesions),
+Renders ``--images`` synthetic dermoscopy images (:mod:`medseg.data.skin_synth`), splits them by
+lesion with the ingest's seeded split (:func:`medseg.data.ingest._assign_split`, groups = lesions),
 trains a four-layer CNN (class-weighted cross-entropy, Adam, random flips) on the training
 lesions at a quarter of the resolution, and prints its macro ROC AUC and balanced accuracy on
-the held-out lesions (:mod:`medseg.skin.metrics`), for each ``--seeds`` value. CPU is enough.
+the held-out lesions (:mod:`medseg.tasks.skin_metrics`), for each ``--seeds`` value. CPU is enough.
 
     python benchmarks/skin_learnability.py --images 420 --epochs 30 --seeds 0 1
 """
@@ -20,10 +20,10 @@ import torch
 from torch import nn
 
 from medseg.config import SplitConfig
-from medseg.ingest import _assign_split
-from medseg.skin.classes import CLASSES
-from medseg.skin.metrics import classification_metrics
-from medseg.skin.synth import SynthImage, make_image, plan_lesions
+from medseg.data.ingest import _assign_split
+from medseg.data.skin_synth import SynthImage, make_image, plan_lesions
+from medseg.tasks.skin_classes import CLASSES
+from medseg.tasks.skin_metrics import classification_metrics
 
 
 def _render(args: tuple[SynthImage, int]) -> np.ndarray:

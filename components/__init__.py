@@ -4,8 +4,8 @@ Every component runs in the project image (``base_image``, from ``MEDSEG_IMAGES_
 which already holds kfp and medseg: ``install_kfp_package=False`` and nothing installed at run
 time, which is also exactly what ``kfp.local``'s SubprocessRunner runs. Steps hand each other
 typed artifacts whose file is a reference to the data in the object store, naming its content
-(:mod:`medseg.pipeline_params`); parameter groups arrive as ``dict`` and are validated there too.
-Credentials come from the environment (a Kubernetes Secret on a cluster, see
+(:mod:`medseg.platform.pipeline_params`); parameter groups arrive as ``dict`` and are validated
+there too. Credentials come from the environment (a Kubernetes Secret on a cluster, see
 :mod:`pipelines.medseg_pipeline`).
 """
 

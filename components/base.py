@@ -6,7 +6,7 @@ import functools
 
 from kfp import dsl
 
-from medseg.settings import PlatformSettings
+from medseg.core.settings import PlatformSettings
 
 #: The project image (components and training): ``MEDSEG_IMAGES__PROJECT`` overrides the default.
 IMAGE = PlatformSettings().images.project

@@ -1,4 +1,4 @@
-"""Deploy: ``medseg.deploy`` — a KServe InferenceService, or the local ``medseg serve`` command."""
+"""Deploy: ``medseg.platform.deploy`` — a KServe InferenceService, or a local ``medseg serve``."""
 
 from kfp.dsl import Input, Model
 
@@ -13,8 +13,8 @@ def deploy_op(model: Input[Model], name: str, deployment: dict, cluster: dict) -
     namespace and wait for Ready (its URL). ``local``: the equivalent ``medseg serve`` command,
     recorded as the output.
     """
-    from medseg.deploy import deploy_model, local_command
-    from medseg.pipeline_params import (
+    from medseg.platform.deploy import deploy_model, local_command
+    from medseg.platform.pipeline_params import (
         ClusterParams,
         DeploymentParams,
         ModelArtifact,

@@ -1,4 +1,4 @@
-"""Evaluate: ``medseg.evaluate`` — the served answers scored by the task, the report, the gate."""
+"""Evaluate: ``medseg.evaluation.evaluate`` — served answers scored by the task, report, gate."""
 
 from typing import NamedTuple
 
@@ -23,8 +23,9 @@ def evaluate_op(
     import math
     from collections import namedtuple
 
-    from medseg.evaluate import evaluate
-    from medseg.pipeline_params import (
+    from medseg.core.storage import Storage, join
+    from medseg.evaluation.evaluate import evaluate
+    from medseg.platform.pipeline_params import (
         EvaluationArtifact,
         ModelArtifact,
         PredictionsArtifact,
@@ -32,7 +33,6 @@ def evaluate_op(
         read_ref,
         write_ref,
     )
-    from medseg.storage import Storage, join
 
     weights = read_ref(model, ModelArtifact)
     scored = read_ref(predictions, PredictionsArtifact)

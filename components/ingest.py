@@ -1,4 +1,4 @@
-"""Ingest: ``medseg.ingest`` a raw dataset into the store, as a content-addressed version."""
+"""Ingest: ``medseg.data.ingest`` a raw dataset into the store, as a content-addressed version."""
 
 from kfp.dsl import Dataset, Output
 
@@ -10,8 +10,8 @@ def ingest_op(
     source: str, name: str, store: str, labels: str, config_yaml: str, dataset: Output[Dataset]
 ) -> None:
     """Ingest ``source`` as dataset ``name``; the artifact names the version and its hash."""
-    from medseg.ingest import ingest
-    from medseg.pipeline_params import DatasetArtifact, parse_config, write_ref
+    from medseg.data.ingest import ingest
+    from medseg.platform.pipeline_params import DatasetArtifact, parse_config, write_ref
 
     cfg = parse_config(config_yaml)
     result = ingest(source, name, store, labels=labels or None, split=cfg.split)

@@ -22,7 +22,7 @@ def params_op(
     """
     from collections import namedtuple
 
-    from medseg.pipeline_params import (
+    from medseg.platform.pipeline_params import (
         ClusterParams,
         DeploymentParams,
         TrainingParams,

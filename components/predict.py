@@ -1,4 +1,4 @@
-"""Predict: collect the shards' label maps (``medseg.shards``) into the one ``predictions.json``."""
+"""Predict: collect the shards' label maps (``medseg.platform.shards``) in one predictions.json."""
 
 from kfp.dsl import Dataset, Input, Model, Output
 
@@ -18,8 +18,10 @@ def predict_op(
     Fails, naming the shard and its cases, when a case is missing (writing nothing), and after
     writing the index when a case could not be predicted.
     """
-    from medseg.errors import MedsegError
-    from medseg.pipeline_params import (
+    from medseg.core.errors import MedsegError
+    from medseg.core.storage import Storage, join
+    from medseg.inference.predict import INDEX
+    from medseg.platform.pipeline_params import (
         DatasetArtifact,
         ModelArtifact,
         PredictionsArtifact,
@@ -27,9 +29,7 @@ def predict_op(
         read_ref,
         write_ref,
     )
-    from medseg.predict import INDEX
-    from medseg.shards import collect_predictions
-    from medseg.storage import Storage, join
+    from medseg.platform.shards import collect_predictions
 
     source = read_ref(dataset, DatasetArtifact)
     weights = read_ref(model, ModelArtifact)

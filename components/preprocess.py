@@ -1,4 +1,4 @@
-"""Preprocess: collect the shards' work (``medseg.shards``) into the one cached ``index.json``."""
+"""Preprocess: collect the shards' work (``medseg.platform.shards``) in one cached index.json."""
 
 from kfp.dsl import Dataset, Input, Output
 
@@ -13,14 +13,14 @@ def preprocess_op(
 
     Fails, naming the shard and its cases, when a case is missing; writes nothing then.
     """
-    from medseg.pipeline_params import (
+    from medseg.platform.pipeline_params import (
         DatasetArtifact,
         PreprocessedArtifact,
         parse_config,
         read_ref,
         write_ref,
     )
-    from medseg.shards import collect_preprocessed
+    from medseg.platform.shards import collect_preprocessed
 
     source = read_ref(dataset, DatasetArtifact)
     cfg = parse_config(config_yaml)

@@ -1,4 +1,4 @@
-"""Register: ``medseg.register`` — the next version of the model, with its model card."""
+"""Register: ``medseg.registry.register`` — the next version of the model, with its model card."""
 
 from kfp.dsl import Artifact, Input, Markdown, Model, Output
 
@@ -15,15 +15,15 @@ def register_op(
     card: Output[Markdown],
 ) -> None:
     """Register the run's model as the next version of ``name``, with its evaluation."""
-    from medseg.artifact import WEIGHTS_FILE
-    from medseg.pipeline_params import (
+    from medseg.artifact.files import WEIGHTS_FILE
+    from medseg.core.storage import Storage, join
+    from medseg.platform.pipeline_params import (
         EvaluationArtifact,
         ModelArtifact,
         read_ref,
         write_ref,
     )
-    from medseg.register import model_card_markdown, register
-    from medseg.storage import Storage, join
+    from medseg.registry.register import model_card_markdown, register
 
     run = read_ref(model, ModelArtifact)
     scored = read_ref(evaluation, EvaluationArtifact)

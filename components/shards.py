@@ -1,4 +1,4 @@
-"""Shards: the data-parallel halves of preprocess and predict (``medseg.shards``).
+"""Shards: the data-parallel halves of preprocess and predict (``medseg.platform.shards``).
 
 ``shards_op`` turns the pipeline's ``shards`` parameter into the list a ``ParallelFor`` runs
 over; each shard step does the cases of its shard that are not done yet; the collect steps
@@ -14,8 +14,8 @@ from components.base import component
 @component
 def shards_op(shards: int) -> list[int]:
     """The shard indices ``0 … shards-1``; fails on a count below 1."""
-    from medseg.errors import MedsegError
-    from medseg.shards import shard_list
+    from medseg.core.errors import MedsegError
+    from medseg.platform.shards import shard_list
 
     try:
         return shard_list(shards)
@@ -26,8 +26,8 @@ def shards_op(shards: int) -> list[int]:
 @component
 def preprocess_shard_op(dataset: Input[Dataset], config_yaml: str, shard: int, shards: int) -> int:
     """Preprocess this shard's cases of the dataset version; returns how many it computed."""
-    from medseg.pipeline_params import DatasetArtifact, parse_config, read_ref
-    from medseg.shards import preprocess_shard
+    from medseg.platform.pipeline_params import DatasetArtifact, parse_config, read_ref
+    from medseg.platform.shards import preprocess_shard
 
     source = read_ref(dataset, DatasetArtifact)
     cfg = parse_config(config_yaml)
@@ -44,8 +44,8 @@ def predict_shard_op(
 
     A case that fails is recorded (the collect step lists it and fails the run).
     """
-    from medseg.pipeline_params import DatasetArtifact, ModelArtifact, read_ref
-    from medseg.shards import predict_shard
+    from medseg.platform.pipeline_params import DatasetArtifact, ModelArtifact, read_ref
+    from medseg.platform.shards import predict_shard
 
     source = read_ref(dataset, DatasetArtifact)
     weights = read_ref(model, ModelArtifact)
@@ -66,14 +66,14 @@ def clean_shard_op(
     shards: int,
 ) -> int:
     """Delete this shard's records once the preprocess and predict commits are written."""
-    from medseg.pipeline_params import (
+    from medseg.core.storage import Storage
+    from medseg.platform.pipeline_params import (
         DatasetArtifact,
         PredictionsArtifact,
         PreprocessedArtifact,
         read_ref,
     )
-    from medseg.shards import clean_shard
-    from medseg.storage import Storage
+    from medseg.platform.shards import clean_shard
 
     source = read_ref(dataset, DatasetArtifact)
     pred = read_ref(predictions, PredictionsArtifact)

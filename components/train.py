@@ -1,4 +1,4 @@
-"""Train: ``medseg.train`` through a launcher — torchrun here, or a PyTorchJob on the cluster."""
+"""Train: ``medseg.training.train`` by a launcher — torchrun here, a PyTorchJob on a cluster."""
 
 from kfp.dsl import Dataset, Input, Metrics, Model, Output
 
@@ -19,10 +19,11 @@ def train_op(
     """Train run ``run_id`` (resuming it if it has checkpoints) on the preprocessed version."""
     import math
 
-    from medseg.artifact import LINEAGE_FILE, WEIGHTS_FILE, run_model_uri
-    from medseg.errors import MedsegError
-    from medseg.launchers import S3Secret, TrainRun
-    from medseg.pipeline_params import (
+    from medseg.artifact.files import LINEAGE_FILE, WEIGHTS_FILE, run_model_uri
+    from medseg.core.errors import MedsegError
+    from medseg.core.storage import Storage, join
+    from medseg.platform.launchers import S3Secret, TrainRun
+    from medseg.platform.pipeline_params import (
         ClusterParams,
         DatasetArtifact,
         ModelArtifact,
@@ -33,7 +34,6 @@ def train_op(
         read_ref,
         write_ref,
     )
-    from medseg.storage import Storage, join
     from medseg.tasks import task_of
 
     data = read_ref(dataset, DatasetArtifact)

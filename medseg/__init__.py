@@ -1,12 +1,17 @@
-"""medseg: Kubernetes-native MLOps for 3D medical image segmentation (BraTS).
+"""medseg: Kubernetes-native MLOps for medical image segmentation and classification.
 
-The core library: configuration, storage, data (synthetic generation, ingest, preprocessing,
-reading), and — as they land — training, evaluation, registry and inference.
+The library, by stage (the picture and the import contracts: ``docs/architecture.md``):
+``core`` (errors, names, settings, storage) < ``io`` (NIfTI, images, the report) < ``tasks``
+(what differs between task families) < ``dicom`` < ``config`` < ``data`` (layouts, synthetic
+data, ingest, manifests, preprocessing) < ``artifact`` | ``serving`` (the model's files and
+lineage; the server's codec and client) < ``inference`` < ``registry`` < ``training`` |
+``evaluation`` < ``platform`` (cluster objects, launchers, the pipeline's parameters and
+shards) < ``apps`` (the demo, local servers) < ``cli``.
 """
 
-from medseg.config import CHANNELS, REGIONS, MedsegConfig
-from medseg.errors import MedsegError
-from medseg.storage import Storage
+from importlib.metadata import PackageNotFoundError, version
 
-__all__ = ["CHANNELS", "REGIONS", "MedsegConfig", "MedsegError", "Storage"]
-__version__ = "0.1.0"
+try:
+    __version__ = version("medseg")
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0.0.0+unknown"

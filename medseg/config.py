@@ -3,7 +3,7 @@
 The same :class:`MedsegConfig` is read by the CLI, the KFP components, the training entrypoint
 and the model server. It is saved next to the weights as ``model.yaml`` so that serving rebuilds
 exactly the preprocessing that training used. Storage connection settings live apart, in
-:mod:`medseg.settings`, because they carry secrets and never travel with a model.
+:mod:`medseg.core.settings`, because they carry secrets and never travel with a model.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ from pydantic import (
     model_validator,
 )
 
-from medseg.errors import InvalidInput
+from medseg.core.errors import InvalidInput
 from medseg.tasks import DEFAULT_TASK, TaskConfig, config_of, get_task, known_tasks
 from medseg.tasks.brats import CHANNELS, REGIONS, BratsTaskConfig
 
-#: The half-precision type autocast computes in (see :mod:`medseg.precision`): ``float16`` (any
+#: The half-precision type autocast computes in (see :mod:`medseg.inference.precision`): ``float16``
+# (any
 #: CUDA GPU) or ``bfloat16`` (Ampere and newer; no loss scaling needed).
 AmpDtype = Literal["float16", "bfloat16"]
 
@@ -109,7 +110,7 @@ class TrainConfig(_Frozen):
     """Optimisation and the random (per-epoch) augmentation.
 
     ``amp`` (autocast in ``amp_dtype``, CUDA only) and ``channels_last`` are the GPU path's
-    switches, see :mod:`medseg.precision`.
+    switches, see :mod:`medseg.inference.precision`.
 
     Attributes:
         foreground_crops: Share of training crops centred on a labelled voxel (MONAI's
@@ -139,20 +140,24 @@ class TrainConfig(_Frozen):
 #: (see :func:`medseg.tasks.brats.nest_regions`).
 Nesting = Literal["disjoint", "intersect", "union"]
 
-#: What runs the network's forward pass at inference (see :mod:`medseg.engine`): ``torch`` (the
+#: What runs the network's forward pass at inference (see :mod:`medseg.inference.engine`): ``torch``
+# (the
 #: reference), ``onnxruntime`` or ``openvino`` (the artifact's exported ``model.onnx``), or
 #: ``auto`` (the fastest on this machine when the artifact carries the graph, else ``torch``).
 Engine = Literal["auto", "torch", "onnxruntime", "openvino"]
 
-#: The arithmetic of the CPU graph engines (see :mod:`medseg.engine`): ``f32`` (the default, the
+#: The arithmetic of the CPU graph engines (see :mod:`medseg.inference.engine`): ``f32`` (the
+# default, the
 #: same numbers on every CPU) or ``bf16`` (OpenVINO only, and only on CPUs with native bf16; on
 #: others it runs as ``f32``). Never left to the runtime: OpenVINO's CPU plugin would otherwise
 #: pick bf16 by itself wherever the CPU has it, so one model would answer differently by node.
 Precision = Literal["f32", "bf16"]
 
-#: How inference tiles a preprocessed volume (see :meth:`medseg.infer.Segmenter.probabilities`):
+#: How inference tiles a preprocessed volume (see
+# :meth:`medseg.inference.infer.Segmenter.probabilities`):
 #: ``volume`` runs the whole (foreground-cropped) volume as one window, padded up to
-#: :func:`medseg.model.size_multiple`; ``sliding`` runs overlapping ``roi_size`` windows blended
+#: :func:`medseg.tasks.networks.size_multiple`; ``sliding`` runs overlapping ``roi_size`` windows
+# blended
 #: with Gaussian weights.
 Window = Literal["volume", "sliding"]
 #: ``volume`` windows up to this many voxels after padding (8 Mi, e.g. 256×256×128); a larger
@@ -184,7 +189,7 @@ class InferConfig(_Frozen):
             ``bf16`` is an explicit choice for the ``openvino`` engine (faster on CPUs with
             native bf16, probabilities within ~1e-2 of ``f32``: ``benchmarks/bench_engine.py``
             reports its Dice against ``f32``).
-        amp: Autocast on CUDA (never on the CPU, see :mod:`medseg.precision`).
+        amp: Autocast on CUDA (never on the CPU, see :mod:`medseg.inference.precision`).
         amp_dtype: Autocast's half-precision type.
         channels_last: Windows in channels-last 3D layout (PyTorch engine).
     """

@@ -17,7 +17,7 @@ takes ``{"instances": [{"image_b64": …}, …]}`` (or ``{"image": {"b64": …}}
 image, ``class``, ``class_name``, ``probability`` and ``probabilities``: the seed endpoint's
 "class: basal cell carcinoma, probability: 92 %".
 
-Decoding is bounded (:func:`medseg.skin.images.decode_image`): the headers are read first, and
+Decoding is bounded (:func:`medseg.io.images.decode_image`): the headers are read first, and
 the request's images together may hold at most ``max_image_pixels`` pixels (a decompression
 bomb or a JPEG that claims 60000×60000 is refused before any pixel is decoded); a tensor's
 ``N·H·W`` obeys the same budget.
@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 
-from medseg.codec import InputError, check_shape, split_bytes_tensor
-from medseg.settings import ServerLimits
-from medseg.skin.images import decode_image
+from medseg.core.settings import ServerLimits
+from medseg.io.images import decode_image
+from medseg.serving.codec import InputError, check_shape, split_bytes_tensor
 
 __all__ = [
     "CLASS_OUTPUTS",

@@ -12,7 +12,7 @@ route and the gRPC servicer call.
 
 :data:`KSERVE_TESTED` names the versions this was written against: importing it under another
 kserve fails with a message instead of misbehaving. kserve parses ``sys.argv`` on import
-(:mod:`medseg.kserve_import`): it is imported here with a clean one.
+(:mod:`medseg.serving.kserve_import`): it is imported here with a clean one.
 
 A leaf: it imports kserve and nothing of :mod:`model_server` (an import-linter contract in
 ``pyproject.toml`` keeps it so).
@@ -23,7 +23,7 @@ from __future__ import annotations
 from importlib import metadata
 from typing import Any
 
-from medseg.kserve_import import clean_argv
+from medseg.serving.kserve_import import clean_argv
 
 __all__ = [
     "FASTAPI_APP_IMPORT_STRING",

@@ -4,15 +4,15 @@
 (the four MR series, any folder structure inside) answers:
 
 * ``200 application/dicom``: the DICOM Segmentation (TC, WT, ET) over the study's reference
-  series (:func:`medseg.dicom_seg.make_seg`);
+  series (:func:`medseg.dicom.seg.make_seg`);
 * with ``Accept: multipart/related; type="application/dicom"`` (the DICOMweb form, PS3.18):
   ``200 multipart/related`` whose two parts are the SEG and the TID 1500 volumes report.
 
 The request goes through the server's :class:`~model_server.rest.BodyLimits` (request size,
 in-flight bytes, body time) and takes a slot like a v2 request (same ticket, cancellation and
-``max_concurrency``). The zip is read within :class:`~medseg.settings.ServerLimits`
-(:func:`medseg.dicom.read_study` with ``limits``): its central directory is sized before it is
-parsed, the declared sizes of its members are summed before any is inflated
+``max_concurrency``). The zip is read within :class:`~medseg.core.settings.ServerLimits`
+(:func:`medseg.dicom.series.read_study` with ``limits``): its central directory is sized before it
+is parsed, the declared sizes of its members are summed before any is inflated
 (``max_decoded_bytes``: a zip bomb is refused before it inflates), and the series' voxels are
 counted from their headers before any pixel is decoded (``max_case_voxels``, ``max_edge``,
 then ``max_resampled_voxels`` at the model's spacing). Every refusal is a 400 naming the reason.
@@ -29,10 +29,11 @@ from fastapi.responses import Response
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 
-from medseg.codec import InputError, check_resampled_size
-from medseg.dicom import DicomStudyError, read_study
-from medseg.dicom_seg import StudySegmentation, segment_read_study
-from medseg.settings import ServerLimits
+from medseg.core.settings import ServerLimits
+from medseg.dicom.seg import StudySegmentation
+from medseg.dicom.series import DicomStudyError, read_study
+from medseg.inference.study import segment_read_study
+from medseg.serving.codec import InputError, check_resampled_size
 from model_server.admission import Ticket, current_ticket
 from model_server.predictor import MedsegPredictor
 

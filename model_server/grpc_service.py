@@ -2,8 +2,8 @@
 
 What :class:`MedsegGRPCServer` changes in kserve's (through :mod:`model_server.compat`):
 
-* it listens on :attr:`~medseg.settings.ServerLimits.host` (kserve binds ``[::]``), with the
-  message limits and the call cap of :class:`~medseg.settings.ServerLimits`;
+* it listens on :attr:`~medseg.core.settings.ServerLimits.host` (kserve binds ``[::]``), with the
+  message limits and the call cap of :class:`~medseg.core.settings.ServerLimits`;
 * ``ModelInfer`` counts its message in the in-flight budget
   (:class:`~model_server.rest.InflightBudget`, shared with REST), gives the request a
   :class:`~model_server.admission.Ticket` (the call's deadline; its cancellation stops the work)
@@ -11,8 +11,8 @@ What :class:`MedsegGRPCServer` changes in kserve's (through :mod:`model_server.c
 * ``ModelInfer`` parses its message without copying the tensors: kserve's generated handler
   parses the whole ``ModelInferRequest`` with protobuf, whose Python objects copy
   ``raw_input_contents`` on every access (and ``ByteSize`` serialises the message again); here
-  the tensors stay views into the received bytes (:func:`~medseg.codec.split_grpc_raw`), and only
-  the small rest is a protobuf message. See ``benchmarks/bench_serving.py`` part A;
+  the tensors stay views into the received bytes (:func:`~medseg.serving.codec.split_grpc_raw`), and
+  only the small rest is a protobuf message. See ``benchmarks/bench_serving.py`` part A;
 * every exception of a call becomes its status, logged in one line and counted once; the model
   repository extension is refused (PERMISSION_DENIED);
 * :meth:`MedsegGRPCServer.stop` refuses new calls at once and gives those in flight the grace
@@ -29,8 +29,8 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from medseg.codec import split_grpc_raw
-from medseg.settings import ServerLimits
+from medseg.core.settings import ServerLimits
+from medseg.serving.codec import split_grpc_raw
 from model_server import metrics
 from model_server.admission import RequestAbandoned, Ticket, current_ticket
 from model_server.compat import (

@@ -18,10 +18,10 @@ kserve's server (its app, dataplane, model repository, servicer, interceptors; t
   kserve's constant True;
 * SIGTERM (and SIGINT) drains REST and gRPC together: both stop taking new requests at once
   (the listening sockets close; gRPC answers UNAVAILABLE), the requests in flight have
-  :attr:`~medseg.settings.ServerLimits.drain_s` to finish, then the model is unloaded and the
+  :attr:`~medseg.core.settings.ServerLimits.drain_s` to finish, then the model is unloaded and the
   process exits, within the pod's ``terminationGracePeriodSeconds``
-  (:attr:`~medseg.settings.ServerLimits.grace_period_s`). kserve's own handling let uvicorn take
-  the signal alone: gRPC kept taking new calls while REST drained, started its own drain only
+  (:attr:`~medseg.core.settings.ServerLimits.grace_period_s`). kserve's own handling let uvicorn
+  take the signal alone: gRPC kept taking new calls while REST drained, started its own drain only
   after REST's (two grace periods in a row), REST used kserve's fixed 30 s, and the model was
   unloaded while gRPC calls were still in flight.
 """
@@ -35,7 +35,7 @@ import signal
 from collections.abc import Iterator
 from typing import Any
 
-from medseg.settings import ServerLimits
+from medseg.core.settings import ServerLimits
 from model_server import logs
 from model_server.compat import (
     FASTAPI_APP_IMPORT_STRING,

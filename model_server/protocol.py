@@ -15,7 +15,7 @@ Open Inference Protocol v2 (REST and gRPC) inputs, one of:
 
 Request parameters: ``label_convention`` for the mask, one of the model's task's (BraTS:
 ``brats2021`` default, ``brats2023``, ``msd``); ``probabilities`` (bool) to add the
-probabilities output. All of them are validated by :func:`medseg.codec.validate_params`, for
+probabilities output. All of them are validated by :func:`medseg.serving.codec.validate_params`, for
 REST v1/v2 and gRPC alike.
 
 Outputs (:data:`OUTPUTS`): ``mask`` (BYTES ``[1]``: a gzipped NIfTI label map on the input's
@@ -31,11 +31,11 @@ and answers base64 masks and volumes.
 Every answer names the model that gave it: the response parameters ``model_version``
 (``NAME@vN`` of the registry) and ``model_sha256`` (of ``model.pt``), on v1 predictions as well,
 and the HTTP headers :data:`VERSION_HEADER` and :data:`SHA256_HEADER` (see
-:func:`medseg.register.model_identity`).
+:func:`medseg.registry.register.model_identity`).
 
 :class:`SegmentationProtocol` validates a request into :class:`Job` s (shapes, datatypes,
 parameters; nothing decoded), decodes a job into a :class:`Case` within the limits (see
-:mod:`medseg.codec`) and checks its size after resampling; :func:`v2_response` and
+:mod:`medseg.serving.codec`) and checks its size after resampling; :func:`v2_response` and
 :func:`v1_predictions` encode the answer. Every bad input raises :class:`InputError` naming the
 input, the problem and the limit; the predictor answers it as ``kserve.errors.InvalidInput``
 (:func:`invalid`: HTTP 400, gRPC INVALID_ARGUMENT).
@@ -53,7 +53,10 @@ import numpy as np
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
-from medseg.codec import (
+from medseg.core.settings import ServerLimits
+from medseg.inference.infer import CaseSegmentation, Segmenter
+from medseg.io.nifti import encode_label_map
+from medseg.serving.codec import (
     InferParams,
     InputError,
     check_resampled_size,
@@ -62,9 +65,6 @@ from medseg.codec import (
     split_bytes_tensor,
     validate_params,
 )
-from medseg.infer import CaseSegmentation, Segmenter
-from medseg.nifti import encode_label_map
-from medseg.settings import ServerLimits
 from model_server import compat
 
 __all__ = [

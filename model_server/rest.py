@@ -58,7 +58,8 @@ from kserve.protocol.infer_type import (
     to_np_dtype,
 )
 
-from medseg.codec import (
+from medseg.core.settings import ServerLimits
+from medseg.serving.codec import (
     HEADER_LENGTH,
     InputError,
     check_strings,
@@ -66,7 +67,6 @@ from medseg.codec import (
     split_bytes_tensor,
     validate_params,
 )
-from medseg.settings import ServerLimits
 from model_server import compat, dicom_route, logs, memory, metrics
 from model_server.admission import RequestAbandoned, Ticket, current_ticket
 

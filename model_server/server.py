@@ -2,10 +2,11 @@
 
 ``python -m model_server --model_dir /mnt/models`` is the container's entrypoint; ``medseg serve``
 calls :func:`serve`. All of kserve's own flags (``--http_port``, ``--grpc_port``, …) are accepted;
-ours are ``--model_dir``, ``--model_name``, and overrides of :class:`~medseg.settings.ServerLimits`
-(whose other fields come from ``MEDSEG_SERVER_*`` variables): ``--host`` (loopback by default;
-the server image sets ``MEDSEG_SERVER_HOST=0.0.0.0``), ``--max_request_mb`` (also the gRPC
-message limits, which kserve leaves at 8 MiB otherwise) and ``--max_concurrency``.
+ours are ``--model_dir``, ``--model_name``, and overrides of
+:class:`~medseg.core.settings.ServerLimits` (whose other fields come from ``MEDSEG_SERVER_*``
+variables): ``--host`` (loopback by default; the server image sets ``MEDSEG_SERVER_HOST=0.0.0.0``),
+``--max_request_mb`` (also the gRPC message limits, which kserve leaves at 8 MiB otherwise) and
+``--max_concurrency``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import logging
 import os
 import sys
 
-from medseg.kserve_import import clean_argv
-from medseg.settings import DEFAULT_SERVED_NAME, KSERVE_MODEL_DIR, ServerLimits
+from medseg.core.settings import DEFAULT_SERVED_NAME, KSERVE_MODEL_DIR, ServerLimits
+from medseg.serving.kserve_import import clean_argv
 from model_server.memory import limit_malloc_arenas
 
 __all__ = ["limits_from_args", "parse_args", "serve"]

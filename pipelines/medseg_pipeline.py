@@ -3,11 +3,11 @@
 The same definition runs through ``kfp.local`` on one machine (``medseg pipeline run --local``)
 and on a Kubeflow Pipelines backend (``medseg pipeline submit``). Steps hand each other typed
 artifacts (``Dataset``, ``Model``, ``Metrics``, ``HTML``) that reference the data in the object
-store by content (:mod:`medseg.pipeline_params`). The first step checks every parameter group
-and names the release's S3 Secret and ConfigMap; on a cluster every later step gets the
+store by content (:mod:`medseg.platform.pipeline_params`). The first step checks every parameter
+group and names the release's S3 Secret and ConfigMap; on a cluster every later step gets the
 object-store credentials from that Secret and the endpoint from that ConfigMap (kfp-kubernetes),
 CPU/memory requests and limits, its placement (node selector, tolerations, node affinity and pull
-secrets of :class:`medseg.settings.PlacementSettings`, read when the pipeline is compiled), and
+secrets of :class:`medseg.core.settings.PlacementSettings`, read when the pipeline is compiled), and
 caching only where its key names its inputs' content (see ``docs/architecture.md``). Register
 and deploy run only when the quality gate passes: the gate step fails the run otherwise.
 """
@@ -33,8 +33,8 @@ from components import (
     shards_op,
     train_op,
 )
-from medseg.pipeline_params import ClusterParams, DeploymentParams, TrainingParams
-from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE, Placement, PlacementSettings
+from medseg.core.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE, Placement, PlacementSettings
+from medseg.platform.pipeline_params import ClusterParams, DeploymentParams, TrainingParams
 
 __all__ = ["CACHED", "PIPELINE_NAME", "medseg_pipeline"]
 
@@ -60,10 +60,10 @@ RESOURCES = {
 #: names its content: artifacts whose reference carries a content hash or sha256, made in
 #: this run by an uncached step, and parameters (config, split, threshold) that are content.
 #: Not params or gate (instant), not ingest (its source is a location whose content can change
-#: under the same name; medseg.ingest keys its own cache on the source's content), not train
+#: under the same name; medseg.data.ingest keys its own cache on the source's content), not train
 #: (a run id per run), register (a new version each time) or deploy (cluster state). The
 #: shard steps are not cached either: they resume from the store, keyed on content
-#: (medseg.shards), and their records are deleted once the run has committed.
+#: (medseg.platform.shards), and their records are deleted once the run has committed.
 CACHED = {"preprocess", "predict", "evaluate"}
 #: Where the steps run, as compiled: the chart's upload Job reads it from the release's ConfigMap.
 PLACEMENT = PlacementSettings()
@@ -115,7 +115,7 @@ def _configure(task: Any, step: str, names: Any) -> Any:
             config_map_key_to_env={key: key},
             optional=True,
         )
-    kubernetes.use_config_map_as_env(  # tracking when the chart enables it (medseg.tracking)
+    kubernetes.use_config_map_as_env(  # tracking, when the chart enables it (registry.tracking)
         task,
         config_map_name=names.outputs["s3_config"],
         config_map_key_to_env={"MLFLOW_TRACKING_URI": "MLFLOW_TRACKING_URI"},
@@ -150,7 +150,7 @@ def preprocess_shards(
     s3_secret: str,
     s3_config: str,
 ) -> None:
-    """Preprocess the dataset version in ``shards`` parallel shards (medseg.shards)."""
+    """Preprocess the dataset version in ``shards`` parallel shards (medseg.platform.shards)."""
     with dsl.ParallelFor(shard_list) as shard:
         _configure(
             preprocess_shard_op(
@@ -171,7 +171,7 @@ def predict_shards(
     s3_secret: str,
     s3_config: str,
 ) -> None:
-    """Predict the split in ``shards`` parallel shards (medseg.shards)."""
+    """Predict the split in ``shards`` parallel shards (medseg.platform.shards)."""
     with dsl.ParallelFor(shard_list) as shard:
         _configure(
             predict_shard_op(model=model, dataset=dataset, split=split, shard=shard, shards=shards),
@@ -211,14 +211,16 @@ def medseg_pipeline(
         threshold: Quality gate on the validation value of the task's gate metric (BraTS:
             mean Dice over TC, WT, ET; skin lesions: macro ROC AUC).
         model_name: Registry name (also the InferenceService name).
-        training: :class:`medseg.pipeline_params.TrainingParams` (epochs, launcher, workers,
+        training: :class:`medseg.platform.pipeline_params.TrainingParams` (epochs, launcher,
+            workers,
             gpus_per_worker, image, timeout).
-        cluster: :class:`medseg.pipeline_params.ClusterParams` (namespace, release, s3_secret,
+        cluster: :class:`medseg.platform.pipeline_params.ClusterParams` (namespace, release,
+            s3_secret,
             s3_config; the S3 names follow the release unless given).
-        deployment: :class:`medseg.pipeline_params.DeploymentParams` (target, image, mode,
+        deployment: :class:`medseg.platform.pipeline_params.DeploymentParams` (target, image, mode,
             min_replicas, max_replicas, scale_metric, scale_target, timeout).
         shards: Preprocess and predict run as this many parallel shards (pods), by case id;
-            what they write is the same for every count (:mod:`medseg.shards`).
+            what they write is the same for every count (:mod:`medseg.platform.shards`).
     """
     names = _configure(
         params_op(

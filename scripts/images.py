@@ -200,7 +200,7 @@ def images(variant: str = "cpu") -> dict[str, ImageDef]:
     Returns:
         The declarations, in build order.
     """
-    from medseg.settings import DEFAULT_IMAGES, DEFAULT_PORTS, KSERVE_MODEL_DIR
+    from medseg.core.settings import DEFAULT_IMAGES, DEFAULT_PORTS, KSERVE_MODEL_DIR
 
     if variant not in ("cpu", "cuda"):
         raise ImageError(f"unknown variant {variant!r} (cpu or cuda)")

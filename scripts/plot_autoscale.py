@@ -1,4 +1,4 @@
-"""Draw the autoscaling timeline that ``tests/test_cluster_containers.py`` records.
+"""Draw the autoscaling timeline that ``tests/cluster/test_cluster_containers.py`` records.
 
 The test drives two clients against the predictor's Service on the real node until the HPA that
 KServe made scales the predictor to two ready replicas, stops them, and waits for the scale-down.

@@ -4,11 +4,11 @@
 ``manifests/overlays/cpu`` is the base as is; ``manifests/overlays/gpu`` adds, as patches, every
 object that the chart renders differently with ``charts/medseg/ci/gpu-values.yaml``. All renders use
 ``s3.existingSecret=medseg-s3``, so no credential is ever written here: create that Secret first
-(see docs/install.md). ``tests/test_chart.py`` re-renders and fails when the files drift, and
-checks that ``kubectl kustomize`` of each overlay equals the chart render it came from.
+(see docs/install.md). ``tests/unit/platform/test_chart.py`` re-renders and fails when the files
+drift, and checks that ``kubectl kustomize`` of each overlay equals the chart render it came from.
 
 First it writes ``charts/medseg/files/pipeline-rules.yaml``, the rules of the chart's pipeline Role,
-from ``medseg.kube.PIPELINE_RULES`` (their one definition: the calls the code makes).
+from ``medseg.platform.kube.PIPELINE_RULES`` (their one definition: the calls the code makes).
 
 Usage: ``python scripts/render_manifests.py [--out manifests] [--helm helm] [--rules PATH]``
 """
@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from medseg.kube import role_rules
+from medseg.platform.kube import role_rules
 
 ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "medseg"
@@ -53,9 +53,9 @@ def _dump(objs: list[dict[str, Any]]) -> str:
 
 
 def write_rules(path: Path = RULES) -> None:
-    """Write the pipeline Role's rules (``medseg.kube.PIPELINE_RULES``) for the chart."""
+    """Write the pipeline Role's rules (``medseg.platform.kube.PIPELINE_RULES``) for the chart."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(HEADER.replace("from charts/medseg", "from medseg.kube.PIPELINE_RULES")
+    path.write_text(HEADER.replace("from charts/medseg", "from medseg.platform.kube.PIPELINE_RULES")
                     + yaml.safe_dump(role_rules()))  # fmt: skip
 
 

@@ -15,15 +15,15 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from medseg.apps.minio_server import MinioServer, free_port
+from medseg.apps.mlflow_server import MlflowServer
 from medseg.config import MedsegConfig
-from medseg.minio_server import MinioServer, free_port
-from medseg.mlflow_server import MlflowServer
-from medseg.settings import ServerArgs
-from medseg.storage import Storage, join
-from medseg.synth import write_dataset
+from medseg.core.settings import ServerArgs
+from medseg.core.storage import Storage, join
+from medseg.data.synth import write_dataset
 
 if TYPE_CHECKING:
-    from medseg.manifest import DatasetRef
+    from medseg.data.manifest import DatasetRef
 
 #: Small volumes keep the suite fast; the code paths are the same as at full size.
 SHAPE = (48, 48, 32)
@@ -49,7 +49,7 @@ def write_tiny_model(folder: Path, seed: int = 0, **sections: dict[str, Any]) ->
     """A model artifact (``model.pt``, ``model.yaml``): :func:`tiny_config` with seeded weights."""
     import torch
 
-    from medseg.model import build_network
+    from medseg.tasks.networks import build_network
 
     cfg = tiny_config(**sections)
     folder.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ SKIN_SPLIT = {"val_fraction": 0.3, "seed": 1}
 
 def skin_config(imbalance: str = "weighted_sampler", **train: Any) -> MedsegConfig:
     """A tiny skin-lesion config: 32 px images, 2 epochs, no workers."""
-    from medseg.skin.classes import CHANNELS, CLASSES
+    from medseg.tasks.skin_classes import CHANNELS, CLASSES
 
     return MedsegConfig.model_validate(
         {
@@ -116,10 +116,10 @@ def model_server(
             cleared: loopback).
         ready_timeout: Seconds to wait for the server to be ready (a loaded machine imports
             torch slowly).
-        limits: :class:`~medseg.settings.ServerArgs` flags (``max_request_mb=4``).
+        limits: :class:`~medseg.core.settings.ServerArgs` flags (``max_request_mb=4``).
     """
-    from medseg.client import wait_ready
-    from medseg.errors import MedsegError
+    from medseg.core.errors import MedsegError
+    from medseg.serving.client import wait_ready
 
     http, grpc = free_port(), free_port()
     cmd = ServerArgs(str(model_dir), http_port=http, grpc_port=grpc, **limits).command()
@@ -243,8 +243,8 @@ def write_biased_model(folder: Path, case: Path | None = None) -> Path:
     import torch
 
     from medseg.config import REGIONS
-    from medseg.infer import load_model, segment_case
-    from medseg.model import build_network
+    from medseg.inference.infer import load_model, segment_case
+    from medseg.tasks.networks import build_network
 
     write_tiny_model(folder)
     if case is not None:
@@ -264,7 +264,7 @@ def write_biased_model(folder: Path, case: Path | None = None) -> Path:
 @pytest.fixture(scope="session")
 def ham(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """:data:`SKIN_IMAGES` synthetic HAM10000 images in its layout (read-only)."""
-    from medseg.skin.synth import write_ham10000
+    from medseg.data.skin_synth import write_ham10000
 
     root = tmp_path_factory.mktemp("ham")
     write_ham10000(root, SKIN_IMAGES, seed=5)
@@ -286,9 +286,9 @@ class SkinModel:
 def skin_model(ham: Path, minio_server: MinioServer) -> SkinModel:
     """One epoch of the tiny skin model (:func:`skin_config`), trained once for the session."""
     from medseg.config import SplitConfig
-    from medseg.ingest import ingest
-    from medseg.preprocess import preprocess
-    from medseg.train import train
+    from medseg.data.ingest import ingest
+    from medseg.data.preprocess import preprocess
+    from medseg.training.train import train
 
     storage = Storage(minio_server.settings(retry_seconds=10))
     bucket = f"s3://t-{uuid.uuid4().hex[:12]}"

@@ -1,7 +1,7 @@
 """The ``medseg`` command line: thin commands, one module per command group.
 
 Each command parses its options, calls one library function and prints the result; expected
-failures (:class:`~medseg.errors.MedsegError`) print one clear line and exit 1, without a
+failures (:class:`~medseg.core.errors.MedsegError`) print one clear line and exit 1, without a
 traceback (:func:`~medseg.cli.common.handles_errors`).
 
 Modules: :mod:`~medseg.cli.data` (synth, ingest, preprocess, datasets), :mod:`~medseg.cli.training`

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from medseg.config import MedsegConfig
-from medseg.errors import MedsegError
+from medseg.core.errors import MedsegError
 
 __all__ = [
     "ConfigOpt",

@@ -19,9 +19,9 @@ from medseg.cli.common import (
     handles_errors,
     load_config,
 )
-from medseg.manifest import list_manifests
-from medseg.settings import DEFAULT_STORE
-from medseg.storage import Storage
+from medseg.core.settings import DEFAULT_STORE
+from medseg.core.storage import Storage
+from medseg.data.manifest import list_manifests
 
 datasets_app = typer.Typer(help="Inspect stored datasets.", no_args_is_help=True)
 app.add_typer(datasets_app, name="datasets")
@@ -63,7 +63,7 @@ def synth(
 ) -> None:
     """Write deterministic synthetic BraTS-like cases in a public layout, or as DICOM studies."""
     if task == "skin-lesion":
-        from medseg.skin.synth import write_ham10000
+        from medseg.data.skin_synth import write_ham10000
 
         if layout not in (None, "ham10000"):
             fail(f"--task skin-lesion writes the ham10000 layout, not {layout!r}")
@@ -73,7 +73,7 @@ def synth(
         return
     if task != "brats":
         fail(f"unknown task {task!r}: use brats or skin-lesion")
-    from medseg.synth import synthesize
+    from medseg.data.synth import synthesize
 
     layout = layout or "brats2021"
     ids = synthesize(out, layout, 8 if cases is None else cases, shape, seed, fmt)
@@ -101,7 +101,7 @@ def ingest(
     config: ConfigOpt = None,
 ) -> None:
     """Validate raw cases, quarantine bad ones, and store a versioned dataset."""
-    from medseg.ingest import ingest as run_ingest
+    from medseg.data.ingest import ingest as run_ingest
 
     split = load_config(config).split
     result = run_ingest(
@@ -132,7 +132,7 @@ def preprocess(
     config: ConfigOpt = None,
 ) -> None:
     """Run the static preprocessing once per case and cache the result in the store."""
-    from medseg.preprocess import preprocess as run_preprocess
+    from medseg.data.preprocess import preprocess as run_preprocess
 
     result = run_preprocess(dataset, store, load_config(config).data, workers=workers)
     n = len(result.index["cases"])

@@ -11,12 +11,12 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
+from medseg.apps.demo import DEMOS, DemoOptions, run_local_demo
+from medseg.apps.minio_server import start_and_export
+from medseg.apps.mlflow_server import DEFAULT_DB, DEFAULT_PORT, MlflowServer
 from medseg.cli.common import ConfigOpt, app, console, fail, handles_errors, load_config
-from medseg.demo import DEMOS, DemoOptions, run_local_demo
-from medseg.minio_server import start_and_export
-from medseg.mlflow_server import DEFAULT_DB, DEFAULT_PORT, MlflowServer
-from medseg.settings import DEFAULT_BUCKET, DEFAULT_PORTS, StorageSettings
-from medseg.storage import Storage
+from medseg.core.settings import DEFAULT_BUCKET, DEFAULT_PORTS, StorageSettings
+from medseg.core.storage import Storage
 
 DataDirOpt = Annotated[Path, typer.Option(help="Where objects are kept.")]
 PortOpt = Annotated[int, typer.Option(help="API port on 127.0.0.1 (0: a free one).")]
@@ -95,7 +95,7 @@ def demo(
         typer.Option(help="Quality gate on the task's metric; default: the demo's (0.8, 0.7)."),
     ] = None,
 ) -> None:
-    """The main job: the whole platform end to end on this machine (see medseg.demo)."""
+    """The main job: the whole platform end to end on this machine (see medseg.apps.demo)."""
     from pipelines.medseg_pipeline import medseg_pipeline
 
     if task not in DEMOS:
@@ -118,7 +118,7 @@ def demo(
 
 
 def _print_segmenter_demo(result: Any) -> None:
-    """A segmentation demo's scores (a :class:`~medseg.demo.DemoResult`): Dice and volumes."""
+    """A segmentation demo's scores (a :class:`~medseg.apps.demo.DemoResult`): Dice and volumes."""
     validation = result.evaluation["dice"]
     table = Table(title=f"results: model {result.model_uri}")
     for col in ("region", "validation Dice", f"Dice on {result.case_id}", "volume (mL)"):

@@ -16,11 +16,11 @@ from medseg.cli.common import (
     handles_errors,
     load_config,
 )
-from medseg.errors import MedsegError
-from medseg.kube import DEFAULT_RELEASE, Release
-from medseg.pipeline_params import pipeline_arguments
-from medseg.pipeline_runner import compile_pipeline, run_local, submit, upload
-from medseg.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
+from medseg.core.errors import MedsegError
+from medseg.core.settings import DEFAULT_MODEL_NAME, DEFAULT_STORE
+from medseg.platform.kube import DEFAULT_RELEASE, Release
+from medseg.platform.pipeline_params import pipeline_arguments
+from medseg.platform.pipeline_runner import compile_pipeline, run_local, submit, upload
 
 pipeline_app = typer.Typer(help="The Kubeflow pipeline: compile, run locally, submit.")
 app.add_typer(pipeline_app, name="pipeline")

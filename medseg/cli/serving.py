@@ -9,18 +9,18 @@ import typer
 from rich.table import Table
 
 from medseg.cli.common import StoreOpt, app, console, err_console, failures_table, handles_errors
-from medseg.deploy import deploy_model
-from medseg.errors import MedsegError
-from medseg.kube import DEFAULT_RELEASE, Release
-from medseg.register import model_uri
-from medseg.settings import (
+from medseg.core.errors import MedsegError
+from medseg.core.settings import (
     DEFAULT_MODEL_NAME,
     DEFAULT_PORTS,
     DEFAULT_SERVED_NAME,
     DEFAULT_STORE,
     ServerArgs,
 )
-from medseg.storage import Storage
+from medseg.core.storage import Storage
+from medseg.platform.deploy import deploy_model
+from medseg.platform.kube import DEFAULT_RELEASE, Release
+from medseg.registry.register import model_uri
 
 ServeModel = Annotated[
     str, typer.Option(help="Run id, NAME@VERSION from the registry, or a model folder/URI.")
@@ -51,7 +51,7 @@ def serve(
     """Serve a model with kserve's ModelServer (Open Inference Protocol v2, REST and gRPC).
 
     It listens on loopback unless --host (or MEDSEG_SERVER_HOST) says otherwise; every other
-    limit is a MEDSEG_SERVER_* variable (medseg.settings.ServerLimits).
+    limit is a MEDSEG_SERVER_* variable (medseg.core.settings.ServerLimits).
     """
     from model_server.server import serve as run_server
 
@@ -204,8 +204,8 @@ def _predict_local(
     labels: str | None,
     prefetch: int,
 ) -> Any:
-    """``medseg predict`` with a model loaded here; its :class:`~medseg.predict.PredictResult`."""
-    from medseg.predict import predict as run_predict
+    """``medseg predict`` with a model loaded here (a ``PredictResult``)."""
+    from medseg.inference.predict import predict as run_predict
 
     storage = Storage()
     return run_predict(
@@ -278,7 +278,7 @@ def _predict_remote(
     tensor: str | None,
 ) -> None:
     """``medseg predict --url``: one case to a model server; write the mask, print volumes."""
-    from medseg.client import predict as send
+    from medseg.serving.client import predict as send
 
     result = send(
         url,

@@ -12,13 +12,13 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medseg.artifact import read_config, trained_on
+from medseg.artifact.files import read_config, trained_on
+from medseg.artifact.lineage import lineage
 from medseg.cli.common import ConfigOpt, StoreOpt, app, console, handles_errors, load_config
-from medseg.launchers import TorchrunLauncher, TrainRun
-from medseg.lineage import lineage
-from medseg.register import list_models, model_uri, register
-from medseg.settings import DEFAULT_STORE
-from medseg.storage import Storage
+from medseg.core.settings import DEFAULT_STORE
+from medseg.core.storage import Storage
+from medseg.platform.launchers import TorchrunLauncher, TrainRun
+from medseg.registry.register import list_models, model_uri, register
 from medseg.tasks import task_of
 
 models_app = typer.Typer(help="Inspect the model registry.", no_args_is_help=True)
@@ -57,7 +57,7 @@ def train_cmd(
     if nproc_per_node > 1:
         TorchrunLauncher(nproc_per_node, max_restarts).launch(run)
         return
-    from medseg.train import train
+    from medseg.training.train import train
 
     result = train(dataset, store, run_id, load_config(config))
     best = result.best
@@ -84,7 +84,7 @@ def evaluate_cmd(
 
     Without ``--predictions``, the split is predicted first (as ``medseg predict`` does).
     """
-    from medseg.evaluate import evaluate
+    from medseg.evaluation.evaluate import evaluate
 
     storage = Storage()
     uri = model_uri(storage, store, model)
@@ -115,7 +115,7 @@ def evaluate_cmd(
 
 def _predict_split(storage: Storage, uri: str, store: str, dataset: str | None, split: str) -> str:
     """Predict the split to evaluate (by default of the model's training dataset); its output."""
-    from medseg.predict import predict
+    from medseg.inference.predict import predict
 
     if dataset is None:
         trained = trained_on(uri, storage)
@@ -124,7 +124,7 @@ def _predict_split(storage: Storage, uri: str, store: str, dataset: str | None, 
 
 
 def _print_classes(result: Any, split: str) -> None:
-    """A classifier's :class:`~medseg.classify.ClassEval`: AUC per class and macro, and more."""
+    """A classifier's :class:`~medseg.inference.classify.ClassEval`: AUC per class, macro, more."""
     m = result.metrics
     table = Table(title=f"{result.dataset} · {split} · {sum(map(sum, m.confusion))} images")
     for col in ("class", "AUC", "sensitivity", "specificity"):
@@ -141,7 +141,7 @@ def _print_classes(result: Any, split: str) -> None:
 
 
 def _print_evaluation(result: Any, split: str) -> None:
-    """The scores of an :class:`~medseg.evaluate.EvalResult`, as a table and its sources."""
+    """An :class:`~medseg.evaluation.evaluate.EvalResult`'s scores, as a table and its sources."""
     table = Table(title=f"{result.dataset} · {split} · {len(result.cases)} cases")
     for col in ("region", "Dice", "HD95 (mm)"):
         table.add_column(col, justify="right")

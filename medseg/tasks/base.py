@@ -35,8 +35,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict
 
-from medseg.errors import InvalidInput
-from medseg.settings import TaskSettings
+from medseg.core.errors import InvalidInput
+from medseg.core.settings import TaskSettings
 
 if TYPE_CHECKING:  # torch only in annotations: the config (and the client) load without it
     import torch
@@ -97,8 +97,8 @@ class OutputSpec:
 class GraphSpec:
     """How a task's network is exported as an ONNX graph and planned by a CPU engine.
 
-    :mod:`medseg.engine` traces the network on ``example`` and runs the graph with it; nothing
-    there knows whether the input is a volume's windows or a batch of images.
+    :mod:`medseg.inference.engine` traces the network on ``example`` and runs the graph with it;
+    nothing there knows whether the input is a volume's windows or a batch of images.
 
     Attributes:
         example: The input shape the export traces, ``[1, C, *spatial]``; the shape of
@@ -196,7 +196,7 @@ class Task(ABC):
         """The task's own deterministic chain on ``{"image": path or array}``, or ``None``.
 
         ``None`` (every region-segmentation task): the shared 3D chain of
-        :func:`medseg.transforms.static_transforms`, built by the machinery with the case's
+        :func:`medseg.data.transforms.static_transforms`, built by the machinery with the case's
         label convention and channel layout.
         """
         return None
@@ -206,7 +206,7 @@ class Task(ABC):
     ) -> Callable[[dict[str, Any]], Any] | None:
         """The task's own random training chain, or ``None``.
 
-        ``None``: the shared 3D chain of :func:`medseg.transforms.train_transforms`.
+        ``None``: the shared 3D chain of :func:`medseg.data.transforms.train_transforms`.
         """
         return None
 
@@ -276,8 +276,8 @@ class Task(ABC):
         """The exported graph's shapes: by default, windows of a volume.
 
         Traced on one ``infer.roi_size`` window; the batch and the spatial axes are free (any
-        multiple of :func:`~medseg.model.size_multiple`), in and out, so that one graph runs
-        sliding windows and whole volumes (``infer.window: volume``). OpenVINO's kept plan runs
+        multiple of :func:`~medseg.tasks.networks.size_multiple`), in and out, so that one graph
+        runs sliding windows and whole volumes (``infer.window: volume``). OpenVINO's kept plan runs
         ``infer.sw_batch_size`` windows.
         """
         spatial = {2 + i: axis for i, axis in enumerate("xyz"[: self.inputs.spatial_dims])}

@@ -3,9 +3,9 @@
 Four MRI modalities in, three nested regions out: tumour core (TC), whole tumour (WT) and
 enhancing tumour (ET), with ET ⊆ TC ⊆ WT made to hold before the masks become a label map
 (:func:`nest_regions`). The label conventions of the public datasets are in
-:mod:`medseg.labels`; the network is MONAI's SegResNet (:func:`medseg.model.build_network`).
-This module is the one definition of the BraTS channels and regions: BraTS-only modules (ingest,
-synthetic data, DICOM) import them from here.
+:mod:`medseg.tasks.labels`; the network is MONAI's SegResNet
+(:func:`medseg.tasks.networks.build_network`). This module is the one definition of the BraTS
+channels and regions: BraTS-only modules (ingest, synthetic data, DICOM) import them from here.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from medseg.labels import CONVENTIONS
-from medseg.model import build_network
 from medseg.tasks.base import InputSpec, OutputSpec, TaskConfig
+from medseg.tasks.labels import CONVENTIONS
+from medseg.tasks.networks import build_network
 from medseg.tasks.segmentation import RegionSegmentation
 
 if TYPE_CHECKING:

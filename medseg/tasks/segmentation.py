@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from medseg.report import overlay_png
+from medseg.io.report import overlay_png
 from medseg.tasks.base import CaseScore, Task, TaskConfig
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """Skin-lesion classification: the second task family (HAM10000 / ISIC 2018 Task 3).
 
 One dermoscopy image (three RGB channels, 2D) in, one of seven diagnoses out
-(:data:`medseg.skin.classes.CLASSES`). The network is MONAI's ``DenseNet121`` with
+(:data:`medseg.tasks.skin_classes.CLASSES`). The network is MONAI's ``DenseNet121`` with
 ``spatial_dims=2``; the chains are MONAI array transforms: intensity scaled to [0, 1] and the
 image resized to ``data.image_size`` once (cached by preprocessing), then random rotation ±15°,
 flips and zoom 0.9–1.1 per epoch. Cross-entropy, softmax, arg-max. The class imbalance (nv is
@@ -21,8 +21,8 @@ import numpy as np
 from numpy.typing import NDArray
 from pydantic import Field
 
-from medseg.skin.classes import CHANNELS, CLASS_NAMES, CLASSES, CONVENTION
 from medseg.tasks.base import CaseScore, GraphSpec, InputSpec, OutputSpec, Task, TaskConfig
+from medseg.tasks.skin_classes import CHANNELS, CLASS_NAMES, CLASSES, CONVENTION
 
 if TYPE_CHECKING:
     import torch
@@ -217,7 +217,7 @@ class SkinClassification(Task):
 
     def validation_metrics(self, probabilities: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Per-class AUC, balanced accuracy and the macro AUC (MONAI ``compute_roc_auc``)."""
-        from medseg.skin.metrics import classification_metrics
+        from medseg.tasks.skin_metrics import classification_metrics
 
         m = classification_metrics(probabilities, labels, self.outputs.names)
         record = {f"auc_{c}": a for c, a in zip(self.outputs.names, m.auc, strict=True)}
