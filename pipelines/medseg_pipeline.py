@@ -210,6 +210,25 @@ def _preprocess(fan: _Fan, dataset: Any, run_config: Any) -> Any:
     return prep.outputs["preprocessed"]
 
 
+def _train(
+    names: Any, dataset: Any, preprocessed: Any, run_config: Any, training: dict, cluster: dict
+) -> Any:
+    """Train on the preprocessed version, as a run named after the pipeline run; the model."""
+    train = _configure(
+        train_op(
+            dataset=dataset,
+            preprocessed=preprocessed,
+            config_yaml=run_config,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            training=training,
+            cluster=cluster,
+        ),
+        "train",
+        names,
+    )
+    return train.outputs["model"]
+
+
 def _predict(fan: _Fan, model: Any, dataset: Any) -> Any:
     """Predict the validation split in shards, then collect; returns ``predictions``."""
     predict_fan = predict_shards(
@@ -355,19 +374,7 @@ def medseg_pipeline(
     dataset = ingest.outputs["dataset"]
     fan = _Fan(names, _configure(shards_op(shards=shards), "shards", None).output, shards)
     preprocessed = _preprocess(fan, dataset, run_config)
-    train = _configure(
-        train_op(
-            dataset=dataset,
-            preprocessed=preprocessed,
-            config_yaml=run_config,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            training=training,
-            cluster=cluster,
-        ),
-        "train",
-        names,
-    )
-    model = train.outputs["model"]
+    model = _train(names, dataset, preprocessed, run_config, training, cluster)
     predictions = _predict(fan, model, dataset)
     _clean_shards(fan, dataset, preprocessed, predictions)
     _release(names, model, predictions, threshold, store, model_name, deployment, cluster)
