@@ -20,15 +20,15 @@ def train_op(
     import math
 
     from medseg.artifact.files import LINEAGE_FILE, WEIGHTS_FILE, run_model_uri
-    from medseg.core.errors import MedsegError
     from medseg.core.storage import Storage, join
-    from medseg.platform.launchers import S3Secret, TrainRun
+    from medseg.platform.launchers import TrainRun
     from medseg.platform.pipeline_params import (
         ClusterParams,
         DatasetArtifact,
         ModelArtifact,
         PreprocessedArtifact,
         TrainingParams,
+        check_preprocessed,
         parse_config,
         parse_group,
         read_ref,
@@ -39,29 +39,16 @@ def train_op(
     data = read_ref(dataset, DatasetArtifact)
     prep = read_ref(preprocessed, PreprocessedArtifact)
     params = parse_group(TrainingParams, training, "training")
-    names = parse_group(ClusterParams, cluster, "cluster").resolved()
+    names = parse_group(ClusterParams, cluster, "cluster")
     cfg = parse_config(config_yaml)
-    if (prep.dataset, prep.digest) != (data.dataset, cfg.data.fingerprint()):
-        raise MedsegError(
-            f"preprocessed artifact {prep.dataset} ({prep.digest}) is not the dataset "
-            f"{data.dataset} with this config's data fingerprint {cfg.data.fingerprint()}"
-        )
-    if params.epochs > 0:
-        cfg = cfg.model_copy(
-            update={"train": cfg.train.model_copy(update={"epochs": params.epochs})}
-        )
+    check_preprocessed(prep, data, cfg)
+    cfg = params.configured(cfg)
     storage = Storage()
     run_prefix = join(data.store, "runs", run_id)
     config_uri = join(run_prefix, "config.yaml")
     storage.put_bytes(config_uri, cfg.to_yaml().encode())
-    chosen = params.target().launcher_for(
-        params.image,
-        names.namespace,
-        names.names.pipeline_service_account,
-        S3Secret(name=names.s3_secret, config=names.s3_config),
-        params.timeout,
-    )
-    chosen.launch(TrainRun(data.dataset, data.store, run_id, config_uri))
+    run = TrainRun(data.dataset, data.store, run_id, config_uri)
+    params.launcher_in(names).launch(run)
     model_uri = run_model_uri(run_prefix)
     lineage = storage.get_json(join(model_uri, LINEAGE_FILE))
     best = lineage["best"]

@@ -13,7 +13,7 @@ and deploy run only when the quality gate passes: the gate step fails the run ot
 """
 
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, NamedTuple
 
 from kfp import dsl, kubernetes
 from kfp.dsl import Dataset, Input, Model
@@ -180,6 +180,138 @@ def predict_shards(
         )
 
 
+class _Fan(NamedTuple):
+    """What the shard steps share: the params step, the shards step's list and the count."""
+
+    names: Any
+    shard_list: Any
+    shards: int
+
+    def s3(self) -> dict[str, Any]:
+        """The release's S3 Secret and ConfigMap names, as a sub-pipeline's arguments."""
+        return {k: self.names.outputs[k] for k in ("s3_secret", "s3_config")}
+
+
+def _preprocess(fan: _Fan, dataset: Any, run_config: Any) -> Any:
+    """Preprocess in ``fan.shards`` shards, then collect; returns the ``preprocessed`` output."""
+    prep_shards = preprocess_shards(
+        dataset=dataset,
+        config_yaml=run_config,
+        shard_list=fan.shard_list,
+        shards=fan.shards,
+        **fan.s3(),
+    )
+    prep_shards.set_display_name("preprocess-shards").set_caching_options(False)
+    prep = _configure(
+        preprocess_op(dataset=dataset, config_yaml=run_config, shards=fan.shards),
+        "preprocess",
+        fan.names,
+    ).after(prep_shards)
+    return prep.outputs["preprocessed"]
+
+
+def _train(
+    names: Any, dataset: Any, preprocessed: Any, run_config: Any, training: dict, cluster: dict
+) -> Any:
+    """Train on the preprocessed version, as a run named after the pipeline run; the model."""
+    train = _configure(
+        train_op(
+            dataset=dataset,
+            preprocessed=preprocessed,
+            config_yaml=run_config,
+            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
+            training=training,
+            cluster=cluster,
+        ),
+        "train",
+        names,
+    )
+    return train.outputs["model"]
+
+
+def _predict(fan: _Fan, model: Any, dataset: Any) -> Any:
+    """Predict the validation split in shards, then collect; returns ``predictions``."""
+    predict_fan = predict_shards(
+        model=model,
+        dataset=dataset,
+        split="validation",
+        shard_list=fan.shard_list,
+        shards=fan.shards,
+        **fan.s3(),
+    )
+    predict_fan.set_display_name("predict-shards").set_caching_options(False)
+    predict = _configure(
+        predict_op(model=model, dataset=dataset, split="validation", shards=fan.shards),
+        "predict",
+        fan.names,
+    ).after(predict_fan)
+    return predict.outputs["predictions"]
+
+
+def _clean_shards(fan: _Fan, dataset: Any, preprocessed: Any, predictions: Any) -> None:
+    """Delete the shards' records, once preprocess and predict have both committed."""
+    with dsl.ParallelFor(fan.shard_list) as shard:
+        _configure(
+            clean_shard_op(
+                dataset=dataset,
+                preprocessed=preprocessed,
+                predictions=predictions,
+                shard=shard,
+                shards=fan.shards,
+            ),
+            "clean-shard",
+            fan.names,
+        )
+
+
+def _release(
+    names: Any,
+    model: Any,
+    predictions: Any,
+    threshold: float,
+    store: str,
+    model_name: str,
+    deployment: dict,
+    cluster: dict,
+) -> None:
+    """Evaluate, gate, then register and deploy (both wait for the gate to pass)."""
+    evaluate = _configure(
+        evaluate_op(model=model, predictions=predictions, threshold=threshold),
+        "evaluate",
+        names,
+    )
+    gate = _configure(
+        gate_op(
+            passed=evaluate.outputs["passed"],
+            metric=evaluate.outputs["metric"],
+            value=evaluate.outputs["value"],
+            threshold=threshold,
+        ),
+        "gate",
+        names,
+    )
+    register = _configure(
+        register_op(
+            model=model,
+            evaluation=evaluate.outputs["evaluation"],
+            store=store,
+            name=model_name,
+        ),
+        "register",
+        names,
+    ).after(gate)
+    _configure(
+        deploy_op(
+            model=register.outputs["registered"],
+            name=model_name,
+            deployment=deployment,
+            cluster=cluster,
+        ),
+        "deploy",
+        names,
+    )
+
+
 @dsl.pipeline(name=PIPELINE_NAME, description=__doc__.splitlines()[0])
 def medseg_pipeline(
     source: str,
@@ -242,83 +374,9 @@ def medseg_pipeline(
         names,
     )
     dataset = ingest.outputs["dataset"]
-    shard_list = _configure(shards_op(shards=shards), "shards", None).output
-    s3 = {"s3_secret": names.outputs["s3_secret"], "s3_config": names.outputs["s3_config"]}
-    prep_shards = preprocess_shards(
-        dataset=dataset, config_yaml=run_config, shard_list=shard_list, shards=shards, **s3
-    )
-    prep_shards.set_display_name("preprocess-shards").set_caching_options(False)
-    prep = _configure(
-        preprocess_op(dataset=dataset, config_yaml=run_config, shards=shards),
-        "preprocess",
-        names,
-    ).after(prep_shards)
-    train = _configure(
-        train_op(
-            dataset=dataset,
-            preprocessed=prep.outputs["preprocessed"],
-            config_yaml=run_config,
-            run_id=dsl.PIPELINE_JOB_ID_PLACEHOLDER,
-            training=training,
-            cluster=cluster,
-        ),
-        "train",
-        names,
-    )
-    model = train.outputs["model"]
-    predict_fan = predict_shards(
-        model=model, dataset=dataset, split="validation", shard_list=shard_list, shards=shards, **s3
-    )
-    predict_fan.set_display_name("predict-shards").set_caching_options(False)
-    predict = _configure(
-        predict_op(model=model, dataset=dataset, split="validation", shards=shards),
-        "predict",
-        names,
-    ).after(predict_fan)
-    with dsl.ParallelFor(shard_list) as shard:  # the shards' records, once both are committed
-        _configure(
-            clean_shard_op(
-                dataset=dataset,
-                preprocessed=prep.outputs["preprocessed"],
-                predictions=predict.outputs["predictions"],
-                shard=shard,
-                shards=shards,
-            ),
-            "clean-shard",
-            names,
-        )
-    evaluate = _configure(
-        evaluate_op(model=model, predictions=predict.outputs["predictions"], threshold=threshold),
-        "evaluate",
-        names,
-    )
-    gate = _configure(
-        gate_op(
-            passed=evaluate.outputs["passed"],
-            metric=evaluate.outputs["metric"],
-            value=evaluate.outputs["value"],
-            threshold=threshold,
-        ),
-        "gate",
-        names,
-    )
-    register = _configure(
-        register_op(
-            model=model,
-            evaluation=evaluate.outputs["evaluation"],
-            store=store,
-            name=model_name,
-        ),
-        "register",
-        names,
-    ).after(gate)
-    _configure(
-        deploy_op(
-            model=register.outputs["registered"],
-            name=model_name,
-            deployment=deployment,
-            cluster=cluster,
-        ),
-        "deploy",
-        names,
-    )
+    fan = _Fan(names, _configure(shards_op(shards=shards), "shards", None).output, shards)
+    preprocessed = _preprocess(fan, dataset, run_config)
+    model = _train(names, dataset, preprocessed, run_config, training, cluster)
+    predictions = _predict(fan, model, dataset)
+    _clean_shards(fan, dataset, preprocessed, predictions)
+    _release(names, model, predictions, threshold, store, model_name, deployment, cluster)

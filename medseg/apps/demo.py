@@ -34,13 +34,25 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeElapsedColumn
 from rich.text import Text
 
+from medseg.apps import mlflow_server
+from medseg.apps.minio_server import free_port, start_and_export
+from medseg.artifact.files import trained_on
 from medseg.config import MedsegConfig
 from medseg.core.errors import MedsegError
-from medseg.core.settings import DEFAULT_BUCKET, DEFAULT_STORE, ServerArgs
-from medseg.data.manifest import Manifest
-from medseg.platform.pipeline_runner import Pipeline
+from medseg.core.settings import DEFAULT_BUCKET, DEFAULT_STORE, ServerArgs, TrackingSettings
+from medseg.core.storage import Storage, join
+from medseg.data.layouts import detect_layout, discover_cases
+from medseg.data.manifest import DatasetRef, Manifest
+from medseg.data.skin_layouts import LAYOUTS, discover_images
+from medseg.data.skin_layouts import detect_layout as detect_image_layout
+from medseg.platform.pipeline_params import pipeline_arguments
+from medseg.platform.pipeline_runner import Pipeline, run_local
+from medseg.registry.register import list_models
+from medseg.registry.tracking import CHAMPION, client
 from medseg.tasks import task_of
 from medseg.tasks.brats import CHANNELS
+from medseg.tasks.labels import get_convention
+from medseg.tasks.skin_classes import CLASS_NAMES
 
 __all__ = [
     "DEMOS",
@@ -154,8 +166,6 @@ def held_out_case(manifest: Manifest, source: Path) -> HeldOutCase:
     Raises:
         MedsegError: If the dataset has no validation case, or the case's files are gone.
     """
-    from medseg.data.layouts import discover_cases
-
     ids = manifest.split_ids("validation")
     if not ids:
         raise MedsegError(
@@ -211,7 +221,6 @@ def score_mask(mask: bytes, case: HeldOutCase) -> Any:
     import torch
 
     from medseg.evaluation.evaluate import score_case
-    from medseg.tasks.labels import get_convention
 
     raw = gzip.decompress(mask) if mask[:2] == b"\x1f\x8b" else mask
     pred = np.asarray(nib.Nifti1Image.from_bytes(raw).dataobj)
@@ -429,71 +438,86 @@ def run_demo(pipeline: Pipeline, options: DemoOptions, store: str, console: Cons
         store: ``s3://BUCKET`` of the platform.
         console: Where the short account goes.
     """
-    from medseg.core.storage import Storage, join
-    from medseg.platform.pipeline_params import pipeline_arguments
-    from medseg.platform.pipeline_runner import run_local
-    from medseg.registry.register import list_models
-
-    task, workdir, threshold = options.task, options.workdir, options.threshold
-    demo = DEMOS[task]
+    demo = DEMOS[options.task]
     started = time.perf_counter()
-    log_path = workdir / "demo.log"
+    log_path = options.workdir / "demo.log"
     with log_path.open("w", buffering=1) as log:
         storage = Storage()
         cases = options.cases or demo.cases
-        source, cfg, what = _demo_data(demo, workdir, cases, options.source, options.config)
+        source, cfg, what = _demo_data(demo, options.workdir, cases, options.source, options.config)
         if options.epochs:
             train = cfg.train.model_copy(update={"epochs": options.epochs})
             cfg = cfg.model_copy(update={"train": train})
         gate = task_of(cfg).gate_metric
         out = DemoConsole(console, log, cfg.train.epochs, (gate, demo.gate))
         out.say(f"data: {what}")
-        out.say("the Kubeflow pipeline, through kfp.local:")
-        arguments = {
-            "source": str(source),
-            "dataset_name": "demo",
-            "store": store,
-            "task": cfg.task.kind,
-            "training": {"workers": 2},
-            "threshold": demo.threshold if threshold is None else threshold,
-            "model_name": demo.model,
-        }
-        run_local(
-            pipeline,
-            pipeline_arguments(arguments, cfg),
-            workdir / "kfp-local",
-            sink=log,
-            events=out,
-            log_name=str(log_path),
-        )
-        card = list_models(storage, store, demo.model)[-1]
-        tracking = tracked_summary(card)
-        if tracking:
-            out.say(tracking)
-        evaluation = card["evaluation"]
-        eval_uri = evaluation["uri"].rsplit("/", 1)[0]
-        report = workdir / "report.html"
-        report.write_bytes(storage.get_bytes(join(eval_uri, "report.html")))
-        result = DemoResult(
-            task=task,
-            model_uri=join(store, "models", demo.model, card["version"]),
-            evaluation=evaluation,
-            case_id="",
-            latency_rest_s=0.0,
-            latency_grpc_s=0.0,
-            compute_ms=None,
-            report=report,
-            log=log_path,
-            seconds=0.0,
-            tracking=tracking,
-        )
+        _run_pipeline(pipeline, options, cfg, source, store, out, log_path)
+        result = _registered(options, storage, store, out, log_path)
         with _served(result.model_uri, demo.model, log, log_path, out) as urls:
-            ask = _ask_classifier if task == "skin-lesion" else _ask_segmenter
-            ask(result, storage, card, source, urls, workdir)
+            _ask(result, storage, source, urls, options.workdir)
             out.done("predict", result.latency_rest_s + result.latency_grpc_s,
                      f"{result.case_id} over REST and gRPC")  # fmt: skip
         result.seconds = time.perf_counter() - started
         return result
+
+
+def _run_pipeline(
+    pipeline: Pipeline,
+    options: DemoOptions,
+    cfg: MedsegConfig,
+    source: Path,
+    store: str,
+    out: DemoConsole,
+    log_path: Path,
+) -> None:
+    """Step 2–4: the pipeline on ``source`` through ``kfp.local``, its output in the log."""
+    demo = DEMOS[options.task]
+    out.say("the Kubeflow pipeline, through kfp.local:")
+    arguments = {
+        "source": str(source),
+        "dataset_name": "demo",
+        "store": store,
+        "task": cfg.task.kind,
+        "training": {"workers": 2},
+        "threshold": demo.threshold if options.threshold is None else options.threshold,
+        "model_name": demo.model,
+    }
+    run_local(
+        pipeline,
+        pipeline_arguments(arguments, cfg),
+        options.workdir / "kfp-local",
+        sink=out.log,
+        events=out,
+        log_name=str(log_path),
+    )
+
+
+def _registered(
+    options: DemoOptions, storage: Any, store: str, out: DemoConsole, log_path: Path
+) -> DemoResult:
+    """The version the pipeline registered: its tracking line shown, its report saved."""
+    demo = DEMOS[options.task]
+    card = list_models(storage, store, demo.model)[-1]
+    tracking = tracked_summary(card)
+    if tracking:
+        out.say(tracking)
+    evaluation = card["evaluation"]
+    eval_uri = evaluation["uri"].rsplit("/", 1)[0]
+    report = options.workdir / "report.html"
+    report.write_bytes(storage.get_bytes(join(eval_uri, "report.html")))
+    return DemoResult(
+        task=options.task,
+        model_uri=join(store, "models", demo.model, card["version"]),
+        evaluation=evaluation,
+        case_id="",
+        latency_rest_s=0.0,
+        latency_grpc_s=0.0,
+        compute_ms=None,
+        report=report,
+        log=log_path,
+        seconds=0.0,
+        tracking=tracking,
+    )
 
 
 @contextlib.contextmanager
@@ -501,7 +525,6 @@ def _served(
     model_uri: str, model: str, log: TextIO, log_path: Path, out: DemoConsole
 ) -> Iterator[tuple[str, str]]:
     """The registered model served by a kserve ModelServer; its REST URL and gRPC address."""
-    from medseg.apps.minio_server import free_port
     from medseg.serving.client import wait_ready
 
     t0 = time.perf_counter()
@@ -520,25 +543,32 @@ def _served(
         proc.wait(30)
 
 
+def _ask(
+    result: DemoResult, storage: Any, source: Path, urls: tuple[str, str], workdir: Path
+) -> None:
+    """Step 5: a held-out case of the dataset the model trained on, sent to ``urls``."""
+    dataset = trained_on(result.model_uri, storage)
+    manifest = DatasetRef.resolve(storage, dataset.store, dataset.dataset).load(storage)
+    if result.task == "skin-lesion":
+        _ask_classifier(result, manifest, source, urls)
+    else:
+        _ask_segmenter(result, storage, manifest, source, urls, workdir)
+
+
 def _ask_segmenter(
     result: DemoResult,
     storage: Any,
-    card: dict[str, Any],
+    manifest: Manifest,
     source: Path,
     urls: tuple[str, str],
     workdir: Path,
 ) -> None:
     """A held-out BraTS case over REST and gRPC; its Dice and volumes; overlay and mask saved."""
-    from medseg.core.storage import join
-    from medseg.data.manifest import DatasetRef
-
     eval_uri = result.evaluation["uri"].rsplit("/", 1)[0]
     overlays = [o.uri for o in storage.list(join(eval_uri, "overlays"))]
     result.overlay = workdir / "overlay.png"
     result.overlay.write_bytes(storage.get_bytes(overlays[0]))
-    ds = card["dataset"]
-    ref = DatasetRef.resolve(storage, ds["store"], f"{ds['name']}@{ds['version']}")
-    case = held_out_case(ref.load(storage), source)
+    case = held_out_case(manifest, source)
     rest = send_case(urls[0], case, DEMOS[result.task].model)
     grpc = send_case(urls[1], case, DEMOS[result.task].model, grpc=True)
     result.mask = workdir / f"{case.case_id}_mask.nii.gz"
@@ -551,12 +581,7 @@ def _ask_segmenter(
 
 
 def _ask_classifier(
-    result: DemoResult,
-    storage: Any,
-    card: dict[str, Any],
-    source: Path,
-    urls: tuple[str, str],
-    workdir: Path,
+    result: DemoResult, manifest: Manifest, source: Path, urls: tuple[str, str]
 ) -> None:
     """A held-out image, as its file in the source folder: REST v1 (the seed's form) and gRPC v2.
 
@@ -567,15 +592,8 @@ def _ask_classifier(
 
     import httpx
 
-    from medseg.data.manifest import DatasetRef
-    from medseg.data.skin_layouts import discover_images
     from medseg.serving.client import classify
-    from medseg.tasks.skin_classes import CLASS_NAMES
 
-    ds = card["dataset"]
-    manifest = DatasetRef.resolve(storage, ds["store"], f"{ds['name']}@{ds['version']}").load(
-        storage
-    )
     case_id = manifest.split_ids("validation")[0]
     raw = {r.image_id: r for r in discover_images(source, manifest.layout)}[case_id]
     assert raw.path is not None  # ingest stored it, so it had a file
@@ -607,8 +625,6 @@ def tracked_summary(card: dict[str, Any]) -> str:
     tracked = card.get("mlflow")
     if not tracked:
         return ""
-    from medseg.core.settings import TrackingSettings
-    from medseg.registry.tracking import CHAMPION, client
 
     mlflow = client(TrackingSettings(uri=tracked["tracking_uri"]))
     run_id = tracked["run_id"]
@@ -634,16 +650,10 @@ def run_local_demo(pipeline: Pipeline, options: DemoOptions, console: Console) -
     """
     import shutil
 
-    from medseg.apps.minio_server import start_and_export
-
     task, source, workdir = options.task, options.source, options.workdir
     if task not in DEMOS:
         raise MedsegError(f"unknown demo task {task!r}: use {' or '.join(DEMOS)}")
     if source is not None:  # a wrong folder fails now, not after MinIO started
-        from medseg.data.layouts import detect_layout
-        from medseg.data.skin_layouts import LAYOUTS
-        from medseg.data.skin_layouts import detect_layout as detect_image_layout
-
         if task == "brats":
             detect_layout(source)
         elif detect_image_layout(source) is None:
@@ -657,7 +667,6 @@ def run_local_demo(pipeline: Pipeline, options: DemoOptions, console: Console) -
     tracking = None
     try:
         console.print(f"MinIO on {server.endpoint}, bucket {DEFAULT_STORE}", highlight=False)
-        from medseg.apps import mlflow_server
 
         (workdir / "mlflow.db").unlink(missing_ok=True)  # its artifacts went with the store
         tracking = mlflow_server.start_and_export(DEFAULT_BUCKET, workdir / "mlflow.db")

@@ -722,74 +722,108 @@ def _ingest(
         tempfile.TemporaryDirectory(prefix="medseg-ingest-") as tmp,
         _Workers(workers) as pool,
     ):
-        root = Path(source)
-        if is_s3(source):
-            root = Path(tmp) / "source"
-            for obj in storage.list(source):
-                storage.get_file(obj.uri, root / obj.uri[len(source.rstrip("/")) + 1 :])
+        root = _local_source(source, storage, Path(tmp))
         image_layout = detect_image_layout(root)
         if image_layout is not None:
-            if labels not in (None, skin_classes.CONVENTION):
-                raise DatasetError(
-                    f"{source}: a {image_layout} dataset has the {skin_classes.CONVENTION} "
-                    f"classes, not the label convention {labels!r}"
-                )
-            raws = discover_images(root, image_layout)
-            if not raws:
-                raise DatasetError(f"{source}: layout {image_layout} detected but no image found")
-            screens = [_screen(r.image_id, [r.path] if r.path else [], root) for r in raws]
-            refused = [q for q in screens if q is not None]
-            todo = [(r,) for r, q in zip(raws, screens, strict=True) if q is None]
-            images = list(pool.imap(_check_image, todo))
-            kind = (image_layout, skin_classes.CONVENTION, skin_classes.CHANNELS)
-            passes = _Passes(images, _image_files, todo, pool)
-            return _store(
-                source, name, store, storage, split, strict, kind, len(raws), passes, refused
-            )
-        try:
-            layout = detect_layout(root)
-        except DatasetError as exc:
-            studies = find_studies(root)
-            if not studies:
-                raise DatasetError(f"{exc}; nor does it hold DICOM studies") from None
-            layout = DICOM_LAYOUT
-        if layout == DICOM_LAYOUT:
-            convention = labels or "brats2021"
-            get_convention(convention)
-            key = _deid_key()
-            refused = []
-            readable = []
-            for case_id, study in studies:
-                try:
-                    check_name(case_id, "case id")
-                    readable.append((case_id, study, convention, key))
-                except InvalidName as exc:
-                    refused.append(QuarantinedCase(case_id=case_id, file=None, reason=str(exc)))
-            passes = _Passes(list(pool.imap(_check_study, readable)), _study_files, readable, pool)
-            n_cases = len(studies)
+            passes = _validate_images(source, root, image_layout, labels, pool)
         else:
-            convention = labels or LAYOUTS[layout]
-            get_convention(convention)
-            cases = discover_cases(root, layout)
-            if not cases:
-                raise DatasetError(f"{source}: layout {layout} detected but no case found")
-            screened = {c.case_id: _screen(c.case_id, c.files().values(), root) for c in cases}
-            refused = [q for q in screened.values() if q is not None]
-            args = [(c, convention) for c in cases if screened[c.case_id] is None]
-            passes = _Passes(list(pool.imap(_check_case, args)), _case_files, args, pool)
-            n_cases = len(cases)
-        kind = (layout, convention, CHANNELS)
-        return _store(source, name, store, storage, split, strict, kind, n_cases, passes, refused)
+            passes = _validate_volumes(source, root, labels, pool)
+        return _store(source, name, store, storage, split, strict, passes)
+
+
+def _local_source(source: str, storage: Storage, tmp: Path) -> Path:
+    """The source as a local folder: itself, or an ``s3://`` prefix copied whole into ``tmp``."""
+    if not is_s3(source):
+        return Path(source)
+    root = tmp / "source"
+    for obj in storage.list(source):
+        storage.get_file(obj.uri, root / obj.uri[len(source.rstrip("/")) + 1 :])
+    return root
 
 
 @dataclass
 class _Passes:
-    """The first pass's results, and what the second needs: how to make each case's files."""
+    """The first pass's results, and what the second needs: how to make each case's files.
 
+    Attributes:
+        kind: The manifest's layout, label convention and channels.
+        n_cases: How many cases the source listed (for the message when none is valid).
+        refused: Cases quarantined before validation.
+        checked: Each validated case's entry or quarantine.
+        make: Makes a case's stored files from its source (the second pass).
+        args: Each validated case's arguments, as for the first pass.
+        pool: The workers of both passes.
+    """
+
+    kind: tuple[str, str, tuple[str, ...]]
+    n_cases: int
+    refused: list[QuarantinedCase]
     checked: list[_Checked]
     make: Callable[..., _Files]
-    args: list[tuple[Any, ...]]  # each case's arguments, as for the first pass
+    args: list[tuple[Any, ...]]
     pool: _Workers
+
+
+def _validate_images(
+    source: str, root: Path, layout: str, labels: str | None, pool: _Workers
+) -> _Passes:
+    """The first pass over a dermoscopy dataset in ``layout``: each image checked."""
+    if labels not in (None, skin_classes.CONVENTION):
+        raise DatasetError(
+            f"{source}: a {layout} dataset has the {skin_classes.CONVENTION} "
+            f"classes, not the label convention {labels!r}"
+        )
+    raws = discover_images(root, layout)
+    if not raws:
+        raise DatasetError(f"{source}: layout {layout} detected but no image found")
+    screens = [_screen(r.image_id, [r.path] if r.path else [], root) for r in raws]
+    refused = [q for q in screens if q is not None]
+    todo = [(r,) for r, q in zip(raws, screens, strict=True) if q is None]
+    images = list(pool.imap(_check_image, todo))
+    kind = (layout, skin_classes.CONVENTION, skin_classes.CHANNELS)
+    return _Passes(kind, len(raws), refused, images, _image_files, todo, pool)
+
+
+def _validate_volumes(source: str, root: Path, labels: str | None, pool: _Workers) -> _Passes:
+    """The first pass over a volume layout (BraTS, MSD) or DICOM studies: each case checked."""
+    try:
+        layout = detect_layout(root)
+    except DatasetError as exc:
+        studies = find_studies(root)
+        if not studies:
+            raise DatasetError(f"{exc}; nor does it hold DICOM studies") from None
+        return _validate_studies(studies, labels, pool)
+    convention = labels or LAYOUTS[layout]
+    get_convention(convention)
+    cases = discover_cases(root, layout)
+    if not cases:
+        raise DatasetError(f"{source}: layout {layout} detected but no case found")
+    screened = {c.case_id: _screen(c.case_id, c.files().values(), root) for c in cases}
+    refused = [q for q in screened.values() if q is not None]
+    args = [(c, convention) for c in cases if screened[c.case_id] is None]
+    checked = list(pool.imap(_check_case, args))
+    kind = (layout, convention, CHANNELS)
+    return _Passes(kind, len(cases), refused, checked, _case_files, args, pool)
+
+
+def _validate_studies(
+    studies: list[tuple[str, str]], labels: str | None, pool: _Workers
+) -> _Passes:
+    """The first pass over DICOM studies: each study read, checked and de-identified."""
+    convention = labels or "brats2021"
+    get_convention(convention)
+    key = _deid_key()
+    refused = []
+    readable = []
+    for case_id, study in studies:
+        try:
+            check_name(case_id, "case id")
+            readable.append((case_id, study, convention, key))
+        except InvalidName as exc:
+            refused.append(QuarantinedCase(case_id=case_id, file=None, reason=str(exc)))
+    checked = list(pool.imap(_check_study, readable))
+    kind = (DICOM_LAYOUT, convention, CHANNELS)
+    return _Passes(kind, len(studies), refused, checked, _study_files, readable, pool)
 
 
 def _store(
@@ -799,10 +833,7 @@ def _store(
     storage: Storage,
     split: SplitConfig,
     strict: bool,
-    kind: tuple[str, str, tuple[str, ...]],
-    n_cases: int,
     passes: _Passes,
-    refused: list[QuarantinedCase],
 ) -> IngestResult:
     """Split the valid cases, upload them and commit the version with its manifest.
 
@@ -813,48 +844,73 @@ def _store(
         storage: Storage to use.
         split: Train/validation split settings.
         strict: Fail if any case is quarantined.
-        kind: The manifest's layout, label convention and channels.
-        n_cases: How many cases the source listed (for the message when none is valid).
-        passes: Each validated case's entry or quarantine, and how to make its files again.
-        refused: Cases quarantined before validation.
+        passes: The first pass's results, and how to make each valid case's files again.
 
     Raises:
         DatasetError: If no valid case is left, or ``strict`` and a case was quarantined, or a
             file changed in the source after it was validated (nothing is committed then, and
             what this run uploaded is removed again).
     """
-    checked = passes.checked
-    good = [c for c in checked if c.entry is not None]
-    bad = refused + [c.quarantine for c in checked if c.quarantine is not None]
+    manifest = _manifest(source, name, split, strict, passes)
+    version = manifest.content_hash()
+    ref = DatasetRef(store=store, name=name, version=version)
+    if storage.exists(ref.manifest_uri):
+        existing = ref.load(storage)
+        return IngestResult(ref, existing, created=False, uploaded=0)
+    uploaded = _upload(source, storage, ref, passes)
+    manifest = manifest.model_copy(
+        update={"version": version, "created_at": datetime.now(UTC).isoformat()}
+    )
+    storage.put_json(ref.manifest_uri, manifest.model_dump(mode="json"))
+    storage.put_json(join(store, "datasets", name, "latest.json"), {"version": version})
+    return IngestResult(ref, manifest, created=True, uploaded=uploaded)
+
+
+def _manifest(
+    source: str, name: str, split: SplitConfig, strict: bool, passes: _Passes
+) -> Manifest:
+    """The version's manifest (unversioned): the valid cases split, the others quarantined.
+
+    Raises:
+        DatasetError: If no valid case is left, or ``strict`` and a case was quarantined.
+    """
+    good = [c.entry for c in passes.checked if c.entry is not None]
+    bad = passes.refused + [c.quarantine for c in passes.checked if c.quarantine is not None]
     bad.sort(key=lambda q: q.case_id)
     if not good:
         reasons = "; ".join(f"{q.case_id}: {q.reason}" for q in bad[:5])
-        raise DatasetError(f"{source}: no valid case among {n_cases} ({reasons})")
+        raise DatasetError(f"{source}: no valid case among {passes.n_cases} ({reasons})")
     if strict and bad:
         reasons = "; ".join(f"{q.case_id}: {q.reason}" for q in bad)
         raise DatasetError(f"{source}: {len(bad)} invalid cases with --strict ({reasons})")
-    entries = [c.entry for c in good if c.entry is not None]
-    groups = {e.case_id: e.group or e.case_id for e in entries}
-    splits = _assign_split([e.case_id for e in entries], split, groups)
-    layout, convention, channels = kind
-    manifest = Manifest(
+    groups = {e.case_id: e.group or e.case_id for e in good}
+    splits = _assign_split([e.case_id for e in good], split, groups)
+    layout, convention, channels = passes.kind
+    return Manifest(
         name=name,
         layout=layout,
         convention=convention,
         channels=channels,
         split_seed=split.seed,
         val_fraction=split.val_fraction,
-        cases=[e.model_copy(update={"split": splits[e.case_id]}) for e in entries],
+        cases=[e.model_copy(update={"split": splits[e.case_id]}) for e in good],
         quarantined=bad,
     )
-    version = manifest.content_hash()
-    ref = DatasetRef(store=store, name=name, version=version)
-    if storage.exists(ref.manifest_uri):
-        existing = ref.load(storage)
-        return IngestResult(ref, existing, created=False, uploaded=0)
+
+
+def _upload(source: str, storage: Storage, ref: DatasetRef, passes: _Passes) -> int:
+    """The second pass: make every valid case's files again, check and upload them.
+
+    Returns:
+        How many files this run uploaded.
+
+    Raises:
+        DatasetError: If a file changed in the source after it was validated; what this run
+            uploaded is removed again.
+    """
     jobs = [
         (passes.make, a, c.entry, ref.prefix, storage.settings)
-        for a, c in zip(passes.args, checked, strict=True)
+        for a, c in zip(passes.args, passes.checked, strict=True)
         if c.entry is not None
     ]
     written: list[str] = []
@@ -871,10 +927,4 @@ def _store(
             f"committed and the {len(written)} files this run had uploaded were removed; "
             "ingest it again once it no longer changes"
         )
-    uploaded = len(written)
-    manifest = manifest.model_copy(
-        update={"version": version, "created_at": datetime.now(UTC).isoformat()}
-    )
-    storage.put_json(ref.manifest_uri, manifest.model_dump(mode="json"))
-    storage.put_json(join(store, "datasets", name, "latest.json"), {"version": version})
-    return IngestResult(ref, manifest, created=True, uploaded=uploaded)
+    return len(written)

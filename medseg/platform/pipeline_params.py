@@ -34,7 +34,14 @@ from medseg.core.settings import PlatformSettings
 from medseg.core.storage import Storage
 from medseg.platform.deploy import InferenceServiceSpec
 from medseg.platform.kube import DEFAULT_RELEASE, Release
-from medseg.platform.launchers import DEFAULT_POD_CPU, DEFAULT_POD_MEMORY, LAUNCHERS, TrainTarget
+from medseg.platform.launchers import (
+    DEFAULT_POD_CPU,
+    DEFAULT_POD_MEMORY,
+    LAUNCHERS,
+    Launcher,
+    S3Secret,
+    TrainTarget,
+)
 from medseg.tasks import known_tasks
 
 __all__ = [
@@ -48,6 +55,7 @@ __all__ = [
     "PredictionsArtifact",
     "PreprocessedArtifact",
     "TrainingParams",
+    "check_preprocessed",
     "object_digest",
     "parse_group",
     "pipeline_arguments",
@@ -95,6 +103,29 @@ class TrainingParams(_Group):
     def target(self) -> TrainTarget:
         """The launch parameters as the launchers take them."""
         return TrainTarget(self.launcher, self.workers, self.gpus_per_worker, self.cpu, self.memory)
+
+    def launcher_in(self, cluster: ClusterParams) -> Launcher:
+        """The launcher of this group; a PyTorchJob runs in ``cluster``'s release.
+
+        It runs in the release's namespace as its pipeline ServiceAccount, with its S3 Secret
+        and ConfigMap (those of :meth:`ClusterParams.resolved`).
+        """
+        names = cluster.resolved()
+        return self.target().launcher_for(
+            self.image,
+            names.namespace,
+            names.names.pipeline_service_account,
+            S3Secret(name=names.s3_secret, config=names.s3_config),
+            self.timeout,
+        )
+
+    def configured(self, cfg: MedsegConfig) -> MedsegConfig:
+        """``cfg`` with this group's ``epochs`` in ``train.epochs`` when above 0, else ``cfg``."""
+        if self.epochs <= 0:
+            return cfg
+        return cfg.model_copy(
+            update={"train": cfg.train.model_copy(update={"epochs": self.epochs})}
+        )
 
 
 class ClusterParams(_Group):
@@ -324,6 +355,21 @@ class PreprocessedArtifact(PipelineRef):
     kind: ClassVar[str] = "preprocessed"
     dataset: str
     cases: int = 0
+
+
+def check_preprocessed(
+    prep: PreprocessedArtifact, data: DatasetArtifact, cfg: MedsegConfig
+) -> None:
+    """Check that ``prep`` is ``data`` preprocessed by ``cfg``'s data config.
+
+    Raises:
+        MedsegError: Naming both datasets and fingerprints when they differ.
+    """
+    if (prep.dataset, prep.digest) != (data.dataset, cfg.data.fingerprint()):
+        raise MedsegError(
+            f"preprocessed artifact {prep.dataset} ({prep.digest}) is not the dataset "
+            f"{data.dataset} with this config's data fingerprint {cfg.data.fingerprint()}"
+        )
 
 
 class ModelArtifact(PipelineRef):

@@ -9,11 +9,15 @@ import pytest
 from medseg.core.errors import MedsegError
 from medseg.core.settings import PlatformSettings
 from medseg.platform.deploy import InferenceServiceSpec
-from medseg.platform.kube import DEFAULT_RELEASE
+from medseg.platform.kube import DEFAULT_RELEASE, Release
+from medseg.platform.launchers import PyTorchJobLauncher, S3Secret, TorchrunLauncher
 from medseg.platform.pipeline_params import (
     ClusterParams,
+    DatasetArtifact,
     DeploymentParams,
+    PreprocessedArtifact,
     TrainingParams,
+    check_preprocessed,
     parse_config,
     parse_group,
     pipeline_arguments,
@@ -110,3 +114,44 @@ def test_the_task_parameter_makes_the_config_of_that_task() -> None:
         parse_config("{task: {kind: brats-segmentation}}", "skin-lesion-classification")
     with pytest.raises(MedsegError, match="'x-ray' is not a task"):
         parse_config("", "x-ray")
+
+
+def test_the_training_group_picks_its_launcher_in_the_clusters_release() -> None:
+    assert TrainingParams(workers=3).launcher_in(ClusterParams()) == TorchrunLauncher(nproc=3)
+    group = TrainingParams(launcher="pytorchjob", workers=2, gpus_per_worker=1, timeout=60)
+    job = group.launcher_in(ClusterParams(namespace="team", release="seg"))
+    assert isinstance(job, PyTorchJobLauncher)
+    release = Release("seg", "team")
+    assert (job.namespace, job.service_account, job.s3) == (
+        "team",
+        release.pipeline_service_account,
+        S3Secret(name=release.s3_secret, config=release.s3_config),
+    )
+    assert (job.image, job.workers, job.gpus_per_worker, job.wait_timeout) == (
+        group.image,
+        2,
+        1,
+        60,
+    )
+    own = group.launcher_in(ClusterParams(s3_secret="mine", s3_config="my-endpoint"))
+    assert isinstance(own, PyTorchJobLauncher)
+    assert (own.s3.name, own.s3.config) == ("mine", "my-endpoint")
+
+
+def test_the_training_groups_epochs_override_the_configs_only_above_zero() -> None:
+    cfg = tiny_config()
+    assert TrainingParams().configured(cfg) == cfg
+    assert TrainingParams(epochs=7).configured(cfg).train.epochs == 7
+    assert cfg.train.epochs != 7  # the config given stays as it was
+
+
+def test_a_preprocessed_artifact_must_be_the_datasets_by_this_config() -> None:
+    cfg = tiny_config()
+    data = DatasetArtifact(uri="s3://b/d", digest="v1", store="s3://b", dataset="d@v1")
+    prep = PreprocessedArtifact(uri="s3://b/p", digest=cfg.data.fingerprint(), dataset="d@v1")
+    check_preprocessed(prep, data, cfg)
+    other = tiny_config(data={"foreground_margin": 2})
+    with pytest.raises(MedsegError, match=r"is not the dataset d@v1 .* data fingerprint"):
+        check_preprocessed(prep, data, other)
+    with pytest.raises(MedsegError, match=r"artifact d@v2 .* is not the dataset d@v1"):
+        check_preprocessed(prep.model_copy(update={"dataset": "d@v2"}), data, cfg)
