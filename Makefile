@@ -39,7 +39,7 @@ deps:
 # (scripts/cluster.py; binaries cached in ~/.cache/medseg/tools, built on a cold machine) and stops it
 # after that module.
 unit:
-	$(VENV)/pytest -q
+	$(VENV)/pytest -q --durations=25
 
 ## The quick loop while developing: every test but the slow ones (marker `slow`: a whole
 ## pipeline or demo, multi-process training) and the cluster's. `make test` runs them all.

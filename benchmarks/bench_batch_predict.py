@@ -20,16 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from medseg.apps.demo import DEMO_CONFIG, DEMO_SHAPE
+from medseg.apps.model_server_process import write_seeded_model
 from medseg.config import MedsegConfig
 from medseg.core.storage import Storage
 from medseg.data.ingest import ingest
 from medseg.data.synth import write_dataset
 from medseg.evaluation.evaluate import evaluate
 from medseg.inference.predict import predict
-from medseg.tasks.networks import build_network
 
 
 def _cli(*args: str) -> float:
@@ -53,11 +51,7 @@ def main() -> None:
         root = Path(tmp)
         write_dataset(root / "raw", "brats2021", args.cases, shape=shape)  # type: ignore[arg-type]
         cfg = MedsegConfig.model_validate(DEMO_CONFIG)
-        model = root / "model"
-        model.mkdir()
-        torch.manual_seed(0)
-        torch.save(build_network(cfg.model).state_dict(), model / "model.pt")
-        (model / "model.yaml").write_text(cfg.to_yaml())
+        model = write_seeded_model(root / "model", cfg)
         cases = sorted(p for p in (root / "raw").iterdir() if p.is_dir())
         print(
             f"{len(cases)} cases of shape {shape}, {cfg.model.name} "

@@ -43,8 +43,8 @@ from typing import Any
 
 import torch
 from _timing import median_time, peak_rss_mib
-from bench_serving import Server
 
+from medseg.apps.model_server_process import ModelServerProcess, write_seeded_model
 from medseg.config import MedsegConfig
 from medseg.core.storage import Storage
 from medseg.data.skin_synth import MIN_PER_CLASS, encode_jpeg, make_image, plan_lesions
@@ -72,10 +72,7 @@ def _model(folder: Path, size: tuple[int, int]) -> Path:
             "model": {"name": "DenseNet121", "in_channels": 3, "out_channels": len(CLASSES)},
         }
     )
-    folder.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(SKIN.build_network(cfg.model).state_dict(), folder / "model.pt")
-    (folder / "model.yaml").write_text(cfg.to_yaml())
+    write_seeded_model(folder, cfg)
     export_model(str(folder), Storage())
     return folder
 
@@ -133,7 +130,7 @@ def batch_predict(engines: list[str], work: Path, n: int) -> None:
         )
 
 
-def _requests(server: Server, blobs: list[bytes], batch: int) -> tuple[float, float]:
+def _requests(server: ModelServerProcess, blobs: list[bytes], batch: int) -> tuple[float, float]:
     """Images/s and median latency (s) of one client sending ``batch`` images per request."""
     count = max(MIN_REQUESTS, math.ceil(len(blobs) / batch))
     payloads = []
@@ -150,9 +147,9 @@ def _requests(server: Server, blobs: list[bytes], batch: int) -> tuple[float, fl
     return count * batch / wall, statistics.median(latencies)
 
 
-def _send(server: Server, payload: bytes, batch: int) -> None:
+def _send(server: ModelServerProcess, payload: bytes, batch: int) -> None:
     image = {"name": "image", "datatype": "BYTES", "shape": [batch], "parameters": {}}
-    infer(server.rest, "medseg", image, payload, {}, ["probabilities"], 600)
+    infer(server.url, "medseg", image, payload, {}, ["probabilities"], 600)
 
 
 def serving(engines: list[str], model: Path, blobs: list[bytes], work: Path) -> None:
@@ -162,22 +159,11 @@ def serving(engines: list[str], model: Path, blobs: list[bytes], work: Path) -> 
     base: dict[int, float] = {}
     for engine in engines:
         folder = _with_engine(model, work / f"served-{engine}", engine)
-        cmd = [
-            sys.executable,
-            "-m",
-            "model_server",
-            "--model_dir",
-            str(folder),
-            "--http_port",
-            "{http}",
-            "--grpc_port",
-            "{grpc}",
-        ]
-        server = Server(cmd, work / f"server-{engine}.log")
+        server = ModelServerProcess(folder, work / f"server-{engine}.log").start(timeout=600)
         try:
             _send(server, serialize_bytes(blobs[:1]), 1)  # warm-up: OpenVINO's plan (batch 1)
             rows = {batch: _requests(server, blobs, batch) for batch in REQUEST_BATCHES}
-            peak = peak_rss_mib(server.proc.pid)
+            peak = peak_rss_mib(server.pid)
         finally:
             server.stop()
         for batch, (rate, p50) in rows.items():

@@ -50,6 +50,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from medseg.apps.model_server_process import write_seeded_model
 from medseg.artifact.files import trained_on
 from medseg.config import MedsegConfig
 from medseg.core.storage import Storage, join
@@ -57,7 +58,7 @@ from medseg.data.synth import make_case
 from medseg.inference.engine import GRAPH_FILE, graph_forward, weights_digest
 from medseg.inference.infer import load_model, pad_to_multiple, recorded_hashes, segment_case
 from medseg.registry.export import export_model
-from medseg.tasks.networks import build_network, size_multiple
+from medseg.tasks.networks import size_multiple
 
 FULL = (240, 240, 155)
 #: Today's served default before ``infer.window`` existed: overlapping 96x96x64 windows.
@@ -108,11 +109,7 @@ def _artifact(base: Path, folder: Path, infer: dict[str, Any]) -> str:
 def _base(folder: Path) -> Path:
     """The served default with seeded weights, exported; and the full-size case, once."""
     cfg = MedsegConfig()
-    torch.manual_seed(0)
-    base = folder / "base"
-    base.mkdir(parents=True)
-    torch.save(build_network(cfg.model).state_dict(), base / "model.pt")
-    (base / "model.yaml").write_text(cfg.to_yaml())
+    base = write_seeded_model(folder / "base", cfg)
     started = time.perf_counter()
     export_model(str(base), Storage())
     print(f"export: {time.perf_counter() - started:.1f} s", file=sys.stderr, flush=True)

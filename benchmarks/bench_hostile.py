@@ -12,10 +12,7 @@ whose clients leave after 2 s, and how long a small request then waits for its a
 from __future__ import annotations
 
 import gzip
-import os
 import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -27,15 +24,13 @@ import httpx
 import nibabel as nib
 import numpy as np
 import orjson
-import torch
 
-from medseg.apps.minio_server import free_port
+from medseg.apps.model_server_process import ModelServerProcess, write_seeded_model
 from medseg.config import MedsegConfig
 from medseg.core.settings import ServerLimits
 from medseg.data.synth import write_dataset
-from medseg.serving.client import predict, wait_ready
+from medseg.serving.client import predict
 from medseg.serving.codec import serialize_bytes
-from medseg.tasks.networks import build_network
 
 HEADER = "inference-header-content-length"
 #: A slow client is cut after 3 s without a byte (default 30 s), so that the attack ends soon.
@@ -190,34 +185,25 @@ def main() -> None:
             "infer": {"roi_size": [32, 32, 32]},
         }
     )
-    model = work / "model"
-    model.mkdir()
-    torch.manual_seed(0)
-    torch.save(build_network(cfg.model).state_dict(), model / "model.pt")
-    (model / "model.yaml").write_text(cfg.to_yaml())
+    model = write_seeded_model(work / "model", cfg)
     write_dataset(work / "synth", "brats2021", n_cases=1, shape=(48, 48, 32), seed=7)
     case = next(p for p in (work / "synth").iterdir() if p.is_dir())
-    http, grpc = free_port(), free_port()
-    log = work / "server.log"
-    cmd = [sys.executable, "-m", "model_server", "--model_dir", str(model)]
-    cmd += ["--http_port", str(http), "--grpc_port", str(grpc)]
-    with log.open("w") as out:
-        proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **ENV}
-        )
-    url = f"http://127.0.0.1:{http}"
+    server = ModelServerProcess(model, work / "server.log", env=ENV)
+    url, (http, grpc) = server.url, server.ports
     limits = ServerLimits(**{k.removeprefix("MEDSEG_SERVER_").lower(): v for k, v in ENV.items()})
+    server.start(timeout=900)
+    assert server.pid is not None
+    pid = server.pid
     try:
-        wait_ready(url, 900, proc, log)
         started = time.perf_counter()
         predict(url, [case])
         small_s = time.perf_counter() - started
-        idle = _reset_peak(proc.pid)
+        idle = _reset_peak(pid)
         print(f"server after one small case: RSS {idle} MiB; limits: {limits}")
         rows: list[tuple[str, str, float, int, int]] = []
 
         def attack(name: str, body: bytes, headers: dict[str, str]) -> None:
-            base = _reset_peak(proc.pid)
+            base = _reset_peak(pid)
             started = time.perf_counter()
             r = httpx.post(
                 f"{url}/v2/models/medseg/infer", content=body, headers=headers, timeout=900
@@ -225,7 +211,7 @@ def main() -> None:
             took = time.perf_counter() - started
             answer = f"{r.status_code} ({len(r.content)} B) {r.text[:60]}"
             time.sleep(SETTLE_S)
-            rows.append((name, answer, took, _hwm(proc.pid) - base, _rss(proc.pid) - base))
+            rows.append((name, answer, took, _hwm(pid) - base, _rss(pid) - base))
 
         attack("gzipped 512³×4 uint8 NIfTI", *_nifti_body(_bomb()))
         attack("header claims 2000³×4", *_nifti_body(gzip.compress(_claiming((2000,) * 3 + (4,)))))
@@ -240,11 +226,11 @@ def main() -> None:
         attack("JSON of 60 M zeros (120 MB)", zeros, {})
         head = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1], "data": [0]}]}
         attack("an id of 200 MB", orjson.dumps({**head, "id": "x" * 200_000_000}), {})
-        rows.append(_grpc_parameter_attack(proc.pid, f"127.0.0.1:{grpc}"))
-        rows.append(_overload_attack(proc.pid, url, http, limits))
+        rows.append(_grpc_parameter_attack(pid, f"127.0.0.1:{grpc}"))
+        rows.append(_overload_attack(pid, url, http, limits))
 
         # 16 connections declare 256 MiB and send one byte
-        base = _reset_peak(proc.pid)
+        base = _reset_peak(pid)
         started = time.perf_counter()
         socks = []
         for _ in range(16):
@@ -265,19 +251,19 @@ def main() -> None:
                 "16 × Content-Length 256 MiB, 1 byte",
                 summary,
                 took,
-                _hwm(proc.pid) - base,
-                _rss(proc.pid) - base,
+                _hwm(pid) - base,
+                _rss(pid) - base,
             )
         )
 
         # the largest legitimate request: one BraTS case as FP32
         x = np.random.default_rng(0).random((1, 4, 240, 240, 155), dtype=np.float32)
         body, headers = _tensor_body(x)
-        base = _reset_peak(proc.pid)
+        base = _reset_peak(pid)
         started = time.perf_counter()
         r = httpx.post(f"{url}/v2/models/medseg/infer", content=body, headers=headers, timeout=1800)
         legit_s = time.perf_counter() - started
-        legit = _hwm(proc.pid) - base
+        legit = _hwm(pid) - base
         print(
             f"largest legitimate request (240×240×155×4 FP32, {x.nbytes >> 20} MiB): "
             f"{r.status_code} in {legit_s:.1f} s, peak RSS growth {legit} MiB"
@@ -314,11 +300,10 @@ def main() -> None:
         print(
             f"3 full-size requests abandoned after 2 s: a small case then answered in "
             f"{time.perf_counter() - started:.1f} s (alone, at the start: {small_s:.1f} s); "
-            f"log: {log.read_text().count(CANCELLED)} requests cancelled"
+            f"log: {server.log_path.read_text().count(CANCELLED)} requests cancelled"
         )
     finally:
-        proc.terminate()
-        proc.wait(60)
+        server.stop()
 
 
 if __name__ == "__main__":

@@ -57,9 +57,9 @@ from pathlib import Path
 
 import numpy as np
 import psutil
-import torch
 
 from medseg.apps.minio_server import MinioServer
+from medseg.apps.model_server_process import write_seeded_model
 from medseg.config import DataConfig, MedsegConfig, TrainConfig
 from medseg.core.storage import Storage
 from medseg.data.ingest import ingest
@@ -68,7 +68,6 @@ from medseg.data.preprocess import preprocess, preprocessed_prefix
 from medseg.data.synth import write_dataset
 from medseg.evaluation.evaluate import evaluate
 from medseg.inference.predict import predict
-from medseg.tasks.networks import build_network
 from medseg.training.train import train_loader
 
 BUCKET = "s3://bench"
@@ -470,10 +469,7 @@ def run(
             f"{workers} workers, {cores} cores, load average {os.getloadavg()}"
         )
         cfg = _model_config(init_filters)
-        (work / "model").mkdir()
-        torch.manual_seed(0)
-        torch.save(build_network(cfg.model).state_dict(), work / "model" / "model.pt")
-        (work / "model" / "model.yaml").write_text(cfg.to_yaml())
+        write_seeded_model(work / "model", cfg)
 
         costs: list[StepCost] = []
         with MinioServer(work / "minio") as server:

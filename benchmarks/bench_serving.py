@@ -42,6 +42,7 @@ import torch
 from _timing import median_time
 
 from medseg.apps.minio_server import free_port
+from medseg.apps.model_server_process import ModelServerProcess, write_seeded_model
 from medseg.config import MedsegConfig
 from medseg.core.storage import Storage
 from medseg.data.synth import write_dataset
@@ -202,26 +203,13 @@ def part_b(case: Path, model_dir: Path, tmp: Path, repeats: int) -> None:
         f"\nB. real predictor on a synthetic case {list(image.shape)}; torch threads "
         f"{torch.get_num_threads()}\n  in-process compute            {compute:8.2f} s"
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "model_server",
-        "--model_dir",
-        str(model_dir),
-        "--http_port",
-        "{http}",
-        "--grpc_port",
-        "{grpc}",
-        "--max_concurrency",
-        "1",
-    ]
-    server = Server(cmd, tmp / "server.log")
+    server = ModelServerProcess(model_dir, tmp / "server.log", max_concurrency=1).start(600)
     try:
-        grpc_url = f"127.0.0.1:{server.grpc}"
-        predict(server.rest, [case])  # warm-up
+        grpc_url = server.grpc
+        predict(server.url, [case])  # warm-up
         paths = {
-            "REST binary, NIfTI": lambda: predict(server.rest, [case]),
-            "REST binary, FP32 tensor": lambda: predict(server.rest, [case], tensor="FP32"),
+            "REST binary, NIfTI": lambda: predict(server.url, [case]),
+            "REST binary, FP32 tensor": lambda: predict(server.url, [case], tensor="FP32"),
             "gRPC, NIfTI": lambda: predict(grpc_url, [case], grpc=True),
             "gRPC, FP32 tensor": lambda: predict(grpc_url, [case], grpc=True, tensor="FP32"),
         }
@@ -247,7 +235,7 @@ def part_b(case: Path, model_dir: Path, tmp: Path, repeats: int) -> None:
             t = time.perf_counter()
             with ThreadPoolExecutor(clients) as pool:
                 lat = list(
-                    pool.map(lambda _: predict(server.rest, [case]).latency_s, range(clients))
+                    pool.map(lambda _: predict(server.url, [case]).latency_s, range(clients))
                 )
             wall = time.perf_counter() - t
             print(
@@ -319,11 +307,7 @@ def main() -> None:
         cfg = MedsegConfig()
         model_dir = args.model
         if model_dir is None:
-            model_dir = tmp / "model"
-            model_dir.mkdir()
-            torch.manual_seed(0)
-            torch.save(build_network(cfg.model).state_dict(), model_dir / "model.pt")
-            (model_dir / "model.yaml").write_text(cfg.to_yaml())
+            model_dir = write_seeded_model(tmp / "model", cfg)
         if "A" not in args.skip:
             x = np.random.default_rng(0).random((1, 4, *shape), dtype=np.float32)
             part_a(x, tmp, args.repeats)

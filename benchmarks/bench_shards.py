@@ -22,16 +22,14 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from medseg.apps.demo import DEMO_CONFIG, DEMO_SHAPE
 from medseg.apps.minio_server import MinioServer
+from medseg.apps.model_server_process import write_seeded_model
 from medseg.config import MedsegConfig
 from medseg.core.storage import Storage, join
 from medseg.data.ingest import ingest
 from medseg.data.synth import write_dataset
 from medseg.platform.shards import collect_predictions, collect_preprocessed, shard_list
-from medseg.tasks.networks import build_network
 
 #: One shard in a process of its own: ``python -c SHARD KIND JSON``.
 SHARD = """
@@ -80,11 +78,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-shards-") as tmp:
         root = Path(tmp)
         write_dataset(root / "raw", "brats2021", args.cases, shape=tuple(args.shape))
-        model = root / "model"
-        model.mkdir()
-        torch.manual_seed(0)
-        torch.save(build_network(cfg.model).state_dict(), model / "model.pt")
-        (model / "model.yaml").write_text(cfg.to_yaml())
+        model = write_seeded_model(root / "model", cfg)
         with MinioServer(root / "minio") as minio:
             storage = Storage(minio.settings())
             env = {

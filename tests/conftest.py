@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import subprocess
 import uuid
 from collections.abc import Iterator
@@ -15,10 +14,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from medseg.apps.minio_server import MinioServer, free_port
+from medseg.apps.minio_server import MinioServer
 from medseg.apps.mlflow_server import MlflowServer
+from medseg.apps.model_server_process import ModelServerProcess, write_seeded_model
 from medseg.config import MedsegConfig
-from medseg.core.settings import ServerArgs
+from medseg.core.errors import MedsegError
 from medseg.core.storage import Storage, join
 from medseg.data.synth import write_dataset
 
@@ -47,16 +47,7 @@ def tiny_config(**sections: dict[str, Any]) -> MedsegConfig:
 
 def write_tiny_model(folder: Path, seed: int = 0, **sections: dict[str, Any]) -> Path:
     """A model artifact (``model.pt``, ``model.yaml``): :func:`tiny_config` with seeded weights."""
-    import torch
-
-    from medseg.tasks.networks import build_network
-
-    cfg = tiny_config(**sections)
-    folder.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    torch.save(build_network(cfg.model).state_dict(), folder / "model.pt")
-    (folder / "model.yaml").write_text(cfg.to_yaml())
-    return folder
+    return write_seeded_model(folder, tiny_config(**sections), seed)
 
 
 #: The tiny skin-lesion classifier's data: images, their size after preprocessing, the split.
@@ -87,18 +78,6 @@ def skin_config(imbalance: str = "weighted_sampler", **train: Any) -> MedsegConf
     )
 
 
-@dataclass(frozen=True)
-class RunningServer:
-    """A ``python -m model_server`` process on loopback ports (``process``: its ``Popen``)."""
-
-    rest: str
-    grpc: str
-    pid: int
-    log: Path
-    ports: tuple[int, int]
-    process: subprocess.Popen[bytes]
-
-
 @contextlib.contextmanager
 def model_server(
     model_dir: Path,
@@ -106,41 +85,26 @@ def model_server(
     env: dict[str, str] | None = None,
     ready_timeout: float = 600,
     **limits: Any,
-) -> Iterator[RunningServer]:
-    """The container's entrypoint serving ``model_dir`` on free ports, until the block ends.
+) -> Iterator[ModelServerProcess]:
+    """The container's entrypoint serving ``model_dir`` on free loopback ports until the block ends.
 
     Args:
         model_dir: The model artifact.
         log: Where the server's output goes.
-        env: Variables set for the server over this process's (``MEDSEG_SERVER_HOST`` is
-            cleared: loopback).
+        env: Variables set for the server over this process's.
         ready_timeout: Seconds to wait for the server to be ready (a loaded machine imports
             torch slowly).
         limits: :class:`~medseg.core.settings.ServerArgs` flags (``max_request_mb=4``).
     """
-    from medseg.core.errors import MedsegError
-    from medseg.serving.client import wait_ready
-
-    http, grpc = free_port(), free_port()
-    cmd = ServerArgs(str(model_dir), http_port=http, grpc_port=grpc, **limits).command()
-    environ = {**os.environ, **(env or {})}
-    environ.pop("MEDSEG_SERVER_HOST", None)
-    with log.open("w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=environ)
-    rest = f"http://127.0.0.1:{http}"
+    server = ModelServerProcess(model_dir, log, env=env, **limits)
     try:
-        wait_ready(rest, ready_timeout, proc, log)
+        server.start(ready_timeout)
     except MedsegError as exc:
-        proc.kill()
         pytest.fail(str(exc))
     try:
-        yield RunningServer(rest, f"127.0.0.1:{grpc}", proc.pid, log, (http, grpc), proc)
+        yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -324,4 +288,4 @@ def served(
     """
     log = tmp_path_factory.mktemp("server") / "server.log"
     with model_server(served_model_dir, log, {"OMP_NUM_THREADS": "2"}, max_request_mb=4) as running:
-        yield {"rest": running.rest, "grpc": running.grpc}
+        yield {"rest": running.url, "grpc": running.grpc}

@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import gzip
 import os
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -35,11 +34,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TimeE
 from rich.text import Text
 
 from medseg.apps import mlflow_server
-from medseg.apps.minio_server import free_port, start_and_export
+from medseg.apps.minio_server import start_and_export
+from medseg.apps.model_server_process import ModelServerProcess
 from medseg.artifact.files import trained_on
 from medseg.config import MedsegConfig
 from medseg.core.errors import MedsegError
-from medseg.core.settings import DEFAULT_BUCKET, DEFAULT_STORE, ServerArgs, TrackingSettings
+from medseg.core.settings import DEFAULT_BUCKET, DEFAULT_STORE, TrackingSettings
 from medseg.core.storage import Storage, join
 from medseg.data.layouts import detect_layout, discover_cases
 from medseg.data.manifest import DatasetRef, Manifest
@@ -441,7 +441,8 @@ def run_demo(pipeline: Pipeline, options: DemoOptions, store: str, console: Cons
     demo = DEMOS[options.task]
     started = time.perf_counter()
     log_path = options.workdir / "demo.log"
-    with log_path.open("w", buffering=1) as log:
+    log_path.write_bytes(b"")
+    with log_path.open("a", buffering=1) as log:  # appends, as the servers writing it do
         storage = Storage()
         cases = options.cases or demo.cases
         source, cfg, what = _demo_data(demo, options.workdir, cases, options.source, options.config)
@@ -525,22 +526,15 @@ def _served(
     model_uri: str, model: str, log: TextIO, log_path: Path, out: DemoConsole
 ) -> Iterator[tuple[str, str]]:
     """The registered model served by a kserve ModelServer; its REST URL and gRPC address."""
-    from medseg.serving.client import wait_ready
-
     t0 = time.perf_counter()
-    http_port, grpc_port = free_port(), free_port()
-    cmd = ServerArgs(model_uri, model, http_port, grpc_port).command()
-    log.write(f"$ {' '.join(cmd)}\n")
-    log.flush()
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    server = ModelServerProcess(model_uri, log_path, model_name=model)
+    log.write(f"$ {' '.join(server.argv())}\n")
+    server.start(timeout=600)  # a loaded machine imports torch slowly
     try:
-        rest_url = f"http://127.0.0.1:{http_port}"
-        wait_ready(rest_url, 600, proc, log_path)  # a loaded machine imports slowly
-        out.done("serve", time.perf_counter() - t0, f"kserve ModelServer, REST :{http_port}")
-        yield rest_url, f"127.0.0.1:{grpc_port}"
+        out.done("serve", time.perf_counter() - t0, f"kserve ModelServer, REST :{server.port}")
+        yield server.url, server.grpc
     finally:
-        proc.terminate()
-        proc.wait(30)
+        server.stop()
 
 
 def _ask(

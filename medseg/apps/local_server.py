@@ -165,6 +165,20 @@ class LocalServer:
         """The server's exit code once it has exited on its own; ``None`` while it runs."""
         return None if self._proc is None else self._proc.poll()
 
+    def send_signal(self, sig: int) -> None:
+        """Signal the server's own process (as the kubelet signals a container's first process)."""
+        if self._proc is not None:
+            self._proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        """Wait until the server exits by itself; its exit code.
+
+        Raises:
+            subprocess.TimeoutExpired: If it is still running after ``timeout`` seconds.
+        """
+        assert self._proc is not None, "the server was not started"
+        return self._proc.wait(timeout)
+
     def _raise_if_exited(self) -> None:
         code = self.exit_code()
         if code is not None:

@@ -441,7 +441,7 @@ def test_the_predictor_fetches_the_model_and_serves_what_the_library_serves(
         (local / obj.uri.rsplit("/", 1)[-1]).write_bytes(storage.get_bytes(obj.uri))
     assert (local / "model.pt").is_file(), sorted(p.name for p in local.iterdir())
     with model_server(local, tmp_path / "server.log") as here:
-        mine = predict(here.rest, [case], model=DEFAULT_SERVED_NAME, labels=True)
+        mine = predict(here.url, [case], model=DEFAULT_SERVED_NAME, labels=True)
     assert rest.labels is not None and grpc.labels is not None and mine.labels is not None
     np.testing.assert_array_equal(rest.labels, mine.labels)
     np.testing.assert_array_equal(grpc.labels, mine.labels)

@@ -281,7 +281,7 @@ def test_toy_task_trains_predicts_evaluates_and_serves(
     }
     with model_server(model_dir, tmp_path / "server.log", env=env) as server:
         for grpc in (False, True):
-            url = server.grpc if grpc else server.rest
+            url = server.grpc if grpc else server.url
             answer = send(url, [case_file], grpc=grpc, channels=["a", "b"], labels=True)
             assert answer.label_convention == "toy-ab"
             assert list(answer.volumes_ml) == ["A", "B"]
@@ -291,9 +291,9 @@ def test_toy_task_trains_predicts_evaluates_and_serves(
             assert answer.labels is not None
             np.testing.assert_array_equal(answer.labels, ours.label_map())
         with pytest.raises(MedsegError, match="'brats2021' is not a convention of this model"):
-            send(server.rest, [case_file], channels=["a", "b"], label_convention="brats2021")
+            send(server.url, [case_file], channels=["a", "b"], label_convention="brats2021")
         _, params = infer_v2(
-            server.rest,
+            server.url,
             "medseg",
             {
                 "name": "image",

@@ -175,7 +175,7 @@ def test_the_server_classifies_on_onnxruntime(
     image = {"name": "image", "datatype": "BYTES", "shape": [len(blobs)], "parameters": {}}
     with model_server(folder, tmp_path / "server.log") as server:
         outputs, _ = infer(
-            server.rest, "medseg", image, serialize_bytes(blobs), {}, ["probabilities"], 120
+            server.url, "medseg", image, serialize_bytes(blobs), {}, ["probabilities"], 120
         )
         maps = Path(f"/proc/{server.pid}/maps").read_text()
     got = outputs["probabilities"].array()

@@ -111,15 +111,15 @@ def test_sigterm_finishes_inflight_cases_refuses_new_ones_and_exits(
         ThreadPoolExecutor(2) as pool,
     ):
         body, headers = _slow_body(0)
-        url = f"{server.rest}/v2/models/medseg/infer"
+        url = f"{server.url}/v2/models/medseg/infer"
         rest: Future[httpx.Response] = pool.submit(
             httpx.post, url, content=body, headers=headers, timeout=GRACE_S
         )
-        _until(lambda: _inflight(server.rest) >= 1, 60, "computing the REST case")
+        _until(lambda: _inflight(server.url) >= 1, 60, "computing the REST case")
         grpc_call = pool.submit(_grpc_infer, server.grpc, 1)  # waits for the slot
-        _until(lambda: _inflight(server.rest) >= 2, 60, "holding the gRPC case")
+        _until(lambda: _inflight(server.url) >= 2, 60, "holding the gRPC case")
 
-        server.process.send_signal(signal.SIGTERM)
+        server.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
         _until(lambda: _rest_refuses(server.ports[0]), 30, "refusing new REST connections")
         _until(lambda: _grpc_refuses(server.grpc), 30, "refusing new gRPC calls")
@@ -131,5 +131,5 @@ def test_sigterm_finishes_inflight_cases_refuses_new_ones_and_exits(
         assert {o["name"] for o in head["outputs"]} >= {"volumes_ml", "mask"}
         reply = grpc_call.result()
         assert {o.name for o in reply.outputs} >= {"volumes_ml", "mask"}
-        code = server.process.wait(LIMITS.grace_period_s - (time.monotonic() - signalled))
-        assert code == 0, server.log.read_text()[-3000:]
+        code = server.wait(LIMITS.grace_period_s - (time.monotonic() - signalled))
+        assert code == 0, server.log_path.read_text()[-3000:]

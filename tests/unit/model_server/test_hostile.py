@@ -124,10 +124,10 @@ def server(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     env = {"OMP_NUM_THREADS": "2", **ENV}
     with model_server(model_dir, log, env, ready_timeout=600) as running:
         yield {
-            "rest": running.rest,
+            "rest": running.url,
             "grpc": running.grpc,
             "pid": running.pid,
-            "log": running.log,
+            "log": running.log_path,
             "ports": running.ports,
         }
 
@@ -915,13 +915,13 @@ def test_every_overload_refusal_is_a_counted_503_with_retry_after(
     }
     with model_server(model_dir, tmp_path / "server.log", env) as running:
         port, refused = running.ports[0], 0
-        before = _busy_count(running.rest)
+        before = _busy_count(running.url)
         # 1. the request cap: four requests hold the server; the fifth is refused, readably,
         # also while it is still uploading 32 MiB
         holders = [_hold(port, 16) for _ in range(4)]
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            r = httpx.get(f"{running.rest}/v2/health/ready", timeout=30)
+            r = httpx.get(f"{running.url}/v2/health/ready", timeout=30)
             if r.status_code == 503:
                 break
         assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
@@ -929,7 +929,7 @@ def test_every_overload_refusal_is_a_counted_503_with_retry_after(
         refused += 1
         for _ in range(3):
             r = httpx.post(
-                f"{running.rest}/v2/models/medseg/infer", content=b"\0" * (32 << 20), timeout=60
+                f"{running.url}/v2/models/medseg/infer", content=b"\0" * (32 << 20), timeout=60
             )
             assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
             refused += 1
@@ -941,7 +941,7 @@ def test_every_overload_refusal_is_a_counted_503_with_retry_after(
         time.sleep(0.5)
         for _ in range(3):
             r = httpx.post(
-                f"{running.rest}/v2/models/medseg/infer", content=b"\0" * (32 << 20), timeout=60
+                f"{running.url}/v2/models/medseg/infer", content=b"\0" * (32 << 20), timeout=60
             )
             assert r.status_code == 503 and r.headers["retry-after"] == "5", r.text
             assert "max_inflight_mb=48" in r.json()["error"]
@@ -955,12 +955,12 @@ def test_every_overload_refusal_is_a_counted_503_with_retry_after(
         refused += 1
         holder.close()
         time.sleep(0.5)
-        assert _busy_count(running.rest) - before == refused
-        assert predict(running.rest, [case]).volumes_ml.keys() == set(REGIONS)
+        assert _busy_count(running.url) - before == refused
+        assert predict(running.url, [case]).volumes_ml.keys() == set(REGIONS)
         # issue 22 item 9: a refused 40 MB id leaves nothing resident once its answer is sent
         resident = _rss(running.pid)["VmRSS"]
         doc = {**_tensor_doc([1, 4, 8, 8, 8]), "id": "x" * (40 << 20)}
-        r = _infer({"rest": running.rest}, orjson.dumps(doc))
+        r = _infer({"rest": running.url}, orjson.dumps(doc))
         assert r.status_code == 400 and "max_param_chars" in r.json()["error"]
         time.sleep(InflightBudget.RELEASE_DELAY_S + 1)
         assert _rss(running.pid)["VmRSS"] - resident < 32, (resident, _rss(running.pid))

@@ -280,7 +280,7 @@ def test_skin_model_is_served_by_the_predictor(
                 sys.executable,
                 "-c",
                 _TRITON,
-                server.rest[7:],
+                server.url[7:],
                 server.grpc,
                 str(tmp_path / "x.npy"),
                 *map(str, files),
@@ -301,7 +301,7 @@ def test_skin_model_is_served_by_the_predictor(
         body = {
             "instances": [{"image_b64": base64.b64encode(f.read_bytes()).decode()} for f in files]
         }
-        r = httpx.post(f"{server.rest}/v1/models/medseg:predict", json=body, timeout=120)
+        r = httpx.post(f"{server.url}/v1/models/medseg:predict", json=body, timeout=120)
         assert r.status_code == 200, r.text
         predictions = r.json()["predictions"]
         for p, want in zip(predictions, ours, strict=True):
@@ -315,9 +315,7 @@ def test_skin_model_is_served_by_the_predictor(
             (b"not an image", "not a JPEG or PNG"),
         ):
             body = {"instances": [{"image_b64": base64.b64encode(bad).decode()}]}
-            r = httpx.post(f"{server.rest}/v1/models/medseg:predict", json=body, timeout=60)
+            r = httpx.post(f"{server.url}/v1/models/medseg:predict", json=body, timeout=60)
             assert r.status_code == 400 and reason in r.text, r.text
-        r = httpx.post(
-            f"{server.rest}/v1/models/medseg:predict", json={"instances": []}, timeout=60
-        )
+        r = httpx.post(f"{server.url}/v1/models/medseg:predict", json={"instances": []}, timeout=60)
         assert r.status_code == 400 and "non-empty 'instances'" in r.text
