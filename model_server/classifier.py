@@ -33,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from medseg.codec import InputError, check_shape, split_bytes_tensor
+from medseg.codec import check_shape, split_bytes_tensor
+from medseg.errors import InputError
 from medseg.settings import ServerLimits
 from medseg.skin.images import decode_image
 

@@ -29,9 +29,10 @@ from fastapi.responses import Response
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 
-from medseg.codec import InputError, check_resampled_size
+from medseg.codec import check_resampled_size
 from medseg.dicom import DicomStudyError, read_study
 from medseg.dicom_seg import StudySegmentation, segment_read_study
+from medseg.errors import InputError
 from medseg.settings import ServerLimits
 from model_server.admission import Ticket, current_ticket
 from model_server.predictor import MedsegPredictor

@@ -31,8 +31,7 @@ from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
 from medseg.classify import classify_images
-from medseg.codec import InputError
-from medseg.errors import MedsegError
+from medseg.errors import InputError, MedsegError
 from medseg.infer import Segmenter, load_model, segment_case
 from medseg.register import model_identity
 from medseg.settings import ServerLimits

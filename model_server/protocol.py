@@ -55,13 +55,13 @@ from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, In
 
 from medseg.codec import (
     InferParams,
-    InputError,
     check_resampled_size,
     check_shape,
     decode_nifti,
     split_bytes_tensor,
     validate_params,
 )
+from medseg.errors import InputError
 from medseg.infer import CaseSegmentation, Segmenter
 from medseg.nifti import encode_label_map
 from medseg.settings import ServerLimits

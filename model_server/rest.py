@@ -60,12 +60,12 @@ from kserve.protocol.infer_type import (
 
 from medseg.codec import (
     HEADER_LENGTH,
-    InputError,
     check_strings,
     encode_v2_body,
     split_bytes_tensor,
     validate_params,
 )
+from medseg.errors import InputError
 from medseg.settings import ServerLimits
 from model_server import compat, dicom_route, logs, memory, metrics
 from model_server.admission import RequestAbandoned, Ticket, current_ticket

@@ -26,8 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medseg.client import predict
-from medseg.codec import InputError, decode_nifti, serialize_bytes, validate_params
+from medseg.codec import decode_nifti, serialize_bytes, validate_params
 from medseg.config import REGIONS
+from medseg.errors import InputError
 from medseg.infer import load_model, segment_case
 from medseg.kserve_import import clean_argv
 from medseg.settings import ServerLimits

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medseg.codec import InputError
+from medseg.errors import InputError
 from medseg.settings import ServerLimits
 from medseg.skin.images import decode_image, encode_png, image_size
 
@@ -143,7 +143,7 @@ _PEAK = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from medseg.codec import InputError
+    from medseg.errors import InputError
     from medseg.settings import ServerLimits
     from medseg.skin.images import decode_image
     from tests.test_skin_images import jpeg_claiming, png_bomb

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medseg.codec import InputError
+from medseg.errors import InputError
 from medseg.manifest import CaseEntry, FileEntry, QuarantinedCase
 from medseg.settings import ServerLimits
 from medseg.skin.images import decode_image, encode_png
