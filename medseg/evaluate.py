@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -42,13 +41,13 @@ import numpy as np
 import torch
 
 from medseg.artifact import TrainedOn, trained_on
-from medseg.classify import ClassEval, evaluate_classes
+from medseg.classify import ClassEval, evaluate_classes, passes_gate, read_predictions
 from medseg.config import MedsegConfig
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.infer import Segmenter, load_model, read_config
 from medseg.manifest import CaseEntry, DatasetRef
 from medseg.nifti import Volume, decode
-from medseg.predict import INDEX, CaseInput, load_case, model_output_uri
+from medseg.predict import CaseInput, load_case, model_output_uri
 from medseg.report import write_report
 from medseg.storage import Storage, join
 from medseg.tasks import CaseScore, Task, default_task, get_convention, task_of
@@ -413,17 +412,7 @@ class _SplitPredictions:
         Raises:
             MedsegError: If ``uri`` holds no predictions, or those of another split.
         """
-        try:
-            index = storage.get_json(join(uri, INDEX))
-        except ObjectNotFound:
-            raise MedsegError(
-                f"{uri} holds no predictions ({INDEX}): run `medseg predict` first"
-            ) from None
-        if (index.get("dataset"), index.get("split")) != (str(ref), split):
-            raise MedsegError(
-                f"{uri} holds predictions of {index.get('dataset')}:{index.get('split')}, "
-                f"not of {ref}:{split}"
-            )
+        index = read_predictions(storage, uri, str(ref), split)
         return cls(uri, index, {c["case_id"]: c["key"] for c in index["cases"]})
 
 
@@ -471,7 +460,7 @@ def _result(
         hd95=mean_hd,
         dice_mean=dice_mean,
         threshold=threshold,
-        passed=threshold is None or (not math.isnan(dice_mean) and dice_mean >= threshold),
+        passed=passes_gate(dice_mean, threshold),
         definition=task.metric_definition(convention),
         conventions=task.metric_conventions(),
         gate_metric=task.gate_metric,

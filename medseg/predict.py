@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from medseg.classify import dataset_images, image_sources, predict_images
+from medseg.classify import INDEX, dataset_images, image_sources, predict_images
 from medseg.config import MedsegConfig
 from medseg.dicom import DicomStudy, find_studies, read_study
 from medseg.dicom_seg import encode_study
@@ -71,7 +71,6 @@ __all__ = [
     "write_index",
 ]
 
-INDEX = "predictions.json"
 #: The role of a DICOM study (folder, zip or prefix) in :attr:`CaseInput.files`.
 STUDY = "study"
 _AFFINE_TOL_MM = 1e-3

@@ -37,13 +37,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from medseg.artifact import MODEL_FILES, read_config
+from medseg.classify import INDEX as PREDICTIONS
 from medseg.classify import classify_rows, write_predictions
 from medseg.config import DataConfig
 from medseg.errors import DatasetError, InvalidInput, MedsegError
 from medseg.infer import load_model
 from medseg.manifest import CaseEntry, DatasetRef
 from medseg.pipeline_params import object_digest
-from medseg.predict import INDEX as PREDICTIONS
 from medseg.predict import (
     CaseFailure,
     CaseInput,
