@@ -22,7 +22,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,10 +41,12 @@ __all__ = [
     "INDEX",
     "ClassEval",
     "ClassPredictions",
+    "GatedResult",
     "classify_images",
     "classify_rows",
     "evaluate_classes",
     "image_sources",
+    "metrics_head",
     "passes_gate",
     "predict_images",
     "read_predictions",
@@ -198,6 +200,49 @@ def write_predictions(
     return ClassPredictions(out, tuple(classes), rows, failures)
 
 
+class GatedResult(Protocol):
+    """What every task's evaluation result states in the head of its ``metrics.json``."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def split(self) -> str: ...
+    @property
+    def definition(self) -> str: ...
+    @property
+    def predictions(self) -> str: ...
+    @property
+    def missing(self) -> list[str]: ...
+    @property
+    def gate_metric(self) -> str: ...
+    @property
+    def value(self) -> float: ...
+    @property
+    def threshold(self) -> float | None: ...
+    @property
+    def passed(self) -> bool: ...
+
+
+def metrics_head(result: GatedResult) -> dict[str, Any]:
+    """The head of a ``metrics.json``, any task's: what was scored, on what, and the gate."""
+    return {
+        "model": result.model,
+        "dataset": result.dataset,
+        "split": result.split,
+        "definition": result.definition,
+        "predictions": result.predictions,
+        "missing_predictions": result.missing,
+        result.gate_metric: result.value,
+        "gate": {
+            "metric": result.gate_metric,
+            "threshold": result.threshold,
+            "passed": result.passed,
+        },
+    }
+
+
 @dataclass
 class ClassEval:
     """What :func:`evaluate_classes` measured, and where it wrote it."""
@@ -240,21 +285,8 @@ class ClassEval:
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` document."""
-        return {
-            "model": self.model,
-            "dataset": self.dataset,
-            "split": self.split,
-            "definition": self.definition,
-            "predictions": self.predictions,
-            "missing_predictions": self.missing,
-            self.gate_metric: self.value,
-            "gate": {
-                "metric": self.gate_metric,
-                "threshold": self.threshold,
-                "passed": self.passed,
-            },
-            **{k: v for k, v in asdict(self.metrics).items() if k != "macro_auc"},
-        }
+        metrics = {k: v for k, v in asdict(self.metrics).items() if k != "macro_auc"}
+        return metrics_head(self) | metrics
 
 
 def read_predictions(storage: Storage, uri: str, dataset: str, split: str) -> dict[str, Any]:

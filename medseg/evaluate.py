@@ -41,7 +41,13 @@ import numpy as np
 import torch
 
 from medseg.artifact import TrainedOn, trained_on
-from medseg.classify import ClassEval, evaluate_classes, passes_gate, read_predictions
+from medseg.classify import (
+    ClassEval,
+    evaluate_classes,
+    metrics_head,
+    passes_gate,
+    read_predictions,
+)
 from medseg.config import MedsegConfig
 from medseg.errors import MedsegError, ObjectNotFound
 from medseg.infer import Segmenter, load_model, read_config
@@ -144,23 +150,11 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` document."""
-        return {
-            "model": self.model,
-            "dataset": self.dataset,
-            "split": self.split,
-            "definition": self.definition,
+        return metrics_head(self) | {
             "conventions": self.conventions,
-            "predictions": self.predictions,
-            "missing_predictions": self.missing,
             "dice": self.dice,
             "hd95": self.hd95,
             "hd95_definition": HD95_DEFINITION,
-            self.gate_metric: self.dice_mean,
-            "gate": {
-                "metric": self.gate_metric,
-                "threshold": self.threshold,
-                "passed": self.passed,
-            },
             "cases": [asdict(c) | {"dice_mean": c.dice_mean} for c in self.cases],
         }
 
