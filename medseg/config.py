@@ -191,7 +191,8 @@ class InferConfig(_Frozen):
             reports its Dice against ``f32``).
         amp: Autocast on CUDA (never on the CPU, see :mod:`medseg.inference.precision`).
         amp_dtype: Autocast's half-precision type.
-        channels_last: Windows in channels-last 3D layout (PyTorch engine).
+        channels_last: Inputs in channels-last layout, by rank (3D for volumes, 2D for images;
+            PyTorch engine).
     """
 
     window: Window = "volume"

@@ -33,9 +33,10 @@ from typing import Any
 
 import numpy as np
 
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
 from medseg.io.images import decode_image
-from medseg.serving.codec import InputError, check_shape, split_bytes_tensor
+from medseg.serving.codec import check_shape, split_bytes_tensor
 
 __all__ = [
     "CLASS_OUTPUTS",

@@ -29,11 +29,12 @@ from fastapi.responses import Response
 from kserve.errors import InvalidInput
 from kserve.protocol.dataplane import DataPlane
 
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
 from medseg.dicom.seg import StudySegmentation
 from medseg.dicom.series import DicomStudyError, read_study
 from medseg.inference.study import segment_read_study
-from medseg.serving.codec import InputError, check_resampled_size
+from medseg.serving.codec import check_resampled_size
 from model_server.admission import Ticket, current_ticket
 from model_server.predictor import MedsegPredictor
 

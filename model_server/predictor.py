@@ -30,13 +30,12 @@ import numpy as np
 from kserve import Model
 from kserve.protocol.infer_type import InferRequest, InferResponse
 
-from medseg.core.errors import MedsegError
+from medseg.core.errors import InputError, MedsegError
 from medseg.core.settings import ServerLimits
 from medseg.core.storage import Storage
 from medseg.inference.classify import classify_images
 from medseg.inference.infer import Segmenter, load_model, segment_case
 from medseg.registry.register import model_identity
-from medseg.serving.codec import InputError
 from model_server import classifier, compat, metrics
 from model_server.admission import (
     Slots,

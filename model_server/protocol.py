@@ -53,12 +53,12 @@ import numpy as np
 from kserve.errors import InvalidInput
 from kserve.protocol.infer_type import InferInput, InferOutput, InferRequest, InferResponse
 
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
 from medseg.inference.infer import CaseSegmentation, Segmenter
 from medseg.io.nifti import encode_label_map
 from medseg.serving.codec import (
     InferParams,
-    InputError,
     check_resampled_size,
     check_shape,
     decode_nifti,

@@ -58,10 +58,10 @@ from kserve.protocol.infer_type import (
     to_np_dtype,
 )
 
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
 from medseg.serving.codec import (
     HEADER_LENGTH,
-    InputError,
     check_strings,
     encode_v2_body,
     split_bytes_tensor,

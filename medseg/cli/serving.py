@@ -240,14 +240,7 @@ def _print_predictions(result: Any) -> None:
     for row in result.cases:
         vols = row["volumes_ml"]
         table.add_row(row["case_id"], *(f"{vols[r]:.2f}" for r in regions))
-    console.print(table)
-    console.print(
-        f"{len(result.cases)} label maps, volumes.csv and volumes.json in {result.out} "
-        f"({result.seconds:.1f} s)"
-    )
-    if result.failed:
-        title = f"{len(result.failed)} cases not predicted"
-        err_console.print(failures_table(title, result.failed))
+    _print_written(table, result, "label maps, volumes.csv and volumes.json", "cases")
 
 
 def _print_classes(result: Any) -> None:
@@ -257,13 +250,15 @@ def _print_classes(result: Any) -> None:
         table.add_column(col, justify="right")
     for row in result.cases:
         table.add_row(row["case_id"], row["label"], f"{row['probability']:.1%}")
+    _print_written(table, result, "images, predictions.csv and predictions.json", "images")
+
+
+def _print_written(table: Table, result: Any, written: str, items: str) -> None:
+    """A prediction run's table, what it wrote where, and what it did not predict (stderr)."""
     console.print(table)
-    console.print(
-        f"{len(result.cases)} images, predictions.csv and predictions.json in {result.out} "
-        f"({result.seconds:.1f} s)"
-    )
+    console.print(f"{len(result.cases)} {written} in {result.out} ({result.seconds:.1f} s)")
     if result.failed:
-        title = f"{len(result.failed)} images not predicted"
+        title = f"{len(result.failed)} {items} not predicted"
         err_console.print(failures_table(title, result.failed))
 
 

@@ -51,3 +51,10 @@ class InvalidName(MedsegError):
 
 class DiskFull(StorageError):
     """A local folder has no room for a file; the message names the folder and the space needed."""
+
+
+class InputError(MedsegError):
+    """An input (a request, or a file in it) that cannot be accepted; the message says why.
+
+    The model server answers it with a 400 (gRPC ``INVALID_ARGUMENT``).
+    """

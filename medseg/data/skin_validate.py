@@ -14,12 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
 from medseg.core.storage import sha256_file, write_local
 from medseg.data.manifest import CaseEntry, FileEntry, QuarantinedCase
 from medseg.data.skin_layouts import RawImage
 from medseg.io.images import decode_image, encode_png
-from medseg.serving.codec import InputError
 
 __all__ = ["MIN_EDGE", "CheckedImage", "check_image"]
 

@@ -16,7 +16,7 @@ import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import highdicom as hd
 import numpy as np
@@ -145,11 +145,7 @@ def make_seg(
         pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=_MANUFACTURER,
+        **_new_instance(series_number),
         manufacturer_model_name=_MODEL_NAME,
         software_versions=medseg.__version__,
         device_serial_number="0",
@@ -213,13 +209,20 @@ def make_volume_report(
     return hd.sr.Comprehensive3DSR(
         evidence=[*reference, seg],
         content=report,
-        series_instance_uid=generate_uid(),
-        series_number=series_number,
-        sop_instance_uid=generate_uid(),
-        instance_number=1,
-        manufacturer=_MANUFACTURER,
+        **_new_instance(series_number),
         series_description="medseg tumour volumes",
     )
+
+
+def _new_instance(series_number: int) -> dict[str, Any]:
+    """The identity of a new single-instance series that medseg writes (fresh UIDs)."""
+    return {
+        "series_instance_uid": generate_uid(),
+        "series_number": series_number,
+        "sop_instance_uid": generate_uid(),
+        "instance_number": 1,
+        "manufacturer": _MANUFACTURER,
+    }
 
 
 def _algorithm_id() -> hd.sr.AlgorithmIdentification:

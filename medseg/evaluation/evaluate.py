@@ -33,7 +33,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
@@ -46,9 +45,15 @@ from medseg.config import MedsegConfig
 from medseg.core.errors import MedsegError, ObjectNotFound
 from medseg.core.storage import Storage, join
 from medseg.data.manifest import CaseEntry, DatasetRef
-from medseg.inference.classify import ClassEval, evaluate_classes
+from medseg.inference.classify import (
+    ClassEval,
+    evaluate_classes,
+    metrics_head,
+    passes_gate,
+    read_predictions,
+)
 from medseg.inference.infer import Segmenter, load_model, read_config
-from medseg.inference.predict import INDEX, CaseInput, load_case, model_output_uri
+from medseg.inference.predict import CaseInput, load_case, model_output_uri
 from medseg.io.nifti import Volume, decode
 from medseg.io.report import write_report
 from medseg.registry.tracking import log_evaluation
@@ -145,23 +150,11 @@ class EvalResult:
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` document."""
-        return {
-            "model": self.model,
-            "dataset": self.dataset,
-            "split": self.split,
-            "definition": self.definition,
+        return metrics_head(self) | {
             "conventions": self.conventions,
-            "predictions": self.predictions,
-            "missing_predictions": self.missing,
             "dice": self.dice,
             "hd95": self.hd95,
             "hd95_definition": HD95_DEFINITION,
-            self.gate_metric: self.dice_mean,
-            "gate": {
-                "metric": self.gate_metric,
-                "threshold": self.threshold,
-                "passed": self.passed,
-            },
             "cases": [asdict(c) | {"dice_mean": c.dice_mean} for c in self.cases],
         }
 
@@ -413,17 +406,7 @@ class _SplitPredictions:
         Raises:
             MedsegError: If ``uri`` holds no predictions, or those of another split.
         """
-        try:
-            index = storage.get_json(join(uri, INDEX))
-        except ObjectNotFound:
-            raise MedsegError(
-                f"{uri} holds no predictions ({INDEX}): run `medseg predict` first"
-            ) from None
-        if (index.get("dataset"), index.get("split")) != (str(ref), split):
-            raise MedsegError(
-                f"{uri} holds predictions of {index.get('dataset')}:{index.get('split')}, "
-                f"not of {ref}:{split}"
-            )
+        index = read_predictions(storage, uri, str(ref), split)
         return cls(uri, index, {c["case_id"]: c["key"] for c in index["cases"]})
 
 
@@ -471,7 +454,7 @@ def _result(
         hd95=mean_hd,
         dice_mean=dice_mean,
         threshold=threshold,
-        passed=threshold is None or (not math.isnan(dice_mean) and dice_mean >= threshold),
+        passed=passes_gate(dice_mean, threshold),
         definition=task.metric_definition(convention),
         conventions=task.metric_conventions(),
         gate_metric=task.gate_metric,

@@ -22,7 +22,7 @@ import io
 import math
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -38,13 +38,18 @@ from medseg.tasks.skin_metrics import ClassificationMetrics, classification_metr
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "INDEX",
     "ClassEval",
     "ClassPredictions",
+    "GatedResult",
     "classify_images",
     "classify_rows",
     "evaluate_classes",
     "image_sources",
+    "metrics_head",
+    "passes_gate",
     "predict_images",
+    "read_predictions",
     "write_predictions",
 ]
 
@@ -52,6 +57,8 @@ __all__ = [
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 #: Images per forward pass of batch prediction.
 BATCH = 16
+#: The index batch prediction writes last (its commit), a segmentation's or a classifier's.
+INDEX = "predictions.json"
 
 
 def classify_images(model: Segmenter, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -190,8 +197,51 @@ def write_predictions(
         "cases": rows,
         "failures": failures,
     }
-    storage.put_json(join(out, "predictions.json"), doc)
+    storage.put_json(join(out, INDEX), doc)
     return ClassPredictions(out, tuple(classes), rows, failures)
+
+
+class GatedResult(Protocol):
+    """What every task's evaluation result states in the head of its ``metrics.json``."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def dataset(self) -> str: ...
+    @property
+    def split(self) -> str: ...
+    @property
+    def definition(self) -> str: ...
+    @property
+    def predictions(self) -> str: ...
+    @property
+    def missing(self) -> list[str]: ...
+    @property
+    def gate_metric(self) -> str: ...
+    @property
+    def value(self) -> float: ...
+    @property
+    def threshold(self) -> float | None: ...
+    @property
+    def passed(self) -> bool: ...
+
+
+def metrics_head(result: GatedResult) -> dict[str, Any]:
+    """The head of a ``metrics.json``, any task's: what was scored, on what, and the gate."""
+    return {
+        "model": result.model,
+        "dataset": result.dataset,
+        "split": result.split,
+        "definition": result.definition,
+        "predictions": result.predictions,
+        "missing_predictions": result.missing,
+        result.gate_metric: result.value,
+        "gate": {
+            "metric": result.gate_metric,
+            "threshold": result.threshold,
+            "passed": result.passed,
+        },
+    }
 
 
 @dataclass
@@ -236,21 +286,39 @@ class ClassEval:
 
     def to_json(self) -> dict[str, Any]:
         """The ``metrics.json`` document."""
-        return {
-            "model": self.model,
-            "dataset": self.dataset,
-            "split": self.split,
-            "definition": self.definition,
-            "predictions": self.predictions,
-            "missing_predictions": self.missing,
-            self.gate_metric: self.value,
-            "gate": {
-                "metric": self.gate_metric,
-                "threshold": self.threshold,
-                "passed": self.passed,
-            },
-            **{k: v for k, v in asdict(self.metrics).items() if k != "macro_auc"},
-        }
+        metrics = {k: v for k, v in asdict(self.metrics).items() if k != "macro_auc"}
+        return metrics_head(self) | metrics
+
+
+def read_predictions(storage: Storage, uri: str, dataset: str, split: str) -> dict[str, Any]:
+    """The index (:data:`INDEX`) of the predictions at ``uri``, which must be of ``split``.
+
+    Args:
+        storage: Where the predictions are.
+        uri: The prefix ``medseg predict`` wrote to.
+        dataset: The dataset version (``name@version``) the predictions must be of.
+        split: The split they must be of.
+
+    Raises:
+        MedsegError: If ``uri`` holds no predictions, or those of another split.
+    """
+    try:
+        index: dict[str, Any] = storage.get_json(join(uri, INDEX))
+    except ObjectNotFound:
+        raise MedsegError(
+            f"{uri} holds no predictions ({INDEX}): run `medseg predict` first"
+        ) from None
+    if (index.get("dataset"), index.get("split")) != (dataset, split):
+        raise MedsegError(
+            f"{uri} holds predictions of {index.get('dataset')}:{index.get('split')}, "
+            f"not of {dataset}:{split}"
+        )
+    return index
+
+
+def passes_gate(value: float, threshold: float | None) -> bool:
+    """Whether a gate metric's value passes ``threshold`` (none: always; NaN: never)."""
+    return threshold is None or (not math.isnan(value) and value >= threshold)
 
 
 def _scored(
@@ -261,17 +329,7 @@ def _scored(
     classes: Sequence[str],
 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
     """Probabilities and true classes of the predicted cases, their ids, and the unpredicted."""
-    try:
-        doc = storage.get_json(join(predictions, "predictions.json"))
-    except ObjectNotFound:
-        raise MedsegError(
-            f"{predictions} holds no predictions.json: run `medseg predict` first"
-        ) from None
-    if (doc.get("dataset"), doc.get("split")) != source:
-        raise MedsegError(
-            f"{predictions} holds predictions of {doc.get('dataset')}:{doc.get('split')}, "
-            f"not of {source[0]}:{source[1]}"
-        )
+    doc = read_predictions(storage, predictions, *source)
     by_case = {r["case_id"]: r["probabilities"] for r in doc["cases"]}
     ids = [c for c in truth if c in by_case]
     missing = [c for c in truth if c not in by_case]
@@ -307,7 +365,7 @@ def evaluate_classes(
     )
     metrics = classification_metrics(probs, labels, classes)
     value = metrics.macro_auc
-    passed = threshold is None or (not math.isnan(value) and value >= threshold)
+    passed = passes_gate(value, threshold)
     result = ClassEval(
         model_uri,
         str(dataset),

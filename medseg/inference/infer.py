@@ -100,7 +100,7 @@ class Segmenter:
         """
         if self.forward is not None:
             return self.forward(batch.to("cpu", torch.float32))
-        layout = memory_format(self.cfg.infer.channels_last)
+        layout = memory_format(self.cfg.infer.channels_last, batch.dim() - 2)
         return self.net(batch.to(self.device, torch.float32).contiguous(memory_format=layout))
 
     @torch.no_grad()
@@ -213,7 +213,8 @@ def load_model(
     cfg, weights = artifact.read_model()
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net = load_network(cfg, weights, uri)
-    net.to(dev).to(memory_format=memory_format(cfg.infer.channels_last)).eval()
+    layout = memory_format(cfg.infer.channels_last, task_of(cfg).inputs.spatial_dims)
+    net.to(dev).to(memory_format=layout).eval()
     graph = artifact.read(GRAPH_FILE)
     chosen = choose_engine(
         engine or cfg.infer.engine, graph is not None, dev, uri, cfg.infer.precision

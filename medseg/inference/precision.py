@@ -34,6 +34,21 @@ def autocast(device: torch.device, enabled: bool, dtype: AmpDtype) -> torch.auto
     return torch.autocast(device.type, dtype=kind, enabled=on)
 
 
-def memory_format(channels_last: bool) -> torch.memory_format:
-    """``torch.channels_last_3d`` when asked for, else the default contiguous layout."""
-    return torch.channels_last_3d if channels_last else torch.contiguous_format
+def memory_format(channels_last: bool, spatial_dims: int) -> torch.memory_format:
+    """The layout of ``[B, C, *spatial]`` tensors and of the convolution weights that read them.
+
+    Channels-last follows the rank: ``torch.channels_last`` for images (2 spatial axes, 4D
+    tensors), ``torch.channels_last_3d`` for volumes (3 spatial axes, 5D tensors). Without
+    ``channels_last`` (or for another rank, which has no channels-last layout), the default
+    contiguous layout.
+
+    Args:
+        channels_last: Whether the config asks for channels-last (``train.channels_last`` /
+            ``infer.channels_last``).
+        spatial_dims: The spatial axes of the tensors (the task's ``inputs.spatial_dims``).
+    """
+    if not channels_last:
+        return torch.contiguous_format
+    return {2: torch.channels_last, 3: torch.channels_last_3d}.get(
+        spatial_dims, torch.contiguous_format
+    )

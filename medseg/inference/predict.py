@@ -49,7 +49,7 @@ from medseg.data.layouts import LAYOUTS, detect_layout, discover_cases
 from medseg.data.manifest import DatasetRef
 from medseg.dicom.seg import encode_study
 from medseg.dicom.series import DicomStudy, find_studies, read_study
-from medseg.inference.classify import dataset_images, image_sources, predict_images
+from medseg.inference.classify import INDEX, dataset_images, image_sources, predict_images
 from medseg.inference.infer import Segmenter, load_model, read_config, segment_case
 from medseg.io.nifti import Volume, decode, encode_label_map
 from medseg.tasks import get_convention, task_of
@@ -72,7 +72,6 @@ __all__ = [
     "write_index",
 ]
 
-INDEX = "predictions.json"
 #: The role of a DICOM study (folder, zip or prefix) in :attr:`CaseInput.files`.
 STUDY = "study"
 _AFFINE_TOL_MM = 1e-3

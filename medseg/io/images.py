@@ -16,7 +16,7 @@ a few kilobytes may inflate to gigabytes. :func:`decode_image` therefore
 Pillow refuses on its own, while opening, an image of more than twice
 ``Image.MAX_IMAGE_PIXELS`` (about 179 MP); that refusal becomes the same :class:`InputError`.
 Every refusal names the input, the problem and the limit, and is an
-:class:`~medseg.serving.codec.InputError` (the server answers it with a 400).
+:class:`~medseg.core.errors.InputError` (the server answers it with a 400).
 
 :func:`encode_png` is the de-identification of ingest: only the pixels are written again
 (after the EXIF orientation is applied to them), so EXIF, XMP, ICC profiles, JPEG comments and
@@ -31,8 +31,8 @@ import numpy as np
 from numpy.typing import NDArray
 from PIL import Image, ImageOps
 
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
-from medseg.serving.codec import InputError
 
 __all__ = ["FORMATS", "decode_image", "encode_png", "image_size"]
 

@@ -48,9 +48,9 @@ from medseg.data.preprocess import (
     preprocessed_prefix,
     process_cases,
 )
+from medseg.inference.classify import INDEX as PREDICTIONS
 from medseg.inference.classify import classify_rows, write_predictions
 from medseg.inference.infer import load_model
-from medseg.inference.predict import INDEX as PREDICTIONS
 from medseg.inference.predict import (
     CaseFailure,
     CaseInput,

@@ -4,13 +4,14 @@ Shared by the server (:mod:`model_server`) and the client (:mod:`medseg.serving.
 
 Everything here treats its input as hostile: sizes come from headers that may lie, gzip streams
 may inflate a thousandfold, parameters may have any JSON type. Each check runs before the memory
-it protects is allocated, and every refusal is an :class:`InputError` whose message names the
-input, the problem and, for a size, the :class:`~medseg.core.settings.ServerLimits` field it
-exceeds.
+it protects is allocated, and every refusal is an :class:`~medseg.core.errors.InputError`
+whose message names the input, the problem and, for a size, the
+:class:`~medseg.core.settings.ServerLimits` field it exceeds.
 
-* :func:`decode_nifti` reads the NIfTI header first (dims × datatype against
-  ``max_case_voxels``, datatype scalar, affine finite), then inflates exactly the voxel bytes the
-  header announces, never more than :attr:`ServerLimits.max_decoded_bytes` in total;
+* :func:`decode_nifti` is the bounded mode of :func:`medseg.io.nifti.decode`: it reads the NIfTI
+  header first (dims × datatype against ``max_case_voxels``, datatype scalar, affine finite),
+  then inflates exactly the voxel bytes the header announces, never more than
+  :attr:`ServerLimits.max_decoded_bytes` in total;
 * :func:`check_resampled_size` bounds the case's size after resampling to the model's spacing;
 * :func:`split_bytes_tensor` / :func:`serialize_bytes` are the OIP BYTES framing (uint32 LE
   length before each element);
@@ -31,17 +32,16 @@ from __future__ import annotations
 
 import math
 import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import orjson
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from medseg.core.errors import MedsegError
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
+from medseg.io.nifti import Volume, decode, format_shape
 from medseg.tasks import get_task as _get_task
 from medseg.tasks import known_tasks
 
@@ -50,8 +50,6 @@ __all__ = [
     "HEADER_LENGTH",
     "OIP_DTYPES",
     "InferParams",
-    "InputError",
-    "NiftiVolume",
     "check_placement",
     "check_resampled_size",
     "check_shape",
@@ -90,116 +88,9 @@ OIP_DTYPES: dict[str, np.dtype[Any]] = {
 
 #: Other names of the modalities (BraTS 2021 file suffixes, BraTS 2023 names).
 CHANNEL_ALIASES = {"t1ce": "t1gd", "t1c": "t1gd", "t2f": "flair", "t1n": "t1", "t2w": "t2"}
-_CHUNK = 1 << 16  # compressed bytes fed to zlib at a time: its unconsumed tail stays small
-_HEADER_SIZES = {348: (nib.Nifti1Header, b"n+1"), 540: (nib.Nifti2Header, b"n+2")}
-
-
-class InputError(MedsegError):
-    """A request (or a file in it) that cannot be accepted; the message says why."""
-
-
-def _fmt_shape(shape: Sequence[int]) -> str:
-    return "×".join(str(int(s)) for s in shape)
-
-
-# ---------------------------------------------------------------- streams
-
-
-class _Reader:
-    """Sequential reads from in-memory bytes, gzipped or not, with a bound on the output."""
-
-    def __init__(self, data: bytes | memoryview, budget: list[int], what: str):
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
-        self._budget = budget  # [bytes left], shared by the files of one request
-        self._what = what
-        self._gzip = bytes(self._view[:2]) == b"\x1f\x8b"
-        self._inflate = zlib.decompressobj(wbits=31) if self._gzip else None
-        self._pending = b""
-
-    def _spend(self, n: int) -> None:
-        if n > self._budget[0]:
-            raise InputError(
-                f"{self._what} decompresses to more than the request may "
-                f"(max_decoded_bytes, from max_case_voxels and max_request_mb)"
-            )
-        self._budget[0] -= n
-
-    def read(self, n: int) -> bytes | bytearray | memoryview:
-        """Up to ``n`` bytes (fewer only at the end of the data)."""
-        self._spend(n)
-        if self._inflate is None:
-            out = self._view[self._pos : self._pos + n]
-            self._pos += len(out)
-            return out
-        buf = bytearray()
-        try:
-            while len(buf) < n:
-                if self._pending:
-                    src: bytes | memoryview = self._pending
-                elif self._pos < len(self._view):
-                    src = self._view[self._pos : self._pos + _CHUNK]
-                    self._pos += len(src)
-                else:
-                    break
-                buf += self._inflate.decompress(src, n - len(buf))
-                self._pending = self._inflate.unconsumed_tail
-                if self._inflate.eof:  # a gzip member ended: another may follow
-                    rest = self._inflate.unused_data + bytes(self._view[self._pos :])
-                    self._view, self._pos, self._pending = memoryview(rest), 0, b""
-                    if not rest.startswith(b"\x1f\x8b"):
-                        break
-                    self._inflate = zlib.decompressobj(wbits=31)
-        except zlib.error as exc:
-            raise InputError(
-                f"{self._what} is not a readable NIfTI: corrupt gzip ({exc})"
-            ) from None
-        return buf
-
-    def skip(self, n: int) -> int:
-        """Discard ``n`` bytes; how many there were."""
-        done = 0
-        while done < n:
-            got = len(self.read(min(n - done, 1 << 20)))
-            if not got:
-                break
-            done += got
-        return done
 
 
 # ---------------------------------------------------------------- NIfTI
-
-
-class NiftiVolume:
-    """A decoded NIfTI image: float32 voxels ``[X, Y, Z(, C)]`` and the 4×4 affine."""
-
-    def __init__(self, data: np.ndarray, affine: np.ndarray):
-        self.data = data
-        self.affine = affine
-
-
-def _header(reader: _Reader, what: str) -> tuple[Any, int]:
-    head = bytes(reader.read(348))
-    if len(head) < 348:
-        raise InputError(f"{what} is not a readable NIfTI: {len(head)} bytes, less than a header")
-    sizes = {int.from_bytes(head[:4], order) for order in ("little", "big")}
-    size = next((s for s in _HEADER_SIZES if s in sizes), None)
-    if size is None:
-        raise InputError(f"{what} is not a NIfTI-1 or NIfTI-2 image (sizeof_hdr is neither)")
-    if size > 348:
-        head += bytes(reader.read(size - 348))
-        if len(head) < size:
-            raise InputError(f"{what} is not a readable NIfTI: truncated NIfTI-2 header")
-    klass, magic = _HEADER_SIZES[size]
-    try:
-        hdr = klass(binaryblock=head, check=True)
-    except Exception as exc:  # nibabel's checks raise several types on hostile headers
-        raise InputError(f"{what} has an invalid NIfTI header: {exc}") from None
-    if bytes(hdr["magic"]).rstrip(b"\0") != magic:
-        raise InputError(
-            f"{what}: NIfTI magic {bytes(hdr['magic'])!r} is not a single-file image ({magic!r})"
-        )
-    return hdr, size
 
 
 def decode_nifti(
@@ -208,8 +99,10 @@ def decode_nifti(
     limits: ServerLimits,
     voxels_left: int | None = None,
     budget: list[int] | None = None,
-) -> NiftiVolume:
-    """Voxels (float32) and affine of NIfTI-1/2 bytes, gzipped or not, read within limits.
+) -> Volume:
+    """Voxels (float32) and grid of NIfTI-1/2 bytes, gzipped or not, read within limits.
+
+    The bounded mode of :func:`medseg.io.nifti.decode`, the one NIfTI reader.
 
     Args:
         data: The file's bytes.
@@ -223,63 +116,7 @@ def decode_nifti(
         InputError: If the bytes are not a readable single-file NIfTI with a scalar datatype,
             or announce more voxels than allowed, or are shorter than their header says.
     """
-    if not len(data):
-        raise InputError(f"{what} is empty")
-    voxels_left = limits.max_case_voxels if voxels_left is None else voxels_left
-    reader = _Reader(data, [limits.max_decoded_bytes] if budget is None else budget, what)
-    hdr, size = _header(reader, what)
-    try:
-        dtype = hdr.get_data_dtype()
-        shape = tuple(int(d) for d in hdr.get_data_shape())
-        offset = int(hdr.get_data_offset())
-        affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
-        slope, inter = hdr.get_slope_inter()
-    except Exception as exc:
-        raise InputError(f"{what} has an invalid NIfTI header: {exc}") from None
-    if dtype.fields is not None or dtype.kind not in "iuf" or dtype.itemsize > 8:
-        code = int(hdr["datatype"])
-        raise InputError(
-            f"{what}: NIfTI datatype {code} ({dtype}) is not a scalar integer or float type"
-        )
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) < 3 or any(d < 1 for d in shape):
-        raise InputError(f"{what}: NIfTI dims {list(shape)} are not a 3D or 4D volume")
-    voxels = math.prod(shape)
-    if voxels > voxels_left:
-        raise InputError(
-            f"{what}: header announces {_fmt_shape(shape)} = {voxels} voxels; the case may hold "
-            f"{voxels_left} more (max_case_voxels={limits.max_case_voxels})"
-        )
-    if max(shape[:3]) > limits.max_edge:
-        raise InputError(
-            f"{what}: header announces {_fmt_shape(shape)}; each edge must be at most "
-            f"max_edge={limits.max_edge} voxels"
-        )
-    if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
-        raise InputError(f"{what}: the header's affine is singular or not finite")
-    scaled = slope is not None and (slope != 1.0 or (inter or 0.0) != 0.0)
-    if scaled and not (math.isfinite(slope) and math.isfinite(inter or 0.0)):
-        raise InputError(f"{what}: scl_slope/scl_inter are not finite")
-    if not size + 4 <= offset <= size + 4 + limits.max_request_bytes:
-        raise InputError(f"{what}: vox_offset {offset} is outside the file's header area")
-    if reader.skip(offset - size) < offset - size:
-        raise InputError(f"{what} is not a readable NIfTI: it ends inside its extensions")
-    nbytes = voxels * dtype.itemsize
-    raw = reader.read(nbytes)
-    if len(raw) < nbytes:
-        raise InputError(
-            f"{what} is not a readable NIfTI: truncated, {len(raw)} of the {nbytes} voxel bytes "
-            f"that its header ({_fmt_shape(shape)} {dtype}) announces"
-        )
-    arr = np.frombuffer(raw, dtype=dtype, count=voxels).reshape(shape, order="F")
-    if not scaled:
-        return NiftiVolume(arr.astype(np.float32), affine)
-    # as nibabel's ArrayProxy scales: in float64, then cast
-    wide = np.multiply(arr, np.float64(slope))
-    if inter:
-        wide += np.float64(inter)
-    return NiftiVolume(wide.astype(np.float32), affine)
+    return decode(data, what, limits=limits, voxels_left=voxels_left, budget=budget)
 
 
 # ---------------------------------------------------------------- sizes
@@ -298,7 +135,7 @@ def check_shape(shape: Sequence[Any], what: str, limits: ServerLimits) -> list[i
         dims.append(int(d))
     if math.prod(dims) > limits.max_case_voxels:
         raise InputError(
-            f"{what}: shape {_fmt_shape(dims)} holds {math.prod(dims)} values, above "
+            f"{what}: shape {format_shape(dims)} holds {math.prod(dims)} values, above "
             f"max_case_voxels={limits.max_case_voxels}"
         )
     return dims
@@ -370,8 +207,8 @@ def check_resampled_size(
     total = math.prod(out) * channels
     if total > limits.max_resampled_voxels:
         raise InputError(
-            f"{what}: {_fmt_shape(shape[:3])} voxels at {[float(f'{z:.6g}') for z in zooms]} mm "
-            f"resample to {_fmt_shape(out)}×{channels} = {total} voxels at the model's spacing "
+            f"{what}: {format_shape(shape[:3])} voxels at {[float(f'{z:.6g}') for z in zooms]} mm "
+            f"resample to {format_shape(out)}×{channels} = {total} voxels at the model's spacing "
             f"{list(target_spacing)} mm, above max_resampled_voxels={limits.max_resampled_voxels}"
         )
 

@@ -507,7 +507,7 @@ class Trainer:
         t = self.cfg.train
         assert isinstance(self.loader.dataset, PreprocessedDataset)
         classes = _training_classes(self.loader.dataset, self.task)
-        self.layout = memory_format(t.channels_last)
+        self.layout = memory_format(t.channels_last, self.task.inputs.spatial_dims)
         net = self.task.build_network(self.cfg.model).to(self.device)
         self.net = net.to(memory_format=self.layout)
         self.model: torch.nn.Module = (

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 from pydantic import ValidationError
 
@@ -144,6 +145,21 @@ def test_precision_rules_are_the_segmenters(
             load_model(str(folder), Storage(), device="cpu", engine=engine)
     with pytest.raises(ValidationError):
         MedsegConfig.model_validate({"infer": {"precision": "f16"}})
+
+
+def test_channels_last_runs_the_2d_classifier_in_the_4d_layout(
+    skin_model: SkinModel, version: str, pixels: list[np.ndarray], reference: np.ndarray,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """``infer.channels_last`` lays a 2D network's weights out as ``torch.channels_last``."""
+    folder = _local_copy(skin_model.storage, version, tmp_path, channels_last=True)
+    seg = load_model(str(folder), Storage(), device="cpu", engine="torch")
+    convs = [m.weight for m in seg.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs)
+    assert not convs[0].is_contiguous()  # the layout really changed (C > 1, kernel > 1)
+    probs = classify_images(seg, pixels)
+    assert np.abs(probs - reference).max() <= PROB_TOL
+    assert np.array_equal(probs.argmax(axis=1), reference.argmax(axis=1))
 
 
 @pytest.mark.parametrize("engine", GRAPH_ENGINES)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
 from medseg.io.images import decode_image, encode_png, image_size
-from medseg.serving.codec import InputError
 
 LIMITS = ServerLimits()
 ROOT = Path(__file__).resolve().parents[3]
@@ -143,7 +143,10 @@ _PEAK = textwrap.dedent(
     """
     import sys
     from pathlib import Path
-    from medseg.serving.codec import InputError
+    from medseg.core.settings import ServerLimits
+    from medseg.io.images import decode_image
+    from tests.unit.io.test_skin_images import jpeg_claiming, png_bomb
+    from medseg.core.errors import InputError
     from medseg.core.settings import ServerLimits
     from medseg.io.images import decode_image
     from tests.unit.io.test_skin_images import jpeg_claiming, png_bomb

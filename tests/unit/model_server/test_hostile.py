@@ -26,11 +26,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from medseg.config import REGIONS
+from medseg.core.errors import InputError
 from medseg.core.settings import ServerLimits
 from medseg.core.storage import Storage
 from medseg.inference.infer import load_model, segment_case
 from medseg.serving.client import predict
-from medseg.serving.codec import InputError, decode_nifti, serialize_bytes, validate_params
+from medseg.serving.codec import decode_nifti, serialize_bytes, validate_params
 from medseg.serving.kserve_import import clean_argv
 from tests.conftest import model_server, write_tiny_model
 

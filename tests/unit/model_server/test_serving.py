@@ -376,7 +376,8 @@ def _pb() -> object:
 
 def test_grpc_raw_contents_split_and_join_as_protobuf_does() -> None:
     """The gRPC framing of ``raw_input_contents``: protobuf's own parse is the reference."""
-    from medseg.serving.codec import InputError, join_grpc_raw, split_grpc_raw
+    from medseg.core.errors import InputError
+    from medseg.serving.codec import join_grpc_raw, split_grpc_raw
 
     pb: Any = _pb()
     tensors = [np.arange(300, dtype=np.uint8).tobytes(), b"", b"\x07" * 200]
