@@ -7,8 +7,7 @@ real MinIO on 127.0.0.1, each step in a fresh process of its own:
 * ``ingest``: :func:`medseg.data.ingest.ingest` of the raw folder (``--workers`` processes);
 * ``preprocess``: :func:`medseg.data.preprocess.preprocess` (``--workers`` processes);
 * ``loader-cold``: one epoch of the training DataLoader (:func:`medseg.training.train.train_loader`:
-  the
-  training split through the local cache and the random chain, default ``TrainConfig``, no
+  the training split through the local cache and the random chain, default ``TrainConfig``, no
   network), the cache empty: every case is fetched from MinIO;
 * ``loader-warm``: the same epoch again, every case in the local cache (a later epoch);
 * ``predict``: :func:`medseg.inference.predict.predict` of the whole dataset with an untrained model

@@ -6,8 +6,7 @@ All on the same synthetic BraTS-like data, model, ROI and batch size, in one run
   static chain cached in memory and the random chain per item, a plain DataLoader, SegResNet,
   DiceLoss, Adam; one process;
 * medseg, 1 process: :func:`medseg.training.train.train` (preprocessed cases from MinIO through the
-  local
-  cache, random chain in the loader, checkpoint to MinIO every epoch);
+  local cache, random chain in the loader, checkpoint to MinIO every epoch);
 * medseg, 2 processes: ``medseg train --nproc-per-node 2`` (torchrun, gloo, DDP).
 
 Samples/s are over the timed epochs after a warm-up epoch, validation excluded. Prints the ratios

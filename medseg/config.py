@@ -29,8 +29,7 @@ from medseg.tasks import DEFAULT_TASK, TaskConfig, config_of, get_task, known_ta
 from medseg.tasks.brats import CHANNELS, REGIONS, BratsTaskConfig
 
 #: The half-precision type autocast computes in (see :mod:`medseg.inference.precision`): ``float16``
-# (any
-#: CUDA GPU) or ``bfloat16`` (Ampere and newer; no loss scaling needed).
+#: (any CUDA GPU) or ``bfloat16`` (Ampere and newer; no loss scaling needed).
 AmpDtype = Literal["float16", "bfloat16"]
 
 #: How the learning rate moves over the epochs (see :class:`TrainConfig`).
@@ -141,24 +140,22 @@ class TrainConfig(_Frozen):
 Nesting = Literal["disjoint", "intersect", "union"]
 
 #: What runs the network's forward pass at inference (see :mod:`medseg.inference.engine`): ``torch``
-# (the
-#: reference), ``onnxruntime`` or ``openvino`` (the artifact's exported ``model.onnx``), or
+#: (the reference), ``onnxruntime`` or ``openvino`` (the artifact's exported ``model.onnx``), or
 #: ``auto`` (the fastest on this machine when the artifact carries the graph, else ``torch``).
 Engine = Literal["auto", "torch", "onnxruntime", "openvino"]
 
 #: The arithmetic of the CPU graph engines (see :mod:`medseg.inference.engine`): ``f32`` (the
-# default, the
-#: same numbers on every CPU) or ``bf16`` (OpenVINO only, and only on CPUs with native bf16; on
-#: others it runs as ``f32``). Never left to the runtime: OpenVINO's CPU plugin would otherwise
-#: pick bf16 by itself wherever the CPU has it, so one model would answer differently by node.
+#: default, the same numbers on every CPU) or ``bf16`` (OpenVINO only, and only on CPUs with native
+#: bf16; on others it runs as ``f32``). Never left to the runtime: OpenVINO's CPU plugin would
+#: otherwise pick bf16 by itself wherever the CPU has it, so one model would answer differently by
+#: node.
 Precision = Literal["f32", "bf16"]
 
 #: How inference tiles a preprocessed volume (see
-# :meth:`medseg.inference.infer.Segmenter.probabilities`):
-#: ``volume`` runs the whole (foreground-cropped) volume as one window, padded up to
+#: :meth:`medseg.inference.infer.Segmenter.probabilities`): ``volume`` runs the whole
+#: (foreground-cropped) volume as one window, padded up to
 #: :func:`medseg.tasks.networks.size_multiple`; ``sliding`` runs overlapping ``roi_size`` windows
-# blended
-#: with Gaussian weights.
+#: blended with Gaussian weights.
 Window = Literal["volume", "sliding"]
 #: ``volume`` windows up to this many voxels after padding (8 Mi, e.g. 256×256×128); a larger
 #: volume is segmented in ``sliding`` windows so that one request's memory stays bounded.

@@ -344,11 +344,9 @@ def medseg_pipeline(
             mean Dice over TC, WT, ET; skin lesions: macro ROC AUC).
         model_name: Registry name (also the InferenceService name).
         training: :class:`medseg.platform.pipeline_params.TrainingParams` (epochs, launcher,
-            workers,
-            gpus_per_worker, image, timeout).
+            workers, gpus_per_worker, image, timeout).
         cluster: :class:`medseg.platform.pipeline_params.ClusterParams` (namespace, release,
-            s3_secret,
-            s3_config; the S3 names follow the release unless given).
+            s3_secret, s3_config; the S3 names follow the release unless given).
         deployment: :class:`medseg.platform.pipeline_params.DeploymentParams` (target, image, mode,
             min_replicas, max_replicas, scale_metric, scale_target, timeout).
         shards: Preprocess and predict run as this many parallel shards (pods), by case id;

@@ -65,16 +65,16 @@ if [ ! -x "$helm_dir/helm" ]; then
 fi
 ln -sfn "$helm_dir/helm" .tools/bin/helm
 
-# Prometheus (Debian package) for tests/test_metrics.py, which scrapes the model server with it.
+# Prometheus (Debian package) for tests/unit/model_server/test_metrics.py, which scrapes the model server with it.
 if ! command -v prometheus >/dev/null; then
   if command -v apt-get >/dev/null; then
     log "installing the Debian package prometheus"
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
     DEBIAN_FRONTEND=noninteractive $sudo apt-get update -qq \
       && DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends prometheus \
-      || log "prometheus not installed: tests/test_metrics.py will skip its Prometheus test"
+      || log "prometheus not installed: tests/unit/model_server/test_metrics.py will skip its Prometheus test"
   else
-    log "no apt-get: prometheus not installed; tests/test_metrics.py will skip its Prometheus test"
+    log "no apt-get: prometheus not installed; tests/unit/model_server/test_metrics.py will skip its Prometheus test"
   fi
 fi
 

@@ -241,8 +241,7 @@ def score_mask(mask: bytes, case: HeldOutCase) -> Any:
 
 
 #: The pipeline's data-parallel helper steps (medseg.platform.shards), shown on the line of the step
-# they
-#: serve (a count of shards) unless they fail; ``None``: not shown.
+#: they serve (a count of shards) unless they fail; ``None``: not shown.
 _FOLDED = {
     "shards": None,
     "preprocess-shard": "preprocess",

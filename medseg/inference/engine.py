@@ -4,22 +4,22 @@ A model artifact's weights (``model.pt``) are the reference. An artifact may als
 :data:`GRAPH_FILE` (``model.onnx``): the same network exported as an ONNX graph, stamped with the
 sha256 of the weights it was exported from. Its shapes are the task's
 (:meth:`medseg.tasks.Task.graph_spec`): a segmentation graph has free batch and spatial sizes
-(traced on the config's ``infer.roi_size``), so that it runs sliding windows and whole volumes
-alike (``infer.window``); a classifier's has a free batch of images of ``data.image_size``. The
-engine is chosen at load time by ``infer.engine`` (:data:`~medseg.config.
-Engine`, overridable by :func:`medseg.inference.infer.load_model`'s ``engine``):
+(traced on the config's ``infer.roi_size``), so that it runs sliding windows and whole volumes alike
+(``infer.window``); a classifier's has a free batch of images of ``data.image_size``. The engine is
+chosen at load time by ``infer.engine`` (:data:`~medseg.config.Engine`, overridable by
+:func:`medseg.inference.infer.load_model`'s ``engine``):
 
 * ``torch``: the PyTorch network (the reference, and the only engine using the GPU);
 * ``onnxruntime`` / ``openvino``: the exported graph on ONNX Runtime's or OpenVINO's CPU runtime;
 * ``auto``: :data:`AUTO_ENGINE` when the artifact carries a graph and no GPU is present, else
   ``torch``; a missing graph is logged, not an error.
 
-Precision is pinned, never left to the runtime (``infer.precision``, :data:`~medseg.config.
-Precision`): OpenVINO's CPU plugin defaults ``INFERENCE_PRECISION_HINT`` to bf16 on CPUs with
-native bf16 (AVX-512 BF16, AMX), which moved probabilities by up to 8e-3 against PyTorch, so the
-same model would answer differently by node; medseg compiles every plan with the configured
-precision (``f32`` by default) and checks what the plan reports. ONNX Runtime's CPU provider and
-PyTorch on the CPU compute FP32 unless told otherwise (no fast-math option is set, and
+Precision is pinned, never left to the runtime (``infer.precision``,
+:data:`~medseg.config.Precision`): OpenVINO's CPU plugin defaults ``INFERENCE_PRECISION_HINT`` to
+bf16 on CPUs with native bf16 (AVX-512 BF16, AMX), which moved probabilities by up to 8e-3 against
+PyTorch, so the same model would answer differently by node; medseg compiles every plan with the
+configured precision (``f32`` by default) and checks what the plan reports. ONNX Runtime's CPU
+provider and PyTorch on the CPU compute FP32 unless told otherwise (no fast-math option is set, and
 ``torch.get_float32_matmul_precision()`` stays ``highest``); ``bf16`` is refused for them.
 
 Failure contract: an engine asked for by name whose graph is missing is an error. A graph that

@@ -63,8 +63,7 @@ class Segmenter:
         net: The network, on ``device``, in eval mode (the reference).
         device: Where inference runs (CUDA when present).
         forward: The forward pass of an exported graph (see :mod:`medseg.inference.engine`);
-            ``None``:
-            ``net`` runs, under the config's autocast and memory format.
+            ``None``: ``net`` runs, under the config's autocast and memory format.
         engine: The engine that runs (``torch``, ``onnxruntime`` or ``openvino``).
     """
 

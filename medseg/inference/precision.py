@@ -1,11 +1,10 @@
 """Mixed precision and memory format: the GPU path's two switches, defined once.
 
 Training (:mod:`medseg.training.train`) and inference (:mod:`medseg.inference.infer`) both run the
-network under
-:func:`autocast` and lay tensors out by :func:`memory_format`. Autocast is a CUDA feature here:
-on the CPU it stays off whatever the config says (CPU autocast to bfloat16 is slower than FP32 on
-CPUs without native bf16, such as this project's AVX2 machines), so the CPU path is exactly the
-FP32 path. Channels-last (NDHWC) applies on any device when asked for.
+network under :func:`autocast` and lay tensors out by :func:`memory_format`. Autocast is a CUDA
+feature here: on the CPU it stays off whatever the config says (CPU autocast to bfloat16 is slower
+than FP32 on CPUs without native bf16, such as this project's AVX2 machines), so the CPU path is
+exactly the FP32 path. Channels-last (NDHWC) applies on any device when asked for.
 """
 
 from __future__ import annotations

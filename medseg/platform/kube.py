@@ -260,13 +260,12 @@ DEFAULT_RELEASE = Release()
 PIPELINE_SERVICE_ACCOUNT = DEFAULT_RELEASE.pipeline_service_account
 
 #: Every Kubernetes call the launcher (kubeflow-training SDK: create the PyTorchJob, poll it, list
-#: its pods, read the Master's log) and the deploy step (kserve SDK: read, create, patch, delete
-#: for a deployment-mode change; the predictor's PodDisruptionBudget: read, create, patch) make,
-#: as the chart's pipeline ServiceAccount: the rules of the chart's Role, one definition.
-#: ``make manifests`` writes them to ``charts/medseg/files/pipeline-rules.yaml``, which the Role
-#: renders; ``tests/cluster/test_cluster.py`` checks them against the API server's audit log of what
-# the
-#: code called.
+#: its pods, read the Master's log) and the deploy step (kserve SDK: read, create, patch, delete for
+#: a deployment-mode change; the predictor's PodDisruptionBudget: read, create, patch) make, as the
+#: chart's pipeline ServiceAccount: the rules of the chart's Role, one definition. ``make
+#: manifests`` writes them to ``charts/medseg/files/pipeline-rules.yaml``, which the Role renders;
+#: ``tests/cluster/test_cluster.py`` checks them against the API server's audit log of what the code
+#: called.
 PIPELINE_RULES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("kubeflow.org", "pytorchjobs", ("create", "get")),
     ("serving.kserve.io", "inferenceservices", ("create", "get", "patch", "delete")),

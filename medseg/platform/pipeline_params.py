@@ -1,14 +1,13 @@
 """The pipeline's parameters, in three typed groups, and the references its steps hand over.
 
-**Parameter groups.** The pipeline takes a few plain parameters (the source, the store, the
-config) and three groups, each a KFP ``dict`` parameter defined once here as a pydantic model:
-:class:`TrainingParams` (how and where training runs), :class:`ClusterParams` (the Helm
-release the run works in: namespace, ServiceAccounts, the S3 Secret and ConfigMap) and
-:class:`DeploymentParams` (the InferenceService). Their defaults come from the single
-definitions (:mod:`medseg.core.settings`, :data:`medseg.platform.kube.DEFAULT_RELEASE`,
+**Parameter groups.** The pipeline takes a few plain parameters (the source, the store, the config)
+and three groups, each a KFP ``dict`` parameter defined once here as a pydantic model:
+:class:`TrainingParams` (how and where training runs), :class:`ClusterParams` (the Helm release the
+run works in: namespace, ServiceAccounts, the S3 Secret and ConfigMap) and :class:`DeploymentParams`
+(the InferenceService). Their defaults come from the single definitions
+(:mod:`medseg.core.settings`, :data:`medseg.platform.kube.DEFAULT_RELEASE`,
 :class:`medseg.platform.deploy.InferenceServiceSpec`); every component validates the group it reads
-with
-:func:`parse_group`, whose error names the field (``training.workers: …``). On the command line
+with :func:`parse_group`, whose error names the field (``training.workers: …``). On the command line
 ``--param GROUP.FIELD=VALUE`` sets one field (:func:`pipeline_arguments`).
 
 **Artifact references.** Volumes stay in the object store; a step hands the next one a typed

@@ -4,8 +4,8 @@ The graph (:data:`~medseg.artifact.files.GRAPH_FILE`) belongs to the artifact: i
 artifact's verified ``model.pt`` and ``model.yaml`` (:func:`artifact_graph`) and stamped with the
 sha256 of those weights. :func:`export_model` adds it to an artifact in place;
 :func:`medseg.registry.register.register` adds it to each version it registers with ``export``. How
-a graph is traced from a network, and how it runs, is the engines' (:func:`medseg.inference.engine.
-export_graph`, :func:`medseg.inference.engine.graph_forward`).
+a graph is traced from a network, and how it runs, is the engines'
+(:func:`medseg.inference.engine.export_graph`, :func:`medseg.inference.engine.graph_forward`).
 """
 
 from __future__ import annotations

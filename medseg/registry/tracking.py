@@ -142,7 +142,7 @@ def run_tags(run_id: str, dataset: str, preprocessing: str) -> dict[str, str]:
     return {
         RUN_TAG: run_id,
         "mlflow.runName": run_id,
-        "medseg.data.dataset": dataset,
+        "medseg.dataset": dataset,
         "medseg.preprocessing": preprocessing,
         "medseg.launcher": _launcher(),
         "medseg.image": os.environ.get("MEDSEG_IMAGE") or Images().project,
@@ -449,7 +449,7 @@ def _version_tags(card: dict[str, Any], card_uri: str) -> dict[str, str]:
         "medseg.version": card["version"],
         "medseg.run_id": card["run_id"],
         "medseg.model_card": card_uri,
-        "medseg.data.dataset": f"{card['dataset']['name']}@{card['dataset']['version']}",
+        "medseg.dataset": f"{card['dataset']['name']}@{card['dataset']['version']}",
     }
     tags.update({f"{SHA_TAG}{f}": sha for f, sha in card["files"].items()})
     return tags

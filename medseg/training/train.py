@@ -13,8 +13,8 @@ Run prefix layout::
     STORE/runs/RUN_ID/checkpoints/…      see medseg.training.checkpoint
     STORE/runs/RUN_ID/metrics.jsonl      one JSON object per epoch
     STORE/runs/RUN_ID/tensorboard/…      TensorBoard event files (``tensorboard --logdir``)
-    STORE/runs/RUN_ID/mlflow.json        the run's MLflow run, when tracked
-    (medseg.registry.tracking) STORE/runs/RUN_ID/model/model.pt     best weights (state dict)
+    STORE/runs/RUN_ID/mlflow.json        the run's MLflow run, when tracked (registry.tracking)
+    STORE/runs/RUN_ID/model/model.pt     best weights (state dict)
     STORE/runs/RUN_ID/model/model.yaml   the full config the server rebuilds everything from
 """
 

@@ -1,4 +1,4 @@
-{{/* Common names and labels (medseg.kube.Release derives the same names). */}}
+{{/* Common names and labels (medseg.platform.kube.Release derives the same names). */}}
 {{- define "medseg.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -47,7 +47,7 @@ serving.kserve.io/inferenceservice: {{ .Values.inferenceService.name }}
 component: predictor
 {{- end -}}
 
-{{/* ServiceAccounts: named after the release unless set (medseg.kube.Release derives the same). */}}
+{{/* ServiceAccounts: named after the release unless set (medseg.platform.kube.Release derives the same). */}}
 {{- define "medseg.pipeline.serviceAccountName" -}}
 {{- default (printf "%s-pipeline" (include "medseg.fullname" .)) .Values.pipeline.serviceAccount -}}
 {{- end -}}
@@ -113,7 +113,7 @@ Usage: include "medseg.pullSecretNames" (dict "images" (list .Values.image) "con
 {{- end -}}
 
 {{/*
-A placement block as medseg.settings.Placement reads it (JSON, MEDSEG_PLACEMENT__* in the ConfigMap).
+A placement block as medseg.core.settings.Placement reads it (JSON, MEDSEG_PLACEMENT__* in the ConfigMap).
 Usage: include "medseg.placement.json" (dict "block" .Values.training "images" (list .Values.image) "context" $)
 */}}
 {{- define "medseg.placement.json" -}}
@@ -126,7 +126,7 @@ Usage: include "medseg.placement.json" (dict "block" .Values.training "images" (
 {{/*
 A pod spec's placement fields (nodeSelector, tolerations, affinity, priorityClassName,
 topologySpreadConstraints after the workload's own `spread`, imagePullSecrets): what
-medseg.kube.pod_placement builds from the same block.
+medseg.platform.kube.pod_placement builds from the same block.
 Usage: {{- with include "medseg.podPlacement" (dict "block" .Values.minio "images" (list .Values.minio.image) "spread" list "context" $) }}{{ . | nindent 6 }}{{ end }}
 */}}
 {{- define "medseg.podPlacement" -}}

@@ -62,7 +62,7 @@ def test_a_resumed_run_continues_the_same_mlflow_run(
     run = runs[0]
     assert run.info.run_id == recorded["run_id"] and run.info.status == "FINISHED"
     assert run.data.tags[RUN_TAG] == "run-mlf"
-    assert run.data.tags["medseg.data.dataset"].startswith("t@")
+    assert run.data.tags["medseg.dataset"].startswith("t@")
     assert run.data.tags["medseg.preprocessing"] == _cfg(1).data.fingerprint()
     assert run.data.tags["medseg.launcher"] and run.data.tags["medseg.image"]
     assert run.data.tags["medseg.git_revision"]

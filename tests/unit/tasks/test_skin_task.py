@@ -164,8 +164,7 @@ def test_skin_model_predicts_and_is_evaluated_on_what_it_wrote(
     assert table[0] == "case,label,probability," + ",".join(f"p_{c}" for c in CLASSES)
     assert len(table) == len(val) + 1
 
-    # the pipeline's sharded predict (medseg.platform.shards) writes the same answers, in the same
-    # order
+    # the pipeline's sharded predict (medseg.platform.shards) writes the same answers, in order
     sharded = join(skin_model.bucket, "sharded")
     for shard in range(2):
         predict_shard(
