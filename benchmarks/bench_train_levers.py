@@ -75,9 +75,19 @@ def _load() -> str:
     return f"load average {one:.1f} (1 min) {five:.1f} (5 min) on {os.cpu_count()} cores"
 
 
+#: The training seed of every loop (``--seed``): initial weights, crops, order.
+SEED = [0]
+
+
+def demo_config() -> MedsegConfig:
+    """The demo's config, with the run's training seed."""
+    cfg = MedsegConfig.model_validate(DEMO_CONFIG)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"seed": SEED[0]})})
+
+
 def lever_config(names: list[str]) -> MedsegConfig:
     """The demo's config with the named levers applied (in order)."""
-    cfg = MedsegConfig.model_validate(DEMO_CONFIG)
+    cfg = demo_config()
     update: dict[str, Any] = {}
     for name in names:
         update.update(LEVERS[name])
@@ -200,7 +210,7 @@ def throughput(
     spec: str, store: str, files: list, val: Any, levers: list[str], epochs: int
 ) -> None:
     """(a): samples/s of the baseline, medseg and each lever, interleaved."""
-    base = MedsegConfig.model_validate(DEMO_CONFIG)
+    base = demo_config()
     loops: list[Loop] = [Tutorial(files, base, val), Medseg("medseg", spec, store, base, "t-m")]
     for name in levers:
         if name not in SAME_STEP:
@@ -237,7 +247,7 @@ def converge(
     Returns:
         The fastest medseg loop that reached the target (its model written), or None.
     """
-    base = MedsegConfig.model_validate(DEMO_CONFIG)
+    base = demo_config()
     loops: list[Loop] = [Tutorial(files, base, val, target)]
     for name, levers in runs.items():
         loop = Medseg(name, spec, store, lever_config(levers), f"c-{len(loops)}", target)
@@ -375,6 +385,9 @@ def main() -> None:
     parser.add_argument("--target", type=float, default=0.90, help="(b): validation mean Dice.")
     parser.add_argument("--cases", type=int, default=20)
     parser.add_argument(
+        "--seed", type=int, default=0, help="Training seed of every loop (weights, crops, order)."
+    )
+    parser.add_argument(
         "--full-size", type=int, default=2, help="(c): full-size cases for the feed; 0 skips."
     )
     parser.add_argument("--feed-batches", type=int, default=8)
@@ -386,13 +399,14 @@ def main() -> None:
         help="(c): crop size (repeatable); default 96 96 64 (medseg's) and 128 128 128.",
     )
     args = parser.parse_args()
+    SEED[0] = args.seed
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         os.environ["MEDSEG_CACHE_DIR"] = str(tmp / "cache")
         os.environ["MEDSEG_ENV_FILE"] = str(tmp / "none.env")
         store, raw = str(tmp / "store"), tmp / "raw"
         write_dataset(raw, "brats2021", args.cases, shape=DEMO_SHAPE)
-        cfg = MedsegConfig.model_validate(DEMO_CONFIG)
+        cfg = demo_config()
         storage = Storage()
         spec = str(ingest(str(raw), "demo", store, storage=storage, split=cfg.split).ref)
         preprocess(spec, store, cfg.data, storage=storage, progress=False, workers=2)

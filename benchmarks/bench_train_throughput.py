@@ -81,7 +81,7 @@ class TutorialLoop:
         chain = Compose(
             [
                 *static_transforms(cfg.data, "brats2021").transforms,
-                *train_transforms(cfg.train, seed=0).transforms,
+                *train_transforms(cfg.train, seed=cfg.train.seed).transforms,
             ]
         )
         t = time.perf_counter()

@@ -24,6 +24,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -510,6 +511,11 @@ class Trainer:
         self.layout = memory_format(t.channels_last, self.task.inputs.spatial_dims)
         net = self.task.build_network(self.cfg.model).to(self.device)
         self.net = net.to(memory_format=self.layout)
+        if t.channels_last and self.world > 1:
+            # A 1x1x1 kernel's channels-last and contiguous strides name the same order in memory;
+            # autograd hands its gradient back contiguous and DDP copies those few numbers into its
+            # bucket, warning that the strides differ. Nothing else is affected.
+            warnings.filterwarnings("ignore", "Grad strides do not match bucket view strides")
         self.model: torch.nn.Module = (
             DistributedDataParallel(self.net, device_ids=[self.local_rank] if cuda else None)
             if self.world > 1
