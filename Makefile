@@ -27,6 +27,7 @@ lint: deps
 	$(VENV)/ruff format --check medseg tests benchmarks components pipelines model_server scripts
 	$(VENV)/mypy
 	$(VENV)/lint-imports  # the layers of docs/architecture.md ([tool.importlinter] contracts)
+	$(VENV)/python scripts/function_length.py medseg model_server components pipelines
 
 ## Imports against declared dependencies (deptry, configured in pyproject.toml): the code
 ## against the dependencies and non-dev extras; the tests (which deptry skips by default)
