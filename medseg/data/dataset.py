@@ -16,18 +16,24 @@ from typing import Any
 
 import numpy as np
 import torch
+from monai.transforms import Randomizable
 from torch.utils.data import Dataset
 
 from medseg.core.errors import ChecksumMismatch, DatasetError, DiskFull, ObjectNotFound
 from medseg.core.settings import StorageSettings
 from medseg.core.storage import Storage, join
 
-__all__ = ["PreprocessedDataset", "default_cache_dir", "load_case"]
+__all__ = ["PreprocessedDataset", "default_cache_dir", "draw_seed", "load_case"]
 
 
 def default_cache_dir() -> Path:
     """``MEDSEG_CACHE_DIR`` or ``~/.cache/medseg/data``."""
     return Path(os.environ.get("MEDSEG_CACHE_DIR", Path.home() / ".cache" / "medseg" / "data"))
+
+
+def draw_seed(seed: int, epoch: int, index: int) -> int:
+    """The random chain's seed for case ``index`` drawn in ``epoch`` of a run seeded ``seed``."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
 def load_case(path: str | Path) -> dict[str, np.ndarray]:
@@ -45,6 +51,9 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
         cache_dir: Local cache folder (see :func:`default_cache_dir`).
         transform: Applied to each item (the random training chain, for instance).
         settings: Storage settings; from the environment when omitted.
+        seed: With it, an item asked for as ``(epoch, i)`` gets ``transform`` seeded by
+            :func:`draw_seed`: a case's crop and flips in an epoch are the same whichever rank,
+            worker or resumed process draws it.
 
     Items are dictionaries with ``image`` (float16 tensor ``[4, X, Y, Z]``, as stored), ``label``
     (uint8 tensor ``[3, X, Y, Z]``), ``affine`` and ``case_id``, before ``transform``. The image
@@ -60,8 +69,10 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
         cache_dir: str | Path | None = None,
         transform: Callable[[dict[str, Any]], Any] | None = None,
         settings: StorageSettings | None = None,
+        seed: int | None = None,
     ):
         self.prefix = prefix
+        self.seed = seed
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
         self.transform = transform
         self._settings = settings or StorageSettings.from_env()
@@ -121,7 +132,9 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
                 raise DiskFull(f"{exc} (the cache folder is set by MEDSEG_CACHE_DIR)") from None
         return path
 
-    def __getitem__(self, i: int) -> Any:
+    def __getitem__(self, key: int | tuple[int, int]) -> Any:
+        """Case ``key``, or for ``(epoch, i)`` case ``i`` through the chain seeded for that draw."""
+        epoch, i = key if isinstance(key, tuple) else (None, key)
         arrays = load_case(self.local_path(i))
         item: dict[str, Any] = {
             "image": torch.from_numpy(arrays["image"]),
@@ -129,4 +142,8 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
             "affine": torch.from_numpy(arrays["affine"]),
             "case_id": self.cases[i]["case_id"],
         }
-        return self.transform(item) if self.transform else item
+        if self.transform is None:
+            return item
+        if epoch is not None and self.seed is not None and isinstance(self.transform, Randomizable):
+            self.transform.set_random_state(seed=draw_seed(self.seed, epoch, i))
+        return self.transform(item)

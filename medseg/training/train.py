@@ -368,7 +368,7 @@ def train_loader(
     rank: int = 0,
     world: int = 1,
     cfg: MedsegConfig | None = None,
-) -> tuple[DataLoader, DistributedSampler[Any] | DistributedWeightedSampler]:
+) -> tuple[DataLoader, EpochKeys]:
     """The training split's DataLoader (random chain in its workers) and its sampler.
 
     Args:
@@ -382,12 +382,14 @@ def train_loader(
             chain and uniform shuffling.
 
     Returns:
-        The loader, and its sampler (call ``set_epoch`` before each epoch).
+        The loader, and its sampler (call ``set_epoch`` before each epoch). The sampler yields
+        ``(epoch, index)``: each draw's random chain is seeded by the run's seed, the epoch and
+        the case, so a resumed run draws what the uninterrupted one would have.
     """
     task = task_of(cfg) if cfg is not None else None
-    own = task.train_transforms(t, t.seed + rank) if task is not None else None
-    chain = own or train_transforms(t, t.seed + rank)
-    train_ds = PreprocessedDataset(prefix, "train", transform=chain, settings=settings)
+    own = task.train_transforms(t, t.seed) if task is not None else None
+    chain = own or train_transforms(t, t.seed)
+    train_ds = PreprocessedDataset(prefix, "train", transform=chain, settings=settings, seed=t.seed)
     if task is None or cfg is None:
         sampler: DistributedSampler[Any] | DistributedWeightedSampler = DistributedSampler(
             train_ds, num_replicas=world, rank=rank, shuffle=True, seed=t.seed
@@ -395,14 +397,35 @@ def train_loader(
     else:
         classes = _training_classes(train_ds, task)
         sampler = _sampler(train_ds, task, cfg, classes, rank, world)
+    keyed = EpochKeys(sampler)
     loader = DataLoader(
         train_ds,
         batch_size=t.batch_size,
-        sampler=sampler,
+        sampler=keyed,
         num_workers=t.num_workers,
         persistent_workers=t.num_workers > 0,
+        # Its own generator: starting the workers then draws nothing from the global one, whose
+        # per-epoch seed drives dropout (a resumed process starts its workers an epoch later).
+        generator=torch.Generator().manual_seed(t.seed),
     )
-    return loader, sampler
+    return loader, keyed
+
+
+class EpochKeys(Sampler[tuple[int, int]]):
+    """An index sampler's draws as ``(epoch, index)`` (see :class:`PreprocessedDataset`)."""
+
+    def __init__(self, inner: DistributedSampler[Any] | DistributedWeightedSampler):
+        self.inner, self.epoch = inner, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in self.inner)
 
 
 class Trainer:
