@@ -266,6 +266,19 @@ class MedsegConfig(_Frozen):
         return cls.from_yaml(text, f"config {path}")
 
     @classmethod
+    def read(cls, location: str | Path) -> MedsegConfig:
+        """The config YAML at a local path or an ``s3://`` URI (:meth:`load` for a path).
+
+        Raises:
+            InvalidInput: As :meth:`load`; ObjectNotFound if there is no such object.
+        """
+        from medseg.core.storage import Storage, is_s3
+
+        if is_s3(str(location)):
+            return cls.from_yaml(Storage().get_bytes(str(location)), f"config {location}")
+        return cls.load(location)
+
+    @classmethod
     def from_yaml(cls, text: str | bytes, what: str, task: str = "") -> MedsegConfig:
         """The config in YAML text (a file, an object, a ``model.yaml``, a pipeline parameter).
 

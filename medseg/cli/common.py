@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterable
-from pathlib import Path
 from typing import Annotated, NoReturn, ParamSpec, Protocol, TypeVar
 
 import typer
@@ -15,7 +14,10 @@ from medseg.config import MedsegConfig
 from medseg.core.errors import MedsegError
 
 __all__ = [
+    "CollectOpt",
     "ConfigOpt",
+    "ShardOpt",
+    "ShardsOpt",
     "StoreOpt",
     "ThresholdOpt",
     "app",
@@ -25,6 +27,8 @@ __all__ = [
     "failures_table",
     "handles_errors",
     "load_config",
+    "print_shard",
+    "shard_mode",
 ]
 
 app = typer.Typer(help="medseg: 3D medical image segmentation MLOps.", no_args_is_help=True)
@@ -41,11 +45,70 @@ StoreOpt = Annotated[
     ),
 ]
 ConfigOpt = Annotated[
-    Path | None, typer.Option("--config", "-c", help="medseg config YAML (defaults otherwise).")
+    str | None,
+    typer.Option(
+        "--config", "-c", help="medseg config YAML, a path or s3:// URI (defaults otherwise)."
+    ),
 ]
 ThresholdOpt = Annotated[
     float, typer.Option(help="Quality gate on the task's metric (BraTS: validation mean Dice).")
 ]
+
+ShardsOpt = Annotated[
+    int,
+    typer.Option(
+        min=1, help="Split the cases into this many shards (by case id); see --shard, --collect."
+    ),
+]
+ShardOpt = Annotated[
+    int | None,
+    typer.Option(min=0, help="Run only this shard, 0 to shards-1 (one per machine or pod)."),
+]
+CollectOpt = Annotated[
+    bool, typer.Option("--collect", help="After every shard has run: write the one index.")
+]
+
+
+def shard_mode(shards: int, shard: int | None, collect: bool) -> str:
+    """``whole``, ``shard`` or ``collect``: what ``--shards/--shard/--collect`` ask for.
+
+    Raises:
+        MedsegError: If both or neither of ``--shard`` and ``--collect`` go with ``--shards`` > 1,
+            or the shard is not one of ``0 … shards-1``.
+    """
+    if shard is not None and collect:
+        raise MedsegError("give --shard I to run one shard or --collect afterwards, not both")
+    if shard is not None and shard >= shards:
+        raise MedsegError(f"--shard {shard} is not one of 0…{shards - 1} (--shards {shards})")
+    if shard is not None:
+        return "shard"
+    if collect:
+        return "collect"
+    if shards > 1:
+        raise MedsegError(
+            f"--shards {shards}: run each shard with --shard 0 … --shard {shards - 1} "
+            "(each on its own machine or pod, in any order), then once with --collect"
+        )
+    return "whole"
+
+
+class ShardDone(Protocol):
+    """What a shard did (:class:`medseg.platform.shards.ShardResult`)."""
+
+    shard: int
+    shards: int
+    cases: list[str]
+    computed: list[str]
+    reused: list[str]
+
+
+def print_shard(result: ShardDone, collect: str) -> None:
+    """One shard's counts, and the command that collects the shards."""
+    console.print(
+        f"shard {result.shard} of {result.shards}: {len(result.cases)} cases, "
+        f"{len(result.computed)} computed, {len(result.reused)} already done"
+    )
+    console.print(f"when every shard is done: {collect} --shards {result.shards} --collect")
 
 
 def handles_errors(fn: Callable[P, R]) -> Callable[P, R]:
@@ -69,9 +132,9 @@ def fail(message: str) -> NoReturn:
     raise typer.Exit(1)
 
 
-def load_config(path: Path | None) -> MedsegConfig:
-    """The config in ``path``, else the defaults."""
-    return MedsegConfig.load(path) if path else MedsegConfig()
+def load_config(location: str | None) -> MedsegConfig:
+    """The config at ``location`` (a path or ``s3://`` URI), else the defaults."""
+    return MedsegConfig.read(location) if location else MedsegConfig()
 
 
 class CaseFailure(Protocol):

@@ -10,7 +10,10 @@ import typer
 from rich.table import Table
 
 from medseg.cli.common import (
+    CollectOpt,
     ConfigOpt,
+    ShardOpt,
+    ShardsOpt,
     StoreOpt,
     app,
     console,
@@ -18,6 +21,8 @@ from medseg.cli.common import (
     failures_table,
     handles_errors,
     load_config,
+    print_shard,
+    shard_mode,
 )
 from medseg.core.settings import DEFAULT_STORE
 from medseg.core.storage import Storage
@@ -130,14 +135,33 @@ def preprocess(
         1, min(4, os.cpu_count() or 1)
     ),
     config: ConfigOpt = None,
+    shards: ShardsOpt = 1,
+    shard: ShardOpt = None,
+    collect: CollectOpt = False,
 ) -> None:
-    """Run the static preprocessing once per case and cache the result in the store."""
-    from medseg.data.preprocess import preprocess as run_preprocess
+    """Run the static preprocessing once per case and cache the result in the store.
 
-    result = run_preprocess(dataset, store, load_config(config).data, workers=workers)
+    With --shards K, each of K machines runs --shard I (its cases, by case id; a rerun does only
+    the cases not done), then one run with --collect writes the index the unsharded step writes.
+    """
+    from medseg.data.preprocess import preprocess as run_preprocess
+    from medseg.platform.shards import collect_preprocessed, preprocess_shard
+
+    cfg = load_config(config).data
+    mode = shard_mode(shards, shard, collect)
+    if mode == "shard":
+        assert shard is not None
+        done = preprocess_shard(dataset, store, cfg, shard, shards, workers=workers, progress=True)
+        print_shard(done, f"medseg preprocess -d {dataset}")
+        return
+    if mode == "collect":
+        result = collect_preprocessed(dataset, store, cfg, shards)
+    else:
+        result = run_preprocess(dataset, store, cfg, workers=workers)
     n = len(result.index["cases"])
     if result.processed:
-        console.print(f"preprocessed {result.processed} of {n} cases into {result.prefix}")
+        verb = "collected" if mode == "collect" else "preprocessed"
+        console.print(f"{verb} {result.processed} of {n} cases into {result.prefix}")
     else:
         console.print(f"all {n} cases already preprocessed (no-op): {result.prefix}")
 

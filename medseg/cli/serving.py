@@ -8,7 +8,19 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from medseg.cli.common import StoreOpt, app, console, err_console, failures_table, handles_errors
+from medseg.cli.common import (
+    CollectOpt,
+    ShardOpt,
+    ShardsOpt,
+    StoreOpt,
+    app,
+    console,
+    err_console,
+    failures_table,
+    handles_errors,
+    print_shard,
+    shard_mode,
+)
 from medseg.core.errors import MedsegError
 from medseg.core.settings import (
     DEFAULT_MODEL_NAME,
@@ -169,13 +181,23 @@ def predict(
     channels: ChannelsOpt = None,
     tensor: TensorOpt = None,
     prefetch: PrefetchOpt = 2,
+    shards: ShardsOpt = 1,
+    shard: ShardOpt = None,
+    collect: CollectOpt = False,
 ) -> None:
     """Segment cases: a dataset split, a folder/prefix or one case, with one loaded model.
 
     Writes one label map per case (original grid and affine) and a volumes table (CSV, JSON);
     a case that cannot be read is listed with its reason, the others are written, and the exit
-    status is 2. With --url, one case is sent to a model server instead.
+    status is 2. With --url, one case is sent to a model server instead. A dataset split can
+    run as --shards K: --shard I on each machine, then --collect writes the tables.
     """
+    mode = shard_mode(shards, shard, collect)
+    if mode != "whole":
+        if model is None or dataset is None or paths or url is not None:
+            raise MedsegError("--shards predicts a dataset split: give --model and --dataset only")
+        _predict_sharded(model, store, dataset, split, out, labels, prefetch, shards, shard)
+        return
     order = channels.split(",") if channels else None
     if url is not None:
         _predict_remote(
@@ -188,6 +210,38 @@ def predict(
         raise MedsegError("nothing to predict: give --dataset NAME@VERSION, a folder or files")
     out = out if out is not None or dataset else "predictions"
     result = _predict_local(model, store, out, dataset, split, paths or [], order, labels, prefetch)
+    _print_predictions(result)
+    if result.failed:
+        raise typer.Exit(2)
+
+
+def _predict_sharded(
+    model: str,
+    store: str,
+    dataset: str,
+    split: str,
+    out: str | None,
+    labels: str | None,
+    prefetch: int,
+    shards: int,
+    shard: int | None,
+) -> None:
+    """``medseg predict --shards K``: ``--shard I`` runs one shard, else (None) the collect."""
+    from medseg.platform.shards import collect_predictions, predict_shard
+
+    storage = Storage()
+    uri = model_uri(storage, store, model)
+    if shard is not None:
+        done = predict_shard(
+            uri, dataset, split, store, shard, shards, out, storage, labels, prefetch
+        )
+        print_shard(done, f"medseg predict -d {dataset} --model {model} --split {split}")
+        for failure in done.failed:
+            _print_case(failure.case_id, failure.reason)
+        if done.failed:
+            raise typer.Exit(2)
+        return
+    result = collect_predictions(uri, dataset, split, store, shards, out, storage, labels)
     _print_predictions(result)
     if result.failed:
         raise typer.Exit(2)

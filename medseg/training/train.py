@@ -42,7 +42,7 @@ from medseg.config import MedsegConfig, TrainConfig
 from medseg.core.errors import DatasetError, MedsegError
 from medseg.core.names import check_name
 from medseg.core.settings import DEFAULT_STORE, StorageSettings, TrackingSettings, TrainTelemetry
-from medseg.core.storage import Storage, is_s3, join
+from medseg.core.storage import Storage, join
 from medseg.data.dataset import PreprocessedDataset
 from medseg.data.manifest import DatasetRef
 from medseg.data.preprocess import preprocessed_prefix
@@ -769,11 +769,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML config: a local path or an s3:// URI.")
     args = parser.parse_args(argv)
     try:
-        cfg = MedsegConfig()
-        if args.config and is_s3(args.config):
-            cfg = MedsegConfig.from_yaml(Storage().get_bytes(args.config), f"config {args.config}")
-        elif args.config:
-            cfg = MedsegConfig.load(args.config)
+        cfg = MedsegConfig.read(args.config) if args.config else MedsegConfig()
         train(args.dataset, args.store, args.run_id, cfg)
     except MedsegError as exc:
         print(f"error: {exc}", file=sys.stderr)
