@@ -12,7 +12,10 @@ visible, and a re-run uploads only what is missing.
 
 Ingest reads the source twice and keeps no copy of a case on local disk in between, so its
 scratch does not grow with the number of cases (a dermoscopy image's PNG is there only while it
-is made; an ``s3://`` source, though, is first copied whole to local disk). The version's name
+is made). An ``s3://`` source of volumes (BraTS, MSD) is read the same way: its NIfTI files are
+fetched when their case is read and emptied after, so its scratch is the cases being read, one
+per worker (:class:`_Mirror`); DICOM studies and dermoscopy images from ``s3://`` are still
+copied whole to local disk first. The version's name
 is the hash of the whole manifest, so nothing can be uploaded before every case is validated:
 the first pass validates each case and records the sha256 and size of its files as they will be
 stored (de-identified); the second makes each case's stored bytes again from the source
@@ -47,6 +50,8 @@ reading it twice; new or changed files under the same folder or prefix make a ne
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import gzip
 import hashlib
 import hmac
@@ -69,7 +74,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from medseg.config import SplitConfig
-from medseg.core.errors import DatasetError, InvalidName, MedsegError
+from medseg.core.errors import DatasetError, InvalidName, MedsegError, ObjectNotFound
 from medseg.core.names import check_name
 from medseg.core.settings import DeidSettings
 from medseg.core.storage import Storage, StorageSettings, is_s3, join, sha256_file
@@ -722,23 +727,108 @@ def _ingest(
         tempfile.TemporaryDirectory(prefix="medseg-ingest-") as tmp,
         _Workers(workers) as pool,
     ):
-        root = _local_source(source, storage, Path(tmp))
+        root, mirror = _local_source(source, storage, Path(tmp))
         image_layout = detect_image_layout(root)
         if image_layout is not None:
+            if mirror is not None:
+                mirror.fetch_all()
             passes = _validate_images(source, root, image_layout, labels, pool)
         else:
-            passes = _validate_volumes(source, root, labels, pool)
+            passes = _validate_volumes(source, root, labels, pool, mirror)
         return _store(source, name, store, storage, split, strict, passes)
 
 
-def _local_source(source: str, storage: Storage, tmp: Path) -> Path:
-    """The source as a local folder: itself, or an ``s3://`` prefix copied whole into ``tmp``."""
+def _local_source(source: str, storage: Storage, tmp: Path) -> tuple[Path, _Mirror | None]:
+    """The source as a local folder: itself, or an ``s3://`` prefix mirrored into ``tmp``."""
     if not is_s3(source):
-        return Path(source)
-    root = tmp / "source"
-    for obj in storage.list(source):
-        storage.get_file(obj.uri, root / obj.uri[len(source.rstrip("/")) + 1 :])
-    return root
+        return Path(source), None
+    mirror = _Mirror.make(source, storage, tmp / "source")
+    return mirror.root, mirror
+
+
+#: The files of an ``s3://`` source that :class:`_Mirror` fetches only while their case is read.
+_STREAMED = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class _Mirror:
+    """An ``s3://`` source as a local folder whose NIfTI volumes are there only while read.
+
+    Every other object (``dataset.json``, CSV files, DICOM files) is fetched at once. Each
+    volume starts as an empty placeholder, so that the layouts find their cases by name;
+    :meth:`present` fetches a case's files for the call that reads them and empties them after.
+
+    Attributes:
+        source: The ``s3://`` prefix.
+        root: The local folder standing for it.
+        settings: The store's connection settings (a worker process makes its own client).
+    """
+
+    source: str
+    root: Path
+    settings: StorageSettings
+
+    @classmethod
+    def make(cls, source: str, storage: Storage, root: Path) -> _Mirror:
+        """List ``source`` into ``root``: small files fetched, volumes as placeholders."""
+        base = source.rstrip("/") + "/"
+        for obj in storage.list(source):
+            path = root / obj.uri[len(base) :]
+            if path.name.endswith(_STREAMED):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.touch()
+            else:
+                storage.get_file(obj.uri, path)
+        return cls(base.rstrip("/"), root, storage.settings)
+
+    def _fetch(self, storage: Storage, path: Path) -> None:
+        uri = join(self.source, path.relative_to(self.root).as_posix())
+        try:
+            storage.get_file(uri, path)
+        except ObjectNotFound:
+            raise CaseInvalid(path.name, f"{uri} was removed after it was listed") from None
+
+    @contextlib.contextmanager
+    def present(self, paths: Iterable[Path]) -> Iterator[None]:
+        """``paths`` fetched for the duration of the block, emptied after it.
+
+        Raises:
+            CaseInvalid: If one of them is no longer in the source.
+        """
+        paths = list(paths)
+        storage = Storage(self.settings)
+        try:
+            for path in paths:
+                self._fetch(storage, path)
+            yield
+        finally:
+            for path in paths:
+                path.write_bytes(b"")
+
+    def fetch_all(self) -> None:
+        """Fetch every placeholder (a source that is not read case by case: DICOM, images)."""
+        storage = Storage(self.settings)
+        for folder, _, files in os.walk(self.root):
+            for name in files:
+                path = Path(folder) / name
+                if name.endswith(_STREAMED) and path.stat().st_size == 0:
+                    self._fetch(storage, path)
+
+
+def _check_fetched(mirror: _Mirror, case: RawCase, convention: str) -> _Checked:
+    """:func:`_check_case` with the case's files fetched from the mirrored source meanwhile."""
+    try:
+        with mirror.present(case.files().values()):
+            return _check_case(case, convention)
+    except CaseInvalid as exc:
+        quarantine = QuarantinedCase(case_id=case.case_id, file=exc.file, reason=exc.reason)
+        return _Checked(case.case_id, quarantine=quarantine)
+
+
+def _files_fetched(mirror: _Mirror, case: RawCase, convention: str) -> _Files:
+    """:func:`_case_files` with the case's files fetched from the mirrored source meanwhile."""
+    with mirror.present(case.files().values()):
+        return _case_files(case, convention)
 
 
 @dataclass
@@ -784,11 +874,18 @@ def _validate_images(
     return _Passes(kind, len(raws), refused, images, _image_files, todo, pool)
 
 
-def _validate_volumes(source: str, root: Path, labels: str | None, pool: _Workers) -> _Passes:
-    """The first pass over a volume layout (BraTS, MSD) or DICOM studies: each case checked."""
+def _validate_volumes(
+    source: str, root: Path, labels: str | None, pool: _Workers, mirror: _Mirror | None
+) -> _Passes:
+    """The first pass over a volume layout (BraTS, MSD) or DICOM studies: each case checked.
+
+    A mirrored ``s3://`` source's volumes are fetched case by case (DICOM studies at once).
+    """
     try:
         layout = detect_layout(root)
     except DatasetError as exc:
+        if mirror is not None:
+            mirror.fetch_all()
         studies = find_studies(root)
         if not studies:
             raise DatasetError(f"{exc}; nor does it hold DICOM studies") from None
@@ -801,9 +898,14 @@ def _validate_volumes(source: str, root: Path, labels: str | None, pool: _Worker
     screened = {c.case_id: _screen(c.case_id, c.files().values(), root) for c in cases}
     refused = [q for q in screened.values() if q is not None]
     args = [(c, convention) for c in cases if screened[c.case_id] is None]
-    checked = list(pool.imap(_check_case, args))
+    check: Callable[..., _Checked] = _check_case
+    make: Callable[..., _Files] = _case_files
+    if mirror is not None:
+        check = functools.partial(_check_fetched, mirror)
+        make = functools.partial(_files_fetched, mirror)
+    checked = list(pool.imap(check, args))
     kind = (layout, convention, CHANNELS)
-    return _Passes(kind, len(cases), refused, checked, _case_files, args, pool)
+    return _Passes(kind, len(cases), refused, checked, make, args, pool)
 
 
 def _validate_studies(

@@ -218,6 +218,64 @@ def test_ingest_from_s3_source_gives_the_same_version(
     assert from_s3.ref.version == from_disk.ref.version and not from_disk.created
 
 
+def _upload_tree(storage: Storage, folder: Path, prefix: str) -> None:
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            storage.put_file(join(prefix, str(p.relative_to(folder))), p)
+
+
+def test_an_s3_source_is_read_case_by_case(
+    synth_root: Path, storage: Storage, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An ``s3://`` BraTS source is not copied whole: a case's files are on local disk only
+    while that case is read (once per pass), and the version is the local folder's."""
+    import contextlib
+
+    from medseg.data import ingest as ingest_module
+
+    src = synth_root / "brats2021"
+    _upload_tree(storage, src, join(bucket, "drop"))
+    real = ingest_module._Mirror.present
+    on_disk: list[list[str]] = []
+
+    @contextlib.contextmanager
+    def present(self: Any, paths: Any) -> Any:
+        with real(self, paths):
+            files = [p for p in self.root.rglob("*") if p.is_file() and p.stat().st_size]
+            on_disk.append(sorted({p.relative_to(self.root).parts[0] for p in files}))
+            yield
+
+    monkeypatch.setattr(ingest_module._Mirror, "present", present)
+    from_s3 = ingest(join(bucket, "drop"), "stream", bucket, storage=storage)
+    cases = sorted(c.case_id for c in from_s3.manifest.cases)
+    assert len(cases) == 6 and not from_s3.manifest.quarantined
+    assert on_disk == [[c] for c in cases] * 2  # validated, then made again to upload
+    from_disk = ingest(str(src), "stream", bucket, storage=storage)
+    assert from_disk.ref.version == from_s3.ref.version and not from_disk.created
+
+
+def test_an_s3_object_removed_after_listing_quarantines_its_case(
+    synth_root: Path, storage: Storage, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from medseg.data import ingest as ingest_module
+
+    _upload_tree(storage, synth_root / "brats2021", join(bucket, "gone"))
+    gone = join(bucket, "gone", "BraTS2021_00003", "BraTS2021_00003_t2.nii.gz")
+    make = ingest_module._Mirror.make.__func__  # type: ignore[attr-defined]
+
+    def listed_then_removed(cls: Any, source: str, storage: Storage, root: Path) -> Any:
+        mirror = make(cls, source, storage, root)
+        storage.delete(gone)
+        return mirror
+
+    monkeypatch.setattr(ingest_module._Mirror, "make", classmethod(listed_then_removed))
+    result = ingest(join(bucket, "gone"), "gone", bucket, storage=storage, workers=2)
+    assert len(result.manifest.cases) == 5
+    [q] = result.manifest.quarantined
+    assert q.case_id == "BraTS2021_00003" and q.file == "BraTS2021_00003_t2.nii.gz"
+    assert q.reason == f"{gone} was removed after it was listed"
+
+
 def test_bad_sources(tmp_path: Path, storage: Storage, bucket: str) -> None:
     with pytest.raises(DatasetError, match="is not a folder"):
         ingest(str(tmp_path / "nope"), "x", bucket, storage=storage)
