@@ -45,6 +45,30 @@ def tiny_config(**sections: dict[str, Any]) -> MedsegConfig:
     return MedsegConfig.model_validate(merged)
 
 
+def write_run_model(
+    storage: Storage, store: str, run_id: str, config: bytes = b"model: {}\n"
+) -> tuple[bytes, str]:
+    """A run's model folder as training leaves it: weights of its own, ``config``, lineage.
+
+    Returns:
+        The weights' bytes, and the folder's URI.
+    """
+    weights = f"weights of {run_id}".encode()
+    model = join(store, "runs", run_id, "model")
+    pt = storage.put_bytes(join(model, "model.pt"), weights)
+    yml = storage.put_bytes(join(model, "model.yaml"), config)
+    lineage = {
+        "run_id": run_id,
+        "dataset": {"store": store, "name": "d", "version": "0123456789abcdef"},
+        "preprocessing": "fp",
+        "best": {"dice_mean": 0.5},
+        "epochs": 1,
+        "files": {"model.pt": pt.sha256, "model.yaml": yml.sha256},
+    }
+    storage.put_json(join(model, "lineage.json"), lineage)
+    return weights, model
+
+
 def write_tiny_model(folder: Path, seed: int = 0, **sections: dict[str, Any]) -> Path:
     """A model artifact (``model.pt``, ``model.yaml``): :func:`tiny_config` with seeded weights."""
     return write_seeded_model(folder, tiny_config(**sections), seed)

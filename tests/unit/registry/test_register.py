@@ -14,6 +14,7 @@ from medseg.apps.minio_server import MinioServer
 from medseg.core.errors import ChecksumMismatch, InvalidName, MedsegError
 from medseg.core.storage import Storage, join
 from medseg.registry.register import list_models, model_uri, register, resolve_model
+from tests.conftest import write_run_model
 
 _REGISTER = """
 import sys
@@ -31,20 +32,7 @@ def _finished_run(
     storage: Storage, store: str, run_id: str, config: bytes = b"model: {}\n"
 ) -> bytes:
     """A run's model folder as training leaves it (its bytes are this run's own)."""
-    weights = f"weights of {run_id}".encode()
-    model = join(store, "runs", run_id, "model")
-    pt = storage.put_bytes(join(model, "model.pt"), weights)
-    yaml = storage.put_bytes(join(model, "model.yaml"), config)
-    lineage = {
-        "run_id": run_id,
-        "dataset": {"store": store, "name": "d", "version": "0123456789abcdef"},
-        "preprocessing": "fp",
-        "best": {"dice_mean": 0.5},
-        "epochs": 1,
-        "files": {"model.pt": pt.sha256, "model.yaml": yaml.sha256},
-    }
-    storage.put_json(join(model, "lineage.json"), lineage)
-    return weights
+    return write_run_model(storage, store, run_id, config)[0]
 
 
 @pytest.fixture(params=["s3", "local"])

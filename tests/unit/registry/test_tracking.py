@@ -19,7 +19,7 @@ from medseg.data.ingest import ingest
 from medseg.data.preprocess import preprocess
 from medseg.registry.tracking import MLFLOW_FILE, RUN_TAG, RunTracker, client, mlflow_run_of
 from medseg.training.train import train
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, write_run_model
 
 
 def _cfg(epochs: int):
@@ -185,18 +185,7 @@ def test_training_finishes_when_the_server_dies_mid_run(
 
 def _finished_run(storage: Storage, store: str, run_id: str, experiment: str) -> str:
     """A run's model folder as training leaves it, tracked in MLflow; its MLflow run id."""
-    model = join(store, "runs", run_id, "model")
-    pt = storage.put_bytes(join(model, "model.pt"), f"weights of {run_id}".encode())
-    yml = storage.put_bytes(join(model, "model.yaml"), tiny_config().to_yaml().encode())
-    lineage = {
-        "run_id": run_id,
-        "dataset": {"store": store, "name": "d", "version": "0123456789abcdef"},
-        "preprocessing": "fp",
-        "best": {"dice_mean": 0.5},
-        "epochs": 1,
-        "files": {"model.pt": pt.sha256, "model.yaml": yml.sha256},
-    }
-    storage.put_json(join(model, "lineage.json"), lineage)
+    write_run_model(storage, store, run_id, tiny_config().to_yaml().encode())
     mlflow = client(TrackingSettings())
     exp = mlflow.get_experiment_by_name(experiment)
     exp_id = exp.experiment_id if exp else mlflow.create_experiment(experiment)
