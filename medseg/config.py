@@ -265,6 +265,12 @@ class MedsegConfig(_Frozen):
             raise InvalidInput(f"config {path}: {exc.strerror or exc}") from None
         return cls.from_yaml(text, f"config {path}")
 
+    def with_epochs(self, epochs: int) -> MedsegConfig:
+        """This config with ``train.epochs`` set to ``epochs`` when above 0, else unchanged."""
+        if epochs <= 0:
+            return self
+        return self.model_copy(update={"train": self.train.model_copy(update={"epochs": epochs})})
+
     @classmethod
     def read(cls, location: str | Path) -> MedsegConfig:
         """The config YAML at a local path or an ``s3://`` URI (:meth:`load` for a path).

@@ -448,9 +448,7 @@ def run_demo(pipeline: Pipeline, options: DemoOptions, store: str, console: Cons
         storage = Storage()
         cases = options.cases or demo.cases
         source, cfg, what = _demo_data(demo, options.workdir, cases, options.source, options.config)
-        if options.epochs:
-            train = cfg.train.model_copy(update={"epochs": options.epochs})
-            cfg = cfg.model_copy(update={"train": train})
+        cfg = cfg.with_epochs(options.epochs)
         gate = task_of(cfg).gate_metric
         out = DemoConsole(console, log, cfg.train.epochs, (gate, demo.gate))
         out.say(f"data: {what}")

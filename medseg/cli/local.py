@@ -21,7 +21,9 @@ from medseg.core.storage import Storage
 DataDirOpt = Annotated[Path, typer.Option(help="Where objects are kept.")]
 PortOpt = Annotated[int, typer.Option(help="API port on 127.0.0.1 (0: a free one).")]
 WorkdirOpt = Annotated[Path, typer.Option(help="Scratch folder for the demo.")]
-DemoEpochs = Annotated[int, typer.Option(help="Override the demo's training epochs.")]
+DemoEpochs = Annotated[
+    int, typer.Option(min=0, help="Override the demo's training epochs (0: the demo's own).")
+]
 DemoSource = Annotated[
     Path | None,
     typer.Option(help="Your own BraTS 2021/2023+ or MSD Task01 folder instead of synthetic data."),

@@ -120,11 +120,7 @@ class TrainingParams(_Group):
 
     def configured(self, cfg: MedsegConfig) -> MedsegConfig:
         """``cfg`` with this group's ``epochs`` in ``train.epochs`` when above 0, else ``cfg``."""
-        if self.epochs <= 0:
-            return cfg
-        return cfg.model_copy(
-            update={"train": cfg.train.model_copy(update={"epochs": self.epochs})}
-        )
+        return cfg.with_epochs(self.epochs)
 
 
 class ClusterParams(_Group):

@@ -79,3 +79,11 @@ def test_the_config_must_fit_its_task(section: dict, message: str, tmp_path: Pat
     path.write_text(yaml.safe_dump(section))
     with pytest.raises(InvalidInput, match=re.escape(message)):
         MedsegConfig.load(path)
+
+
+def test_an_epochs_override_applies_above_zero_only() -> None:
+    cfg = MedsegConfig()
+    assert cfg.with_epochs(0) is cfg and cfg.with_epochs(-1) is cfg
+    changed = cfg.with_epochs(3)
+    assert changed.train.epochs == 3 and cfg.train.epochs != 3
+    assert changed.model_copy(update={"train": cfg.train}) == cfg  # nothing else moved
