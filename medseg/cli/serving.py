@@ -193,10 +193,11 @@ def predict(
     run as --shards K: --shard I on each machine, then --collect writes the tables.
     """
     mode = shard_mode(shards, shard, collect)
-    if mode != "whole":
-        if model is None or dataset is None or paths or url is not None:
-            raise MedsegError("--shards predicts a dataset split: give --model and --dataset only")
-        _predict_sharded(model, store, dataset, split, out, labels, prefetch, shards, shard)
+    if mode != "whole" and (model is None or dataset is None or paths or url is not None):
+        raise MedsegError("--shards predicts a dataset split: give --model and --dataset only")
+    if mode == "shard":
+        assert model is not None and dataset is not None and shard is not None
+        _predict_shard(model, store, dataset, split, out, labels, prefetch, shards, shard)
         return
     order = channels.split(",") if channels else None
     if url is not None:
@@ -208,14 +209,20 @@ def predict(
         raise MedsegError("give --model (a run id, NAME@VERSION or model URI) or --url")
     if dataset is None and not paths:
         raise MedsegError("nothing to predict: give --dataset NAME@VERSION, a folder or files")
-    out = out if out is not None or dataset else "predictions"
-    result = _predict_local(model, store, out, dataset, split, paths or [], order, labels, prefetch)
+    if mode == "collect":
+        assert model is not None and dataset is not None
+        result = _collect_shards(model, store, dataset, split, out, labels, shards)
+    else:
+        out = out if out is not None or dataset else "predictions"
+        result = _predict_local(
+            model, store, out, dataset, split, paths or [], order, labels, prefetch
+        )
     _print_predictions(result)
     if result.failed:
         raise typer.Exit(2)
 
 
-def _predict_sharded(
+def _predict_shard(
     model: str,
     store: str,
     dataset: str,
@@ -224,27 +231,36 @@ def _predict_sharded(
     labels: str | None,
     prefetch: int,
     shards: int,
-    shard: int | None,
+    shard: int,
 ) -> None:
-    """``medseg predict --shards K``: ``--shard I`` runs one shard, else (None) the collect."""
-    from medseg.platform.shards import collect_predictions, predict_shard
+    """``medseg predict --shards K --shard I``: one shard's cases, and the collect to run next."""
+    from medseg.platform.shards import predict_shard
 
     storage = Storage()
     uri = model_uri(storage, store, model)
-    if shard is not None:
-        done = predict_shard(
-            uri, dataset, split, store, shard, shards, out, storage, labels, prefetch
-        )
-        print_shard(done, f"medseg predict -d {dataset} --model {model} --split {split}")
-        for failure in done.failed:
-            _print_case(failure.case_id, failure.reason)
-        if done.failed:
-            raise typer.Exit(2)
-        return
-    result = collect_predictions(uri, dataset, split, store, shards, out, storage, labels)
-    _print_predictions(result)
-    if result.failed:
+    done = predict_shard(uri, dataset, split, store, shard, shards, out, storage, labels, prefetch)
+    print_shard(done, f"medseg predict -d {dataset} --model {model} --split {split}")
+    for failure in done.failed:
+        _print_case(failure.case_id, failure.reason)
+    if done.failed:
         raise typer.Exit(2)
+
+
+def _collect_shards(
+    model: str,
+    store: str,
+    dataset: str,
+    split: str,
+    out: str | None,
+    labels: str | None,
+    shards: int,
+) -> Any:
+    """``medseg predict --shards K --collect``: the tables from the shards' records."""
+    from medseg.platform.shards import collect_predictions
+
+    storage = Storage()
+    uri = model_uri(storage, store, model)
+    return collect_predictions(uri, dataset, split, store, shards, out, storage, labels)
 
 
 def _predict_local(
