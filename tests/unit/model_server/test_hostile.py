@@ -625,7 +625,7 @@ _specs = st.fixed_dictionaries(
 )
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     specs=st.lists(_specs, min_size=1, max_size=2),
     params=_params,
@@ -657,7 +657,7 @@ def _to_param(pb: Any, value: Any) -> Any:
     return pb.InferParameter(string_param=str(value))
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 @given(
     spec=_specs,
     params=_params,
