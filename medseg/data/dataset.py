@@ -31,9 +31,9 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("MEDSEG_CACHE_DIR", Path.home() / ".cache" / "medseg" / "data"))
 
 
-def draw_seed(seed: int, epoch: int, index: int) -> int:
-    """The random chain's seed for case ``index`` drawn in ``epoch`` of a run seeded ``seed``."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def draw_seed(seed: int, epoch: int, draw: int) -> int:
+    """The random chain's seed for the ``draw``-th draw of ``epoch`` of a run seeded ``seed``."""
+    return int(np.random.SeedSequence([seed, epoch, draw]).generate_state(1)[0])
 
 
 def load_case(path: str | Path) -> dict[str, np.ndarray]:
@@ -51,9 +51,10 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
         cache_dir: Local cache folder (see :func:`default_cache_dir`).
         transform: Applied to each item (the random training chain, for instance).
         settings: Storage settings; from the environment when omitted.
-        seed: With it, an item asked for as ``(epoch, i)`` gets ``transform`` seeded by
-            :func:`draw_seed`: a case's crop and flips in an epoch are the same whichever rank,
-            worker or resumed process draws it.
+        seed: With it, an item asked for as ``(epoch, draw, i)`` (case ``i`` as the epoch's
+            ``draw``-th draw, see :class:`medseg.training.train.EpochKeys`) gets ``transform``
+            seeded by :func:`draw_seed`: a draw's crop and flips are the same whichever rank,
+            worker or resumed process makes it.
 
     Items are dictionaries with ``image`` (float16 tensor ``[4, X, Y, Z]``, as stored), ``label``
     (uint8 tensor ``[3, X, Y, Z]``), ``affine`` and ``case_id``, before ``transform``. The image
@@ -132,9 +133,9 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
                 raise DiskFull(f"{exc} (the cache folder is set by MEDSEG_CACHE_DIR)") from None
         return path
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Any:
-        """Case ``key``, or for ``(epoch, i)`` case ``i`` through the chain seeded for that draw."""
-        epoch, i = key if isinstance(key, tuple) else (None, key)
+    def __getitem__(self, key: int | tuple[int, int, int]) -> Any:
+        """Case ``key``, or for ``(epoch, draw, i)`` case ``i`` through that draw's chain."""
+        epoch, draw, i = key if isinstance(key, tuple) else (None, 0, key)
         arrays = load_case(self.local_path(i))
         item: dict[str, Any] = {
             "image": torch.from_numpy(arrays["image"]),
@@ -145,5 +146,5 @@ class PreprocessedDataset(Dataset[dict[str, Any]]):
         if self.transform is None:
             return item
         if epoch is not None and self.seed is not None and isinstance(self.transform, Randomizable):
-            self.transform.set_random_state(seed=draw_seed(self.seed, epoch, i))
+            self.transform.set_random_state(seed=draw_seed(self.seed, epoch, draw))
         return self.transform(item)

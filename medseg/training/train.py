@@ -383,8 +383,9 @@ def train_loader(
 
     Returns:
         The loader, and its sampler (call ``set_epoch`` before each epoch). The sampler yields
-        ``(epoch, index)``: each draw's random chain is seeded by the run's seed, the epoch and
-        the case, so a resumed run draws what the uninterrupted one would have.
+        ``(epoch, draw, index)``: each draw's random chain is seeded by the run's seed, the
+        epoch and the draw's place in it, so a resumed run draws what the uninterrupted one
+        would have.
     """
     task = task_of(cfg) if cfg is not None else None
     own = task.train_transforms(t, t.seed) if task is not None else None
@@ -397,7 +398,7 @@ def train_loader(
     else:
         classes = _training_classes(train_ds, task)
         sampler = _sampler(train_ds, task, cfg, classes, rank, world)
-    keyed = EpochKeys(sampler)
+    keyed = EpochKeys(sampler, rank, world)
     loader = DataLoader(
         train_ds,
         batch_size=t.batch_size,
@@ -411,11 +412,19 @@ def train_loader(
     return loader, keyed
 
 
-class EpochKeys(Sampler[tuple[int, int]]):
-    """An index sampler's draws as ``(epoch, index)`` (see :class:`PreprocessedDataset`)."""
+class EpochKeys(Sampler[tuple[int, int, int]]):
+    """An index sampler's draws as ``(epoch, draw, index)`` (see :class:`PreprocessedDataset`).
 
-    def __init__(self, inner: DistributedSampler[Any] | DistributedWeightedSampler):
-        self.inner, self.epoch = inner, 0
+    ``draw`` is the draw's place in the epoch's order over every rank: rank ``r``'s ``k``-th
+    draw is ``r + k * world``, as both samplers deal the epoch's draws out (every ``world``-th
+    from ``rank``). A case drawn twice in an epoch (the weighted sampler draws with
+    replacement) is augmented twice, differently.
+    """
+
+    def __init__(
+        self, inner: DistributedSampler[Any] | DistributedWeightedSampler, rank: int, world: int
+    ):
+        self.inner, self.epoch, self.rank, self.world = inner, 0, rank, world
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -424,8 +433,8 @@ class EpochKeys(Sampler[tuple[int, int]]):
     def __len__(self) -> int:
         return len(self.inner)
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        return ((self.epoch, i) for i in self.inner)
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        return ((self.epoch, self.rank + k * self.world, i) for k, i in enumerate(self.inner))
 
 
 class Trainer:

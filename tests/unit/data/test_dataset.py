@@ -131,3 +131,29 @@ def test_a_full_cache_disk_is_a_clear_error(
     with pytest.raises(DiskFull, match=r"no space left in .*tiny/cache/.*needs .*MEDSEG_CACHE_DIR"):
         for i in range(len(ds)):  # ~0.8 MiB per case: the 1 MiB disk holds one
             ds[i]
+
+
+def test_each_draw_is_seeded_by_its_place_in_the_epoch(
+    synth_root: Path, storage: Storage, bucket: str, tmp_path: Path
+) -> None:
+    from medseg.config import TrainConfig
+    from medseg.data.transforms import train_transforms
+
+    ingest(str(synth_root / "brats2021"), "s", bucket, storage=storage)
+    result = preprocess("s", bucket, DataConfig(), storage=storage, progress=False)
+    t = TrainConfig(roi_size=(32, 32, 32))
+    ds = PreprocessedDataset(
+        result.prefix, None, cache_dir=tmp_path, settings=storage.settings,
+        transform=train_transforms(t, t.seed), seed=t.seed,
+    )  # fmt: skip
+
+    def crop(epoch: int, draw: int, case: int) -> torch.Tensor:
+        return torch.as_tensor(ds[(epoch, draw, case)]["image"])
+
+    first = crop(1, 3, 0)
+    # The same draw is the same crop and flips, whenever and by whichever process it is made ...
+    crop(1, 4, 2)
+    assert torch.equal(crop(1, 3, 0), first)
+    # ... and a case drawn twice in one epoch (sampling with replacement) is augmented twice.
+    assert not torch.equal(crop(1, 5, 0), first)
+    assert not torch.equal(crop(2, 3, 0), first)

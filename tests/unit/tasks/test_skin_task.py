@@ -40,7 +40,7 @@ from medseg.tasks.skin import SKIN, SkinTaskConfig, inverse_frequency
 from medseg.tasks.skin_classes import CHANNELS, CLASSES
 from medseg.tasks.skin_metrics import classification_metrics
 from medseg.training.checkpoint import CheckpointStore
-from medseg.training.train import DistributedWeightedSampler, train
+from medseg.training.train import DistributedWeightedSampler, EpochKeys, train
 from tests.conftest import SKIN_SIZE, SkinModel, model_server, skin_config
 from tests.unit.io.test_skin_images import jpeg_claiming, png_bomb
 
@@ -103,6 +103,12 @@ def test_weighted_sampler_splits_one_draw_across_ranks() -> None:
     assert rare > 30  # half the mass: about 51 of 102 (a uniform draw gives about 10)
     with pytest.raises(ValueError, match="positive sum"):
         DistributedWeightedSampler([0.0, 0.0], 1, 0, seed=0)
+    # Keyed for the dataset: rank r's k-th draw is the epoch's draw r + k * world.
+    keyed = [EpochKeys(s, r, 3) for r, s in enumerate(ranks)]
+    for k in keyed:
+        k.set_epoch(2)
+    dealt = sorted((draw, i) for k in keyed for epoch, draw, i in k if epoch == 2)
+    assert dealt == list(enumerate(whole.tolist()))
 
 
 @pytest.mark.slow  # ~45 s each on 2 cores; the sampler and the weights have fast tests above
