@@ -234,6 +234,162 @@ def test_the_chart_runs_its_real_containers_restricted(platform: Platform) -> No
     assert any(p["status"]["phase"] == "Succeeded" for p in job["items"])
 
 
+# --- data-parallel preprocessing fanned out over pods ------------------------------------------
+
+#: Where the shard measurement leaves its figures (``docs/scaling.md`` quotes them).
+SHARDS_RESULT = ROOT / ".medseg" / "results" / "shards-real-node.json"
+#: Full BraTS size, and enough cases for each of two shards to do several.
+FULL_SHAPE, FULL_CASES = (240, 240, 155), 8
+
+
+def shard_job(platform: Platform, name: str, dataset: str, shards: int) -> dict[str, Any]:
+    """An Indexed Job of ``shards`` pods; pod ``I`` runs ``medseg preprocess --shard I``.
+
+    Each pod is the pipeline's shard step as a ``ParallelFor`` iteration runs it on a cluster:
+    the project image, the chart's S3 Secret and ConfigMap, the pipeline ServiceAccount, the
+    hardened container, one worker process in a 1-CPU pod. (No Kubeflow Pipelines backend runs
+    here, so the Job controller makes the pods instead of KFP's driver.)
+    """
+    from kubernetes.client import (
+        ApiClient,
+        V1Job,
+        V1JobSpec,
+        V1ObjectMeta,
+        V1PodSpec,
+        V1PodTemplateSpec,
+    )
+
+    from medseg.core.settings import PlacementSettings
+    from medseg.platform.kube import (
+        PART_OF,
+        platform_container,
+        platform_pod,
+        resources,
+        scratch_env,
+    )
+    from medseg.platform.launchers import S3Secret
+
+    release = platform.release
+    script = (
+        f"exec medseg preprocess --dataset {dataset} --store s3://medseg --workers 1 "
+        f'--shards {shards} --shard "$JOB_COMPLETION_INDEX"'
+    )
+    container = platform_container(
+        name="shard",
+        image=platform.node.project,
+        command=["/bin/sh", "-c", script],
+        env=[*S3Secret(release.s3_secret, release.s3_config).env(), scratch_env()],
+        resources=resources("500m", "3Gi", cpu_limit="1"),
+    )
+    job = V1Job(
+        api_version="batch/v1",
+        kind="Job",
+        metadata=V1ObjectMeta(name=name, namespace=release.namespace, labels=dict(PART_OF)),
+        spec=V1JobSpec(
+            completion_mode="Indexed",
+            completions=shards,
+            parallelism=shards,
+            backoff_limit=0,
+            template=V1PodTemplateSpec(
+                metadata=V1ObjectMeta(labels=dict(PART_OF)),
+                spec=V1PodSpec(
+                    containers=[container],
+                    restart_policy="Never",
+                    service_account_name=release.pipeline_service_account,
+                    **platform_pod(PlacementSettings().steps),
+                ),
+            ),
+        ),
+    )
+    serialized: dict[str, Any] = ApiClient().sanitize_for_serialization(job)
+    return serialized
+
+
+def _seconds(stamp: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def _run_shards(platform: Platform, dataset: str, shards: int) -> dict[str, Any]:
+    """Run the shard Job to completion; its wall time and what each pod did."""
+    ns, name = platform.release.namespace, f"preprocess-{shards}-shards"
+    kubectl("delete", "job", name, "-n", ns, "--wait=true")
+    t0 = time.monotonic()
+    made = kubectl("apply", "-f", "-", stdin=json.dumps(shard_job(platform, name, dataset, shards)))
+    assert made.returncode == 0, made.stderr
+
+    def finished() -> bool:
+        conditions = kubectl_json("get", "job", name, "-n", ns)["status"].get("conditions", [])
+        failed = [c for c in conditions if c["type"] == "Failed" and c["status"] == "True"]
+        assert not failed, (failed, kubectl("logs", "-n", ns, f"job/{name}").stdout[-3000:])
+        return any(c["type"] == "Complete" and c["status"] == "True" for c in conditions)
+
+    eventually(finished, timeout=900, what=f"the {shards}-shard preprocess Job complete")
+    wall = time.monotonic() - t0
+    pods = kubectl_json("get", "pods", "-n", ns, "-l", f"job-name={name}")["items"]
+    done = []
+    for pod in pods:
+        (status,) = pod["status"]["containerStatuses"]
+        ended = status["state"]["terminated"]
+        index = pod["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]
+        log = kubectl("logs", "-n", ns, pod["metadata"]["name"]).stdout
+        done.append({
+            "shard": int(index), "node": pod["spec"]["nodeName"], "exit": ended["exitCode"],
+            "seconds": _seconds(ended["finishedAt"]) - _seconds(ended["startedAt"]),
+            "log": log.strip().splitlines()[-2:],
+        })  # fmt: skip
+    kubectl("delete", "job", name, "-n", ns, "--wait=false")
+    return {
+        "shards": shards,
+        "wall_s": round(wall, 1),
+        "pods": sorted(done, key=lambda p: p["shard"]),
+    }
+
+
+def test_preprocess_fans_out_over_shard_pods_and_collects_the_same_index(
+    platform: Platform,
+) -> None:
+    """Full-size cases preprocessed by 1 pod, then by 2 shard pods: the same index, and the time
+    each took (written to ``SHARDS_RESULT``; a figure, not a bound)."""
+    from medseg.config import DataConfig
+    from medseg.core.settings import StorageSettings
+    from medseg.core.storage import Storage
+    from medseg.data.manifest import DatasetRef
+    from medseg.data.preprocess import INDEX, preprocessed_prefix
+
+    raw = platform.tmp / "raw-full"
+    platform.medseg("synth", str(raw), "--layout", "brats2021", "--cases", str(FULL_CASES),
+                    "--shape", *map(str, FULL_SHAPE))  # fmt: skip
+    platform.medseg("ingest", str(raw), "--dataset", "brats-full")
+    storage = Storage(StorageSettings.model_validate(platform.env))
+    ref = DatasetRef.resolve(storage, "s3://medseg", "brats-full@latest")
+    dataset, prefix = f"brats-full@{ref.version}", preprocessed_prefix(ref, DataConfig())
+    runs, indexes = [], []
+    for shards in (1, 2):
+        storage.delete_prefix(prefix)  # each run computes every case
+        run = _run_shards(platform, dataset, shards)
+        platform.medseg("preprocess", "--dataset", dataset, "--shards", str(shards), "--collect")
+        indexes.append(storage.get_json(f"{prefix}/{INDEX}"))
+        runs.append(run)
+        assert [p["shard"] for p in run["pods"]] == list(range(shards)), run
+        for pod in run["pods"]:
+            assert pod["node"] == CL.REAL_NODE_NAME and pod["exit"] == 0, pod
+            # Each pod computed its own share of the cases (sorted round-robin by case id).
+            mine = len(range(pod["shard"], FULL_CASES, shards))
+            said = f"shard {pod['shard']} of {shards}: {mine} cases, {mine} computed"
+            assert said in " ".join(pod["log"]), pod
+    one, two = indexes
+    assert two["cases"] == one["cases"]  # the same entries, case by case (hashes included)
+    assert len(one["cases"]) == FULL_CASES
+    speedup = runs[0]["wall_s"] / runs[1]["wall_s"]
+    SHARDS_RESULT.parent.mkdir(parents=True, exist_ok=True)
+    SHARDS_RESULT.write_text(json.dumps({"cases": FULL_CASES, "shape": FULL_SHAPE,
+                                         "runs": runs, "speedup_2_vs_1": round(speedup, 2)},
+                                        indent=1))  # fmt: skip
+    print(f"\n1 shard: {runs[0]['wall_s']} s, 2 shards: {runs[1]['wall_s']} s, {speedup:.2f}x")
+
+
 # --- training ----------------------------------------------------------------------------------
 
 
