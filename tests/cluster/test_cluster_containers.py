@@ -585,6 +585,12 @@ def test_the_predictor_fetches_the_model_and_serves_what_the_library_serves(
     fetched = kubectl("logs", "-n", ns, pod["metadata"]["name"], "-c", "storage-initializer")
     assert fetched.returncode == 0, fetched.stderr
     assert_restricted(pod)
+    # Its 1-CPU limit, not the node's cores, sets torch's threads (medseg.core.cpus).
+    count = "import medseg, torch; print(torch.get_num_threads())"
+    threads = kubectl("exec", "-n", ns, pod["metadata"]["name"], "-c", "kserve-container", "--",
+                      "python", "-c", count)  # fmt: skip
+    assert threads.returncode == 0, threads.stderr
+    assert threads.stdout.split() == ["1"], threads.stdout
     ip = pod["status"]["podIP"]
     case = _case(platform)
     rest = predict(f"http://{ip}:8080", [case], model=ISVC, labels=True)
