@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -242,8 +243,8 @@ SHARDS_RESULT = ROOT / ".medseg" / "results" / "shards-real-node.json"
 FULL_SHAPE, FULL_CASES = (240, 240, 155), 8
 
 
-def shard_job(platform: Platform, name: str, dataset: str, shards: int) -> dict[str, Any]:
-    """An Indexed Job of ``shards`` pods; pod ``I`` runs ``medseg preprocess --shard I``.
+def shard_job(platform: Platform, name: str, step: list[str], shards: int) -> dict[str, Any]:
+    """An Indexed Job of ``shards`` pods; pod ``I`` runs ``medseg STEP… --shards K --shard I``.
 
     Each pod is the pipeline's shard step as a ``ParallelFor`` iteration runs it on a cluster:
     the project image, the chart's S3 Secret and ConfigMap, the pipeline ServiceAccount, the
@@ -270,16 +271,14 @@ def shard_job(platform: Platform, name: str, dataset: str, shards: int) -> dict[
     from medseg.platform.launchers import S3Secret
 
     release = platform.release
-    script = (
-        f"exec medseg preprocess --dataset {dataset} --store s3://medseg --workers 1 "
-        f'--shards {shards} --shard "$JOB_COMPLETION_INDEX"'
-    )
+    argv = " ".join(map(shlex.quote, ["medseg", *step, "--store", "s3://medseg"]))
+    script = f'exec {argv} --shards {shards} --shard "$JOB_COMPLETION_INDEX"'
     container = platform_container(
         name="shard",
         image=platform.node.project,
         command=["/bin/sh", "-c", script],
         env=[*S3Secret(release.s3_secret, release.s3_config).env(), scratch_env()],
-        resources=resources("500m", "3Gi", cpu_limit="1"),
+        resources=resources("500m", "2Gi", cpu_limit="1", memory_limit="4Gi"),
     )
     job = V1Job(
         api_version="batch/v1",
@@ -311,12 +310,15 @@ def _seconds(stamp: str) -> float:
     return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
 
 
-def _run_shards(platform: Platform, dataset: str, shards: int) -> dict[str, Any]:
-    """Run the shard Job to completion; its wall time and what each pod did."""
-    ns, name = platform.release.namespace, f"preprocess-{shards}-shards"
+def _run_shards(platform: Platform, step: list[str], shards: int) -> dict[str, Any]:
+    """Run the shard Job of ``medseg STEP…`` to completion; its wall time and each pod's work.
+
+    Each pod computed exactly its share of the cases (sorted round-robin by case id).
+    """
+    ns, name = platform.release.namespace, f"{step[0]}-{shards}-shards"
     kubectl("delete", "job", name, "-n", ns, "--wait=true")
     t0 = time.monotonic()
-    made = kubectl("apply", "-f", "-", stdin=json.dumps(shard_job(platform, name, dataset, shards)))
+    made = kubectl("apply", "-f", "-", stdin=json.dumps(shard_job(platform, name, step, shards)))
     assert made.returncode == 0, made.stderr
 
     def finished() -> bool:
@@ -325,7 +327,7 @@ def _run_shards(platform: Platform, dataset: str, shards: int) -> dict[str, Any]
         assert not failed, (failed, kubectl("logs", "-n", ns, f"job/{name}").stdout[-3000:])
         return any(c["type"] == "Complete" and c["status"] == "True" for c in conditions)
 
-    eventually(finished, timeout=900, what=f"the {shards}-shard preprocess Job complete")
+    eventually(finished, timeout=900, what=f"the {shards}-shard {step[0]} Job complete")
     wall = time.monotonic() - t0
     pods = kubectl_json("get", "pods", "-n", ns, "-l", f"job-name={name}")["items"]
     done = []
@@ -337,18 +339,51 @@ def _run_shards(platform: Platform, dataset: str, shards: int) -> dict[str, Any]
         done.append({
             "shard": int(index), "node": pod["spec"]["nodeName"], "exit": ended["exitCode"],
             "seconds": _seconds(ended["finishedAt"]) - _seconds(ended["startedAt"]),
-            "log": log.strip().splitlines()[-2:],
+            "log": [line for line in log.splitlines() if line.startswith(("shard ", "when "))],
         })  # fmt: skip
     kubectl("delete", "job", name, "-n", ns, "--wait=false")
-    return {
-        "shards": shards,
-        "wall_s": round(wall, 1),
-        "pods": sorted(done, key=lambda p: p["shard"]),
-    }
+    done.sort(key=lambda p: p["shard"])
+    assert [p["shard"] for p in done] == list(range(shards)), done
+    for pod in done:
+        assert pod["node"] == CL.REAL_NODE_NAME and pod["exit"] == 0, pod
+        mine = len(range(pod["shard"], FULL_CASES, shards))
+        said = f"shard {pod['shard']} of {shards}: {mine} cases, {mine} computed"
+        assert said in " ".join(pod["log"]), pod
+    run = {"shards": shards, "wall_s": round(wall, 1), "pods": done}
+    return run
+
+
+@pytest.fixture(scope="module")
+def full_size(platform: Platform) -> str:
+    """``brats-full@VERSION``: FULL_CASES generated full-size cases, ingested into the release."""
+    from medseg.core.settings import StorageSettings
+    from medseg.core.storage import Storage
+    from medseg.data.manifest import DatasetRef
+
+    raw = platform.tmp / "raw-full"
+    platform.medseg("synth", str(raw), "--layout", "brats2021", "--cases", str(FULL_CASES),
+                    "--shape", *map(str, FULL_SHAPE))  # fmt: skip
+    platform.medseg("ingest", str(raw), "--dataset", "brats-full")
+    storage = Storage(StorageSettings.model_validate(platform.env))
+    return f"brats-full@{DatasetRef.resolve(storage, 's3://medseg', 'brats-full').version}"
+
+
+def _record(step: str, runs: list[dict[str, Any]]) -> float:
+    """Write the step's runs to ``SHARDS_RESULT`` (beside the other steps'); the speed-up."""
+    speedup = runs[0]["wall_s"] / runs[1]["wall_s"]
+    recorded = json.loads(SHARDS_RESULT.read_text()) if SHARDS_RESULT.is_file() else {}
+    recorded[step] = {"cases": FULL_CASES, "shape": FULL_SHAPE, "runs": runs,
+                      "speedup_2_vs_1": round(speedup, 2)}  # fmt: skip
+    SHARDS_RESULT.parent.mkdir(parents=True, exist_ok=True)
+    SHARDS_RESULT.write_text(json.dumps(recorded, indent=1))
+    print(
+        f"\n{step}: 1 shard {runs[0]['wall_s']} s, 2 shards {runs[1]['wall_s']} s, {speedup:.2f}x"
+    )
+    return speedup
 
 
 def test_preprocess_fans_out_over_shard_pods_and_collects_the_same_index(
-    platform: Platform,
+    platform: Platform, full_size: str
 ) -> None:
     """Full-size cases preprocessed by 1 pod, then by 2 shard pods: the same index, and the time
     each took (written to ``SHARDS_RESULT``; a figure, not a bound)."""
@@ -358,36 +393,21 @@ def test_preprocess_fans_out_over_shard_pods_and_collects_the_same_index(
     from medseg.data.manifest import DatasetRef
     from medseg.data.preprocess import INDEX, preprocessed_prefix
 
-    raw = platform.tmp / "raw-full"
-    platform.medseg("synth", str(raw), "--layout", "brats2021", "--cases", str(FULL_CASES),
-                    "--shape", *map(str, FULL_SHAPE))  # fmt: skip
-    platform.medseg("ingest", str(raw), "--dataset", "brats-full")
     storage = Storage(StorageSettings.model_validate(platform.env))
-    ref = DatasetRef.resolve(storage, "s3://medseg", "brats-full@latest")
-    dataset, prefix = f"brats-full@{ref.version}", preprocessed_prefix(ref, DataConfig())
+    prefix = preprocessed_prefix(
+        DatasetRef.resolve(storage, "s3://medseg", full_size), DataConfig()
+    )
     runs, indexes = [], []
     for shards in (1, 2):
         storage.delete_prefix(prefix)  # each run computes every case
-        run = _run_shards(platform, dataset, shards)
-        platform.medseg("preprocess", "--dataset", dataset, "--shards", str(shards), "--collect")
+        step = ["preprocess", "--dataset", full_size, "--workers", "1"]
+        runs.append(_run_shards(platform, step, shards))
+        platform.medseg("preprocess", "--dataset", full_size, "--shards", str(shards), "--collect")
         indexes.append(storage.get_json(f"{prefix}/{INDEX}"))
-        runs.append(run)
-        assert [p["shard"] for p in run["pods"]] == list(range(shards)), run
-        for pod in run["pods"]:
-            assert pod["node"] == CL.REAL_NODE_NAME and pod["exit"] == 0, pod
-            # Each pod computed its own share of the cases (sorted round-robin by case id).
-            mine = len(range(pod["shard"], FULL_CASES, shards))
-            said = f"shard {pod['shard']} of {shards}: {mine} cases, {mine} computed"
-            assert said in " ".join(pod["log"]), pod
     one, two = indexes
     assert two["cases"] == one["cases"]  # the same entries, case by case (hashes included)
     assert len(one["cases"]) == FULL_CASES
-    speedup = runs[0]["wall_s"] / runs[1]["wall_s"]
-    SHARDS_RESULT.parent.mkdir(parents=True, exist_ok=True)
-    SHARDS_RESULT.write_text(json.dumps({"cases": FULL_CASES, "shape": FULL_SHAPE,
-                                         "runs": runs, "speedup_2_vs_1": round(speedup, 2)},
-                                        indent=1))  # fmt: skip
-    print(f"\n1 shard: {runs[0]['wall_s']} s, 2 shards: {runs[1]['wall_s']} s, {speedup:.2f}x")
+    _record("preprocess", runs)
 
 
 # --- training ----------------------------------------------------------------------------------
@@ -518,6 +538,24 @@ def test_pytorchjob_trains_over_the_pod_network_and_survives_a_deleted_worker(
 
     storage = trained["storage"]
     assert storage.exists(join("s3://medseg", "runs", run_id, "model", "model.pt"))
+
+
+def test_batch_predict_fans_out_over_shard_pods_and_collects_the_same_predictions(
+    platform: Platform, trained: dict[str, Any], full_size: str
+) -> None:
+    """The trained run segments the full-size cases as 1 pod, then as 2 shard pods: the same
+    label maps (by hash) and volumes, and the time each took (``SHARDS_RESULT``)."""
+    storage, runs, tables = trained["storage"], [], []
+    for shards in (1, 2):
+        out = f"s3://medseg/predictions/full-{shards}"
+        step = ["predict", "--model", RUN_ID, "--dataset", full_size, "--split", "all"]
+        runs.append(_run_shards(platform, [*step, "--out", out], shards))
+        platform.medseg(*step, "--out", out, "--shards", str(shards), "--collect")
+        tables.append(storage.get_json(f"{out}/predictions.json"))
+    one, two = tables
+    assert len(one["cases"]) == FULL_CASES and not one["failed"], one["failed"]
+    assert two["cases"] == one["cases"]  # keys, label-map sha256, shapes, volumes
+    _record("predict", runs)
 
 
 # --- serving -----------------------------------------------------------------------------------
