@@ -1226,7 +1226,8 @@ def _cni_config() -> None:
     """The pods' CNI network: bridge + host-local on POD_SUBNET.
 
     No gateway, NAT or default route: pods reach the host side of the bridge and the Service
-    range (kube-proxy's DNAT on the host), nothing else.
+    range (kube-proxy's DNAT on the host), nothing else; :data:`CONFINE_PODS` drops anything
+    forwarded from the bridge elsewhere.
     """
     conf = {
         "cniVersion": "0.4.0",
@@ -1256,6 +1257,13 @@ def _cni_config() -> None:
     path.write_text(json.dumps(conf, indent=2))
 
 
+#: The FORWARD rule that keeps pod traffic on the bridge: a packet that came in from the bridge
+#: is dropped unless it goes back out onto the bridge. Pods have no route off the machine anyway
+#: (``_cni_config``); this holds even for a route a pod managed to add.
+CONFINE_PODS = ("FORWARD", "-i", BRIDGE, "!", "-o", BRIDGE, "-m", "comment", "--comment",
+                "medseg: pod traffic stays on the bridge", "-j", "DROP")  # fmt: skip
+
+
 def _bridge() -> None:
     if not Path(f"/sys/class/net/{BRIDGE}").exists():
         _sh("ip", "link", "add", BRIDGE, "type", "bridge")
@@ -1266,6 +1274,8 @@ def _bridge() -> None:
     _sh("ip", "route", "replace", SERVICE_CIDR, "dev", BRIDGE, "src", BRIDGE_IP)
     # Forwarding on the bridge alone: a pod's packet to a cluster IP comes back out the bridge.
     _set_sysctl(f"net.ipv4.conf.{BRIDGE}.forwarding", "1")
+    if subprocess.run(["iptables", "-C", *CONFINE_PODS], capture_output=True).returncode:
+        _sh("iptables", "-I", *CONFINE_PODS)
 
 
 def _kubelet_config() -> Path:
@@ -1570,6 +1580,7 @@ def _stop_node() -> None:
     for point in _mounts_under(RUN, CONTAINERD_ROOT):
         if subprocess.run(["umount", point], capture_output=True).returncode:
             subprocess.run(["umount", "-l", point], capture_output=True)
+    _sh("iptables", "-D", *CONFINE_PODS, check=False)
     if Path(f"/sys/class/net/{BRIDGE}").exists():
         _sh("ip", "link", "delete", BRIDGE, check=False)
     for cgroup in _cgroup_dirs():

@@ -232,6 +232,9 @@ def test_pods_have_no_route_off_the_machine(pods: dict[str, str]) -> None:
     off = fetch("client", "http://192.0.2.1/")
     assert off.returncode != 0
     assert "unreachable" in (off.stderr + off.stdout).lower(), off.stderr + off.stdout
+    # And the host forwards nothing from the bridge to another interface, whatever the route.
+    confined = subprocess.run(["iptables", "-C", *CL.CONFINE_PODS], capture_output=True, text=True)
+    assert confined.returncode == 0, confined.stderr
 
 
 def test_host_reaches_pods(pods: dict[str, str]) -> None:
