@@ -56,11 +56,13 @@ def cpu_limit(root: Path = CGROUP) -> float | None:
     return None
 
 
+def _fit(cores: int, limit: float | None) -> int:
+    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
+
+
 def usable_cpus(root: Path = CGROUP) -> int:
     """The CPUs this process may keep busy: its affinity, capped by the cgroup's limit."""
-    cores = len(os.sched_getaffinity(0))
-    limit = cpu_limit(root)
-    return cores if limit is None else max(1, min(cores, math.ceil(limit)))
+    return _fit(len(os.sched_getaffinity(0)), cpu_limit(root))
 
 
 def fit_threads(root: Path = CGROUP, environ: MutableMapping[str, str] | None = None) -> int | None:
@@ -77,10 +79,11 @@ def fit_threads(root: Path = CGROUP, environ: MutableMapping[str, str] | None = 
         The thread count set, or None when nothing changed.
     """
     environ = os.environ if environ is None else environ
-    if "OMP_NUM_THREADS" in environ or cpu_limit(root) is None:
+    if "OMP_NUM_THREADS" in environ:
         return None
-    threads = usable_cpus(root)
-    if threads >= len(os.sched_getaffinity(0)):
+    cores = len(os.sched_getaffinity(0))
+    threads = _fit(cores, cpu_limit(root))
+    if threads >= cores:  # no limit, or none below the cores
         return None
     environ["OMP_NUM_THREADS"] = str(threads)
     torch = sys.modules.get("torch")
