@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from medseg.tasks.base import InputSpec, OutputSpec, TaskConfig
+from medseg.tasks.base import InputSpec, OutputSpec
 from medseg.tasks.labels import CONVENTIONS
 from medseg.tasks.networks import build_network
-from medseg.tasks.segmentation import RegionSegmentation
+from medseg.tasks.segmentation import RegionSegmentation, RegionTaskConfig
 
 if TYPE_CHECKING:
     import torch
@@ -37,8 +37,8 @@ REGIONS: tuple[str, ...] = ("TC", "WT", "ET")
 _TC, _WT, _ET = (REGIONS.index(r) for r in ("TC", "WT", "ET"))
 
 
-class BratsTaskConfig(TaskConfig):
-    """``task`` of a BraTS model: no parameters of its own (nesting is ``infer.nesting``)."""
+class BratsTaskConfig(RegionTaskConfig):
+    """``task`` of a BraTS model: the family's ``loss``; nesting is ``infer.nesting``."""
 
     kind: Literal["brats-segmentation"] = "brats-segmentation"
 
