@@ -178,8 +178,10 @@ def serving(engines: list[str], model: Path, blobs: list[bytes], work: Path) -> 
 
 def openvino_plans(model: Path, n: int = 32, rounds: int = 3) -> None:
     import numpy as np
-    import openvino as ov
 
+    from medseg.inference.engine import openvino
+
+    ov = openvino()
     cfg = MedsegConfig.from_yaml((model / "model.yaml").read_bytes(), "model.yaml")
     spec = SKIN.graph_spec(cfg)
     images = np.random.default_rng(0).random((n, *spec.example[1:]), dtype=np.float32)
@@ -187,7 +189,7 @@ def openvino_plans(model: Path, n: int = 32, rounds: int = 3) -> None:
     props = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": "f32"}
 
     def compiled(batch: int) -> Any:
-        graph = ov.convert_model(model / GRAPH_FILE)
+        graph = core.read_model(model / GRAPH_FILE)
         graph.reshape({"image": [batch, *spec.example[1:]]})
         return core.compile_model(graph, "CPU", props).create_infer_request()
 

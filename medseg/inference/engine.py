@@ -35,7 +35,6 @@ engine). :func:`export_graph` traces the graph from a network; adding it to an a
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import tempfile
 import threading
@@ -59,6 +58,7 @@ __all__ = [
     "choose_engine",
     "export_graph",
     "graph_forward",
+    "openvino",
     "openvino_precision",
     "weights_digest",
 ]
@@ -266,6 +266,25 @@ def _onnxruntime_forward(graph: bytes) -> Forward:
     return forward
 
 
+def openvino() -> Any:
+    """The ``openvino`` module, imported without its model-conversion tool, ``openvino.tools.ovc``.
+
+    ``import openvino`` imports that tool, and the tool's import sends a usage event to Google
+    Analytics (``openvino_telemetry``): it assumes consent where no opt-out file exists in
+    ``$HOME/intel``, writes a client id there, and forks a process to send the event. A platform
+    for patient data sends nothing off its machines, and a process forked from a threaded one can
+    hang (it hung a test run here). medseg reads ONNX graphs with ``Core.read_model``, the C++
+    reader, so the tool is kept out of the process. Where another import loaded it first, it
+    is left as it is.
+    """
+    import sys
+
+    sys.modules.setdefault("openvino.tools.ovc", None)  # type: ignore[arg-type]
+    import openvino
+
+    return openvino
+
+
 def _openvino_forward(graph: bytes, spec: GraphSpec, precision: Precision) -> Forward:
     """OpenVINO on the CPU, one compiled plan per input shape.
 
@@ -282,10 +301,8 @@ def _openvino_forward(graph: bytes, spec: GraphSpec, precision: Precision) -> Fo
     volume's (a new volume shape compiles in ~3 s); calls are serialised, as one plan's infer
     request runs one call at a time and uses every core.
     """
-    import openvino as ov
-
-    core = ov.Core()
-    model = ov.convert_model(io.BytesIO(graph))
+    core = openvino().Core()
+    model = core.read_model(graph)
     batch_size = spec.plan_batch
     window = (batch_size or -1, *spec.example[1:])  # -1: OpenVINO's free dimension
     plans: dict[tuple[int, ...], Any] = {}

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -356,3 +359,31 @@ def test_bf16_is_an_explicit_openvino_setting(
             load_model(str(folder), Storage(), device="cpu", engine=engine)  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
         InferConfig.model_validate({"precision": "f16"})
+
+
+def test_the_openvino_engine_sends_no_telemetry(exported: Path, tmp_path: Path) -> None:
+    """OpenVINO's conversion tool sends a usage event on import and writes a client id under
+    ``$HOME/intel``; the engine runs without it: nothing is written there, the tool is not loaded.
+    """
+    home = tmp_path / "home"
+    home.mkdir()
+    script = (
+        "import sys, torch\n"
+        "from medseg.core.storage import Storage\n"
+        "from medseg.inference.infer import load_model\n"
+        f"seg = load_model({str(exported)!r}, Storage(), device='cpu', engine='openvino')\n"
+        "assert seg.probabilities(torch.rand(4, 20, 20, 12)).shape == (3, 20, 20, 12)\n"
+        "print(sys.modules.get('openvino.tools.ovc'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("CI", "TF_BUILD", "JENKINS_URL")}
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env={**env, "HOME": str(home)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "None"
+    assert not (home / "intel").exists()  # no openvino_ga_cid, no stats
