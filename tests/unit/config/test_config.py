@@ -53,7 +53,7 @@ def test_a_model_yaml_without_a_task_is_brats(tmp_path: Path) -> None:
 
     cfg = MedsegConfig.model_validate({"train": {"epochs": 3}})
     old = yaml.safe_load(cfg.to_yaml())
-    assert old.pop("task") == {"kind": "brats-segmentation"}
+    assert old.pop("task") == {"kind": "brats-segmentation", "loss": "dice"}
     assert list(old) == ["data", "split", "model", "train", "infer"]
     path = tmp_path / "model.yaml"
     path.write_text(yaml.safe_dump(old, sort_keys=False))
